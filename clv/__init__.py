@@ -1,0 +1,5 @@
+"""clv: streaming customer-lifetime-value service (entry points, settings, local stack)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,28 @@
+"""One base exception for the project; each layer raises a subclass."""
+
+from __future__ import annotations
+
+
+class ClvError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class InvalidEvent(ClvError):
+    """An order event that breaks the contract; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class StoreError(ClvError):
+    """The feature store could not apply or read state."""
+
+
+class ModelError(ClvError):
+    """A model artifact is missing, corrupt, or does not match what the caller expects."""
+
+
+class StackError(ClvError):
+    """The local stack (redis-server, broker) could not be started."""

@@ -1,0 +1,40 @@
+"""The one settings object every process (API, consumers, trainer) is built from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read from the environment with the prefix ``CLV_``; built once in an entry point, passed inward."""
+
+    model_config = SettingsConfigDict(env_prefix="CLV_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = "localhost:9092"
+    redis_url: str = "redis://localhost:6379/0"
+    orders_topic: str = "orders"
+    alerts_topic: str = "churn-alerts"
+    dlq_topic: str = "orders.dlq"
+    consumer_group: str = "clv-features"
+    archiver_group: str = "clv-archiver"
+    model_dir: Path = Path("./models")
+    event_log_dir: Path = Path("./data/events")
+    horizon_days: int = Field(365, ge=1, le=3650)
+    clock: Literal["wall", "event"] = "wall"
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None
+
+    # Ingestion knobs (not in the contract's table; documented in README "Settings").
+    max_event_bytes: int = Field(64 * 1024, ge=256)
+    currency: str = Field("USD", min_length=3, max_length=3)
+    future_tolerance_seconds: int = Field(86_400, ge=0)
+    orders_partitions: int = Field(8, ge=1)
+    consume_batch: int = Field(5000, ge=1)
+    archive_flush_events: int = Field(50_000, ge=1)
+    archive_flush_seconds: float = Field(5.0, gt=0)
+    key_prefix: str = "clv"

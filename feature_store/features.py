@@ -1,0 +1,150 @@
+"""The one feature definition: per-user state summaries + day buckets -> the contract's features.
+
+Both callers go through :func:`compute_features`:
+
+* online, :mod:`feature_store.redis_store` decodes one user's Redis hash into a one-row
+  :class:`UserState`;
+* offline, :mod:`feature_store.offline` folds the event log into a many-row :class:`UserState`
+  with pandas.
+
+Money is kept in integer cents (exact sums, so online and offline agree to the cent); time is
+kept as UTC day numbers (days since 1970-01-01) and epoch milliseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+WINDOWS: tuple[int, ...] = (7, 30, 90, 365)
+#: Day detail older than this many days before a user's latest event is never needed.
+RETENTION_DAYS: int = max(WINDOWS)
+
+#: The contract's features, in a fixed order (the model's input order too).
+FEATURE_NAMES: tuple[str, ...] = (
+    "orders_total",
+    "revenue_total",
+    *(f"orders_{w}d" for w in WINDOWS),
+    *(f"revenue_{w}d" for w in WINDOWS),
+    "purchase_days",
+    "frequency",
+    "recency_days",
+    "age_days",
+    "avg_repeat_value",
+)
+#: Non-numeric features (timestamps), reported beside the numeric ones.
+TIMESTAMP_FEATURES: tuple[str, ...] = ("first_order_at", "last_order_at")
+
+EPOCH = dt.date(1970, 1, 1)
+NO_DAY = -1  # first_day/latest_day of a user with no purchase yet
+
+
+def day_number(d: dt.date) -> int:
+    """UTC day number (days since 1970-01-01) of a date."""
+    return (d - EPOCH).days
+
+
+def day_date(n: int) -> dt.date:
+    return EPOCH + dt.timedelta(days=int(n))
+
+
+def ms_to_iso(ms: int) -> str | None:
+    """Epoch milliseconds -> RFC 3339 UTC string (``None`` for a user without purchases)."""
+    if ms < 0:
+        return None
+    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    text = t.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+def to_cents(amount: float) -> int:
+    """Currency units -> integer cents, half to even (the same rule as ``np.rint`` offline)."""
+    return round(amount * 100)
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """Columnar per-user state: one row per user plus their day buckets.
+
+    ``days_*`` arrays describe (user row, day, purchases, net cents) buckets. Only buckets
+    within :data:`RETENTION_DAYS` of the as-of day matter; older ones may be absent (online
+    state folds them into the lifetime totals).
+    """
+
+    user_id: np.ndarray  # object (str)
+    orders_total: np.ndarray  # int64, purchases
+    cents_total: np.ndarray  # int64, purchases minus refunds
+    purchase_days: np.ndarray  # int64, distinct purchase dates
+    first_ts_ms: np.ndarray  # int64, earliest purchase time (-1: none)
+    last_ts_ms: np.ndarray  # int64, latest purchase time (-1: none)
+    first_day: np.ndarray  # int64, day of the earliest purchase (-1: none)
+    first_day_cents: np.ndarray  # int64, net cents dated on first_day
+    latest_day: np.ndarray  # int64, day of the latest event of any type
+    days_user: np.ndarray  # int64, row index into the per-user arrays
+    days_day: np.ndarray  # int64
+    days_orders: np.ndarray  # int64
+    days_cents: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+
+def compute_features(state: UserState, as_of_day: int | np.ndarray) -> pd.DataFrame:
+    """The contract's features of every user in ``state`` as of the end of ``as_of_day``.
+
+    ``as_of_day`` is a UTC day number (scalar, or one per user); every user's state must hold
+    all of that user's events dated on or before it. Returns one row per user, indexed by
+    ``user_id``, with :data:`FEATURE_NAMES` (numbers) and :data:`TIMESTAMP_FEATURES`.
+    """
+    n = len(state)
+    as_of = np.broadcast_to(np.asarray(as_of_day, dtype=np.int64), (n,))
+    cols: dict[str, np.ndarray] = {
+        "orders_total": state.orders_total.astype(np.int64),
+        "revenue_total": state.cents_total / 100.0,
+    }
+    bucket_as_of = as_of[state.days_user] if n else np.zeros(0, dtype=np.int64)
+    age_of_bucket = bucket_as_of - state.days_day  # 0 = on the as-of day itself
+    for w in WINDOWS:
+        inside = (age_of_bucket >= 0) & (age_of_bucket < w)
+        users = state.days_user[inside]
+        cols[f"orders_{w}d"] = np.bincount(
+            users, weights=state.days_orders[inside], minlength=n
+        ).astype(np.int64)
+        cols[f"revenue_{w}d"] = (
+            np.bincount(users, weights=state.days_cents[inside], minlength=n).round() / 100.0
+        )
+    has_purchase = state.first_day >= 0
+    purchase_days = state.purchase_days.astype(np.int64)
+    frequency = np.maximum(purchase_days - 1, 0)
+    last_day = np.where(has_purchase, state.last_ts_ms // 86_400_000, NO_DAY)
+    repeat_cents = np.maximum(state.cents_total - state.first_day_cents, 0)
+    cols["purchase_days"] = purchase_days
+    cols["frequency"] = frequency
+    cols["recency_days"] = np.where(has_purchase, last_day - state.first_day, 0)
+    cols["age_days"] = np.where(has_purchase, as_of - state.first_day, 0)
+    cols["avg_repeat_value"] = np.where(
+        frequency > 0, np.round(repeat_cents / np.maximum(frequency, 1)) / 100.0, 0.0
+    )
+    frame = pd.DataFrame(cols, index=pd.Index(state.user_id, name="user_id"))
+    frame = frame[list(FEATURE_NAMES)]
+    frame["first_order_at"] = [ms_to_iso(int(v)) for v in state.first_ts_ms]
+    frame["last_order_at"] = [ms_to_iso(int(v)) for v in state.last_ts_ms]
+    return frame
+
+
+def features_record(frame: pd.DataFrame, user_id: str) -> dict[str, object]:
+    """One user's row of :func:`compute_features` as plain JSON-ready Python values."""
+    row = frame.loc[user_id]
+    out: dict[str, object] = {}
+    for name in FEATURE_NAMES:
+        v = row[name]
+        out[name] = int(v) if name.startswith("orders") or name in _INT_FEATURES else float(v)
+    for name in TIMESTAMP_FEATURES:
+        out[name] = row[name]
+    return out
+
+
+_INT_FEATURES = frozenset({"purchase_days", "frequency", "recency_days", "age_days"})

@@ -1,0 +1,124 @@
+"""Offline caller of the feature definition: fold an event table into :class:`UserState`.
+
+The event table is what the archiver writes to the Parquet log (and what
+:func:`events_from_orders` makes of an orders file): one row per validated event with
+``event_id, type, user_id, order_id, amount, currency, ts_ms, day, cents``.
+Point-in-time: only events dated on or before the as-of day are used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from feature_store.features import UserState, compute_features
+
+MS_PER_DAY = 86_400_000
+EVENT_COLUMNS: tuple[str, ...] = (
+    "event_id",
+    "type",
+    "user_id",
+    "order_id",
+    "amount",
+    "currency",
+    "ts_ms",
+    "day",
+    "cents",
+)
+
+
+def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
+    """Normalise an orders table (``user_id, order_id, ts, amount`` and optional ``type,
+    event_id, currency``) into the event table. ``ts`` may be strings or datetimes; naive
+    times are read as UTC."""
+    n = len(orders)
+    ts = pd.to_datetime(orders["ts"], utc=True, format="mixed")
+    ts_ms = (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy()
+    kind = (
+        orders["type"].astype(str).to_numpy()
+        if "type" in orders
+        else np.full(n, "purchase", dtype=object)
+    )
+    amount = orders["amount"].astype(float).to_numpy()
+    cents = np.rint(amount * 100).astype(np.int64)
+    cents = np.where(kind == "refund", -cents, cents)
+    user_id = orders["user_id"].astype(str).to_numpy()
+    order_id = orders["order_id"].astype(str).to_numpy()
+    if "event_id" in orders:
+        event_id = orders["event_id"].astype(str).to_numpy()
+    else:
+        event_id = np.char.add(np.char.add(kind.astype(str), ":"), order_id.astype(str))
+        event_id = event_id.astype(object)
+    currency = orders["currency"].to_numpy() if "currency" in orders else np.full(n, None)
+    return pd.DataFrame(
+        {
+            "event_id": event_id,
+            "type": kind,
+            "user_id": user_id,
+            "order_id": order_id,
+            "amount": amount,
+            "currency": currency,
+            "ts_ms": ts_ms,
+            "day": ts_ms // MS_PER_DAY,
+            "cents": cents,
+        }
+    )
+
+
+def build_state(events: pd.DataFrame, as_of_day: int) -> UserState:
+    """Fold ``events`` (deduplicated by ``event_id``, first one wins) dated on or before
+    ``as_of_day`` into the state the feature definition reads."""
+    ev = events.drop_duplicates("event_id", keep="first")
+    ev = ev[ev["day"].to_numpy() <= as_of_day]
+    codes, uniques = pd.factorize(ev["user_id"], sort=True)
+    n = len(uniques)
+    codes = codes.astype(np.int64)
+    is_p = (ev["type"] == "purchase").to_numpy()
+    day = ev["day"].to_numpy(np.int64)
+    cents = ev["cents"].to_numpy(np.int64)
+    ts = ev["ts_ms"].to_numpy(np.int64)
+
+    buckets = (
+        pd.DataFrame({"u": codes, "d": day, "o": is_p.astype(np.int64), "c": cents})
+        .groupby(["u", "d"], sort=True)
+        .sum()
+    )
+    days_user = buckets.index.get_level_values(0).to_numpy(np.int64)
+    days_day = buckets.index.get_level_values(1).to_numpy(np.int64)
+    days_orders = buckets["o"].to_numpy(np.int64)
+    days_cents = buckets["c"].to_numpy(np.int64)
+
+    pu, pts = codes[is_p], ts[is_p]
+    first_ts = np.full(n, -1, dtype=np.int64)
+    last_ts = np.full(n, -1, dtype=np.int64)
+    if len(pu):
+        by = pd.Series(pts).groupby(pu)
+        mins, maxs = by.min(), by.max()
+        first_ts[mins.index.to_numpy()] = mins.to_numpy()
+        last_ts[maxs.index.to_numpy()] = maxs.to_numpy()
+    first_day = np.where(first_ts >= 0, first_ts // MS_PER_DAY, -1)
+    on_first = days_day == first_day[days_user]
+    first_day_cents = np.zeros(n, dtype=np.int64)
+    np.add.at(first_day_cents, days_user[on_first], days_cents[on_first])
+    latest_day = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(latest_day, days_user, days_day)
+    return UserState(
+        user_id=np.asarray(uniques, dtype=object),
+        orders_total=np.bincount(codes[is_p], minlength=n).astype(np.int64),
+        cents_total=np.bincount(codes, weights=cents, minlength=n).round().astype(np.int64),
+        purchase_days=np.bincount(days_user[days_orders > 0], minlength=n).astype(np.int64),
+        first_ts_ms=first_ts,
+        last_ts_ms=last_ts,
+        first_day=first_day,
+        first_day_cents=first_day_cents,
+        latest_day=latest_day,
+        days_user=days_user,
+        days_day=days_day,
+        days_orders=days_orders,
+        days_cents=days_cents,
+    )
+
+
+def features_at(events: pd.DataFrame, as_of_day: int) -> pd.DataFrame:
+    """Point-in-time features of every user with an event on or before ``as_of_day``."""
+    return compute_features(build_state(events, as_of_day), as_of_day)
