@@ -1,0 +1,189 @@
+"""Point-in-time datasets: features as of a cutoff (the online feature code), labels after it.
+
+Features come only from :func:`feature_store.offline.features_at`, the same definition the
+online path uses, so training never sees a number the API could not compute. A row's label is
+the user's net revenue (refunds subtract) dated in ``(cutoff, cutoff + window]``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import io
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from clv.errors import ClvError
+from feature_store.features import FEATURE_NAMES, day_number
+from feature_store.offline import events_from_orders, features_at
+from training.models.base import TrainingSet
+
+OrdersFormat = Literal["csv", "cdnow"]
+REQUIRED_CSV_COLUMNS: tuple[str, ...] = ("user_id", "order_id", "ts", "amount")
+
+
+class DatasetError(ClvError):
+    """An orders file or dataset request that cannot be served (bad file, columns, window)."""
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DatasetError(f"orders file not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8", errors="replace")
+
+
+def _cdnow_orders(text: str) -> pd.DataFrame:
+    """CDNOW master (header, 4 columns) or sample (no header, 5 columns) -> orders table.
+
+    Several records of one customer on one day are separate orders, so each gets its own
+    ``order_id`` (customer:date:n); the time is midnight UTC of the record's date.
+    """
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if lines and not lines[0].split()[0].isdigit():
+        lines = lines[1:]  # header
+    if not lines:
+        raise DatasetError("CDNOW file holds no records")
+    table = pd.read_csv(
+        io.StringIO("\n".join(lines)), sep=r"\s+", header=None, dtype=str, engine="python"
+    )
+    if table.shape[1] == 5:
+        table = table.drop(columns=[1])  # the sample's original id
+    if table.shape[1] != 4:
+        raise DatasetError(f"CDNOW records need 4 or 5 columns, found {table.shape[1]}")
+    table.columns = ["user_id", "date", "cds", "amount"]
+    dates = pd.to_datetime(table["date"], format="%Y%m%d", errors="coerce", utc=True)
+    amount = pd.to_numeric(table["amount"], errors="coerce")
+    if dates.isna().any() or amount.isna().any():
+        raise DatasetError("CDNOW records with an unreadable date or amount")
+    n = table.groupby(["user_id", "date"]).cumcount().astype(str)
+    return pd.DataFrame(
+        {
+            "user_id": table["user_id"],
+            "order_id": table["user_id"] + ":" + table["date"] + ":" + n,
+            "ts": dates,
+            "amount": amount,
+        }
+    )
+
+
+def _csv_orders(text: str) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype={"user_id": str, "order_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"unreadable CSV: {exc}") from exc
+    missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
+    if missing:
+        raise DatasetError(
+            f"CSV lacks column(s) {', '.join(missing)}; needs {','.join(REQUIRED_CSV_COLUMNS)}"
+        )
+    if table[list(REQUIRED_CSV_COLUMNS)].isna().any().any():
+        raise DatasetError("CSV has empty user_id, order_id, ts or amount values")
+    amount = pd.to_numeric(table["amount"], errors="coerce")
+    if amount.isna().any() or not np.isfinite(amount).all() or (amount < 0).any():
+        raise DatasetError("CSV amounts must be finite numbers >= 0")
+    if "type" in table and not table["type"].isin(["purchase", "refund"]).all():
+        raise DatasetError("CSV type must be 'purchase' or 'refund'")
+    table["amount"] = amount
+    return table
+
+
+def load_orders(path: str | Path, fmt: OrdersFormat = "csv") -> pd.DataFrame:
+    """Read an orders file (CSV or CDNOW text, optionally gzipped) into the event table."""
+    text = _read_text(Path(path))
+    if fmt == "cdnow":
+        orders = _cdnow_orders(text)
+    elif fmt == "csv":
+        orders = _csv_orders(text)
+    else:
+        raise DatasetError(f"unknown orders format {fmt!r} (csv or cdnow)")
+    try:
+        events = events_from_orders(orders)
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"unreadable timestamps: {exc}") from exc
+    return events.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+
+
+def as_day(d: dt.date | int) -> int:
+    """A date or a day number -> UTC day number."""
+    return d if isinstance(d, int) else day_number(d)
+
+
+def purchasers_at(events: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
+    """Features as of ``cutoff_day`` of every user with a purchase on or before it."""
+    feats = features_at(events, cutoff_day)
+    return feats[feats["orders_total"].to_numpy() > 0]
+
+
+def window_labels(
+    events: pd.DataFrame, users: pd.Index, start_day: int, days: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Net revenue and purchase count of each of ``users`` in ``(start_day, start_day+days]``."""
+    ev = events.drop_duplicates("event_id", keep="first")
+    d = ev["day"].to_numpy()
+    ev = ev[(d > start_day) & (d <= start_day + days)]
+    revenue = ev.groupby("user_id")["cents"].sum().reindex(users, fill_value=0) / 100.0
+    is_p = (ev["type"] == "purchase").astype(np.int64)
+    count = is_p.groupby(ev["user_id"]).sum().reindex(users, fill_value=0)
+    return revenue.to_numpy(np.float64), count.to_numpy(np.int64)
+
+
+def build_training_set(
+    events: pd.DataFrame,
+    as_of_day: int,
+    horizon_days: int,
+    *,
+    label_days: int | None = None,
+    n_cutoffs: int = 4,
+    step_days: int = 30,
+) -> TrainingSet:
+    """Stack point-in-time examples whose label windows end on or before ``as_of_day``.
+
+    Cutoffs are ``as_of_day - label_days - k * step_days`` for ``k < n_cutoffs`` (those before
+    the first purchase are skipped). ``label_days`` defaults to ``horizon_days``; pass a shorter
+    window when the history is too short (labels are then rescaled by the models).
+    """
+    window = horizon_days if label_days is None else label_days
+    if window <= 0 or horizon_days <= 0:
+        raise DatasetError("horizon and label window must be positive")
+    p_days = events.loc[events["type"] == "purchase", "day"]
+    first = int(p_days.min()) if len(p_days) else as_of_day
+    frames: list[pd.DataFrame] = []
+    cut, rev, cnt = [], [], []
+    for k in range(n_cutoffs):
+        c = as_of_day - window - k * step_days
+        if c < first:
+            break
+        feats = purchasers_at(events, c)
+        r, n = window_labels(events, feats.index, c, window)
+        frames.append(feats[list(FEATURE_NAMES)])
+        cut.append(np.full(len(feats), c, dtype=np.int64))
+        rev.append(r)
+        cnt.append(n)
+    if not frames:
+        raise DatasetError(
+            f"no purchase at least {window} days before day {as_of_day}: nothing to learn from"
+        )
+    frames.reverse(), cut.reverse(), rev.reverse(), cnt.reverse()  # time order
+    cutoff_day = np.concatenate(cut)
+    return TrainingSet(
+        features=pd.concat(frames),
+        cutoff_day=cutoff_day,
+        label=np.concatenate(rev),
+        label_orders=np.concatenate(cnt),
+        label_days=np.full(len(cutoff_day), window, dtype=np.int64),
+        horizon_days=horizon_days,
+        as_of_day=as_of_day,
+        current=purchasers_at(events, as_of_day),
+    )
+
+
+def history_days(events: pd.DataFrame, as_of_day: int) -> int:
+    """Days from the first purchase to ``as_of_day`` (0 when there is none)."""
+    p = events.loc[(events["type"] == "purchase") & (events["day"] <= as_of_day), "day"]
+    return int(as_of_day - p.min()) if len(p) else 0
