@@ -65,10 +65,29 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def build_state(events: pd.DataFrame, as_of_day: int) -> UserState:
+def too_late_mask(events: pd.DataFrame, late_after_days: int) -> np.ndarray:
+    """Rows (in arrival order) dated at or before their user's latest earlier event day minus
+    ``late_after_days``: the events the online state rejects as too late."""
+    day = events["day"].astype(np.int64).reset_index(drop=True)
+    users = events["user_id"].to_numpy()
+    prev_max = day.groupby(users, sort=False).cummax().groupby(users, sort=False).shift(1)
+    return (day <= prev_max - late_after_days).to_numpy()
+
+
+def build_state(
+    events: pd.DataFrame, as_of_day: int, *, late_after_days: int | None = None
+) -> UserState:
     """Fold ``events`` (deduplicated by ``event_id``, first one wins) dated on or before
-    ``as_of_day`` into the state the feature definition reads."""
-    ev = events.drop_duplicates("event_id", keep="first")
+    ``as_of_day`` into the state the feature definition reads.
+
+    With ``late_after_days`` (the online path's retention), rows are taken in arrival order and
+    the ones the online state rejects as too late are left out, so the result equals Redis.
+    By default every event counts (event-time truth, what training wants).
+    """
+    ev = events
+    if late_after_days is not None and len(ev):
+        ev = ev[~too_late_mask(ev, late_after_days)]
+    ev = ev.drop_duplicates("event_id", keep="first")
     ev = ev[ev["day"].to_numpy() <= as_of_day]
     codes, uniques = pd.factorize(ev["user_id"], sort=True)
     n = len(uniques)
@@ -119,6 +138,10 @@ def build_state(events: pd.DataFrame, as_of_day: int) -> UserState:
     )
 
 
-def features_at(events: pd.DataFrame, as_of_day: int) -> pd.DataFrame:
+def features_at(
+    events: pd.DataFrame, as_of_day: int, *, late_after_days: int | None = None
+) -> pd.DataFrame:
     """Point-in-time features of every user with an event on or before ``as_of_day``."""
-    return compute_features(build_state(events, as_of_day), as_of_day)
+    return compute_features(
+        build_state(events, as_of_day, late_after_days=late_after_days), as_of_day
+    )

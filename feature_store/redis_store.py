@@ -1,0 +1,187 @@
+"""Online caller of the feature definition: per-user state in Redis, written atomically.
+
+One hash per user, ``<prefix>:{<user_id>}``; the braces make the user id the Redis Cluster hash
+tag, so everything the service keeps for a user (state, scores, alert state) lives in one slot.
+A batch is applied by one Lua script (``lua/apply_batch.lua``) that deduplicates by event id,
+updates the state and records the consumer's progress together: a crash either applied all of
+the batch or none of it, and a redelivered event changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import msgspec
+import numpy as np
+import pandas as pd
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from clv.errors import StoreError
+from feature_store.events import ValidEvent
+from feature_store.features import RETENTION_DAYS, UserState, compute_features
+
+_SCRIPT = files("feature_store").joinpath("lua/apply_batch.lua").read_text()
+_pack = msgspec.msgpack.Encoder().encode
+
+AnyRedis = Redis | RedisCluster
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    applied: int
+    duplicates: int
+    too_late: list[ValidEvent]
+
+
+class FeatureStore:
+    """Reads and writes per-user feature state in Redis (or Redis Cluster)."""
+
+    def __init__(self, redis: AnyRedis, *, prefix: str = "clv", retention_days: int = RETENTION_DAYS):
+        self._redis = redis
+        self._prefix = prefix
+        self._retention = retention_days
+        self._script = redis.register_script(_SCRIPT)
+        self._cluster = isinstance(redis, RedisCluster)
+
+    # -- keys ---------------------------------------------------------------------------------
+    def user_key(self, user_id: str) -> str:
+        return f"{self._prefix}:{{{user_id}}}"
+
+    def progress_key(self, group: str) -> str:
+        return f"{self._prefix}:progress:{{{group}}}"
+
+    # -- writes -------------------------------------------------------------------------------
+    async def apply(
+        self,
+        events: Sequence[ValidEvent],
+        *,
+        group: str,
+        progress: dict[str, int],
+        now_ms: int,
+    ) -> ApplyResult:
+        """Apply ``events`` (in arrival order) and record ``progress`` (``"topic:partition" ->
+        offset``) atomically.
+
+        On a single Redis this is one script call; on Redis Cluster one call per hash slot (each
+        atomic), then the progress: per-event deduplication keeps a retried batch from counting
+        twice either way. Events dated at or before the user's latest event day minus the
+        retention come back in ``too_late``, unapplied (the caller dead-letters them).
+        """
+        if not self._cluster:
+            keys, payload = self._encode(events)
+            a, d, late = await self._run([self.progress_key(group), *keys], payload, progress, now_ms)
+            return ApplyResult(a, d, [events[i] for i in late])
+        by_slot: dict[int, list[ValidEvent]] = {}
+        for ev in events:
+            by_slot.setdefault(self._redis.keyslot(self.user_key(ev.user_id)), []).append(ev)
+        result = ApplyResult(0, 0, [])
+        for slot_events in by_slot.values():
+            keys, payload = self._encode(slot_events)
+            # No progress in a slot's call, so KEYS[1] goes unused: a same-slot stand-in.
+            a, d, late = await self._run([keys[0], *keys], payload, {}, now_ms)
+            result.applied += a
+            result.duplicates += d
+            result.too_late.extend(slot_events[i] for i in late)
+        if progress:
+            await self._run([self.progress_key(group)], _pack([]), progress, now_ms)
+        return result
+
+    def _encode(self, events: Iterable[ValidEvent]) -> tuple[list[str], bytes]:
+        index: dict[str, int] = {}
+        rows: list[tuple[int, str, int, int, int, int]] = []
+        prefix = self._prefix
+        for ev in events:
+            ki = index.get(ev.user_id)
+            if ki is None:
+                ki = index[ev.user_id] = len(index) + 2  # KEYS[1] is the progress hash
+            rows.append((ki, ev.event_id, ev.day, ev.ts_ms, ev.cents, 1 if ev.type == "purchase" else 0))
+        keys = [f"{prefix}:{{{uid}}}" for uid in index]
+        return keys, _pack(rows)
+
+    async def _run(
+        self,
+        keys: list[str],
+        payload: bytes,
+        progress: dict[str, int],
+        now_ms: int,
+    ) -> tuple[int, int, list[int]]:
+        args = [payload, _pack(list(progress.items())), now_ms, self._retention]
+        try:
+            res = await self._script(keys=keys, args=args)
+        except Exception as exc:  # redis errors carry the script's message
+            raise StoreError(f"applying a batch failed: {exc}") from exc
+        return int(res[0]), int(res[1]), [int(i) for i in res[2]]
+
+    async def delete_user(self, user_id: str) -> bool:
+        return bool(await self._redis.delete(self.user_key(user_id)))
+
+    # -- reads --------------------------------------------------------------------------------
+    async def progress(self, group: str) -> dict[str, int]:
+        raw = await self._redis.hgetall(self.progress_key(group))
+        return {_s(k): int(v) for k, v in raw.items()}
+
+    async def read_state(self, user_id: str) -> UserState | None:
+        raw = await self._redis.hgetall(self.user_key(user_id))
+        if not raw:
+            return None
+        return state_from_hash(user_id, {_s(k): v for k, v in raw.items()})
+
+    async def features(self, user_id: str, as_of_day: int | None = None) -> pd.DataFrame | None:
+        """One user's features; ``as_of_day`` defaults to the user's latest event day and must
+        not be earlier than it (earlier dates are the offline event log's job)."""
+        state = await self.read_state(user_id)
+        if state is None:
+            return None
+        latest = int(state.latest_day[0])
+        day = latest if as_of_day is None else as_of_day
+        if day < latest:
+            raise StoreError(
+                f"as_of day {day} is before the user's latest event day {latest}; "
+                "online state answers from the latest event on"
+            )
+        return compute_features(state, day)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def state_from_hash(user_id: str, h: dict[str, Any]) -> UserState:
+    """Decode one user's Redis hash into a one-row :class:`UserState`."""
+    days: dict[int, list[int]] = {}
+    for name, value in h.items():
+        tag = name[:1]
+        if tag in ("o", "v") and name[1:].lstrip("-").isdigit():
+            slot = days.setdefault(int(name[1:]), [0, 0])
+            slot[0 if tag == "o" else 1] = int(value)
+
+    def num(field: str, default: int) -> int:
+        v = h.get(field)
+        return default if v is None else int(float(v))
+
+    ordered = sorted(days)
+    one = lambda v: np.asarray([v], dtype=np.int64)  # noqa: E731
+    return UserState(
+        user_id=np.asarray([user_id], dtype=object),
+        orders_total=one(num("n", 0)),
+        cents_total=one(num("c", 0)),
+        purchase_days=one(num("p", 0)),
+        first_ts_ms=one(num("f", -1)),
+        last_ts_ms=one(num("l", -1)),
+        first_day=one(num("fd", -1)),
+        first_day_cents=one(num("fc", 0)),
+        latest_day=one(num("ld", -1)),
+        days_user=np.zeros(len(ordered), dtype=np.int64),
+        days_day=np.asarray(ordered, dtype=np.int64),
+        days_orders=np.asarray([days[d][0] for d in ordered], dtype=np.int64),
+        days_cents=np.asarray([days[d][1] for d in ordered], dtype=np.int64),
+    )
+
+
+def updated_at_ms(h: dict[str, Any]) -> int | None:
+    v = h.get("u")
+    return None if v is None else int(v)

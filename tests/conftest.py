@@ -1,0 +1,38 @@
+"""Session fixtures: a real redis-server and a real Kafka-protocol broker on free ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from clv.local_stack import LocalProcess, free_port, start_broker, start_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalProcess]:
+    proc = start_redis(free_port(), tmp_path_factory.mktemp("redis"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalProcess]:
+    proc = start_broker(free_port(), tmp_path_factory.mktemp("broker"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: LocalProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.address)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "clv" / "data"

@@ -1,0 +1,69 @@
+"""Event streams with the troubles real streams have: duplicates, reordering, refunds, lateness."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pandas as pd
+
+from feature_store.events import ValidEvent
+
+MS_PER_DAY = 86_400_000
+
+
+def messy_events(
+    seed: int, users: int = 40, per_user: int = 30, start: dt.date = dt.date(2024, 1, 1),
+    span_days: int = 900,
+) -> list[ValidEvent]:
+    """Purchases spread over ``span_days`` (longer than the longest window, so state folds),
+    refunds of earlier orders, ~10% exact duplicates, shuffled locally and a few very late."""
+    rng = random.Random(seed)
+    base = int(dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC).timestamp() * 1000)
+    events: list[ValidEvent] = []
+    for u in range(users):
+        uid = f"u{u}" if u % 7 else f"ü-{u}/名"  # unicode ids too
+        for k in range(rng.randint(1, per_user)):
+            ts = base + rng.randint(0, span_days * MS_PER_DAY)
+            cents = rng.randint(0, 50_000)
+            oid = f"o{u}-{k}"
+            events.append(_ev(f"p-{oid}", "purchase", uid, oid, cents, ts))
+            if rng.random() < 0.15:
+                back = rng.randint(1, max(cents, 1))
+                rts = ts + rng.randint(0, 60 * MS_PER_DAY)
+                events.append(_ev(f"r-{oid}", "refund", uid, oid, -back, rts))
+    events.sort(key=lambda e: e.ts_ms)
+    # Local reordering: swap neighbours; a few events delivered very late (out of retention).
+    for i in range(len(events) - 1):
+        if rng.random() < 0.2:
+            events[i], events[i + 1] = events[i + 1], events[i]
+    for _ in range(len(events) // 50):
+        i = rng.randrange(len(events))
+        events.append(events.pop(i))
+    dups = [e for e in events if rng.random() < 0.1]
+    for d in dups:
+        events.insert(rng.randrange(len(events) + 1), d)
+    return events
+
+
+def _ev(eid: str, kind: str, uid: str, oid: str, cents: int, ts: int) -> ValidEvent:
+    return ValidEvent(
+        event_id=eid, type=kind, user_id=uid, order_id=oid, amount=abs(cents) / 100,
+        currency=None, ts_ms=ts, day=ts // MS_PER_DAY, cents=cents,
+    )
+
+
+def as_frame(events: list[ValidEvent]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "event_id": [e.event_id for e in events],
+            "type": [e.type for e in events],
+            "user_id": [e.user_id for e in events],
+            "order_id": [e.order_id for e in events],
+            "amount": [e.amount for e in events],
+            "currency": [e.currency for e in events],
+            "ts_ms": [e.ts_ms for e in events],
+            "day": [e.day for e in events],
+            "cents": [e.cents for e in events],
+        }
+    )

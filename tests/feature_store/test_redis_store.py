@@ -1,0 +1,74 @@
+"""The online state (Lua in a real Redis) against the offline fold of the same events."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from redis.asyncio import Redis
+
+from feature_store.features import RETENTION_DAYS
+from feature_store.offline import features_at, too_late_mask
+from feature_store.redis_store import FeatureStore
+
+from .streams import as_frame, messy_events
+
+pytestmark = pytest.mark.integration
+
+
+async def _online(store: FeatureStore, users: list[str], as_of_day: int) -> pd.DataFrame:
+    frames = [await store.features(u, as_of_day) for u in users]
+    return pd.concat([f for f in frames if f is not None]).sort_index()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 17, 500])
+async def test_online_equals_offline_under_duplicates_reordering_and_late_events(
+    redis: Redis, seed: int, batch: int
+) -> None:
+    store = FeatureStore(redis)
+    events = messy_events(seed)
+    late = []
+    for i in range(0, len(events), batch):
+        res = await store.apply(events[i : i + batch], group="g", progress={"orders:0": i}, now_ms=1)
+        late.extend(res.too_late)
+    assert late, "the stream should hold events later than the retention"
+    frame = as_frame(events)
+    assert too_late_mask(frame, RETENTION_DAYS).sum() == len(late)
+    latest = int(frame["day"].max())
+    for as_of in (latest, latest + 3, latest + 40, latest + 400):
+        offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS).sort_index()
+        online = await _online(store, list(offline.index), as_of)
+        pd.testing.assert_frame_equal(online, offline, check_dtype=False)
+
+
+async def test_redelivered_batch_changes_nothing(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    events = messy_events(7, users=5)
+    first = await store.apply(events, group="g", progress={"orders:0": 10}, now_ms=1)
+    before = {k: await redis.hgetall(k) for k in await redis.keys("clv:{*")}
+    again = await store.apply(events, group="g", progress={"orders:0": 10}, now_ms=2)
+    assert first.applied > 0
+    assert first.applied + first.duplicates + len(first.too_late) == len(events)
+    assert again.applied == 0
+    assert again.duplicates + len(again.too_late) == len(events)
+    after = {k: await redis.hgetall(k) for k in await redis.keys("clv:{*")}
+    assert after == before
+
+
+async def test_progress_only_moves_forward(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    await store.apply([], group="g", progress={"orders:0": 10, "orders:1": 3}, now_ms=1)
+    await store.apply([], group="g", progress={"orders:0": 4}, now_ms=1)
+    assert await store.progress("g") == {"orders:0": 10, "orders:1": 3}
+
+
+async def test_state_older_than_the_longest_window_is_folded(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    events = messy_events(11, users=1, per_user=200, span_days=1500)
+    await store.apply(events, group="g", progress={}, now_ms=1)
+    raw = await redis.hgetall(store.user_key(events[0].user_id))
+    latest = max(e.day for e in events)
+    kept_days = [int(k[1:]) for k in raw if k[:1] in (b"o", b"v") and k[1:].isdigit()]
+    assert kept_days and min(kept_days) > latest - 365
+    dedup_days = [int(v) for k, v in raw.items() if k.startswith(b"#")]
+    assert min(dedup_days) > latest - 365
