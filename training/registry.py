@@ -1,0 +1,522 @@
+"""The model registry: versioned, verified artifacts under ``CLV_MODEL_DIR`` and a champion pointer.
+
+Layout::
+
+    <root>/<version>/model.pkl        the pickled CLVModel
+    <root>/<version>/metadata.json    what it is, what it was trained on, how it validated
+    <root>/CHAMPION                   {"version": ..., "metadata_sha256": ...}, replaced atomically
+    <root>/promotions.jsonl           one line per promotion decision (audit trail)
+
+A version is ``<UTC time>-<short hash of the model file>``, e.g. ``20261128T100000Z-3f2a1c``.
+Versions are staged in a hidden directory and renamed into place, so a reader never sees half
+a version; the pointer is written to a temporary file and ``os.replace``-d over the old one.
+
+**Nothing is unpickled before it is verified.** Loading reads ``metadata.json`` of a version
+directory inside the registry, checks its self-hash (and, through the pointer, its file hash),
+its version and its feature names (must equal :data:`feature_store.features.FEATURE_NAMES`),
+then reads the one model file that metadata names and checks its sha256 — and only then
+unpickles those very bytes. The hashes catch corruption and careless edits; they are not a
+signature: anyone who can write the registry directory can replace what the service runs, so
+the directory must be writable by the trainer only.
+
+**Promotion rule.** A challenger replaces the champion only if its validation score is strictly
+better on the *same* metric over the *same* validation window (the challenger's: features as of
+``train_end_day``, realised revenue in the ``label_days`` after it). The champion's score on that
+window is its stored score when it validated on that very window, otherwise the caller's
+``evaluate`` callback scores the champion's artifact on the challenger's window. Ties keep the
+champion; the first model always promotes; ``force`` promotes unconditionally; a champion that
+can no longer be loaded is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import platform
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clv.errors import ModelError
+from feature_store.features import FEATURE_NAMES, day_date
+from training.models.base import CLVModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MODEL_FILE = "model.pkl"
+METADATA_FILE = "metadata.json"
+POINTER_FILE = "CHAMPION"
+HISTORY_FILE = "promotions.jsonl"
+LOCK_FILE = ".lock"
+MAX_METADATA_BYTES = 4 << 20
+VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6,16}")
+
+
+# --- what a version records --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataWindow:
+    """The event data a model was trained on (UTC day numbers, inclusive)."""
+
+    first_event_day: int
+    last_event_day: int
+    cutoff_day: int  # the last day whose events the model may have used
+    horizon_days: int  # what its predicted_value covers
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(self)
+        for key in ("first_event_day", "last_event_day", "cutoff_day"):
+            out[key.replace("_day", "_date")] = day_date(getattr(self, key)).isoformat()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """A model's score on one validation window with one metric (the promotion yardstick)."""
+
+    metric: str
+    higher_is_better: bool
+    score: float
+    train_end_day: int  # features as of this day ...
+    label_days: int  # ... against revenue realised in the next label_days days
+    users: int = 0
+
+    def same_window(self, other: Validation) -> bool:
+        return (self.metric, self.higher_is_better, self.train_end_day, self.label_days) == (
+            other.metric,
+            other.higher_is_better,
+            other.train_end_day,
+            other.label_days,
+        )
+
+    def better_than(self, other_score: float) -> bool:
+        """Strictly better than ``other_score`` on this metric (NaN never wins, beats NaN)."""
+        if not math.isfinite(self.score):
+            return False
+        if not math.isfinite(other_score):
+            return True
+        if self.higher_is_better:
+            return self.score > other_score
+        return self.score < other_score
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "score": _finite(self.score)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Validation:
+        try:
+            score = raw["score"]
+            return cls(
+                metric=str(raw["metric"]),
+                higher_is_better=bool(raw["higher_is_better"]),
+                score=float("nan") if score is None else float(score),
+                train_end_day=int(raw["train_end_day"]),
+                label_days=int(raw["label_days"]),
+                users=int(raw.get("users", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"metadata has an unreadable validation record: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    version: str
+    model: CLVModel
+    metadata: dict[str, Any]
+
+    @property
+    def horizon_days(self) -> int:
+        return int(self.metadata["data_window"]["horizon_days"])
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of offering a registered version as the new champion."""
+
+    version: str
+    promoted: bool
+    reason: str
+    metric: str | None = None
+    challenger_score: float | None = None
+    champion_version: str | None = None
+    champion_score: float | None = None
+    decided_at: str = field(default_factory=lambda: _utc_now().isoformat())
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["challenger_score"] = _finite(self.challenger_score)
+        out["champion_score"] = _finite(self.champion_score)
+        return out
+
+
+#: Scores a (loaded, verified) champion on the challenger's validation window.
+Evaluate = Callable[[LoadedModel, Validation], float]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what a pickled model depends on, recorded beside it."""
+    import numpy
+    import pandas
+    import scipy
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+        "scikit-learn": sklearn.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _finite(v: float | None) -> float | None:
+    """JSON has no NaN: non-finite numbers are stored as null."""
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    if hasattr(obj, "item"):  # numpy scalars
+        return _clean(obj.item())
+    return repr(obj)
+
+
+def _canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_regular(path: Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes, refusing symlinks (an artifact must live in the registry)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} is missing") from exc
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be opened safely: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ModelError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """Versioned model artifacts under ``root`` plus the champion pointer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # paths
+    @property
+    def pointer_path(self) -> Path:
+        return self.root / POINTER_FILE
+
+    def _version_dir(self, version: str) -> Path:
+        if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+            raise ModelError(f"{version!r} is not a model version (like 20261128T100000Z-3f2a1c)")
+        return self.root / version
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise registrations and promotions of concurrent trainers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / LOCK_FILE).open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # writing
+    def register(
+        self,
+        model: CLVModel,
+        *,
+        data_window: DataWindow,
+        validation: Validation,
+        candidates: Mapping[str, Mapping[str, float]],
+        data_fingerprint: str,
+        feature_names: tuple[str, ...] = FEATURE_NAMES,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Store ``model`` as a new version (never the champion by itself); returns the version."""
+        blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+        digest = _sha256(blob)
+        created = _utc_now()
+        with self._lock():
+            version = f"{created:%Y%m%dT%H%M%SZ}-{digest[:6]}"
+            if (self.root / version).exists():  # same model, same second: salt the short hash
+                version = f"{created:%Y%m%dT%H%M%SZ}-{_sha256(blob + uuid.uuid4().bytes)[:8]}"
+            body: dict[str, Any] = {
+                "format": FORMAT,
+                "version": version,
+                "model_name": getattr(model, "name", type(model).__name__),
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "model_params": _clean({k: repr(v) for k, v in model.get_params().items()}),
+                "feature_names": list(feature_names),
+                "data_window": data_window.to_json(),
+                "validation": validation.to_json(),
+                "candidates": _clean(dict(candidates)),
+                "data_fingerprint": data_fingerprint,
+                "libraries": library_versions(),
+                "artifact": {"file": MODEL_FILE, "sha256": digest, "bytes": len(blob)},
+                "created_at": created.isoformat().replace("+00:00", "Z"),
+                "extra": _clean(dict(extra or {})),
+            }
+            body["metadata_sha256"] = _sha256(_canonical(body))
+            stage = self.root / f".staging-{uuid.uuid4().hex}"
+            stage.mkdir(parents=True)
+            try:
+                _write_file(stage / MODEL_FILE, blob)
+                _write_file(stage / METADATA_FILE, json.dumps(body, indent=2).encode() + b"\n")
+                _fsync_dir(stage)
+                os.rename(stage, self.root / version)
+                _fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+        log.info("registered model %s (%s)", version, body["model_name"])
+        return version
+
+    # reading (verification happens here, before any unpickling)
+    def versions(self) -> list[str]:
+        """Registered versions, oldest first (names only; nothing is verified)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if VERSION_RE.fullmatch(p.name) and p.is_dir()
+        )
+
+    def metadata(self, version: str, *, expect_sha256: str | None = None) -> dict[str, Any]:
+        """The verified metadata of ``version`` (raises :class:`ModelError` on any mismatch)."""
+        folder = self._version_dir(version)
+        if folder.is_symlink() or not folder.is_dir():
+            raise ModelError(f"model version {version} is not in the registry at {self.root}")
+        raw = _read_regular(folder / METADATA_FILE, MAX_METADATA_BYTES)
+        if expect_sha256 is not None and _sha256(raw) != expect_sha256:
+            raise ModelError(
+                f"model {version}: metadata.json changed since it was promoted "
+                "(its sha256 differs from the champion pointer's); refusing to load"
+            )
+        try:
+            meta = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"model {version}: metadata.json is not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise ModelError(f"model {version}: metadata.json is not a JSON object")
+        claimed = meta.pop("metadata_sha256", None)
+        try:
+            actual = _sha256(_canonical(meta))
+        except ValueError as exc:
+            raise ModelError(f"model {version}: metadata.json holds non-finite numbers") from exc
+        if claimed != actual:
+            raise ModelError(
+                f"model {version}: metadata.json was modified after registration "
+                "(self-hash mismatch); refusing to load"
+            )
+        meta["metadata_sha256"] = claimed
+        if meta.get("format") != FORMAT:
+            raise ModelError(f"model {version}: unknown metadata format {meta.get('format')!r}")
+        if meta.get("version") != version:
+            raise ModelError(
+                f"model {version}: metadata describes version {meta.get('version')!r} instead"
+            )
+        names = meta.get("feature_names")
+        if names != list(FEATURE_NAMES):
+            raise ModelError(
+                f"model {version} was trained on features {names!r}, but this code computes "
+                f"{list(FEATURE_NAMES)!r}; retrain it (clv train) before serving it"
+            )
+        return meta
+
+    def load(self, version: str, *, expect_metadata_sha256: str | None = None) -> LoadedModel:
+        """Verify ``version`` (metadata, feature names, model sha256), then unpickle it."""
+        meta = self.metadata(version, expect_sha256=expect_metadata_sha256)
+        artifact = meta.get("artifact")
+        if not isinstance(artifact, dict) or artifact.get("file") != MODEL_FILE:
+            raise ModelError(f"model {version}: metadata names no {MODEL_FILE} artifact")
+        blob = _read_regular(self.root / version / MODEL_FILE)
+        if _sha256(blob) != artifact.get("sha256"):
+            raise ModelError(
+                f"model {version}: {MODEL_FILE} does not match the sha256 in its metadata "
+                "(corrupt or replaced file); refusing to unpickle it"
+            )
+        try:
+            model = pickle.loads(blob)  # verified bytes only (see module docstring)
+        except Exception as exc:
+            raise ModelError(f"model {version}: cannot unpickle {MODEL_FILE}: {exc}") from exc
+        if not isinstance(model, CLVModel):
+            raise ModelError(f"model {version}: artifact is a {type(model).__name__}, not a CLVModel")
+        recorded = meta.get("libraries", {})
+        for lib, now in library_versions().items():
+            if lib != "python" and recorded.get(lib) not in (None, now):
+                log.warning("model %s was pickled with %s %s, running %s", version, lib,
+                            recorded.get(lib), now)
+        return LoadedModel(version=version, model=model, metadata=meta)
+
+    # the champion
+    def _pointer(self) -> dict[str, Any] | None:
+        try:
+            raw = self.pointer_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            pointer = json.loads(raw)
+            if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+                raise ValueError("no version")
+        except ValueError as exc:
+            raise ModelError(f"champion pointer {self.pointer_path} is unreadable: {exc}") from exc
+        return pointer
+
+    def champion_version(self) -> str | None:
+        """The champion's version, or ``None``: one small file read, cheap enough to poll."""
+        pointer = self._pointer()
+        return None if pointer is None else str(pointer["version"])
+
+    def load_champion(self) -> LoadedModel:
+        """The verified champion (raises :class:`ModelError` when there is none or it fails)."""
+        pointer = self._pointer()
+        if pointer is None:
+            raise ModelError(f"no champion model in {self.root}: run `clv train` first")
+        return self.load(
+            str(pointer["version"]), expect_metadata_sha256=pointer.get("metadata_sha256")
+        )
+
+    def _write_pointer(self, version: str, decision: Decision) -> None:
+        meta_raw = _read_regular(self.root / version / METADATA_FILE, MAX_METADATA_BYTES)
+        pointer = {
+            "version": version,
+            "metadata_sha256": _sha256(meta_raw),
+            "promoted_at": decision.decided_at,
+            "reason": decision.reason,
+        }
+        tmp = self.root / f".{POINTER_FILE}.{uuid.uuid4().hex}.tmp"
+        try:
+            _write_file(tmp, json.dumps(pointer, indent=2).encode() + b"\n")
+            os.replace(tmp, self.pointer_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+
+    def _record(self, decision: Decision) -> None:
+        with (self.root / HISTORY_FILE).open("a") as f:
+            f.write(json.dumps(decision.to_json(), allow_nan=False) + "\n")
+
+    def offer(
+        self, version: str, *, evaluate: Evaluate | None = None, force: bool = False
+    ) -> Decision:
+        """Promote ``version`` if it beats the champion (see the module docstring's rule)."""
+        with self._lock():
+            meta = self.metadata(version)
+            val = Validation.from_json(meta["validation"])
+            decision = self._decide(version, val, evaluate, force)
+            if decision.promoted:
+                self._write_pointer(version, decision)
+            self._record(decision)
+        log.info("model %s %s: %s", version, "promoted" if decision.promoted else "kept back",
+                 decision.reason)
+        return decision
+
+    def _decide(
+        self, version: str, val: Validation, evaluate: Evaluate | None, force: bool
+    ) -> Decision:
+        common: dict[str, Any] = {"metric": val.metric, "challenger_score": val.score}
+        current = self.champion_version()
+        if force:
+            return Decision(version, True, "forced", champion_version=current, **common)
+        if current is None:
+            return Decision(version, True, "first model: no champion yet", **common)
+        if current == version:
+            return Decision(version, False, "already the champion", champion_version=current,
+                            **common)
+        try:
+            champion = self.load_champion()
+        except ModelError as exc:
+            return Decision(version, True, f"champion {current} cannot be loaded ({exc})",
+                            champion_version=current, **common)
+        stored = Validation.from_json(champion.metadata["validation"])
+        if stored.same_window(val):
+            champ_score, how = stored.score, "its stored score on the same window"
+        elif evaluate is not None:
+            champ_score, how = float(evaluate(champion, val)), "re-scored on this window"
+        else:
+            return Decision(
+                version, False,
+                "champion validated on another window and no evaluator was given: keeping it",
+                champion_version=current, champion_score=stored.score, **common,
+            )
+        better = val.better_than(champ_score)
+        direction = "higher" if val.higher_is_better else "lower"
+        if how != "its stored score on the same window":
+            champ_cutoff = int(champion.metadata["data_window"]["cutoff_day"])
+            if champ_cutoff > val.train_end_day:
+                # Its fit saw part of the window's outcomes: the comparison leans its way.
+                how += ", which its training data overlaps"
+        reason = (
+            f"{val.metric} {val.score:.6g} vs champion {champ_score:.6g} ({how}; "
+            f"{direction} is better): {'better' if better else 'not better'}"
+        )
+        return Decision(version, better, reason, champion_version=current,
+                        champion_score=champ_score, **common)
+
+
+# --- conveniences for a service that only serves --------------------------------------------
+
+
+def champion_version(model_dir: Path) -> str | None:
+    """The champion's version in ``model_dir`` (cheap: poll it to hot-reload a new champion)."""
+    return ModelRegistry(model_dir).champion_version()
+
+
+def load_champion(model_dir: Path) -> LoadedModel:
+    """The verified champion of ``model_dir``."""
+    return ModelRegistry(model_dir).load_champion()
