@@ -1,0 +1,1 @@
+"""Command functions of the ``clv`` console script, one module per command."""

@@ -1,0 +1,99 @@
+"""``clv synth``: write a realistic synthetic order log (CSV or date-partitioned event log)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from clv.errors import ClvError
+
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and a non-zero exit: no traceback for an expected failure."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A ``progress(phase, done, total)`` callback drawing one bar per phase on stderr."""
+    if not enabled:
+        yield None
+        return
+    bars = Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bars.add_task(phase, total=total)
+        bars.update(tasks[phase], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def synth(
+    users: Annotated[int, typer.Option("--users", help="number of customers", min=1)],
+    orders: Annotated[int, typer.Option("--orders", help="number of purchases (>= users)", min=1)],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="FILE.csv for an orders CSV, else an event-log directory"),
+    ],
+    seed: Annotated[int, typer.Option("--seed", help="random seed")] = 0,
+    start: Annotated[
+        str, typer.Option("--start", help="first day of the log, YYYY-MM-DD")
+    ] = "2024-01-01",
+    days: Annotated[int, typer.Option("--days", help="length of the log in days", min=1)] = 730,
+    refund_rate: Annotated[
+        float, typer.Option("--refund-rate", help="share of orders refunded later")
+    ] = 0.03,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Generate a synthetic order log (Pareto/NBD customers, gamma-gamma spend, seasonality,
+    refunds) as an orders CSV or as a date-partitioned Parquet event log."""
+    from training.synth import SynthConfig, generate, write_csv, write_log
+
+    try:
+        first = dt.date.fromisoformat(start)
+    except ValueError:
+        fail(f"--start {start!r} is not a date (YYYY-MM-DD)", code=2)
+    cfg = SynthConfig(
+        users=users, orders=orders, seed=seed, start=first, days=days, refund_rate=refund_rate
+    )
+    t0 = time.perf_counter()
+    try:
+        with progress_bars(not quiet) as bar:
+            log = generate(cfg, bar)
+            if out.suffix.lower() == ".csv":
+                write_csv(log, out, bar)
+                what = f"orders CSV {out}"
+            else:
+                files = write_log(log, out, bar)
+                what = f"event log {out} ({files} files)"
+    except ClvError as exc:
+        fail(str(exc))
+    refunds = len(log) - log.purchases
+    err.print(
+        f"wrote {log.purchases:,} orders and {refunds:,} refunds of {users:,} users to {what} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        highlight=False,
+        soft_wrap=True,
+    )
