@@ -1,0 +1,293 @@
+"""Registry rules: promotion only on a strictly better score, verified loading, atomic pointer."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from clv.errors import ModelError
+from training.models.naive import HistoricalRate
+from training.registry import (
+    HISTORY_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    POINTER_FILE,
+    DataWindow,
+    LoadedModel,
+    ModelRegistry,
+    Validation,
+    champion_version,
+    load_champion,
+)
+
+WINDOW = DataWindow(first_event_day=9000, last_event_day=9700, cutoff_day=9700, horizon_days=365)
+
+
+def validation(score: float, train_end_day: int = 9500, metric: str = "mae") -> Validation:
+    return Validation(
+        metric=metric,
+        higher_is_better=False,
+        score=score,
+        train_end_day=train_end_day,
+        label_days=200,
+        users=100,
+    )
+
+
+def register(reg: ModelRegistry, score: float, *, min_age: int = 30, **kw: object) -> str:
+    return reg.register(
+        HistoricalRate(min_age_days=min_age),
+        data_window=WINDOW,
+        validation=validation(score, **kw),  # type: ignore[arg-type]
+        candidates={"naive_rate": {"mae": score, "gini": float("nan")}},
+        data_fingerprint="f" * 64,
+    )
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(tmp_path / "models")
+
+
+def test_first_model_always_promotes(reg: ModelRegistry) -> None:
+    assert reg.champion_version() is None
+    v = register(reg, 100.0)
+    assert reg.champion_version() is None  # registering alone never promotes
+    d = reg.offer(v)
+    assert d.promoted and "first model" in d.reason
+    assert reg.champion_version() == v == champion_version(reg.root)
+    loaded = load_champion(reg.root)
+    assert loaded.version == v and isinstance(loaded.model, HistoricalRate)
+
+
+def test_better_challenger_promotes_worse_is_registered_only(reg: ModelRegistry) -> None:
+    v1 = register(reg, 100.0, min_age=1)
+    reg.offer(v1)
+    worse = register(reg, 120.0, min_age=2)
+    d = reg.offer(worse)
+    assert not d.promoted and d.champion_score == 100.0 and d.challenger_score == 120.0
+    assert reg.champion_version() == v1
+    assert worse in reg.versions()  # kept, loadable, just not the champion
+    assert reg.load(worse).version == worse
+    tie = register(reg, 100.0, min_age=3)
+    assert not reg.offer(tie).promoted  # ties keep the champion
+    better = register(reg, 90.0, min_age=4)
+    d = reg.offer(better)
+    assert d.promoted and reg.champion_version() == better
+    history = (reg.root / HISTORY_FILE).read_text().splitlines()
+    assert [json.loads(line)["promoted"] for line in history] == [True, False, False, True]
+
+
+def test_higher_is_better_metric(reg: ModelRegistry) -> None:
+    def reg_gini(score: float, age: int) -> str:
+        val = Validation("gini", True, score, 9500, 200)
+        return reg.register(
+            HistoricalRate(age),
+            data_window=WINDOW,
+            validation=val,
+            candidates={},
+            data_fingerprint="x",
+        )
+
+    reg.offer(reg_gini(0.5, 1))
+    assert not reg.offer(reg_gini(0.4, 2)).promoted
+    assert reg.offer(reg_gini(0.6, 3)).promoted
+
+
+def test_force_promotes_a_worse_model(reg: ModelRegistry) -> None:
+    reg.offer(register(reg, 100.0, min_age=1))
+    worse = register(reg, 500.0, min_age=2)
+    d = reg.offer(worse, force=True)
+    assert d.promoted and d.reason == "forced"
+    assert reg.champion_version() == worse
+
+
+def test_other_window_rescores_the_champion(reg: ModelRegistry) -> None:
+    v1 = register(reg, 100.0, min_age=1, train_end_day=9400)
+    reg.offer(v1)
+    seen: list[tuple[str, int]] = []
+
+    def evaluate(champion: LoadedModel, val: Validation) -> float:
+        seen.append((champion.version, val.train_end_day))
+        return 80.0  # the champion does better on the new window than the challenger's 90
+
+    v2 = register(reg, 90.0, min_age=2, train_end_day=9500)
+    d = reg.offer(v2, evaluate=evaluate)
+    assert seen == [(v1, 9500)]
+    assert not d.promoted and d.champion_score == 80.0
+    # Without an evaluator a champion from another window is kept (no apples-to-oranges).
+    assert not reg.offer(v2).promoted
+    v3 = register(reg, 70.0, min_age=3, train_end_day=9500)
+    assert reg.offer(v3, evaluate=evaluate).promoted
+
+
+def test_nan_challenger_never_wins(reg: ModelRegistry) -> None:
+    reg.offer(register(reg, 100.0, min_age=1))
+    assert not reg.offer(register(reg, float("nan"), min_age=2)).promoted
+
+
+# --- refusing what cannot be trusted ---------------------------------------------------------
+
+
+def test_flipped_byte_in_model_file_is_refused(reg: ModelRegistry) -> None:
+    v = register(reg, 1.0)
+    reg.offer(v)
+    path = reg.root / v / MODEL_FILE
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match="does not match the sha256"):
+        reg.load_champion()
+
+
+def test_edited_metadata_is_refused(reg: ModelRegistry) -> None:
+    v = register(reg, 1.0)
+    reg.offer(v)
+    path = reg.root / v / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta["validation"]["score"] = 0.0  # a careless "fix" of the score
+    path.write_text(json.dumps(meta, indent=2))
+    with pytest.raises(ModelError, match="modified after registration"):
+        reg.load(v)
+
+
+def test_metadata_edited_with_recomputed_self_hash_is_refused_via_pointer(
+    reg: ModelRegistry,
+) -> None:
+    from training.registry import _canonical, _sha256
+
+    v = register(reg, 1.0)
+    reg.offer(v)
+    path = reg.root / v / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta.pop("metadata_sha256")
+    meta["model_name"] = "something_else"
+    meta["metadata_sha256"] = _sha256(_canonical(meta))
+    path.write_text(json.dumps(meta))
+    reg.load(v)  # self-consistent on its own ...
+    with pytest.raises(ModelError, match="changed since it was promoted"):
+        reg.load_champion()  # ... but not what was promoted
+
+
+def test_feature_name_mismatch_is_refused_before_unpickling(
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = reg.register(
+        HistoricalRate(),
+        data_window=WINDOW,
+        validation=validation(1.0),
+        candidates={},
+        data_fingerprint="x",
+        feature_names=("orders_total", "revenue_total"),
+    )
+
+    def no_unpickling(*_a: object, **_k: object) -> object:
+        raise AssertionError("unpickled before verification")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    with pytest.raises(ModelError, match="trained on features"):
+        reg.load(v)
+
+
+def test_stray_pickle_without_metadata_is_never_unpickled(
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg.root.mkdir(parents=True)
+    stray = reg.root / "20261128T100000Z-abcdef"
+    stray.mkdir()
+    (stray / MODEL_FILE).write_bytes(pickle.dumps(HistoricalRate()))
+    (reg.root / POINTER_FILE).write_text(json.dumps({"version": stray.name}))
+
+    def no_unpickling(*_a: object, **_k: object) -> object:
+        raise AssertionError("unpickled a stray file")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    with pytest.raises(ModelError, match=r"metadata\.json is missing"):
+        reg.load_champion()
+    for bad in ("../outside", "model.pkl", "20261128T100000Z-abcdef/../x"):
+        with pytest.raises(ModelError, match="is not a model version"):
+            reg.load(bad)
+
+
+def test_symlinked_model_file_is_refused(reg: ModelRegistry, tmp_path: Path) -> None:
+    v = register(reg, 1.0)
+    outside = tmp_path / "evil.pkl"
+    outside.write_bytes((reg.root / v / MODEL_FILE).read_bytes())
+    (reg.root / v / MODEL_FILE).unlink()
+    (reg.root / v / MODEL_FILE).symlink_to(outside)
+    with pytest.raises(ModelError, match="cannot be opened safely"):
+        reg.load(v)
+
+
+def test_unloadable_champion_is_replaced(reg: ModelRegistry) -> None:
+    v1 = register(reg, 1.0, min_age=1)
+    reg.offer(v1)
+    (reg.root / v1 / MODEL_FILE).write_bytes(b"garbage")
+    v2 = register(reg, 50.0, min_age=2)
+    d = reg.offer(v2)
+    assert d.promoted and "cannot be loaded" in d.reason
+
+
+def test_metadata_records_what_was_trained(reg: ModelRegistry) -> None:
+    v = register(reg, 12.5)
+    meta = reg.metadata(v)
+    assert meta["version"] == v
+    assert meta["model_name"] == "naive_rate"
+    assert meta["data_window"]["cutoff_date"] == "1996-07-23"
+    assert meta["candidates"]["naive_rate"] == {"mae": 12.5, "gini": None}  # NaN -> null
+    assert set(meta["libraries"]) == {"python", "numpy", "pandas", "scikit-learn", "scipy"}
+    assert len(meta["artifact"]["sha256"]) == 64 and meta["data_fingerprint"] == "f" * 64
+    assert meta["created_at"].endswith("Z")
+
+
+# --- the pointer ----------------------------------------------------------------------------
+
+
+def test_pointer_is_replaced_atomically(
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1 = register(reg, 100.0, min_age=1)
+    reg.offer(v1)
+    before = (reg.root / POINTER_FILE).read_bytes()
+    v2 = register(reg, 1.0, min_age=2)
+    real_replace = os.replace
+
+    def crash(src: object, dst: object) -> None:
+        # The new pointer is complete on disk under a temporary name when the swap happens.
+        assert json.loads(Path(str(src)).read_text())["version"] == v2
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        reg.offer(v2)
+    assert (reg.root / POINTER_FILE).read_bytes() == before  # old champion intact
+    assert not [p for p in reg.root.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert reg.offer(v2).promoted and reg.champion_version() == v2
+
+
+def test_registration_is_staged(reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*_a: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError, match="disk full"):
+        register(reg, 1.0)
+    assert reg.versions() == []
+    assert not [p for p in reg.root.iterdir() if p.name.startswith(".staging")]
+
+
+def test_unreadable_pointer_is_a_model_error(reg: ModelRegistry) -> None:
+    reg.root.mkdir(parents=True)
+    (reg.root / POINTER_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="champion pointer"):
+        reg.champion_version()
+
+
+def test_no_champion_message(reg: ModelRegistry) -> None:
+    with pytest.raises(ModelError, match="no champion model"):
+        reg.load_champion()
