@@ -1,0 +1,122 @@
+"""Synthetic order log: exact counts, refunds that reference real orders, heterogeneity, outputs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_store.event_log import read_events
+from feature_store.offline import EVENT_COLUMNS
+from training.datasets import load_orders
+from training.synth import SynthConfig, SynthError, events_frame, generate, write_csv, write_log
+
+
+@pytest.fixture(scope="module")
+def log():  # type: ignore[no-untyped-def]
+    return generate(SynthConfig(users=5_000, orders=40_000, seed=7, days=540))
+
+
+def test_counts_are_exact(log) -> None:  # type: ignore[no-untyped-def]
+    purchases = ~log.refund
+    assert purchases.sum() == 40_000
+    assert set(np.unique(log.user[purchases])) == set(range(1, 5_001))  # every user buys
+    assert np.array_equal(np.sort(log.order[purchases]), np.arange(1, 40_001))  # unique ids
+    assert 0.01 < log.refund.mean() < 0.05  # "a few %" of events are refunds
+
+
+def test_events_are_in_time_order_within_the_window(log) -> None:  # type: ignore[no-untyped-def]
+    assert np.all(np.diff(log.ts_s) >= 0)
+    start = int(pd.Timestamp("2024-01-01", tz="UTC").timestamp())
+    assert log.ts_s.min() >= start and log.ts_s.max() < start + 540 * 86_400
+    # Purchase order numbers follow time.
+    assert np.all(np.diff(log.order[~log.refund]) > 0)
+
+
+def test_refunds_reference_earlier_orders_of_the_same_user(log) -> None:  # type: ignore[no-untyped-def]
+    p = pd.DataFrame({"order": log.order, "user": log.user, "ts": log.ts_s, "cents": log.cents})[
+        ~log.refund
+    ].set_index("order")
+    r = pd.DataFrame({"order": log.order, "user": log.user, "ts": log.ts_s, "cents": log.cents})[
+        log.refund
+    ]
+    assert len(r) > 0 and r["order"].is_unique
+    assert r["order"].isin(p.index).all()
+    bought = p.loc[r["order"]]
+    assert np.array_equal(bought["user"].to_numpy(), r["user"].to_numpy())
+    assert (r["ts"].to_numpy() > bought["ts"].to_numpy()).all()
+    assert (r["cents"].to_numpy() <= bought["cents"].to_numpy()).all()
+    assert (r["cents"] > 0).all()
+    full = r["cents"].to_numpy() == bought["cents"].to_numpy()
+    assert 0.5 < full.mean() < 0.95  # mostly full refunds, some partial
+
+
+def test_customers_are_heterogeneous(log) -> None:  # type: ignore[no-untyped-def]
+    purchases = ~log.refund
+    per_user = np.bincount(log.user[purchases])[1:]
+    # A homogeneous Poisson population has variance ~ mean; gamma-mixed rates are overdispersed.
+    assert per_user.var() > 5 * per_user.mean()
+    assert 0.1 < (per_user == 1).mean() < 0.7  # many one-time buyers, not all
+    # Gamma-gamma spend: customers' mean order values differ far beyond the noise of their orders.
+    spend = pd.Series(log.cents[purchases]).groupby(log.user[purchases]).mean()
+    big = per_user >= 10
+    assert spend.to_numpy()[big].std() / spend.to_numpy()[big].mean() > 0.3
+    assert 25 < log.cents[purchases].mean() / 100 < 45  # mean order value near the configured 35
+
+
+def test_weekly_seasonality(log) -> None:  # type: ignore[no-untyped-def]
+    weekday = ((log.ts_s[~log.refund] // 86_400) + 3) % 7  # 0 = Monday
+    share = np.bincount(weekday, minlength=7) / (~log.refund).sum()
+    assert share[5] > share[1] * 1.1  # Saturday busier than Tuesday
+
+
+def test_same_seed_same_log_other_seed_differs() -> None:
+    a = generate(SynthConfig(users=200, orders=1_000, seed=1))
+    b = generate(SynthConfig(users=200, orders=1_000, seed=1))
+    c = generate(SynthConfig(users=200, orders=1_000, seed=2))
+    assert np.array_equal(a.ts_s, b.ts_s) and np.array_equal(a.cents, b.cents)
+    assert not np.array_equal(a.ts_s[:50], c.ts_s[:50])
+
+
+def test_orders_must_cover_users() -> None:
+    with pytest.raises(SynthError, match="at least --users"):
+        generate(SynthConfig(users=10, orders=9))
+
+
+def test_one_order_per_user_is_allowed() -> None:
+    log = generate(SynthConfig(users=50, orders=50, seed=3))
+    assert np.array_equal(np.sort(log.user[~log.refund]), np.arange(1, 51))
+
+
+def test_csv_reads_back_as_the_event_table(tmp_path: Path) -> None:
+    log = generate(SynthConfig(users=300, orders=2_000, seed=5, start=dt.date(1997, 1, 1)))
+    path = tmp_path / "orders.csv"
+    assert write_csv(log, path) == len(log)
+    assert path.read_text().splitlines()[0] == "user_id,order_id,ts,amount,type,event_id"
+    from_csv = load_orders(path)
+    direct = events_frame(log)
+    assert len(from_csv) == len(direct)
+    cols = ["event_id", "type", "user_id", "order_id", "ts_ms", "day", "cents"]
+    pd.testing.assert_frame_equal(
+        from_csv[cols].astype(str).reset_index(drop=True),
+        direct[cols].astype(str).reset_index(drop=True),
+    )
+
+
+def test_event_log_round_trip(tmp_path: Path) -> None:
+    log = generate(SynthConfig(users=300, orders=2_000, seed=6, days=60))
+    files = write_log(log, tmp_path / "events")
+    assert 1 < files <= 61
+    back = read_events(tmp_path / "events")
+    assert set(EVENT_COLUMNS) <= set(back.columns)
+    direct = events_frame(log)
+    key = ["event_id"]
+    a = back.sort_values(key).reset_index(drop=True)
+    b = direct.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == len(log)
+    assert a["event_id"].tolist() == b["event_id"].tolist()
+    assert np.array_equal(a["cents"].to_numpy(), b["cents"].to_numpy())
+    assert (a.loc[a["type"] == "refund", "cents"] < 0).all()
