@@ -79,6 +79,7 @@ def start_redis(port: int, workdir: Path) -> LocalProcess:
     exe = shutil.which("redis-server")
     if exe is None:
         raise StackError("redis-server is not installed (apt-get install -y redis-server)")
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
     proc = subprocess.Popen(
@@ -91,6 +92,7 @@ def start_redis(port: int, workdir: Path) -> LocalProcess:
 
 
 def start_broker(port: int, workdir: Path) -> LocalProcess:
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "broker.log"
     url = f"tcp://127.0.0.1:{port}"

@@ -34,8 +34,12 @@ SCHEMA = pa.schema(
         ("ts_ms", pa.int64()),
         ("day", pa.int64()),
         ("cents", pa.int64()),
+        # Arrival order (Kafka partition and offset; -1 where the log was not fed from Kafka).
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
     ]
 )
+ARRIVAL_COLUMNS = ("partition", "offset")
 
 
 def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
@@ -44,7 +48,9 @@ def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
         return []
     root = Path(root)
     written: list[Path] = []
-    frame = events.loc[:, list(EVENT_COLUMNS)]
+    frame = events.loc[:, list(EVENT_COLUMNS)].copy()
+    for col in ARRIVAL_COLUMNS:
+        frame[col] = events[col].to_numpy() if col in events else -1
     days = frame["day"].to_numpy(np.int64)
     order = np.argsort(days, kind="stable")
     frame = frame.iloc[order]
@@ -82,9 +88,14 @@ def read_events(
     *,
     user_id: str | None = None,
     dedupe: bool = True,
+    arrival_order: bool = False,
 ) -> pd.DataFrame:
     """Events dated in ``[start_day, end_day]`` (UTC day numbers, inclusive), optionally for one
-    user, deduplicated by ``event_id`` (redelivered copies are identical; one is kept). Empty table when there are none."""
+    user, deduplicated by ``event_id`` (redelivered copies are identical; one is kept).
+
+    ``arrival_order`` sorts by Kafka partition and offset, the order the online state saw (a
+    user's events share a partition), which :func:`feature_store.offline.too_late_mask` needs.
+    """
     root = Path(root)
     files: list[str] = []
     if root.is_dir():
@@ -100,6 +111,8 @@ def read_events(
     dataset = pads.dataset(files, schema=SCHEMA, format="parquet")
     flt = pads.field("user_id") == user_id if user_id is not None else None
     frame = dataset.to_table(filter=flt).to_pandas()
+    if arrival_order:
+        frame = frame.sort_values(list(ARRIVAL_COLUMNS), kind="stable", ignore_index=True)
     if dedupe:
         frame = frame.drop_duplicates("event_id", keep="first").reset_index(drop=True)
     return frame

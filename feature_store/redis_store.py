@@ -34,7 +34,7 @@ AnyRedis = Redis | RedisCluster
 class ApplyResult:
     applied: int
     duplicates: int
-    too_late: list[ValidEvent]
+    too_late: list[int]  # indexes into the applied sequence, rejected as too late
 
 
 class FeatureStore:
@@ -69,25 +69,30 @@ class FeatureStore:
         On a single Redis this is one script call; on Redis Cluster one call per hash slot (each
         atomic), then the progress: per-event deduplication keeps a retried batch from counting
         twice either way. Events dated at or before the user's latest event day minus the
-        retention come back in ``too_late``, unapplied (the caller dead-letters them).
+        retention come back (as indexes) in ``too_late``, unapplied: the caller dead-letters them.
         """
         if not self._cluster:
             keys, payload = self._encode(events)
-            a, d, late = await self._run([self.progress_key(group), *keys], payload, progress, now_ms)
-            return ApplyResult(a, d, [events[i] for i in late])
+            clock = max((e.ts_ms for e in events), default=-1)
+            a, d, late = await self._run(
+                [self.progress_key(group), *keys], payload, progress, now_ms, clock=clock
+            )
+            return ApplyResult(a, d, late)
         by_slot: dict[int, list[ValidEvent]] = {}
         for ev in events:
             by_slot.setdefault(self._redis.keyslot(self.user_key(ev.user_id)), []).append(ev)
         result = ApplyResult(0, 0, [])
+        position = {id(ev): i for i, ev in enumerate(events)}
         for slot_events in by_slot.values():
             keys, payload = self._encode(slot_events)
             # No progress in a slot's call, so KEYS[1] goes unused: a same-slot stand-in.
-            a, d, late = await self._run([keys[0], *keys], payload, {}, now_ms)
+            a, d, late = await self._run([keys[0], *keys], payload, {}, now_ms, clock=-1)
             result.applied += a
             result.duplicates += d
-            result.too_late.extend(slot_events[i] for i in late)
+            result.too_late.extend(position[id(slot_events[i])] for i in late)
         if progress:
-            await self._run([self.progress_key(group)], _pack([]), progress, now_ms)
+            await self._run([self.progress_key(group)], _pack([]), progress, now_ms,
+                            clock=max((e.ts_ms for e in events), default=-1))
         return result
 
     def _encode(self, events: Iterable[ValidEvent]) -> tuple[list[str], bytes]:
@@ -108,8 +113,10 @@ class FeatureStore:
         payload: bytes,
         progress: dict[str, int],
         now_ms: int,
+        *,
+        clock: int,
     ) -> tuple[int, int, list[int]]:
-        args = [payload, _pack(list(progress.items())), now_ms, self._retention]
+        args = [payload, _pack(list(progress.items())), now_ms, self._retention, clock]
         try:
             res = await self._script(keys=keys, args=args)
         except Exception as exc:  # redis errors carry the script's message
@@ -121,8 +128,14 @@ class FeatureStore:
 
     # -- reads --------------------------------------------------------------------------------
     async def progress(self, group: str) -> dict[str, int]:
+        """Last applied offset per ``"topic:partition"``."""
         raw = await self._redis.hgetall(self.progress_key(group))
-        return {_s(k): int(v) for k, v in raw.items()}
+        return {_s(k): int(v) for k, v in raw.items() if _s(k) != "event_clock"}
+
+    async def event_clock_ms(self, group: str) -> int | None:
+        """Largest event time the group has applied (``now`` when ``CLV_CLOCK=event``)."""
+        v = await self._redis.hget(self.progress_key(group), "event_clock")
+        return None if v is None else int(v)
 
     async def read_state(self, user_id: str) -> UserState | None:
         raw = await self._redis.hgetall(self.user_key(user_id))

@@ -8,6 +8,8 @@
 -- ARGV[2]       msgpack array of progress pairs {field, offset}
 -- ARGV[3]       wall-clock ms (the user's "updated at")
 -- ARGV[4]       retention in days: the longest window
+-- ARGV[5]       largest event time (ms) in the batch: the progress hash keeps the maximum as
+--               "event_clock" ("now" when CLV_CLOCK=event)
 --
 -- User hash fields: n orders, c net cents, p purchase days, f/l first/last purchase ms,
 -- fd first purchase day, fc net cents on fd, ld latest event day, ob oldest kept bucket day,
@@ -110,6 +112,12 @@ for ki, u in pairs(users) do
                'fc', u.fc, 'ld', u.ld, 'u', now)
     if u.ob ~= nil then redis.call('HSET', key, 'ob', u.ob) else redis.call('HDEL', key, 'ob') end
   end
+end
+
+local batch_clock = tonumber(ARGV[5])
+if batch_clock >= 0 then
+  local cur = tonumber(redis.call('HGET', KEYS[1], 'event_clock') or '-1')
+  if batch_clock > cur then redis.call('HSET', KEYS[1], 'event_clock', ARGV[5]) end
 end
 
 for i = 1, #progress do

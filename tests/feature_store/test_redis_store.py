@@ -30,7 +30,7 @@ async def test_online_equals_offline_under_duplicates_reordering_and_late_events
     late = []
     for i in range(0, len(events), batch):
         res = await store.apply(events[i : i + batch], group="g", progress={"orders:0": i}, now_ms=1)
-        late.extend(res.too_late)
+        late.extend(events[i + j] for j in res.too_late)
     assert late, "the stream should hold events later than the retention"
     frame = as_frame(events)
     assert too_late_mask(frame, RETENTION_DAYS).sum() == len(late)

@@ -1,0 +1,3 @@
+from clv.cli import app
+
+app()

@@ -1,0 +1,186 @@
+"""The ``clv`` command line: thin entry points that build settings and hand them inward.
+
+Bad input ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from clv.errors import ClvError
+from clv.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="clv: streaming customer lifetime value.",
+)
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"clv: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {first['msg']}") from None
+
+
+def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop`` (a clean shutdown, not a kill)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+
+    async def runner() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        return asyncio.run(runner())
+    except ClvError as exc:
+        raise fail(str(exc), 1) from None
+    except OSError as exc:
+        raise fail(f"cannot reach a server: {exc}", 1) from None
+
+
+def parse_date(text: str | None, what: str = "date") -> dt.date | None:
+    if text is None:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise fail(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
+
+
+@app.command()
+def up(
+    consumers: Annotated[int, typer.Option(min=1, help="feature consumers in the group")] = 1,
+    retrain_every: Annotated[float, typer.Option(help="seconds between retrainings (0: off)")] = 3600,
+) -> None:
+    """Run the stack in the foreground (local Redis and broker where none run); Ctrl-C stops it."""
+    from clv.stack import run_stack
+
+    settings = load_settings()
+    run_async(lambda stop: run_stack(settings, stop, consumers=consumers,
+                                     retrain_every_s=retrain_every or None))
+
+
+@app.command()
+def demo(
+    keep_running: Annotated[bool, typer.Option(help="stay up after the show until Ctrl-C")] = False,
+) -> None:
+    """``up``, then replay the CDNOW data set as live order events and show the service at work."""
+    from clv.demo import run_demo
+
+    settings = load_settings()
+    run_async(lambda stop: run_demo(settings, stop, keep_running=keep_running))
+
+
+@app.command()
+def consume() -> None:
+    """Run one feature consumer (a member of CLV_CONSUMER_GROUP) until SIGTERM/Ctrl-C."""
+    from consumers.feature_consumer import run_feature_consumer
+
+    settings = load_settings()
+    stats = run_async(lambda stop: run_feature_consumer(settings, stop))
+    typer.echo(json.dumps(stats.__dict__), err=True)
+
+
+@app.command()
+def archive() -> None:
+    """Run the archiver (orders topic -> Parquet event log) until SIGTERM/Ctrl-C."""
+    from consumers.archiver import run_archiver
+
+    settings = load_settings()
+    n = run_async(lambda stop: run_archiver(settings, stop))
+    typer.echo(f"archived {n} events", err=True)
+
+
+@app.command()
+def replay(
+    file: Annotated[Path, typer.Argument(help="orders CSV or CDNOW text file (.gz accepted)")],
+    rate: Annotated[float | None, typer.Option(min=0.001, help="events per second")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv, cdnow or auto")] = "auto",
+) -> None:
+    """Publish the orders of FILE (in time order) to the orders topic."""
+    from rich.progress import Progress
+
+    from clv.replay import encode_rows, load_events, publish
+
+    settings = load_settings()
+    if fmt == "auto":
+        fmt = "cdnow" if "cdnow" in file.name.lower() else "csv"
+    if fmt not in ("csv", "cdnow"):
+        raise fail(f"unknown --format {fmt!r} (csv, cdnow or auto)")
+    try:
+        messages = encode_rows(load_events(file, fmt))
+    except ClvError as exc:
+        raise fail(str(exc)) from None
+
+    async def main(stop: asyncio.Event) -> int:
+        from consumers.kafka import ensure_topics
+
+        await ensure_topics(settings)
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"replaying {file.name}", total=len(messages))
+            return await publish(settings, messages, rate=rate,
+                                 progress=lambda n: bar.advance(task, n))
+
+    sent = run_async(main)
+    typer.echo(f"published {sent} order events to {settings.orders_topic}")
+
+
+@app.command()
+def features(
+    user_id: Annotated[str, typer.Argument(help="the user id")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="YYYY-MM-DD (default: now)")] = None,
+) -> None:
+    """Print a user's features as JSON, read from Redis (earlier dates: from the event log)."""
+    from clv.lookup import lookup_features
+
+    settings = load_settings()
+    day = parse_date(as_of, "--as-of")
+    if not user_id or len(user_id) > 128 or not user_id.isprintable() or any(
+        c.isspace() for c in user_id
+    ):
+        raise fail("user id must be 1 to 128 printable characters without white space")
+    result = run_async(lambda stop: lookup_features(settings, user_id, day))
+    if result is None:
+        raise fail(f"unknown user {user_id!r}", 1)
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+
+
+def _register_optional() -> None:
+    """Commands whose modules live with the training code."""
+    for name in ("train", "backtest", "synth"):
+        try:
+            module = __import__(f"clv.commands.{name}", fromlist=[name])
+        except ImportError:
+            continue
+        app.command(name)(getattr(module, name))
+
+
+_register_optional()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

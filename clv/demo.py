@@ -1,0 +1,113 @@
+"""``clv demo``: the stack, the CDNOW log replayed as live events, and what the service makes of it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+from aiokafka import TopicPartition
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from clv.replay import encode_rows, load_events, publish
+from clv.settings import Settings
+from clv.stack import Running, run_stack
+from feature_store.features import FEATURE_NAMES, RETENTION_DAYS
+from feature_store.offline import features_at
+from feature_store.redis_store import FeatureStore
+
+console = Console()
+
+# A few broken messages, to show the dead-letter topic at work.
+BAD_MESSAGES: list[tuple[bytes, bytes]] = [
+    (b"bad-1", b"this is not JSON"),
+    (b"bad-2", b'{"event_id":"x1","type":"purchase","user_id":"u1","order_id":"o","amount":-5,'
+               b'"ts":"1997-03-01T00:00:00Z"}'),
+    (b"bad-3", b'{"event_id":"x2","type":"purchase","user_id":"u1","order_id":"o","amount":5,'
+               b'"ts":"2999-01-01T00:00:00Z"}'),
+]
+
+
+async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: bool = False) -> None:
+    # CDNOW is history: "now" is the latest event time, not today's date.
+    settings = settings.model_copy(update={"clock": "event"})
+
+    async def show(running: Running) -> None:
+        await _show(settings, running)
+        if keep_running:
+            console.print("[bold]still running; Ctrl-C stops the stack[/bold]")
+            await stop.wait()
+
+    await run_stack(settings, stop, on_ready=show, retrain_every_s=None, say=console.print)
+
+
+async def _show(settings: Settings, running: Running) -> None:
+    path = Path(str(files("clv").joinpath("data/CDNOW_master.txt.gz")))
+    events = load_events(path, "cdnow")
+    messages = encode_rows(events) + BAD_MESSAGES
+    console.rule(f"replaying CDNOW: {len(events):,} orders of {events['user_id'].nunique():,} customers")
+    t0 = time.monotonic()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("publishing", total=len(messages))
+        await publish(settings, messages, progress=lambda n: bar.advance(task, n))
+    await _wait_caught_up(settings, running)
+    took = time.monotonic() - t0
+    store = FeatureStore(running.redis, prefix=settings.key_prefix)
+    console.print(f"published and applied {len(messages):,} messages in {took:.1f}s")
+
+    # Online (Redis) against offline (the same feature code over the file), for the top spenders.
+    as_of = int(events["day"].max())
+    offline = features_at(events, as_of, late_after_days=RETENTION_DAYS)
+    top = offline.sort_values("revenue_total", ascending=False).head(5).index
+    table = Table(title=f"features in Redis as of the event clock, day {as_of} (top spenders)")
+    cols = ["orders_total", "revenue_total", "orders_90d", "revenue_365d", "frequency",
+            "recency_days", "age_days", "avg_repeat_value"]
+    table.add_column("user")
+    for c in cols:
+        table.add_column(c, justify="right")
+    online_rows = []
+    for uid in top:
+        frame = await store.features(uid, as_of)
+        assert frame is not None
+        online_rows.append(frame)
+        row = frame.loc[uid]
+        table.add_row(uid, *[f"{row[c]:g}" for c in cols])
+    console.print(table)
+    online = pd.concat(online_rows)
+    same = online[list(FEATURE_NAMES)].equals(offline.loc[top, list(FEATURE_NAMES)])
+    console.print(f"online features == offline features (same code over the file): {same}")
+    dead = await _count_dead_letters(settings)
+    console.print(f"dead-letter topic {settings.dlq_topic}: {dead} message(s) with their reasons")
+    console.print("try: [bold]clv features 00001 --as-of 1997-06-30[/bold] (CLV_CLOCK=event)")
+
+
+async def _wait_caught_up(settings: Settings, running: Running, timeout: float = 600) -> None:
+    consumer = running.consumers[0]
+    parts = consumer.partitions_for_topic(settings.orders_topic) or set()  # type: ignore[attr-defined]
+    tps = [TopicPartition(settings.orders_topic, p) for p in parts]
+    ends = await consumer.end_offsets(tps)  # type: ignore[attr-defined]
+    store = FeatureStore(running.redis, prefix=settings.key_prefix)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = await store.progress(settings.consumer_group)
+        if all(done.get(f"{tp.topic}:{tp.partition}", -1) >= ends[tp] - 1 for tp in tps if ends[tp]):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def _count_dead_letters(settings: Settings) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        tp = TopicPartition(settings.dlq_topic, 0)
+        ends = await c.end_offsets([tp])
+        starts = await c.beginning_offsets([tp])
+        return int(ends[tp] - starts[tp])
+    finally:
+        await c.stop()

@@ -1,0 +1,61 @@
+"""Feature look-up for ``clv features``: online state in Redis, the event log for earlier dates."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from redis.asyncio import Redis
+
+from clv.settings import Settings
+from feature_store.event_log import read_events
+from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
+from feature_store.offline import features_at
+from feature_store.redis_store import FeatureStore
+
+
+async def now_day(settings: Settings, store: FeatureStore) -> int:
+    """Today (``CLV_CLOCK=wall``) or the largest event time applied (``CLV_CLOCK=event``)."""
+    if settings.clock == "event":
+        ms = await store.event_clock_ms(settings.consumer_group)
+        if ms is not None:
+            return ms // 86_400_000
+    return day_number(dt.datetime.now(dt.UTC).date())
+
+
+async def lookup_features(
+    settings: Settings, user_id: str, as_of: dt.date | None
+) -> dict[str, object] | None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        state = await store.read_state(user_id)
+        if state is None:
+            return None
+        latest = int(state.latest_day[0])
+        day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
+        raw_updated = await redis.hget(store.user_key(user_id), "u")
+        if day >= latest:
+            frame = await store.features(user_id, day)
+            source = "redis"
+        else:
+            # Point in time before the latest event: replay the user's log in arrival order.
+            events = await asyncio.to_thread(
+                read_events, settings.event_log_dir, user_id=user_id, arrival_order=True
+            )
+            frame = features_at(events, day, late_after_days=RETENTION_DAYS)
+            source = "event_log"
+            if user_id not in frame.index:
+                return {"user_id": user_id, "as_of": day_date(day).isoformat(),
+                        "source": source, "features": None,
+                        "note": "no events on or before this date in the event log"}
+        assert frame is not None
+        return {
+            "user_id": user_id,
+            "as_of": day_date(day).isoformat(),
+            "source": source,
+            "features_updated_at": ms_to_iso(int(raw_updated)) if raw_updated else None,
+            "features": features_record(frame, user_id),
+        }
+    finally:
+        await redis.aclose()

@@ -1,0 +1,151 @@
+"""``clv up``: the whole stack in one process, local servers started only where none run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from clv.local_stack import (
+    LocalStack,
+    kafka_host_port,
+    port_open,
+    redis_host_port,
+    start_broker,
+    start_redis,
+)
+from clv.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list[str]:
+    """Start a local redis-server / broker on the configured address where nothing listens."""
+    started = []
+    host, port = redis_host_port(settings.redis_url)
+    if not port_open(host, port) and host in ("localhost", "127.0.0.1"):
+        stack.processes.append(start_redis(port, workdir / "redis"))
+        started.append(f"redis-server on {host}:{port}")
+    host, port = kafka_host_port(settings.kafka_bootstrap)
+    if not port_open(host, port) and host in ("localhost", "127.0.0.1"):
+        stack.processes.append(start_broker(port, workdir / "kafka"))
+        started.append(f"Kafka-protocol broker (tansu, in-memory) on {host}:{port}")
+    return started
+
+
+@dataclass
+class Running:
+    """Handles the running stack exposes (for ``clv demo`` and health checks)."""
+
+    settings: Settings
+    redis: Redis
+    tasks: list[asyncio.Task[object]] = field(default_factory=list)
+    consumers: list[object] = field(default_factory=list)
+
+
+async def wait_healthy(running: Running, timeout: float = 60) -> None:
+    """Redis answers and every feature consumer holds partitions."""
+    from clv.errors import StackError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        for t in running.tasks:
+            if t.done() and t.exception() is not None:
+                raise StackError(f"a component failed while starting: {t.exception()}")
+        try:
+            await running.redis.ping()
+            if all(c.assignment() for c in running.consumers):  # type: ignore[attr-defined]
+                return
+        except Exception:  # not up yet
+            pass
+        await asyncio.sleep(0.2)
+    raise StackError(f"the stack was not healthy within {timeout:.0f}s")
+
+
+async def run_stack(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    workdir: Path = Path(".clv"),
+    consumers: int = 1,
+    retrain_every_s: float | None = 3600.0,
+    on_ready: Callable[[Running], Awaitable[None]] | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Run consumers, archiver and retraining until ``stop``; servers started here are stopped."""
+    from consumers.archiver import Archiver
+    from consumers.dead_letters import DeadLetters
+    from consumers.feature_consumer import FeatureConsumer
+    from consumers.kafka import ensure_topics, make_consumer, make_producer
+    from feature_store.redis_store import FeatureStore
+
+    stack = LocalStack()
+    try:
+        for line in ensure_servers(settings, stack, workdir):
+            say(f"started {line}")
+        await ensure_topics(settings)
+        redis = Redis.from_url(settings.redis_url)
+        producer = make_producer(settings)
+        await producer.start()
+        kafka_consumers = [
+            make_consumer(settings, settings.consumer_group, settings.orders_topic)
+            for _ in range(consumers)
+        ]
+        archive_consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
+        for c in (*kafka_consumers, archive_consumer):
+            await c.start()
+        running = Running(settings, redis, consumers=list(kafka_consumers))
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        dlq = DeadLetters(producer, settings.dlq_topic)
+        workers = [FeatureConsumer(settings, c, store, dlq) for c in kafka_consumers]
+        archiver = Archiver(settings, archive_consumer, settings.event_log_dir)
+        running.tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+        running.tasks.append(asyncio.create_task(archiver.run(stop)))
+        retrain = _retrain_task(settings, retrain_every_s)
+        if retrain is not None:
+            running.tasks.append(asyncio.create_task(_until(stop, retrain)))
+        try:
+            await wait_healthy(running)
+            say(
+                f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
+                f"redis={settings.redis_url.split('@')[-1]} event log={settings.event_log_dir}"
+            )
+            if on_ready is not None:
+                await on_ready(running)
+            else:
+                await stop.wait()
+        finally:
+            stop.set()
+            await asyncio.gather(*running.tasks, return_exceptions=True)
+            for c in (*kafka_consumers, archive_consumer):
+                await c.stop()
+            await producer.stop()
+            await redis.aclose()
+    finally:
+        stack.stop()
+
+
+def _retrain_task(settings: Settings, every_s: float | None) -> Awaitable[object] | None:
+    if not every_s:
+        return None
+    try:
+        from training.train import retrain_forever
+    except ImportError:
+        return None
+    return retrain_forever(settings, every_s)
+
+
+async def _until(stop: asyncio.Event, work: Awaitable[object]) -> None:
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (task, waiter):
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t

@@ -1,0 +1,248 @@
+"""The feature consumer against the real broker and Redis: exactness under duplicates,
+reordering, refunds, bad input, rebalances and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pandas as pd
+import pytest
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from clv.local_stack import LocalProcess
+from clv.settings import Settings
+from consumers.dead_letters import DeadLetters, describe
+from consumers.feature_consumer import FeatureConsumer
+from consumers.kafka import ensure_topics, make_consumer, make_producer
+from feature_store.events import ValidEvent
+from feature_store.features import RETENTION_DAYS
+from feature_store.offline import features_at
+from feature_store.redis_store import FeatureStore
+from tests.feature_store.streams import as_frame, messy_events
+
+from .kafka_helpers import (
+    event_message,
+    produce,
+    read_topic,
+    unique_settings,
+    wait_committed,
+)
+
+pytestmark = pytest.mark.integration
+
+GOOD = {"event_id": "e", "type": "purchase", "user_id": "u", "order_id": "o", "amount": 1.0,
+        "ts": "2024-01-01T00:00:00Z"}
+
+
+def _with(**changes: object) -> bytes:
+    body = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
+
+
+# (message value, the reason it must be rejected with)
+BAD: list[tuple[bytes | None, str]] = [
+    (b"{not json", "not_json"),
+    (b"", "empty"),
+    (b"[1, 2, 3]", "not_object"),
+    (b'"just a string"', "not_object"),
+    *[(_with(**{f: ...}), "missing_field") for f in ("event_id", "type", "user_id", "order_id",
+                                                      "amount", "ts")],
+    (_with(amount="12.5"), "wrong_type"),
+    (_with(user_id=42), "wrong_type"),
+    (_with(amount=True), "wrong_type"),
+    (b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"o","amount":NaN,'
+     b'"ts":"2024-01-01"}', "not_json"),
+    (b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"o","amount":Infinity,'
+     b'"ts":"2024-01-01"}', "not_json"),
+    (_with(amount=1e400) if False else b'{"event_id":"e","type":"purchase","user_id":"u",'
+     b'"order_id":"o","amount":1e999,"ts":"2024-01-01"}', "invalid_value"),
+    (_with(amount=-0.01), "invalid_value"),
+    (_with(amount=2e9), "invalid_value"),
+    (_with(type="exchange"), "invalid_value"),
+    (_with(ts="yesterday"), "bad_timestamp"),
+    (_with(ts="2024-13-45T00:00:00Z"), "bad_timestamp"),
+    (_with(ts="2024-01-01T10:00:00"), "bad_timestamp"),  # no zone offset
+    (_with(ts="1960-01-01T00:00:00Z"), "bad_timestamp"),
+    (_with(ts="2999-01-01T00:00:00Z"), "future_timestamp"),
+    (_with(user_id=""), "invalid_value"),
+    (_with(user_id="x" * 129), "invalid_value"),
+    (_with(user_id="two words"), "bad_id"),
+    (_with(user_id="tab\there"), "bad_id"),
+    (_with(event_id=""), "invalid_value"),
+    (_with(currency="EUR"), "unsupported_currency"),
+    (_with(currency="dollars"), "invalid_value"),
+    (b'{"pad":"' + b"x" * (64 * 1024) + b'"}', "too_large"),
+    (b"\xff\xfe\x00garbage", "not_json"),
+]
+
+
+@pytest.fixture
+async def settings(broker: LocalProcess, redis_server: LocalProcess) -> AsyncIterator[Settings]:
+    s = unique_settings(broker.address, redis_server.address)
+    await ensure_topics(s)
+    yield s
+
+
+class Group:
+    """Members of the feature consumer group, in this process, against the real broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.workers: list[FeatureConsumer] = []
+        self.kafkas: list[AIOKafkaConsumer] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Group:
+        self.redis = Redis.from_url(self.settings.redis_url)
+        self.producer = make_producer(self.settings)
+        await self.producer.start()
+        return self
+
+    async def join(self) -> FeatureConsumer:
+        s = self.settings
+        kc = make_consumer(s, s.consumer_group, s.orders_topic, max_poll_records=100)
+        await kc.start()
+        w = FeatureConsumer(s, kc, FeatureStore(self.redis, prefix=s.key_prefix),
+                            DeadLetters(self.producer, s.dlq_topic))
+        self.kafkas.append(kc)
+        self.workers.append(w)
+        self.tasks.append(asyncio.create_task(w.run(self.stop)))
+        return w
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+        for kc in self.kafkas:
+            await kc.stop()
+        await self.producer.stop()
+        await self.redis.aclose()
+
+
+async def _run_group(settings: Settings, members: int) -> list[FeatureConsumer]:
+    """Run ``members`` consumers of the group until everything is committed."""
+    async with Group(settings) as group:
+        for _ in range(members):
+            await group.join()
+        await wait_committed(settings, settings.consumer_group)
+    return group.workers
+
+
+async def _assert_online_equals_offline(settings: Settings, events: list[ValidEvent]) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        frame = as_frame(events)
+        latest = int(frame["day"].max())
+        for as_of in (latest, latest + 30):
+            offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS).sort_index()
+            online = pd.concat([await store.features(u, as_of) for u in offline.index]).sort_index()
+            pd.testing.assert_frame_equal(online, offline, check_dtype=False)
+        # Nobody else got state: bad messages changed nothing.
+        keys = {k.decode() async for k in redis.scan_iter(f"{settings.key_prefix}:{{*")}
+        assert keys == {store.user_key(u) for u in frame["user_id"].unique()}
+    finally:
+        await redis.aclose()
+
+
+def _interleave(events: list[ValidEvent], bad: list[bytes | None], seed: int) -> list[tuple[bytes | None, bytes | None]]:
+    rng = random.Random(seed)
+    msgs: list[tuple[bytes | None, bytes | None]] = [event_message(e) for e in events]
+    for value in bad:
+        msgs.insert(rng.randrange(len(msgs) + 1), (b"u-bad", value))
+    return msgs
+
+
+async def test_online_features_equal_offline_on_a_messy_stream(settings: Settings) -> None:
+    events = messy_events(21, users=60, per_user=25)
+    await produce(settings, _interleave(events, [m for m, _ in BAD], 1))
+    [worker] = await _run_group(settings, 1)
+    assert worker.stats.rejected == len(BAD)
+    assert worker.stats.duplicates > 0 and worker.stats.too_late > 0
+    await _assert_online_equals_offline(settings, events)
+
+
+async def test_every_bad_message_lands_in_the_dlq_with_its_reason(settings: Settings) -> None:
+    events = messy_events(5, users=5, per_user=5)
+    await produce(settings, _interleave(events, [m for m, _ in BAD], 2))
+    await _run_group(settings, 1)
+    letters = [describe(r) for r in await read_topic(settings, settings.dlq_topic)]
+    by_value: dict[bytes | None, list[str]] = {}
+    for d in letters:
+        assert d["topic"] == settings.orders_topic
+        assert isinstance(d["partition"], int) and isinstance(d["offset"], int)
+        by_value.setdefault(d["value"] or b"", []).append(str(d["reason"]))
+    bad_letters = [d for d in letters if d["reason"] != "too_late"]
+    assert len(bad_letters) == len(BAD)
+    for value, reason in BAD:
+        assert reason in by_value[value or b""], (value[:60] if value else value, by_value.get(value or b""))
+    # The source coordinates point at the original message.
+    originals = {(r.partition, r.offset): r.value for r in await read_topic(settings, settings.orders_topic)}
+    for d in letters:
+        assert originals[(d["partition"], d["offset"])] == d["value"]
+    await _assert_online_equals_offline(settings, events)
+
+
+async def test_two_consumers_with_a_rebalance_mid_stream(settings: Settings) -> None:
+    events = messy_events(33, users=200, per_user=40)
+    messages = _interleave(events, [m for m, _ in BAD[:5]], 3)
+    half = len(messages) // 2
+    async with Group(settings) as group:
+        first = await group.join()
+        await produce(settings, messages[:half])
+        while first.stats.batches == 0:
+            await asyncio.sleep(0.05)
+        second = await group.join()  # the group rebalances while the stream flows
+        await produce(settings, messages[half:])
+        await wait_committed(settings, settings.consumer_group)
+        assignments = [kc.assignment() for kc in group.kafkas]
+    assert all(assignments) and not (assignments[0] & assignments[1]), assignments
+    assert second.stats.batches > 0, "the member that joined mid-stream should have worked"
+    await _assert_online_equals_offline(settings, events)
+
+
+def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **{f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items()
+                            if v is not None}}
+    return subprocess.Popen([sys.executable, "-m", "clv", "consume"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_stream_then_restart_changes_no_feature(settings: Settings) -> None:
+    events = messy_events(44, users=400, per_user=60)
+    await produce(settings, _interleave(events, [m for m, _ in BAD[:5]], 4))
+    redis = Redis.from_url(settings.redis_url)
+    store = FeatureStore(redis, prefix=settings.key_prefix)
+    try:
+        kills = 0
+        last_seen = -1
+        while kills < 3:
+            proc = _consume_process(settings)
+            # Kill once progress has moved (mid-stream), at a random moment of a batch.
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                done = sum((await store.progress(settings.consumer_group)).values())
+                if done > last_seen + 200:
+                    break
+            await asyncio.sleep(random.random() * 0.2)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            last_seen = sum((await store.progress(settings.consumer_group)).values())
+        assert last_seen < len(events), "the kills should land mid-stream"
+        proc = _consume_process(settings)
+        await wait_committed(settings, settings.consumer_group, timeout=180)
+        proc.send_signal(signal.SIGTERM)  # a clean stop: exits 0
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        await redis.aclose()
+    await _assert_online_equals_offline(settings, events)
