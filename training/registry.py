@@ -395,12 +395,18 @@ class ModelRegistry:
         except Exception as exc:
             raise ModelError(f"model {version}: cannot unpickle {MODEL_FILE}: {exc}") from exc
         if not isinstance(model, CLVModel):
-            raise ModelError(f"model {version}: artifact is a {type(model).__name__}, not a CLVModel")
+            kind = type(model).__name__
+            raise ModelError(f"model {version}: artifact is a {kind}, not a CLVModel")
         recorded = meta.get("libraries", {})
         for lib, now in library_versions().items():
             if lib != "python" and recorded.get(lib) not in (None, now):
-                log.warning("model %s was pickled with %s %s, running %s", version, lib,
-                            recorded.get(lib), now)
+                log.warning(
+                    "model %s was pickled with %s %s, running %s",
+                    version,
+                    lib,
+                    recorded.get(lib),
+                    now,
+                )
         return LoadedModel(version=version, model=model, metadata=meta)
 
     # the champion
@@ -462,8 +468,12 @@ class ModelRegistry:
             if decision.promoted:
                 self._write_pointer(version, decision)
             self._record(decision)
-        log.info("model %s %s: %s", version, "promoted" if decision.promoted else "kept back",
-                 decision.reason)
+        log.info(
+            "model %s %s: %s",
+            version,
+            "promoted" if decision.promoted else "kept back",
+            decision.reason,
+        )
         return decision
 
     def _decide(
@@ -476,13 +486,19 @@ class ModelRegistry:
         if current is None:
             return Decision(version, True, "first model: no champion yet", **common)
         if current == version:
-            return Decision(version, False, "already the champion", champion_version=current,
-                            **common)
+            return Decision(
+                version, False, "already the champion", champion_version=current, **common
+            )
         try:
             champion = self.load_champion()
         except ModelError as exc:
-            return Decision(version, True, f"champion {current} cannot be loaded ({exc})",
-                            champion_version=current, **common)
+            return Decision(
+                version,
+                True,
+                f"champion {current} cannot be loaded ({exc})",
+                champion_version=current,
+                **common,
+            )
         stored = Validation.from_json(champion.metadata["validation"])
         if stored.same_window(val):
             champ_score, how = stored.score, "its stored score on the same window"
@@ -490,9 +506,12 @@ class ModelRegistry:
             champ_score, how = float(evaluate(champion, val)), "re-scored on this window"
         else:
             return Decision(
-                version, False,
+                version,
+                False,
                 "champion validated on another window and no evaluator was given: keeping it",
-                champion_version=current, champion_score=stored.score, **common,
+                champion_version=current,
+                champion_score=stored.score,
+                **common,
             )
         better = val.better_than(champ_score)
         direction = "higher" if val.higher_is_better else "lower"
@@ -505,8 +524,9 @@ class ModelRegistry:
             f"{val.metric} {val.score:.6g} vs champion {champ_score:.6g} ({how}; "
             f"{direction} is better): {'better' if better else 'not better'}"
         )
-        return Decision(version, better, reason, champion_version=current,
-                        champion_score=champ_score, **common)
+        return Decision(
+            version, better, reason, champion_version=current, champion_score=champ_score, **common
+        )
 
 
 # --- conveniences for a service that only serves --------------------------------------------

@@ -207,9 +207,8 @@ def _iso_ts(ts_s: np.ndarray, start: dt.date, days: int) -> pa.Array:
     d0 = day_number(start)
     day = ts_s // S_PER_DAY - d0
     dates = pa.array([(start + dt.timedelta(days=i)).isoformat() for i in range(days)])
-    sod = np.arange(S_PER_DAY)
     clock = pa.array(
-        [f"T{h:02d}:{mi:02d}:{s:02d}Z" for h, mi, s in zip(sod // 3600, sod // 60 % 60, sod % 60)]
+        [f"T{t // 3600:02d}:{t // 60 % 60:02d}:{t % 60:02d}Z" for t in range(S_PER_DAY)]
     )
     return pc.binary_join_element_wise(
         pc.take(dates, pa.array(day)), pc.take(clock, pa.array(ts_s % S_PER_DAY)), ""
