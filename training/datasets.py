@@ -141,12 +141,13 @@ def build_training_set(
     label_days: int | None = None,
     n_cutoffs: int = 4,
     step_days: int = 30,
+    min_history_days: int = 0,
 ) -> TrainingSet:
     """Stack point-in-time examples whose label windows end on or before ``as_of_day``.
 
-    Cutoffs are ``as_of_day - label_days - k * step_days`` for ``k < n_cutoffs`` (those before
-    the first purchase are skipped). ``label_days`` defaults to ``horizon_days``; pass a shorter
-    window when the history is too short (labels are then rescaled by the models).
+    Cutoffs are ``as_of_day - label_days - k * step_days`` for ``k < n_cutoffs``; those less
+    than ``min_history_days`` after the first purchase are skipped. ``label_days`` defaults to
+    ``horizon_days``; pass a shorter window when the history is too short (models rescale).
     """
     window = horizon_days if label_days is None else label_days
     if window <= 0 or horizon_days <= 0:
@@ -157,7 +158,7 @@ def build_training_set(
     cut, rev, cnt = [], [], []
     for k in range(n_cutoffs):
         c = as_of_day - window - k * step_days
-        if c < first:
+        if c < first + min_history_days:
             break
         feats = purchasers_at(events, c)
         r, n = window_labels(events, feats.index, c, window)

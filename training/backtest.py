@@ -1,0 +1,235 @@
+"""``clv backtest``: select and fit a model on orders up to a cutoff, forecast the horizon.
+
+Everything fitted or selected sees only events dated on or before the cutoff (they are cut off
+before any model code runs). When the file also holds the whole horizon after the cutoff, the
+forecast is scored against it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from feature_store.features import day_date, day_number
+from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
+from training.metrics import METRIC_NAMES, all_metrics
+from training.models.base import PREDICTION_COLUMNS, CLVModel
+from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
+from training.report import decile_plot, gain_plot, tracking_plot, write_html
+from training.selection import Progress, Selection, evaluate, final_training_set, select_champion
+
+
+class StderrProgress:
+    """Progress lines on stderr, each with the seconds since the start."""
+
+    def __init__(self, prefix: str = "backtest") -> None:
+        self.prefix = prefix
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        print(f"[{self.prefix} {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class BacktestResult:
+    """The forecast and what was learnt on the way."""
+
+    cutoff_day: int
+    horizon_days: int
+    predictions: pd.DataFrame  # indexed by user_id, PREDICTION_COLUMNS
+    champion: CLVModel
+    selection: Selection
+    future_complete: bool
+    actual: np.ndarray | None = None  # realised revenue of each predicted user
+    out_of_sample: pd.DataFrame | None = None  # metrics per model against ``actual``
+    model_predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    fitted_models: dict[str, CLVModel] = field(default_factory=dict)
+    report_files: list[Path] = field(default_factory=list)
+
+
+def backtest_events(
+    events: pd.DataFrame,
+    cutoff_day: int,
+    horizon_days: int,
+    *,
+    candidates: list[str] | None = None,
+    score_all: bool = False,
+    progress: Progress = _quiet,
+) -> BacktestResult:
+    """Select on the past, fit the champion on the past, forecast, and score on the future
+    when the events cover it (the champion and the BG/NBD+GG reference; every candidate with
+    ``score_all``)."""
+    if horizon_days <= 0:
+        raise DatasetError("the horizon must be a positive number of days")
+    past = events[events["day"].to_numpy() <= cutoff_day]
+    feats = purchasers_at(past, cutoff_day)
+    if feats.empty:
+        raise DatasetError(f"no purchase on or before the cutoff {day_date(cutoff_day)}")
+    progress(f"{len(past):,} events up to the cutoff, {len(feats):,} customers to score")
+    selection = select_champion(past, cutoff_day, horizon_days, names=candidates,
+                                progress=progress)
+    progress(f"champion: {selection.champion} ({selection.reason})")
+
+    future_complete = int(events["day"].max()) >= cutoff_day + horizon_days
+    names = [selection.champion]
+    if future_complete:
+        names += [REFERENCE] if not score_all else list(make_candidates(candidates))
+        names = list(dict.fromkeys(names))
+    models = make_candidates(names)
+    supervised_ds = final_training_set(past, cutoff_day, horizon_days, selection.plan, True)
+    unsup_ds = final_training_set(past, cutoff_day, horizon_days, selection.plan, False)
+    actual = None
+    if future_complete:
+        actual, _ = window_labels(events, feats.index, cutoff_day, horizon_days)
+    preds: dict[str, pd.DataFrame] = {}
+    table = {}
+    for name, model in models.items():
+        supervised = name not in UNSUPERVISED and len(supervised_ds) > 0
+        ds = supervised_ds if supervised else unsup_ds
+        if not supervised and name not in UNSUPERVISED:
+            continue  # too little history for a model that learns from labels
+        rows = len(ds) if supervised else len(ds.current)
+        progress(f"final fit: {name} on {rows:,} rows")
+        scores, p = evaluate({name: model}, ds, feats, actual if actual is not None
+                             else np.zeros(len(feats)), horizon_days, _quiet)
+        if name not in p:
+            progress(f"final fit: {name} failed: {scores[name].error}")
+            continue
+        preds[name] = p[name]
+        if actual is not None:
+            table[name] = scores[name].metrics
+    if selection.champion not in preds:
+        raise DatasetError(f"the champion {selection.champion} could not be fitted")
+    result = BacktestResult(
+        cutoff_day=cutoff_day,
+        horizon_days=horizon_days,
+        predictions=preds[selection.champion][list(PREDICTION_COLUMNS)],
+        champion=models[selection.champion],
+        selection=selection,
+        future_complete=future_complete,
+        actual=actual,
+        out_of_sample=pd.DataFrame(table).T[list(METRIC_NAMES)] if table else None,
+        model_predictions={n: p["predicted_value"].to_numpy() for n, p in preds.items()},
+        fitted_models={n: models[n] for n in preds},
+    )
+    return result
+
+
+def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
+    """``user_id,predicted_value,expected_orders,p_alive``, one row per user."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = predictions[list(PREDICTION_COLUMNS)].copy()
+    out.index.name = "user_id"
+    out.to_csv(path, float_format="%.6f")
+    return path
+
+
+def tracking_curves(
+    events: pd.DataFrame, result: BacktestResult, models: dict[str, CLVModel],
+    features: pd.DataFrame, step_days: int = 7,
+) -> tuple[list[int], np.ndarray, dict[str, np.ndarray]]:
+    """Cumulative actual revenue of the scored users after the cutoff, and each model's
+    forecast for the same number of days."""
+    H = result.horizon_days
+    days = sorted({*range(step_days, H, step_days), H})
+    users = set(features.index)
+    ev = events[(events["day"] > result.cutoff_day) & events["user_id"].isin(users)]
+    ev = ev.drop_duplicates("event_id")
+    rel = (ev["day"] - result.cutoff_day).to_numpy()
+    cents = ev["cents"].to_numpy()
+    actual = np.array([cents[rel <= d].sum() / 100.0 for d in days])
+    pred = {
+        name: np.array([m.predict(features, d)["predicted_value"].sum() for d in days])
+        for name, m in models.items()
+    }
+    return days, actual, pred
+
+
+def write_report(
+    events: pd.DataFrame, result: BacktestResult, report_dir: Path, title: str = "",
+    img_prefix: str = "",
+) -> list[Path]:
+    """Metrics tables, plots and ``index.html`` under ``report_dir``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    sel = result.selection
+    files: list[Path] = []
+    images: list[Path] = []
+    val = sel.table()
+    val.to_csv(report_dir / "validation_metrics.csv", index_label="model")
+    files.append(report_dir / "validation_metrics.csv")
+    shown = list(dict.fromkeys([sel.champion, REFERENCE]))
+    if sel.val_actual is not None and sel.val_predictions:
+        vp = {n: sel.val_predictions[n] for n in shown if n in sel.val_predictions}
+        images.append(decile_plot(sel.val_actual, vp, report_dir / f"{img_prefix}validation_deciles.png",
+                                  "Internal validation: decile calibration"))
+        images.append(gain_plot(sel.val_actual, vp, report_dir / f"{img_prefix}validation_gain.png",
+                                "Internal validation: gain curve"))
+    tables = {"Internal validation (every candidate, data before the cutoff only)": val}
+    if result.out_of_sample is not None and result.actual is not None:
+        result.out_of_sample.to_csv(report_dir / "out_of_sample_metrics.csv", index_label="model")
+        files.append(report_dir / "out_of_sample_metrics.csv")
+        tables["Out of sample (against the actual revenue after the cutoff)"] = (
+            result.out_of_sample
+        )
+        op = {n: result.model_predictions[n] for n in shown if n in result.model_predictions}
+        images.append(decile_plot(result.actual, op, report_dir / f"{img_prefix}oos_deciles.png",
+                                  "Out of sample: decile calibration"))
+        images.append(gain_plot(result.actual, op, report_dir / f"{img_prefix}oos_gain.png",
+                                "Out of sample: gain curve"))
+        fitted = result.fitted_models
+        feats = purchasers_at(events[events["day"] <= result.cutoff_day], result.cutoff_day)
+        days, act, pred = tracking_curves(
+            events, result, {n: fitted[n] for n in shown if n in fitted}, feats
+        )
+        images.append(tracking_plot(days, act, pred, report_dir / f"{img_prefix}tracking.png"))
+    cutoff = day_date(result.cutoff_day)
+    notes = [
+        f"Cutoff {cutoff}, horizon {result.horizon_days} days, "
+        f"{len(result.predictions):,} customers scored.",
+        f"Champion: {sel.champion} ({sel.reason}).",
+        f"Validation: fitted on data up to {day_date(sel.inner_cutoff_day) if sel.inner_cutoff_day else '-'}, "
+        f"scored on the following {sel.plan.val_days} days; final label window "
+        f"{sel.plan.label_days} days (history {sel.plan.history_days} days).",
+    ]
+    if not result.future_complete:
+        notes.append("The file does not cover the whole horizon after the cutoff: no "
+                     "out-of-sample figures.")
+    page = write_html(report_dir / "index.html", title or f"CLV backtest {cutoff}", notes,
+                      tables, images)
+    return [*files, *images, page]
+
+
+def run_backtest(
+    orders_path: str | Path,
+    fmt: OrdersFormat,
+    cutoff: dt.date,
+    horizon_days: int,
+    out_csv: str | Path,
+    report_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
+    candidates: list[str] | None = None,
+) -> BacktestResult:
+    """The ``clv backtest`` command's work: read, select, fit, forecast, write."""
+    say: Progress = StderrProgress() if progress else _quiet
+    say(f"reading {orders_path} ({fmt})")
+    events = load_orders(orders_path, fmt)
+    result = backtest_events(events, day_number(cutoff), horizon_days, candidates=candidates,
+                             progress=say)
+    write_predictions(result.predictions, Path(out_csv))
+    say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
+    if report_dir is not None:
+        result.report_files = write_report(events, result, Path(report_dir))
+        say(f"wrote the report to {report_dir}/index.html")
+    return result

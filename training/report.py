@@ -1,0 +1,101 @@
+"""Backtest reports: PNG plots (matplotlib, Agg backend) and a one-page HTML summary."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from training.metrics import decile_table  # noqa: E402
+
+
+def decile_plot(actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path,
+                title: str = "Decile calibration") -> Path:
+    """Mean predicted vs mean actual value per predicted-value decile, one panel per model."""
+    fig, axes = plt.subplots(1, len(preds), figsize=(4.2 * len(preds), 3.6), squeeze=False)
+    for ax, (name, p) in zip(axes[0], preds.items(), strict=True):
+        t = decile_table(actual, p)
+        x = np.arange(len(t)) + 1
+        ax.bar(x - 0.2, t["predicted"], width=0.4, label="predicted")
+        ax.bar(x + 0.2, t["actual"], width=0.4, label="actual")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("predicted-value decile")
+        ax.set_xticks(x)
+    axes[0][0].set_ylabel("mean value per customer")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def gain_plot(actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path,
+              title: str = "Gain curve") -> Path:
+    """Cumulative share of actual revenue captured by customers ranked by each model."""
+    a = np.asarray(actual, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    share = np.arange(1, len(a) + 1) / len(a)
+    total = a.sum() or 1.0
+    for name, p in preds.items():
+        order = np.argsort(-np.asarray(p), kind="stable")
+        ax.plot(share, np.cumsum(a[order]) / total, label=name, lw=1.2)
+    ax.plot(share, np.cumsum(np.sort(a)[::-1]) / total, "k:", label="perfect", lw=1)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, label="random")
+    ax.set_xlabel("share of customers (by predicted value)")
+    ax.set_ylabel("share of actual revenue")
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def tracking_plot(days: Sequence[int], actual_cum: np.ndarray,
+                  pred_cum: Mapping[str, np.ndarray], path: Path,
+                  title: str = "Cumulative revenue after the cutoff") -> Path:
+    """Actual cumulative revenue of the scored customers vs each model's forecast for the same
+    number of days, over the horizon."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot(days, actual_cum, "k-", lw=2, label="actual")
+    for name, p in pred_cum.items():
+        ax.plot(days, p, "--", lw=1.3, label=name)
+    ax.set_xlabel("days after the cutoff")
+    ax.set_ylabel("cumulative revenue")
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_html(path: Path, title: str, notes: Sequence[str],
+               tables: Mapping[str, pd.DataFrame], images: Sequence[Path]) -> Path:
+    """One page: notes, metric tables and the plots (referenced relative to the page)."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:1em auto}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    for caption, table in tables.items():
+        parts.append(f"<h2>{html.escape(caption)}</h2>")
+        parts.append(table.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""))
+    for img in images:
+        rel = img.relative_to(path.parent) if img.is_relative_to(path.parent) else img
+        parts.append(f"<p><img src='{html.escape(str(rel))}' alt='{html.escape(img.stem)}'></p>")
+    parts.append("</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,258 @@
+"""Champion selection by time-split validation on data at or before the cutoff only.
+
+The history before the cutoff is split once more: candidates are fitted on examples whose
+labels end by an inner cutoff and scored on what happened between the inner cutoff and the
+cutoff. Windows shrink when the history is short (labels are then rescaled to the horizon), and
+with too little history only the label-free candidates compete.
+
+A candidate wins only if it meets the project's targets against the BG/NBD+GG reference on the
+validation window (better Gini and decile MAPE, at most 2 % worse RMSE and MAE, total bias
+within ±10 % or no worse than the reference's); among those, the best composite score wins.
+Otherwise the reference stays champion.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from clv.errors import ClvError
+from training.datasets import build_training_set, history_days, purchasers_at, window_labels
+from training.metrics import all_metrics
+from training.models.base import CLVModel, TrainingSet
+from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
+
+Progress = Callable[[str], None]
+
+#: The youngest training cutoff is at least this many days after the first purchase.
+MIN_TRAIN_HISTORY_DAYS = 30
+#: Label windows shorter than this teach nothing; only label-free models compete then.
+MIN_LABEL_DAYS = 14
+RMSE_TOLERANCE = 0.02
+BIAS_LIMIT = 0.10
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How the history before a cutoff is used.
+
+    ``label_days``: label window of the final training set (``<= horizon``);
+    ``val_days``: the internal validation window, ending at the cutoff;
+    ``supervised``: whether the history allows models that learn from labels at all.
+    """
+
+    history_days: int
+    horizon_days: int
+    label_days: int
+    val_days: int
+
+    @property
+    def supervised(self) -> bool:
+        return self.label_days >= MIN_LABEL_DAYS and self.val_days >= MIN_LABEL_DAYS
+
+    @property
+    def short_history(self) -> bool:
+        return self.label_days < self.horizon_days
+
+
+def plan_windows(history: int, horizon_days: int) -> WindowPlan:
+    """Windows for a history of ``history`` days before the cutoff.
+
+    Validation gets the last third of the history (at most the horizon), so the validated
+    fits still have two thirds to learn from; the final fit's label windows may span up to
+    two thirds of the history (at most the horizon), keeping at least a third, and
+    ``MIN_TRAIN_HISTORY_DAYS``, of history before its earliest cutoff.
+    """
+    usable = max(history - MIN_TRAIN_HISTORY_DAYS, 0)
+    val = min(horizon_days, history // 3, usable)
+    label = min(horizon_days, 2 * history // 3, usable)
+    return WindowPlan(history, horizon_days, label, val)
+
+
+def training_set(
+    events: pd.DataFrame, cutoff_day: int, horizon_days: int, label_days: int, *,
+    n_cutoffs: int = 4, step_days: int = 30,
+) -> TrainingSet:
+    """Stacked examples for a fit that may use events up to ``cutoff_day``."""
+    return build_training_set(
+        events, cutoff_day, horizon_days, label_days=label_days, n_cutoffs=n_cutoffs,
+        step_days=step_days, min_history_days=MIN_TRAIN_HISTORY_DAYS,
+    )
+
+
+@dataclass
+class CandidateScore:
+    name: str
+    metrics: dict[str, float]
+    seconds: float
+    error: str | None = None
+    qualifies: bool = False
+    score: float = float("-inf")
+
+
+@dataclass
+class Selection:
+    """The outcome: the champion's name, why, and every candidate's validation figures."""
+
+    champion: str
+    reason: str
+    plan: WindowPlan
+    inner_cutoff_day: int | None
+    scores: dict[str, CandidateScore] = field(default_factory=dict)
+    val_actual: np.ndarray | None = field(default=None, repr=False)
+    val_predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def table(self) -> pd.DataFrame:
+        rows = {
+            n: {**s.metrics, "qualifies": s.qualifies, "score": s.score, "seconds": s.seconds,
+                "error": s.error or ""}
+            for n, s in self.scores.items()
+        }
+        return pd.DataFrame(rows).T
+
+
+def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
+    """Meets the targets against the reference's figures on the same window."""
+    if not all(math.isfinite(m.get(k, float("nan"))) for k in ("rmse", "mae", "gini", "bias")):
+        return False
+    mape_ok = (not math.isfinite(ref["decile_mape"])) or m["decile_mape"] < ref["decile_mape"]
+    return (
+        m["gini"] > ref["gini"]
+        and mape_ok
+        and m["rmse"] <= ref["rmse"] * (1 + RMSE_TOLERANCE)
+        and m["mae"] <= ref["mae"] * (1 + RMSE_TOLERANCE)
+        and abs(m["bias"]) <= max(BIAS_LIMIT, abs(ref["bias"]))
+    )
+
+
+def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
+    """Sum of relative improvements over the reference (Gini, decile MAPE, RMSE, MAE), less a
+    penalty for total bias beyond the limit. Higher is better."""
+
+    def rel(better: float, worse: float) -> float:
+        return (worse - better) / abs(worse) if worse else 0.0
+
+    s = (
+        rel(-m["gini"], -ref["gini"])
+        + rel(m["decile_mape"], ref["decile_mape"])
+        + rel(m["rmse"], ref["rmse"])
+        + rel(m["mae"], ref["mae"])
+        - 5.0 * max(abs(m["bias"]) - BIAS_LIMIT, 0.0)
+    )
+    return float(s) if math.isfinite(s) else float("-inf")
+
+
+def evaluate(
+    models: dict[str, CLVModel], ds: TrainingSet, features: pd.DataFrame, actual: np.ndarray,
+    horizon_days: int, progress: Progress = _quiet, stage: str = "",
+) -> tuple[dict[str, CandidateScore], dict[str, pd.DataFrame]]:
+    """Fit every model on ``ds`` and score its predictions for ``features`` against
+    ``actual``. A candidate that fails is recorded with its error, not fatal."""
+    scores: dict[str, CandidateScore] = {}
+    preds: dict[str, pd.DataFrame] = {}
+    for i, (name, model) in enumerate(models.items(), 1):
+        progress(f"{stage}fitting {name} ({i}/{len(models)}) on {len(ds):,} rows")
+        t0 = time.perf_counter()
+        try:
+            model.fit(ds)
+            p = model.predict(features, horizon_days)
+        except (ClvError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+            scores[name] = CandidateScore(name, {}, time.perf_counter() - t0, f"{exc}")
+            progress(f"{stage}{name} failed: {exc}")
+            continue
+        preds[name] = p
+        m = all_metrics(actual, p["predicted_value"].to_numpy())
+        scores[name] = CandidateScore(name, m, time.perf_counter() - t0)
+    return scores, preds
+
+
+def select_champion(
+    events: pd.DataFrame, cutoff_day: int, horizon_days: int, *,
+    names: list[str] | None = None, progress: Progress = _quiet,
+) -> Selection:
+    """Pick the champion for forecasting ``horizon_days`` after ``cutoff_day`` using only
+    events dated on or before ``cutoff_day``."""
+    events = events[events["day"].to_numpy() <= cutoff_day]
+    plan = plan_windows(history_days(events, cutoff_day), horizon_days)
+    names = list(make_candidates(names)) if names is None else names
+    if not plan.supervised:
+        names = [n for n in names if n in UNSUPERVISED]
+    if REFERENCE not in names:
+        names = [REFERENCE, *names]
+    if plan.val_days < 1:
+        return Selection(REFERENCE, "no history before the cutoff to validate on", plan, None)
+    inner = cutoff_day - plan.val_days
+    feats = purchasers_at(events, inner)
+    actual, _ = window_labels(events, feats.index, inner, plan.val_days)
+    progress(
+        f"validation: fit on days <= {inner}, score the next {plan.val_days} days "
+        f"({len(feats):,} customers)"
+    )
+    try:
+        ds = training_set(events, inner, plan.val_days, min(plan.val_days, plan.label_days))
+    except ClvError:
+        # not even one labelled cutoff: the label-free models can still be compared
+        names = [n for n in names if n in UNSUPERVISED]
+        ds = _unlabelled(events, inner, plan.val_days)
+    scores, preds = evaluate(
+        make_candidates(names), ds, feats, actual, plan.val_days, progress, "validation: "
+    )
+    kept = {n: p["predicted_value"].to_numpy() for n, p in preds.items()}
+    ref = scores.get(REFERENCE)
+    if ref is None or ref.error:
+        ok = {n: s for n, s in scores.items() if not s.error}
+        if not ok:
+            raise ClvError("no candidate model could be fitted")
+        best = min(ok, key=lambda n: ok[n].metrics["rmse"])
+        return Selection(best, "reference failed; lowest validation RMSE", plan, inner, scores,
+                         actual, kept)
+    for s in scores.values():
+        if not s.error:
+            s.qualifies = s.name != REFERENCE and qualifies(s.metrics, ref.metrics)
+            s.score = composite_score(s.metrics, ref.metrics)
+    ref.score = 0.0
+    winners = [s for s in scores.values() if s.qualifies]
+    if not winners:
+        return Selection(
+            REFERENCE, "no candidate met the targets against BG/NBD+GG on validation",
+            plan, inner, scores, actual, kept,
+        )
+    best = max(winners, key=lambda s: s.score)
+    return Selection(
+        best.name, f"met the targets against BG/NBD+GG with the best composite score "
+        f"({best.score:+.3f})", plan, inner, scores, actual, kept,
+    )
+
+
+def _unlabelled(events: pd.DataFrame, as_of_day: int, horizon_days: int) -> TrainingSet:
+    """A training set with no labelled rows, only the latest snapshot (label-free models)."""
+    current = purchasers_at(events, as_of_day)
+    empty = np.zeros(0, dtype=np.int64)
+    return TrainingSet(
+        features=current.iloc[:0], cutoff_day=empty, label=empty.astype(np.float64),
+        label_orders=empty, label_days=empty, horizon_days=horizon_days, as_of_day=as_of_day,
+        current=current,
+    )
+
+
+def final_training_set(
+    events: pd.DataFrame, cutoff_day: int, horizon_days: int, plan: WindowPlan,
+    supervised: bool,
+) -> TrainingSet:
+    """The training set of the champion's final fit (all history up to the cutoff)."""
+    events = events[events["day"].to_numpy() <= cutoff_day]
+    if supervised and plan.supervised:
+        try:
+            return training_set(events, cutoff_day, horizon_days, plan.label_days)
+        except ClvError:
+            pass
+    return _unlabelled(events, cutoff_day, horizon_days)
