@@ -1,0 +1,65 @@
+"""``clv backtest``: forecast the revenue after a cutoff from the orders up to it.
+
+Bad input (missing file, bad date, bad columns, no order before the cutoff) ends in one line
+on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clv.errors import ClvError
+
+
+class OrdersFileFormat(str, Enum):
+    csv = "csv"
+    cdnow = "cdnow"
+
+
+def _fail(message: str) -> typer.Exit:
+    print(f"clv backtest: error: {message}", file=sys.stderr)
+    return typer.Exit(2)
+
+
+def backtest(
+    orders: Annotated[
+        Path, typer.Option("--orders", help="orders file (CSV or CDNOW text; .gz ok)")
+    ],
+    cutoff: Annotated[
+        str, typer.Option("--cutoff", help="last day the models may see, YYYY-MM-DD")
+    ],
+    horizon_days: Annotated[
+        int, typer.Option("--horizon-days", help="days forecast after the cutoff")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="predictions CSV to write")],
+    report: Annotated[
+        Path | None, typer.Option("--report", help="directory for metrics, plots and index.html")
+    ] = None,
+    fmt: Annotated[
+        OrdersFileFormat, typer.Option("--format", help="orders file format")
+    ] = OrdersFileFormat.csv,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
+) -> None:
+    """Select and fit a CLV model on the orders up to CUTOFF and write one forecast per
+    customer: user_id,predicted_value,expected_orders,p_alive."""
+    try:
+        day = dt.date.fromisoformat(cutoff)
+    except ValueError:
+        raise _fail(f"--cutoff must be a date YYYY-MM-DD, got {cutoff!r}") from None
+    if horizon_days <= 0:
+        raise _fail("--horizon-days must be a positive number of days")
+    if not orders.is_file():
+        raise _fail(f"orders file not found: {orders}")
+    # imported here: the modelling stack is heavy and other commands do not need it
+    from training.backtest import run_backtest
+
+    try:
+        run_backtest(orders, fmt.value, day, horizon_days, out, report, progress=not quiet)
+    except (ClvError, OSError, ValueError, KeyError) as exc:
+        raise _fail(str(exc) or type(exc).__name__) from None

@@ -1,0 +1,141 @@
+"""The backtest's outputs, its use of the past only, the short-history case, and the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from clv.commands.backtest import backtest
+from feature_store.features import day_number
+from training.backtest import backtest_events, run_backtest
+from training.datasets import load_orders
+from training.selection import plan_windows
+
+FAST = ["naive_rate", "bgnbd_gg", "hybrid_btyd_residual"]
+
+
+def _check_predictions(path: Path, events: pd.DataFrame, cutoff: dt.date) -> pd.DataFrame:
+    pred = pd.read_csv(path, dtype={"user_id": str})
+    assert list(pred.columns) == ["user_id", "predicted_value", "expected_orders", "p_alive"]
+    day = day_number(cutoff)
+    buyers = set(events.loc[(events["day"] <= day) & (events["type"] == "purchase"), "user_id"])
+    assert pred["user_id"].is_unique
+    assert set(pred["user_id"]) == buyers  # one row per user with an order by the cutoff
+    values = pred[["predicted_value", "expected_orders", "p_alive"]].to_numpy()
+    assert np.isfinite(values).all() and (values >= 0).all()
+    assert (pred["p_alive"] <= 1).all()
+    return pred
+
+
+def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path: Path) -> None:
+    out, rep = tmp_path / "pred.csv", tmp_path / "report"
+    cutoff = dt.date(1997, 12, 31)
+    result = run_backtest(small_orders_csv, "csv", cutoff, 181, out, rep, progress=False,
+                          candidates=FAST)
+    events = load_orders(small_orders_csv, "csv")
+    pred = _check_predictions(out, events, cutoff)
+    assert pred["predicted_value"].sum() > 0
+    for name in ("index.html", "validation_metrics.csv", "out_of_sample_metrics.csv",
+                 "validation_deciles.png", "oos_gain.png", "tracking.png"):
+        assert (rep / name).stat().st_size > 0, name
+    val = pd.read_csv(rep / "validation_metrics.csv", index_col="model")
+    assert set(FAST) <= set(val.index)  # every candidate's internal validation
+    assert result.future_complete and result.out_of_sample is not None
+    assert result.selection.champion in FAST
+
+
+def test_future_orders_change_nothing(sample_events: pd.DataFrame) -> None:
+    """Predictions at a cutoff depend only on orders at or before it."""
+    users = sorted(sample_events["user_id"].unique())[:300]
+    ev = sample_events[sample_events["user_id"].isin(users)]
+    cutoff = day_number(dt.date(1997, 9, 30))
+    a = backtest_events(ev, cutoff, 91, candidates=FAST[1:])
+    future = ev[ev["day"] > cutoff].copy()
+    future["cents"] *= 5
+    changed = pd.concat([ev[ev["day"] <= cutoff], future.iloc[::2]])
+    b = backtest_events(changed, cutoff, 91, candidates=FAST[1:])
+    assert a.selection.champion == b.selection.champion
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+    assert not np.allclose(a.actual, b.actual)  # the future did change
+
+
+def test_short_history_still_works(sample_events: pd.DataFrame, tmp_path: Path) -> None:
+    """Three months of history, a one-year horizon: shorter windows, still a forecast."""
+    cutoff = day_number(dt.date(1997, 3, 31))
+    history = cutoff - int(sample_events["day"].min())
+    plan = plan_windows(history, 365)
+    assert plan.short_history and plan.label_days < 365 and plan.val_days < 365
+    result = backtest_events(sample_events, cutoff, 365, candidates=FAST)
+    assert len(result.predictions) == 2357
+    assert np.isfinite(result.predictions.to_numpy()).all()
+    assert result.predictions["predicted_value"].sum() > 0
+
+
+def test_no_history_to_learn_from_falls_back_to_label_free_models(
+    sample_events: pd.DataFrame,
+) -> None:
+    cutoff = int(sample_events["day"].min()) + 12
+    result = backtest_events(sample_events, cutoff, 90, candidates=FAST)
+    assert result.selection.champion == "bgnbd_gg"
+    assert not result.future_complete or result.out_of_sample is not None
+    assert (result.predictions["predicted_value"] >= 0).all()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("backtest")(backtest)
+    app.command("noop")(lambda: None)  # a second command keeps "backtest" a sub-command
+    return app
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--orders", "missing.csv", "--cutoff", "1997-12-31"], "not found"),
+        (["--orders", "ORDERS", "--cutoff", "1997-13-01"], "--cutoff"),
+        (["--orders", "ORDERS", "--cutoff", "1997-12-31", "--horizon-days", "0"], "horizon"),
+        (["--orders", "BADCOLS", "--cutoff", "1997-12-31"], "lacks column"),
+        (["--orders", "ORDERS", "--cutoff", "1990-01-01"], "no purchase"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, small_orders_csv: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("customer,when,amount\nu,2024-01-01,1\n")
+    args = [str(small_orders_csv) if a == "ORDERS" else str(bad) if a == "BADCOLS" else a
+            for a in args]
+    if "--horizon-days" not in args:
+        args += ["--horizon-days", "30"]
+    full = ["backtest", *args, "--out", str(tmp_path / "p.csv"), "--quiet"]
+    result = CliRunner().invoke(_app(), full)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    err = result.stderr.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_happy_path(small_orders_csv: Path, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.backtest as bt
+
+    real = bt.run_backtest
+
+    def fast(*a: object, **kw: object) -> object:
+        return real(*a, **kw, candidates=FAST)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bt, "run_backtest", fast)
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(_app(), [
+        "backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-09-30",
+        "--horizon-days", "91", "--out", str(out), "--format", "csv",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "champion" in result.stderr  # progress lines
+    _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))

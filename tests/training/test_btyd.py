@@ -1,0 +1,117 @@
+"""BG/NBD and Gamma-Gamma against the published CDNOW figures (Fader, Hardie & Lee 2005)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import hyp2f1
+
+from feature_store.features import day_number
+from training.datasets import purchasers_at
+from training.models.btyd import (
+    BGNBDGammaGamma,
+    BGNBDParams,
+    bgnbd_expected,
+    bgnbd_loglik,
+    bgnbd_p_alive,
+    fit_bgnbd,
+)
+
+PUBLISHED_BGNBD = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}  # alpha in weeks
+PUBLISHED_GG = {"p": 6.25, "q": 3.74, "gamma": 15.44}
+
+
+@pytest.fixture(scope="module")
+def calibration(sample_events: pd.DataFrame) -> pd.DataFrame:
+    """The papers' calibration period: 39 weeks ending 1997-09-30."""
+    return purchasers_at(sample_events, day_number(dt.date(1997, 9, 30)))
+
+
+@pytest.fixture(scope="module")
+def fitted(calibration: pd.DataFrame) -> BGNBDGammaGamma:
+    return BGNBDGammaGamma().fit_features(calibration)
+
+
+def test_calibration_summary_matches_the_papers(calibration: pd.DataFrame) -> None:
+    assert len(calibration) == 2357
+    assert int((calibration["frequency"] > 0).sum()) == 946  # the GG's repeat buyers
+    assert int(calibration["frequency"].sum()) == 2457  # repeat purchase days
+
+
+def test_bgnbd_reproduces_published_parameters(fitted: BGNBDGammaGamma) -> None:
+    got = {
+        "r": fitted.bgnbd_.r, "alpha": fitted.bgnbd_.alpha / 7, "a": fitted.bgnbd_.a,
+        "b": fitted.bgnbd_.b,
+    }
+    for k, v in PUBLISHED_BGNBD.items():
+        assert got[k] == pytest.approx(v, rel=0.01), k
+
+
+def test_bgnbd_published_log_likelihood(calibration: pd.DataFrame) -> None:
+    x = calibration["frequency"].to_numpy(float)
+    tx = calibration["recency_days"].to_numpy(float) / 7
+    T = calibration["age_days"].to_numpy(float) / 7
+    params, ll = fit_bgnbd(x, tx, T)
+    assert ll == pytest.approx(-9582.4, abs=0.5)
+    assert params.alpha == pytest.approx(PUBLISHED_BGNBD["alpha"], rel=0.01)
+
+
+def test_gamma_gamma_reproduces_published_parameters(fitted: BGNBDGammaGamma) -> None:
+    got = {"p": fitted.gg_.p, "q": fitted.gg_.q, "gamma": fitted.gg_.gamma}
+    for k, v in PUBLISHED_GG.items():
+        assert got[k] == pytest.approx(v, rel=0.01), k
+
+
+def test_conditional_expectation_of_the_papers_example() -> None:
+    """FHL 2005: x=2, t_x=30.43, T=38.86 weeks expects 1.226 purchases in the next 39 weeks."""
+    p = BGNBDParams(**PUBLISHED_BGNBD)
+    got = bgnbd_expected(p, 39, np.array([2.0]), np.array([30.43]), np.array([38.86]))
+    assert got[0] == pytest.approx(1.226, abs=0.002)
+
+
+def test_expectation_is_stable_for_heavy_buyers() -> None:
+    p = BGNBDParams(**PUBLISHED_BGNBD)
+    x = np.array([0.0, 10.0, 200.0, 2000.0])
+    got = bgnbd_expected(p, 52, x, np.full(4, 39.0), np.full(4, 39.0))  # bought on day T
+    assert np.all(np.isfinite(got)) and np.all(np.diff(got) > 0)
+    alive = bgnbd_p_alive(p, x, np.array([0.0, 1.0, 1.0, 38.0]), np.full(4, 39.0))
+    assert alive[0] == 1.0 and alive[2] < 1e-6  # 200 buys, then silent for 38 weeks
+
+
+def test_euler_form_equals_the_textbook_form() -> None:
+    p = BGNBDParams(**PUBLISHED_BGNBD)
+    x, tx, T, t = np.array([0.0, 1.0, 7.0]), np.array([0.0, 20.0, 35.0]), np.full(3, 38.0), 39.0
+    z = t / (p.alpha + T + t)
+    head = (p.a + p.b + x - 1) / (p.a - 1)
+    tail = ((p.alpha + T) / (p.alpha + T + t)) ** (p.r + x) * hyp2f1(
+        p.r + x, p.b + x, p.a + p.b + x - 1, z
+    )
+    denom = 1 + (x > 0) * p.a / (p.b + np.maximum(x, 1) - 1) * (
+        (p.alpha + T) / (p.alpha + tx)
+    ) ** (p.r + x)
+    np.testing.assert_allclose(bgnbd_expected(p, t, x, tx, T), head * (1 - tail) / denom)
+
+
+def test_weighted_fit_equals_the_plain_fit(calibration: pd.DataFrame) -> None:
+    x = calibration["frequency"].to_numpy(float)
+    tx = calibration["recency_days"].to_numpy(float)
+    T = calibration["age_days"].to_numpy(float)
+    plain = bgnbd_loglik(BGNBDParams(0.3, 30, 0.8, 2.4), x, tx, T).sum()
+    key = pd.DataFrame({"x": x, "tx": tx, "T": T}).value_counts().reset_index()
+    weighted = (
+        key["count"] * bgnbd_loglik(BGNBDParams(0.3, 30, 0.8, 2.4), key["x"], key["tx"], key["T"])
+    ).sum()
+    assert weighted == pytest.approx(plain)
+
+
+def test_model_pickles_and_predicts(fitted: BGNBDGammaGamma, calibration: pd.DataFrame) -> None:
+    clone = pickle.loads(pickle.dumps(fitted))
+    a = fitted.predict(calibration, 273)
+    b = clone.predict(calibration, 273)
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a.columns) == ["predicted_value", "expected_orders", "p_alive"]
+    assert (a.to_numpy() >= 0).all() and (a["p_alive"] <= 1).all()

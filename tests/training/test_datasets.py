@@ -1,0 +1,157 @@
+"""Orders loading, point-in-time labels, and no leakage from after a cutoff."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_store.features import day_number
+from feature_store.offline import events_from_orders, features_at
+from training.datasets import (
+    DatasetError,
+    build_training_set,
+    load_orders,
+    purchasers_at,
+    window_labels,
+)
+
+CUTOFF = day_number(dt.date(1997, 9, 30))
+
+
+def test_cdnow_master_format_keeps_same_day_records_apart(tmp_path: Path) -> None:
+    text = (
+        " customer_id  date number_of_cds  dollar_value\n"
+        " 00002 19970112  1   12.00\n 00002 19970112  5   77.00\n 00003 19970102  2   20.76\n"
+    )
+    path = tmp_path / "m.txt.gz"
+    path.write_bytes(gzip.compress(text.encode()))
+    ev = load_orders(path, "cdnow")
+    assert len(ev) == 3 and ev["order_id"].is_unique and ev["event_id"].is_unique
+    assert ev.loc[ev["user_id"] == "00002", "cents"].sum() == 8900
+    assert set(ev["day"]) == {day_number(dt.date(1997, 1, 12)), day_number(dt.date(1997, 1, 2))}
+
+
+def test_cdnow_sample_format(sample_events: pd.DataFrame) -> None:
+    assert sample_events["user_id"].nunique() == 2357
+    assert len(sample_events) == 6919
+    assert sample_events["event_id"].is_unique
+
+
+def test_csv_with_refunds(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text(
+        "user_id,order_id,ts,amount,type\n"
+        "u1,o1,2024-01-01T10:00:00Z,10.0,purchase\n"
+        "u1,o1,2024-01-05,4.0,refund\n"
+    )
+    ev = load_orders(path, "csv")
+    assert list(ev["cents"]) == [1000, -400]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("user,order_id,ts,amount\nu,o,2024-01-01,1\n", "lacks column"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", ">= 0"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", ">= 0"),
+        ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "timestamps"),
+    ],
+)
+def test_bad_csv_is_a_dataset_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        load_orders(path, "csv")
+
+
+def test_missing_file_is_a_dataset_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        load_orders(tmp_path / "nope.csv", "csv")
+
+
+def test_labels_count_the_window_after_the_cutoff_only() -> None:
+    orders = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "a", "b"],
+            "order_id": ["1", "2", "3", "2", "4"],
+            "ts": ["2024-01-01", "2024-01-10", "2024-01-11", "2024-01-11", "2024-01-20"],
+            "amount": [5.0, 7.0, 11.0, 2.0, 13.0],
+            "type": ["purchase", "purchase", "purchase", "refund", "purchase"],
+        }
+    )
+    ev = events_from_orders(orders)
+    start = day_number(dt.date(2024, 1, 1))
+    revenue, count = window_labels(ev, pd.Index(["a", "b"]), start, 10)  # Jan 2..Jan 11
+    assert list(revenue) == [16.0, 0.0]  # 7 + 11 - 2 refund
+    assert list(count) == [2, 0]
+
+
+def _perturb_future(events: pd.DataFrame, cutoff_day: int) -> pd.DataFrame:
+    """Change every order after the cutoff, drop some, add new users and new orders."""
+    rng = np.random.default_rng(7)
+    ev = events.copy()
+    after = ev["day"] > cutoff_day
+    ev.loc[after, "cents"] = ev.loc[after, "cents"] * 3 + 1
+    ev.loc[after, "amount"] = ev.loc[after, "cents"] / 100
+    ev = ev.drop(ev.index[after.to_numpy() & (rng.random(len(ev)) < 0.3)])
+    extra = ev[ev["day"] <= cutoff_day].sample(200, random_state=1).copy()
+    extra["day"] = cutoff_day + 1 + rng.integers(0, 200, len(extra))
+    extra["ts_ms"] = extra["day"] * 86_400_000 + 3_600_000
+    extra["event_id"] = "future-" + pd.Series(range(len(extra)), index=extra.index).astype(str)
+    new_user = extra.iloc[:20].copy()
+    new_user["user_id"] = "new-" + new_user["user_id"]
+    new_user["event_id"] = "new-" + new_user["event_id"]
+    return pd.concat([ev, extra, new_user], ignore_index=True).sample(frac=1, random_state=2)
+
+
+def test_no_leakage_into_features_at_the_cutoff(sample_events: pd.DataFrame) -> None:
+    before = features_at(sample_events, CUTOFF)
+    after = features_at(_perturb_future(sample_events, CUTOFF), CUTOFF)
+    pd.testing.assert_frame_equal(before.sort_index(), after.sort_index())
+
+
+def test_no_leakage_into_the_training_set(sample_events: pd.DataFrame) -> None:
+    a = build_training_set(sample_events, CUTOFF, 91, n_cutoffs=3, step_days=30)
+    b = build_training_set(_perturb_future(sample_events, CUTOFF), CUTOFF, 91, n_cutoffs=3,
+                           step_days=30)
+    assert len(a) > 0 and len(a.cutoffs) == 3
+    for x, y in ((a, b),):
+        ka = pd.MultiIndex.from_arrays([x.cutoff_day, x.features.index])
+        kb = pd.MultiIndex.from_arrays([y.cutoff_day, y.features.index])
+        fa = x.features.set_axis(ka).sort_index()
+        fb = y.features.set_axis(kb).sort_index()
+        pd.testing.assert_frame_equal(fa, fb)
+        la = pd.Series(x.label, index=ka).sort_index()
+        lb = pd.Series(y.label, index=kb).sort_index()
+        pd.testing.assert_series_equal(la, lb)  # labels end at the cutoff too
+    pd.testing.assert_frame_equal(a.current.sort_index(), b.current.sort_index())
+
+
+def test_leakage_check_can_fail(sample_events: pd.DataFrame) -> None:
+    """The perturbation does reach features one day later (the check has teeth)."""
+    changed = _perturb_future(sample_events, CUTOFF)
+    a = purchasers_at(sample_events, CUTOFF + 200)
+    b = purchasers_at(changed, CUTOFF + 200)
+    common = a.index.intersection(b.index)
+    assert not a.loc[common].equals(b.loc[common])
+
+
+def test_training_rows_are_features_at_their_cutoff(sample_events: pd.DataFrame) -> None:
+    ds = build_training_set(sample_events, CUTOFF, 60, n_cutoffs=2, step_days=45)
+    c = int(ds.cutoffs[0])
+    rows = ds.cutoff_day == c
+    expected = purchasers_at(sample_events, c)
+    pd.testing.assert_frame_equal(ds.features[rows], expected[ds.features.columns])
+    assert np.all(ds.features["age_days"] >= 0)
+    assert ds.horizon_days == 60 and (ds.label_days == 60).all()
+
+
+def test_too_short_history_is_a_dataset_error(sample_events: pd.DataFrame) -> None:
+    first = int(sample_events["day"].min())
+    with pytest.raises(DatasetError):
+        build_training_set(sample_events, first + 10, 30)

@@ -1,0 +1,64 @@
+"""Metrics on tiny examples worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import metrics
+
+A = np.array([0.0, 0.0, 10.0, 5.0, 0.0, 1.0])
+P = np.array([0.0, 1.0, 9.0, 4.0, 0.0, 2.0])
+
+
+def test_rmse_and_mae() -> None:
+    # errors 0, -1, 1, 1, 0, -1 -> squares sum 4 over 6
+    assert metrics.rmse(A, P) == pytest.approx(np.sqrt(4 / 6))
+    assert metrics.mae(A, P) == pytest.approx(4 / 6)
+
+
+def test_total_bias() -> None:
+    assert metrics.total_bias(A, P) == pytest.approx(16 / 16 - 1)
+    assert metrics.total_bias(np.array([1.0, 3.0]), np.array([2.0, 3.0])) == pytest.approx(0.25)
+
+
+def test_normalized_gini_perfect_reversed_and_partial() -> None:
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert metrics.normalized_gini(a, a) == pytest.approx(1.0)
+    assert metrics.normalized_gini(a, -a) == pytest.approx(-1.0)
+    # order by p: 4, 3, 1, 2 -> cumulative 4, 7, 8, 10 (perfect: 4, 7, 9, 10)
+    # gini = sum(cum)/total/n - (n+1)/2n: (29/40 - 5/8) / (30/40 - 5/8) = 0.1 / 0.125
+    assert metrics.normalized_gini(a, np.array([2.0, 1.0, 3.0, 4.0])) == pytest.approx(0.8)
+
+
+def test_top_capture() -> None:
+    a = np.array([10.0] + [1.0] * 9)  # total 19
+    p = np.arange(10, dtype=float)  # ranks the big spender last
+    assert metrics.top_capture(a, p) == pytest.approx(1 / 19)
+    assert metrics.top_capture(a, -p) == pytest.approx(10 / 19)
+
+
+def test_decile_mape_by_hand() -> None:
+    # 20 customers, 2 per decile; decile k has actual mean k+1 and predicted mean 1.1*(k+1)
+    actual = np.repeat(np.arange(1, 11, dtype=float), 2)
+    pred = actual * 1.1
+    assert metrics.decile_mape(actual, pred) == pytest.approx(0.1)
+    # a decile with zero actual revenue has no percentage error and is skipped
+    actual0 = actual.copy()
+    actual0[:2] = 0.0
+    assert metrics.decile_mape(actual0, pred) == pytest.approx(0.1)
+
+
+def test_decile_bins_follow_predictions_not_actuals() -> None:
+    actual = np.arange(10, dtype=float)
+    pred = actual[::-1].copy()  # highest prediction on the lowest actual
+    table = metrics.decile_table(actual, pred)
+    assert list(table["actual"]) == list(actual[::-1])
+    assert metrics.decile_mape(actual, actual) == 0.0
+
+
+def test_spearman_and_degenerate_inputs() -> None:
+    assert metrics.spearman(A, A) == pytest.approx(1.0)
+    assert np.isnan(metrics.spearman(np.ones(3), np.arange(3.0)))
+    with pytest.raises(ValueError):
+        metrics.rmse(np.ones(3), np.ones(4))
