@@ -93,14 +93,12 @@ class Validation:
     train_end_day: int  # features as of this day ...
     label_days: int  # ... against revenue realised in the next label_days days
     users: int = 0
+    data_fingerprint: str = ""  # of the events the window was built from
 
     def same_window(self, other: Validation) -> bool:
-        return (self.metric, self.higher_is_better, self.train_end_day, self.label_days) == (
-            other.metric,
-            other.higher_is_better,
-            other.train_end_day,
-            other.label_days,
-        )
+        """Same metric over the same window of the same data: stored scores are comparable."""
+        key = ("metric", "higher_is_better", "train_end_day", "label_days", "data_fingerprint")
+        return all(getattr(self, k) == getattr(other, k) for k in key)
 
     def better_than(self, other_score: float) -> bool:
         """Strictly better than ``other_score`` on this metric (NaN never wins, beats NaN)."""
@@ -126,6 +124,7 @@ class Validation:
                 train_end_day=int(raw["train_end_day"]),
                 label_days=int(raw["label_days"]),
                 users=int(raw.get("users", 0)),
+                data_fingerprint=str(raw.get("data_fingerprint", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"metadata has an unreadable validation record: {exc}") from exc

@@ -1,0 +1,54 @@
+"""``clv train``: train from the event log, register the model, promote it only if it wins."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from clv.commands.synth import fail
+from clv.errors import ClvError
+from clv.settings import Settings
+
+
+def train(
+    force: Annotated[
+        bool, typer.Option("--force", help="promote the new model even if it does not win")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+) -> None:
+    """Train from CLV_EVENT_LOG_DIR, register the model in CLV_MODEL_DIR and promote it only if
+    it beats the champion on the same validation window (or with --force)."""
+    from training.train import train as run_training
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {first['msg']}", code=2)
+    try:
+        result = run_training(settings, progress=not quiet, force=force)
+    except ClvError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "version": result.version,
+                    "model": result.model_name,
+                    "promoted": result.promoted,
+                    "reason": result.decision.reason,
+                    "champion_version": result.champion_version,
+                    "cutoff_day": result.cutoff_day,
+                    "horizon_days": result.horizon_days,
+                    "validation": result.validation.to_json(),
+                    "timings": {k: round(v, 2) for k, v in result.timings.items()},
+                },
+                indent=2,
+            )
+        )
+    else:
+        typer.echo(result.summary())

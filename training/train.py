@@ -1,0 +1,419 @@
+"""``clv train``: event log -> champion selection -> registered model -> promoted if it wins.
+
+The cutoff is the latest event day in the log; the horizon is ``CLV_HORIZON_DAYS``, shortened
+to the history's length when the log is younger than that (a forecast further out than
+anything observed cannot be validated). Selection (:mod:`training.selection`) picks the
+challenger on a time split before the cutoff; the registry promotes it only if it beats the
+champion on the challenger's validation window (:mod:`training.registry`).
+
+At scale, the event table is first compacted (string ids -> integer codes: the models never
+see ids) and, above ``max_users`` customers, selection and the final fit use a uniform sample
+of customers with all their events (the BTYD likelihood and the regressors' losses are means
+over customers, so a 200k-customer sample estimates them to well under the noise between
+validation windows). The sample is drawn with a seed derived from the data, so retraining on
+the same log gives the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from clv.errors import ClvError
+from clv.settings import Settings
+from training.registry import DataWindow, Decision, LoadedModel, ModelRegistry, Validation
+
+log = logging.getLogger(__name__)
+
+#: Above this many customers, selection and the final fit use a sample of customers.
+DEFAULT_MAX_USERS = 200_000
+#: The horizon is never shortened below this (days).
+MIN_HORIZON_DAYS = 7
+COMPOSITE = "composite_vs_bgnbd_gg"
+
+Say = Callable[[str], None]
+
+
+class TrainingError(ClvError):
+    """Training cannot run (no events, no history)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    version: str
+    promoted: bool
+    decision: Decision
+    champion_version: str | None
+    model_name: str
+    selection_reason: str
+    cutoff_day: int
+    horizon_days: int
+    requested_horizon_days: int
+    events: int
+    users: int
+    sampled_users: int
+    validation: Validation
+    candidates: dict[str, dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        verdict = "promoted to champion" if self.promoted else "registered, not promoted"
+        return (
+            f"model {self.version} ({self.model_name}) {verdict}: {self.decision.reason}; "
+            f"champion is {self.champion_version}"
+        )
+
+
+# --- preparing the event table ----------------------------------------------------------------
+
+
+def compact_events(events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The columns training reads, with integer ids (10x faster group-bys than strings).
+
+    ``events`` must already be deduplicated by ``event_id`` (``read_events`` does that).
+    Returns the compact table and the number of distinct users.
+    """
+    codes, uniques = pd.factorize(events["user_id"])
+    compact = pd.DataFrame(
+        {
+            "event_id": np.arange(len(events), dtype=np.int64),
+            "type": pd.Categorical(events["type"], categories=["purchase", "refund"]),
+            "user_id": codes.astype(np.int64),
+            "ts_ms": events["ts_ms"].to_numpy(np.int64),
+            "day": events["day"].to_numpy(np.int64),
+            "cents": events["cents"].to_numpy(np.int64),
+        }
+    )
+    return compact, len(uniques)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a well-spread uint64 per input (vectorised)."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def data_fingerprint(events: pd.DataFrame) -> str:
+    """sha256 over the training content (user, type, time, signed cents) of every event,
+    independent of row order (the log's file layout may change; its content is what counts)."""
+    codes, uniques = pd.factorize(events["user_id"])
+    user_hash = pd.util.hash_pandas_object(pd.Index(uniques), index=False).to_numpy()
+    with np.errstate(over="ignore"):
+        row = user_hash[codes] if len(codes) else np.zeros(0, dtype=np.uint64)
+        row = _mix(row ^ _mix(events["ts_ms"].to_numpy(np.int64).view(np.uint64)))
+        row = _mix(row ^ _mix(events["cents"].to_numpy(np.int64).view(np.uint64)))
+        is_refund = (events["type"].to_numpy() == "refund").astype(np.uint64)
+        row = _mix(row ^ is_refund)
+        total = int(row.sum(dtype=np.uint64))
+        xor = int(np.bitwise_xor.reduce(row)) if len(row) else 0
+    return hashlib.sha256(f"{len(row)}:{total}:{xor}".encode()).hexdigest()
+
+
+def choose_horizon(history_days: int, requested: int) -> int:
+    """``requested``, or the history's length when that is shorter (never below a week)."""
+    return max(min(requested, history_days), MIN_HORIZON_DAYS)
+
+
+def sample_users(
+    compact: pd.DataFrame, n_users: int, max_users: int, seed: int
+) -> tuple[pd.DataFrame, int]:
+    """All events of a uniform sample of ``max_users`` customers (the table itself if fewer)."""
+    if n_users <= max_users:
+        return compact, n_users
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(n_users, dtype=bool)
+    keep[rng.choice(n_users, size=max_users, replace=False)] = True
+    return compact[keep[compact["user_id"].to_numpy()]].reset_index(drop=True), max_users
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Per-phase wall times, announced to ``say`` and an optional phase hook."""
+
+    def __init__(self, say: Say, on_phase: Callable[[str], None] | None) -> None:
+        self.say, self.on_phase = say, on_phase
+        self.timings: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.on_phase:
+            self.on_phase(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.perf_counter() - start
+            self.say(f"{name}: {self.timings[name]:.1f}s")
+            if self.on_phase:
+                self.on_phase("")
+
+
+def _stderr_say(t0: float) -> Say:
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _validation(selection: Any, fingerprint: str) -> Validation:
+    """The challenger's promotion yardstick: the selection's composite score against the
+    BG/NBD+GG reference on the validation window (RMSE when the reference failed)."""
+    from training.selection import REFERENCE
+
+    score = selection.scores.get(selection.champion)
+    ref = selection.scores.get(REFERENCE)
+    users = 0 if selection.val_actual is None else len(selection.val_actual)
+    inner = selection.inner_cutoff_day
+    window = Validation(
+        metric=COMPOSITE,
+        higher_is_better=True,
+        score=float("nan"),  # nothing validated (no history before the cutoff)
+        train_end_day=-1 if inner is None else int(inner),
+        label_days=int(selection.plan.val_days),
+        users=users,
+        data_fingerprint=fingerprint,
+    )
+    if score is None or score.error:
+        return window
+    if ref is None or ref.error:
+        return replace(
+            window, metric="rmse", higher_is_better=False, score=float(score.metrics["rmse"])
+        )
+    return replace(window, score=float(score.score))
+
+
+def _champion_evaluator(
+    events: pd.DataFrame, selection: Any
+) -> Callable[[LoadedModel, Validation], float]:
+    """Scores a stored champion on the challenger's validation window, with the same metric."""
+    from training.datasets import purchasers_at
+    from training.metrics import all_metrics
+    from training.selection import REFERENCE, composite_score
+
+    def evaluate(champion: LoadedModel, val: Validation) -> float:
+        if selection.val_actual is None or val.train_end_day < 0:
+            return float("nan")
+        feats = purchasers_at(events, val.train_end_day)
+        pred = champion.model.predict(feats, val.label_days)["predicted_value"].to_numpy()
+        m = all_metrics(selection.val_actual, pred)
+        if val.metric == COMPOSITE:
+            return composite_score(m, selection.scores[REFERENCE].metrics)
+        return float(m[val.metric])
+
+    return evaluate
+
+
+def _candidate_table(selection: Any) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            **s.metrics,
+            "composite": s.score,
+            "qualifies": s.qualifies,
+            "seconds": round(s.seconds, 3),
+            "error": s.error,
+        }
+        for name, s in selection.scores.items()
+    }
+
+
+def train(
+    settings: Settings,
+    *,
+    progress: bool = True,
+    force: bool = False,
+    max_users: int = DEFAULT_MAX_USERS,
+    candidates: list[str] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train from ``settings.event_log_dir``, register in ``settings.model_dir``, promote if better.
+
+    Raises :class:`TrainingError` when the log holds no purchase to learn from.
+    """
+    from feature_store.event_log import read_events
+    from training.datasets import history_days
+    from training.models.candidates import UNSUPERVISED, make_candidates
+    from training.selection import final_training_set, select_champion
+
+    t0 = time.perf_counter()
+    say: Say = _stderr_say(t0) if progress else (lambda _msg: None)
+    clock = _Clock(say, on_phase)
+    root = settings.event_log_dir
+
+    with clock.phase("read event log"):
+        raw = read_events(root)
+        if raw.empty or not (raw["type"] == "purchase").any():
+            raise TrainingError(
+                f"no purchase events in the event log at {root}: nothing to train on "
+                "(run the archiver, or write one with `clv synth --out DIR`)"
+            )
+        say(f"read {len(raw):,} events from {root}")
+    with clock.phase("prepare"):
+        fingerprint = data_fingerprint(raw)
+        events, n_users = compact_events(raw)
+        del raw
+        first_day, cutoff = int(events["day"].min()), int(events["day"].max())
+        history = history_days(events, cutoff)
+        horizon = choose_horizon(history, settings.horizon_days)
+        if horizon < settings.horizon_days:
+            say(
+                f"history is {history} days: horizon shortened to {horizon} days "
+                f"(CLV_HORIZON_DAYS={settings.horizon_days})"
+            )
+        seed = int(fingerprint[:8], 16)
+        work, n_sampled = sample_users(events, n_users, max_users, seed)
+        say(
+            f"{n_users:,} users, cutoff day {cutoff}, horizon {horizon} days"
+            + (f"; selecting on a sample of {n_sampled:,} users" if n_sampled < n_users else "")
+        )
+    with clock.phase("select"):
+        selection = select_champion(work, cutoff, horizon, names=candidates, progress=say)
+        say(f"challenger: {selection.champion} ({selection.reason})")
+    with clock.phase("final fit"):
+        model = make_candidates([selection.champion])[selection.champion]
+        ds = final_training_set(
+            work, cutoff, horizon, selection.plan, supervised=selection.champion not in UNSUPERVISED
+        )
+        model.fit(ds)
+        del ds
+    with clock.phase("register"):
+        registry = ModelRegistry(settings.model_dir)
+        validation = _validation(selection, fingerprint)
+        window = DataWindow(first_day, cutoff, cutoff, horizon)
+        version = registry.register(
+            model,
+            data_window=window,
+            validation=validation,
+            candidates=_candidate_table(selection),
+            data_fingerprint=fingerprint,
+            extra={
+                "selection_reason": selection.reason,
+                "requested_horizon_days": settings.horizon_days,
+                "history_days": history,
+                "plan": {
+                    "label_days": selection.plan.label_days,
+                    "val_days": selection.plan.val_days,
+                    "inner_cutoff_day": selection.inner_cutoff_day,
+                },
+                "events": len(events),
+                "users": n_users,
+                "sampled_users": n_sampled,
+            },
+        )
+        decision = registry.offer(
+            version, evaluate=_champion_evaluator(work, selection), force=force
+        )
+        say(decision.reason)
+    result = TrainResult(
+        version=version,
+        promoted=decision.promoted,
+        decision=decision,
+        champion_version=registry.champion_version(),
+        model_name=selection.champion,
+        selection_reason=selection.reason,
+        cutoff_day=cutoff,
+        horizon_days=horizon,
+        requested_horizon_days=settings.horizon_days,
+        events=len(events),
+        users=n_users,
+        sampled_users=n_sampled,
+        validation=validation,
+        candidates=_candidate_table(selection),
+        timings={**clock.timings, "total": time.perf_counter() - t0},
+    )
+    say(result.summary())
+    return result
+
+
+# --- periodic retraining (run by the stack) ----------------------------------------------------
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a training child: this process's, plus ``settings`` as CLV_ vars
+    (settings built in code win over the environment they came from)."""
+    env = dict(os.environ)
+    for key, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CLV_{key.upper()}"] = str(value)
+    return env
+
+
+async def train_in_subprocess(settings: Settings, *, force: bool = False) -> int:
+    """One training run in a child process (its CPU and memory never touch the caller's event
+    loop); returns its exit code. Cancelling terminates the child."""
+    args = [sys.executable, "-m", "training.train", "--quiet"] + (["--force"] if force else [])
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        env=_child_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        raise
+    text = (out or err).decode(errors="replace").strip()
+    if proc.returncode == 0:
+        log.info("retraining: %s", text)
+    else:
+        log.warning("retraining failed (exit %s): %s", proc.returncode, text[-2000:])
+    return int(proc.returncode or 0)
+
+
+async def retrain_forever(settings: Settings, interval_s: float) -> None:
+    """Train now and then every ``interval_s`` seconds, each run in a child process.
+
+    Until a champion exists, a failed run (say, an event log still empty) is retried after at
+    most a minute rather than a full interval. Failures are logged, never raised.
+    """
+    registry = ModelRegistry(settings.model_dir)
+    while True:
+        try:
+            await train_in_subprocess(settings)
+        except OSError as exc:  # could not start the child at all
+            log.warning("retraining could not start: %s", exc)
+        try:
+            has_champion = registry.champion_version() is not None
+        except ClvError:
+            has_champion = False
+        await asyncio.sleep(interval_s if has_champion else min(interval_s, 60.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.train [--force] [--quiet]``: one run; one line on stdout."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        result = train(Settings(), progress="--quiet" not in args, force="--force" in args)
+    except ClvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
