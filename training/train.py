@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -351,13 +352,22 @@ def _child_env(settings: Settings) -> dict[str, str]:
     for key, value in settings.model_dump().items():
         if value is not None:
             env[f"CLV_{key.upper()}"] = str(value)
+    # The child must import this very code, installed or not.
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     return env
 
 
-async def train_in_subprocess(settings: Settings, *, force: bool = False) -> int:
+async def train_in_subprocess(
+    settings: Settings, *, force: bool = False, candidates: list[str] | None = None
+) -> int:
     """One training run in a child process (its CPU and memory never touch the caller's event
     loop); returns its exit code. Cancelling terminates the child."""
-    args = [sys.executable, "-m", "training.train", "--quiet"] + (["--force"] if force else [])
+    args = [sys.executable, "-m", "training.train", "--quiet"]
+    if force:
+        args.append("--force")
+    if candidates:
+        args.append("--candidates=" + ",".join(candidates))
     proc = await asyncio.create_subprocess_exec(
         *args,
         env=_child_env(settings),
@@ -384,7 +394,9 @@ async def train_in_subprocess(settings: Settings, *, force: bool = False) -> int
     return int(proc.returncode or 0)
 
 
-async def retrain_forever(settings: Settings, interval_s: float) -> None:
+async def retrain_forever(
+    settings: Settings, interval_s: float, *, candidates: list[str] | None = None
+) -> None:
     """Train now and then every ``interval_s`` seconds, each run in a child process.
 
     Until a champion exists, a failed run (say, an event log still empty) is retried after at
@@ -393,7 +405,7 @@ async def retrain_forever(settings: Settings, interval_s: float) -> None:
     registry = ModelRegistry(settings.model_dir)
     while True:
         try:
-            await train_in_subprocess(settings)
+            await train_in_subprocess(settings, candidates=candidates)
         except OSError as exc:  # could not start the child at all
             log.warning("retraining could not start: %s", exc)
         try:
@@ -404,10 +416,16 @@ async def retrain_forever(settings: Settings, interval_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.train [--force] [--quiet]``: one run; one line on stdout."""
+    """``python -m training.train [--force] [--quiet] [--candidates=a,b]``: one run, one line."""
     args = sys.argv[1:] if argv is None else argv
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     try:
-        result = train(Settings(), progress="--quiet" not in args, force="--force" in args)
+        result = train(
+            Settings(),
+            progress="--quiet" not in args,
+            force="--force" in args,
+            candidates=names[0].split(",") if names else None,
+        )
     except ClvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

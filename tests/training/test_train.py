@@ -1,0 +1,194 @@
+"""``train`` end to end on a synthetic event log: registered champion, promotion rules, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from clv.commands.train import train as train_command
+from clv.settings import Settings
+from feature_store.event_log import write_events
+from feature_store.features import FEATURE_NAMES
+from feature_store.offline import features_at
+from training.registry import ModelRegistry
+from training.synth import SynthConfig, events_frame, generate
+from training.train import (
+    TrainingError,
+    choose_horizon,
+    compact_events,
+    data_fingerprint,
+    retrain_forever,
+    sample_users,
+    train,
+)
+
+FAST = ["naive_rate", "bgnbd_gg"]  # label-free candidates: seconds, not minutes
+
+
+def synth_events(days: int = 500, seed: int = 11, start: dt.date = dt.date(2023, 1, 1)):  # type: ignore[no-untyped-def]
+    log = generate(SynthConfig(users=600, orders=4_000, seed=seed, start=start, days=days))
+    return events_frame(log)
+
+
+def settings_for(tmp_path: Path, horizon_days: int = 180) -> Settings:
+    return Settings(
+        event_log_dir=tmp_path / "events",
+        model_dir=tmp_path / "models",
+        horizon_days=horizon_days,
+    )
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    return synth_events()
+
+
+def test_train_registers_and_promotes_the_first_model(tmp_path: Path, events: pd.DataFrame) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    result = train(settings, progress=False, candidates=FAST)
+    assert result.promoted and result.champion_version == result.version
+    assert result.cutoff_day == int(events["day"].max())
+    assert result.horizon_days == 180 and result.users == 600
+    assert result.events == len(events)
+    assert set(result.candidates) == set(FAST)
+    registry = ModelRegistry(settings.model_dir)
+    champion = registry.load_champion()
+    meta = champion.metadata
+    assert meta["model_name"] == result.model_name in FAST
+    assert meta["feature_names"] == list(FEATURE_NAMES)
+    assert meta["data_window"]["first_event_day"] == int(events["day"].min())
+    assert meta["data_window"]["cutoff_day"] == result.cutoff_day
+    assert meta["validation"]["train_end_day"] < result.cutoff_day  # validated before the cutoff
+    assert meta["data_fingerprint"] == data_fingerprint(events)
+    # The champion scores the contract's features (string user ids, as the API has them).
+    feats = features_at(events, result.cutoff_day)
+    pred = champion.model.predict(feats, champion.horizon_days)
+    assert list(pred.columns) == ["predicted_value", "expected_orders", "p_alive"]
+    assert len(pred) == 600 and np.isfinite(pred.to_numpy()).all()
+    assert pred["predicted_value"].sum() > 0
+
+
+def test_retraining_on_the_same_data_is_registered_not_promoted(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    first = train(settings, progress=False, candidates=FAST)
+    again = train(settings, progress=False, candidates=FAST)
+    assert not again.promoted  # a tie on the same window keeps the champion
+    assert "same window" in again.decision.reason
+    assert again.champion_version == first.version
+    assert len(ModelRegistry(settings.model_dir).versions()) == 2
+    forced = train(settings, progress=False, force=True, candidates=FAST)
+    assert forced.promoted and forced.champion_version == forced.version
+
+
+def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    full = synth_events(days=560, seed=4)
+    early = full[full["day"] <= full["day"].min() + 400]
+    write_events(settings.event_log_dir, early)
+    first = train(settings, progress=False, candidates=FAST)
+    write_events(settings.event_log_dir, full[full["day"] > full["day"].min() + 400])
+    second = train(settings, progress=False, candidates=FAST)
+    assert second.cutoff_day > first.cutoff_day
+    assert "re-scored on this window" in second.decision.reason
+    assert second.decision.champion_version == first.version
+    assert second.decision.champion_score is not None
+
+
+def test_short_history_shortens_the_horizon(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, horizon_days=365)
+    write_events(settings.event_log_dir, synth_events(days=90, seed=5))
+    result = train(settings, progress=False, candidates=FAST)
+    assert result.requested_horizon_days == 365
+    assert result.horizon_days < 90
+    meta = ModelRegistry(settings.model_dir).load_champion().metadata
+    assert meta["data_window"]["horizon_days"] == result.horizon_days
+
+
+def test_choose_horizon() -> None:
+    assert choose_horizon(1000, 365) == 365
+    assert choose_horizon(100, 365) == 100
+    assert choose_horizon(0, 365) == 7
+
+
+def test_empty_or_missing_log_is_a_training_error(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    with pytest.raises(TrainingError, match="no purchase events"):
+        train(settings, progress=False)
+    (tmp_path / "events").mkdir()
+    with pytest.raises(TrainingError, match="nothing to train on"):
+        train(settings, progress=False)
+
+
+def test_cli_on_missing_log_one_line_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLV_EVENT_LOG_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "models"))
+    app = typer.Typer()
+    app.command()(train_command)
+    result = CliRunner().invoke(app, ["--quiet"])
+    assert result.exit_code != 0
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no purchase events")
+    assert "Traceback" not in result.output
+
+
+def test_fingerprint_ignores_row_order_but_not_content(events: pd.DataFrame) -> None:
+    fp = data_fingerprint(events)
+    shuffled = events.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    assert data_fingerprint(shuffled) == fp
+    changed = events.copy()
+    changed.loc[5, "cents"] += 1
+    assert data_fingerprint(changed) != fp
+    assert data_fingerprint(events.iloc[1:]) != fp
+
+
+def test_compact_and_sample_keep_whole_users(events: pd.DataFrame) -> None:
+    compact, n_users = compact_events(events)
+    assert n_users == 600 and len(compact) == len(events)
+    day = int(events["day"].max())
+    a = features_at(events, day)
+    b = features_at(compact, day)
+    np.testing.assert_array_equal(  # same features whatever the id type
+        np.sort(a["revenue_total"].to_numpy()), np.sort(b["revenue_total"].to_numpy())
+    )
+    sample, n = sample_users(compact, n_users, 100, seed=1)
+    assert n == 100 and sample["user_id"].nunique() == 100
+    per_user = compact.groupby("user_id").size()
+    assert (sample.groupby("user_id").size() == per_user.loc[sample["user_id"].unique()]).all()
+    same, n_all = sample_users(compact, n_users, 10_000, seed=1)
+    assert same is compact and n_all == n_users
+
+
+async def test_retrain_forever_trains_in_a_child_without_blocking_the_loop(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    registry = ModelRegistry(settings.model_dir)
+    ticks = 0
+    task = asyncio.create_task(retrain_forever(settings, 3600, candidates=FAST))
+    try:
+        for _ in range(1200):  # up to ~2 minutes on a loaded machine
+            await asyncio.sleep(0.1)
+            ticks += 1
+            if registry.champion_version() is not None:
+                break
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert registry.champion_version() is not None
+    assert ticks > 1  # the loop kept running while the child trained
