@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from redis.asyncio import Redis
-
 from clv.settings import Settings
 from feature_store.event_log import read_events
 from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
 from feature_store.offline import features_at
+from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
 
@@ -26,7 +25,7 @@ async def now_day(settings: Settings, store: FeatureStore) -> int:
 async def lookup_features(
     settings: Settings, user_id: str, as_of: dt.date | None
 ) -> dict[str, object] | None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     try:
         store = FeatureStore(redis, prefix=settings.key_prefix)
         state = await store.read_state(user_id)
@@ -34,7 +33,7 @@ async def lookup_features(
             return None
         latest = int(state.latest_day[0])
         day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
-        raw_updated = await redis.hget(store.user_key(user_id), "u")
+        updated = await store.updated_at_ms(user_id)
         if day >= latest:
             frame = await store.features(user_id, day)
             source = "redis"
@@ -54,7 +53,7 @@ async def lookup_features(
             "user_id": user_id,
             "as_of": day_date(day).isoformat(),
             "source": source,
-            "features_updated_at": ms_to_iso(int(raw_updated)) if raw_updated else None,
+            "features_updated_at": ms_to_iso(updated) if updated is not None else None,
             "features": features_record(frame, user_id),
         }
     finally:

@@ -20,6 +20,7 @@ from clv.local_stack import (
     start_redis,
 )
 from clv.settings import Settings
+from feature_store.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ async def run_stack(
         for line in ensure_servers(settings, stack, workdir):
             say(f"started {line}")
         await ensure_topics(settings)
-        redis = Redis.from_url(settings.redis_url)
+        redis = connect(settings.redis_url)
         producer = make_producer(settings)
         await producer.start()
         kafka_consumers = [

@@ -22,6 +22,7 @@ from clv.errors import InvalidEvent
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, Rejected
 from feature_store.events import ValidEvent, validate
+from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,18 @@ class ConsumerStats:
     too_late: int = 0
     batches: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """A fetched batch after validation, ready to apply."""
+
+    good: list[ValidEvent] = field(default_factory=list)
+    sources: list[ConsumerRecord[bytes, bytes]] = field(default_factory=list)
+    bad: list[Rejected] = field(default_factory=list)
+    progress: dict[str, int] = field(default_factory=dict)
+    commits: dict[TopicPartition, int] = field(default_factory=dict)
+    now_ms: int = 0
 
 
 class FeatureConsumer:
@@ -58,25 +71,34 @@ class FeatureConsumer:
         self.stats = ConsumerStats()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set; the batch in hand is finished and committed first."""
-        s = self._settings
-        tolerance_ms = s.future_tolerance_seconds * 1000
-        while not stop.is_set():
-            batch = await self._consumer.getmany(timeout_ms=200, max_records=s.consume_batch)
-            if batch:
-                await self._process(batch, tolerance_ms)
+        """Consume until ``stop`` is set; the batches in hand are finished and committed first.
 
-    async def _process(
-        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], tolerance_ms: int
-    ) -> None:
+        Two batches are in flight: while Redis applies one (on its own core), the next one is
+        fetched and validated here. Applies and commits still happen strictly in order.
+        """
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                batch = await self._consumer.getmany(
+                    timeout_ms=200, max_records=self._settings.consume_batch
+                )
+                if not batch:
+                    continue
+                prepared = self._prepare(batch)
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.create_task(self._finish(prepared))
+        finally:
+            if in_flight is not None:
+                await in_flight
+
+    def _prepare(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> _Batch:
         s = self._settings
-        good: list[ValidEvent] = []
-        sources: list[ConsumerRecord[bytes, bytes]] = []
-        bad: list[Rejected] = []
-        progress: dict[str, int] = {}
-        commits: dict[TopicPartition, int] = {}
+        out = _Batch()
+        good, sources, bad = out.good, out.sources, out.bad
         now_ms = time.time_ns() // 1_000_000
         max_bytes, currency = s.max_event_bytes, s.currency
+        tolerance_ms = s.future_tolerance_seconds * 1000
         for tp, records in batch.items():
             for rec in records:
                 try:
@@ -93,39 +115,44 @@ class FeatureConsumer:
                 except InvalidEvent as exc:
                     bad.append(Rejected(rec, exc.reason, exc.detail))
             last = records[-1].offset
-            progress[f"{tp.topic}:{tp.partition}"] = last
-            commits[tp] = last + 1
+            out.progress[f"{tp.topic}:{tp.partition}"] = last
+            out.commits[tp] = last + 1
+        out.now_ms = now_ms
+        return out
+
+    async def _finish(self, b: _Batch) -> None:
+        s = self._settings
         # Dead letters first: once the batch's progress is recorded nothing may be left to do
         # but the commit.
-        if bad:
-            await self._dlq.publish(bad)
+        if b.bad:
+            await self._dlq.publish(b.bad)
         result = await self._store.apply(
-            good, group=s.consumer_group, progress=progress, now_ms=now_ms
+            b.good, group=s.consumer_group, progress=b.progress, now_ms=b.now_ms
         )
         if result.too_late:
             late = [
                 Rejected(
-                    sources[i],
+                    b.sources[i],
                     "too_late",
-                    f"dated {good[i].day} at or before the user's latest event day minus "
+                    f"dated {b.good[i].day} at or before the user's latest event day minus "
                     "the longest window",
                 )
                 for i in result.too_late
             ]
             await self._dlq.publish(late)
-        await self._commit(commits)
+        await self._commit(b.commits)
         st = self.stats
         st.applied += result.applied
         st.duplicates += result.duplicates
         st.too_late += len(result.too_late)
-        st.rejected += len(bad)
+        st.rejected += len(b.bad)
         st.batches += 1
-        for r in bad:
+        for r in b.bad:
             st.reasons[r.reason] = st.reasons.get(r.reason, 0) + 1
         EVENTS.labels("applied").inc(result.applied)
         EVENTS.labels("duplicate").inc(result.duplicates)
         EVENTS.labels("too_late").inc(len(result.too_late))
-        EVENTS.labels("rejected").inc(len(bad))
+        EVENTS.labels("rejected").inc(len(b.bad))
         BATCHES.inc()
 
     async def _commit(self, commits: dict[TopicPartition, int]) -> None:
@@ -141,11 +168,10 @@ class FeatureConsumer:
 
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
-    from redis.asyncio import Redis
 
     from consumers.kafka import make_consumer, make_producer
 
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     consumer = make_consumer(settings, settings.consumer_group, settings.orders_topic)
     producer = make_producer(settings)
     await producer.start()

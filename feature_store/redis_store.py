@@ -1,7 +1,8 @@
 """Online caller of the feature definition: per-user state in Redis, written atomically.
 
-One hash per user, ``<prefix>:{<user_id>}``; the braces make the user id the Redis Cluster hash
-tag, so everything the service keeps for a user (state, scores, alert state) lives in one slot.
+One hash per user, ``<prefix>:{<user_id>}``, holding a binary header record, day buckets and
+the dedup set; the braces make the user id the Redis Cluster hash tag, so everything the service
+keeps for a user (state, scores, alert state) lives in one slot.
 A batch is applied by one Lua script (``lua/apply_batch.lua``) that deduplicates by event id,
 updates the state and records the consumer's progress together: a crash either applied all of
 the batch or none of it, and a redelivered event changes nothing.
@@ -9,6 +10,7 @@ the batch or none of it, and a redelivered event changes nothing.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -139,9 +141,12 @@ class FeatureStore:
 
     async def read_state(self, user_id: str) -> UserState | None:
         raw = await self._redis.hgetall(self.user_key(user_id))
-        if not raw:
-            return None
-        return state_from_hash(user_id, {_s(k): v for k, v in raw.items()})
+        return None if b"h" not in raw else state_from_hash(user_id, raw)
+
+    async def updated_at_ms(self, user_id: str) -> int | None:
+        """Wall-clock time the user's state last changed."""
+        header = await self._redis.hget(self.user_key(user_id), "h")
+        return None if header is None else int(_HEADER.unpack(header)[8])
 
     async def features(self, user_id: str, as_of_day: int | None = None) -> pd.DataFrame | None:
         """One user's features; ``as_of_day`` defaults to the user's latest event day and must
@@ -163,38 +168,47 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def state_from_hash(user_id: str, h: dict[str, Any]) -> UserState:
-    """Decode one user's Redis hash into a one-row :class:`UserState`."""
+# The header record apply_batch.lua writes (see its header comment).
+_HEADER = struct.Struct("<ididdididi")
+_HEADER_NAMES = ("orders", "cents", "purchase_days", "first_ms", "last_ms", "first_day",
+                 "first_day_cents", "latest_day", "updated_ms", "oldest_day")
+
+
+def decode_hash(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    """One user's stored state, by name (for tools and tests)."""
+    out: dict[str, Any] = {
+        k: int(v) for k, v in zip(_HEADER_NAMES, _HEADER.unpack(raw[b"h"]), strict=True)
+    }
     days: dict[int, list[int]] = {}
-    for name, value in h.items():
+    dedup: dict[str, int] = {}
+    for name, value in raw.items():
         tag = name[:1]
-        if tag in ("o", "v") and name[1:].lstrip("-").isdigit():
-            slot = days.setdefault(int(name[1:]), [0, 0])
-            slot[0 if tag == "o" else 1] = int(value)
+        if tag in (b"o", b"v"):
+            days.setdefault(int(name[1:]), [0, 0])[0 if tag == b"o" else 1] = int(value)
+        elif tag == b"#":
+            dedup[name[1:].decode()] = int(value)
+    out["days"] = {d: (o, c) for d, (o, c) in days.items()}
+    out["dedup"] = dedup
+    return out
 
-    def num(field: str, default: int) -> int:
-        v = h.get(field)
-        return default if v is None else int(float(v))
 
-    ordered = sorted(days)
+def state_from_hash(user_id: str, raw: dict[bytes, bytes]) -> UserState:
+    """Decode one user's stored hash into a one-row :class:`UserState`."""
+    state = decode_hash(raw)
+    rows = sorted(state["days"].items())
     one = lambda v: np.asarray([v], dtype=np.int64)  # noqa: E731
     return UserState(
         user_id=np.asarray([user_id], dtype=object),
-        orders_total=one(num("n", 0)),
-        cents_total=one(num("c", 0)),
-        purchase_days=one(num("p", 0)),
-        first_ts_ms=one(num("f", -1)),
-        last_ts_ms=one(num("l", -1)),
-        first_day=one(num("fd", -1)),
-        first_day_cents=one(num("fc", 0)),
-        latest_day=one(num("ld", -1)),
-        days_user=np.zeros(len(ordered), dtype=np.int64),
-        days_day=np.asarray(ordered, dtype=np.int64),
-        days_orders=np.asarray([days[d][0] for d in ordered], dtype=np.int64),
-        days_cents=np.asarray([days[d][1] for d in ordered], dtype=np.int64),
+        orders_total=one(state["orders"]),
+        cents_total=one(state["cents"]),
+        purchase_days=one(state["purchase_days"]),
+        first_ts_ms=one(state["first_ms"]),
+        last_ts_ms=one(state["last_ms"]),
+        first_day=one(state["first_day"]),
+        first_day_cents=one(state["first_day_cents"]),
+        latest_day=one(state["latest_day"]),
+        days_user=np.zeros(len(rows), dtype=np.int64),
+        days_day=np.asarray([d for d, _ in rows], dtype=np.int64),
+        days_orders=np.asarray([o for _, (o, _) in rows], dtype=np.int64),
+        days_cents=np.asarray([c for _, (_, c) in rows], dtype=np.int64),
     )
-
-
-def updated_at_ms(h: dict[str, Any]) -> int | None:
-    v = h.get("u")
-    return None if v is None else int(v)

@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from clv.local_stack import LocalProcess, free_port, start_broker, start_redis
+from feature_store.redis_client import connect
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalProcess]:
 
 @pytest.fixture
 async def redis(redis_server: LocalProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.address)
+    client = connect(redis_server.address)
     await client.flushdb()
     yield client
     await client.aclose()

@@ -9,19 +9,26 @@
 -- ARGV[3]       wall-clock ms (the user's "updated at")
 -- ARGV[4]       retention in days: the longest window
 -- ARGV[5]       largest event time (ms) in the batch: the progress hash keeps the maximum as
---               "event_clock" ("now" when CLV_CLOCK=event)
+--               "event_clock" ("now" when CLV_CLOCK=event); -1 for none
 --
--- User hash fields: n orders, c net cents, p purchase days, f/l first/last purchase ms,
--- fd first purchase day, fc net cents on fd, ld latest event day, ob oldest kept bucket day,
--- u updated-at ms; o<day>/v<day> day buckets (purchases, net cents); #<event_id> -> day, the
--- dedup set. Buckets and dedup entries of days at or before ld - retention are dropped: no window
--- can see them any more. An event dated that far back (relative to the user's latest event when it
--- arrives) is "too late": rejected, so a dropped dedup entry can never let an event count twice.
--- Returns {applied, duplicates, too_late_indexes}.
+-- A user's hash: "h" = one 60-byte little-endian record {orders, net cents, purchase days, first
+-- purchase ms, last purchase ms, first purchase day, net cents on that day, latest event day,
+-- updated ms, oldest kept day} (int32 counts and days, doubles for cents and ms; at most 64
+-- bytes, so the hash keeps its compact listpack encoding); "o<day>"/"v<day>" = purchases / net cents of a day;
+-- "#<event_id>" = day, the dedup set. Per user and batch that is one HGET, one HSETNX per event,
+-- two HINCRBY per day touched and one HSET: the header is one binary record (Lua's struct is C;
+-- decoding msgpack or text in Lua, or every day's bucket, costs several times more).
+--
+-- Days (buckets and dedup entries) at or before latest day - retention are dropped: no window
+-- can see them any more. An event dated that far back (relative to the user's latest event
+-- when it arrives) is "too late" and rejected, so a dropped dedup entry can never let an event
+-- count twice. Returns {applied, duplicates, too_late_indexes (0-based)}.
+
 local events = cmsgpack.unpack(ARGV[1])
 local progress = cmsgpack.unpack(ARGV[2])
-local now = ARGV[3]
+local now = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
+local HEADER = '<i4di4ddi4di4di4'
 
 local users = {}
 local applied, dups = 0, 0
@@ -33,72 +40,74 @@ for i = 1, #events do
   local key = KEYS[ki]
   local u = users[ki]
   if u == nil then
-    local h = redis.call('HMGET', key, 'n', 'c', 'p', 'f', 'l', 'fd', 'fc', 'ld', 'ob')
-    u = {n = tonumber(h[1]) or 0, c = tonumber(h[2]) or 0, p = tonumber(h[3]) or 0,
-         f = tonumber(h[4]) or -1, l = tonumber(h[5]) or -1, fd = tonumber(h[6]) or -1,
-         fc = tonumber(h[7]) or 0, ld = tonumber(h[8]) or -1, ob = tonumber(h[9]),
-         days = {}, touched = false}
+    local h = redis.call('HGET', key, 'h')
+    u = {days = {}, touched = false}
+    if h then
+      u.n, u.c, u.p, u.f, u.l, u.fd, u.fc, u.ld, u.u, u.ob = struct.unpack(HEADER, h)
+    else
+      u.n, u.c, u.p, u.f, u.l, u.fd, u.fc, u.ld, u.ob = 0, 0, 0, -1, -1, -1, 0, -1, -1
+    end
     users[ki] = u
   end
   local day = e[3]
   if u.ld >= 0 and day <= u.ld - retention then
-    table.insert(late, i - 1)
-  elseif redis.call('HSETNX', key, '#' .. e[2], day) == 1 then
+    late[#late + 1] = i - 1
+  elseif redis.call('HSETNX', key, '#' .. e[2], day) == 0 then
+    dups = dups + 1
+  else
     applied = applied + 1
     u.touched = true
-    local ts, cents, purchase = e[4], e[5], e[6]
-    u.c = u.c + cents
-    if purchase == 1 then
+    local ts, cents = e[4], e[5]
+    local d = u.days[day]
+    if d == nil then
+      d = {0, 0}
+      u.days[day] = d
+    end
+    if e[6] == 1 then
+      d[1] = d[1] + 1
       u.n = u.n + 1
       if u.f < 0 or ts < u.f then u.f = ts end
       if ts > u.l then u.l = ts end
     end
-    local d = u.days[day]
-    if d == nil then d = {0, 0}; u.days[day] = d end
-    d[1] = d[1] + purchase
     d[2] = d[2] + cents
+    u.c = u.c + cents
     if day > u.ld then u.ld = day end
-  else
-    dups = dups + 1
   end
 end
 
 for ki, u in pairs(users) do
   if u.touched then
     local key = KEYS[ki]
-    local old_fd = u.fd
-    local new_first = old_fd
-    if u.f >= 0 then new_first = math.floor(u.f / 86400000) end
+    local new_fd = u.fd
+    if u.f >= 0 then new_fd = math.floor(u.f / 86400000) end
     for day, d in pairs(u.days) do
       if d[1] > 0 then
         -- A new purchase day exactly when its bucket held no purchase before.
         if redis.call('HINCRBY', key, 'o' .. day, d[1]) == d[1] then u.p = u.p + 1 end
       end
-      redis.call('HINCRBY', key, 'v' .. day, d[2])
-      if u.ob == nil or day < u.ob then u.ob = day end
+      if d[2] ~= 0 or d[1] == 0 then redis.call('HINCRBY', key, 'v' .. day, d[2]) end
+      if u.ob < 0 or day < u.ob then u.ob = day end
     end
-    -- Net cents of the first purchase day (its bucket is always kept: it is within retention).
-    if new_first ~= old_fd then
-      u.fc = tonumber(redis.call('HGET', key, 'v' .. new_first) or '0')
-    elseif u.days[old_fd] then
-      u.fc = u.fc + u.days[old_fd][2]
+    -- Net cents of the first purchase day; its bucket is kept while events can still land on it.
+    if new_fd ~= u.fd or u.days[new_fd] then
+      u.fc = tonumber(redis.call('HGET', key, 'v' .. new_fd) or '0')
     end
-    -- Drop buckets that slid out of the longest window, with their dedup entries.
     local cutoff = u.ld - retention
-    if u.ob ~= nil and u.ob <= cutoff then
+    if u.ob >= 0 and u.ob <= cutoff then
+      -- Days slid out of the longest window: drop their buckets and dedup entries.
       local all = redis.call('HGETALL', key)
       local dead = {}
-      local oldest = nil
+      local oldest = -1
       for j = 1, #all, 2 do
         local name = all[j]
-        local c1 = string.sub(name, 1, 1)
+        local c1 = string.byte(name, 1)
         local day = nil
-        if c1 == '#' then day = tonumber(all[j + 1])
-        elseif c1 == 'o' or c1 == 'v' then day = tonumber(string.sub(name, 2)) end
+        if c1 == 35 then day = tonumber(all[j + 1])                    -- '#'
+        elseif c1 == 111 or c1 == 118 then day = tonumber(string.sub(name, 2)) end  -- 'o', 'v'
         if day ~= nil then
           if day <= cutoff then
-            table.insert(dead, name)
-          elseif c1 ~= '#' and (oldest == nil or day < oldest) then
+            dead[#dead + 1] = name
+          elseif c1 ~= 35 and (oldest < 0 or day < oldest) then
             oldest = day
           end
         end
@@ -108,9 +117,8 @@ for ki, u in pairs(users) do
       end
       u.ob = oldest
     end
-    redis.call('HSET', key, 'n', u.n, 'c', u.c, 'p', u.p, 'f', u.f, 'l', u.l, 'fd', new_first,
-               'fc', u.fc, 'ld', u.ld, 'u', now)
-    if u.ob ~= nil then redis.call('HSET', key, 'ob', u.ob) else redis.call('HDEL', key, 'ob') end
+    redis.call('HSET', key, 'h',
+      struct.pack(HEADER, u.n, u.c, u.p, u.f, u.l, new_fd, u.fc, u.ld, now, u.ob))
   end
 end
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
-from redis.asyncio import Redis
 
 from clv.local_stack import LocalProcess
 from clv.settings import Settings
@@ -25,6 +24,7 @@ from consumers.kafka import ensure_topics, make_consumer, make_producer
 from feature_store.events import ValidEvent
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at
+from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import as_frame, messy_events
 
@@ -102,7 +102,7 @@ class Group:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Group:
-        self.redis = Redis.from_url(self.settings.redis_url)
+        self.redis = connect(self.settings.redis_url)
         self.producer = make_producer(self.settings)
         await self.producer.start()
         return self
@@ -137,7 +137,7 @@ async def _run_group(settings: Settings, members: int) -> list[FeatureConsumer]:
 
 
 async def _assert_online_equals_offline(settings: Settings, events: list[ValidEvent]) -> None:
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     try:
         store = FeatureStore(redis, prefix=settings.key_prefix)
         frame = as_frame(events)
@@ -220,7 +220,7 @@ def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
 async def test_sigkill_mid_stream_then_restart_changes_no_feature(settings: Settings) -> None:
     events = messy_events(44, users=400, per_user=60)
     await produce(settings, _interleave(events, [m for m, _ in BAD[:5]], 4))
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     store = FeatureStore(redis, prefix=settings.key_prefix)
     try:
         kills = 0

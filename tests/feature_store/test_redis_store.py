@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at, too_late_mask
-from feature_store.redis_store import FeatureStore
+from feature_store.redis_store import FeatureStore, decode_hash
 
 from .streams import as_frame, messy_events
 
@@ -62,13 +62,28 @@ async def test_progress_only_moves_forward(redis: Redis) -> None:
     assert await store.progress("g") == {"orders:0": 10, "orders:1": 3}
 
 
-async def test_state_older_than_the_longest_window_is_folded(redis: Redis) -> None:
+async def test_state_older_than_the_longest_window_is_dropped(redis: Redis) -> None:
     store = FeatureStore(redis)
     events = messy_events(11, users=1, per_user=200, span_days=1500)
     await store.apply(events, group="g", progress={}, now_ms=1)
-    raw = await redis.hgetall(store.user_key(events[0].user_id))
-    latest = max(e.day for e in events)
-    kept_days = [int(k[1:]) for k in raw if k[:1] in (b"o", b"v") and k[1:].isdigit()]
-    assert kept_days and min(kept_days) > latest - 365
-    dedup_days = [int(v) for k, v in raw.items() if k.startswith(b"#")]
-    assert min(dedup_days) > latest - 365
+    key = store.user_key(events[0].user_id)
+    state = decode_hash(await redis.hgetall(key))
+    latest = state["latest_day"]
+    assert latest == max(e.day for e in events)
+    assert state["days"] and min(state["days"]) > latest - RETENTION_DAYS
+    dedup = state["dedup"]
+    assert dedup and min(dedup.values()) > latest - RETENTION_DAYS
+    assert len(dedup) < len({e.event_id for e in events})
+
+
+async def test_memory_per_user_stays_bounded_by_the_window(redis: Redis) -> None:
+    """Four years of daily orders cost no more than the last year of them."""
+    store = FeatureStore(redis)
+    one_year = messy_events(3, users=1, per_user=365, span_days=365)
+    four_years = messy_events(3, users=1, per_user=4 * 365, span_days=4 * 365)
+    await store.apply(one_year, group="g", progress={}, now_ms=1)
+    small = await redis.memory_usage(store.user_key(one_year[0].user_id))
+    await redis.flushdb()
+    await store.apply(four_years, group="g", progress={}, now_ms=1)
+    big = await redis.memory_usage(store.user_key(four_years[0].user_id))
+    assert big < 1.5 * small
