@@ -1,0 +1,93 @@
+"""The archiver writes the offline event log; features from it equal the online ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clv.local_stack import LocalProcess
+from clv.settings import Settings
+from consumers.archiver import Archiver
+from consumers.kafka import ensure_topics, make_consumer
+from feature_store.event_log import read_events
+from feature_store.features import RETENTION_DAYS
+from feature_store.offline import features_at
+from feature_store.redis_client import connect
+from feature_store.redis_store import FeatureStore
+from tests.feature_store.streams import BAD, messy_events
+
+from .kafka_helpers import committed, end_offsets, event_message, produce, unique_settings
+from .test_feature_consumer import _interleave, _run_group
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def settings(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> AsyncIterator[Settings]:
+    s = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "events",
+                        archive_flush_events=700, archive_flush_seconds=0.5)
+    await ensure_topics(s)
+    yield s
+
+
+async def _archive_all(settings: Settings, *, crash_after_first_flush: bool = False) -> None:
+    """Run the archiver until its group has committed the whole topic."""
+    ends = await end_offsets(settings, settings.orders_topic)
+    stop = asyncio.Event()
+    consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
+    await consumer.start()
+    archiver = Archiver(settings, consumer, settings.event_log_dir)
+    task = asyncio.create_task(archiver.run(stop))
+    try:
+        while True:
+            await asyncio.sleep(0.2)
+            if crash_after_first_flush and archiver.written:
+                task.cancel()  # as if killed: the buffer in hand is lost, not flushed
+                break
+            done = await committed(settings, settings.archiver_group, settings.orders_topic)
+            if all((done.get(tp) or 0) >= end for tp, end in ends.items()):
+                break
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+
+
+async def test_offline_features_from_the_log_equal_the_online_ones(settings: Settings) -> None:
+    events = messy_events(8, users=80, per_user=30)
+    await produce(settings, _interleave(events, [m for m, _ in BAD[:6]], 9))
+    await _archive_all(settings, crash_after_first_flush=True)
+    await _archive_all(settings)  # restart: re-reads from the last commit
+    await _run_group(settings, 1)
+
+    log = read_events(settings.event_log_dir, arrival_order=True)
+    assert set(log["event_id"]) == {e.event_id for e in events}
+    assert len(list(Path(settings.event_log_dir).glob("date=*/part-*.parquet"))) > 1
+    as_of = int(log["day"].max())
+    offline = features_at(log, as_of, late_after_days=RETENTION_DAYS).sort_index()
+    redis = connect(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        online = pd.concat([await store.features(u, as_of) for u in offline.index]).sort_index()
+    finally:
+        await redis.aclose()
+    pd.testing.assert_frame_equal(online, offline, check_dtype=False)
+
+
+async def test_the_log_is_partitioned_by_event_date(settings: Settings) -> None:
+    events = messy_events(3, users=10, per_user=10)
+    await produce(settings, [event_message(e) for e in events])
+    await _archive_all(settings)
+    for folder in Path(settings.event_log_dir).glob("date=*"):
+        part = pd.read_parquet(folder)
+        dates = pd.to_datetime(part["ts_ms"], unit="ms").dt.date.astype(str).unique()
+        assert list(dates) == [folder.name.removeprefix("date=")]
+    one_user = events[0].user_id
+    mine = read_events(settings.event_log_dir, user_id=one_user)
+    assert set(mine["event_id"]) == {e.event_id for e in events if e.user_id == one_user}

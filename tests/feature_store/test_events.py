@@ -1,0 +1,61 @@
+"""Event validation: every contract rule, with its machine-readable reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clv.errors import InvalidEvent
+from feature_store.events import validate
+from tests.feature_store.streams import BAD, GOOD
+
+NOW_MS = 1_767_225_600_000  # 2026-01-01
+
+
+@pytest.mark.parametrize(("raw", "reason"), BAD, ids=[f"{i}-{r}" for i, (_, r) in enumerate(BAD)])
+def test_bad_messages_are_rejected_with_their_reason(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        validate(raw, now_ms=NOW_MS)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("ts", "ms"),
+    [
+        ("2024-01-01T00:00:00Z", 1_704_067_200_000),
+        ("2024-01-01", 1_704_067_200_000),  # a bare date is midnight UTC
+        ("2024-01-01T02:00:00+02:00", 1_704_067_200_000),
+        ("2024-01-01T00:00:00.250Z", 1_704_067_200_250),
+        ("2023-12-31T19:00:00-05:00", 1_704_067_200_000),
+    ],
+)
+def test_timestamps_with_a_zone_or_a_bare_date(ts: str, ms: int) -> None:
+    ev = validate(json.dumps({**GOOD, "ts": ts}).encode(), now_ms=NOW_MS)
+    assert ev.ts_ms == ms and ev.day == ms // 86_400_000
+
+
+@pytest.mark.parametrize("uid", ["ü-42/名", "a{b}c", "x" * 128, "e-mail@example.com"])
+def test_unicode_and_odd_but_printable_ids_are_accepted(uid: str) -> None:
+    assert validate(json.dumps({**GOOD, "user_id": uid}).encode(), now_ms=NOW_MS).user_id == uid
+
+
+def test_refunds_are_negative_cents_and_amounts_round_half_even() -> None:
+    ev = validate(json.dumps({**GOOD, "type": "refund", "amount": 35.1}).encode(), now_ms=NOW_MS)
+    assert ev.cents == -3510
+    assert validate(json.dumps({**GOOD, "amount": 0.125}).encode(), now_ms=NOW_MS).cents == 12
+
+
+def test_a_day_of_clock_skew_is_tolerated_but_not_more() -> None:
+    ahead = json.dumps({**GOOD, "ts": "2026-01-01T23:00:00Z"}).encode()
+    assert validate(ahead, now_ms=NOW_MS).ts_ms > NOW_MS
+    with pytest.raises(InvalidEvent, match="future"):
+        validate(json.dumps({**GOOD, "ts": "2026-01-02T01:00:00Z"}).encode(), now_ms=NOW_MS)
+
+
+def test_the_size_cap_is_a_setting() -> None:
+    raw = json.dumps({**GOOD, "pad": "x" * 500}).encode()
+    assert validate(raw, now_ms=NOW_MS, max_bytes=1024)
+    with pytest.raises(InvalidEvent) as err:
+        validate(raw, now_ms=NOW_MS, max_bytes=256)
+    assert err.value.reason == "too_large"

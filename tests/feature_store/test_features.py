@@ -1,0 +1,56 @@
+"""The feature definition on hand-checked examples (window edges, refunds, repeat value)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+
+from feature_store.features import FEATURE_NAMES, day_number
+from feature_store.offline import events_from_orders, features_at
+
+
+def _orders(rows: list[tuple[str, str, float, str]]) -> pd.DataFrame:
+    return events_from_orders(
+        pd.DataFrame(
+            [
+                {"user_id": "u", "order_id": f"o{i}", "ts": ts, "amount": amt, "type": kind,
+                 "event_id": f"{kind}-{i}-{note}"}
+                for i, (ts, kind, amt, note) in enumerate(rows)
+            ]
+        )
+    )
+
+
+def test_windows_cover_the_last_w_days_including_the_as_of_day() -> None:
+    ev = _orders([
+        ("2024-01-01T10:00:00Z", "purchase", 10.0, "a"),
+        ("2024-01-01T18:00:00Z", "purchase", 5.0, "b"),  # same day: one purchase day
+        ("2024-03-25T00:00:00Z", "purchase", 20.0, "c"),  # 7 days before 2024-04-01
+        ("2024-03-26T00:00:00Z", "purchase", 30.0, "d"),  # 6 days before: inside 7d
+        ("2024-04-01T23:59:59Z", "refund", 4.0, "e"),  # refund on the as-of day
+    ])
+    f = features_at(ev, day_number(dt.date(2024, 4, 1))).loc["u"]
+    assert list(f.index[: len(FEATURE_NAMES)]) == list(FEATURE_NAMES)
+    assert f["orders_total"] == 4 and f["revenue_total"] == 61.0
+    assert f["orders_7d"] == 1 and f["revenue_7d"] == 26.0  # 30 - 4
+    assert f["orders_30d"] == 2 and f["revenue_30d"] == 46.0
+    assert f["orders_90d"] == 2  # 2024-01-01 is 91 days before
+    assert f["orders_365d"] == 4
+    assert f["purchase_days"] == 3 and f["frequency"] == 2
+    assert f["recency_days"] == 85 and f["age_days"] == 91
+    # Repeat days: revenue after the first purchase day (20 + 30 - 4) over 2 repeat days.
+    assert f["avg_repeat_value"] == 23.0
+    assert f["first_order_at"] == "2024-01-01T10:00:00Z"
+    assert f["last_order_at"] == "2024-03-26T00:00:00Z"
+
+
+def test_duplicates_count_once_and_later_events_are_invisible() -> None:
+    ev = _orders([
+        ("2024-01-01", "purchase", 10.0, "a"),
+        ("2024-01-05", "purchase", 10.0, "b"),
+        ("2024-02-01", "purchase", 99.0, "c"),
+    ])
+    ev = pd.concat([ev, ev.iloc[[0]]], ignore_index=True)  # a redelivered event
+    f = features_at(ev, day_number(dt.date(2024, 1, 31))).loc["u"]
+    assert f["orders_total"] == 2 and f["revenue_total"] == 20.0 and f["age_days"] == 30
