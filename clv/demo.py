@@ -20,7 +20,7 @@ from feature_store.features import FEATURE_NAMES, RETENTION_DAYS
 from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
 
-console = Console()
+console = Console(width=120)
 
 # A few broken messages, to show the dead-letter topic at work.
 BAD_MESSAGES: list[tuple[bytes, bytes]] = [
@@ -54,7 +54,7 @@ async def _show(settings: Settings, running: Running) -> None:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("publishing", total=len(messages))
         await publish(settings, messages, progress=lambda n: bar.advance(task, n))
-    await _wait_caught_up(settings, running)
+    await wait_group_done(settings, settings.consumer_group)
     took = time.monotonic() - t0
     store = FeatureStore(running.redis, prefix=settings.key_prefix)
     console.print(f"published and applied {len(messages):,} messages in {took:.1f}s")
@@ -82,32 +82,58 @@ async def _show(settings: Settings, running: Running) -> None:
     console.print(f"online features == offline features (same code over the file): {same}")
     dead = await _count_dead_letters(settings)
     console.print(f"dead-letter topic {settings.dlq_topic}: {dead} message(s) with their reasons")
-    console.print("try: [bold]clv features 00001 --as-of 1997-06-30[/bold] (CLV_CLOCK=event)")
+    await _train_and_score(settings, store, list(top), as_of)
+    console.print("try: [bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold] "
+                  "(earlier dates come from the event log)")
 
 
-async def _wait_caught_up(settings: Settings, running: Running, timeout: float = 600) -> None:
-    consumer = running.consumers[0]
-    parts = consumer.partitions_for_topic(settings.orders_topic) or set()  # type: ignore[attr-defined]
-    tps = [TopicPartition(settings.orders_topic, p) for p in parts]
-    ends = await consumer.end_offsets(tps)  # type: ignore[attr-defined]
-    store = FeatureStore(running.redis, prefix=settings.key_prefix)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = await store.progress(settings.consumer_group)
-        if all(done.get(f"{tp.topic}:{tp.partition}", -1) >= ends[tp] - 1 for tp in tps if ends[tp]):
-            return
-        await asyncio.sleep(0.2)
+async def _train_and_score(
+    settings: Settings, store: FeatureStore, users: list[str], as_of: int
+) -> None:
+    """Train from the event log the archiver wrote, then score users from their Redis state."""
+    from training.registry import load_champion
+    from training.train import train
+
+    await wait_group_done(settings, settings.archiver_group)
+    console.rule("training from the event log (time-split selection of the champion)")
+    result = await asyncio.to_thread(train, settings, progress=True)
+    console.print(result.summary())
+    champion = await asyncio.to_thread(load_champion, settings.model_dir)
+    frames = [await store.features(u, as_of) for u in users]
+    feats = pd.concat([f for f in frames if f is not None])
+    horizon = champion.horizon_days
+    pred = champion.model.predict(feats[list(FEATURE_NAMES)], horizon)
+    table = Table(title=f"champion {champion.version} ({type(champion.model).__name__}): "
+                        f"next {horizon} days")
+    for c in ("user", "predicted_value", "expected_orders", "p_alive"):
+        table.add_column(c, justify="right")
+    for uid, row in pred.iterrows():
+        table.add_row(str(uid), f"{row['predicted_value']:.2f}", f"{row['expected_orders']:.2f}",
+                      f"{row['p_alive']:.2f}")
+    console.print(table)
 
 
-async def _count_dead_letters(settings: Settings) -> int:
+async def wait_group_done(settings: Settings, group: str, timeout: float = 900) -> None:
+    """Until ``group`` has committed the end of every partition of the orders topic (the
+    feature consumers commit after the Redis write, the archiver after the Parquet flush)."""
     from aiokafka import AIOKafkaConsumer
 
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
+                         enable_auto_commit=False)
     await c.start()
     try:
-        tp = TopicPartition(settings.dlq_topic, 0)
-        ends = await c.end_offsets([tp])
-        starts = await c.beginning_offsets([tp])
-        return int(ends[tp] - starts[tp])
+        await c.topics()
+        tps = [TopicPartition(settings.orders_topic, p)
+               for p in c.partitions_for_topic(settings.orders_topic) or ()]
+        if not tps:
+            raise RuntimeError(f"topic {settings.orders_topic} has no partitions")
+        c.assign(tps)
+        ends = await c.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = [await c.committed(tp) or 0 for tp in tps]
+            if all(d >= ends[tp] for d, tp in zip(done, tps, strict=True)):
+                return
+            await asyncio.sleep(0.3)
     finally:
         await c.stop()

@@ -98,8 +98,9 @@ _COLUMNS = (
 
 async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     """Entry point: archive until ``stop``; returns the number of events written."""
-    from consumers.kafka import make_consumer
+    from consumers.kafka import ensure_topics, make_consumer
 
+    await ensure_topics(settings)
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
     await consumer.start()
     archiver = Archiver(settings, consumer, settings.event_log_dir)

@@ -169,8 +169,9 @@ class FeatureConsumer:
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
 
-    from consumers.kafka import make_consumer, make_producer
+    from consumers.kafka import ensure_topics, make_consumer, make_producer
 
+    await ensure_topics(settings)
     redis = connect(settings.redis_url)
     consumer = make_consumer(settings, settings.consumer_group, settings.orders_topic)
     producer = make_producer(settings)
