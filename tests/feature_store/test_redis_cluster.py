@@ -1,0 +1,82 @@
+"""The same online state on a real 3-node Redis Cluster: every user's keys share one slot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from clv.local_stack import LocalProcess, free_port, wait_port
+from feature_store.features import RETENTION_DAYS
+from feature_store.offline import features_at
+from feature_store.redis_client import connect
+from feature_store.redis_store import FeatureStore
+
+from .streams import as_frame, messy_events
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is required"
+    nodes: list[LocalProcess] = []
+    ports = [free_port() for _ in range(3)]
+    try:
+        for port in ports:
+            work = tmp_path_factory.mktemp(f"cluster-{port}")
+            proc = subprocess.Popen(
+                [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", str(work / "nodes.conf"), "--save", "",
+                 "--appendonly", "no", "--dir", str(work)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            )
+            wait_port("127.0.0.1", port, proc, "redis-server (cluster node)")
+            nodes.append(LocalProcess("redis", proc, f"127.0.0.1:{port}"))
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        for _ in range(100):
+            out = subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                                 capture_output=True, text=True).stdout
+            if "cluster_state:ok" in out:
+                break
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture
+async def cluster_client(cluster: str) -> AsyncIterator[RedisCluster]:
+    client = connect(cluster)
+    assert isinstance(client, RedisCluster)
+    yield client
+    await client.aclose()
+
+
+async def test_online_equals_offline_on_redis_cluster(cluster_client: RedisCluster) -> None:
+    store = FeatureStore(cluster_client, prefix="cl")
+    events = messy_events(17, users=50, per_user=20)
+    slots = {cluster_client.keyslot(store.user_key(e.user_id)) for e in events}
+    assert len(slots) > 10, "users should spread over many slots (and nodes)"
+    for i in range(0, len(events), 300):
+        await store.apply(events[i : i + 300], group="g", progress={"orders:0": i}, now_ms=1)
+    frame = as_frame(events)
+    as_of = int(frame["day"].max())
+    offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS).sort_index()
+    online = pd.concat([await store.features(u, as_of) for u in offline.index]).sort_index()
+    pd.testing.assert_frame_equal(online, offline, check_dtype=False)
+    assert (await store.progress("g"))["orders:0"] == (len(events) - 1) // 300 * 300
+    again = await store.apply(events, group="g", progress={}, now_ms=2)
+    assert again.applied == 0
