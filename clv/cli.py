@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from clv.errors import ClvError
 from clv.settings import Settings
@@ -58,7 +60,7 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
         return asyncio.run(runner())
     except ClvError as exc:
         raise fail(str(exc), 1) from None
-    except OSError as exc:
+    except (OSError, RedisError, KafkaError) as exc:
         raise fail(f"cannot reach a server: {exc}", 1) from None
 
 

@@ -1,0 +1,82 @@
+"""The command line end to end: replay a file, consume it, read features back; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clv.local_stack import LocalProcess
+from clv.settings import Settings
+from tests.consumers.kafka_helpers import unique_settings
+from tests.consumers.test_feature_consumer import _run_group
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+    env.update({f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items()
+                if v is not None})
+    return env
+
+
+def clv(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clv", *args], env=_env(settings),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration
+async def test_replay_then_features(broker: LocalProcess, redis_server: LocalProcess,
+                                    tmp_path: Path) -> None:
+    settings = unique_settings(broker.address, redis_server.address,
+                               event_log_dir=tmp_path / "events", clock="event")
+    orders = tmp_path / "orders.csv"
+    orders.write_text(
+        "user_id,order_id,ts,amount,type\n"
+        "alice,o1,2024-01-01T10:00:00Z,10.00,purchase\n"
+        "alice,o2,2024-02-01T10:00:00Z,30.00,purchase\n"
+        "alice,o2,2024-02-03T10:00:00Z,5.00,refund\n"
+        "bob,o3,2024-01-15,7.50,purchase\n"
+    )
+    out = clv(settings, "replay", str(orders))
+    assert out.returncode == 0, out.stderr
+    assert "published 4 order events" in out.stdout
+    await _run_group(settings, 1)
+
+    out = clv(settings, "features", "alice")
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["source"] == "redis" and body["as_of"] == "2024-02-03"  # the event clock
+    f = body["features"]
+    assert f["orders_total"] == 2 and f["revenue_total"] == 35.0 and f["frequency"] == 1
+    assert f["avg_repeat_value"] == 25.0 and f["first_order_at"] == "2024-01-01T10:00:00Z"
+
+    later = json.loads(clv(settings, "features", "alice", "--as-of", "2024-12-31").stdout)
+    assert later["features"]["orders_30d"] == 0 and later["features"]["age_days"] == 365
+
+    unknown = clv(settings, "features", "nobody")
+    assert unknown.returncode == 1 and "unknown user" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+
+def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0")
+    cases = [
+        ("features", "alice", "--as-of", "31/12/2024"),
+        ("features", "two words"),
+        ("replay", str(tmp_path / "missing.csv")),
+        ("replay", str(tmp_path), "--format", "xml"),
+        ("features", "alice"),  # nothing listens on the configured Redis
+    ]
+    for args in cases:
+        out = clv(settings, *args)
+        assert out.returncode != 0, args
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("clv: error:"), (args, out.stderr)
+    bad_setting = subprocess.run([sys.executable, "-m", "clv", "features", "x"],
+                                 env={**os.environ, "CLV_HORIZON_DAYS": "-3"},
+                                 capture_output=True, text=True, timeout=60)
+    assert bad_setting.returncode == 2 and "CLV_HORIZON_DAYS" in bad_setting.stderr
