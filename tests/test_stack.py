@@ -1,0 +1,54 @@
+"""``clv up`` on addresses where nothing runs: it starts Redis and the broker, runs, and on
+Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clv.local_stack import free_port, port_open
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
+    redis_port, kafka_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+    env.update(CLV_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+               CLV_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
+               CLV_EVENT_LOG_DIR=str(tmp_path / "events"), CLV_MODEL_DIR=str(tmp_path / "models"))
+    proc = subprocess.Popen([sys.executable, "-m", "clv", "up", "--retrain-every", "0"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("clv is up"):
+                break
+        assert any(line.startswith("clv is up") for line in lines), "".join(lines)
+        assert any("started redis-server" in line for line in lines)
+        assert any("started Kafka-protocol broker" in line for line in lines)
+        assert port_open("127.0.0.1", redis_port) and port_open("127.0.0.1", kafka_port)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines) + (proc.stdout.read() or "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for _ in range(50):
+        if not port_open("127.0.0.1", redis_port) and not port_open("127.0.0.1", kafka_port):
+            break
+        time.sleep(0.1)
+    assert not port_open("127.0.0.1", redis_port), "redis-server left running"
+    assert not port_open("127.0.0.1", kafka_port), "broker left running"
