@@ -42,8 +42,9 @@ def make_stream(events: int, users: int, seed: int = 7) -> list[tuple[bytes, byt
     start_ms = 1_700_000_000_000 - 400 * DAY_MS
     # Heterogeneous users: purchase propensity ~ gamma, so some buy often and most rarely.
     weights = rng.gamma(0.8, 1.0, users)
-    user = np.concatenate([np.arange(users), rng.choice(users, size=events - users,
-                                                         p=weights / weights.sum())])
+    user = np.concatenate(
+        [np.arange(users), rng.choice(users, size=events - users, p=weights / weights.sum())]
+    )
     rng.shuffle(user)
     ts = np.sort(rng.integers(start_ms, start_ms + 365 * DAY_MS, events))
     amount = np.round(rng.gamma(2.0, 25.0, events), 2)
@@ -72,8 +73,12 @@ def make_stream(events: int, users: int, seed: int = 7) -> list[tuple[bytes, byt
         messages.append((uid.encode(), json.dumps(body).encode()))
     rank = np.empty(events, dtype=np.int64)
     rank[seq] = np.arange(events)
-    keys = np.concatenate([np.arange(events, dtype=np.float64),
-                           rank[dup_src] + rng.integers(1, 3000, len(dup_src)) + 0.5])
+    keys = np.concatenate(
+        [
+            np.arange(events, dtype=np.float64),
+            rank[dup_src] + rng.integers(1, 3000, len(dup_src)) + 0.5,
+        ]
+    )
     everything = messages + [messages[int(rank[i])] for i in dup_src]
     return [everything[j] for j in np.argsort(keys, kind="stable")]
 
@@ -83,11 +88,17 @@ async def produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> No
     await producer.start()
     try:
         for i in range(0, len(messages), 5000):
-            futures = [await producer.send(settings.orders_topic, key=k, value=v)
-                       for k, v in messages[i : i + 5000]]
+            futures = [
+                await producer.send(settings.orders_topic, key=k, value=v)
+                for k, v in messages[i : i + 5000]
+            ]
             await asyncio.gather(*futures)
-            print(f"\r  produced {min(i + 5000, len(messages)):,}/{len(messages):,}", end="",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\r  produced {min(i + 5000, len(messages)):,}/{len(messages):,}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         print(file=sys.stderr)
     finally:
         await producer.stop()
@@ -125,8 +136,12 @@ async def feature_consumer(settings: Settings, total: int) -> tuple[float, float
     stop = asyncio.Event()
     t0 = time.perf_counter()
     await kc.start()
-    worker = FeatureConsumer(settings, kc, FeatureStore(redis, prefix=settings.key_prefix),
-                             DeadLetters(producer, settings.dlq_topic))
+    worker = FeatureConsumer(
+        settings,
+        kc,
+        FeatureStore(redis, prefix=settings.key_prefix),
+        DeadLetters(producer, settings.dlq_topic),
+    )
     task = asyncio.create_task(worker.run(stop))
     first = None
     try:
@@ -159,8 +174,12 @@ async def main(args: argparse.Namespace) -> None:
     redis_p = start_redis(free_port(), work / "redis")
     broker_p = start_broker(free_port(), work / "kafka")
     try:
-        settings = Settings(kafka_bootstrap=broker_p.address, redis_url=redis_p.address,
-                            orders_partitions=args.partitions, consume_batch=args.batch)
+        settings = Settings(
+            kafka_bootstrap=broker_p.address,
+            redis_url=redis_p.address,
+            orders_partitions=args.partitions,
+            consume_batch=args.batch,
+        )
         await ensure_topics(settings)
         print(f"generating {args.events:,} events over {args.users:,} users ...", file=sys.stderr)
         messages = make_stream(args.events, args.users)
@@ -186,17 +205,27 @@ async def main(args: argparse.Namespace) -> None:
         feat_steady = total / f[1]
         feat_start = total / f[0]
         print()
-        print(f"stream: {total:,} messages ({args.events:,} events + duplicates), {args.users:,} "
-              f"users, {args.partitions} partitions, batch {args.batch}")
-        print(f"feature consumer: applied {st.applied:,}, duplicates {st.duplicates:,}, "
-              f"too late {st.too_late:,}, rejected {st.rejected:,}, batches {st.batches:,}")
+        print(
+            f"stream: {total:,} messages ({args.events:,} events + duplicates), {args.users:,} "
+            f"users, {args.partitions} partitions, batch {args.batch}"
+        )
+        print(
+            f"feature consumer: applied {st.applied:,}, duplicates {st.duplicates:,}, "
+            f"too late {st.too_late:,}, rejected {st.rejected:,}, batches {st.batches:,}"
+        )
         print(f"{'':24}{'ceiling':>14}{'consumer':>14}{'ratio':>8}")
-        print(f"{'events/s (first record)':24}{ceil_steady:>14,.0f}{feat_steady:>14,.0f}"
-              f"{feat_steady / ceil_steady:>8.3f}")
-        print(f"{'events/s (from start)':24}{ceil_start:>14,.0f}{feat_start:>14,.0f}"
-              f"{feat_start / ceil_start:>8.3f}")
-        print(f"redis memory: {mem / max(users, 1):,.0f} bytes per user ({users:,} users, "
-              f"{mem / 2**20:,.1f} MiB)")
+        print(
+            f"{'events/s (first record)':24}{ceil_steady:>14,.0f}{feat_steady:>14,.0f}"
+            f"{feat_steady / ceil_steady:>8.3f}"
+        )
+        print(
+            f"{'events/s (from start)':24}{ceil_start:>14,.0f}{feat_start:>14,.0f}"
+            f"{feat_start / ceil_start:>8.3f}"
+        )
+        print(
+            f"redis memory: {mem / max(users, 1):,.0f} bytes per user ({users:,} users, "
+            f"{mem / 2**20:,.1f} MiB)"
+        )
     finally:
         broker_p.stop()
         redis_p.stop()

@@ -76,14 +76,19 @@ def parse_date(text: str | None, what: str = "date") -> dt.date | None:
 @app.command()
 def up(
     consumers: Annotated[int, typer.Option(min=1, help="feature consumers in the group")] = 1,
-    retrain_every: Annotated[float, typer.Option(help="seconds between retrainings (0: off)")] = 3600,
+    retrain_every: Annotated[
+        float, typer.Option(help="seconds between retrainings (0: off)")
+    ] = 3600,
 ) -> None:
     """Run the stack in the foreground (local Redis and broker where none run); Ctrl-C stops it."""
     from clv.stack import run_stack
 
     settings = load_settings()
-    run_async(lambda stop: run_stack(settings, stop, consumers=consumers,
-                                     retrain_every_s=retrain_every or None))
+    run_async(
+        lambda stop: run_stack(
+            settings, stop, consumers=consumers, retrain_every_s=retrain_every or None
+        )
+    )
 
 
 @app.command()
@@ -144,8 +149,9 @@ def replay(
         await ensure_topics(settings)
         with Progress(transient=True) as bar:
             task = bar.add_task(f"replaying {file.name}", total=len(messages))
-            return await publish(settings, messages, rate=rate,
-                                 progress=lambda n: bar.advance(task, n))
+            return await publish(
+                settings, messages, rate=rate, progress=lambda n: bar.advance(task, n)
+            )
 
     sent = run_async(main)
     typer.echo(f"published {sent} order events to {settings.orders_topic}")
@@ -161,8 +167,11 @@ def features(
 
     settings = load_settings()
     day = parse_date(as_of, "--as-of")
-    if not user_id or len(user_id) > 128 or not user_id.isprintable() or any(
-        c.isspace() for c in user_id
+    if (
+        not user_id
+        or len(user_id) > 128
+        or not user_id.isprintable()
+        or any(c.isspace() for c in user_id)
     ):
         raise fail("user id must be 1 to 128 printable characters without white space")
     result = run_async(lambda stop: lookup_features(settings, user_id, day))

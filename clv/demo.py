@@ -1,4 +1,4 @@
-"""``clv demo``: the stack, the CDNOW log replayed as live events, and what the service makes of it."""
+"""``clv demo``: the stack, CDNOW replayed as live events, and what the service makes of it."""
 
 from __future__ import annotations
 
@@ -25,10 +25,16 @@ console = Console(width=120)
 # A few broken messages, to show the dead-letter topic at work.
 BAD_MESSAGES: list[tuple[bytes, bytes]] = [
     (b"bad-1", b"this is not JSON"),
-    (b"bad-2", b'{"event_id":"x1","type":"purchase","user_id":"u1","order_id":"o","amount":-5,'
-               b'"ts":"1997-03-01T00:00:00Z"}'),
-    (b"bad-3", b'{"event_id":"x2","type":"purchase","user_id":"u1","order_id":"o","amount":5,'
-               b'"ts":"2999-01-01T00:00:00Z"}'),
+    (
+        b"bad-2",
+        b'{"event_id":"x1","type":"purchase","user_id":"u1","order_id":"o","amount":-5,'
+        b'"ts":"1997-03-01T00:00:00Z"}',
+    ),
+    (
+        b"bad-3",
+        b'{"event_id":"x2","type":"purchase","user_id":"u1","order_id":"o","amount":5,'
+        b'"ts":"2999-01-01T00:00:00Z"}',
+    ),
 ]
 
 
@@ -49,7 +55,9 @@ async def _show(settings: Settings, running: Running) -> None:
     path = Path(str(files("clv").joinpath("data/CDNOW_master.txt.gz")))
     events = load_events(path, "cdnow")
     messages = encode_rows(events) + BAD_MESSAGES
-    console.rule(f"replaying CDNOW: {len(events):,} orders of {events['user_id'].nunique():,} customers")
+    console.rule(
+        f"replaying CDNOW: {len(events):,} orders of {events['user_id'].nunique():,} customers"
+    )
     t0 = time.monotonic()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("publishing", total=len(messages))
@@ -64,8 +72,16 @@ async def _show(settings: Settings, running: Running) -> None:
     offline = features_at(events, as_of, late_after_days=RETENTION_DAYS)
     top = offline.sort_values("revenue_total", ascending=False).head(5).index
     table = Table(title=f"features in Redis as of the event clock, day {as_of} (top spenders)")
-    cols = ["orders_total", "revenue_total", "orders_90d", "revenue_365d", "frequency",
-            "recency_days", "age_days", "avg_repeat_value"]
+    cols = [
+        "orders_total",
+        "revenue_total",
+        "orders_90d",
+        "revenue_365d",
+        "frequency",
+        "recency_days",
+        "age_days",
+        "avg_repeat_value",
+    ]
     table.add_column("user")
     for c in cols:
         table.add_column(c, justify="right")
@@ -83,8 +99,10 @@ async def _show(settings: Settings, running: Running) -> None:
     dead = await _count_dead_letters(settings)
     console.print(f"dead-letter topic {settings.dlq_topic}: {dead} message(s) with their reasons")
     await _train_and_score(settings, store, list(top), as_of)
-    console.print("try: [bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold] "
-                  "(earlier dates come from the event log)")
+    console.print(
+        "try: [bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold] "
+        "(earlier dates come from the event log)"
+    )
 
 
 async def _train_and_score(
@@ -103,13 +121,18 @@ async def _train_and_score(
     feats = pd.concat([f for f in frames if f is not None])
     horizon = champion.horizon_days
     pred = champion.model.predict(feats[list(FEATURE_NAMES)], horizon)
-    table = Table(title=f"champion {champion.version} ({type(champion.model).__name__}): "
-                        f"next {horizon} days")
+    table = Table(
+        title=f"champion {champion.version} ({type(champion.model).__name__}): next {horizon} days"
+    )
     for c in ("user", "predicted_value", "expected_orders", "p_alive"):
         table.add_column(c, justify="right")
     for uid, row in pred.iterrows():
-        table.add_row(str(uid), f"{row['predicted_value']:.2f}", f"{row['expected_orders']:.2f}",
-                      f"{row['p_alive']:.2f}")
+        table.add_row(
+            str(uid),
+            f"{row['predicted_value']:.2f}",
+            f"{row['expected_orders']:.2f}",
+            f"{row['p_alive']:.2f}",
+        )
     console.print(table)
 
 
@@ -118,13 +141,16 @@ async def wait_group_done(settings: Settings, group: str, timeout: float = 900) 
     feature consumers commit after the Redis write, the archiver after the Parquet flush)."""
     from aiokafka import AIOKafkaConsumer
 
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                         enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
     await c.start()
     try:
         await c.topics()
-        tps = [TopicPartition(settings.orders_topic, p)
-               for p in c.partitions_for_topic(settings.orders_topic) or ()]
+        tps = [
+            TopicPartition(settings.orders_topic, p)
+            for p in c.partitions_for_topic(settings.orders_topic) or ()
+        ]
         if not tps:
             raise RuntimeError(f"topic {settings.orders_topic} has no partitions")
         c.assign(tps)
@@ -135,5 +161,19 @@ async def wait_group_done(settings: Settings, group: str, timeout: float = 900) 
             if all(d >= ends[tp] for d, tp in zip(done, tps, strict=True)):
                 return
             await asyncio.sleep(0.3)
+    finally:
+        await c.stop()
+
+
+async def _count_dead_letters(settings: Settings) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        tp = TopicPartition(settings.dlq_topic, 0)
+        ends = await c.end_offsets([tp])
+        starts = await c.beginning_offsets([tp])
+        return int(ends[tp] - starts[tp])
     finally:
         await c.stop()

@@ -33,7 +33,9 @@ def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
-def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
+def wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,9 +85,23 @@ def start_redis(port: int, workdir: Path) -> LocalProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--logfile", str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(log),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     wait_port("127.0.0.1", port, proc, "redis-server")
     return LocalProcess("redis", proc, f"redis://127.0.0.1:{port}/0", log)
@@ -99,9 +115,19 @@ def start_broker(port: int, workdir: Path) -> LocalProcess:
     env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            [
+                broker_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     wait_port("127.0.0.1", port, proc, "Kafka broker (tansu)")
     return LocalProcess("kafka", proc, f"127.0.0.1:{port}", log)

@@ -45,9 +45,13 @@ async def lookup_features(
             frame = features_at(events, day, late_after_days=RETENTION_DAYS)
             source = "event_log"
             if user_id not in frame.index:
-                return {"user_id": user_id, "as_of": day_date(day).isoformat(),
-                        "source": source, "features": None,
-                        "note": "no events on or before this date in the event log"}
+                return {
+                    "user_id": user_id,
+                    "as_of": day_date(day).isoformat(),
+                    "source": source,
+                    "features": None,
+                    "note": "no events on or before this date in the event log",
+                }
         assert frame is not None
         return {
             "user_id": user_id,

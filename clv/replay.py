@@ -29,8 +29,12 @@ def encode_rows(events: pd.DataFrame) -> list[tuple[bytes, bytes]]:
     out = []
     for r in events.itertuples(index=False):
         value = encode_event(
-            event_id=r.event_id, type=r.type, user_id=r.user_id, order_id=r.order_id,
-            amount=float(r.amount), ts=ms_to_iso(int(r.ts_ms)) or "",
+            event_id=r.event_id,
+            type=r.type,
+            user_id=r.user_id,
+            order_id=r.order_id,
+            amount=float(r.amount),
+            ts=ms_to_iso(int(r.ts_ms)) or "",
             currency=r.currency if isinstance(r.currency, str) else None,
         )
         out.append((r.user_id.encode(), value))

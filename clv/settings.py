@@ -10,7 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Read from the environment with the prefix ``CLV_``; built once in an entry point, passed inward."""
+    """Read from the environment with the prefix ``CLV_``; built once in an entry point and
+    passed inward (nothing builds one at import time)."""
 
     model_config = SettingsConfigDict(env_prefix="CLV_", frozen=True, extra="ignore")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from clv.local_stack import (
     LocalStack,
@@ -44,7 +45,7 @@ class Running:
     """Handles the running stack exposes (for ``clv demo`` and health checks)."""
 
     settings: Settings
-    redis: Redis
+    redis: Redis | RedisCluster
     tasks: list[asyncio.Task[object]] = field(default_factory=list)
     consumers: list[object] = field(default_factory=list)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import Counter
 
@@ -52,7 +53,7 @@ class Archiver:
             if self._pending:
                 await self.flush()
 
-    def _buffer(self, batch: dict[TopicPartition, list]) -> None:  # type: ignore[type-arg]
+    def _buffer(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         s = self._settings
         now_ms = time.time_ns() // 1_000_000
         rows = self._rows
@@ -60,16 +61,26 @@ class Archiver:
             for rec in records:
                 try:
                     ev = validate(
-                        rec.value, max_bytes=s.max_event_bytes, currency=s.currency,
-                        now_ms=now_ms, future_tolerance_ms=s.future_tolerance_seconds * 1000,
+                        rec.value,
+                        max_bytes=s.max_event_bytes,
+                        currency=s.currency,
+                        now_ms=now_ms,
+                        future_tolerance_ms=s.future_tolerance_seconds * 1000,
                     )
                 except InvalidEvent:
                     continue
                 for col, value in (
-                    ("event_id", ev.event_id), ("type", ev.type), ("user_id", ev.user_id),
-                    ("order_id", ev.order_id), ("amount", ev.amount), ("currency", ev.currency),
-                    ("ts_ms", ev.ts_ms), ("day", ev.day), ("cents", ev.cents),
-                    ("partition", rec.partition), ("offset", rec.offset),
+                    ("event_id", ev.event_id),
+                    ("type", ev.type),
+                    ("user_id", ev.user_id),
+                    ("order_id", ev.order_id),
+                    ("amount", ev.amount),
+                    ("currency", ev.currency),
+                    ("ts_ms", ev.ts_ms),
+                    ("day", ev.day),
+                    ("cents", ev.cents),
+                    ("partition", rec.partition),
+                    ("offset", rec.offset),
                 ):
                     rows[col].append(value)
             if records:
@@ -82,7 +93,9 @@ class Archiver:
         try:
             await self._consumer.commit(self._pending)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            log.warning("archiver commit failed (events will be re-written, then deduplicated): %s", exc)
+            log.warning(
+                "archiver commit failed (events will be re-written, then deduplicated): %s", exc
+            )
         self.written += len(frame)
         ARCHIVED.inc(len(frame))
         self._rows = {c: [] for c in _COLUMNS}
@@ -91,8 +104,17 @@ class Archiver:
 
 
 _COLUMNS = (
-    "event_id", "type", "user_id", "order_id", "amount", "currency", "ts_ms", "day", "cents",
-    "partition", "offset",
+    "event_id",
+    "type",
+    "user_id",
+    "order_id",
+    "amount",
+    "currency",
+    "ts_ms",
+    "day",
+    "cents",
+    "partition",
+    "offset",
 )
 
 

@@ -178,7 +178,9 @@ async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> Consu
     await producer.start()
     await consumer.start()
     worker = FeatureConsumer(
-        settings, consumer, FeatureStore(redis, prefix=settings.key_prefix),
+        settings,
+        consumer,
+        FeatureStore(redis, prefix=settings.key_prefix),
         DeadLetters(producer, settings.dlq_topic),
     )
     try:

@@ -9,7 +9,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 from clv.settings import Settings
 
 
-def make_consumer(settings: Settings, group_id: str, *topics: str, **overrides: object) -> AIOKafkaConsumer:
+def make_consumer(
+    settings: Settings, group_id: str, *topics: str, **overrides: object
+) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the state is written."""
     opts: dict[str, object] = {
         "bootstrap_servers": settings.kafka_bootstrap,
@@ -21,7 +23,7 @@ def make_consumer(settings: Settings, group_id: str, *topics: str, **overrides: 
         "client_id": f"clv-{group_id}",
     }
     opts.update(overrides)
-    return AIOKafkaConsumer(*topics, **opts)  # type: ignore[arg-type]
+    return AIOKafkaConsumer(*topics, **opts)
 
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
@@ -35,7 +37,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
         "client_id": "clv-producer",
     }
     opts.update(overrides)
-    return AIOKafkaProducer(**opts)  # type: ignore[arg-type]
+    return AIOKafkaProducer(**opts)
 
 
 async def ensure_topics(settings: Settings, partitions: int | None = None) -> None:

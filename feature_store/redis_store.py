@@ -42,7 +42,9 @@ class ApplyResult:
 class FeatureStore:
     """Reads and writes per-user feature state in Redis (or Redis Cluster)."""
 
-    def __init__(self, redis: AnyRedis, *, prefix: str = "clv", retention_days: int = RETENTION_DAYS):
+    def __init__(
+        self, redis: AnyRedis, *, prefix: str = "clv", retention_days: int = RETENTION_DAYS
+    ):
         self._redis = redis
         self._prefix = prefix
         self._retention = retention_days
@@ -82,7 +84,8 @@ class FeatureStore:
             return ApplyResult(a, d, late)
         by_slot: dict[int, list[ValidEvent]] = {}
         for ev in events:
-            by_slot.setdefault(self._redis.keyslot(self.user_key(ev.user_id)), []).append(ev)
+            slot = self._redis.keyslot(self.user_key(ev.user_id))  # type: ignore[union-attr]
+            by_slot.setdefault(slot, []).append(ev)
         result = ApplyResult(0, 0, [])
         position = {id(ev): i for i, ev in enumerate(events)}
         for slot_events in by_slot.values():
@@ -93,8 +96,13 @@ class FeatureStore:
             result.duplicates += d
             result.too_late.extend(position[id(slot_events[i])] for i in late)
         if progress:
-            await self._run([self.progress_key(group)], _pack([]), progress, now_ms,
-                            clock=max((e.ts_ms for e in events), default=-1))
+            await self._run(
+                [self.progress_key(group)],
+                _pack([]),
+                progress,
+                now_ms,
+                clock=max((e.ts_ms for e in events), default=-1),
+            )
         return result
 
     def _encode(self, events: Iterable[ValidEvent]) -> tuple[list[str], bytes]:
@@ -105,7 +113,9 @@ class FeatureStore:
             ki = index.get(ev.user_id)
             if ki is None:
                 ki = index[ev.user_id] = len(index) + 2  # KEYS[1] is the progress hash
-            rows.append((ki, ev.event_id, ev.day, ev.ts_ms, ev.cents, 1 if ev.type == "purchase" else 0))
+            rows.append(
+                (ki, ev.event_id, ev.day, ev.ts_ms, ev.cents, 1 if ev.type == "purchase" else 0)
+            )
         keys = [f"{prefix}:{{{uid}}}" for uid in index]
         return keys, _pack(rows)
 
@@ -118,7 +128,13 @@ class FeatureStore:
         *,
         clock: int,
     ) -> tuple[int, int, list[int]]:
-        args = [payload, _pack(list(progress.items())), now_ms, self._retention, clock]
+        args: list[bytes | int] = [
+            payload,
+            _pack(list(progress.items())),
+            now_ms,
+            self._retention,
+            clock,
+        ]
         try:
             res = await self._script(keys=keys, args=args)
         except Exception as exc:  # redis errors carry the script's message
@@ -140,12 +156,12 @@ class FeatureStore:
         return None if v is None else int(v)
 
     async def read_state(self, user_id: str) -> UserState | None:
-        raw = await self._redis.hgetall(self.user_key(user_id))
+        raw: dict[bytes, bytes] = await self._redis.hgetall(self.user_key(user_id))  # type: ignore[assignment]
         return None if b"h" not in raw else state_from_hash(user_id, raw)
 
     async def updated_at_ms(self, user_id: str) -> int | None:
         """Wall-clock time the user's state last changed."""
-        header = await self._redis.hget(self.user_key(user_id), "h")
+        header: bytes | None = await self._redis.hget(self.user_key(user_id), "h")  # type: ignore[assignment]
         return None if header is None else int(_HEADER.unpack(header)[8])
 
     async def features(self, user_id: str, as_of_day: int | None = None) -> pd.DataFrame | None:
@@ -170,8 +186,18 @@ def _s(v: Any) -> str:
 
 # The header record apply_batch.lua writes (see its header comment).
 _HEADER = struct.Struct("<ididdididi")
-_HEADER_NAMES = ("orders", "cents", "purchase_days", "first_ms", "last_ms", "first_day",
-                 "first_day_cents", "latest_day", "updated_ms", "oldest_day")
+_HEADER_NAMES = (
+    "orders",
+    "cents",
+    "purchase_days",
+    "first_ms",
+    "last_ms",
+    "first_day",
+    "first_day_cents",
+    "latest_day",
+    "updated_ms",
+    "oldest_day",
+)
 
 
 def decode_hash(raw: dict[bytes, bytes]) -> dict[str, Any]:

@@ -18,21 +18,29 @@ from tests.consumers.test_feature_consumer import _run_group
 
 def _env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
-    env.update({f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items()
-                if v is not None})
+    env.update(
+        {f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+    )
     return env
 
 
 def clv(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "clv", *args], env=_env(settings),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clv", *args],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.integration
-async def test_replay_then_features(broker: LocalProcess, redis_server: LocalProcess,
-                                    tmp_path: Path) -> None:
-    settings = unique_settings(broker.address, redis_server.address,
-                               event_log_dir=tmp_path / "events", clock="event")
+async def test_replay_then_features(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    settings = unique_settings(
+        broker.address, redis_server.address, event_log_dir=tmp_path / "events", clock="event"
+    )
     orders = tmp_path / "orders.csv"
     orders.write_text(
         "user_id,order_id,ts,amount,type\n"
@@ -76,7 +84,11 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
         assert out.returncode != 0, args
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("clv: error:"), (args, out.stderr)
-    bad_setting = subprocess.run([sys.executable, "-m", "clv", "features", "x"],
-                                 env={**os.environ, "CLV_HORIZON_DAYS": "-3"},
-                                 capture_output=True, text=True, timeout=60)
+    bad_setting = subprocess.run(
+        [sys.executable, "-m", "clv", "features", "x"],
+        env={**os.environ, "CLV_HORIZON_DAYS": "-3"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad_setting.returncode == 2 and "CLV_HORIZON_DAYS" in bad_setting.stderr

@@ -20,12 +20,20 @@ pytestmark = pytest.mark.integration
 def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
     redis_port, kafka_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
-    env.update(CLV_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-               CLV_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
-               CLV_EVENT_LOG_DIR=str(tmp_path / "events"), CLV_MODEL_DIR=str(tmp_path / "models"))
-    proc = subprocess.Popen([sys.executable, "-m", "clv", "up", "--retrain-every", "0"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env.update(
+        CLV_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+        CLV_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
+        CLV_EVENT_LOG_DIR=str(tmp_path / "events"),
+        CLV_MODEL_DIR=str(tmp_path / "models"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "up", "--retrain-every", "0"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None

@@ -34,13 +34,19 @@ def unique_settings(broker: str, redis_url: str, **extra: object) -> Settings:
 
 def event_message(ev: ValidEvent) -> tuple[bytes, bytes]:
     value = encode_event(
-        event_id=ev.event_id, type=ev.type, user_id=ev.user_id, order_id=ev.order_id,
-        amount=abs(ev.cents) / 100, ts=ms_to_iso(ev.ts_ms) or "",
+        event_id=ev.event_id,
+        type=ev.type,
+        user_id=ev.user_id,
+        order_id=ev.order_id,
+        amount=abs(ev.cents) / 100,
+        ts=ms_to_iso(ev.ts_ms) or "",
     )
     return ev.user_id.encode(), value
 
 
-async def produce(settings: Settings, messages: Sequence[tuple[bytes | None, bytes | None]]) -> None:
+async def produce(
+    settings: Settings, messages: Sequence[tuple[bytes | None, bytes | None]]
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
@@ -64,8 +70,11 @@ async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, in
 async def read_topic(settings: Settings, topic: str, timeout: float = 30) -> list[ConsumerRecord]:  # type: ignore[type-arg]
     """Every record of ``topic`` from the beginning to its current end."""
     ends = await end_offsets(settings, topic)
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                         auto_offset_reset="earliest")
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await c.start()
     out: list[ConsumerRecord] = []  # type: ignore[type-arg]
     try:
@@ -87,8 +96,9 @@ async def read_topic(settings: Settings, topic: str, timeout: float = 30) -> lis
 async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
     """A group's committed offsets, read with a manually assigned consumer of that group."""
     ends = await end_offsets(settings, topic)
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                         enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
     await c.start()
     try:
         c.assign(list(ends))

@@ -30,8 +30,13 @@ pytestmark = pytest.mark.integration
 async def settings(
     broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
 ) -> AsyncIterator[Settings]:
-    s = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "events",
-                        archive_flush_events=700, archive_flush_seconds=0.5)
+    s = unique_settings(
+        broker.address,
+        redis_server.address,
+        event_log_dir=tmp_path / "events",
+        archive_flush_events=700,
+        archive_flush_seconds=0.5,
+    )
     await ensure_topics(s)
     yield s
 

@@ -37,6 +37,7 @@ from .kafka_helpers import (
 
 pytestmark = pytest.mark.integration
 
+
 @pytest.fixture
 async def settings(broker: LocalProcess, redis_server: LocalProcess) -> AsyncIterator[Settings]:
     s = unique_settings(broker.address, redis_server.address)
@@ -64,8 +65,12 @@ class Group:
         s = self.settings
         kc = make_consumer(s, s.consumer_group, s.orders_topic, max_poll_records=100)
         await kc.start()
-        w = FeatureConsumer(s, kc, FeatureStore(self.redis, prefix=s.key_prefix),
-                            DeadLetters(self.producer, s.dlq_topic))
+        w = FeatureConsumer(
+            s,
+            kc,
+            FeatureStore(self.redis, prefix=s.key_prefix),
+            DeadLetters(self.producer, s.dlq_topic),
+        )
         self.kafkas.append(kc)
         self.workers.append(w)
         self.tasks.append(asyncio.create_task(w.run(self.stop)))
@@ -106,7 +111,9 @@ async def _assert_online_equals_offline(settings: Settings, events: list[ValidEv
         await redis.aclose()
 
 
-def _interleave(events: list[ValidEvent], bad: list[bytes | None], seed: int) -> list[tuple[bytes | None, bytes | None]]:
+def _interleave(
+    events: list[ValidEvent], bad: list[bytes | None], seed: int
+) -> list[tuple[bytes | None, bytes | None]]:
     rng = random.Random(seed)
     msgs: list[tuple[bytes | None, bytes | None]] = [event_message(e) for e in events]
     for value in bad:
@@ -136,9 +143,14 @@ async def test_every_bad_message_lands_in_the_dlq_with_its_reason(settings: Sett
     bad_letters = [d for d in letters if d["reason"] != "too_late"]
     assert len(bad_letters) == len(BAD)
     for value, reason in BAD:
-        assert reason in by_value[value or b""], (value[:60] if value else value, by_value.get(value or b""))
+        assert reason in by_value[value or b""], (
+            value[:60] if value else value,
+            by_value.get(value or b""),
+        )
     # The source coordinates point at the original message.
-    originals = {(r.partition, r.offset): r.value for r in await read_topic(settings, settings.orders_topic)}
+    originals = {
+        (r.partition, r.offset): r.value for r in await read_topic(settings, settings.orders_topic)
+    }
     for d in letters:
         assert originals[(d["partition"], d["offset"])] == d["value"]
     await _assert_online_equals_offline(settings, events)
@@ -163,10 +175,16 @@ async def test_two_consumers_with_a_rebalance_mid_stream(settings: Settings) -> 
 
 
 def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **{f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items()
-                            if v is not None}}
-    return subprocess.Popen([sys.executable, "-m", "clv", "consume"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        **{f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None},
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "clv", "consume"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.mark.slow

@@ -14,7 +14,10 @@ MS_PER_DAY = 86_400_000
 
 
 def messy_events(
-    seed: int, users: int = 40, per_user: int = 30, start: dt.date = dt.date(2024, 1, 1),
+    seed: int,
+    users: int = 40,
+    per_user: int = 30,
+    start: dt.date = dt.date(2024, 1, 1),
     span_days: int = 900,
 ) -> list[ValidEvent]:
     """Purchases spread over ``span_days`` (longer than the longest window, so state folds),
@@ -49,8 +52,15 @@ def messy_events(
 
 def _ev(eid: str, kind: str, uid: str, oid: str, cents: int, ts: int) -> ValidEvent:
     return ValidEvent(
-        event_id=eid, type=kind, user_id=uid, order_id=oid, amount=abs(cents) / 100,
-        currency=None, ts_ms=ts, day=ts // MS_PER_DAY, cents=cents,
+        event_id=eid,
+        type=kind,
+        user_id=uid,
+        order_id=oid,
+        amount=abs(cents) / 100,
+        currency=None,
+        ts_ms=ts,
+        day=ts // MS_PER_DAY,
+        cents=cents,
     )
 
 
@@ -70,8 +80,14 @@ def as_frame(events: list[ValidEvent]) -> pd.DataFrame:
     )
 
 
-GOOD = {"event_id": "e", "type": "purchase", "user_id": "u", "order_id": "o", "amount": 1.0,
-        "ts": "2024-01-01T00:00:00Z"}
+GOOD = {
+    "event_id": "e",
+    "type": "purchase",
+    "user_id": "u",
+    "order_id": "o",
+    "amount": 1.0,
+    "ts": "2024-01-01T00:00:00Z",
+}
 
 
 def _with(**changes: object) -> bytes:
@@ -86,17 +102,30 @@ BAD: list[tuple[bytes | None, str]] = [
     (b"", "empty"),
     (b"[1, 2, 3]", "not_object"),
     (b'"just a string"', "not_object"),
-    *[(_with(**{f: ...}), "missing_field") for f in ("event_id", "type", "user_id", "order_id",
-                                                      "amount", "ts")],
+    *[
+        (_with(**{f: ...}), "missing_field")
+        for f in ("event_id", "type", "user_id", "order_id", "amount", "ts")
+    ],
     (_with(amount="12.5"), "wrong_type"),
     (_with(user_id=42), "wrong_type"),
     (_with(amount=True), "wrong_type"),
-    (b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"o","amount":NaN,'
-     b'"ts":"2024-01-01"}', "not_json"),
-    (b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"o","amount":Infinity,'
-     b'"ts":"2024-01-01"}', "not_json"),
-    (_with(amount=1e400) if False else b'{"event_id":"e","type":"purchase","user_id":"u",'
-     b'"order_id":"o","amount":1e999,"ts":"2024-01-01"}', "invalid_value"),
+    (
+        b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"o","amount":NaN,'
+        b'"ts":"2024-01-01"}',
+        "not_json",
+    ),
+    (
+        b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"o","amount":Infinity,'
+        b'"ts":"2024-01-01"}',
+        "not_json",
+    ),
+    (
+        _with(amount=1e400)
+        if False
+        else b'{"event_id":"e","type":"purchase","user_id":"u",'
+        b'"order_id":"o","amount":1e999,"ts":"2024-01-01"}',
+        "invalid_value",
+    ),
     (_with(amount=-0.01), "invalid_value"),
     (_with(amount=2e9), "invalid_value"),
     (_with(type="exchange"), "invalid_value"),
@@ -115,5 +144,3 @@ BAD: list[tuple[bytes | None, str]] = [
     (b'{"pad":"' + b"x" * (64 * 1024) + b'"}', "too_large"),
     (b"\xff\xfe\x00garbage", "not_json"),
 ]
-
-

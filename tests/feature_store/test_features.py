@@ -14,8 +14,14 @@ def _orders(rows: list[tuple[str, str, float, str]]) -> pd.DataFrame:
     return events_from_orders(
         pd.DataFrame(
             [
-                {"user_id": "u", "order_id": f"o{i}", "ts": ts, "amount": amt, "type": kind,
-                 "event_id": f"{kind}-{i}-{note}"}
+                {
+                    "user_id": "u",
+                    "order_id": f"o{i}",
+                    "ts": ts,
+                    "amount": amt,
+                    "type": kind,
+                    "event_id": f"{kind}-{i}-{note}",
+                }
                 for i, (ts, kind, amt, note) in enumerate(rows)
             ]
         )
@@ -23,13 +29,15 @@ def _orders(rows: list[tuple[str, str, float, str]]) -> pd.DataFrame:
 
 
 def test_windows_cover_the_last_w_days_including_the_as_of_day() -> None:
-    ev = _orders([
-        ("2024-01-01T10:00:00Z", "purchase", 10.0, "a"),
-        ("2024-01-01T18:00:00Z", "purchase", 5.0, "b"),  # same day: one purchase day
-        ("2024-03-25T00:00:00Z", "purchase", 20.0, "c"),  # 7 days before 2024-04-01
-        ("2024-03-26T00:00:00Z", "purchase", 30.0, "d"),  # 6 days before: inside 7d
-        ("2024-04-01T23:59:59Z", "refund", 4.0, "e"),  # refund on the as-of day
-    ])
+    ev = _orders(
+        [
+            ("2024-01-01T10:00:00Z", "purchase", 10.0, "a"),
+            ("2024-01-01T18:00:00Z", "purchase", 5.0, "b"),  # same day: one purchase day
+            ("2024-03-25T00:00:00Z", "purchase", 20.0, "c"),  # 7 days before 2024-04-01
+            ("2024-03-26T00:00:00Z", "purchase", 30.0, "d"),  # 6 days before: inside 7d
+            ("2024-04-01T23:59:59Z", "refund", 4.0, "e"),  # refund on the as-of day
+        ]
+    )
     f = features_at(ev, day_number(dt.date(2024, 4, 1))).loc["u"]
     assert list(f.index[: len(FEATURE_NAMES)]) == list(FEATURE_NAMES)
     assert f["orders_total"] == 4 and f["revenue_total"] == 61.0
@@ -46,11 +54,13 @@ def test_windows_cover_the_last_w_days_including_the_as_of_day() -> None:
 
 
 def test_duplicates_count_once_and_later_events_are_invisible() -> None:
-    ev = _orders([
-        ("2024-01-01", "purchase", 10.0, "a"),
-        ("2024-01-05", "purchase", 10.0, "b"),
-        ("2024-02-01", "purchase", 99.0, "c"),
-    ])
+    ev = _orders(
+        [
+            ("2024-01-01", "purchase", 10.0, "a"),
+            ("2024-01-05", "purchase", 10.0, "b"),
+            ("2024-02-01", "purchase", 99.0, "c"),
+        ]
+    )
     ev = pd.concat([ev, ev.iloc[[0]]], ignore_index=True)  # a redelivered event
     f = features_at(ev, day_number(dt.date(2024, 1, 31))).loc["u"]
     assert f["orders_total"] == 2 and f["revenue_total"] == 20.0 and f["age_days"] == 30

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -33,21 +32,48 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for port in ports:
             work = tmp_path_factory.mktemp(f"cluster-{port}")
             proc = subprocess.Popen(
-                [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(work / "nodes.conf"), "--save", "",
-                 "--appendonly", "no", "--dir", str(work)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                [
+                    exe,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(work / "nodes.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(work),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
             )
             wait_port("127.0.0.1", port, proc, "redis-server (cluster node)")
             nodes.append(LocalProcess("redis", proc, f"127.0.0.1:{port}"))
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in ports],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         for _ in range(100):
-            out = subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"],
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                ["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                capture_output=True,
+                text=True,
+            ).stdout
             if "cluster_state:ok" in out:
                 break
             time.sleep(0.1)

@@ -29,7 +29,9 @@ async def test_online_equals_offline_under_duplicates_reordering_and_late_events
     events = messy_events(seed)
     late = []
     for i in range(0, len(events), batch):
-        res = await store.apply(events[i : i + batch], group="g", progress={"orders:0": i}, now_ms=1)
+        res = await store.apply(
+            events[i : i + batch], group="g", progress={"orders:0": i}, now_ms=1
+        )
         late.extend(events[i + j] for j in res.too_late)
     assert late, "the stream should hold events later than the retention"
     frame = as_frame(events)
