@@ -156,8 +156,10 @@ def test_fingerprint_ignores_row_order_but_not_content(events: pd.DataFrame) -> 
 
 
 def test_compact_and_sample_keep_whole_users(events: pd.DataFrame) -> None:
-    compact, n_users = compact_events(events)
+    compact, user_ids = compact_events(events)
+    n_users = len(user_ids)
     assert n_users == 600 and len(compact) == len(events)
+    assert set(user_ids[compact["user_id"].to_numpy()]) == set(events["user_id"])
     day = int(events["day"].max())
     a = features_at(events, day)
     b = features_at(compact, day)
@@ -192,3 +194,15 @@ async def test_retrain_forever_trains_in_a_child_without_blocking_the_loop(
             await task
     assert registry.champion_version() is not None
     assert ticks > 1  # the loop kept running while the child trained
+
+
+def test_large_logs_train_on_a_sample_of_whole_users(tmp_path: Path, events: pd.DataFrame) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    result = train(settings, progress=False, candidates=FAST, max_users=250)
+    assert result.users == 600 and result.sampled_users == 250
+    meta = ModelRegistry(settings.model_dir).load_champion().metadata
+    assert meta["extra"]["sampled_users"] == 250 and meta["extra"]["users"] == 600
+    assert meta["validation"]["users"] <= 250
+    again = train(settings, progress=False, candidates=FAST, max_users=250)
+    assert again.validation == result.validation  # the sample is drawn from the data: repeatable
