@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from clv.local_stack import LocalProcess, free_port, wait_port
+from clv.local_stack import LocalProcess, free_port, port_open, wait_port
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
@@ -22,12 +22,20 @@ from .streams import as_frame, messy_events
 pytestmark = pytest.mark.integration
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and not port_open("127.0.0.1", port + 10000):
+            return port
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     exe = shutil.which("redis-server")
     assert exe, "redis-server is required"
     nodes: list[LocalProcess] = []
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     try:
         for port in ports:
             work = tmp_path_factory.mktemp(f"cluster-{port}")
