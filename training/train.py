@@ -410,20 +410,39 @@ async def train_in_subprocess(
     return int(proc.returncode or 0)
 
 
+def log_signature(root: Path) -> str:
+    """A cheap signature of the event log's files (names and sizes): the log is append-only,
+    so it changes exactly when events were added. No file is read."""
+    digest = hashlib.sha256()
+    if Path(root).is_dir():
+        for folder in sorted(Path(root).iterdir()):
+            if folder.is_dir() and folder.name.startswith("date="):
+                for part in sorted(folder.glob("part-*.parquet")):
+                    digest.update(f"{folder.name}/{part.name}:{part.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
 async def retrain_forever(
     settings: Settings, interval_s: float, *, candidates: list[str] | None = None
 ) -> None:
     """Train now and then every ``interval_s`` seconds, each run in a child process.
 
-    Until a champion exists, a failed run (say, an event log still empty) is retried after at
-    most a minute rather than a full interval. Failures are logged, never raised.
+    A run is skipped when the event log has not changed since the last successful one (no
+    stream of identical versions). Until a champion exists, a failed run (say, an event log
+    still empty) is retried after at most a minute. Failures are logged, never raised.
     """
     registry = ModelRegistry(settings.model_dir)
+    trained_on: str | None = None
     while True:
-        try:
-            await train_in_subprocess(settings, candidates=candidates)
-        except OSError as exc:  # could not start the child at all
-            log.warning("retraining could not start: %s", exc)
+        signature = await asyncio.to_thread(log_signature, settings.event_log_dir)
+        if signature != trained_on:
+            try:
+                if await train_in_subprocess(settings, candidates=candidates) == 0:
+                    trained_on = signature
+            except OSError as exc:  # could not start the child at all
+                log.warning("retraining could not start: %s", exc)
+        else:
+            log.info("retraining skipped: no new events since the last run")
         try:
             has_champion = registry.champion_version() is not None
         except ClvError:

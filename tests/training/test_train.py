@@ -24,6 +24,7 @@ from training.train import (
     choose_horizon,
     compact_events,
     data_fingerprint,
+    log_signature,
     retrain_forever,
     sample_users,
     train,
@@ -206,3 +207,15 @@ def test_large_logs_train_on_a_sample_of_whole_users(tmp_path: Path, events: pd.
     assert meta["validation"]["users"] <= 250
     again = train(settings, progress=False, candidates=FAST, max_users=250)
     assert again.validation == result.validation  # the sample is drawn from the data: repeatable
+
+
+def test_log_signature_changes_only_when_events_are_added(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    root = tmp_path / "events"
+    empty = log_signature(root)
+    write_events(root, events.iloc[:100])
+    first = log_signature(root)
+    assert first != empty and log_signature(root) == first
+    write_events(root, events.iloc[100:200])
+    assert log_signature(root) != first
