@@ -14,11 +14,12 @@ from scipy.stats import spearmanr
 
 #: Metric names in report order; ``higher_is_better`` says which way each one improves.
 METRIC_NAMES: tuple[str, ...] = (
-    "rmse", "mae", "gini", "spearman", "top10_capture", "decile_mape", "bias",
+    "rmse", "mae", "gini", "spearman", "top10_capture", "decile_mape", "decile_mape_level",
+    "bias",
 )
 HIGHER_IS_BETTER: dict[str, bool] = {
     "rmse": False, "mae": False, "gini": True, "spearman": True, "top10_capture": True,
-    "decile_mape": False, "bias": False,  # bias: closer to 0 is better
+    "decile_mape": False, "decile_mape_level": False, "bias": False,  # bias: closer to 0 is better
 }
 
 
@@ -102,6 +103,14 @@ def decile_mape(actual: np.ndarray, pred: np.ndarray) -> float:
     return float(err.mean())
 
 
+def level_adjusted_decile_mape(actual: np.ndarray, pred: np.ndarray) -> float:
+    """Decile MAPE after scaling the predictions to the actual total: the calibration of the
+    shape (who gets how much), with the overall level left to :func:`total_bias`."""
+    a, p = _arrays(actual, pred)
+    total = p.sum()
+    return decile_mape(a, p * (a.sum() / total)) if total > 0 else float("nan")
+
+
 def total_bias(actual: np.ndarray, pred: np.ndarray) -> float:
     """``sum(pred) / sum(actual) - 1``: +0.1 means 10 % too much revenue predicted in total."""
     a, p = _arrays(actual, pred)
@@ -118,5 +127,6 @@ def all_metrics(actual: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         "spearman": spearman(actual, pred),
         "top10_capture": top_capture(actual, pred),
         "decile_mape": decile_mape(actual, pred),
+        "decile_mape_level": level_adjusted_decile_mape(actual, pred),
         "bias": total_bias(actual, pred),
     }

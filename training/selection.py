@@ -9,6 +9,12 @@ A candidate wins only if it meets the project's targets against the BG/NBD+GG re
 validation window (better Gini and decile MAPE, at most 2 % worse RMSE and MAE, total bias
 within ±10 % or no worse than the reference's); among those, the best composite score wins.
 Otherwise the reference stays champion.
+
+Decile MAPE is compared at a common level (each model's predictions scaled to the actual
+total, :func:`~training.metrics.level_adjusted_decile_mape`): a validation window's total is
+dominated by seasonality that no candidate models (CDNOW's autumn window runs 19 % above
+BG/NBD), and that shared level error would otherwise swamp the calibration of *who* gets how
+much, which is what differs between candidates. The level itself is judged by the bias gate.
 """
 
 from __future__ import annotations
@@ -67,14 +73,15 @@ class WindowPlan:
 def plan_windows(history: int, horizon_days: int) -> WindowPlan:
     """Windows for a history of ``history`` days before the cutoff.
 
-    Validation gets the last third of the history (at most the horizon), so the validated
-    fits still have two thirds to learn from; the final fit's label windows may span up to
-    two thirds of the history (at most the horizon), keeping at least a third, and
-    ``MIN_TRAIN_HISTORY_DAYS``, of history before its earliest cutoff.
+    The final fit's label windows span at most two thirds of the history (and the horizon), so
+    its latest training cutoff keeps a third of the history behind it. With at least two
+    horizons of history, validation scores a whole horizon, fitted on horizon-long labels
+    before it; otherwise validation and its fits use half the final window each, so the
+    validated fits are trained on cutoffs of the same age as the final fit's.
     """
     usable = max(history - MIN_TRAIN_HISTORY_DAYS, 0)
-    val = min(horizon_days, history // 3, usable)
     label = min(horizon_days, 2 * history // 3, usable)
+    val = horizon_days if usable >= 2 * horizon_days else label // 2
     return WindowPlan(history, horizon_days, label, val)
 
 
@@ -124,7 +131,8 @@ def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
     """Meets the targets against the reference's figures on the same window."""
     if not all(math.isfinite(m.get(k, float("nan"))) for k in ("rmse", "mae", "gini", "bias")):
         return False
-    mape_ok = (not math.isfinite(ref["decile_mape"])) or m["decile_mape"] < ref["decile_mape"]
+    key = "decile_mape_level"
+    mape_ok = (not math.isfinite(ref[key])) or m[key] < ref[key]
     return (
         m["gini"] > ref["gini"]
         and mape_ok
@@ -135,18 +143,19 @@ def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
 
 
 def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
-    """Sum of relative improvements over the reference (Gini, decile MAPE, RMSE, MAE), less a
-    penalty for total bias beyond the limit. Higher is better."""
+    """Sum of relative improvements over the reference (Gini, level-adjusted decile MAPE, RMSE,
+    MAE), less a penalty for total bias beyond the limit (or the reference's own bias, if
+    larger). Higher is better; the reference scores 0."""
 
     def rel(better: float, worse: float) -> float:
         return (worse - better) / abs(worse) if worse else 0.0
 
     s = (
         rel(-m["gini"], -ref["gini"])
-        + rel(m["decile_mape"], ref["decile_mape"])
+        + rel(m["decile_mape_level"], ref["decile_mape_level"])
         + rel(m["rmse"], ref["rmse"])
         + rel(m["mae"], ref["mae"])
-        - 5.0 * max(abs(m["bias"]) - BIAS_LIMIT, 0.0)
+        - 5.0 * max(abs(m["bias"]) - max(BIAS_LIMIT, abs(ref["bias"])), 0.0)
     )
     return float(s) if math.isfinite(s) else float("-inf")
 

@@ -107,15 +107,15 @@ def ridge_model() -> SklearnCLV:
 
 
 def random_forest_model(seed: int = 0) -> SklearnCLV:
-    est = RandomForestRegressor(n_estimators=100, min_samples_leaf=20, max_features=0.5,
-                                n_jobs=2, random_state=seed)
-    return SklearnCLV(est, {"min_samples_leaf": [10, 50]}, name="random_forest")
+    est = RandomForestRegressor(n_estimators=60, min_samples_leaf=20, max_features=0.5,
+                                max_samples=0.5, n_jobs=2, random_state=seed)
+    return SklearnCLV(est, {"min_samples_leaf": [20, 100]}, name="random_forest", max_splits=2)
 
 
 def gradient_boosting_model(seed: int = 0) -> SklearnCLV:
-    est = GradientBoostingRegressor(n_estimators=150, learning_rate=0.05, subsample=0.8,
-                                    random_state=seed)
-    return SklearnCLV(est, {"max_depth": [2, 4]}, name="gradient_boosting")
+    est = GradientBoostingRegressor(n_estimators=100, learning_rate=0.05, subsample=0.5,
+                                    max_depth=3, random_state=seed)
+    return SklearnCLV(est, {"max_depth": [2, 4]}, name="gradient_boosting", max_splits=2)
 
 
 def hgb_poisson_model(seed: int = 0) -> SklearnCLV:
