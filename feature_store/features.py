@@ -130,9 +130,25 @@ def compute_features(state: UserState, as_of_day: int | np.ndarray) -> pd.DataFr
     )
     frame = pd.DataFrame(cols, index=pd.Index(state.user_id, name="user_id"))
     frame = frame[list(FEATURE_NAMES)]
-    frame["first_order_at"] = [ms_to_iso(int(v)) for v in state.first_ts_ms]
-    frame["last_order_at"] = [ms_to_iso(int(v)) for v in state.last_ts_ms]
+    frame["first_order_at"] = iso_times(state.first_ts_ms)
+    frame["last_order_at"] = iso_times(state.last_ts_ms)
     return frame
+
+
+def iso_times(ms: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`ms_to_iso` (None where ``ms`` < 0)."""
+    ms = np.asarray(ms, dtype=np.int64)
+    out = np.full(len(ms), None, dtype=object)
+    has = ms >= 0
+    if has.any():
+        t = ms[has].astype("datetime64[ms]")
+        text = np.where(
+            ms[has] % 1000 == 0,
+            np.datetime_as_string(t, unit="s"),
+            np.datetime_as_string(t, unit="ms"),
+        )
+        out[has] = np.char.add(text.astype(str), "Z").astype(object)
+    return out
 
 
 def features_record(frame: pd.DataFrame, user_id: str) -> dict[str, object]:

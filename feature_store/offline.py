@@ -97,15 +97,16 @@ def build_state(
     cents = ev["cents"].to_numpy(np.int64)
     ts = ev["ts_ms"].to_numpy(np.int64)
 
-    buckets = (
-        pd.DataFrame({"u": codes, "d": day, "o": is_p.astype(np.int64), "c": cents})
-        .groupby(["u", "d"], sort=True)
-        .sum()
-    )
-    days_user = buckets.index.get_level_values(0).to_numpy(np.int64)
-    days_day = buckets.index.get_level_values(1).to_numpy(np.int64)
-    days_orders = buckets["o"].to_numpy(np.int64)
-    days_cents = buckets["c"].to_numpy(np.int64)
+    # Day buckets: one int64 key per (user, day), grouped with one sort (two-column groupbys
+    # cost several times more on millions of events).
+    d0 = int(day.min()) if len(day) else 0
+    span = int(day.max()) - d0 + 1 if len(day) else 1
+    key = codes * span + (day - d0)
+    keys, inverse = np.unique(key, return_inverse=True)
+    days_user = keys // span
+    days_day = keys % span + d0
+    days_orders = np.bincount(inverse, weights=is_p, minlength=len(keys)).astype(np.int64)
+    days_cents = np.bincount(inverse, weights=cents, minlength=len(keys)).round().astype(np.int64)
 
     pu, pts = codes[is_p], ts[is_p]
     first_ts = np.full(n, -1, dtype=np.int64)
