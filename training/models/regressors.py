@@ -107,13 +107,13 @@ def ridge_model() -> SklearnCLV:
 
 
 def random_forest_model(seed: int = 0) -> SklearnCLV:
-    est = RandomForestRegressor(n_estimators=60, min_samples_leaf=20, max_features=0.5,
-                                max_samples=0.5, n_jobs=2, random_state=seed)
+    est = RandomForestRegressor(n_estimators=50, min_samples_leaf=20, max_features=0.5,
+                                max_samples=0.3, n_jobs=2, random_state=seed)
     return SklearnCLV(est, {"min_samples_leaf": [20, 100]}, name="random_forest", max_splits=2)
 
 
 def gradient_boosting_model(seed: int = 0) -> SklearnCLV:
-    est = GradientBoostingRegressor(n_estimators=100, learning_rate=0.05, subsample=0.5,
+    est = GradientBoostingRegressor(n_estimators=80, learning_rate=0.08, subsample=0.5,
                                     max_depth=3, random_state=seed)
     return SklearnCLV(est, {"max_depth": [2, 4]}, name="gradient_boosting", max_splits=2)
 
