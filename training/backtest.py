@@ -18,7 +18,7 @@ import pandas as pd
 
 from feature_store.features import day_date, day_number
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
-from training.metrics import METRIC_NAMES, all_metrics
+from training.metrics import METRIC_NAMES
 from training.models.base import PREDICTION_COLUMNS, CLVModel
 from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
 from training.report import decile_plot, gain_plot, tracking_plot, write_html
@@ -77,8 +77,7 @@ def backtest_events(
     if feats.empty:
         raise DatasetError(f"no purchase on or before the cutoff {day_date(cutoff_day)}")
     progress(f"{len(past):,} events up to the cutoff, {len(feats):,} customers to score")
-    selection = select_champion(past, cutoff_day, horizon_days, names=candidates,
-                                progress=progress)
+    selection = select_champion(past, cutoff_day, horizon_days, names=candidates, progress=progress)
     progress(f"champion: {selection.champion} ({selection.reason})")
 
     future_complete = int(events["day"].max()) >= cutoff_day + horizon_days
@@ -101,8 +100,14 @@ def backtest_events(
             continue  # too little history for a model that learns from labels
         rows = len(ds) if supervised else len(ds.current)
         progress(f"final fit: {name} on {rows:,} rows")
-        scores, p = evaluate({name: model}, ds, feats, actual if actual is not None
-                             else np.zeros(len(feats)), horizon_days, _quiet)
+        scores, p = evaluate(
+            {name: model},
+            ds,
+            feats,
+            actual if actual is not None else np.zeros(len(feats)),
+            horizon_days,
+            _quiet,
+        )
         if name not in p:
             progress(f"final fit: {name} failed: {scores[name].error}")
             continue
@@ -136,8 +141,11 @@ def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
 
 
 def tracking_curves(
-    events: pd.DataFrame, result: BacktestResult, models: dict[str, CLVModel],
-    features: pd.DataFrame, step_days: int = 7,
+    events: pd.DataFrame,
+    result: BacktestResult,
+    models: dict[str, CLVModel],
+    features: pd.DataFrame,
+    step_days: int = 7,
 ) -> tuple[list[int], np.ndarray, dict[str, np.ndarray]]:
     """Cumulative actual revenue of the scored users after the cutoff, and each model's
     forecast for the same number of days."""
@@ -157,7 +165,10 @@ def tracking_curves(
 
 
 def write_report(
-    events: pd.DataFrame, result: BacktestResult, report_dir: Path, title: str = "",
+    events: pd.DataFrame,
+    result: BacktestResult,
+    report_dir: Path,
+    title: str = "",
     img_prefix: str = "",
 ) -> list[Path]:
     """Metrics tables, plots and ``index.html`` under ``report_dir``."""
@@ -171,22 +182,44 @@ def write_report(
     shown = list(dict.fromkeys([sel.champion, REFERENCE]))
     if sel.val_actual is not None and sel.val_predictions:
         vp = {n: sel.val_predictions[n] for n in shown if n in sel.val_predictions}
-        images.append(decile_plot(sel.val_actual, vp, report_dir / f"{img_prefix}validation_deciles.png",
-                                  "Internal validation: decile calibration"))
-        images.append(gain_plot(sel.val_actual, vp, report_dir / f"{img_prefix}validation_gain.png",
-                                "Internal validation: gain curve"))
+        images.append(
+            decile_plot(
+                sel.val_actual,
+                vp,
+                report_dir / f"{img_prefix}validation_deciles.png",
+                "Internal validation: decile calibration",
+            )
+        )
+        images.append(
+            gain_plot(
+                sel.val_actual,
+                vp,
+                report_dir / f"{img_prefix}validation_gain.png",
+                "Internal validation: gain curve",
+            )
+        )
     tables = {"Internal validation (every candidate, data before the cutoff only)": val}
     if result.out_of_sample is not None and result.actual is not None:
         result.out_of_sample.to_csv(report_dir / "out_of_sample_metrics.csv", index_label="model")
         files.append(report_dir / "out_of_sample_metrics.csv")
-        tables["Out of sample (against the actual revenue after the cutoff)"] = (
-            result.out_of_sample
-        )
+        tables["Out of sample (against the actual revenue after the cutoff)"] = result.out_of_sample
         op = {n: result.model_predictions[n] for n in shown if n in result.model_predictions}
-        images.append(decile_plot(result.actual, op, report_dir / f"{img_prefix}oos_deciles.png",
-                                  "Out of sample: decile calibration"))
-        images.append(gain_plot(result.actual, op, report_dir / f"{img_prefix}oos_gain.png",
-                                "Out of sample: gain curve"))
+        images.append(
+            decile_plot(
+                result.actual,
+                op,
+                report_dir / f"{img_prefix}oos_deciles.png",
+                "Out of sample: decile calibration",
+            )
+        )
+        images.append(
+            gain_plot(
+                result.actual,
+                op,
+                report_dir / f"{img_prefix}oos_gain.png",
+                "Out of sample: gain curve",
+            )
+        )
         fitted = result.fitted_models
         feats = purchasers_at(events[events["day"] <= result.cutoff_day], result.cutoff_day)
         days, act, pred = tracking_curves(
@@ -194,19 +227,22 @@ def write_report(
         )
         images.append(tracking_plot(days, act, pred, report_dir / f"{img_prefix}tracking.png"))
     cutoff = day_date(result.cutoff_day)
+    inner = "-" if sel.inner_cutoff_day is None else day_date(sel.inner_cutoff_day)
     notes = [
         f"Cutoff {cutoff}, horizon {result.horizon_days} days, "
         f"{len(result.predictions):,} customers scored.",
         f"Champion: {sel.champion} ({sel.reason}).",
-        f"Validation: fitted on data up to {day_date(sel.inner_cutoff_day) if sel.inner_cutoff_day else '-'}, "
+        f"Validation: fitted on data up to {inner}, "
         f"scored on the following {sel.plan.val_days} days; final label window "
         f"{sel.plan.label_days} days (history {sel.plan.history_days} days).",
     ]
     if not result.future_complete:
-        notes.append("The file does not cover the whole horizon after the cutoff: no "
-                     "out-of-sample figures.")
-    page = write_html(report_dir / "index.html", title or f"CLV backtest {cutoff}", notes,
-                      tables, images)
+        notes.append(
+            "The file does not cover the whole horizon after the cutoff: no out-of-sample figures."
+        )
+    page = write_html(
+        report_dir / "index.html", title or f"CLV backtest {cutoff}", notes, tables, images
+    )
     return [*files, *images, page]
 
 
@@ -225,8 +261,9 @@ def run_backtest(
     say: Progress = StderrProgress() if progress else _quiet
     say(f"reading {orders_path} ({fmt})")
     events = load_orders(orders_path, fmt)
-    result = backtest_events(events, day_number(cutoff), horizon_days, candidates=candidates,
-                             progress=say)
+    result = backtest_events(
+        events, day_number(cutoff), horizon_days, candidates=candidates, progress=say
+    )
     write_predictions(result.predictions, Path(out_csv))
     say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
     if report_dir is not None:

@@ -170,7 +170,8 @@ def build_training_set(
         raise DatasetError(
             f"no purchase at least {window} days before day {as_of_day}: nothing to learn from"
         )
-    frames.reverse(), cut.reverse(), rev.reverse(), cnt.reverse()  # time order
+    for parts in (frames, cut, rev, cnt):
+        parts.reverse()  # time order
     cutoff_day = np.concatenate(cut)
     return TrainingSet(
         features=pd.concat(frames),

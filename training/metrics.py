@@ -14,12 +14,24 @@ from scipy.stats import spearmanr
 
 #: Metric names in report order; ``higher_is_better`` says which way each one improves.
 METRIC_NAMES: tuple[str, ...] = (
-    "rmse", "mae", "gini", "spearman", "top10_capture", "decile_mape", "decile_mape_level",
+    "rmse",
+    "mae",
+    "gini",
+    "spearman",
+    "top10_capture",
+    "decile_mape",
+    "decile_mape_level",
     "bias",
 )
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "rmse": False, "mae": False, "gini": True, "spearman": True, "top10_capture": True,
-    "decile_mape": False, "decile_mape_level": False, "bias": False,  # bias: closer to 0 is better
+    "rmse": False,
+    "mae": False,
+    "gini": True,
+    "spearman": True,
+    "top10_capture": True,
+    "decile_mape": False,
+    "decile_mape_level": False,
+    "bias": False,  # bias: closer to 0 is better
 }
 
 

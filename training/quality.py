@@ -67,8 +67,14 @@ def _fmt_table(table: pd.DataFrame, champion: str) -> str:
         label = f"**{name}** (champion)" if name == champion else str(name)
         if name == REFERENCE:
             label += " (reference)"
-        vals = [f"{row[c]:.2f}" if c in ("rmse", "mae") else
-                f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in cols]
+        vals = [
+            f"{row[c]:.2f}"
+            if c in ("rmse", "mae")
+            else f"{row[c] * 100:+.1f}%"
+            if c == "bias"
+            else f"{row[c]:.3f}"
+            for c in cols
+        ]
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -77,8 +83,9 @@ def _mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def case_section(result: BacktestResult, cutoff: dt.date, img_dir: Path, doc_dir: Path,
-                 seconds: float) -> tuple[str, TargetCheck | None]:
+def case_section(
+    result: BacktestResult, cutoff: dt.date, img_dir: Path, doc_dir: Path, seconds: float
+) -> tuple[str, TargetCheck | None]:
     sel = result.selection
     oos = result.out_of_sample
     assert oos is not None
@@ -115,17 +122,21 @@ def case_section(result: BacktestResult, cutoff: dt.date, img_dir: Path, doc_dir
         )
     val = sel.table()
     vcols = ["rmse", "mae", "gini", "decile_mape", "bias"]
-    out += ["", "<details><summary>Internal validation (what the selection saw)</summary>", "",
-            "| model | RMSE | MAE | Gini | decile MAPE | bias | meets targets | score |",
-            "|---|---:|---:|---:|---:|---:|---|---:|"]
+    out += [
+        "",
+        "<details><summary>Internal validation (what the selection saw)</summary>",
+        "",
+        "| model | RMSE | MAE | Gini | decile MAPE | bias | meets targets | score |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for name, row in val.iterrows():
         if row.get("error"):
             out.append(f"| {name} | failed: {row['error']} |||||||")
             continue
         out.append(
-            f"| {name} | " + " | ".join(
-                f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols
-            ) + f" | {'yes' if row['qualifies'] else ''} | {row['score']:+.3f} |"
+            f"| {name} | "
+            + " | ".join(f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols)
+            + f" | {'yes' if row['qualifies'] else ''} | {row['score']:+.3f} |"
         )
     out += ["", "</details>", ""]
     for name in ("oos_deciles", "oos_gain", "tracking"):
@@ -140,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/model-quality.md"))
     parser.add_argument("--orders", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--img-dir", type=Path, default=None,
-                        help="where the plots go (default: img/ beside --out)")
-    parser.add_argument("--candidates", default=None,
-                        help="comma-separated candidate names (default: all)")
-    parser.add_argument("--cases", default=None,
-                        help="comma-separated CUTOFF:HORIZON, e.g. 1997-12-31:181")
+    parser.add_argument(
+        "--img-dir", type=Path, default=None, help="where the plots go (default: img/ beside --out)"
+    )
+    parser.add_argument(
+        "--candidates", default=None, help="comma-separated candidate names (default: all)"
+    )
+    parser.add_argument(
+        "--cases", default=None, help="comma-separated CUTOFF:HORIZON, e.g. 1997-12-31:181"
+    )
     args = parser.parse_args(argv)
     names = args.candidates.split(",") if args.candidates else None
     cases = DEFAULT_CASES
@@ -162,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     for cutoff, horizon in cases:
         say(f"=== cutoff {cutoff}, horizon {horizon} days")
         t0 = time.perf_counter()
-        result = backtest_events(events, day_number(cutoff), horizon, candidates=names,
-                                 score_all=True, progress=say)
+        result = backtest_events(
+            events, day_number(cutoff), horizon, candidates=names, score_all=True, progress=say
+        )
         with tempfile.TemporaryDirectory() as tmp:
             write_report(events, result, Path(tmp))
             _copy_plots(Path(tmp), img_dir, f"{cutoff:%Y%m%d}_{horizon}d_")
@@ -173,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = [
         "| cutoff | horizon | champion | targets met |",
         "|---|---:|---|---|",
-        *(f"| {c} | {h} d | {ch} | {'yes' if k is not None and k.all else '**no**'} |"
-          for c, h, ch, k in checks),
+        *(
+            f"| {c} | {h} d | {ch} | {'yes' if k is not None and k.all else '**no**'} |"
+            for c, h, ch, k in checks
+        ),
     ]
     header = [
         "# Model quality",

@@ -9,15 +9,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from training.metrics import decile_table  # noqa: E402
+from training.metrics import decile_table
 
 
-def decile_plot(actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path,
-                title: str = "Decile calibration") -> Path:
+def decile_plot(
+    actual: np.ndarray,
+    preds: Mapping[str, np.ndarray],
+    path: Path,
+    title: str = "Decile calibration",
+) -> Path:
     """Mean predicted vs mean actual value per predicted-value decile, one panel per model."""
     fig, axes = plt.subplots(1, len(preds), figsize=(4.2 * len(preds), 3.6), squeeze=False)
     for ax, (name, p) in zip(axes[0], preds.items(), strict=True):
@@ -34,8 +38,9 @@ def decile_plot(actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path,
     return _save(fig, path)
 
 
-def gain_plot(actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path,
-              title: str = "Gain curve") -> Path:
+def gain_plot(
+    actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path, title: str = "Gain curve"
+) -> Path:
     """Cumulative share of actual revenue captured by customers ranked by each model."""
     a = np.asarray(actual, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
@@ -53,9 +58,13 @@ def gain_plot(actual: np.ndarray, preds: Mapping[str, np.ndarray], path: Path,
     return _save(fig, path)
 
 
-def tracking_plot(days: Sequence[int], actual_cum: np.ndarray,
-                  pred_cum: Mapping[str, np.ndarray], path: Path,
-                  title: str = "Cumulative revenue after the cutoff") -> Path:
+def tracking_plot(
+    days: Sequence[int],
+    actual_cum: np.ndarray,
+    pred_cum: Mapping[str, np.ndarray],
+    path: Path,
+    title: str = "Cumulative revenue after the cutoff",
+) -> Path:
     """Actual cumulative revenue of the scored customers vs each model's forecast for the same
     number of days, over the horizon."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -77,8 +86,13 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def write_html(path: Path, title: str, notes: Sequence[str],
-               tables: Mapping[str, pd.DataFrame], images: Sequence[Path]) -> Path:
+def write_html(
+    path: Path,
+    title: str,
+    notes: Sequence[str],
+    tables: Mapping[str, pd.DataFrame],
+    images: Sequence[Path],
+) -> Path:
     """One page: notes, metric tables and the plots (referenced relative to the page)."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",

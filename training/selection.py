@@ -86,13 +86,23 @@ def plan_windows(history: int, horizon_days: int) -> WindowPlan:
 
 
 def training_set(
-    events: pd.DataFrame, cutoff_day: int, horizon_days: int, label_days: int, *,
-    n_cutoffs: int = 4, step_days: int = 30,
+    events: pd.DataFrame,
+    cutoff_day: int,
+    horizon_days: int,
+    label_days: int,
+    *,
+    n_cutoffs: int = 4,
+    step_days: int = 30,
 ) -> TrainingSet:
     """Stacked examples for a fit that may use events up to ``cutoff_day``."""
     return build_training_set(
-        events, cutoff_day, horizon_days, label_days=label_days, n_cutoffs=n_cutoffs,
-        step_days=step_days, min_history_days=MIN_TRAIN_HISTORY_DAYS,
+        events,
+        cutoff_day,
+        horizon_days,
+        label_days=label_days,
+        n_cutoffs=n_cutoffs,
+        step_days=step_days,
+        min_history_days=MIN_TRAIN_HISTORY_DAYS,
     )
 
 
@@ -120,8 +130,13 @@ class Selection:
 
     def table(self) -> pd.DataFrame:
         rows = {
-            n: {**s.metrics, "qualifies": s.qualifies, "score": s.score, "seconds": s.seconds,
-                "error": s.error or ""}
+            n: {
+                **s.metrics,
+                "qualifies": s.qualifies,
+                "score": s.score,
+                "seconds": s.seconds,
+                "error": s.error or "",
+            }
             for n, s in self.scores.items()
         }
         return pd.DataFrame(rows).T
@@ -161,8 +176,13 @@ def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
 
 
 def evaluate(
-    models: dict[str, CLVModel], ds: TrainingSet, features: pd.DataFrame, actual: np.ndarray,
-    horizon_days: int, progress: Progress = _quiet, stage: str = "",
+    models: dict[str, CLVModel],
+    ds: TrainingSet,
+    features: pd.DataFrame,
+    actual: np.ndarray,
+    horizon_days: int,
+    progress: Progress = _quiet,
+    stage: str = "",
 ) -> tuple[dict[str, CandidateScore], dict[str, pd.DataFrame]]:
     """Fit every model on ``ds`` and score its predictions for ``features`` against
     ``actual``. A candidate that fails is recorded with its error, not fatal."""
@@ -185,8 +205,12 @@ def evaluate(
 
 
 def select_champion(
-    events: pd.DataFrame, cutoff_day: int, horizon_days: int, *,
-    names: list[str] | None = None, progress: Progress = _quiet,
+    events: pd.DataFrame,
+    cutoff_day: int,
+    horizon_days: int,
+    *,
+    names: list[str] | None = None,
+    progress: Progress = _quiet,
 ) -> Selection:
     """Pick the champion for forecasting ``horizon_days`` after ``cutoff_day`` using only
     events dated on or before ``cutoff_day``."""
@@ -222,8 +246,9 @@ def select_champion(
         if not ok:
             raise ClvError("no candidate model could be fitted")
         best = min(ok, key=lambda n: ok[n].metrics["rmse"])
-        return Selection(best, "reference failed; lowest validation RMSE", plan, inner, scores,
-                         actual, kept)
+        return Selection(
+            best, "reference failed; lowest validation RMSE", plan, inner, scores, actual, kept
+        )
     for s in scores.values():
         if not s.error:
             s.qualifies = s.name != REFERENCE and qualifies(s.metrics, ref.metrics)
@@ -232,13 +257,23 @@ def select_champion(
     winners = [s for s in scores.values() if s.qualifies]
     if not winners:
         return Selection(
-            REFERENCE, "no candidate met the targets against BG/NBD+GG on validation",
-            plan, inner, scores, actual, kept,
+            REFERENCE,
+            "no candidate met the targets against BG/NBD+GG on validation",
+            plan,
+            inner,
+            scores,
+            actual,
+            kept,
         )
-    best = max(winners, key=lambda s: s.score)
+    top = max(winners, key=lambda s: s.score)
     return Selection(
-        best.name, f"met the targets against BG/NBD+GG with the best composite score "
-        f"({best.score:+.3f})", plan, inner, scores, actual, kept,
+        top.name,
+        f"met the targets against BG/NBD+GG with the best composite score ({top.score:+.3f})",
+        plan,
+        inner,
+        scores,
+        actual,
+        kept,
     )
 
 
@@ -247,14 +282,22 @@ def _unlabelled(events: pd.DataFrame, as_of_day: int, horizon_days: int) -> Trai
     current = purchasers_at(events, as_of_day)
     empty = np.zeros(0, dtype=np.int64)
     return TrainingSet(
-        features=current.iloc[:0], cutoff_day=empty, label=empty.astype(np.float64),
-        label_orders=empty, label_days=empty, horizon_days=horizon_days, as_of_day=as_of_day,
+        features=current.iloc[:0],
+        cutoff_day=empty,
+        label=empty.astype(np.float64),
+        label_orders=empty,
+        label_days=empty,
+        horizon_days=horizon_days,
+        as_of_day=as_of_day,
         current=current,
     )
 
 
 def final_training_set(
-    events: pd.DataFrame, cutoff_day: int, horizon_days: int, plan: WindowPlan,
+    events: pd.DataFrame,
+    cutoff_day: int,
+    horizon_days: int,
+    plan: WindowPlan,
     supervised: bool,
 ) -> TrainingSet:
     """The training set of the champion's final fit (all history up to the cutoff)."""

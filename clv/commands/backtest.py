@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +17,7 @@ import typer
 from clv.errors import ClvError
 
 
-class OrdersFileFormat(str, Enum):
+class OrdersFileFormat(StrEnum):
     csv = "csv"
     cdnow = "cdnow"
 

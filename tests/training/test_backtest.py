@@ -36,13 +36,20 @@ def _check_predictions(path: Path, events: pd.DataFrame, cutoff: dt.date) -> pd.
 def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path: Path) -> None:
     out, rep = tmp_path / "pred.csv", tmp_path / "report"
     cutoff = dt.date(1997, 12, 31)
-    result = run_backtest(small_orders_csv, "csv", cutoff, 181, out, rep, progress=False,
-                          candidates=FAST)
+    result = run_backtest(
+        small_orders_csv, "csv", cutoff, 181, out, rep, progress=False, candidates=FAST
+    )
     events = load_orders(small_orders_csv, "csv")
     pred = _check_predictions(out, events, cutoff)
     assert pred["predicted_value"].sum() > 0
-    for name in ("index.html", "validation_metrics.csv", "out_of_sample_metrics.csv",
-                 "validation_deciles.png", "oos_gain.png", "tracking.png"):
+    for name in (
+        "index.html",
+        "validation_metrics.csv",
+        "out_of_sample_metrics.csv",
+        "validation_deciles.png",
+        "oos_gain.png",
+        "tracking.png",
+    ):
         assert (rep / name).stat().st_size > 0, name
     val = pd.read_csv(rep / "validation_metrics.csv", index_col="model")
     assert set(FAST) <= set(val.index)  # every candidate's internal validation
@@ -109,8 +116,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(
 ) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("customer,when,amount\nu,2024-01-01,1\n")
-    args = [str(small_orders_csv) if a == "ORDERS" else str(bad) if a == "BADCOLS" else a
-            for a in args]
+    args = [
+        str(small_orders_csv) if a == "ORDERS" else str(bad) if a == "BADCOLS" else a for a in args
+    ]
     if "--horizon-days" not in args:
         args += ["--horizon-days", "30"]
     full = ["backtest", *args, "--out", str(tmp_path / "p.csv"), "--quiet"]
@@ -121,8 +129,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_cli_happy_path(small_orders_csv: Path, tmp_path: Path,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_happy_path(
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import training.backtest as bt
 
     real = bt.run_backtest
@@ -132,10 +141,22 @@ def test_cli_happy_path(small_orders_csv: Path, tmp_path: Path,
 
     monkeypatch.setattr(bt, "run_backtest", fast)
     out = tmp_path / "p.csv"
-    result = CliRunner().invoke(_app(), [
-        "backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-09-30",
-        "--horizon-days", "91", "--out", str(out), "--format", "csv",
-    ])
+    result = CliRunner().invoke(
+        _app(),
+        [
+            "backtest",
+            "--orders",
+            str(small_orders_csv),
+            "--cutoff",
+            "1997-09-30",
+            "--horizon-days",
+            "91",
+            "--out",
+            str(out),
+            "--format",
+            "csv",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "champion" in result.stderr  # progress lines
     _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))

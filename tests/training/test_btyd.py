@@ -44,7 +44,9 @@ def test_calibration_summary_matches_the_papers(calibration: pd.DataFrame) -> No
 
 def test_bgnbd_reproduces_published_parameters(fitted: BGNBDGammaGamma) -> None:
     got = {
-        "r": fitted.bgnbd_.r, "alpha": fitted.bgnbd_.alpha / 7, "a": fitted.bgnbd_.a,
+        "r": fitted.bgnbd_.r,
+        "alpha": fitted.bgnbd_.alpha / 7,
+        "a": fitted.bgnbd_.a,
         "b": fitted.bgnbd_.b,
     }
     for k, v in PUBLISHED_BGNBD.items():
@@ -90,9 +92,9 @@ def test_euler_form_equals_the_textbook_form() -> None:
     tail = ((p.alpha + T) / (p.alpha + T + t)) ** (p.r + x) * hyp2f1(
         p.r + x, p.b + x, p.a + p.b + x - 1, z
     )
-    denom = 1 + (x > 0) * p.a / (p.b + np.maximum(x, 1) - 1) * (
-        (p.alpha + T) / (p.alpha + tx)
-    ) ** (p.r + x)
+    denom = 1 + (x > 0) * p.a / (p.b + np.maximum(x, 1) - 1) * ((p.alpha + T) / (p.alpha + tx)) ** (
+        p.r + x
+    )
     np.testing.assert_allclose(bgnbd_expected(p, t, x, tx, T), head * (1 - tail) / denom)
 
 

@@ -117,8 +117,9 @@ def test_no_leakage_into_features_at_the_cutoff(sample_events: pd.DataFrame) -> 
 
 def test_no_leakage_into_the_training_set(sample_events: pd.DataFrame) -> None:
     a = build_training_set(sample_events, CUTOFF, 91, n_cutoffs=3, step_days=30)
-    b = build_training_set(_perturb_future(sample_events, CUTOFF), CUTOFF, 91, n_cutoffs=3,
-                           step_days=30)
+    b = build_training_set(
+        _perturb_future(sample_events, CUTOFF), CUTOFF, 91, n_cutoffs=3, step_days=30
+    )
     assert len(a) > 0 and len(a.cutoffs) == 3
     for x, y in ((a, b),):
         ka = pd.MultiIndex.from_arrays([x.cutoff_day, x.features.index])

@@ -39,9 +39,7 @@ class BGNBDParams:
     b: float
 
 
-def bgnbd_loglik(
-    params: BGNBDParams, x: np.ndarray, t_x: np.ndarray, T: np.ndarray
-) -> np.ndarray:
+def bgnbd_loglik(params: BGNBDParams, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
     """Per-customer BG/NBD log-likelihood."""
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
     head = gammaln(r + x) - gammaln(r) + r * np.log(alpha)
@@ -85,13 +83,15 @@ def _bgnbd_nll_grad(theta: np.ndarray, d: _Summaries) -> tuple[float, np.ndarray
     d_r = (digamma(r + ux) - digamma(r) + np.log(al))[ix] - p1 * lT - p2 * ltx
     d_al = r / al - rx * (p1 / (al + d.uT)[d.iT] + p2 / (al + d.utx)[d.itx])
     d_a = p1 * (psi_ab - psi_abx)[ix] + p2 * (digamma(a + 1) - digamma(a) + psi_ab - psi_abx)[ix]
-    d_b = p1 * (digamma(b + ux) - digamma(b) + psi_ab - psi_abx)[ix] + p2 * (
-        digamma(b + uxs - 1) - digamma(b) + psi_ab - psi_abx
-    )[ix]
+    d_b = (
+        p1 * (digamma(b + ux) - digamma(b) + psi_ab - psi_abx)[ix]
+        + p2 * (digamma(b + uxs - 1) - digamma(b) + psi_ab - psi_abx)[ix]
+    )
     w = d.w
     value = -float(np.dot(w, ll))
-    grad = -np.array([np.dot(w, d_r) * r, np.dot(w, d_al) * al, np.dot(w, d_a) * a,
-                      np.dot(w, d_b) * b])
+    grad = -np.array(
+        [np.dot(w, d_r) * r, np.dot(w, d_al) * al, np.dot(w, d_a) * a, np.dot(w, d_b) * b]
+    )
     if not (np.isfinite(value) and np.all(np.isfinite(grad))):
         return 1e10, np.zeros(4)
     return value, grad
@@ -116,9 +116,15 @@ def fit_bgnbd(
     data = _Summaries(x, t_x / scale, T / scale, w)
     best = None
     for start in (np.zeros(4), np.log([0.5, 0.5, 1.0, 3.0])):
-        res = minimize(_bgnbd_nll_grad, start, args=(data,), jac=True, method="L-BFGS-B",
-                       bounds=[(-15, 15)] * 4,
-                       options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 2000})
+        res = minimize(
+            _bgnbd_nll_grad,
+            start,
+            args=(data,),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=[(-15, 15)] * 4,
+            options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 2000},
+        )
         if best is None or res.fun < best.fun:
             best = res
     assert best is not None
@@ -132,7 +138,9 @@ def bgnbd_p_alive(p: BGNBDParams, x: np.ndarray, t_x: np.ndarray, T: np.ndarray)
     """P(still active at T | x, t_x, T)."""
     xs = np.maximum(x, 1.0)
     log_ratio = (
-        np.log(p.a) - np.log(p.b + xs - 1) + (p.r + xs) * (np.log(p.alpha + T) - np.log(p.alpha + t_x))
+        np.log(p.a)
+        - np.log(p.b + xs - 1)
+        + (p.r + xs) * (np.log(p.alpha + T) - np.log(p.alpha + t_x))
     )
     odds = np.where(x > 0, np.exp(np.minimum(log_ratio, 700.0)), 0.0)
     return 1.0 / (1.0 + odds)
@@ -156,7 +164,9 @@ def bgnbd_expected(
         return bgnbd_expected(BGNBDParams(r, alpha, a + 1e-6, b), t, x, t_x, T)
     numer = (a + b + x - 1) / (a - 1) * (1.0 - tail)
     xs = np.maximum(x, 1.0)
-    log_ratio = np.log(a) - np.log(b + xs - 1) + (r + xs) * (np.log(alpha + T) - np.log(alpha + t_x))
+    log_ratio = (
+        np.log(a) - np.log(b + xs - 1) + (r + xs) * (np.log(alpha + T) - np.log(alpha + t_x))
+    )
     denom = 1.0 + np.where(x > 0, np.exp(np.minimum(log_ratio, 700.0)), 0.0)
     return numer / denom
 
@@ -178,8 +188,13 @@ def gg_loglik(params: GammaGammaParams, x: np.ndarray, m: np.ndarray) -> np.ndar
     p, q, g = params.p, params.q, params.gamma
     px = p * x
     return (
-        gammaln(px + q) - gammaln(px) - gammaln(q) + q * np.log(g)
-        + (px - 1) * np.log(m) + px * np.log(x) - (px + q) * np.log(g + m * x)
+        gammaln(px + q)
+        - gammaln(px)
+        - gammaln(q)
+        + q * np.log(g)
+        + (px - 1) * np.log(m)
+        + px * np.log(x)
+        - (px + q) * np.log(g + m * x)
     )
 
 
@@ -203,8 +218,9 @@ def fit_gamma_gamma(
         return val if np.isfinite(val) else 1e10
 
     res = minimize(nll, np.log([2.0, 3.0, 1.0]), method="L-BFGS-B", bounds=[(-10, 10)] * 3)
-    res = minimize(nll, res.x, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12,
-                                                               "maxiter": 4000})
+    res = minimize(
+        nll, res.x, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 4000}
+    )
     p, q, g = np.exp(res.x)
     return GammaGammaParams(float(p), float(q), float(g * scale))
 

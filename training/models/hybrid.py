@@ -27,7 +27,11 @@ from training.models.btyd import BGNBDGammaGamma
 from training.models.inputs import model_inputs
 
 BTYD_COLUMNS: tuple[str, ...] = (
-    "btyd_orders", "btyd_p_alive", "btyd_spend", "btyd_value", "btyd_orders_per_day",
+    "btyd_orders",
+    "btyd_p_alive",
+    "btyd_spend",
+    "btyd_value",
+    "btyd_orders_per_day",
 )
 
 
@@ -86,8 +90,15 @@ def _anchor(model: BTYDFeatureBoost | BTYDResidualBoost, ds: TrainingSet) -> flo
 
 
 def _hgb(params: dict[str, Any], seed: int) -> HistGradientBoostingRegressor:
-    base = dict(loss="poisson", max_iter=200, learning_rate=0.05, max_leaf_nodes=15,
-                min_samples_leaf=50, l2_regularization=1.0, random_state=seed)
+    base = dict(
+        loss="poisson",
+        max_iter=200,
+        learning_rate=0.05,
+        max_leaf_nodes=15,
+        min_samples_leaf=50,
+        l2_regularization=1.0,
+        random_state=seed,
+    )
     base.update(params)
     return HistGradientBoostingRegressor(**base)
 
@@ -113,7 +124,9 @@ class BTYDFeatureBoost(CLVModel):
         y = np.maximum(ds.label, 0.0)
         if self.anchor_level:
             y = y * _level_factors(ds.cutoff_day, block["btyd_value"].to_numpy(), y)
-        self.hgb_ = _hgb(self.hgb_params or {}, self.seed).fit(X, y * (ds.horizon_days / ds.label_days))
+        self.hgb_ = _hgb(self.hgb_params or {}, self.seed).fit(
+            X, y * (ds.horizon_days / ds.label_days)
+        )
         self.horizon_days_ = ds.horizon_days
         self.level_ = 1.0
         if self.anchor_level:

@@ -26,7 +26,9 @@ from training.models.base import CLVModel, TrainingSet, numeric_features, predic
 from training.models.inputs import model_inputs
 
 
-def cutoff_splits(cutoff_day: np.ndarray, max_splits: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+def cutoff_splits(
+    cutoff_day: np.ndarray, max_splits: int = 3
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Time-ordered splits over stacked cutoffs: validate on one of the last ``max_splits``
     cutoffs, train on every earlier cutoff (an expanding window, as ``TimeSeriesSplit``)."""
     cuts = np.unique(cutoff_day)
@@ -77,8 +79,12 @@ class SklearnCLV(CLVModel):
         splits = cutoff_splits(ds.cutoff_day, self.max_splits)
         if self.param_grid and splits:
             search = GridSearchCV(
-                clone(self.estimator), self.param_grid, cv=splits,
-                scoring="neg_root_mean_squared_error", refit=True, n_jobs=1,
+                clone(self.estimator),
+                self.param_grid,
+                cv=splits,
+                scoring="neg_root_mean_squared_error",
+                refit=True,
+                n_jobs=1,
             )
             search.fit(X, y)
             self.estimator_ = search.best_estimator_
@@ -97,8 +103,12 @@ class SklearnCLV(CLVModel):
         return prediction_frame(features.index, value, orders, 1.0 - np.exp(-orders))
 
     def get_params(self) -> dict[str, Any]:
-        return {"estimator": self.estimator, "param_grid": self.param_grid,
-                "max_splits": self.max_splits, "name": self.name}
+        return {
+            "estimator": self.estimator,
+            "param_grid": self.param_grid,
+            "max_splits": self.max_splits,
+            "name": self.name,
+        }
 
 
 def ridge_model() -> SklearnCLV:
@@ -107,14 +117,21 @@ def ridge_model() -> SklearnCLV:
 
 
 def random_forest_model(seed: int = 0) -> SklearnCLV:
-    est = RandomForestRegressor(n_estimators=50, min_samples_leaf=20, max_features=0.5,
-                                max_samples=0.3, n_jobs=2, random_state=seed)
+    est = RandomForestRegressor(
+        n_estimators=50,
+        min_samples_leaf=20,
+        max_features=0.5,
+        max_samples=0.3,
+        n_jobs=2,
+        random_state=seed,
+    )
     return SklearnCLV(est, {"min_samples_leaf": [20, 100]}, name="random_forest", max_splits=2)
 
 
 def gradient_boosting_model(seed: int = 0) -> SklearnCLV:
-    est = GradientBoostingRegressor(n_estimators=80, learning_rate=0.08, subsample=0.5,
-                                    max_depth=3, random_state=seed)
+    est = GradientBoostingRegressor(
+        n_estimators=80, learning_rate=0.08, subsample=0.5, max_depth=3, random_state=seed
+    )
     return SklearnCLV(est, {"max_depth": [2, 4]}, name="gradient_boosting", max_splits=2)
 
 
@@ -122,8 +139,12 @@ def hgb_poisson_model(seed: int = 0) -> SklearnCLV:
     """Histogram gradient boosting with the Poisson loss (log link: a multiplicative model
     of a non-negative, zero-heavy target)."""
     est = HistGradientBoostingRegressor(
-        loss="poisson", max_iter=200, learning_rate=0.05, min_samples_leaf=40,
-        l2_regularization=1.0, random_state=seed,
+        loss="poisson",
+        max_iter=200,
+        learning_rate=0.05,
+        min_samples_leaf=40,
+        l2_regularization=1.0,
+        random_state=seed,
     )
     return SklearnCLV(est, {"max_leaf_nodes": [7, 31]}, name="hgb_poisson")
 
@@ -133,7 +154,8 @@ def tweedie_glm_model() -> SklearnCLV:
 
     Scikit-learn's histogram boosting has no Tweedie loss, so Tweedie comes as a GLM."""
     pipe = make_pipeline(
-        FunctionTransformer(_signed_log1p), StandardScaler(),
+        FunctionTransformer(_signed_log1p),
+        StandardScaler(),
         TweedieRegressor(power=1.5, link="log", solver="newton-cholesky", max_iter=300),
     )
     return SklearnCLV(pipe, {"tweedieregressor__alpha": [0.01, 1.0]}, name="tweedie_glm")
