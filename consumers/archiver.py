@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.structs import ConsumerRecord
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
 from clv.errors import InvalidEvent
