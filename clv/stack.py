@@ -12,6 +12,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from clv.errors import StackError
 from clv.local_stack import (
     LocalStack,
     kafka_host_port,
@@ -52,8 +53,6 @@ class Running:
 
 async def wait_healthy(running: Running, timeout: float = 60) -> None:
     """Redis answers and every feature consumer holds partitions."""
-    from clv.errors import StackError
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
@@ -121,16 +120,36 @@ async def run_stack(
             if on_ready is not None:
                 await on_ready(running)
             else:
-                await stop.wait()
+                await _until_stopped_or_failed(stop, running.tasks)
         finally:
             stop.set()
-            await asyncio.gather(*running.tasks, return_exceptions=True)
+            results = await asyncio.gather(*running.tasks, return_exceptions=True)
             for c in (*kafka_consumers, archive_consumer):
-                await c.stop()
+                with contextlib.suppress(Exception):
+                    await c.stop()
             await producer.stop()
             await redis.aclose()
+        failed = [
+            r
+            for r in results
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        ]
+        if failed:
+            raise StackError(f"a component of the stack failed: {failed[0]!r}") from failed[0]
     finally:
-        stack.stop()
+        await asyncio.to_thread(stack.stop)
+
+
+async def _until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[object]]) -> None:
+    """Return when ``stop`` is set or any component ends (a component ends only by failing)."""
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.error("stopping the stack: a component failed: %r", t.exception())
 
 
 def _retrain_task(settings: Settings, every_s: float | None) -> Awaitable[object] | None:

@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from clv.errors import InvalidEvent
 from clv.settings import Settings
 from feature_store.event_log import write_events
-from feature_store.events import validate
+from feature_store.events import event_clock, validate
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,13 @@ class Archiver:
                         rec.value,
                         max_bytes=s.max_event_bytes,
                         currency=s.currency,
-                        now_ms=now_ms,
+                        now_ms=event_clock(rec.timestamp, now_ms),
                         future_tolerance_ms=s.future_tolerance_seconds * 1000,
                     )
                 except InvalidEvent:
+                    continue
+                except Exception:  # the feature consumer dead-letters it; never stop here
+                    log.exception("unexpected error validating offset %s", rec.offset)
                     continue
                 for col, value in (
                     ("event_id", ev.event_id),

@@ -21,7 +21,7 @@ from prometheus_client import Counter
 from clv.errors import InvalidEvent
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, Rejected
-from feature_store.events import ValidEvent, validate
+from feature_store.events import ValidEvent, event_clock, validate
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
@@ -107,13 +107,18 @@ class FeatureConsumer:
                             rec.value,
                             max_bytes=max_bytes,
                             currency=currency,
-                            now_ms=now_ms,
+                            now_ms=event_clock(rec.timestamp, now_ms),
                             future_tolerance_ms=tolerance_ms,
                         )
                     )
                     sources.append(rec)
                 except InvalidEvent as exc:
                     bad.append(Rejected(rec, exc.reason, exc.detail))
+                except Exception as exc:  # never let one message stop the consumer
+                    log.exception(
+                        "unexpected error validating %s:%s@%s", tp.topic, tp.partition, rec.offset
+                    )
+                    bad.append(Rejected(rec, "invalid_value", f"unexpected: {exc!r}"[:500]))
             last = records[-1].offset
             out.progress[f"{tp.topic}:{tp.partition}"] = last
             out.commits[tp] = last + 1

@@ -114,5 +114,5 @@ def read_events(
     if arrival_order:
         frame = frame.sort_values(list(ARRIVAL_COLUMNS), kind="stable", ignore_index=True)
     if dedupe:
-        frame = frame.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+        frame = frame.drop_duplicates(["user_id", "event_id"], keep="first").reset_index(drop=True)
     return frame

@@ -69,6 +69,8 @@ class ValidEvent(msgspec.Struct, frozen=True, gc=False):
 _decoder = msgspec.json.Decoder(OrderEvent)
 _fast_decoder = msgspec.json.Decoder(_TimedEvent)
 _MS_PER_DAY = 86_400_000
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_ONE_MS = dt.timedelta(milliseconds=1)
 
 
 def _reason_of(err: msgspec.ValidationError) -> str:
@@ -92,7 +94,9 @@ def parse_ts(text: str) -> int:
         raise InvalidEvent("bad_timestamp", f"ts {text[:64]!r}: {exc}") from None
     if parsed.tzinfo is None:  # bare date: midnight UTC
         parsed = parsed.replace(tzinfo=dt.UTC)
-    ms = int(parsed.timestamp() * 1000)
+    if parsed < _EPOCH:
+        raise InvalidEvent("bad_timestamp", f"ts {text[:64]!r} is before 1970-01-01")
+    ms = (parsed - _EPOCH) // _ONE_MS
     if ms < 0:
         raise InvalidEvent("bad_timestamp", f"ts {text[:64]!r} is before 1970-01-01")
     return ms
@@ -121,20 +125,21 @@ def validate(
         t = ev.ts
         if t.tzinfo is None:
             raise InvalidEvent("bad_timestamp", f"ts {t.isoformat()} has no zone offset")
-        ts_ms = int(t.timestamp() * 1000)
-        if ts_ms < 0:
+        if t < _EPOCH:
             raise InvalidEvent("bad_timestamp", f"ts {t.isoformat()} is before 1970-01-01")
+        ts_ms = (t - _EPOCH) // _ONE_MS  # exact: float seconds would lose a millisecond
     except msgspec.ValidationError:
         # Not the common shape: decode again with ts as text, for the exact reason or a date.
         try:
             slow = _decoder.decode(raw)
         except msgspec.ValidationError as exc:
             raise InvalidEvent(_reason_of(exc), str(exc)) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidEvent("not_json", str(exc)) from None
         ts_ms = parse_ts(slow.ts)
         ev = slow  # type: ignore[assignment]
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise InvalidEvent("not_json", str(exc)) from None
     uid = ev.user_id
     # isprintable() is False for every white-space character but the plain space.
@@ -164,6 +169,17 @@ def validate(
         day=ts_ms // _MS_PER_DAY,
         cents=cents if ev.type == "purchase" else -cents,
     )
+
+
+def event_clock(record_ms: int | None, wall_ms: int) -> int:
+    """ "Now" for the future-time check: the message's Kafka timestamp, capped by the wall clock.
+
+    Every reader of a message (the feature consumers, the archiver, a rebuild much later) then
+    judges it the same way, so the event log and the online state accept the same events.
+    """
+    if record_ms is None or record_ms <= 0:
+        return wall_ms
+    return min(record_ms, wall_ms)
 
 
 _encoder = msgspec.json.Encoder()

@@ -77,7 +77,8 @@ def too_late_mask(events: pd.DataFrame, late_after_days: int) -> np.ndarray:
 def build_state(
     events: pd.DataFrame, as_of_day: int, *, late_after_days: int | None = None
 ) -> UserState:
-    """Fold ``events`` (deduplicated by ``event_id``, first one wins) dated on or before
+    """Fold ``events`` (deduplicated by ``event_id`` within a user, first one wins: the online
+    dedup set lives in the user's own hash slot) dated on or before
     ``as_of_day`` into the state the feature definition reads.
 
     With ``late_after_days`` (the online path's retention), rows are taken in arrival order and
@@ -87,7 +88,7 @@ def build_state(
     ev = events
     if late_after_days is not None and len(ev):
         ev = ev[~too_late_mask(ev, late_after_days)]
-    ev = ev.drop_duplicates("event_id", keep="first")
+    ev = ev.drop_duplicates(["user_id", "event_id"], keep="first")
     ev = ev[ev["day"].to_numpy() <= as_of_day]
     codes, uniques = pd.factorize(ev["user_id"], sort=True)
     n = len(uniques)

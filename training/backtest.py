@@ -153,7 +153,7 @@ def tracking_curves(
     days = sorted({*range(step_days, H, step_days), H})
     users = set(features.index)
     ev = events[(events["day"] > result.cutoff_day) & events["user_id"].isin(users)]
-    ev = ev.drop_duplicates("event_id")
+    ev = ev.drop_duplicates(["user_id", "event_id"])
     rel = (ev["day"] - result.cutoff_day).to_numpy()
     cents = ev["cents"].to_numpy()
     actual = np.array([cents[rel <= d].sum() / 100.0 for d in days])

@@ -106,7 +106,7 @@ def load_orders(path: str | Path, fmt: OrdersFormat = "csv") -> pd.DataFrame:
         events = events_from_orders(orders)
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"unreadable timestamps: {exc}") from exc
-    return events.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+    return events.drop_duplicates(["user_id", "event_id"], keep="first").reset_index(drop=True)
 
 
 def as_day(d: dt.date | int) -> int:
@@ -124,7 +124,7 @@ def window_labels(
     events: pd.DataFrame, users: pd.Index, start_day: int, days: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Net revenue and purchase count of each of ``users`` in ``(start_day, start_day+days]``."""
-    ev = events.drop_duplicates("event_id", keep="first")
+    ev = events.drop_duplicates(["user_id", "event_id"], keep="first")
     d = ev["day"].to_numpy()
     ev = ev[(d > start_day) & (d <= start_day + days)]
     revenue = ev.groupby("user_id")["cents"].sum().reindex(users, fill_value=0) / 100.0

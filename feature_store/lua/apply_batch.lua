@@ -50,10 +50,12 @@ for i = 1, #events do
     users[ki] = u
   end
   local day = e[3]
-  if u.ld >= 0 and day <= u.ld - retention then
-    late[#late + 1] = i - 1
-  elseif redis.call('HSETNX', key, '#' .. e[2], day) == 0 then
+  -- Dedup first: a redelivered event that was applied is a duplicate, not "too late".
+  if redis.call('HSETNX', key, '#' .. e[2], day) == 0 then
     dups = dups + 1
+  elseif u.ld >= 0 and day <= u.ld - retention then
+    redis.call('HDEL', key, '#' .. e[2])
+    late[#late + 1] = i - 1
   else
     applied = applied + 1
     u.touched = true

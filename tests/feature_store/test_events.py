@@ -59,3 +59,9 @@ def test_the_size_cap_is_a_setting() -> None:
     with pytest.raises(InvalidEvent) as err:
         validate(raw, now_ms=NOW_MS, max_bytes=256)
     assert err.value.reason == "too_large"
+
+
+def test_milliseconds_are_exact() -> None:
+    """Float seconds would store 23:41:18.915 for .916."""
+    raw = json.dumps({**GOOD, "ts": "2004-10-28T23:41:18.916Z"}).encode()
+    assert validate(raw, now_ms=NOW_MS).ts_ms % 1000 == 916
