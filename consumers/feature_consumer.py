@@ -9,6 +9,7 @@ the last commit; re-applied events are duplicates, so nothing counts twice and n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -172,26 +173,25 @@ class FeatureConsumer:
 
 
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
-    """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
-
+    """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all
+    (also when starting one of them fails)."""
     from consumers.kafka import ensure_topics, make_consumer, make_producer
 
     await ensure_topics(settings)
-    redis = connect(settings.redis_url)
-    consumer = make_consumer(settings, settings.consumer_group, settings.orders_topic)
-    producer = make_producer(settings)
-    await producer.start()
-    await consumer.start()
-    worker = FeatureConsumer(
-        settings,
-        consumer,
-        FeatureStore(redis, prefix=settings.key_prefix),
-        DeadLetters(producer, settings.dlq_topic),
-    )
-    try:
+    async with contextlib.AsyncExitStack() as resources:
+        redis = connect(settings.redis_url)
+        resources.push_async_callback(redis.aclose)
+        producer = make_producer(settings)
+        await producer.start()
+        resources.push_async_callback(producer.stop)
+        consumer = make_consumer(settings, settings.consumer_group, settings.orders_topic)
+        await consumer.start()
+        resources.push_async_callback(consumer.stop)
+        worker = FeatureConsumer(
+            settings,
+            consumer,
+            FeatureStore(redis, prefix=settings.key_prefix),
+            DeadLetters(producer, settings.dlq_topic),
+        )
         await worker.run(stop)
-    finally:
-        await consumer.stop()
-        await producer.stop()
-        await redis.aclose()
     return worker.stats

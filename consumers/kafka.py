@@ -44,8 +44,8 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
     """Create the orders, DLQ and alerts topics when missing (idempotent)."""
     parts = partitions or settings.orders_partitions
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(settings.orders_topic, num_partitions=parts, replication_factor=1),

@@ -10,6 +10,7 @@ the batch or none of it, and a redelivered event changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,16 @@ _SCRIPT = files("feature_store").joinpath("lua/apply_batch.lua").read_text()
 _pack = msgspec.msgpack.Encoder().encode
 
 AnyRedis = Redis | RedisCluster
+
+
+def user_key(prefix: str, user_id: str) -> str:
+    """``<prefix>:{<user_id>}``: the user id is the Redis Cluster hash tag. An id with a ``}``
+    would cut the tag short (or empty it), so such ids get a tag made of their hash instead;
+    every key of one user then still shares one slot."""
+    if "}" not in user_id:
+        return f"{prefix}:{{{user_id}}}"
+    tag = hashlib.blake2b(user_id.encode(), digest_size=8).hexdigest()
+    return f"{prefix}:{{~{tag}}}:{user_id}"
 
 
 @dataclass(slots=True)
@@ -53,7 +64,7 @@ class FeatureStore:
 
     # -- keys ---------------------------------------------------------------------------------
     def user_key(self, user_id: str) -> str:
-        return f"{self._prefix}:{{{user_id}}}"
+        return user_key(self._prefix, user_id)
 
     def progress_key(self, group: str) -> str:
         return f"{self._prefix}:progress:{{{group}}}"
@@ -116,7 +127,7 @@ class FeatureStore:
             rows.append(
                 (ki, ev.event_id, ev.day, ev.ts_ms, ev.cents, 1 if ev.type == "purchase" else 0)
             )
-        keys = [f"{prefix}:{{{uid}}}" for uid in index]
+        keys = [user_key(prefix, uid) for uid in index]
         return keys, _pack(rows)
 
     async def _run(

@@ -26,7 +26,8 @@ def messy_events(
     base = int(dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC).timestamp() * 1000)
     events: list[ValidEvent] = []
     for u in range(users):
-        uid = f"u{u}" if u % 7 else f"ü-{u}/名"  # unicode ids too
+        # unicode ids, and ids with braces (Redis Cluster hash-tag characters), too
+        uid = f"u{u}" if u % 7 else f"ü-{u}/名" if u % 2 else f"}}{u}{{x}}"
         for k in range(rng.randint(1, per_user)):
             ts = base + rng.randint(0, span_days * MS_PER_DAY)
             cents = rng.randint(0, 50_000)

@@ -38,7 +38,9 @@ async def test_online_equals_offline_under_duplicates_reordering_and_late_events
     # Every rejection is one the offline rule makes too; the rule may flag more: copies of
     # events still in the dedup set count online as duplicates (neither counts them).
     flagged = frame[too_late_mask(frame, RETENTION_DAYS)]
-    assert {(e.user_id, e.event_id) for e in late} <= set(zip(flagged.user_id, flagged.event_id))
+    assert {(e.user_id, e.event_id) for e in late} <= set(
+        zip(flagged.user_id, flagged.event_id, strict=True)
+    )
     latest = int(frame["day"].max())
     for as_of in (latest, latest + 3, latest + 40, latest + 400):
         offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS).sort_index()
