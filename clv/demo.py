@@ -105,8 +105,18 @@ async def _show(settings: Settings, running: Running) -> None:
     online = pd.concat(online_rows)
     same = online[list(FEATURE_NAMES)].equals(offline.loc[top, list(FEATURE_NAMES)])
     console.print(f"online features == offline features (same code over the file): {same}")
-    dead = await _count_dead_letters(settings)
-    console.print(f"dead-letter topic {settings.dlq_topic}: {dead} message(s) with their reasons")
+    letters = await _dead_letters(settings)
+    table = Table(title=f"dead-letter topic {settings.dlq_topic}: {len(letters)} message(s)")
+    for c in ("reason", "source", "original value"):
+        table.add_column(c)
+    for d in letters:
+        value = d["value"] if isinstance(d["value"], bytes) else b""
+        table.add_row(
+            str(d["reason"]),
+            f"{d['topic']}/{d['partition']}@{d['offset']}",
+            value[:60].decode("utf-8", "replace"),
+        )
+    console.print(table)
     await _train_and_score(settings, store, list(top), as_of)
     console.print(
         "try: [bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold] "
@@ -178,15 +188,28 @@ async def wait_group_done(settings: Settings, group: str, timeout: float = 900) 
         await c.stop()
 
 
-async def _count_dead_letters(settings: Settings) -> int:
+async def _dead_letters(settings: Settings, timeout: float = 30) -> list[dict[str, object]]:
+    """Every dead letter so far (read from the start of the topic to its end)."""
     from aiokafka import AIOKafkaConsumer
 
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    from consumers.dead_letters import describe
+
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await c.start()
+    out: list[dict[str, object]] = []
     try:
         tp = TopicPartition(settings.dlq_topic, 0)
-        ends = await c.end_offsets([tp])
-        starts = await c.beginning_offsets([tp])
-        return int(ends[tp] - starts[tp])
+        end = (await c.end_offsets([tp]))[tp]
+        c.assign([tp])
+        await c.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout
+        while await c.position(tp) < end and time.monotonic() < deadline:
+            batch = await c.getmany(tp, timeout_ms=500)
+            out.extend(describe(r) for r in batch.get(tp, []))
     finally:
         await c.stop()
+    return out

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from clv.errors import InvalidEvent
-from feature_store.features import to_cents
+from feature_store.features import ms_to_iso, to_cents
 
 MAX_ID = 128
 MAX_AMOUNT = 1e9
@@ -156,7 +156,10 @@ def validate(
         )
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     if ts_ms > now + future_tolerance_ms:
-        raise InvalidEvent("future_timestamp", f"ts {ts_ms} ms is more than the tolerance ahead")
+        raise InvalidEvent(
+            "future_timestamp",
+            f"ts {ms_to_iso(ts_ms)} is more than the tolerance ahead of the clock",
+        )
     cents = to_cents(ev.amount)
     return ValidEvent(
         event_id=ev.event_id,
