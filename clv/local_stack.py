@@ -77,7 +77,8 @@ class LocalProcess:
             self.proc.wait()
 
 
-def start_redis(port: int, workdir: Path) -> LocalProcess:
+def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
+    """A redis-server on 127.0.0.1:``port`` without persistence; ``extra`` adds options."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise StackError("redis-server is not installed (apt-get install -y redis-server)")
@@ -99,6 +100,7 @@ def start_redis(port: int, workdir: Path) -> LocalProcess:
             str(workdir),
             "--logfile",
             str(log),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

@@ -21,8 +21,9 @@ from prometheus_client import Counter
 
 from clv.errors import InvalidEvent
 from clv.settings import Settings
-from feature_store.event_log import write_events
+from feature_store.event_log import ARRIVAL_COLUMNS, write_events
 from feature_store.events import event_clock, validate
+from feature_store.offline import EVENT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +107,7 @@ class Archiver:
         self._since = time.monotonic()
 
 
-_COLUMNS = (
-    "event_id",
-    "type",
-    "user_id",
-    "order_id",
-    "amount",
-    "currency",
-    "ts_ms",
-    "day",
-    "cents",
-    "partition",
-    "offset",
-)
+_COLUMNS = (*EVENT_COLUMNS, *ARRIVAL_COLUMNS)
 
 
 async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:

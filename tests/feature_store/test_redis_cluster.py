@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from clv.local_stack import LocalProcess, free_port, port_open, wait_port
+from clv.local_stack import LocalProcess, free_port, port_open, start_redis
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
@@ -32,36 +31,21 @@ def cluster_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is required"
     nodes: list[LocalProcess] = []
     ports = [cluster_port() for _ in range(3)]
     try:
         for port in ports:
             work = tmp_path_factory.mktemp(f"cluster-{port}")
-            proc = subprocess.Popen(
-                [
-                    exe,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
+            nodes.append(
+                start_redis(
+                    port,
+                    work,
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     str(work / "nodes.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(work),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
+                )
             )
-            wait_port("127.0.0.1", port, proc, "redis-server (cluster node)")
-            nodes.append(LocalProcess("redis", proc, f"127.0.0.1:{port}"))
         subprocess.run(
             [
                 "redis-cli",
