@@ -21,6 +21,7 @@ import pandas as pd
 from feature_store.features import day_number
 from training.backtest import BacktestResult, StderrProgress, backtest_events, write_report
 from training.datasets import load_orders
+from training.metrics import METRIC_NAMES
 from training.models.candidates import REFERENCE
 from training.selection import BIAS_LIMIT, RMSE_TOLERANCE
 
@@ -60,16 +61,7 @@ def check_targets(champ: dict[str, float], ref: dict[str, float]) -> TargetCheck
 
 
 def _fmt_table(table: pd.DataFrame, champion: str) -> str:
-    cols = [
-        "rmse",
-        "mae",
-        "gini",
-        "spearman",
-        "top10_capture",
-        "decile_mape",
-        "decile_mape_level",
-        "bias",
-    ]
+    cols = list(METRIC_NAMES)
     head = (
         "| model | RMSE | MAE | Gini | Spearman | top-10% capture | decile MAPE "
         "| decile MAPE, level-adjusted | bias |"
