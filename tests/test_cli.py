@@ -13,6 +13,7 @@ import pytest
 from clv.local_stack import LocalProcess
 from clv.settings import Settings
 from tests.consumers.kafka_helpers import unique_settings
+from tests.consumers.test_archiver import _archive_all
 from tests.consumers.test_feature_consumer import _run_group
 
 
@@ -64,6 +65,12 @@ async def test_replay_then_features(
 
     later = json.loads(clv(settings, "features", "alice", "--as-of", "2024-12-31").stdout)
     assert later["features"]["orders_30d"] == 0 and later["features"]["age_days"] == 365
+
+    # Before the user's latest event: point in time, from the archiver's event log.
+    await _archive_all(settings)
+    earlier = json.loads(clv(settings, "features", "alice", "--as-of", "2024-01-15").stdout)
+    assert earlier["source"] == "event_log"
+    assert earlier["features"]["orders_total"] == 1 and earlier["features"]["age_days"] == 14
 
     unknown = clv(settings, "features", "nobody")
     assert unknown.returncode == 1 and "unknown user" in unknown.stderr
