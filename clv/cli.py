@@ -17,11 +17,13 @@ from typing import Annotated, TypeVar
 
 import typer
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from clv.commands import fail, load_settings
+from clv.commands.backtest import backtest
+from clv.commands.synth import synth
+from clv.commands.train import train
 from clv.errors import ClvError
-from clv.settings import Settings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -30,19 +32,6 @@ app = typer.Typer(
     help="clv: streaming customer lifetime value.",
 )
 T = TypeVar("T")
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"clv: error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {first['msg']}") from None
 
 
 def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
@@ -180,17 +169,9 @@ def features(
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 
-def _register_optional() -> None:
-    """Commands whose modules live with the training code."""
-    for name in ("train", "backtest", "synth"):
-        try:
-            module = __import__(f"clv.commands.{name}", fromlist=[name])
-        except ImportError:
-            continue
-        app.command(name)(getattr(module, name))
-
-
-_register_optional()
+app.command("train")(train)
+app.command("backtest")(backtest)
+app.command("synth")(synth)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -7,24 +7,19 @@ on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import datetime as dt
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from clv.commands import fail
 from clv.errors import ClvError
 
 
 class OrdersFileFormat(StrEnum):
     csv = "csv"
     cdnow = "cdnow"
-
-
-def _fail(message: str) -> typer.Exit:
-    print(f"clv backtest: error: {message}", file=sys.stderr)
-    return typer.Exit(2)
 
 
 def backtest(
@@ -51,15 +46,15 @@ def backtest(
     try:
         day = dt.date.fromisoformat(cutoff)
     except ValueError:
-        raise _fail(f"--cutoff must be a date YYYY-MM-DD, got {cutoff!r}") from None
+        raise fail(f"--cutoff must be a date YYYY-MM-DD, got {cutoff!r}") from None
     if horizon_days <= 0:
-        raise _fail("--horizon-days must be a positive number of days")
+        raise fail("--horizon-days must be a positive number of days")
     if not orders.is_file():
-        raise _fail(f"orders file not found: {orders}")
+        raise fail(f"orders file not found: {orders}")
     # imported here: the modelling stack is heavy and other commands do not need it
     from training.backtest import run_backtest
 
     try:
         run_backtest(orders, fmt.value, day, horizon_days, out, report, progress=not quiet)
     except (ClvError, OSError, ValueError, KeyError) as exc:
-        raise _fail(str(exc) or type(exc).__name__) from None
+        raise fail(str(exc) or type(exc).__name__) from None

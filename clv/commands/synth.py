@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from clv.commands import fail
 from clv.errors import ClvError
 
 err = Console(stderr=True)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """One line on stderr and a non-zero exit: no traceback for an expected failure."""
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 @contextmanager
@@ -74,7 +68,7 @@ def synth(
     try:
         first = dt.date.fromisoformat(start)
     except ValueError:
-        fail(f"--start {start!r} is not a date (YYYY-MM-DD)", code=2)
+        raise fail(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
     cfg = SynthConfig(
         users=users, orders=orders, seed=seed, start=first, days=days, refund_rate=refund_rate
     )
@@ -89,7 +83,7 @@ def synth(
                 files = write_log(log, out, bar)
                 what = f"event log {out} ({files} files)"
     except ClvError as exc:
-        fail(str(exc))
+        raise fail(str(exc), 1) from None
     refunds = len(log) - log.purchases
     err.print(
         f"wrote {log.purchases:,} orders and {refunds:,} refunds of {users:,} users to {what} "

@@ -6,11 +6,9 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from clv.commands.synth import fail
+from clv.commands import fail, load_settings
 from clv.errors import ClvError
-from clv.settings import Settings
 
 
 def train(
@@ -24,15 +22,11 @@ def train(
     it beats the champion on the same validation window (or with --force)."""
     from training.train import train as run_training
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {first['msg']}", code=2)
+    settings = load_settings()
     try:
         result = run_training(settings, progress=not quiet, force=force)
     except ClvError as exc:
-        fail(str(exc))
+        raise fail(str(exc), 1) from None
     if as_json:
         typer.echo(
             json.dumps(

@@ -142,7 +142,7 @@ def test_cli_on_missing_log_one_line_no_traceback(
     assert result.exit_code != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: no purchase events")
+    assert len(lines) == 1 and lines[0].startswith("clv: error: no purchase events")
     assert "Traceback" not in result.output
 
 
