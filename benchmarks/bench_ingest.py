@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from clv.local_stack import free_port, start_broker, start_redis
+from clv.replay import publish
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters
 from consumers.feature_consumer import FeatureConsumer
@@ -84,24 +85,15 @@ def make_stream(events: int, users: int, seed: int = 7) -> list[tuple[bytes, byt
 
 
 async def produce(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = make_producer(settings, linger_ms=20)
-    await producer.start()
-    try:
-        for i in range(0, len(messages), 5000):
-            futures = [
-                await producer.send(settings.orders_topic, key=k, value=v)
-                for k, v in messages[i : i + 5000]
-            ]
-            await asyncio.gather(*futures)
-            print(
-                f"\r  produced {min(i + 5000, len(messages)):,}/{len(messages):,}",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        print(file=sys.stderr)
-    finally:
-        await producer.stop()
+    sent = 0
+
+    def show(n: int) -> None:
+        nonlocal sent
+        sent += n
+        print(f"\r  produced {sent:,}/{len(messages):,}", end="", file=sys.stderr, flush=True)
+
+    await publish(settings, messages, progress=show)
+    print(file=sys.stderr)
 
 
 async def ceiling(settings: Settings, total: int) -> tuple[float, float]:

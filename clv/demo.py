@@ -8,7 +8,6 @@ from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
-from aiokafka import TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -16,6 +15,8 @@ from rich.table import Table
 from clv.replay import encode_rows, load_events, publish
 from clv.settings import Settings
 from clv.stack import Running, run_stack
+from consumers.dead_letters import describe
+from consumers.kafka import read_topic, wait_committed
 from feature_store.features import FEATURE_NAMES, RETENTION_DAYS
 from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
@@ -71,7 +72,7 @@ async def _show(settings: Settings, running: Running) -> None:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("publishing", total=len(messages))
         await publish(settings, messages, progress=lambda n: bar.advance(task, n))
-    await wait_group_done(settings, settings.consumer_group)
+    await wait_committed(settings, settings.consumer_group, timeout=900)
     took = time.monotonic() - t0
     store = FeatureStore(running.redis, prefix=settings.key_prefix)
     console.print(f"published and applied {len(messages):,} messages in {took:.1f}s")
@@ -105,7 +106,7 @@ async def _show(settings: Settings, running: Running) -> None:
     online = pd.concat(online_rows)
     same = online[list(FEATURE_NAMES)].equals(offline.loc[top, list(FEATURE_NAMES)])
     console.print(f"online features == offline features (same code over the file): {same}")
-    letters = await _dead_letters(settings)
+    letters = [describe(r) for r in await read_topic(settings, settings.dlq_topic)]
     table = Table(title=f"dead-letter topic {settings.dlq_topic}: {len(letters)} message(s)")
     for c in ("reason", "source", "original value"):
         table.add_column(c)
@@ -131,7 +132,7 @@ async def _train_and_score(
     from training.registry import load_champion
     from training.train import train
 
-    await wait_group_done(settings, settings.archiver_group)
+    await wait_committed(settings, settings.archiver_group, timeout=900)
     console.rule("training from the event log (time-split selection of the champion)")
     # The demo leaves out the two slowest candidates (random forest, exact gradient boosting);
     # `clv train` compares all of them.
@@ -157,59 +158,3 @@ async def _train_and_score(
             f"{row['p_alive']:.2f}",
         )
     console.print(table)
-
-
-async def wait_group_done(settings: Settings, group: str, timeout: float = 900) -> None:
-    """Until ``group`` has committed the end of every partition of the orders topic (the
-    feature consumers commit after the Redis write, the archiver after the Parquet flush)."""
-    from aiokafka import AIOKafkaConsumer
-
-    c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await c.start()
-    try:
-        await c.topics()
-        tps = [
-            TopicPartition(settings.orders_topic, p)
-            for p in c.partitions_for_topic(settings.orders_topic) or ()
-        ]
-        if not tps:
-            raise RuntimeError(f"topic {settings.orders_topic} has no partitions")
-        c.assign(tps)
-        ends = await c.end_offsets(tps)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done = [await c.committed(tp) or 0 for tp in tps]
-            if all(d >= ends[tp] for d, tp in zip(done, tps, strict=True)):
-                return
-            await asyncio.sleep(0.3)
-    finally:
-        await c.stop()
-
-
-async def _dead_letters(settings: Settings, timeout: float = 30) -> list[dict[str, object]]:
-    """Every dead letter so far (read from the start of the topic to its end)."""
-    from aiokafka import AIOKafkaConsumer
-
-    from consumers.dead_letters import describe
-
-    c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await c.start()
-    out: list[dict[str, object]] = []
-    try:
-        tp = TopicPartition(settings.dlq_topic, 0)
-        end = (await c.end_offsets([tp]))[tp]
-        c.assign([tp])
-        await c.seek_to_beginning(tp)
-        deadline = time.monotonic() + timeout
-        while await c.position(tp) < end and time.monotonic() < deadline:
-            batch = await c.getmany(tp, timeout_ms=500)
-            out.extend(describe(r) for r in batch.get(tp, []))
-    finally:
-        await c.stop()
-    return out

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import ConsumerRecord
 
 from clv.settings import Settings
 
@@ -60,3 +63,75 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
                 pass
     finally:
         await admin.close()
+
+
+# Inspection helpers (``clv demo``, tests): each uses a short-lived consumer of its own.
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """The end offset of every partition of ``topic``."""
+    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        await c.topics()  # refreshes the metadata, so the topic's partitions are known
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        return dict(await c.end_offsets(tps)) if tps else {}
+    finally:
+        await c.stop()
+
+
+async def read_topic(
+    settings: Settings, topic: str, timeout: float = 30
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` from the beginning to its current end."""
+    ends = await end_offsets(settings, topic)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await c.start()
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        c.assign(list(ends))
+        await c.seek_to_beginning(*ends)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while [tp for tp, end in ends.items() if await c.position(tp) < end]:
+            if loop.time() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end")
+            batch = await c.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await c.stop()
+    return out
+
+
+async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
+    """A group's committed offsets, read with a manually assigned consumer of that group."""
+    ends = await end_offsets(settings, topic)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await c.start()
+    try:
+        c.assign(list(ends))
+        return {tp: await c.committed(tp) for tp in ends}
+    finally:
+        await c.stop()
+
+
+async def wait_committed(settings: Settings, group: str, timeout: float = 120) -> None:
+    """Until ``group`` has committed the end of every partition of the orders topic (the feature
+    consumers commit after the Redis write, the archiver after the Parquet flush)."""
+    ends = await end_offsets(settings, settings.orders_topic)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        done = await committed(settings, group, settings.orders_topic)
+        if all((done.get(tp) or 0) >= end for tp, end in ends.items()):
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"group {group} committed {done}, topic ends at {ends}")
+        await asyncio.sleep(0.3)

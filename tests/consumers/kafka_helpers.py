@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.structs import ConsumerRecord
-
+from clv.replay import publish
 from clv.settings import Settings
 from feature_store.events import ValidEvent, encode_event
 from feature_store.features import ms_to_iso
@@ -47,75 +44,4 @@ def event_message(ev: ValidEvent) -> tuple[bytes, bytes]:
 async def produce(
     settings: Settings, messages: Sequence[tuple[bytes | None, bytes | None]]
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(settings.orders_topic, key=k, value=v) for k, v in messages]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
-async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await c.start()
-    try:
-        await c.topics()  # refreshes the metadata, so the topic's partitions are known
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        return dict(await c.end_offsets(tps)) if tps else {}
-    finally:
-        await c.stop()
-
-
-async def read_topic(settings: Settings, topic: str, timeout: float = 30) -> list[ConsumerRecord]:  # type: ignore[type-arg]
-    """Every record of ``topic`` from the beginning to its current end."""
-    ends = await end_offsets(settings, topic)
-    c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await c.start()
-    out: list[ConsumerRecord] = []  # type: ignore[type-arg]
-    try:
-        c.assign(list(ends))
-        await c.seek_to_beginning(*ends)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while [tp for tp, end in ends.items() if await c.position(tp) < end]:
-            if loop.time() > deadline:
-                raise TimeoutError(f"could not read {topic} to its end")
-            batch = await c.getmany(timeout_ms=500)
-            for records in batch.values():
-                out.extend(records)
-    finally:
-        await c.stop()
-    return out
-
-
-async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
-    """A group's committed offsets, read with a manually assigned consumer of that group."""
-    ends = await end_offsets(settings, topic)
-    c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await c.start()
-    try:
-        c.assign(list(ends))
-        return {tp: await c.committed(tp) for tp in ends}
-    finally:
-        await c.stop()
-
-
-async def wait_committed(settings: Settings, group: str, timeout: float = 120) -> None:
-    """Until the group has committed the end of every partition of the orders topic."""
-    ends = await end_offsets(settings, settings.orders_topic)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        done = await committed(settings, group, settings.orders_topic)
-        if all((done.get(tp) or 0) >= end for tp, end in ends.items()):
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"group {group} committed {done}, topic ends at {ends}")
-        await asyncio.sleep(0.3)
+    await publish(settings, messages)

@@ -12,7 +12,7 @@ import pytest
 from clv.local_stack import LocalProcess
 from clv.settings import Settings
 from consumers.archiver import Archiver
-from consumers.kafka import ensure_topics, make_consumer
+from consumers.kafka import committed, end_offsets, ensure_topics, make_consumer
 from feature_store.event_log import read_events
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at
@@ -20,7 +20,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import BAD, messy_events
 
-from .kafka_helpers import committed, end_offsets, event_message, produce, unique_settings
+from .kafka_helpers import event_message, produce, unique_settings
 from .test_feature_consumer import _interleave, _run_group
 
 pytestmark = pytest.mark.integration

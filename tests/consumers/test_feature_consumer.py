@@ -19,7 +19,13 @@ from clv.local_stack import LocalProcess
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, describe
 from consumers.feature_consumer import FeatureConsumer
-from consumers.kafka import ensure_topics, make_consumer, make_producer
+from consumers.kafka import (
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    read_topic,
+    wait_committed,
+)
 from feature_store.events import ValidEvent
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at
@@ -27,13 +33,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import BAD, as_frame, messy_events
 
-from .kafka_helpers import (
-    event_message,
-    produce,
-    read_topic,
-    unique_settings,
-    wait_committed,
-)
+from .kafka_helpers import event_message, produce, unique_settings
 
 pytestmark = pytest.mark.integration
 
