@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -48,7 +49,7 @@ class Running:
     settings: Settings
     redis: Redis | RedisCluster
     tasks: list[asyncio.Task[object]] = field(default_factory=list)
-    consumers: list[object] = field(default_factory=list)
+    consumers: list[AIOKafkaConsumer] = field(default_factory=list)
 
 
 async def wait_healthy(running: Running, timeout: float = 60) -> None:
@@ -61,7 +62,7 @@ async def wait_healthy(running: Running, timeout: float = 60) -> None:
                 raise StackError(f"a component failed while starting: {t.exception()}")
         try:
             await running.redis.ping()
-            if all(c.assignment() for c in running.consumers):  # type: ignore[attr-defined]
+            if all(c.assignment() for c in running.consumers):
                 return
         except Exception:  # not up yet
             pass
@@ -85,50 +86,58 @@ async def run_stack(
     from consumers.feature_consumer import FeatureConsumer
     from consumers.kafka import ensure_topics, make_consumer, make_producer
     from feature_store.redis_store import FeatureStore
+    from training.train import retrain_forever
 
     stack = LocalStack()
     try:
-        for line in ensure_servers(settings, stack, workdir):
+        # Starting servers polls their ports with sleeps: keep that off the event loop.
+        for line in await asyncio.to_thread(ensure_servers, settings, stack, workdir):
             say(f"started {line}")
         await ensure_topics(settings)
-        redis = connect(settings.redis_url)
-        producer = make_producer(settings)
-        await producer.start()
-        kafka_consumers = [
-            make_consumer(settings, settings.consumer_group, settings.orders_topic)
-            for _ in range(consumers)
-        ]
-        archive_consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
-        for c in (*kafka_consumers, archive_consumer):
-            await c.start()
-        running = Running(settings, redis, consumers=list(kafka_consumers))
-        store = FeatureStore(redis, prefix=settings.key_prefix)
-        dlq = DeadLetters(producer, settings.dlq_topic)
-        workers = [FeatureConsumer(settings, c, store, dlq) for c in kafka_consumers]
-        archiver = Archiver(settings, archive_consumer, settings.event_log_dir)
-        running.tasks = [asyncio.create_task(w.run(stop)) for w in workers]
-        running.tasks.append(asyncio.create_task(archiver.run(stop)))
-        retrain = _retrain_task(settings, retrain_every_s)
-        if retrain is not None:
-            running.tasks.append(asyncio.create_task(_until(stop, retrain)))
-        try:
-            await wait_healthy(running)
-            say(
-                f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
-                f"redis={settings.redis_url.split('@')[-1]} event log={settings.event_log_dir}"
-            )
-            if on_ready is not None:
-                await on_ready(running)
-            else:
-                await _until_stopped_or_failed(stop, running.tasks)
-        finally:
-            stop.set()
-            results = await asyncio.gather(*running.tasks, return_exceptions=True)
-            for c in (*kafka_consumers, archive_consumer):
-                with contextlib.suppress(Exception):
-                    await c.stop()
-            await producer.stop()
-            await redis.aclose()
+        async with contextlib.AsyncExitStack() as clients:
+            # Each client is closed on the way out, also when a later one fails to start.
+            redis = connect(settings.redis_url)
+            clients.push_async_callback(redis.aclose)
+            producer = make_producer(settings)
+            await producer.start()
+            clients.push_async_callback(producer.stop)
+            kafka_consumers = []
+            for group in [settings.consumer_group] * consumers + [settings.archiver_group]:
+                c = make_consumer(settings, group, settings.orders_topic)
+                await c.start()
+                clients.push_async_callback(c.stop)
+                kafka_consumers.append(c)
+            *feature_consumers, archive_consumer = kafka_consumers
+            running = Running(settings, redis, consumers=list(feature_consumers))
+            store = FeatureStore(redis, prefix=settings.key_prefix)
+            dlq = DeadLetters(producer, settings.dlq_topic)
+            running.tasks = [
+                asyncio.create_task(FeatureConsumer(settings, c, store, dlq).run(stop))
+                for c in feature_consumers
+            ]
+            archiver = Archiver(settings, archive_consumer, settings.event_log_dir)
+            running.tasks.append(asyncio.create_task(archiver.run(stop)))
+            if retrain_every_s:
+                # Runs until cancelled; each training is a child process.
+                running.tasks.append(
+                    asyncio.create_task(retrain_forever(settings, retrain_every_s))
+                )
+            try:
+                await wait_healthy(running)
+                say(
+                    f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
+                    f"redis={settings.redis_url.split('@')[-1]} "
+                    f"event log={settings.event_log_dir}"
+                )
+                if on_ready is not None:
+                    await on_ready(running)
+                else:
+                    await _until_stopped_or_failed(stop, running.tasks)
+            finally:
+                stop.set()  # the consumers finish the batches in hand and return
+                if retrain_every_s:
+                    running.tasks[-1].cancel()
+                results = await asyncio.gather(*running.tasks, return_exceptions=True)
         failed = [
             r
             for r in results
@@ -150,23 +159,3 @@ async def _until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task
     for t in tasks:
         if t.done() and not t.cancelled() and t.exception() is not None:
             log.error("stopping the stack: a component failed: %r", t.exception())
-
-
-def _retrain_task(settings: Settings, every_s: float | None) -> Awaitable[object] | None:
-    if not every_s:
-        return None
-    try:
-        from training.train import retrain_forever
-    except ImportError:
-        return None
-    return retrain_forever(settings, every_s)
-
-
-async def _until(stop: asyncio.Event, work: Awaitable[object]) -> None:
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    for t in (task, waiter):
-        t.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
