@@ -12,7 +12,7 @@ import pandas as pd
 
 from clv.settings import Settings
 from feature_store.events import encode_event
-from feature_store.features import ms_to_iso
+from feature_store.features import iso_times
 
 
 def load_events(path: Path, fmt: str) -> pd.DataFrame:
@@ -27,14 +27,15 @@ def load_events(path: Path, fmt: str) -> pd.DataFrame:
 def encode_rows(events: pd.DataFrame) -> list[tuple[bytes, bytes]]:
     """(key, value) of every event: the key is the user id, so a user's events share a partition."""
     out = []
-    for r in events.itertuples(index=False):
+    times = iso_times(events["ts_ms"].to_numpy())
+    for r, ts in zip(events.itertuples(index=False), times, strict=True):
         value = encode_event(
             event_id=r.event_id,
             type=r.type,
             user_id=r.user_id,
             order_id=r.order_id,
             amount=float(r.amount),
-            ts=ms_to_iso(int(r.ts_ms)) or "",
+            ts=ts,
             currency=r.currency if isinstance(r.currency, str) else None,
         )
         out.append((r.user_id.encode(), value))

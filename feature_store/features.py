@@ -53,11 +53,8 @@ def day_date(n: int) -> dt.date:
 
 def ms_to_iso(ms: int) -> str | None:
     """Epoch milliseconds -> RFC 3339 UTC string (``None`` for a user without purchases)."""
-    if ms < 0:
-        return None
-    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-    text = t.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
-    return text.replace("+00:00", "Z")
+    text: str | None = iso_times(np.asarray([ms]))[0]
+    return text
 
 
 def to_cents(amount: float) -> int:
@@ -136,7 +133,8 @@ def compute_features(state: UserState, as_of_day: int | np.ndarray) -> pd.DataFr
 
 
 def iso_times(ms: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`ms_to_iso` (None where ``ms`` < 0)."""
+    """Epoch milliseconds -> RFC 3339 UTC strings, exact (``1997-03-02T10:15:00Z``, with
+    ``.fff`` only when there are milliseconds); None where ``ms`` < 0."""
     ms = np.asarray(ms, dtype=np.int64)
     out = np.full(len(ms), None, dtype=object)
     has = ms >= 0
