@@ -23,7 +23,6 @@ from clv.local_stack import (
     start_redis,
 )
 from clv.settings import Settings
-from feature_store.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,8 @@ async def run_stack(
     """Run consumers, archiver and retraining until ``stop``; servers started here are stopped."""
     from consumers.archiver import Archiver
     from consumers.dead_letters import DeadLetters
-    from consumers.feature_consumer import FeatureConsumer
-    from consumers.kafka import ensure_topics, make_consumer, make_producer
+    from consumers.feature_consumer import FeatureConsumer, open_clients
+    from consumers.kafka import ensure_topics
     from feature_store.redis_store import FeatureStore
     from training.train import retrain_forever
 
@@ -95,18 +94,9 @@ async def run_stack(
             say(f"started {line}")
         await ensure_topics(settings)
         async with contextlib.AsyncExitStack() as clients:
-            # Each client is closed on the way out, also when a later one fails to start.
-            redis = connect(settings.redis_url)
-            clients.push_async_callback(redis.aclose)
-            producer = make_producer(settings)
-            await producer.start()
-            clients.push_async_callback(producer.stop)
-            kafka_consumers = []
-            for group in [settings.consumer_group] * consumers + [settings.archiver_group]:
-                c = make_consumer(settings, group, settings.orders_topic)
-                await c.start()
-                clients.push_async_callback(c.stop)
-                kafka_consumers.append(c)
+            groups = [settings.consumer_group] * consumers + [settings.archiver_group]
+            opened = await open_clients(clients, settings, groups)
+            redis, producer, kafka_consumers = opened.redis, opened.producer, opened.consumers
             *feature_consumers, archive_consumer = kafka_consumers
             running = Running(settings, redis, consumers=list(feature_consumers))
             store = FeatureStore(redis, prefix=settings.key_prefix)

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
@@ -24,7 +24,7 @@ from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, Rejected
 from feature_store.events import ValidEvent, event_clock, validate
 from feature_store.redis_client import connect
-from feature_store.redis_store import FeatureStore
+from feature_store.redis_store import AnyRedis, FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -172,26 +172,48 @@ class FeatureConsumer:
             log.warning("offset commit failed (will be retried by the next batch): %s", exc)
 
 
+@dataclass
+class Clients:
+    """The clients a process of the stack needs, started and registered for closing."""
+
+    redis: AnyRedis
+    producer: AIOKafkaProducer
+    consumers: list[AIOKafkaConsumer]
+
+
+async def open_clients(
+    resources: contextlib.AsyncExitStack, settings: Settings, groups: list[str]
+) -> Clients:
+    """Redis, a producer and one orders-topic consumer per entry of ``groups``; each is closed
+    by ``resources`` on the way out, also when a later one fails to start."""
+    from consumers.kafka import make_consumer, make_producer
+
+    redis = connect(settings.redis_url)
+    resources.push_async_callback(redis.aclose)
+    producer = make_producer(settings)
+    await producer.start()
+    resources.push_async_callback(producer.stop)
+    consumers = []
+    for group in groups:
+        consumer = make_consumer(settings, group, settings.orders_topic)
+        await consumer.start()
+        resources.push_async_callback(consumer.stop)
+        consumers.append(consumer)
+    return Clients(redis, producer, consumers)
+
+
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
-    """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all
-    (also when starting one of them fails)."""
-    from consumers.kafka import ensure_topics, make_consumer, make_producer
+    """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
+    from consumers.kafka import ensure_topics
 
     await ensure_topics(settings)
     async with contextlib.AsyncExitStack() as resources:
-        redis = connect(settings.redis_url)
-        resources.push_async_callback(redis.aclose)
-        producer = make_producer(settings)
-        await producer.start()
-        resources.push_async_callback(producer.stop)
-        consumer = make_consumer(settings, settings.consumer_group, settings.orders_topic)
-        await consumer.start()
-        resources.push_async_callback(consumer.stop)
+        clients = await open_clients(resources, settings, [settings.consumer_group])
         worker = FeatureConsumer(
             settings,
-            consumer,
-            FeatureStore(redis, prefix=settings.key_prefix),
-            DeadLetters(producer, settings.dlq_topic),
+            clients.consumers[0],
+            FeatureStore(clients.redis, prefix=settings.key_prefix),
+            DeadLetters(clients.producer, settings.dlq_topic),
         )
         await worker.run(stop)
     return worker.stats

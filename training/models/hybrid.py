@@ -25,6 +25,7 @@ from clv.errors import ModelError
 from training.models.base import CLVModel, TrainingSet, prediction_frame
 from training.models.btyd import BGNBDGammaGamma
 from training.models.inputs import model_inputs
+from training.models.regressors import poisson_boosting
 
 BTYD_COLUMNS: tuple[str, ...] = (
     "btyd_orders",
@@ -90,17 +91,7 @@ def _anchor(model: BTYDFeatureBoost | BTYDResidualBoost, ds: TrainingSet) -> flo
 
 
 def _hgb(params: dict[str, Any], seed: int) -> HistGradientBoostingRegressor:
-    base = dict(
-        loss="poisson",
-        max_iter=200,
-        learning_rate=0.05,
-        max_leaf_nodes=15,
-        min_samples_leaf=50,
-        l2_regularization=1.0,
-        random_state=seed,
-    )
-    base.update(params)
-    return HistGradientBoostingRegressor(**base)
+    return poisson_boosting(seed, **{"max_leaf_nodes": 15, "min_samples_leaf": 50, **params})
 
 
 class BTYDFeatureBoost(CLVModel):

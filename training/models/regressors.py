@@ -138,15 +138,21 @@ def gradient_boosting_model(seed: int = 0) -> SklearnCLV:
 def hgb_poisson_model(seed: int = 0) -> SklearnCLV:
     """Histogram gradient boosting with the Poisson loss (log link: a multiplicative model
     of a non-negative, zero-heavy target)."""
-    est = HistGradientBoostingRegressor(
-        loss="poisson",
-        max_iter=200,
-        learning_rate=0.05,
-        min_samples_leaf=40,
-        l2_regularization=1.0,
-        random_state=seed,
-    )
+    est = poisson_boosting(seed, min_samples_leaf=40)
     return SklearnCLV(est, {"max_leaf_nodes": [7, 31]}, name="hgb_poisson")
+
+
+def poisson_boosting(seed: int = 0, **params: Any) -> HistGradientBoostingRegressor:
+    """Histogram gradient boosting with the Poisson loss and this project's base settings
+    (``params`` override them); the plain candidate and the hybrids share it."""
+    base: dict[str, Any] = {
+        "loss": "poisson",
+        "max_iter": 200,
+        "learning_rate": 0.05,
+        "l2_regularization": 1.0,
+        "random_state": seed,
+    }
+    return HistGradientBoostingRegressor(**{**base, **params})
 
 
 def tweedie_glm_model() -> SklearnCLV:
