@@ -10,7 +10,7 @@ from feature_store.event_log import read_events
 from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
-from feature_store.redis_store import FeatureStore
+from feature_store.redis_store import FeatureStore, online_features
 
 
 async def now_day(settings: Settings, store: FeatureStore) -> int:
@@ -28,14 +28,13 @@ async def lookup_features(
     redis = connect(settings.redis_url)
     try:
         store = FeatureStore(redis, prefix=settings.key_prefix)
-        state = await store.read_state(user_id)
-        if state is None:
+        stored = await store.read_state(user_id)
+        if stored is None:
             return None
-        latest = int(state.latest_day[0])
+        latest = int(stored.state.latest_day[0])
         day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
-        updated = await store.updated_at_ms(user_id)
         if day >= latest:
-            frame = await store.features(user_id, day)
+            frame = online_features(stored.state, day)
             source = "redis"
         else:
             # Point in time before the latest event: replay the user's log in arrival order.
@@ -52,12 +51,11 @@ async def lookup_features(
                     "features": None,
                     "note": "no events on or before this date in the event log",
                 }
-        assert frame is not None
         return {
             "user_id": user_id,
             "as_of": day_date(day).isoformat(),
             "source": source,
-            "features_updated_at": ms_to_iso(updated) if updated is not None else None,
+            "features_updated_at": ms_to_iso(stored.updated_ms),
             "features": features_record(frame, user_id),
         }
     finally:

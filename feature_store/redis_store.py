@@ -43,6 +43,12 @@ def user_key(prefix: str, user_id: str) -> str:
     return f"{prefix}:{{~{tag}}}:{user_id}"
 
 
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    state: UserState  # one row
+    updated_ms: int  # wall-clock ms of the last change
+
+
 @dataclass(slots=True)
 class ApplyResult:
     applied: int
@@ -166,29 +172,34 @@ class FeatureStore:
         v = await self._redis.hget(self.progress_key(group), "event_clock")
         return None if v is None else int(v)
 
-    async def read_state(self, user_id: str) -> UserState | None:
+    async def read_state(self, user_id: str) -> StoredState | None:
+        """The user's state and when it last changed (one read), or None for an unknown user."""
         raw: dict[bytes, bytes] = await self._redis.hgetall(self.user_key(user_id))  # type: ignore[assignment]
-        return None if b"h" not in raw else state_from_hash(user_id, raw)
-
-    async def updated_at_ms(self, user_id: str) -> int | None:
-        """Wall-clock time the user's state last changed."""
-        header: bytes | None = await self._redis.hget(self.user_key(user_id), "h")  # type: ignore[assignment]
-        return None if header is None else int(_HEADER.unpack(header)[8])
+        if b"h" not in raw:
+            return None
+        return StoredState(state_from_hash(user_id, raw), int(_HEADER.unpack(raw[b"h"])[8]))
 
     async def features(self, user_id: str, as_of_day: int | None = None) -> pd.DataFrame | None:
         """One user's features; ``as_of_day`` defaults to the user's latest event day and must
         not be earlier than it (earlier dates are the offline event log's job)."""
-        state = await self.read_state(user_id)
-        if state is None:
+        stored = await self.read_state(user_id)
+        if stored is None:
             return None
-        latest = int(state.latest_day[0])
-        day = latest if as_of_day is None else as_of_day
-        if day < latest:
-            raise StoreError(
-                f"as_of day {day} is before the user's latest event day {latest}; "
-                "online state answers from the latest event on"
-            )
-        return compute_features(state, day)
+        return online_features(stored.state, as_of_day)
+
+
+def online_features(state: UserState, as_of_day: int | None = None) -> pd.DataFrame:
+    """The feature definition over one user's online state; ``as_of_day`` defaults to the
+    user's latest event day and must not be earlier than it (earlier dates are the offline
+    event log's job)."""
+    latest = int(state.latest_day[0])
+    day = latest if as_of_day is None else as_of_day
+    if day < latest:
+        raise StoreError(
+            f"as_of day {day} is before the user's latest event day {latest}; "
+            "online state answers from the latest event on"
+        )
+    return compute_features(state, day)
 
 
 def _s(v: Any) -> str:
