@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ def encode_rows(events: pd.DataFrame) -> list[tuple[bytes, bytes]]:
 
 async def publish(
     settings: Settings,
-    messages: list[tuple[bytes, bytes]],
+    messages: Sequence[tuple[bytes | None, bytes | None]],
     *,
     rate: float | None = None,
     progress: Callable[[int], None] | None = None,

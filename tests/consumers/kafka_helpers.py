@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 
-from clv.replay import publish
 from clv.settings import Settings
 from feature_store.events import ValidEvent, encode_event
 from feature_store.features import ms_to_iso
@@ -39,9 +37,3 @@ def event_message(ev: ValidEvent) -> tuple[bytes, bytes]:
         ts=ms_to_iso(ev.ts_ms) or "",
     )
     return ev.user_id.encode(), value
-
-
-async def produce(
-    settings: Settings, messages: Sequence[tuple[bytes | None, bytes | None]]
-) -> None:
-    await publish(settings, messages)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from clv.local_stack import LocalProcess
+from clv.replay import publish
 from clv.settings import Settings
 from consumers.archiver import Archiver
 from consumers.kafka import committed, end_offsets, ensure_topics, make_consumer
@@ -20,7 +21,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import BAD, messy_events
 
-from .kafka_helpers import event_message, produce, unique_settings
+from .kafka_helpers import event_message, unique_settings
 from .test_feature_consumer import _interleave, _run_group
 
 pytestmark = pytest.mark.integration
@@ -66,7 +67,7 @@ async def _archive_all(settings: Settings, *, crash_after_first_flush: bool = Fa
 
 async def test_offline_features_from_the_log_equal_the_online_ones(settings: Settings) -> None:
     events = messy_events(8, users=80, per_user=30)
-    await produce(settings, _interleave(events, [m for m, _ in BAD[:6]], 9))
+    await publish(settings, _interleave(events, [m for m, _ in BAD[:6]], 9))
     await _archive_all(settings, crash_after_first_flush=True)
     await _archive_all(settings)  # restart: re-reads from the last commit
     await _run_group(settings, 1)
@@ -87,7 +88,7 @@ async def test_offline_features_from_the_log_equal_the_online_ones(settings: Set
 
 async def test_the_log_is_partitioned_by_event_date(settings: Settings) -> None:
     events = messy_events(3, users=10, per_user=10)
-    await produce(settings, [event_message(e) for e in events])
+    await publish(settings, [event_message(e) for e in events])
     await _archive_all(settings)
     for folder in Path(settings.event_log_dir).glob("date=*"):
         part = pd.read_parquet(folder)

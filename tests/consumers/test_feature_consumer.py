@@ -16,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from clv.local_stack import LocalProcess
+from clv.replay import publish
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, describe
 from consumers.feature_consumer import FeatureConsumer
@@ -33,7 +34,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import BAD, as_frame, messy_events
 
-from .kafka_helpers import event_message, produce, unique_settings
+from .kafka_helpers import event_message, unique_settings
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +124,7 @@ def _interleave(
 
 async def test_online_features_equal_offline_on_a_messy_stream(settings: Settings) -> None:
     events = messy_events(21, users=60, per_user=25)
-    await produce(settings, _interleave(events, [m for m, _ in BAD], 1))
+    await publish(settings, _interleave(events, [m for m, _ in BAD], 1))
     [worker] = await _run_group(settings, 1)
     assert worker.stats.rejected == len(BAD)
     assert worker.stats.duplicates > 0 and worker.stats.too_late > 0
@@ -132,7 +133,7 @@ async def test_online_features_equal_offline_on_a_messy_stream(settings: Setting
 
 async def test_every_bad_message_lands_in_the_dlq_with_its_reason(settings: Settings) -> None:
     events = messy_events(5, users=5, per_user=5)
-    await produce(settings, _interleave(events, [m for m, _ in BAD], 2))
+    await publish(settings, _interleave(events, [m for m, _ in BAD], 2))
     await _run_group(settings, 1)
     letters = [describe(r) for r in await read_topic(settings, settings.dlq_topic)]
     by_value: dict[bytes | None, list[str]] = {}
@@ -162,11 +163,11 @@ async def test_two_consumers_with_a_rebalance_mid_stream(settings: Settings) -> 
     half = len(messages) // 2
     async with Group(settings) as group:
         first = await group.join()
-        await produce(settings, messages[:half])
+        await publish(settings, messages[:half])
         while first.stats.batches == 0:
             await asyncio.sleep(0.05)
         second = await group.join()  # the group rebalances while the stream flows
-        await produce(settings, messages[half:])
+        await publish(settings, messages[half:])
         await wait_committed(settings, settings.consumer_group)
         assignments = [kc.assignment() for kc in group.kafkas]
     assert all(assignments) and not (assignments[0] & assignments[1]), assignments
@@ -190,7 +191,7 @@ def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
 @pytest.mark.slow
 async def test_sigkill_mid_stream_then_restart_changes_no_feature(settings: Settings) -> None:
     events = messy_events(44, users=400, per_user=60)
-    await produce(settings, _interleave(events, [m for m, _ in BAD[:5]], 4))
+    await publish(settings, _interleave(events, [m for m, _ in BAD[:5]], 4))
     redis = connect(settings.redis_url)
     store = FeatureStore(redis, prefix=settings.key_prefix)
     try:
