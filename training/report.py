@@ -35,7 +35,7 @@ def decile_plot(
     axes[0][0].set_ylabel("mean value per customer")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def gain_plot(
@@ -55,7 +55,7 @@ def gain_plot(
     ax.set_ylabel("share of actual revenue")
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def tracking_plot(
@@ -75,10 +75,10 @@ def tracking_plot(
     ax.set_ylabel("cumulative revenue")
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -1,0 +1,156 @@
+"""How far off the BG/NBD + Gamma-Gamma reference's *total* is, across the calendar.
+
+A forecast's total bias splits exactly into the purchase-count part and the spend part::
+
+    1 + bias = (1 + orders_bias) * (1 + spend_bias)
+
+where ``orders_bias`` compares the expected purchase days with the purchase days that happened
+and ``spend_bias`` the implied revenue per purchase day with the actual one. The sweep refits
+the reference at every cutoff (it needs no labels, so this is cheap) and scores every horizon
+that ends within the data, which shows whether a level miss is the model's or the calendar's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from feature_store.features import day_date
+from training.datasets import purchasers_at, window_labels
+from training.models.btyd import BGNBDGammaGamma
+from training.report import plt, save_figure
+from training.selection import BIAS_LIMIT, Progress
+
+
+@dataclass(frozen=True)
+class ReferenceLevel:
+    cutoff: dt.date
+    horizon_days: int
+    customers: int
+    predicted_days: float
+    actual_days: int
+    predicted_revenue: float
+    actual_revenue: float
+
+    @property
+    def orders_bias(self) -> float:
+        return self.predicted_days / self.actual_days - 1
+
+    @property
+    def bias(self) -> float:
+        return self.predicted_revenue / self.actual_revenue - 1
+
+    @property
+    def spend_bias(self) -> float:
+        return (1 + self.bias) / (1 + self.orders_bias) - 1
+
+
+def purchase_days_in(
+    events: pd.DataFrame, users: pd.Index, start_day: int, days: int
+) -> np.ndarray:
+    """Distinct purchase days of each of ``users`` in ``(start_day, start_day + days]`` (the
+    unit BG/NBD counts)."""
+    d = events["day"].to_numpy()
+    win = events[(d > start_day) & (d <= start_day + days) & (events["type"] == "purchase")]
+    counts = win.drop_duplicates(["user_id", "day"]).groupby("user_id").size()
+    return counts.reindex(users, fill_value=0).to_numpy(np.int64)
+
+
+def reference_levels(
+    events: pd.DataFrame,
+    cutoff_days: Iterable[int],
+    horizons: Iterable[int],
+    progress: Progress | None = None,
+) -> list[ReferenceLevel]:
+    """The reference fitted on the orders up to each cutoff, scored on every horizon that ends
+    on or before the last day in ``events``."""
+    last = int(events["day"].max())
+    horizons = sorted(set(horizons))
+    out: list[ReferenceLevel] = []
+    for c in cutoff_days:
+        hs = [h for h in horizons if c + h <= last]
+        if not hs:
+            continue
+        feats = purchasers_at(events, c)
+        model = BGNBDGammaGamma().fit_features(feats)
+        for h in hs:
+            comp = model.components(feats, h)
+            revenue, _ = window_labels(events, feats.index, c, h)
+            out.append(
+                ReferenceLevel(
+                    cutoff=day_date(c),
+                    horizon_days=h,
+                    customers=len(feats),
+                    predicted_days=float(comp["expected_orders"].sum()),
+                    actual_days=int(purchase_days_in(events, feats.index, c, h).sum()),
+                    predicted_revenue=float(
+                        (comp["expected_orders"] * comp["expected_spend"]).sum()
+                    ),
+                    actual_revenue=float(revenue.sum()),
+                )
+            )
+        if progress:
+            progress(f"reference level: cutoff {day_date(c)} ({len(hs)} horizons)")
+    return out
+
+
+def levels_frame(levels: list[ReferenceLevel]) -> pd.DataFrame:
+    rows = [
+        {**asdict(x), "bias": x.bias, "orders_bias": x.orders_bias, "spend_bias": x.spend_bias}
+        for x in levels
+    ]
+    return pd.DataFrame(rows)
+
+
+def levels_table(levels: list[ReferenceLevel]) -> str:
+    """Markdown: one row per cutoff, one column per horizon, ``total (orders, spend)``."""
+    df = levels_frame(levels)
+    horizons = sorted(df["horizon_days"].unique())
+    lines = [
+        "| cutoff | " + " | ".join(f"{h} d" for h in horizons) + " |",
+        "|---|" + "---:|" * len(horizons),
+    ]
+    for cutoff, g in df.groupby("cutoff", sort=True):
+        cells = []
+        by_h = g.set_index("horizon_days")
+        for h in horizons:
+            if h not in by_h.index:
+                cells.append("")
+                continue
+            r = by_h.loc[h]
+            total = f"{r['bias'] * 100:+.1f}%"
+            if abs(r["bias"]) > BIAS_LIMIT:
+                total = f"**{total}**"
+            cells.append(f"{total} ({r['orders_bias'] * 100:+.0f}, {r['spend_bias'] * 100:+.0f})")
+        lines.append(f"| {cutoff} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def levels_plot(levels: list[ReferenceLevel], path: Path) -> Path:
+    """Heat map of the reference's total bias, cutoff by horizon, with the ±10 % band marked."""
+    df = levels_frame(levels)
+    grid = df.pivot(index="horizon_days", columns="cutoff", values="bias") * 100
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * grid.shape[1], 1.2 + 0.6 * grid.shape[0]))
+    lim = max(30.0, float(np.nanmax(np.abs(grid.to_numpy()))))
+    im = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid.to_numpy()):
+        if np.isfinite(v):
+            weight = "bold" if abs(v) > BIAS_LIMIT * 100 else "normal"
+            ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=8, fontweight=weight)
+    ax.set_xticks(range(grid.shape[1]), [f"{c:%Y-%m-%d}" for c in grid.columns], rotation=60)
+    ax.set_yticks(range(grid.shape[0]), [f"{h} d" for h in grid.index])
+    ax.set_xlabel("cutoff")
+    ax.set_ylabel("horizon")
+    ax.set_title("BG/NBD+GG total bias, % (bold: outside ±10 %)", fontsize=11)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return save_figure(fig, path)
+
+
+def month_ends(first: dt.date, last: dt.date) -> list[dt.date]:
+    """Every month's last day from ``first``'s month to ``last``'s, inclusive."""
+    return [p.end_time.date() for p in pd.period_range(first, last, freq="M")]
