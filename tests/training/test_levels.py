@@ -22,7 +22,7 @@ from training.levels import (
     reference_levels,
 )
 from training.models.btyd import BGNBDGammaGamma
-from training.quality import CaseSummary, TargetCheck, summary_table
+from training.quality import CaseSummary, TargetCheck, repeat_activity, summary_table, tally
 
 CAL_END = day_number(dt.date(1997, 9, 30))
 
@@ -115,6 +115,36 @@ def test_summary_names_the_missed_targets() -> None:
     assert rows[2].endswith("| -3.5% | -3.5% | yes |")
     assert rows[3].endswith("| **no** (missed: decile MAPE, bias) |")
     assert rows[4].endswith("| **no** (the reference stayed champion) |")
+    level_only = TargetCheck(gini=True, decile_mape=True, rmse=True, mae=True, bias=False)
+    cases = [
+        CaseSummary(d, 181, 364, "hybrid", -0.035, -0.035, hit),
+        CaseSummary(d, 91, 364, "hybrid", -0.2, -0.2, level_only),
+        CaseSummary(d, 92, 364, "hybrid", -0.2, -0.2, miss),
+    ]
+    assert tally(cases).startswith("Targets met at 1 of 3 cases; at 1 more the champion")
+    assert "outside ±10% at 2 of the 3" in tally(cases)
+
+
+def test_repeat_activity_counts_purchase_days_after_the_first() -> None:
+    orders = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "a", "b", "b"],
+            "order_id": ["1", "2", "3", "4", "5", "6"],
+            "ts": [
+                "2024-01-10T09:00:00Z",  # a's first: not a repeat
+                "2024-01-12T09:00:00Z",
+                "2024-01-12T19:00:00Z",  # same day: one repeat day, both amounts
+                "2024-02-01T09:00:00Z",
+                "2024-01-31T09:00:00Z",  # b's first
+                "2024-02-03T09:00:00Z",
+            ],
+            "amount": [100, 10, 5, 7, 100, 3],
+        }
+    )
+    got = repeat_activity(events_from_orders(orders))
+    assert [str(m) for m in got.index] == ["2024-01", "2024-02"]
+    assert got["days"].tolist() == [1, 2]
+    assert got["revenue"].tolist() == [15.0, 10.0]
 
 
 def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
