@@ -22,7 +22,7 @@ import pandas as pd
 
 from feature_store.features import day_date
 from training.datasets import purchasers_at, window_labels
-from training.models.btyd import BGNBDGammaGamma
+from training.models.btyd import BGNBDGammaGamma, bgnbd_expected, fit_bgnbd
 from training.report import plt, save_figure
 from training.selection import BIAS_LIMIT, Progress
 
@@ -154,3 +154,45 @@ def levels_plot(levels: list[ReferenceLevel], path: Path) -> Path:
 def month_ends(first: dt.date, last: dt.date) -> list[dt.date]:
     """Every month's last day from ``first``'s month to ``last``'s, inclusive."""
     return [p.end_time.date() for p in pd.period_range(first, last, freq="M")]
+
+
+def settled_orders_bias(
+    events: pd.DataFrame, cutoff_days: Iterable[int], horizons: Iterable[int], settle_days: int
+) -> pd.DataFrame:
+    """Purchase-day bias of a BG/NBD whose customer clocks start ``settle_days`` after the
+    first purchase (the repeat purchases of that first stretch are left out of ``x``).
+
+    An analysis, not a candidate: the contract's features do not carry the purchase days of a
+    customer's first weeks, so a model served from them cannot use it. Customers younger than
+    ``settle_days`` at the cutoff are left out of fit and score alike.
+    """
+    last = int(events["day"].max())
+    p = events.loc[events["type"] == "purchase", ["user_id", "day"]].drop_duplicates()
+    horizons = sorted(set(horizons))
+    rows = []
+    for c in cutoff_days:
+        hs = [h for h in horizons if c + h <= last]
+        past = p[p["day"].to_numpy() <= c]
+        birth = past.groupby("user_id")["day"].min() + settle_days
+        birth = birth[birth < c]
+        if not hs or birth.empty:
+            continue
+        mine = past[past["user_id"].isin(birth.index)]
+        after = mine[mine["day"].to_numpy() > mine["user_id"].map(birth).to_numpy()]
+        g = after.groupby("user_id")["day"]
+        x = g.size().reindex(birth.index, fill_value=0).to_numpy(np.float64)
+        T = (c - birth).to_numpy(np.float64)
+        t_x = (g.max().reindex(birth.index) - birth).fillna(0).to_numpy(np.float64)
+        params, _ = fit_bgnbd(x, t_x, T)
+        for h in hs:
+            expected = float(bgnbd_expected(params, h, x, t_x, T).sum())
+            actual = int(purchase_days_in(events, birth.index, c, h).sum())
+            rows.append(
+                {
+                    "cutoff": day_date(c),
+                    "horizon_days": h,
+                    "settle_days": settle_days,
+                    "orders_bias": expected / actual - 1,
+                }
+            )
+    return pd.DataFrame(rows)

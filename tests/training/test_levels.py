@@ -20,6 +20,7 @@ from training.levels import (
     month_ends,
     purchase_days_in,
     reference_levels,
+    settled_orders_bias,
 )
 from training.models.btyd import BGNBDGammaGamma
 from training.quality import CaseSummary, TargetCheck, repeat_activity, summary_table, tally
@@ -181,3 +182,15 @@ def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
     biases = text.split("| 364 d |")[1].split("|")[1:3]
     assert np.isfinite([float(c.strip().rstrip("%")) for c in biases]).all()
     assert "| 1998-02-28 |" in text and "| 1998-01-31 |" not in text  # the sweep's range
+
+
+def test_settled_clock_of_zero_days_is_the_reference(sample_events: pd.DataFrame) -> None:
+    """With no settling stretch the analysis is the reference's purchase-day part."""
+    cuts = [CAL_END, day_number(dt.date(1997, 12, 31))]
+    ref = levels_frame(reference_levels(sample_events, cuts, (91, 181)))
+    zero = settled_orders_bias(sample_events, cuts, (91, 181), 0)
+    assert len(zero) == len(ref) == 4
+    np.testing.assert_allclose(zero["orders_bias"], ref["orders_bias"], rtol=1e-6)
+    later = settled_orders_bias(sample_events, cuts, (91, 181), 30)
+    assert len(later) == 4
+    assert not np.allclose(later["orders_bias"], ref["orders_bias"])
