@@ -20,6 +20,7 @@ from training.levels import (
     month_ends,
     purchase_days_in,
     reference_levels,
+    settled_inputs,
     settled_orders_bias,
 )
 from training.models.btyd import BGNBDGammaGamma
@@ -70,7 +71,10 @@ def test_sweep_matches_a_direct_fit_and_splits_the_bias_exactly(
         assert x.customers == len(feats) == 2357
         assert x.predicted_days == pytest.approx(comp["expected_orders"].sum(), rel=1e-9)
         assert x.actual_revenue == pytest.approx(revenue.sum())
-        assert (1 + x.bias) == pytest.approx((1 + x.orders_bias) * (1 + x.spend_bias))
+        # spend: predicted revenue per predicted purchase day against the actual one
+        predicted_rate = x.predicted_revenue / x.predicted_days
+        actual_rate = revenue.sum() / x.actual_days
+        assert x.spend_bias == pytest.approx(predicted_rate / actual_rate - 1)
     # the papers' 39-week holdout: the repeat purchase days the sample's customers made
     holdout = next(x for x in levels if x.horizon_days == 273)
     ev = sample_events[
@@ -108,22 +112,26 @@ def test_summary_names_the_missed_targets() -> None:
     d = dt.date(1997, 12, 31)
     rows = summary_table(
         [
-            CaseSummary(d, 181, 364, "hybrid", -0.035, -0.035, hit),
-            CaseSummary(d, 91, 364, "hybrid", -0.2, -0.2, miss),
-            CaseSummary(d, 30, 364, "bgnbd_gg", 0.01, 0.01, None),
+            CaseSummary(d, 181, 364, "hybrid", -0.035, -0.035, hit, "hybrid", -0.035),
+            CaseSummary(d, 91, 364, "hybrid", -0.2, -0.2, miss, "tweedie", 0.01),
+            CaseSummary(d, 30, 364, "bgnbd_gg", 0.01, 0.01, None, "bgnbd_gg", 0.01),
         ]
     ).splitlines()
-    assert rows[2].endswith("| -3.5% | -3.5% | yes |")
+    assert rows[2].endswith("| -3.5% | -3.5% | hybrid (-3.5%) | yes |")
+    assert "| tweedie (+1.0%) |" in rows[3]
     assert rows[3].endswith("| **no** (missed: decile MAPE, bias) |")
     assert rows[4].endswith("| **no** (the reference stayed champion) |")
     level_only = TargetCheck(gini=True, decile_mape=True, rmse=True, mae=True, bias=False)
     cases = [
-        CaseSummary(d, 181, 364, "hybrid", -0.035, -0.035, hit),
-        CaseSummary(d, 91, 364, "hybrid", -0.2, -0.2, level_only),
-        CaseSummary(d, 92, 364, "hybrid", -0.2, -0.2, miss),
+        CaseSummary(d, 181, 364, "hybrid", -0.035, -0.035, hit, "hybrid", -0.035),
+        CaseSummary(d, 91, 364, "hybrid", -0.2, -0.2, level_only, "tweedie", 0.05),
+        CaseSummary(d, 92, 364, "hybrid", -0.2, -0.2, miss, "rf", -0.01),
     ]
-    assert tally(cases).startswith("Targets met at 1 of 3 cases; at 1 more the champion")
-    assert "outside ±10% at 2 of the 3" in tally(cases)
+    text = tally(cases)
+    assert text.startswith("Targets met at 1 of 3 cases; at 1 more the champion")
+    assert "outside ±10% at 2 of the 3" in text
+    assert "closest in total were hybrid, rf, tweedie;" in text
+    assert "the closest at 1 of 3." in text
 
 
 def test_repeat_activity_counts_purchase_days_after_the_first() -> None:
@@ -174,6 +182,8 @@ def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
     assert "| 1997-12-31 | 91 d | 364 d |" in text
     assert "## The reference's level across the calendar" in text
     assert "## Cutoff 1997-12-31, horizon 91 days" in text
+    monthly = [ln for ln in text.splitlines() if ln.startswith("| 1997-10 |")]
+    assert len(monthly) == 1 and ".0 |" not in monthly[0].split("|")[2]
     images = {p.name for p in (out.parent / "img").glob("*.png")}
     assert "reference_level_sweep.png" in images
     assert "19971231_91d_oos_deciles.png" in images
@@ -194,3 +204,32 @@ def test_settled_clock_of_zero_days_is_the_reference(sample_events: pd.DataFrame
     later = settled_orders_bias(sample_events, cuts, (91, 181), 30)
     assert len(later) == 4
     assert not np.allclose(later["orders_bias"], ref["orders_bias"])
+
+
+def test_settled_clock_inputs() -> None:
+    """x, t_x and T measured from first purchase + delay; purchases up to the start left out."""
+    day = dt.date(2024, 1, 1)
+    rows = [  # (user, days after 2024-01-01); cutoff day 38, delay 10
+        ("a", 0), ("a", 5), ("a", 10), ("a", 25), ("a", 40),  # start 10: x counts day 25 only
+        ("b", 0), ("b", 3),  # start 10: no purchase after it
+        ("c", 30),  # start 40, after the cutoff: left out
+        ("d", 25), ("d", 35),  # start 35: the purchase on the start day is not counted
+        ("e", 28),  # start 38, the cutoff itself: T = 0
+    ]  # fmt: skip
+    orders = pd.DataFrame(
+        {
+            "user_id": [u for u, _ in rows],
+            "order_id": [str(i) for i in range(len(rows))],
+            "ts": [f"{day + dt.timedelta(days=k)}T12:00:00Z" for _, k in rows],
+            "amount": [10.0] * len(rows),
+        }
+    )
+    events = events_from_orders(orders)
+    users, x, t_x, T = settled_inputs(events, day_number(day) + 38, 10)
+    got = {u: (x[i], t_x[i], T[i]) for i, u in enumerate(users)}
+    assert got == {
+        "a": (1, 15, 28),
+        "b": (0, 0, 28),
+        "d": (0, 0, 3),
+        "e": (0, 0, 0),
+    }
