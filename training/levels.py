@@ -13,7 +13,7 @@ that ends within the data, which shows whether a level miss is the model's or th
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +66,18 @@ def purchase_days_in(
     return counts.reindex(users, fill_value=0).to_numpy(np.int64)
 
 
+def _scorable(
+    cutoff_days: Iterable[int], horizons: Iterable[int], last_day: int
+) -> Iterator[tuple[int, list[int]]]:
+    """Each cutoff with the horizons that end on or before ``last_day`` (cutoffs with none
+    are skipped)."""
+    hs = sorted(set(horizons))
+    for c in cutoff_days:
+        fits = [h for h in hs if c + h <= last_day]
+        if fits:
+            yield c, fits
+
+
 def reference_levels(
     events: pd.DataFrame,
     cutoff_days: Iterable[int],
@@ -74,13 +86,8 @@ def reference_levels(
 ) -> list[ReferenceLevel]:
     """The reference fitted on the orders up to each cutoff, scored on every horizon that ends
     on or before the last day in ``events``."""
-    last = int(events["day"].max())
-    horizons = sorted(set(horizons))
     out: list[ReferenceLevel] = []
-    for c in cutoff_days:
-        hs = [h for h in horizons if c + h <= last]
-        if not hs:
-            continue
+    for c, hs in _scorable(cutoff_days, horizons, int(events["day"].max())):
         feats = purchasers_at(events, c)
         model = BGNBDGammaGamma().fit_features(feats)
         for h in hs:
@@ -112,9 +119,9 @@ def levels_frame(levels: list[ReferenceLevel]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def levels_table(levels: list[ReferenceLevel]) -> str:
-    """Markdown: one row per cutoff, one column per horizon, ``total (orders, spend)``."""
-    df = levels_frame(levels)
+def levels_table(df: pd.DataFrame) -> str:
+    """Markdown from :func:`levels_frame`: one row per cutoff, one column per horizon,
+    ``total (orders, spend)``."""
     horizons = sorted(df["horizon_days"].unique())
     lines = [
         "| cutoff | " + " | ".join(f"{h} d" for h in horizons) + " |",
@@ -144,9 +151,9 @@ def _whole(fraction: float) -> str:
     return f"{v:+d}" if v else "0"
 
 
-def levels_plot(levels: list[ReferenceLevel], path: Path) -> Path:
-    """Heat map of the reference's total bias, cutoff by horizon, with the ±10 % band marked."""
-    df = levels_frame(levels)
+def levels_plot(df: pd.DataFrame, path: Path) -> Path:
+    """Heat map of :func:`levels_frame`'s total bias, cutoff by horizon, the misses beyond
+    the bias limit in bold."""
     grid = df.pivot(index="horizon_days", columns="cutoff", values="bias") * 100
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * grid.shape[1], 1.2 + 0.6 * grid.shape[0]))
     lim = max(30.0, float(np.nanmax(np.abs(grid.to_numpy()))))
@@ -200,13 +207,8 @@ def settled_orders_bias(
     assumptions: the model takes every customer as alive at the start of the clock, and a
     customer who dropped out during the settling stretch re-enters as alive with no purchase.
     """
-    last = int(events["day"].max())
-    horizons = sorted(set(horizons))
     rows = []
-    for c in cutoff_days:
-        hs = [h for h in horizons if c + h <= last]
-        if not hs:
-            continue
+    for c, hs in _scorable(cutoff_days, horizons, int(events["day"].max())):
         users, x, t_x, T = settled_inputs(events, c, settle_days)
         if not len(users):
             continue

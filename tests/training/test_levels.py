@@ -93,7 +93,7 @@ def test_table_and_plot(sample_events: pd.DataFrame, tmp_path: Path) -> None:
     levels = reference_levels(sample_events, cutoffs, (91, 181))
     frame = levels_frame(levels)
     assert len(frame) == 6
-    table = levels_table(levels).splitlines()
+    table = levels_table(frame).splitlines()
     assert table[0] == "| cutoff | 91 d | 181 d |"
     assert len(table) == 2 + 3
     rows_91 = frame[frame["horizon_days"] == 91].iterrows()
@@ -101,7 +101,7 @@ def test_table_and_plot(sample_events: pd.DataFrame, tmp_path: Path) -> None:
         cell = line.split("|")[2].strip()
         assert cell.startswith("**") == (abs(row["bias"]) > 0.10)
         assert f"{row['bias'] * 100:+.1f}%" in cell
-    png = levels_plot(levels, tmp_path / "sweep.png")
+    png = levels_plot(frame, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
