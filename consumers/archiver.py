@@ -21,8 +21,8 @@ from prometheus_client import Counter
 
 from clv.errors import InvalidEvent
 from clv.settings import Settings
+from consumers.kafka import ensure_topics, make_consumer, validate_record
 from feature_store.event_log import ARRIVAL_COLUMNS, write_events
-from feature_store.events import event_clock, validate
 from feature_store.offline import EVENT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,8 @@ class Archiver:
         for tp, records in batch.items():
             for rec in records:
                 try:
-                    ev = validate(
-                        rec.value,
-                        max_bytes=s.max_event_bytes,
-                        currency=s.currency,
-                        now_ms=event_clock(rec.timestamp, now_ms),
-                        future_tolerance_ms=s.future_tolerance_seconds * 1000,
-                    )
-                except InvalidEvent:
-                    continue
-                except Exception:  # the feature consumer dead-letters it; never stop here
-                    log.exception("unexpected error validating offset %s", rec.offset)
+                    ev = validate_record(rec, s, now_ms)
+                except InvalidEvent:  # the feature consumers dead-letter it
                     continue
                 for col, value in (
                     ("event_id", ev.event_id),
@@ -112,7 +103,6 @@ _COLUMNS = (*EVENT_COLUMNS, *ARRIVAL_COLUMNS)
 
 async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     """Entry point: archive until ``stop``; returns the number of events written."""
-    from consumers.kafka import ensure_topics, make_consumer
 
     await ensure_topics(settings)
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)

@@ -22,7 +22,8 @@ from prometheus_client import Counter
 from clv.errors import InvalidEvent
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, Rejected
-from feature_store.events import ValidEvent, event_clock, validate
+from consumers.kafka import ensure_topics, make_consumer, make_producer, validate_record
+from feature_store.events import ValidEvent
 from feature_store.redis_client import connect
 from feature_store.redis_store import AnyRedis, FeatureStore
 
@@ -98,28 +99,13 @@ class FeatureConsumer:
         out = _Batch()
         good, sources, bad = out.good, out.sources, out.bad
         now_ms = time.time_ns() // 1_000_000
-        max_bytes, currency = s.max_event_bytes, s.currency
-        tolerance_ms = s.future_tolerance_seconds * 1000
         for tp, records in batch.items():
             for rec in records:
                 try:
-                    good.append(
-                        validate(
-                            rec.value,
-                            max_bytes=max_bytes,
-                            currency=currency,
-                            now_ms=event_clock(rec.timestamp, now_ms),
-                            future_tolerance_ms=tolerance_ms,
-                        )
-                    )
+                    good.append(validate_record(rec, s, now_ms))
                     sources.append(rec)
                 except InvalidEvent as exc:
                     bad.append(Rejected(rec, exc.reason, exc.detail))
-                except Exception as exc:  # never let one message stop the consumer
-                    log.exception(
-                        "unexpected error validating %s:%s@%s", tp.topic, tp.partition, rec.offset
-                    )
-                    bad.append(Rejected(rec, "invalid_value", f"unexpected: {exc!r}"[:500]))
             last = records[-1].offset
             out.progress[f"{tp.topic}:{tp.partition}"] = last
             out.commits[tp] = last + 1
@@ -186,7 +172,6 @@ async def open_clients(
 ) -> Clients:
     """Redis, a producer and one orders-topic consumer per entry of ``groups``; each is closed
     by ``resources`` on the way out, also when a later one fails to start."""
-    from consumers.kafka import make_consumer, make_producer
 
     redis = connect(settings.redis_url)
     resources.push_async_callback(redis.aclose)
@@ -204,7 +189,6 @@ async def open_clients(
 
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
-    from consumers.kafka import ensure_topics
 
     await ensure_topics(settings)
     async with contextlib.AsyncExitStack() as resources:

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
+from clv.errors import InvalidEvent
 from clv.settings import Settings
+from feature_store.events import ValidEvent, event_clock, validate
+
+log = logging.getLogger(__name__)
+
+
+def validate_record(
+    rec: ConsumerRecord[bytes, bytes], settings: Settings, wall_ms: int
+) -> ValidEvent:
+    """Validate a consumed record the way every reader must, so the feature consumers and the
+    archiver accept the same events: the future-time clock is the record's timestamp capped by
+    ``wall_ms``, and an unexpected failure is an ``invalid_value`` rejection, never a crash."""
+    try:
+        return validate(
+            rec.value,
+            max_bytes=settings.max_event_bytes,
+            currency=settings.currency,
+            now_ms=event_clock(rec.timestamp, wall_ms),
+            future_tolerance_ms=settings.future_tolerance_seconds * 1000,
+        )
+    except InvalidEvent:
+        raise
+    except Exception as exc:  # one message must never stop a reader
+        log.exception("unexpected error validating %s:%s@%s", rec.topic, rec.partition, rec.offset)
+        raise InvalidEvent("invalid_value", f"unexpected: {exc!r}"[:500]) from exc
 
 
 def make_consumer(
