@@ -189,7 +189,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"  ceiling run 2: {total / c2[1]:,.0f} events/s", file=sys.stderr)
 
         mem = (await redis.info("memory"))["used_memory"] - base_mem
-        users = sum([1 async for _ in redis.scan_iter("clv:{*", count=10_000)])
+        users = sum([1 async for _ in redis.scan_iter(f"{settings.key_prefix}:{{*", count=10_000)])
         await redis.aclose()
         st = f[2].stats
         ceil_steady = total / ((c1[1] + c2[1]) / 2)

@@ -6,7 +6,6 @@ Bad input ends in one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import signal
@@ -19,7 +18,7 @@ import typer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from clv.commands import fail, load_settings
+from clv.commands import fail, load_settings, parse_date
 from clv.commands.backtest import backtest
 from clv.commands.synth import synth
 from clv.commands.train import train
@@ -51,15 +50,6 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
         raise fail(str(exc), 1) from None
     except (OSError, RedisError, KafkaError) as exc:
         raise fail(f"cannot reach a server: {exc}", 1) from None
-
-
-def parse_date(text: str | None, what: str = "date") -> dt.date | None:
-    if text is None:
-        return None
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise fail(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
 
 
 @app.command()

@@ -118,17 +118,16 @@ async def _show(settings: Settings, running: Running) -> None:
             value[:60].decode("utf-8", "replace"),
         )
     console.print(table)
-    await _train_and_score(settings, store, list(top), as_of)
+    await _train_and_score(settings, online)
     console.print(
         "try: [bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold] "
         "(earlier dates come from the event log)"
     )
 
 
-async def _train_and_score(
-    settings: Settings, store: FeatureStore, users: list[str], as_of: int
-) -> None:
-    """Train from the event log the archiver wrote, then score users from their Redis state."""
+async def _train_and_score(settings: Settings, online: pd.DataFrame) -> None:
+    """Train from the event log the archiver wrote, then score the users whose online
+    features (read from Redis above) are ``online``."""
     from training.registry import load_champion
     from training.train import train
 
@@ -141,10 +140,8 @@ async def _train_and_score(
     )
     console.print(result.summary())
     champion = await asyncio.to_thread(load_champion, settings.model_dir)
-    frames = [await store.features(u, as_of) for u in users]
-    feats = pd.concat([f for f in frames if f is not None])
     horizon = champion.horizon_days
-    pred = champion.model.predict(feats[list(FEATURE_NAMES)], horizon)
+    pred = champion.model.predict(online[list(FEATURE_NAMES)], horizon)
     table = Table(
         title=f"champion {champion.version} ({type(champion.model).__name__}): next {horizon} days"
     )

@@ -39,3 +39,7 @@ class Settings(BaseSettings):
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)
     key_prefix: str = "clv"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as the ``CLV_`` variables that rebuild them in a child process."""
+        return {f"CLV_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}

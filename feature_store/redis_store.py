@@ -92,9 +92,9 @@ class FeatureStore:
         twice either way. Events dated at or before the user's latest event day minus the
         retention come back (as indexes) in ``too_late``, unapplied: the caller dead-letters them.
         """
+        clock = max((e.ts_ms for e in events), default=-1)
         if not self._cluster:
             keys, payload = self._encode(events)
-            clock = max((e.ts_ms for e in events), default=-1)
             a, d, late = await self._run(
                 [self.progress_key(group), *keys], payload, progress, now_ms, clock=clock
             )
@@ -118,7 +118,7 @@ class FeatureStore:
                 _pack([]),
                 progress,
                 now_ms,
-                clock=max((e.ts_ms for e in events), default=-1),
+                clock=clock,
             )
         return result
 

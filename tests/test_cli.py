@@ -19,10 +19,7 @@ from tests.consumers.test_feature_consumer import _run_group
 
 def _env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
-    env.update(
-        {f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
-    )
-    return env
+    return {**env, **settings.as_env()}
 
 
 def clv(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:

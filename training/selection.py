@@ -142,6 +142,11 @@ class Selection:
         return pd.DataFrame(rows).T
 
 
+def _bias_allowance(ref: dict[str, float]) -> float:
+    """The total bias a challenger may have: the limit, or the reference's own if larger."""
+    return max(BIAS_LIMIT, abs(ref["bias"]))
+
+
 def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
     """Meets the targets against the reference's figures on the same window."""
     if not all(math.isfinite(m.get(k, float("nan"))) for k in ("rmse", "mae", "gini", "bias")):
@@ -154,7 +159,7 @@ def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
         and m["rmse"] <= ref["rmse"] * (1 + RMSE_TOLERANCE)
         and m["mae"] <= ref["mae"] * (1 + RMSE_TOLERANCE)
         # tolerance: a model anchored to the reference's total has its bias up to rounding
-        and abs(m["bias"]) <= max(BIAS_LIMIT, abs(ref["bias"])) + 1e-6
+        and abs(m["bias"]) <= _bias_allowance(ref) + 1e-6
     )
 
 
@@ -171,7 +176,7 @@ def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
         + rel(m["decile_mape_level"], ref["decile_mape_level"])
         + rel(m["rmse"], ref["rmse"])
         + rel(m["mae"], ref["mae"])
-        - 5.0 * max(abs(m["bias"]) - max(BIAS_LIMIT, abs(ref["bias"])), 0.0)
+        - 5.0 * max(abs(m["bias"]) - _bias_allowance(ref), 0.0)
     )
     return float(s) if math.isfinite(s) else float("-inf")
 
@@ -225,18 +230,18 @@ def select_champion(
     if plan.val_days < 1:
         return Selection(REFERENCE, "no history before the cutoff to validate on", plan, None)
     inner = cutoff_day - plan.val_days
-    feats = purchasers_at(events, inner)
-    actual, _ = window_labels(events, feats.index, inner, plan.val_days)
-    progress(
-        f"validation: fit on days <= {inner}, score the next {plan.val_days} days "
-        f"({len(feats):,} customers)"
-    )
     try:
         ds = training_set(events, inner, plan.val_days, min(plan.val_days, plan.label_days))
     except ClvError:
         # not even one labelled cutoff: the label-free models can still be compared
         names = [n for n in names if n in UNSUPERVISED]
         ds = _unlabelled(events, inner, plan.val_days)
+    feats = ds.current  # everyone with a purchase by the inner cutoff: who validation scores
+    actual, _ = window_labels(events, feats.index, inner, plan.val_days)
+    progress(
+        f"validation: fit on days <= {inner}, score the next {plan.val_days} days "
+        f"({len(feats):,} customers)"
+    )
     scores, preds = evaluate(
         make_candidates(names), ds, feats, actual, plan.val_days, progress, "validation: "
     )

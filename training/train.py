@@ -160,7 +160,6 @@ class _Clock:
     def __init__(self, say: Say, on_phase: Callable[[str], None] | None) -> None:
         self.say, self.on_phase = say, on_phase
         self.timings: dict[str, float] = {}
-        self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -176,16 +175,10 @@ class _Clock:
                 self.on_phase("")
 
 
-def _stderr_say(t0: float) -> Say:
-    def say(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    return say
-
-
 def _validation(selection: Any, fingerprint: str) -> Validation:
     """The challenger's promotion yardstick: the selection's composite score against the
     BG/NBD+GG reference on the validation window (RMSE when the reference failed)."""
+    from training.metrics import HIGHER_IS_BETTER
     from training.selection import REFERENCE
 
     score = selection.scores.get(selection.champion)
@@ -205,7 +198,10 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
         return window
     if ref is None or ref.error:
         return replace(
-            window, metric="rmse", higher_is_better=False, score=float(score.metrics["rmse"])
+            window,
+            metric="rmse",
+            higher_is_better=HIGHER_IS_BETTER["rmse"],
+            score=float(score.metrics["rmse"]),
         )
     return replace(window, score=float(score.score))
 
@@ -258,12 +254,13 @@ def train(
     Raises :class:`TrainingError` when the log holds no purchase to learn from.
     """
     from feature_store.event_log import read_events
+    from training.backtest import StderrProgress
     from training.datasets import history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
     from training.selection import final_training_set, select_champion
 
     t0 = time.perf_counter()
-    say: Say = _stderr_say(t0) if progress else (lambda _msg: None)
+    say: Say = StderrProgress("train") if progress else (lambda _msg: None)
     clock = _Clock(say, on_phase)
     root = settings.event_log_dir
 
@@ -364,10 +361,7 @@ def train(
 def _child_env(settings: Settings) -> dict[str, str]:
     """The environment of a training child: this process's, plus ``settings`` as CLV_ vars
     (settings built in code win over the environment they came from)."""
-    env = dict(os.environ)
-    for key, value in settings.model_dump().items():
-        if value is not None:
-            env[f"CLV_{key.upper()}"] = str(value)
+    env = {**os.environ, **settings.as_env()}
     # The child must import this very code, installed or not.
     here = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)

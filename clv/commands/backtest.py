@@ -6,14 +6,13 @@ on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import datetime as dt
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from clv.commands import fail
+from clv.commands import fail, parse_date
 from clv.errors import ClvError
 
 
@@ -43,10 +42,7 @@ def backtest(
 ) -> None:
     """Select and fit a CLV model on the orders up to CUTOFF and write one forecast per
     customer: user_id,predicted_value,expected_orders,p_alive."""
-    try:
-        day = dt.date.fromisoformat(cutoff)
-    except ValueError:
-        raise fail(f"--cutoff must be a date YYYY-MM-DD, got {cutoff!r}") from None
+    day = parse_date(cutoff, "--cutoff")
     if horizon_days <= 0:
         raise fail("--horizon-days must be a positive number of days")
     if not orders.is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from clv.commands import fail
+from clv.commands import fail, parse_date
 from clv.errors import ClvError
 
 err = Console(stderr=True)
@@ -65,10 +64,7 @@ def synth(
     refunds) as an orders CSV or as a date-partitioned Parquet event log."""
     from training.synth import SynthConfig, generate, write_csv, write_log
 
-    try:
-        first = dt.date.fromisoformat(start)
-    except ValueError:
-        raise fail(f"--start {start!r} is not a date (YYYY-MM-DD)") from None
+    first = parse_date(start, "--start")
     cfg = SynthConfig(
         users=users, orders=orders, seed=seed, start=first, days=days, refund_rate=refund_rate
     )

@@ -176,10 +176,7 @@ async def test_two_consumers_with_a_rebalance_mid_stream(settings: Settings) -> 
 
 
 def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        **{f"CLV_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None},
-    }
+    env = {**os.environ, **settings.as_env()}
     return subprocess.Popen(
         [sys.executable, "-m", "clv", "consume"],
         env=env,

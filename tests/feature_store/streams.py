@@ -121,9 +121,7 @@ BAD: list[tuple[bytes | None, str]] = [
         "not_json",
     ),
     (
-        _with(amount=1e400)
-        if False
-        else b'{"event_id":"e","type":"purchase","user_id":"u",'
+        b'{"event_id":"e","type":"purchase","user_id":"u",'
         b'"order_id":"o","amount":1e999,"ts":"2024-01-01"}',
         "invalid_value",
     ),
@@ -145,9 +143,15 @@ BAD: list[tuple[bytes | None, str]] = [
     (b'{"pad":"' + b"x" * (64 * 1024) + b'"}', "too_large"),
     (b"\xff\xfe\x00garbage", "not_json"),
     # invalid UTF-8 inside a string field
-    (b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"\xff","amount":1,'
-     b'"ts":"2024-01-01T00:00:00Z"}', "not_json"),
-    (b'{"event_id":"\xc3","type":"purchase","user_id":"u","order_id":"o","amount":1,'
-     b'"ts":"2024-01-01"}', "not_json"),
+    (
+        b'{"event_id":"e","type":"purchase","user_id":"u","order_id":"\xff","amount":1,'
+        b'"ts":"2024-01-01T00:00:00Z"}',
+        "not_json",
+    ),
+    (
+        b'{"event_id":"\xc3","type":"purchase","user_id":"u","order_id":"o","amount":1,'
+        b'"ts":"2024-01-01"}',
+        "not_json",
+    ),
     (_with(ts="1969-12-31T23:59:59.9999Z"), "bad_timestamp"),
 ]
