@@ -81,6 +81,22 @@ def _partition_day(folder: Path) -> int | None:
         return None
 
 
+def log_files(root: Path, start_day: int | None = None, end_day: int | None = None) -> list[Path]:
+    """The log's Parquet parts for the days in ``[start_day, end_day]``, in date then name
+    order (folders that are not a ``date=`` partition are ignored)."""
+    root = Path(root)
+    files: list[Path] = []
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            d = _partition_day(folder)
+            if d is None or (start_day is not None and d < start_day):
+                continue
+            if end_day is not None and d > end_day:
+                continue
+            files.extend(sorted(folder.glob("part-*.parquet")))
+    return files
+
+
 def read_events(
     root: Path,
     start_day: int | None = None,
@@ -96,16 +112,7 @@ def read_events(
     ``arrival_order`` sorts by Kafka partition and offset, the order the online state saw (a
     user's events share a partition), which :func:`feature_store.offline.too_late_mask` needs.
     """
-    root = Path(root)
-    files: list[str] = []
-    if root.is_dir():
-        for folder in sorted(root.iterdir()):
-            d = _partition_day(folder)
-            if d is None or (start_day is not None and d < start_day):
-                continue
-            if end_day is not None and d > end_day:
-                continue
-            files.extend(str(p) for p in sorted(folder.glob("part-*.parquet")))
+    files = [str(p) for p in log_files(root, start_day, end_day)]
     if not files:
         return SCHEMA.empty_table().to_pandas()
     dataset = pads.dataset(files, schema=SCHEMA, format="parquet")

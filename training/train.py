@@ -407,12 +407,11 @@ async def train_in_subprocess(
 def log_signature(root: Path) -> str:
     """A cheap signature of the event log's files (names and sizes): the log is append-only,
     so it changes exactly when events were added. No file is read."""
+    from feature_store.event_log import log_files
+
     digest = hashlib.sha256()
-    if Path(root).is_dir():
-        for folder in sorted(Path(root).iterdir()):
-            if folder.is_dir() and folder.name.startswith("date="):
-                for part in sorted(folder.glob("part-*.parquet")):
-                    digest.update(f"{folder.name}/{part.name}:{part.stat().st_size}\n".encode())
+    for part in log_files(root):
+        digest.update(f"{part.parent.name}/{part.name}:{part.stat().st_size}\n".encode())
     return digest.hexdigest()
 
 
