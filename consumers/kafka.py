@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -134,18 +136,33 @@ async def read_topic(
     return out
 
 
-async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
-    """A group's committed offsets, read with a manually assigned consumer of that group."""
-    ends = await end_offsets(settings, topic)
+@asynccontextmanager
+async def _group_member(settings: Settings, group: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer of ``group`` that never joins it: partitions are assigned by hand, so it can
+    read the group's commits without triggering a rebalance."""
     c = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
     )
     await c.start()
     try:
-        c.assign(list(ends))
-        return {tp: await c.committed(tp) for tp in ends}
+        yield c
     finally:
         await c.stop()
+
+
+async def _read_commits(
+    c: AIOKafkaConsumer, tps: Iterable[TopicPartition]
+) -> dict[TopicPartition, int | None]:
+    # ``committed`` asks the group coordinator every call, so one consumer can poll
+    return {tp: await c.committed(tp) for tp in tps}
+
+
+async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
+    """A group's committed offsets, read with a manually assigned consumer of that group."""
+    ends = await end_offsets(settings, topic)
+    async with _group_member(settings, group) as c:
+        c.assign(list(ends))
+        return await _read_commits(c, ends)
 
 
 async def wait_committed(settings: Settings, group: str, timeout: float = 120) -> None:
@@ -154,10 +171,12 @@ async def wait_committed(settings: Settings, group: str, timeout: float = 120) -
     ends = await end_offsets(settings, settings.orders_topic)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
-        done = await committed(settings, group, settings.orders_topic)
-        if all((done.get(tp) or 0) >= end for tp, end in ends.items()):
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"group {group} committed {done}, topic ends at {ends}")
-        await asyncio.sleep(0.3)
+    async with _group_member(settings, group) as c:
+        c.assign(list(ends))
+        while True:
+            done = await _read_commits(c, ends)
+            if all((done.get(tp) or 0) >= end for tp, end in ends.items()):
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"group {group} committed {done}, topic ends at {ends}")
+            await asyncio.sleep(0.3)

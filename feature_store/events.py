@@ -90,9 +90,17 @@ def parse_ts(text: str) -> int:
         raise InvalidEvent("bad_timestamp", f"ts {text[:64]!r}: {exc}") from None
     if parsed.tzinfo is None:  # bare date: midnight UTC
         parsed = parsed.replace(tzinfo=dt.UTC)
-    if parsed < _EPOCH:
-        raise InvalidEvent("bad_timestamp", f"ts {text[:64]!r} is before 1970-01-01")
-    return (parsed - _EPOCH) // _ONE_MS
+    return _epoch_ms(parsed, repr(text[:64]))
+
+
+def _epoch_ms(t: dt.datetime, shown: str | None = None) -> int:
+    """An aware datetime on or after 1970 -> epoch milliseconds, exactly (float seconds would
+    lose a millisecond); ``shown`` names the value in the error (default: its ISO form)."""
+    if t.tzinfo is None:
+        raise InvalidEvent("bad_timestamp", f"ts {shown or t.isoformat()} has no zone offset")
+    if t < _EPOCH:
+        raise InvalidEvent("bad_timestamp", f"ts {shown or t.isoformat()} is before 1970-01-01")
+    return (t - _EPOCH) // _ONE_MS
 
 
 def validate(
@@ -115,12 +123,7 @@ def validate(
         raise InvalidEvent("too_large", f"{len(raw)} bytes > limit {max_bytes}")
     try:
         ev = _fast_decoder.decode(raw)
-        t = ev.ts
-        if t.tzinfo is None:
-            raise InvalidEvent("bad_timestamp", f"ts {t.isoformat()} has no zone offset")
-        if t < _EPOCH:
-            raise InvalidEvent("bad_timestamp", f"ts {t.isoformat()} is before 1970-01-01")
-        ts_ms = (t - _EPOCH) // _ONE_MS  # exact: float seconds would lose a millisecond
+        ts_ms = _epoch_ms(ev.ts)
     except msgspec.ValidationError:
         # Not the common shape: decode again with ts as text, for the exact reason or a date.
         try:

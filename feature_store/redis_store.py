@@ -222,27 +222,29 @@ _HEADER_NAMES = (
 )
 
 
-def decode_hash(raw: dict[bytes, bytes]) -> dict[str, Any]:
-    """One user's stored state, by name (for tools and tests)."""
+def decode_hash(raw: dict[bytes, bytes], dedup: bool = True) -> dict[str, Any]:
+    """One user's stored state, by name; the seen event ids under ``"dedup"`` unless ``dedup``
+    is false (the feature read needs only the header and the day records)."""
     out: dict[str, Any] = {
         k: int(v) for k, v in zip(_HEADER_NAMES, _HEADER.unpack(raw[b"h"]), strict=True)
     }
     days: dict[int, list[int]] = {}
-    dedup: dict[str, int] = {}
+    seen: dict[str, int] = {}
     for name, value in raw.items():
         tag = name[:1]
         if tag in (b"o", b"v"):
             days.setdefault(int(name[1:]), [0, 0])[0 if tag == b"o" else 1] = int(value)
-        elif tag == b"#":
-            dedup[name[1:].decode()] = int(value)
+        elif dedup and tag == b"#":
+            seen[name[1:].decode()] = int(value)
     out["days"] = {d: (o, c) for d, (o, c) in days.items()}
-    out["dedup"] = dedup
+    if dedup:
+        out["dedup"] = seen
     return out
 
 
 def state_from_hash(user_id: str, raw: dict[bytes, bytes]) -> UserState:
     """Decode one user's stored hash into a one-row :class:`UserState`."""
-    state = decode_hash(raw)
+    state = decode_hash(raw, dedup=False)
     rows = sorted(state["days"].items())
     one = lambda v: np.asarray([v], dtype=np.int64)  # noqa: E731
     return UserState(

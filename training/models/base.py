@@ -40,6 +40,9 @@ class TrainingSet:
     ``current`` is the features of every user as of ``as_of_day`` (the last day whose events the
     fit may use). It has no label; probabilistic models fit on it, since that is the most recent
     calibration period.
+
+    ``memo`` holds what several candidates derive from the same set (the per-cutoff BG/NBD fits
+    of the hybrids), so a selection computes it once; :meth:`subset` starts a new one.
     """
 
     features: pd.DataFrame  # FEATURE_NAMES columns, index user_id (repeats across cutoffs)
@@ -50,6 +53,7 @@ class TrainingSet:
     horizon_days: int
     as_of_day: int
     current: pd.DataFrame = field(repr=False)
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.features)

@@ -52,7 +52,15 @@ def _btyd_block(model: BGNBDGammaGamma, features: pd.DataFrame, days: int) -> pd
 
 def stacked_btyd(ds: TrainingSet) -> tuple[pd.DataFrame, BGNBDGammaGamma]:
     """BG/NBD/GG outputs for every row of ``ds`` (one fit per cutoff, over that row's label
-    window) and the model fitted on ``ds.current`` for scoring."""
+    window) and the model fitted on ``ds.current`` for scoring; computed once per training set
+    (both hybrids need them) and shared read-only."""
+    if "stacked_btyd" not in ds.memo:
+        ds.memo["stacked_btyd"] = _stacked_btyd(ds)
+    block, model = ds.memo["stacked_btyd"]
+    return block, model
+
+
+def _stacked_btyd(ds: TrainingSet) -> tuple[pd.DataFrame, BGNBDGammaGamma]:
     blocks = []
     for c in ds.cutoffs:
         rows = ds.cutoff_day == c

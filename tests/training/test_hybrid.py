@@ -1,0 +1,59 @@
+"""The hybrids of BG/NBD+GG and boosting: a shared probabilistic stage, the reference's level."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_store.features import day_number
+from training.datasets import build_training_set
+from training.models.base import TrainingSet
+from training.models.btyd import BGNBDGammaGamma
+from training.models.hybrid import BTYDFeatureBoost, BTYDResidualBoost
+
+CUTOFF = day_number(dt.date(1997, 12, 31))
+HORIZON = 91
+
+
+def _training_set(events: pd.DataFrame) -> TrainingSet:
+    past = events[events["day"].to_numpy() <= CUTOFF]
+    return build_training_set(past, CUTOFF, HORIZON, n_cutoffs=2, min_history_days=30)
+
+
+@pytest.fixture(scope="module")
+def ds(sample_events: pd.DataFrame) -> TrainingSet:
+    return _training_set(sample_events)
+
+
+def test_the_hybrids_share_one_probabilistic_stage_without_changing_a_prediction(
+    sample_events: pd.DataFrame, ds: TrainingSet
+) -> None:
+    features_first = BTYDFeatureBoost().fit(ds)
+    shared = BTYDResidualBoost().fit(ds)
+    assert shared.btyd_ is features_first.btyd_  # fitted once for the set
+
+    alone = BTYDResidualBoost().fit(_training_set(sample_events))  # a fresh set: its own fits
+    assert alone.btyd_ is not shared.btyd_
+    a = shared.predict(ds.current, HORIZON)
+    b = alone.predict(ds.current, HORIZON)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_subset_does_not_reuse_the_whole_sets_fits(ds: TrainingSet) -> None:
+    BTYDResidualBoost().fit(ds)
+    latest = ds.subset(ds.cutoff_day == ds.cutoffs[-1])
+    assert "stacked_btyd" not in latest.memo
+    assert BTYDResidualBoost().fit(latest).btyd_ is not ds.memo["stacked_btyd"][1]
+
+
+@pytest.mark.parametrize("model", [BTYDFeatureBoost, BTYDResidualBoost])
+def test_anchored_hybrids_keep_the_references_total_and_change_the_ranking(
+    ds: TrainingSet, model: type[BTYDFeatureBoost | BTYDResidualBoost]
+) -> None:
+    hybrid = model().fit(ds).predict(ds.current, HORIZON)["predicted_value"].to_numpy()
+    ref = BGNBDGammaGamma().fit(ds).predict(ds.current, HORIZON)["predicted_value"].to_numpy()
+    assert hybrid.sum() == pytest.approx(ref.sum(), rel=1e-6)
+    assert not np.allclose(hybrid, ref, rtol=0.01)
