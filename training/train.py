@@ -37,7 +37,8 @@ from training.registry import DataWindow, Decision, LoadedModel, ModelRegistry, 
 
 log = logging.getLogger(__name__)
 
-#: Above this many customers, selection and the final fit use a sample of customers.
+#: Above this many customers, selection uses a sample of customers (the champion's final fit
+#: always uses every customer).
 DEFAULT_MAX_USERS = 50_000
 #: Candidates left out (unless asked for by name) when selecting on more customers than
 #: SLOW_CANDIDATES_MAX_USERS: on a 30k-customer synthetic log they cost 2-3x the histogram
@@ -301,8 +302,14 @@ def train(
     with clock.phase("final fit"):
         model = make_candidates([selection.champion])[selection.champion]
         ds = final_training_set(
-            work, cutoff, horizon, selection.plan, supervised=selection.champion not in UNSUPERVISED
+            events,
+            cutoff,
+            horizon,
+            selection.plan,
+            supervised=selection.champion not in UNSUPERVISED,
         )
+        fit_users = len(ds.current)
+        say(f"final fit of {selection.champion} on all {fit_users:,} buyers ({len(ds):,} rows)")
         model.fit(ds)
         del ds
     with clock.phase("register"):
@@ -327,6 +334,7 @@ def train(
                 "events": len(events),
                 "users": n_users,
                 "sampled_users": n_sampled,
+                "fit_users": fit_users,
                 "candidates_considered": list(selection.scores),
             },
         )

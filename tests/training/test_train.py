@@ -197,13 +197,17 @@ async def test_retrain_forever_trains_in_a_child_without_blocking_the_loop(
     assert ticks > 1  # the loop kept running while the child trained
 
 
-def test_large_logs_train_on_a_sample_of_whole_users(tmp_path: Path, events: pd.DataFrame) -> None:
+def test_large_logs_select_on_a_sample_of_whole_users_and_fit_on_all(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
     result = train(settings, progress=False, candidates=FAST, max_users=250)
     assert result.users == 600 and result.sampled_users == 250
     meta = ModelRegistry(settings.model_dir).load_champion().metadata
     assert meta["extra"]["sampled_users"] == 250 and meta["extra"]["users"] == 600
+    buyers = events.loc[events["type"] == "purchase", "user_id"].nunique()
+    assert meta["extra"]["fit_users"] == buyers > 250  # the champion is fitted on everyone
     assert meta["validation"]["users"] <= 250
     again = train(settings, progress=False, candidates=FAST, max_users=250)
     assert again.validation == result.validation  # the sample is drawn from the data: repeatable
