@@ -86,7 +86,9 @@ def backtest_events(
         names += [REFERENCE] if not score_all else list(make_candidates(candidates))
         names = list(dict.fromkeys(names))
     models = make_candidates(names)
-    supervised_ds = final_training_set(past, cutoff_day, horizon_days, selection.plan, True)
+    supervised_ds = final_training_set(
+        past, cutoff_day, horizon_days, selection.plan, True, progress=progress
+    )
     unsup_ds = final_training_set(past, cutoff_day, horizon_days, selection.plan, False)
     actual = None
     if future_complete:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
-from feature_store.features import FEATURE_NAMES, day_number
+from feature_store.features import FEATURE_NAMES, day_date, day_number
 from feature_store.offline import events_from_orders, features_at
 from training.models.base import TrainingSet
 
@@ -142,12 +143,14 @@ def build_training_set(
     n_cutoffs: int = 4,
     step_days: int = 30,
     min_history_days: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> TrainingSet:
     """Stack point-in-time examples whose label windows end on or before ``as_of_day``.
 
     Cutoffs are ``as_of_day - label_days - k * step_days`` for ``k < n_cutoffs``; those less
     than ``min_history_days`` after the first purchase are skipped. ``label_days`` defaults to
     ``horizon_days``; pass a shorter window when the history is too short (models rescale).
+    ``progress`` hears of each cutoff as its features are built (the slow part at scale).
     """
     window = horizon_days if label_days is None else label_days
     if window <= 0 or horizon_days <= 0:
@@ -163,6 +166,10 @@ def build_training_set(
         feats = purchasers_at(events, c)
         r, n = window_labels(events, feats.index, c, window)
         frames.append(feats[list(FEATURE_NAMES)])
+        if progress:
+            progress(
+                f"training set: cutoff {day_date(c)}, {len(feats):,} buyers, {window}-day labels"
+            )
         cut.append(np.full(len(feats), c, dtype=np.int64))
         rev.append(r)
         cnt.append(n)

@@ -93,6 +93,7 @@ def training_set(
     *,
     n_cutoffs: int = 4,
     step_days: int = 30,
+    progress: Progress | None = None,
 ) -> TrainingSet:
     """Stacked examples for a fit that may use events up to ``cutoff_day``."""
     return build_training_set(
@@ -103,6 +104,7 @@ def training_set(
         n_cutoffs=n_cutoffs,
         step_days=step_days,
         min_history_days=MIN_TRAIN_HISTORY_DAYS,
+        progress=progress,
     )
 
 
@@ -305,12 +307,15 @@ def final_training_set(
     horizon_days: int,
     plan: WindowPlan,
     supervised: bool,
+    progress: Progress | None = None,
 ) -> TrainingSet:
     """The training set of the champion's final fit (all history up to the cutoff)."""
     events = events[events["day"].to_numpy() <= cutoff_day]
     if supervised and plan.supervised:
         try:
-            return training_set(events, cutoff_day, horizon_days, plan.label_days)
+            return training_set(
+                events, cutoff_day, horizon_days, plan.label_days, progress=progress
+            )
         except ClvError:
             pass
     return _unlabelled(events, cutoff_day, horizon_days)

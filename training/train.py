@@ -307,6 +307,7 @@ def train(
             horizon,
             selection.plan,
             supervised=selection.champion not in UNSUPERVISED,
+            progress=say,
         )
         fit_users = len(ds.current)
         say(f"final fit of {selection.champion} on all {fit_users:,} buyers ({len(ds):,} rows)")

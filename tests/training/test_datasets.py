@@ -143,7 +143,11 @@ def test_leakage_check_can_fail(sample_events: pd.DataFrame) -> None:
 
 
 def test_training_rows_are_features_at_their_cutoff(sample_events: pd.DataFrame) -> None:
-    ds = build_training_set(sample_events, CUTOFF, 60, n_cutoffs=2, step_days=45)
+    heard: list[str] = []
+    ds = build_training_set(
+        sample_events, CUTOFF, 60, n_cutoffs=2, step_days=45, progress=heard.append
+    )
+    assert len(heard) == 2 and all("60-day labels" in m for m in heard)  # one line per cutoff
     c = int(ds.cutoffs[0])
     rows = ds.cutoff_day == c
     expected = purchasers_at(sample_events, c)
