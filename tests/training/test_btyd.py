@@ -10,9 +10,13 @@ import pandas as pd
 import pytest
 from scipy.special import hyp2f1
 
+from clv.errors import ModelError
 from feature_store.features import day_number
 from training.datasets import purchasers_at
+from training.models import btyd
 from training.models.btyd import (
+    MAX_A,
+    MAX_B,
     BGNBDGammaGamma,
     BGNBDParams,
     bgnbd_expected,
@@ -20,6 +24,7 @@ from training.models.btyd import (
     bgnbd_p_alive,
     fit_bgnbd,
 )
+from training.synth import SynthConfig, events_frame, generate
 
 PUBLISHED_BGNBD = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}  # alpha in weeks
 PUBLISHED_GG = {"p": 6.25, "q": 3.74, "gamma": 15.44}
@@ -117,3 +122,70 @@ def test_model_pickles_and_predicts(fitted: BGNBDGammaGamma, calibration: pd.Dat
     pd.testing.assert_frame_equal(a, b)
     assert list(a.columns) == ["predicted_value", "expected_orders", "p_alive"]
     assert (a.to_numpy() >= 0).all() and (a["p_alive"] <= 1).all()
+
+
+def test_a_fit_on_the_flat_ridge_is_bounded_and_forecasts_like_the_unbounded_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A small clv synth log on which one cutoff's maximum likelihood runs off to a ~ 5e5,
+    # b ~ 3e6 when unbounded: every customer has nearly the same dropout probability.
+    ev = events_frame(generate(SynthConfig(users=3000, orders=12000, days=500, seed=0)))
+    feats = purchasers_at(ev, 19830)
+    x = feats["frequency"].to_numpy(float)
+    tx = feats["recency_days"].to_numpy(float)
+    T = feats["age_days"].to_numpy(float)
+    bounded, ll_bounded = fit_bgnbd(x, tx, T)
+    assert bounded.a == pytest.approx(MAX_A) and bounded.b < MAX_B
+    monkeypatch.setattr(btyd, "MAX_A", 1e7)
+    monkeypatch.setattr(btyd, "MAX_B", 1e7)
+    free, ll_free = fit_bgnbd(x, tx, T)
+    assert free.a > 1e4  # the case this guards against
+    assert (ll_free - ll_bounded) / len(x) < 1e-4  # the bound costs next to no likelihood
+    for t in (7, 365, 3650):  # 3650 days: scipy's hyp2f1 overflows, quadrature answers
+        a = bgnbd_expected(bounded, t, x, tx, T)
+        b = bgnbd_expected(free, t, x, tx, T)
+        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        np.testing.assert_allclose(a, b, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        BGNBDParams(0.243, 4.414, 0.793, 2.426),
+        BGNBDParams(0.44, 26.7, 30.0, 186.0),
+        BGNBDParams(5.0, 0.5, 0.05, 0.3),
+    ],
+)
+def test_quadrature_equals_the_closed_form(params: BGNBDParams) -> None:
+    x = np.arange(0.0, 60.0)
+    T = np.full(len(x), 273.0)
+    for t in (7.0, 273.0):
+        closed = bgnbd_expected(params, t, x, np.minimum(4 * x, 270.0), T)
+        alive = bgnbd_p_alive(params, x, np.minimum(4 * x, 270.0), T)
+        quad = alive * btyd._alive_expectation_quadrature(params, t, x, T)
+        np.testing.assert_allclose(quad, closed, rtol=1e-4)
+
+
+@pytest.mark.parametrize("r", [0.05, 5.0])
+@pytest.mark.parametrize("a", [0.01, 1.5, MAX_A])
+@pytest.mark.parametrize("b", [0.01, MAX_B])
+@pytest.mark.parametrize("alpha", [0.1, 1000.0])
+def test_expectation_is_finite_and_in_range_over_the_parameter_space(
+    r: float, a: float, b: float, alpha: float
+) -> None:
+    x = np.arange(0.0, 400.0, 7.0)
+    for T_days in (1.0, 730.0):
+        tx, T = np.minimum(3 * x, T_days), np.full(len(x), T_days)
+        for t in (7.0, 3650.0):
+            got = bgnbd_expected(BGNBDParams(r, alpha, a, b), t, x, tx, T)
+            assert np.all(np.isfinite(got)) and np.all(got >= 0)
+            assert np.all(got <= (r + x) * t / (alpha + T) * 1.001)  # no-dropout ceiling
+
+
+def test_non_finite_forecasts_are_refused_not_zeroed(
+    fitted: BGNBDGammaGamma, calibration: pd.DataFrame
+) -> None:
+    broken = pickle.loads(pickle.dumps(fitted))
+    broken.gg_ = btyd.GammaGammaParams(float("nan"), 3.7, 15.0)  # e.g. a corrupted parameter
+    with pytest.raises(ModelError, match="non-finite"):
+        broken.predict(calibration, 273)
