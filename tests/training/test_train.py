@@ -20,7 +20,9 @@ from feature_store.offline import features_at
 from training.registry import ModelRegistry
 from training.synth import SynthConfig, events_frame, generate
 from training.train import (
+    CHILD_THREADS,
     TrainingError,
+    _child_env,
     choose_horizon,
     compact_events,
     data_fingerprint,
@@ -223,3 +225,29 @@ def test_log_signature_changes_only_when_events_are_added(
     assert first != empty and log_signature(root) == first
     write_events(root, events.iloc[100:200])
     assert log_signature(root) != first
+
+
+def test_a_background_training_child_runs_single_threaded_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k in CHILD_THREADS:
+        monkeypatch.delenv(k, raising=False)
+    env = _child_env(settings_for(tmp_path))
+    assert all(env[k] == "1" for k in CHILD_THREADS)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert _child_env(settings_for(tmp_path))["OMP_NUM_THREADS"] == "2"
+
+
+def test_train_with_every_kind_of_candidate(tmp_path: Path, events: pd.DataFrame) -> None:
+    # FAST keeps the other tests quick; this one takes the supervised and hybrid paths too.
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    names = [*FAST, "hgb_poisson", "tweedie_glm", "hybrid_btyd_features", "hybrid_btyd_residual"]
+    result = train(settings, progress=False, candidates=names)
+    assert set(result.candidates) == set(names)
+    for name, metrics in result.candidates.items():
+        assert np.isfinite(metrics["rmse"]), f"{name} was not scored: {metrics}"
+    champion = ModelRegistry(settings.model_dir).load_champion()
+    assert champion.metadata["model_name"] == result.model_name
+    pred = champion.model.predict(features_at(events, result.cutoff_day), champion.horizon_days)
+    assert np.isfinite(pred.to_numpy()).all() and pred["predicted_value"].sum() > 0
