@@ -1,3 +1,5 @@
-from clv.cli import app
+import sys
 
-app()
+from clv.cli import main
+
+sys.exit(main())

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -164,5 +163,19 @@ app.command("backtest")(backtest)
 app.command("synth")(synth)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    sys.exit(app())
+def main(argv: list[str] | None = None) -> int:
+    """The console entry: usage errors (a missing option, a value of the wrong type, an unknown
+    command) are one line on stderr and exit 2, like every other bad input, not a usage panel."""
+    try:
+        code = app(args=argv, prog_name="clv", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("clv: aborted", err=True)
+        return 130
+    except typer.TyperException as exc:  # typer's click exceptions: usage and parameter errors
+        ctx = getattr(exc, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if text.strip():  # (no arguments at all: the help was the answer)
+            typer.echo(f"clv: error: {where}{text}", err=True)
+        return int(getattr(exc, "exit_code", 2))
+    return code if isinstance(code, int) else 0

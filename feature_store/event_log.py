@@ -20,8 +20,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from clv.errors import ClvError
 from feature_store.features import day_date, day_number
 from feature_store.offline import EVENT_COLUMNS
+
+
+class EventLogError(ClvError):
+    """The event log cannot be read (a damaged or foreign file in it)."""
+
 
 SCHEMA = pa.schema(
     [
@@ -115,9 +121,12 @@ def read_events(
     files = [str(p) for p in log_files(root, start_day, end_day)]
     if not files:
         return SCHEMA.empty_table().to_pandas()
-    dataset = pads.dataset(files, schema=SCHEMA, format="parquet")
     flt = pads.field("user_id") == user_id if user_id is not None else None
-    frame = dataset.to_table(filter=flt).to_pandas()
+    try:
+        dataset = pads.dataset(files, schema=SCHEMA, format="parquet")
+        frame = dataset.to_table(filter=flt).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise EventLogError(f"event log {root} has an unreadable file: {exc}") from exc
     if arrival_order:
         frame = frame.sort_values(list(ARRIVAL_COLUMNS), kind="stable", ignore_index=True)
     if dedupe:

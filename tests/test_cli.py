@@ -96,3 +96,78 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad_setting.returncode == 2 and "CLV_HORIZON_DAYS" in bad_setting.stderr
+
+
+def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
+    orders = tmp_path / "orders.csv"
+    orders.write_text("user_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n")
+    huge = tmp_path / "huge.csv"
+    huge.write_text("user_id,order_id,ts,amount\nu1,o1,2024-01-01,1e300\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "dir.csv").mkdir()
+    bad_log = tmp_path / "bad_log" / "date=2024-01-01"
+    bad_log.mkdir(parents=True)
+    (bad_log / "part-0.parquet").write_text("not parquet")
+    bt = ("backtest", "--orders", str(orders), "--cutoff", "2024-01-01")
+    cases: list[tuple[int, Settings, tuple[str, ...]]] = [
+        # usage errors: exit 2, one line, not a usage panel
+        (2, Settings(), ("nosuch",)),
+        (2, Settings(), ("backtest", "--orders", str(orders))),
+        (2, Settings(), (*bt, "--horizon-days", "abc", "--out", "p.csv")),
+        (2, Settings(), ("synth", "--users", "0", "--orders", "5", "--out", "x.csv")),
+        # bad values
+        (
+            2,
+            Settings(),
+            (*bt, "--horizon-days", "5", "--out", str(tmp_path / "p.csv"), "--report", str(a_file)),
+        ),
+        (
+            2,
+            Settings(),
+            (
+                "backtest",
+                "--orders",
+                str(huge),
+                "--cutoff",
+                "2024-01-01",
+                "--horizon-days",
+                "5",
+                "--out",
+                str(tmp_path / "h.csv"),
+            ),
+        ),
+        (
+            2,
+            Settings(),
+            (
+                "synth",
+                "--users",
+                "5",
+                "--orders",
+                "9",
+                "--start",
+                "9999-12-01",
+                "--out",
+                str(tmp_path / "s.csv"),
+            ),
+        ),
+        (
+            2,
+            Settings(),
+            ("synth", "--users", "5", "--orders", "9", "--out", str(tmp_path / "dir.csv")),
+        ),
+        # what the environment points at
+        (1, Settings(model_dir=a_file, event_log_dir=tmp_path / "none"), ("train", "-q")),
+        (1, Settings(model_dir=tmp_path / "m", event_log_dir=bad_log.parent), ("train", "-q")),
+    ]
+    for code, settings, args in cases:
+        out = clv(settings, *args)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == code, (args, out.returncode, out.stderr)
+        # progress lines may come first; the error is one line, the last, and no traceback
+        errors = [line for line in lines if line.startswith("clv: error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "p.csv").exists()  # refused before any work: nothing written
+    assert list((tmp_path / "dir.csv").iterdir()) == []

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
+from feature_store.events import MAX_AMOUNT
 from feature_store.features import FEATURE_NAMES, day_date, day_number
 from feature_store.offline import events_from_orders, features_at
 from training.models.base import TrainingSet
@@ -88,6 +89,8 @@ def _csv_orders(text: str) -> pd.DataFrame:
     amount = pd.to_numeric(table["amount"], errors="coerce")
     if amount.isna().any() or not np.isfinite(amount).all() or (amount < 0).any():
         raise DatasetError("CSV amounts must be finite numbers >= 0")
+    if (amount > MAX_AMOUNT).any():
+        raise DatasetError(f"CSV amounts must be at most {MAX_AMOUNT:g} (the event schema's cap)")
     if "type" in table and not table["type"].isin(["purchase", "refund"]).all():
         raise DatasetError("CSV type must be 'purchase' or 'refund'")
     table["amount"] = amount

@@ -72,6 +72,10 @@ class SynthConfig:
             )
         if self.days < 1:
             raise SynthError("--days must be at least 1")
+        if (dt.date.max - self.start).days < self.days:
+            raise SynthError(
+                f"--start {self.start} plus --days {self.days} runs past the year 9999"
+            )
         if not 0.0 <= self.refund_rate < 1.0:
             raise SynthError("refund_rate must be in [0, 1)")
         if self.spend_mean_shape <= 1.0:
@@ -274,21 +278,28 @@ def events_frame(log: SynthLog) -> pd.DataFrame:
 
 
 def write_csv(log: SynthLog, path: Path, progress: Progress | None = None) -> int:
-    """Write the orders CSV in chunks; returns the rows written."""
+    """Write the orders CSV in chunks (to a temporary file renamed into place at the end, so a
+    failure leaves nothing behind); returns the rows written."""
+    if path.is_dir():
+        raise SynthError(f"{path} is a directory, not a CSV file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     chunk = 1_000_000
     total = len(log)
     tmp = path.with_name(f".{path.name}.tmp")
     schema = orders_table(_slice(log, 0, 0)).schema
-    with tmp.open("wb") as sink:
-        sink.write((",".join(schema.names) + "\n").encode())
-        options = pacsv.WriteOptions(include_header=False, quoting_style="none")
-        with pacsv.CSVWriter(sink, schema, write_options=options) as w:
-            for lo in range(0, total, chunk):
-                w.write_table(orders_table(_slice(log, lo, min(lo + chunk, total))))
-                if progress:
-                    progress("write csv", min(lo + chunk, total), total)
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as sink:
+            sink.write((",".join(schema.names) + "\n").encode())
+            options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+            with pacsv.CSVWriter(sink, schema, write_options=options) as w:
+                for lo in range(0, total, chunk):
+                    w.write_table(orders_table(_slice(log, lo, min(lo + chunk, total))))
+                    if progress:
+                        progress("write csv", min(lo + chunk, total), total)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return total
 
 

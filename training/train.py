@@ -261,6 +261,12 @@ def train(
     from training.selection import final_training_set, select_champion
 
     t0 = time.perf_counter()
+    try:  # before any work: a model directory that cannot be made fails now, not at the end
+        settings.model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(
+            f"model directory {settings.model_dir} cannot be used: {exc.strerror or exc}"
+        ) from exc
     say: Say = StderrProgress("train") if progress else (lambda _msg: None)
     clock = _Clock(say, on_phase)
     root = settings.event_log_dir

@@ -47,6 +47,10 @@ def backtest(
         raise fail("--horizon-days must be a positive number of days")
     if not orders.is_file():
         raise fail(f"orders file not found: {orders}")
+    if out.is_dir():
+        raise fail(f"--out {out} is a directory; give a CSV file path")
+    if report is not None and report.exists() and not report.is_dir():
+        raise fail(f"--report {report} exists and is not a directory")
     # imported here: the modelling stack is heavy and other commands do not need it
     from training.backtest import run_backtest
 

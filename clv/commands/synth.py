@@ -68,6 +68,12 @@ def synth(
     cfg = SynthConfig(
         users=users, orders=orders, seed=seed, start=first, days=days, refund_rate=refund_rate
     )
+    try:
+        cfg.check()
+    except ClvError as exc:
+        raise fail(str(exc)) from None  # bad parameters: exit 2
+    if out.suffix.lower() == ".csv" and out.is_dir():
+        raise fail(f"--out {out} is a directory, not a CSV file path")
     t0 = time.perf_counter()
     try:
         with progress_bars(not quiet) as bar:
@@ -80,6 +86,8 @@ def synth(
                 what = f"event log {out} ({files} files)"
     except ClvError as exc:
         raise fail(str(exc), 1) from None
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc.strerror or exc}", 1) from None
     refunds = len(log) - log.purchases
     err.print(
         f"wrote {log.purchases:,} orders and {refunds:,} refunds of {users:,} users to {what} "

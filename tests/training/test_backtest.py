@@ -15,6 +15,7 @@ from clv.commands.backtest import backtest
 from feature_store.features import day_number
 from training.backtest import backtest_events, run_backtest
 from training.datasets import load_orders
+from training.metrics import METRIC_NAMES
 from training.selection import plan_windows
 
 FAST = ["naive_rate", "bgnbd_gg", "hybrid_btyd_residual"]
@@ -53,6 +54,10 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
         assert (rep / name).stat().st_size > 0, name
     val = pd.read_csv(rep / "validation_metrics.csv", index_col="model")
     assert set(FAST) <= set(val.index)  # every candidate's internal validation
+    oos = pd.read_csv(rep / "out_of_sample_metrics.csv", index_col="model")
+    for table in (val, oos):  # every metric the issue names, as a finite number
+        assert set(METRIC_NAMES) <= set(table.columns), table.columns
+        assert np.isfinite(table.loc[result.selection.champion, list(METRIC_NAMES)]).all()
     assert result.future_complete and result.out_of_sample is not None
     assert result.selection.champion in FAST
 
