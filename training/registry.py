@@ -23,9 +23,11 @@ the directory must be writable by the trainer only.
 better on the *same* metric over the *same* validation window (the challenger's: features as of
 ``train_end_day``, realised revenue in the ``label_days`` after it). The champion's score on that
 window is its stored score when it validated on that very window, otherwise the caller's
-``evaluate`` callback scores the champion's artifact on the challenger's window. Ties keep the
-champion; the first model always promotes; ``force`` promotes unconditionally; a champion that
-can no longer be loaded is replaced.
+``evaluate`` callback's: it scores the champion's artifact on the challenger's window, or, when
+that artifact was fitted on part of the window's outcomes, the champion's recipe refitted
+before the window (a :class:`ChampionScore`; a tie then promotes the challenger, the same
+recipe on newer data). Other ties keep the champion; the first model always promotes; ``force``
+promotes unconditionally; a champion that can no longer be loaded is replaced.
 """
 
 from __future__ import annotations
@@ -161,8 +163,20 @@ class Decision:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class ChampionScore:
+    """What an :data:`Evaluate` callback may return instead of a bare score: the score, how it
+    was obtained (for the decision's reason) and whether an exact tie promotes the challenger
+    (right when the champion's *recipe* was scored on the challenger's window: the two are then
+    the same procedure, and the challenger has seen newer data)."""
+
+    score: float
+    how: str
+    ties_promote: bool = False
+
+
 #: Scores a (loaded, verified) champion on the challenger's validation window.
-Evaluate = Callable[[LoadedModel, Validation], float]
+Evaluate = Callable[[LoadedModel, Validation], "float | ChampionScore"]
 
 
 def library_versions() -> dict[str, str]:
@@ -499,10 +513,19 @@ class ModelRegistry:
                 **common,
             )
         stored = Validation.from_json(champion.metadata["validation"])
+        ties_promote = False
         if stored.same_window(val):
             champ_score, how = stored.score, "its stored score on the same window"
         elif evaluate is not None:
-            champ_score, how = float(evaluate(champion, val)), "re-scored on this window"
+            scored = evaluate(champion, val)
+            if isinstance(scored, ChampionScore):
+                champ_score, how, ties_promote = scored.score, scored.how, scored.ties_promote
+            else:
+                champ_score, how = float(scored), "re-scored on this window"
+                champ_cutoff = int(champion.metadata["data_window"]["cutoff_day"])
+                if champ_cutoff > val.train_end_day:
+                    # Its fit saw part of the window's outcomes: the comparison leans its way.
+                    how += ", which its training data overlaps"
         else:
             return Decision(
                 version,
@@ -512,16 +535,13 @@ class ModelRegistry:
                 champion_score=stored.score,
                 **common,
             )
-        better = val.better_than(champ_score)
+        tie = ties_promote and val.score == champ_score
+        better = val.better_than(champ_score) or tie
         direction = "higher" if val.higher_is_better else "lower"
-        if how != "its stored score on the same window":
-            champ_cutoff = int(champion.metadata["data_window"]["cutoff_day"])
-            if champ_cutoff > val.train_end_day:
-                # Its fit saw part of the window's outcomes: the comparison leans its way.
-                how += ", which its training data overlaps"
+        verdict = "a tie: the newer fit wins" if tie else "better" if better else "not better"
         reason = (
             f"{val.metric} {val.score:.6g} vs champion {champ_score:.6g} ({how}; "
-            f"{direction} is better): {'better' if better else 'not better'}"
+            f"{direction} is better): {verdict}"
         )
         return Decision(
             version, better, reason, champion_version=current, champion_score=champ_score, **common

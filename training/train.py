@@ -33,7 +33,15 @@ import pandas as pd
 
 from clv.errors import ClvError
 from clv.settings import Settings
-from training.registry import DataWindow, Decision, LoadedModel, ModelRegistry, Validation
+from training.registry import (
+    ChampionScore,
+    DataWindow,
+    Decision,
+    Evaluate,
+    LoadedModel,
+    ModelRegistry,
+    Validation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +215,24 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
     return replace(window, score=float(score.score))
 
 
-def _champion_evaluator(
-    events: pd.DataFrame, selection: Any
-) -> Callable[[LoadedModel, Validation], float]:
+def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
     """Scores a stored champion on the challenger's validation window, with the same metric."""
     from training.datasets import purchasers_at
     from training.metrics import all_metrics
     from training.selection import REFERENCE, composite_score
 
-    def evaluate(champion: LoadedModel, val: Validation) -> float:
+    def evaluate(champion: LoadedModel, val: Validation) -> float | ChampionScore:
         if selection.val_actual is None or val.train_end_day < 0:
             return float("nan")
+        name = str(champion.metadata.get("model_name", ""))
+        recipe = selection.scores.get(name)
+        champ_cutoff = int(champion.metadata["data_window"]["cutoff_day"])
+        if champ_cutoff > val.train_end_day and recipe is not None and not recipe.error:
+            # The stored fit saw part of this window's outcomes, which would tilt the comparison
+            # its way; its recipe, refitted before the window in this very selection, does not.
+            score = recipe.score if val.metric == COMPOSITE else recipe.metrics[val.metric]
+            how = f"its recipe {name} refitted before this window, which its own fit overlaps"
+            return ChampionScore(float(score), how, ties_promote=True)
         feats = purchasers_at(events, val.train_end_day)
         pred = champion.model.predict(feats, val.label_days)["predicted_value"].to_numpy()
         m = all_metrics(selection.val_actual, pred)

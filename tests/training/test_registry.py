@@ -16,6 +16,7 @@ from training.registry import (
     METADATA_FILE,
     MODEL_FILE,
     POINTER_FILE,
+    ChampionScore,
     DataWindow,
     LoadedModel,
     ModelRegistry,
@@ -123,6 +124,27 @@ def test_other_window_rescores_the_champion(reg: ModelRegistry) -> None:
     assert not reg.offer(v2).promoted
     v3 = register(reg, 70.0, min_age=3, train_end_day=9500)
     assert reg.offer(v3, evaluate=evaluate).promoted
+
+
+def test_a_tie_with_the_champions_recipe_promotes_the_newer_fit(reg: ModelRegistry) -> None:
+    v1 = register(reg, 100.0, min_age=1, train_end_day=9400)
+    reg.offer(v1)
+    v2 = register(reg, 90.0, min_age=2, train_end_day=9500)
+
+    def artifact(champion: LoadedModel, val: Validation) -> float:
+        return 90.0  # a tie with the champion's own artifact keeps the champion
+
+    def recipe(champion: LoadedModel, val: Validation) -> ChampionScore:
+        return ChampionScore(90.0, "its recipe refitted before this window", ties_promote=True)
+
+    kept = reg.offer(v2, evaluate=artifact)
+    assert not kept.promoted and "not better" in kept.reason
+    won = reg.offer(v2, evaluate=recipe)
+    assert won.promoted and "the newer fit wins" in won.reason
+    assert "its recipe refitted before this window" in won.reason
+    v3 = register(reg, 95.0, min_age=3, train_end_day=9600)
+    lost = reg.offer(v3, evaluate=lambda c, v: ChampionScore(90.0, "recipe", ties_promote=True))
+    assert not lost.promoted  # worse than the recipe: no tie, no promotion
 
 
 def test_nan_challenger_never_wins(reg: ModelRegistry) -> None:

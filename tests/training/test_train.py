@@ -103,9 +103,16 @@ def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> Non
     write_events(settings.event_log_dir, full[full["day"] > full["day"].min() + 400])
     second = train(settings, progress=False, candidates=FAST)
     assert second.cutoff_day > first.cutoff_day
-    assert "re-scored on this window" in second.decision.reason
     assert second.decision.champion_version == first.version
-    assert second.decision.champion_score is not None
+    # The first champion's fit saw part of the new validation window's outcomes, so its
+    # recipe, refitted before the window by this selection, stands in for it.
+    assert second.validation.train_end_day < first.cutoff_day
+    assert f"its recipe {first.model_name} refitted before this window" in second.decision.reason
+    recipe = second.candidates[first.model_name]["composite"]
+    assert second.decision.champion_score == pytest.approx(recipe)
+    # the same recipe won again: on newer data it replaces the champion
+    assert second.model_name == first.model_name
+    assert second.promoted and "the newer fit wins" in second.decision.reason
 
 
 def test_short_history_shortens_the_horizon(tmp_path: Path) -> None:
