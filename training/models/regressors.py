@@ -1,8 +1,10 @@
 """Scikit-learn regressors on the features, tuned with a time-ordered grid search.
 
-The grid search validates on later cutoffs only (each split trains on the cutoffs before the
-validated one), never a random K-fold that would let a model learn from the future of the
-rows it is scored on.
+The grid search validates on a later cutoff than it trains on, and on other customers: stacked
+label windows overlap (a row at cutoff ``c'`` is labelled with revenue up to ``c' + label``, past
+the validated cutoff ``c``), so a customer in both would carry the validated label into
+training. Splitting customers as well removes that; what the two sides still share is the
+calendar of the overlapping windows. Never a random K-fold, which would mix times too.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ from training.models.inputs import model_inputs
 
 
 def cutoff_splits(
-    cutoff_day: np.ndarray, max_splits: int = 3
+    cutoff_day: np.ndarray, users: pd.Index | np.ndarray, max_splits: int = 3
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Time-ordered splits over stacked cutoffs: validate on one of the last ``max_splits``
-    cutoffs, train on every earlier cutoff (an expanding window, as ``TimeSeriesSplit``)."""
+    """Time-ordered, customer-disjoint splits over stacked cutoffs: validate one of the last
+    ``max_splits`` cutoffs on half of the customers, train on every earlier cutoff's rows of
+    the other half (an expanding window, as ``TimeSeriesSplit``; the halves alternate)."""
+    half = pd.util.hash_array(np.asarray(users, dtype=object)) % 2  # stable across runs
     cuts = np.unique(cutoff_day)
     splits: list[tuple[np.ndarray, np.ndarray]] = []
-    for c in cuts[1:][-max_splits:]:
-        train = np.flatnonzero(cutoff_day < c)
-        val = np.flatnonzero(cutoff_day == c)
+    for k, c in enumerate(cuts[1:][-max_splits:]):
+        side = k % 2
+        train = np.flatnonzero((cutoff_day < c) & (half != side))
+        val = np.flatnonzero((cutoff_day == c) & (half == side))
         if len(train) and len(val):
             splits.append((train, val))
     return splits
@@ -76,7 +81,7 @@ class SklearnCLV(CLVModel):
     def fit(self, ds: TrainingSet) -> Self:
         X = model_inputs(ds.features).to_numpy()
         y = np.maximum(ds.scaled_label(), 0.0)
-        splits = cutoff_splits(ds.cutoff_day, self.max_splits)
+        splits = cutoff_splits(ds.cutoff_day, ds.features.index, self.max_splits)
         if self.param_grid and splits:
             search = GridSearchCV(
                 clone(self.estimator),
