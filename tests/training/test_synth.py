@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from feature_store.event_log import read_events
+from feature_store.features import day_number
 from feature_store.offline import EVENT_COLUMNS
 from training.datasets import load_orders
 from training.synth import SynthConfig, SynthError, events_frame, generate, write_csv, write_log
@@ -71,6 +72,20 @@ def test_weekly_seasonality(log) -> None:  # type: ignore[no-untyped-def]
     weekday = ((log.ts_s[~log.refund] // 86_400) + 3) % 7  # 0 = Monday
     share = np.bincount(weekday, minlength=7) / (~log.refund).sum()
     assert share[5] > share[1] * 1.1  # Saturday busier than Tuesday
+
+
+def test_annual_seasonality_has_a_pre_christmas_rush(log) -> None:  # type: ignore[no-untyped-def]
+    day = log.ts_s[~log.refund] // 86_400
+
+    def per_day(first: dt.date, last: dt.date) -> float:
+        inside = (day >= day_number(first)) & (day <= day_number(last))
+        return float(inside.sum()) / ((last - first).days + 1)
+
+    october = per_day(dt.date(2024, 10, 1), dt.date(2024, 10, 15))
+    rush = per_day(dt.date(2024, 12, 6), dt.date(2024, 12, 20))
+    after = per_day(dt.date(2025, 1, 20), dt.date(2025, 2, 3))
+    # the rush beats the weeks before it and after it, although customers keep dropping out
+    assert rush > 1.3 * october and rush > 1.1 * after
 
 
 def test_same_seed_same_log_other_seed_differs() -> None:
