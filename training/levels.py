@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from feature_store.features import day_date
-from training.datasets import purchasers_at, window_labels
+from training.datasets import history_days, purchasers_at, window_labels
 from training.models.btyd import BGNBDGammaGamma, bgnbd_expected, fit_bgnbd
 from training.report import plt, save_figure
-from training.selection import BIAS_LIMIT, Progress
+from training.selection import BIAS_LIMIT, Progress, plan_windows
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,23 @@ def settled_inputs(
     return start.index, x, t_x, T
 
 
+def _settled_bias(
+    events: pd.DataFrame, cutoff_day: int, settle_days: int, horizons: Iterable[int]
+) -> dict[int, float]:
+    """Purchase-day bias of the settled-clock BG/NBD fitted at ``cutoff_day`` for each horizon
+    (empty when nobody's clock has started by then)."""
+    users, x, t_x, T = settled_inputs(events, cutoff_day, settle_days)
+    if not len(users):
+        return {}
+    params, _ = fit_bgnbd(x, t_x, T)
+    out = {}
+    for h in horizons:
+        expected = float(bgnbd_expected(params, h, x, t_x, T).sum())
+        actual = int(purchase_days_in(events, users, cutoff_day, h).sum())
+        out[h] = _ratio(expected, actual) - 1
+    return out
+
+
 def settled_orders_bias(
     events: pd.DataFrame, cutoff_days: Iterable[int], horizons: Iterable[int], settle_days: int
 ) -> pd.DataFrame:
@@ -209,19 +226,47 @@ def settled_orders_bias(
     """
     rows = []
     for c, hs in _scorable(cutoff_days, horizons, int(events["day"].max())):
-        users, x, t_x, T = settled_inputs(events, c, settle_days)
-        if not len(users):
-            continue
-        params, _ = fit_bgnbd(x, t_x, T)
-        for h in hs:
-            expected = float(bgnbd_expected(params, h, x, t_x, T).sum())
-            actual = int(purchase_days_in(events, users, c, h).sum())
+        for h, bias in _settled_bias(events, c, settle_days, hs).items():
             rows.append(
                 {
                     "cutoff": day_date(c),
                     "horizon_days": h,
                     "settle_days": settle_days,
-                    "orders_bias": _ratio(expected, actual) - 1,
+                    "orders_bias": bias,
                 }
             )
+    return pd.DataFrame(rows)
+
+
+def settle_days_chosen_on_the_past(
+    events: pd.DataFrame, cases: Iterable[tuple[int, int]], settle_days: Iterable[int]
+) -> pd.DataFrame:
+    """The delay a forecaster could have picked at each ``(cutoff_day, horizon)``: the one with
+    the smallest purchase-day bias on the selection's internal validation window (fitted at
+    ``cutoff - val_days`` on the orders up to then, scored on the ``val_days`` up to the
+    cutoff), and the out-of-sample purchase-day bias with it and with no delay."""
+    delays = sorted(set(settle_days))
+    rows = []
+    for c, h in cases:
+        plan = plan_windows(history_days(events, c), h)
+        inner = c - plan.val_days
+        val = {
+            d: _settled_bias(events, inner, d, [plan.val_days]).get(plan.val_days) for d in delays
+        }
+        known = {d: b for d, b in val.items() if b is not None and np.isfinite(b)}
+        if not known:
+            continue
+        chosen = min(known, key=lambda d: abs(known[d]))
+        oos = {d: _settled_bias(events, c, d, [h]).get(h, float("nan")) for d in {0, chosen}}
+        rows.append(
+            {
+                "cutoff": day_date(c),
+                "horizon_days": h,
+                "val_days": plan.val_days,
+                **{f"val_{d}": val[d] for d in delays},
+                "chosen": chosen,
+                "oos_chosen": oos[chosen],
+                "oos_none": oos[0],
+            }
+        )
     return pd.DataFrame(rows)

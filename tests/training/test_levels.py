@@ -20,6 +20,7 @@ from training.levels import (
     month_ends,
     purchase_days_in,
     reference_levels,
+    settle_days_chosen_on_the_past,
     settled_inputs,
     settled_orders_bias,
 )
@@ -182,6 +183,7 @@ def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
     assert "| 1997-12-31 | 91 d | 364 d |" in text
     assert "## The reference's level across the calendar" in text
     assert "## Cutoff 1997-12-31, horizon 91 days" in text
+    assert "Could the delay be chosen on the past?" in text
     monthly = [ln for ln in text.splitlines() if ln.startswith("| 1997-10 |")]
     assert len(monthly) == 1 and ".0 |" not in monthly[0].split("|")[2]
     images = {p.name for p in (out.parent / "img").glob("*.png")}
@@ -233,3 +235,20 @@ def test_settled_clock_inputs() -> None:
         "d": (0, 0, 3),
         "e": (0, 0, 0),
     }
+
+
+def test_the_delay_is_chosen_on_the_validation_window_only(sample_events: pd.DataFrame) -> None:
+    cases = [(CAL_END, 91), (day_number(dt.date(1997, 12, 31)), 91)]
+    frame = settle_days_chosen_on_the_past(sample_events, cases, (0, 30))
+    assert list(frame["horizon_days"]) == [91, 91]
+    for r in frame.to_dict("records"):
+        assert r["chosen"] == min((0, 30), key=lambda d: abs(r[f"val_{d}"]))
+    direct = settled_orders_bias(sample_events, [CAL_END], [91], 0)["orders_bias"].iloc[0]
+    assert frame["oos_none"].iloc[0] == pytest.approx(direct)
+    # The choice and its validation figures use nothing after the cutoff.
+    future = sample_events["day"].to_numpy() > CAL_END
+    changed = pd.concat([sample_events[~future], sample_events[future].iloc[::3]])
+    again = settle_days_chosen_on_the_past(changed, cases[:1], (0, 30))
+    cols = ["val_days", "val_0", "val_30", "chosen"]
+    pd.testing.assert_frame_equal(again[cols], frame[cols].iloc[:1])
+    assert again["oos_none"].iloc[0] != pytest.approx(frame["oos_none"].iloc[0])
