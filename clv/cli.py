@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.TyperException as exc:  # typer's click exceptions: usage and parameter errors
         ctx = getattr(exc, "ctx", None)
-        where = f"{ctx.command_path}: " if ctx is not None else ""
+        where = f"{ctx.command_path}: " if ctx is not None and ctx.parent is not None else ""
         text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         if text.strip():  # (no arguments at all: the help was the answer)
             typer.echo(f"clv: error: {where}{text}", err=True)

@@ -110,6 +110,7 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     bad_log.mkdir(parents=True)
     (bad_log / "part-0.parquet").write_text("not parquet")
     bt = ("backtest", "--orders", str(orders), "--cutoff", "2024-01-01")
+    under_a_file = ("--report", str(a_file / "sub"))
     cases: list[tuple[int, Settings, tuple[str, ...]]] = [
         # usage errors: exit 2, one line, not a usage panel
         (2, Settings(), ("nosuch",)),
@@ -121,6 +122,11 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
             2,
             Settings(),
             (*bt, "--horizon-days", "5", "--out", str(tmp_path / "p.csv"), "--report", str(a_file)),
+        ),
+        (
+            2,
+            Settings(),
+            (*bt, "--horizon-days", "5", "--out", str(tmp_path / "p.csv"), *under_a_file),
         ),
         (
             2,
@@ -171,3 +177,6 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "p.csv").exists()  # refused before any work: nothing written
     assert list((tmp_path / "dir.csv").iterdir()) == []
+    assert not list(tmp_path.glob(".*.tmp"))  # synth left no temporary file
+    unknown = clv(Settings(), "nosuch")
+    assert unknown.stderr.strip() == "clv: error: No such command 'nosuch'."

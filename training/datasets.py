@@ -40,6 +40,19 @@ def _read_text(path: Path) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def _amounts(raw: pd.Series, what: str) -> pd.Series:
+    """Order amounts as numbers within the event schema's range (finite, 0 to 1e9)."""
+    amount = pd.to_numeric(raw, errors="coerce")
+    ok = amount.notna() & np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
+    if not ok.all():
+        bad = raw[~ok].iloc[0]
+        raise DatasetError(
+            f"{what} amounts must be numbers from 0 to {MAX_AMOUNT:g}; found {bad!r} "
+            f"({int((~ok).sum()):,} such)"
+        )
+    return amount
+
+
 def _cdnow_orders(text: str) -> pd.DataFrame:
     """CDNOW master (header, 4 columns) or sample (no header, 5 columns) -> orders table.
 
@@ -60,9 +73,9 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
         raise DatasetError(f"CDNOW records need 4 or 5 columns, found {table.shape[1]}")
     table.columns = ["user_id", "date", "cds", "amount"]
     dates = pd.to_datetime(table["date"], format="%Y%m%d", errors="coerce", utc=True)
-    amount = pd.to_numeric(table["amount"], errors="coerce")
-    if dates.isna().any() or amount.isna().any():
-        raise DatasetError("CDNOW records with an unreadable date or amount")
+    if dates.isna().any():
+        raise DatasetError("CDNOW records with an unreadable date")
+    amount = _amounts(table["amount"], "CDNOW")
     n = table.groupby(["user_id", "date"]).cumcount().astype(str)
     return pd.DataFrame(
         {
@@ -86,11 +99,7 @@ def _csv_orders(text: str) -> pd.DataFrame:
         )
     if table[list(REQUIRED_CSV_COLUMNS)].isna().any().any():
         raise DatasetError("CSV has empty user_id, order_id, ts or amount values")
-    amount = pd.to_numeric(table["amount"], errors="coerce")
-    if amount.isna().any() or not np.isfinite(amount).all() or (amount < 0).any():
-        raise DatasetError("CSV amounts must be finite numbers >= 0")
-    if (amount > MAX_AMOUNT).any():
-        raise DatasetError(f"CSV amounts must be at most {MAX_AMOUNT:g} (the event schema's cap)")
+    amount = _amounts(table["amount"], "CSV")
     if "type" in table and not table["type"].isin(["purchase", "refund"]).all():
         raise DatasetError("CSV type must be 'purchase' or 'refund'")
     table["amount"] = amount

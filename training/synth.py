@@ -72,7 +72,7 @@ class SynthConfig:
             )
         if self.days < 1:
             raise SynthError("--days must be at least 1")
-        if (dt.date.max - self.start).days < self.days:
+        if (dt.date.max - self.start).days < self.days - 1:
             raise SynthError(
                 f"--start {self.start} plus --days {self.days} runs past the year 9999"
             )

@@ -215,6 +215,32 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
     return replace(window, score=float(score.score))
 
 
+def _check_model_dir(root: Path) -> None:
+    """The registry directory exists (or can be made) and this process can write in it."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(
+            f"model directory {root} cannot be used: {exc.strerror or exc}"
+        ) from exc
+
+
+def _check_forecasts(model: Any, ds: Any) -> None:
+    """The final fit forecasts every customer of its snapshot with finite numbers (it is fitted
+    on more users than the validated fits, so it is checked before it can be registered)."""
+    from clv.errors import ModelError
+
+    try:
+        pred = model.predict(ds.current, ds.horizon_days)
+    except ModelError as exc:
+        raise TrainingError(f"the final fit cannot forecast: {exc}") from exc
+    if not np.isfinite(pred.to_numpy()).all():
+        raise TrainingError("the final fit gives non-finite forecasts")
+
+
 def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
     """Scores a stored champion on the challenger's validation window, with the same metric."""
     from training.datasets import purchasers_at
@@ -276,12 +302,7 @@ def train(
     from training.selection import final_training_set, select_champion
 
     t0 = time.perf_counter()
-    try:  # before any work: a model directory that cannot be made fails now, not at the end
-        settings.model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainingError(
-            f"model directory {settings.model_dir} cannot be used: {exc.strerror or exc}"
-        ) from exc
+    _check_model_dir(settings.model_dir)  # before any work, not after it
     say: Say = StderrProgress("train") if progress else (lambda _msg: None)
     clock = _Clock(say, on_phase)
     root = settings.event_log_dir
@@ -333,6 +354,7 @@ def train(
         fit_users = len(ds.current)
         say(f"final fit of {selection.champion} on all {fit_users:,} buyers ({len(ds):,} rows)")
         model.fit(ds)
+        _check_forecasts(model, ds)
         del ds
     with clock.phase("register"):
         registry = ModelRegistry(settings.model_dir)

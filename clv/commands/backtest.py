@@ -49,8 +49,12 @@ def backtest(
         raise fail(f"orders file not found: {orders}")
     if out.is_dir():
         raise fail(f"--out {out} is a directory; give a CSV file path")
-    if report is not None and report.exists() and not report.is_dir():
-        raise fail(f"--report {report} exists and is not a directory")
+    for flag, folder in (("--out", out.parent), ("--report", report)):
+        try:  # before the work: an output that cannot be written fails now, not after it
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise fail(f"{flag}: cannot make directory {folder}: {exc.strerror or exc}") from None
     # imported here: the modelling stack is heavy and other commands do not need it
     from training.backtest import run_backtest
 

@@ -88,6 +88,8 @@ def synth(
         raise fail(str(exc), 1) from None
     except OSError as exc:
         raise fail(f"cannot write {out}: {exc.strerror or exc}", 1) from None
+    except MemoryError:
+        raise fail(f"not enough memory for {orders:,} orders of {users:,} users", 1) from None
     refunds = len(log) - log.purchases
     err.print(
         f"wrote {log.purchases:,} orders and {refunds:,} refunds of {users:,} users to {what} "

@@ -27,6 +27,8 @@ def train(
         result = run_training(settings, progress=not quiet, force=force)
     except ClvError as exc:
         raise fail(str(exc), 1) from None
+    except MemoryError:
+        raise fail("not enough memory to train on this event log", 1) from None
     except OSError as exc:  # e.g. a model directory that cannot be written
         raise fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
     if as_json:

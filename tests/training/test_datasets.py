@@ -57,8 +57,9 @@ def test_csv_with_refunds(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ("user,order_id,ts,amount\nu,o,2024-01-01,1\n", "lacks column"),
-        ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", ">= 0"),
-        ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", ">= 0"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", "from 0 to 1e"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", "found 'abc'"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,1e300\n", "from 0 to 1e"),
         ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "timestamps"),
     ],
 )
@@ -67,6 +68,17 @@ def test_bad_csv_is_a_dataset_error(tmp_path: Path, content: str, message: str) 
     path.write_text(content)
     with pytest.raises(DatasetError, match=message):
         load_orders(path, "csv")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("00001 19970101 1 1e300", "from 0 to 1e"), ("00001 1997013x 1 5.0", "date")],
+)
+def test_bad_cdnow_records_are_a_dataset_error(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_text(f"00001 19970101 1 11.77\n{line}\n")
+    with pytest.raises(DatasetError, match=message):
+        load_orders(path, "cdnow")
 
 
 def test_missing_file_is_a_dataset_error(tmp_path: Path) -> None:

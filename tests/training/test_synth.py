@@ -135,3 +135,25 @@ def test_event_log_round_trip(tmp_path: Path) -> None:
     assert a["event_id"].tolist() == b["event_id"].tolist()
     assert np.array_equal(a["cents"].to_numpy(), b["cents"].to_numpy())
     assert (a.loc[a["type"] == "refund", "cents"] < 0).all()
+
+
+def test_a_failed_csv_write_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.synth as synth
+
+    log = generate(SynthConfig(users=50, orders=200, seed=1))
+    real = synth.orders_table
+    calls = {"n": 0}
+
+    def failing(part):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 1:  # the schema comes from the first call; fail while writing
+            raise OSError(28, "No space left on device")
+        return real(part)
+
+    monkeypatch.setattr(synth, "orders_table", failing)
+    target = tmp_path / "orders.csv"
+    with pytest.raises(OSError, match="No space"):
+        write_csv(log, target)
+    assert list(tmp_path.iterdir()) == []  # neither the CSV nor its temporary file

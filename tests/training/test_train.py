@@ -258,3 +258,26 @@ def test_train_with_every_kind_of_candidate(tmp_path: Path, events: pd.DataFrame
     assert champion.metadata["model_name"] == result.model_name
     pred = champion.model.predict(features_at(events, result.cutoff_day), champion.horizon_days)
     assert np.isfinite(pred.to_numpy()).all() and pred["predicted_value"].sum() > 0
+
+
+def test_a_final_fit_that_cannot_forecast_is_not_registered(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.models.btyd as btyd
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    fit_gg = btyd.fit_gamma_gamma
+    calls = {"n": 0}
+
+    def infinite_mean_spend(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        p = fit_gg(*args, **kwargs)
+        # selection's fits are fine; the final fit's Gamma-Gamma gets q < 1 (no finite mean)
+        return btyd.GammaGammaParams(p.p, 0.5, p.gamma) if calls["n"] > 1 else p
+
+    monkeypatch.setattr(btyd, "fit_gamma_gamma", infinite_mean_spend)
+    with pytest.raises(TrainingError, match="final fit cannot forecast"):
+        train(settings, progress=False, candidates=["bgnbd_gg"])
+    assert not (settings.model_dir / "CHAMPION").exists()
+    assert ModelRegistry(settings.model_dir).versions() == []
