@@ -361,7 +361,8 @@ def train(
             progress=say,
         )
         fit_users = len(ds.current)
-        say(f"final fit of {selection.champion} on all {fit_users:,} buyers ({len(ds):,} rows)")
+        rows = f" ({len(ds):,} labelled rows)" if len(ds) else ""
+        say(f"final fit of {selection.champion} on all {fit_users:,} buyers{rows}")
         model.fit(ds)
         _check_forecasts(model, ds)
         del ds
