@@ -280,8 +280,6 @@ def events_frame(log: SynthLog) -> pd.DataFrame:
 def write_csv(log: SynthLog, path: Path, progress: Progress | None = None) -> int:
     """Write the orders CSV in chunks (to a temporary file renamed into place at the end, so a
     failure leaves nothing behind); returns the rows written."""
-    if path.is_dir():
-        raise SynthError(f"{path} is a directory, not a CSV file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     chunk = 1_000_000
     total = len(log)

@@ -30,7 +30,7 @@ def train(
     except MemoryError:
         raise fail("not enough memory to train on this event log", 1) from None
     except OSError as exc:  # e.g. a model directory that cannot be written
-        raise fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
+        raise fail(str(exc), 1) from None
     if as_json:
         typer.echo(
             json.dumps(

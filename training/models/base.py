@@ -121,16 +121,20 @@ def numeric_features(features: pd.DataFrame) -> pd.DataFrame:
 def prediction_frame(
     index: pd.Index, value: np.ndarray, orders: np.ndarray, p_alive: np.ndarray
 ) -> pd.DataFrame:
-    """The standard ``predict`` output: finite, non-negative, ``p_alive`` within [0, 1]."""
-
-    def clean(a: np.ndarray) -> np.ndarray:
-        return np.nan_to_num(np.asarray(a, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-
+    """The standard ``predict`` output: non-negative, ``p_alive`` within [0, 1]. A non-finite
+    number is a numerical failure of the model and raises :class:`ModelError`: passed on as a
+    forecast of zero it would look like a customer with no value."""
+    cols = {"predicted_value": value, "expected_orders": orders, "p_alive": p_alive}
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise ModelError(f"{name} is not finite for {bad:,} of {len(a):,} customers")
     return pd.DataFrame(
         {
-            "predicted_value": np.maximum(clean(value), 0.0),
-            "expected_orders": np.maximum(clean(orders), 0.0),
-            "p_alive": np.clip(clean(p_alive), 0.0, 1.0),
+            "predicted_value": np.maximum(arrays["predicted_value"], 0.0),
+            "expected_orders": np.maximum(arrays["expected_orders"], 0.0),
+            "p_alive": np.clip(arrays["p_alive"], 0.0, 1.0),
         },
         index=index,
     )

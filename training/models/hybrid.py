@@ -56,8 +56,7 @@ def stacked_btyd(ds: TrainingSet) -> tuple[pd.DataFrame, BGNBDGammaGamma]:
     (both hybrids need them) and shared read-only."""
     if "stacked_btyd" not in ds.memo:
         ds.memo["stacked_btyd"] = _stacked_btyd(ds)
-    block, model = ds.memo["stacked_btyd"]
-    return block, model
+    return ds.memo["stacked_btyd"]
 
 
 def _stacked_btyd(ds: TrainingSet) -> tuple[pd.DataFrame, BGNBDGammaGamma]:
