@@ -25,7 +25,16 @@ from training.levels import (
     settled_orders_bias,
 )
 from training.models.btyd import BGNBDGammaGamma
-from training.quality import CaseSummary, TargetCheck, repeat_activity, summary_table, tally
+from training.quality import (
+    CaseSummary,
+    TargetCheck,
+    level_moved_checks,
+    moved_into_band,
+    moved_section,
+    repeat_activity,
+    summary_table,
+    tally,
+)
 
 CAL_END = day_number(dt.date(1997, 9, 30))
 
@@ -157,6 +166,40 @@ def test_repeat_activity_counts_purchase_days_after_the_first() -> None:
     assert got["revenue"].tolist() == [15.0, 10.0]
 
 
+def test_moved_into_band_rescales_only_totals_outside_the_band() -> None:
+    actual = np.array([0.0, 0.0, 50.0, 50.0])
+    assert moved_into_band(actual, np.array([20.0, 20.0, 30.0, 25.0])) == 1.0  # -5 %: inside
+    low = np.array([10.0, 10.0, 30.0, 30.0])  # -20 %
+    f = moved_into_band(actual, low)
+    assert (low * f).sum() / actual.sum() - 1 == pytest.approx(-0.10)
+    assert abs((low * f).sum() / actual.sum() - 1) <= 0.10  # inside, not a hair outside
+    high = np.array([40.0, 40.0, 40.0, 40.0])  # +60 %
+    assert (high * moved_into_band(actual, high)).sum() == pytest.approx(110.0)
+    assert moved_into_band(np.zeros(3), np.ones(3)) == 1.0  # no actual total: left alone
+
+
+def test_level_moved_checks_separate_the_level_from_the_ranking() -> None:
+    """A forecast that ranks perfectly but is 30 % low meets every target once moved; the
+    reference moved to the band's edge pays in MAE, which is what makes the level costly."""
+    rng = np.random.default_rng(7)
+    buys = rng.random(4000) < 0.2
+    actual = np.where(buys, rng.gamma(2.0, 40.0, 4000), 0.0)
+    reference = np.full(4000, actual.mean() * 0.8)  # flat: no ranking, 20 % low
+    sharp = 0.7 * (0.9 * actual + 0.1 * buys * actual.sum() / buys.sum())  # 30 % low
+    got = level_moved_checks(actual, {"bgnbd_gg": reference, "sharp": sharp})
+    assert got["sharp"].factor == pytest.approx(0.9 / 0.7, rel=0.05)
+    assert got["sharp"].check.all
+    assert got["bgnbd_gg"].factor > 1 and got["bgnbd_gg"].mae_change > 0
+    assert not got["bgnbd_gg"].check.all  # it cannot beat itself on Gini
+
+    case = CaseSummary(dt.date(1997, 6, 30), 365, 180, "sharp", -0.2, -0.3, None, moved=got)
+    text = moved_section([case])
+    assert "## If the level were known" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 1997-06-30 |"))
+    assert "| yes | sharp |" in row
+    assert "champion chosen on the past would meet every target at 1 of 1" in text
+
+
 def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
     out = tmp_path / "doc" / "quality.md"
     data = quality.DEFAULT_SAMPLE
@@ -184,6 +227,7 @@ def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
     assert "## The reference's level across the calendar" in text
     assert "## Cutoff 1997-12-31, horizon 91 days" in text
     assert "Could the delay be chosen on the past?" in text
+    assert "## If the level were known" in text
     monthly = [ln for ln in text.splitlines() if ln.startswith("| 1997-10 |")]
     assert len(monthly) == 1 and ".0 |" not in monthly[0].split("|")[2]
     images = {p.name for p in (out.parent / "img").glob("*.png")}
