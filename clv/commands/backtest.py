@@ -40,8 +40,10 @@ def backtest(
     ] = OrdersFileFormat.csv,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
 ) -> None:
-    """Select and fit a CLV model on the orders up to CUTOFF and write one forecast per
-    customer: user_id,predicted_value,expected_orders,p_alive."""
+    """Select and fit a model on the orders up to CUTOFF, forecast the horizon.
+
+    Writes one row per customer with an order on or before the cutoff:
+    user_id,predicted_value,expected_orders,p_alive."""
     day = parse_date(cutoff, "--cutoff")
     if horizon_days <= 0:
         raise fail("--horizon-days must be a positive number of days")

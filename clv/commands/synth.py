@@ -60,8 +60,10 @@ def synth(
     ] = 0.03,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
-    """Generate a synthetic order log (Pareto/NBD customers, gamma-gamma spend, seasonality,
-    refunds) as an orders CSV or as a date-partitioned Parquet event log."""
+    """Generate a synthetic order log, as an orders CSV or a Parquet event log.
+
+    Pareto/NBD customers, gamma-gamma spend, seasonality and refunds; the event log is
+    date-partitioned like the archiver's."""
     from training.synth import SynthConfig, generate, write_csv, write_log
 
     first = parse_date(start, "--start")

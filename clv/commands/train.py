@@ -18,8 +18,10 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
-    """Train from CLV_EVENT_LOG_DIR, register the model in CLV_MODEL_DIR and promote it only if
-    it beats the champion on the same validation window (or with --force)."""
+    """Train from CLV_EVENT_LOG_DIR, register the model, promote it only if it wins.
+
+    The model is registered in CLV_MODEL_DIR; it becomes the champion only when it beats the
+    champion on the same validation window (or with --force)."""
     from training.train import train as run_training
 
     settings = load_settings()
