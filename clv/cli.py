@@ -117,7 +117,7 @@ def replay(
     if fmt not in ("csv", "cdnow"):
         raise fail(f"unknown --format {fmt!r} (csv, cdnow or auto)")
     try:
-        messages = encode_rows(load_events(file, fmt))
+        messages = encode_rows(load_events(file, fmt, settings.currency))
     except ClvError as exc:
         raise fail(str(exc)) from None
 

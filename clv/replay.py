@@ -15,11 +15,12 @@ from feature_store.events import encode_event
 from feature_store.features import iso_times
 
 
-def load_events(path: Path, fmt: str) -> pd.DataFrame:
-    """The file's orders as the event table, in time order (a replay is history played live)."""
+def load_events(path: Path, fmt: str, currency: str = "USD") -> pd.DataFrame:
+    """The file's orders as the event table, in time order (a replay is history played live);
+    a CSV row in another currency than ``currency`` is refused before anything is sent."""
     from training.datasets import load_orders
 
-    events = load_orders(path, fmt)  # type: ignore[arg-type]
+    events = load_orders(path, fmt, currency=currency)  # type: ignore[arg-type]
     order = np.argsort(events["ts_ms"].to_numpy(), kind="stable")
     return events.iloc[order].reset_index(drop=True)
 

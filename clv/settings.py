@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The longest horizon a forecast may ask for (ten years).
+MAX_HORIZON_DAYS = 3650
 
 
 class Settings(BaseSettings):
@@ -24,7 +27,7 @@ class Settings(BaseSettings):
     archiver_group: str = "clv-archiver"
     model_dir: Path = Path("./models")
     event_log_dir: Path = Path("./data/events")
-    horizon_days: int = Field(365, ge=1, le=3650)
+    horizon_days: int = Field(365, ge=1, le=MAX_HORIZON_DAYS)
     clock: Literal["wall", "event"] = "wall"
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
@@ -39,6 +42,14 @@ class Settings(BaseSettings):
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)
     key_prefix: str = "clv"
+
+    @field_validator("model_dir", "event_log_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, v: object) -> object:
+        """An empty variable is a mistake, not the current directory."""
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must be a directory path, not empty")
+        return v
 
     def as_env(self) -> dict[str, str]:
         """These settings as the ``CLV_`` variables that rebuild them in a child process."""

@@ -46,6 +46,8 @@ SCHEMA = pa.schema(
     ]
 )
 ARRIVAL_COLUMNS = ("partition", "offset")
+#: Never null in a file the archiver (or ``clv synth``) wrote.
+REQUIRED_COLUMNS = ("event_id", "type", "user_id", "ts_ms", "day", "cents")
 
 
 def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
@@ -103,6 +105,15 @@ def log_files(root: Path, start_day: int | None = None, end_day: int | None = No
     return files
 
 
+def _foreign_file(dataset: pads.FileSystemDataset) -> str:
+    """Which part lacks the event columns (the dataset reads missing columns as nulls)."""
+    for fragment in dataset.get_fragments():
+        missing = [c for c in REQUIRED_COLUMNS if c not in fragment.physical_schema.names]
+        if missing:
+            return f"{fragment.path} is not an event-log file (no {', '.join(missing)})"
+    return "a file has events with empty ids, types, times or amounts"
+
+
 def read_events(
     root: Path,
     start_day: int | None = None,
@@ -127,6 +138,8 @@ def read_events(
         frame = dataset.to_table(filter=flt).to_pandas()
     except (pa.ArrowException, OSError) as exc:
         raise EventLogError(f"event log {root} has an unreadable file: {exc}") from exc
+    if frame[list(REQUIRED_COLUMNS)].isna().to_numpy().any():
+        raise EventLogError(f"event log {root}: {_foreign_file(dataset)}")
     if arrival_order:
         frame = frame.sort_values(list(ARRIVAL_COLUMNS), kind="stable", ignore_index=True)
     if dedupe:

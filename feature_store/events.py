@@ -20,7 +20,7 @@ MAX_ID = 128
 MAX_AMOUNT = 1e9
 
 # RFC 3339 date-time with a zone, or a bare date (read as midnight UTC).
-_RFC3339 = re.compile(
+RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}(?:[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2}))?"
 )
 _CURRENCY = re.compile(r"[A-Z]{3}")
@@ -82,7 +82,7 @@ def _reason_of(err: msgspec.ValidationError) -> str:
 
 def parse_ts(text: str) -> int:
     """RFC 3339 (or ``YYYY-MM-DD``) -> epoch milliseconds; raises :class:`InvalidEvent`."""
-    if not _RFC3339.fullmatch(text):
+    if not RFC3339.fullmatch(text):
         raise InvalidEvent("bad_timestamp", f"ts {text[:64]!r} is not RFC 3339 with a zone offset")
     try:
         parsed = dt.datetime.fromisoformat(text.upper())

@@ -30,7 +30,8 @@ EVENT_COLUMNS: tuple[str, ...] = (
 def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     """Normalise an orders table (``user_id, order_id, ts, amount`` and optional ``type,
     event_id, currency``) into the event table. ``ts`` may be strings or datetimes; naive
-    times are read as UTC."""
+    times are read as UTC. Without ``event_id`` a purchase's id is ``purchase:<order_id>`` and
+    a refund's ``refund:<order_id>:<epoch ms>``."""
     n = len(orders)
     ts = pd.to_datetime(orders["ts"], utc=True, format="mixed")
     ts_ms = (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy()
@@ -47,8 +48,11 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     if "event_id" in orders:
         event_id = orders["event_id"].astype(str).to_numpy()
     else:
-        event_id = np.char.add(np.char.add(kind.astype(str), ":"), order_id.astype(str))
-        event_id = event_id.astype(object)
+        # One purchase per order, so a repeated purchase row is one event; an order can have
+        # several partial refunds, so a refund's id also carries its time.
+        purchase_id = pd.Series(order_id).radd("purchase:")
+        refund_id = pd.Series(order_id).radd("refund:") + ":" + pd.Series(ts_ms).astype(str)
+        event_id = np.where(kind == "refund", refund_id, purchase_id).astype(object)
     currency = orders["currency"].to_numpy() if "currency" in orders else np.full(n, None)
     return pd.DataFrame(
         {

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from clv.local_stack import LocalProcess
@@ -109,6 +111,14 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     bad_log = tmp_path / "bad_log" / "date=2024-01-01"
     bad_log.mkdir(parents=True)
     (bad_log / "part-0.parquet").write_text("not parquet")
+    foreign_log = tmp_path / "foreign_log" / "date=2024-06-01"
+    foreign_log.mkdir(parents=True)
+    pq.write_table(pa.table({"foo": [1, 2]}), foreign_log / "part-foreign.parquet")
+    not_empty = tmp_path / "not_empty"
+    not_empty.mkdir()
+    (not_empty / "keep.txt").write_text("mine")
+    corrupt = tmp_path / "corrupt.csv.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbagegarbage")
     bt = ("backtest", "--orders", str(orders), "--cutoff", "2024-01-01")
     under_a_file = ("--report", str(a_file / "sub"))
     cases: list[tuple[int, Settings, tuple[str, ...]]] = [
@@ -163,9 +173,27 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
             Settings(),
             ("synth", "--users", "5", "--orders", "9", "--out", str(tmp_path / "dir.csv")),
         ),
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--seed", "-1", "--out", "x")),
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(not_empty))),
+        (
+            2,
+            Settings(),
+            (
+                "backtest",
+                "--orders",
+                str(corrupt),
+                "--cutoff",
+                "2024-01-01",
+                "--horizon-days",
+                "5",
+                "--out",
+                str(tmp_path / "c.csv"),
+            ),
+        ),
         # what the environment points at
         (1, Settings(model_dir=a_file, event_log_dir=tmp_path / "none"), ("train", "-q")),
         (1, Settings(model_dir=tmp_path / "m", event_log_dir=bad_log.parent), ("train", "-q")),
+        (1, Settings(model_dir=tmp_path / "m", event_log_dir=foreign_log.parent), ("train", "-q")),
     ]
     for code, settings, args in cases:
         out = clv(settings, *args)
@@ -178,5 +206,6 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "p.csv").exists()  # refused before any work: nothing written
     assert list((tmp_path / "dir.csv").iterdir()) == []
     assert not list(tmp_path.glob(".*.tmp"))  # synth left no temporary file
+    assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
     unknown = clv(Settings(), "nosuch")
     assert unknown.stderr.strip() == "clv: error: No such command 'nosuch'."

@@ -94,12 +94,16 @@ def backtest_events(
     if future_complete:
         actual, _ = window_labels(events, feats.index, cutoff_day, horizon_days)
     preds: dict[str, pd.DataFrame] = {}
+    errors: dict[str, str] = {}
     table = {}
     for name, model in models.items():
         supervised = name not in UNSUPERVISED and len(supervised_ds) > 0
         ds = supervised_ds if supervised else unsup_ds
         if not supervised and name not in UNSUPERVISED:
-            continue  # too little history for a model that learns from labels
+            errors[name] = (
+                "too little history before the cutoff for a model that learns from labels"
+            )
+            continue
         rows = len(ds) if supervised else len(ds.current)
         progress(f"final fit: {name} on {rows:,} rows")
         scores, p = evaluate(
@@ -112,12 +116,16 @@ def backtest_events(
         )
         if name not in p:
             progress(f"final fit: {name} failed: {scores[name].error}")
+            errors[name] = str(scores[name].error)
             continue
         preds[name] = p[name]
         if actual is not None:
             table[name] = scores[name].metrics
     if selection.champion not in preds:
-        raise DatasetError(f"the champion {selection.champion} could not be fitted")
+        raise DatasetError(
+            f"the champion {selection.champion} could not be fitted: "
+            f"{errors.get(selection.champion, 'unknown error')}"
+        )
     result = BacktestResult(
         cutoff_day=cutoff_day,
         horizon_days=horizon_days,
@@ -133,12 +141,33 @@ def backtest_events(
     return result
 
 
+#: Every file :func:`write_report` may write (plots take ``img_prefix``): a rerun into the same
+#: directory first removes them, so no figure of an earlier run is left beside the new ones.
+REPORT_FILES: tuple[str, ...] = (
+    "validation_metrics.csv",
+    "out_of_sample_metrics.csv",
+    "validation_deciles.png",
+    "validation_gain.png",
+    "oos_deciles.png",
+    "oos_gain.png",
+    "tracking.png",
+    "index.html",
+)
+
+
 def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
-    """``user_id,predicted_value,expected_orders,p_alive``, one row per user."""
+    """``user_id,predicted_value,expected_orders,p_alive``, one row per user; written to a
+    temporary file renamed into place, so a failure leaves the previous file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     out = predictions[list(PREDICTION_COLUMNS)].copy()
     out.index.name = "user_id"
-    out.to_csv(path, float_format="%.6f")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        out.to_csv(tmp, float_format="%.6f")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -173,8 +202,12 @@ def write_report(
     title: str = "",
     img_prefix: str = "",
 ) -> list[Path]:
-    """Metrics tables, plots and ``index.html`` under ``report_dir``."""
+    """Metrics tables, plots and ``index.html`` under ``report_dir`` (see :data:`REPORT_FILES`)."""
     report_dir.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        stale = report_dir / (img_prefix + name if name.endswith(".png") else name)
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink()
     sel = result.selection
     files: list[Path] = []
     images: list[Path] = []
@@ -258,17 +291,18 @@ def run_backtest(
     progress: bool = True,
     *,
     candidates: list[str] | None = None,
+    currency: str = "USD",
 ) -> BacktestResult:
     """The ``clv backtest`` command's work: read, select, fit, forecast, write."""
     say: Progress = StderrProgress() if progress else _quiet
     say(f"reading {orders_path} ({fmt})")
-    events = load_orders(orders_path, fmt)
+    events = load_orders(orders_path, fmt, currency=currency)
     result = backtest_events(
         events, day_number(cutoff), horizon_days, candidates=candidates, progress=say
     )
-    write_predictions(result.predictions, Path(out_csv))
-    say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
-    if report_dir is not None:
+    if report_dir is not None:  # first: a report that cannot be written leaves --out untouched
         result.report_files = write_report(events, result, Path(report_dir))
         say(f"wrote the report to {report_dir}/index.html")
+    write_predictions(result.predictions, Path(out_csv))
+    say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
     return result

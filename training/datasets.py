@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import io
+import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
-from feature_store.events import MAX_AMOUNT
+from feature_store.events import MAX_AMOUNT, MAX_ID, RFC3339
 from feature_store.features import FEATURE_NAMES, day_date, day_number
 from feature_store.offline import events_from_orders, features_at
 from training.models.base import TrainingSet
@@ -36,8 +38,14 @@ def _read_text(path: Path) -> str:
         raise DatasetError(f"orders file not found: {path}")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    return raw.decode("utf-8", errors="replace")
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{path} is not valid gzip: {exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {exc.start})") from None
 
 
 def _amounts(raw: pd.Series, what: str) -> pd.Series:
@@ -46,11 +54,16 @@ def _amounts(raw: pd.Series, what: str) -> pd.Series:
     ok = amount.notna() & np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
     if not ok.all():
         bad = raw[~ok].iloc[0]
+        shown = repr(bad) if isinstance(bad, str) else str(bad)
         raise DatasetError(
-            f"{what} amounts must be numbers from 0 to {MAX_AMOUNT:g}; found {bad!r} "
+            f"{what} amounts must be numbers from 0 to {MAX_AMOUNT:g}; found {shown} "
             f"({int((~ok).sum()):,} such)"
         )
     return amount
+
+
+def _is_yyyymmdd(token: str) -> bool:
+    return len(token) == 8 and token.isdigit()
 
 
 def _cdnow_orders(text: str) -> pd.DataFrame:
@@ -60,8 +73,8 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     ``order_id`` (customer:date:n); the time is midnight UTC of the record's date.
     """
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    if lines and not lines[0].split()[0].isdigit():
-        lines = lines[1:]  # header
+    if lines and not any(_is_yyyymmdd(tok) for tok in lines[0].split()[1:3]):
+        lines = lines[1:]  # the header: a record has its date second (master) or third (sample)
     if not lines:
         raise DatasetError("CDNOW file holds no records")
     table = pd.read_csv(
@@ -87,9 +100,47 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     )
 
 
-def _csv_orders(text: str) -> pd.DataFrame:
+def _first_bad(ok: pd.Series, table: pd.DataFrame, column: str, rule: str) -> None:
+    """Raise for the first row where ``ok`` is False, with its line number in the file."""
+    if ok.all():
+        return
+    row = int(np.flatnonzero(~ok.to_numpy())[0])
+    value = str(table[column].iloc[row])[:64]
+    n = int((~ok).sum())
+    raise DatasetError(
+        f"CSV line {row + 2}: {column} {value!r} {rule} ({n:,} such row{'s' * (n != 1)})"
+    )
+
+
+def _printable_ids(col: pd.Series) -> pd.Series:
+    return col.str.len().between(1, MAX_ID) & col.map(str.isprintable)
+
+
+def _csv_timestamps(table: pd.DataFrame) -> pd.Series:
+    """The event schema's rule: RFC 3339 with a zone offset, or a bare date (midnight UTC),
+    on or after 1970-01-01."""
+    ts = table["ts"]
+    _first_bad(ts.str.fullmatch(RFC3339.pattern), table, "ts", "is not RFC 3339 with a zone")
     try:
-        table = pd.read_csv(io.StringIO(text), dtype={"user_id": str, "order_id": str})
+        parsed = pd.to_datetime(ts.str.upper(), utc=True, format="ISO8601")
+    except (ValueError, OverflowError) as exc:  # e.g. 2023-02-30, or past the year 2262
+        raise DatasetError(f"CSV ts: {exc}") from None
+    _first_bad(parsed >= pd.Timestamp(0, tz="UTC"), table, "ts", "is before 1970-01-01")
+    return parsed
+
+
+def _csv_orders(text: str, currency: str) -> pd.DataFrame:
+    """An orders CSV, every field checked by the event schema's rules (the online consumer
+    dead-letters what this refuses), with the line number of the first offender."""
+    try:
+        with warnings.catch_warnings():
+            # a row with more fields than the header: pandas would shift it or drop fields
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(
+                io.StringIO(text), dtype=str, keep_default_na=False, index_col=False
+            )
+    except pd.errors.ParserWarning:
+        raise DatasetError("CSV has rows with more fields than the header") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"unreadable CSV: {exc}") from exc
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
@@ -97,22 +148,53 @@ def _csv_orders(text: str) -> pd.DataFrame:
         raise DatasetError(
             f"CSV lacks column(s) {', '.join(missing)}; needs {','.join(REQUIRED_CSV_COLUMNS)}"
         )
-    if table[list(REQUIRED_CSV_COLUMNS)].isna().any().any():
-        raise DatasetError("CSV has empty user_id, order_id, ts or amount values")
-    amount = _amounts(table["amount"], "CSV")
-    if "type" in table and not table["type"].isin(["purchase", "refund"]).all():
-        raise DatasetError("CSV type must be 'purchase' or 'refund'")
-    table["amount"] = amount
+    for c in (*REQUIRED_CSV_COLUMNS, *(c for c in ("type", "event_id") if c in table)):
+        _first_bad(table[c].str.strip() != "", table, c, "is empty")
+    uid = table["user_id"]
+    _first_bad(
+        _printable_ids(uid) & ~uid.str.contains(" ", regex=False),
+        table,
+        "user_id",
+        f"must be 1 to {MAX_ID} printable characters with no white space",
+    )
+    _first_bad(
+        table["order_id"].str.len() <= MAX_ID, table, "order_id", f"is over {MAX_ID} characters"
+    )
+    if "event_id" in table:
+        _first_bad(
+            _printable_ids(table["event_id"]),
+            table,
+            "event_id",
+            f"must be 1 to {MAX_ID} printable characters",
+        )
+    if "type" in table:
+        _first_bad(
+            table["type"].isin(["purchase", "refund"]), table, "type", "must be purchase or refund"
+        )
+    if "currency" in table:
+        cur = table["currency"]
+        _first_bad(
+            (cur == "") | (cur == currency),
+            table,
+            "currency",
+            f"is not this deployment's {currency}",
+        )
+        table["currency"] = cur.where(cur != "", None)
+    table["amount"] = _amounts(table["amount"], "CSV")
+    table["ts"] = _csv_timestamps(table)
     return table
 
 
-def load_orders(path: str | Path, fmt: OrdersFormat = "csv") -> pd.DataFrame:
-    """Read an orders file (CSV or CDNOW text, optionally gzipped) into the event table."""
+def load_orders(
+    path: str | Path, fmt: OrdersFormat = "csv", *, currency: str = "USD"
+) -> pd.DataFrame:
+    """Read an orders file (CSV or CDNOW text, optionally gzipped) into the event table. A CSV
+    ``currency`` other than ``currency`` (the deployment's) is refused, as online."""
     text = _read_text(Path(path))
     if fmt == "cdnow":
         orders = _cdnow_orders(text)
     elif fmt == "csv":
-        orders = _csv_orders(text)
+        orders = _csv_orders(text, currency)
     else:
         raise DatasetError(f"unknown orders format {fmt!r} (csv or cdnow)")
     try:

@@ -44,6 +44,7 @@ import pickle
 import platform
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -252,6 +253,9 @@ def _read_regular(path: Path, limit: int | None = None) -> bytes:
         raise ModelError(f"{path} is missing") from exc
     except OSError as exc:
         raise ModelError(f"{path} cannot be opened safely: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelError(f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         data = f.read() if limit is None else f.read(limit + 1)
     if limit is not None and len(data) > limit:
@@ -424,10 +428,15 @@ class ModelRegistry:
 
     # the champion
     def _pointer(self) -> dict[str, Any] | None:
-        try:
-            raw = self.pointer_path.read_bytes()
-        except FileNotFoundError:
+        path = self.pointer_path
+        if self.root.exists() and not self.root.is_dir():
+            raise ModelError(f"the model directory {self.root} is not a directory")
+        if not path.exists() and not path.is_symlink():
             return None
+        try:
+            raw = _read_regular(path, MAX_METADATA_BYTES)
+        except ModelError as exc:
+            raise ModelError(f"champion pointer unreadable: {exc}") from exc
         try:
             pointer = json.loads(raw)
             if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
@@ -493,7 +502,10 @@ class ModelRegistry:
         self, version: str, val: Validation, evaluate: Evaluate | None, force: bool
     ) -> Decision:
         common: dict[str, Any] = {"metric": val.metric, "challenger_score": val.score}
-        current = self.champion_version()
+        try:
+            current = self.champion_version()
+        except ModelError as exc:  # as with a champion that cannot be loaded: replace it
+            return Decision(version, True, str(exc), **common)
         if force:
             return Decision(version, True, "forced", champion_version=current, **common)
         if current is None:

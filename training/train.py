@@ -308,10 +308,13 @@ def train(
     from training.selection import final_training_set, select_champion
 
     t0 = time.perf_counter()
+    root = settings.event_log_dir
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise TrainingError(f"the event log {root} (CLV_EVENT_LOG_DIR) {what}")
     _check_model_dir(settings.model_dir)  # before any work, not after it
     say: Say = StderrProgress("train") if progress else (lambda _msg: None)
     clock = _Clock(say, on_phase)
-    root = settings.event_log_dir
 
     with clock.phase("read event log"):
         raw = read_events(root)

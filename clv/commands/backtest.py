@@ -6,19 +6,35 @@ on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from clv.commands import fail, parse_date
+from clv.commands import fail, load_settings, parse_date
 from clv.errors import ClvError
+from clv.settings import MAX_HORIZON_DAYS
 
 
 class OrdersFileFormat(StrEnum):
     csv = "csv"
     cdnow = "cdnow"
+
+
+def _check_outputs(orders: Path, out: Path, report: Path | None) -> None:
+    """Refuse, before any work, outputs that would overwrite the input or each other."""
+    src, dst = orders.resolve(), out.resolve()
+    if dst == src:
+        raise fail(f"--out {out} is the orders file itself; give another path")
+    if report is None:
+        return
+    rep = report.resolve()
+    if dst == rep or dst.is_relative_to(rep):
+        raise fail(f"--out {out} is inside --report {report}; the report's files could replace it")
+    if src.is_relative_to(rep):
+        raise fail(f"the orders file {orders} is inside --report {report}; give another directory")
 
 
 def backtest(
@@ -45,22 +61,59 @@ def backtest(
     Writes one row per customer with an order on or before the cutoff:
     user_id,predicted_value,expected_orders,p_alive."""
     day = parse_date(cutoff, "--cutoff")
-    if horizon_days <= 0:
-        raise fail("--horizon-days must be a positive number of days")
+    if not 0 < horizon_days <= MAX_HORIZON_DAYS:
+        raise fail(f"--horizon-days must be from 1 to {MAX_HORIZON_DAYS} days")
     if not orders.is_file():
         raise fail(f"orders file not found: {orders}")
     if out.is_dir():
         raise fail(f"--out {out} is a directory; give a CSV file path")
+    _check_outputs(orders, out, report)
+    currency = load_settings().currency
+    made: list[Path] = []  # directories this run creates, removed again if it fails
     for flag, folder in (("--out", out.parent), ("--report", report)):
         try:  # before the work: an output that cannot be written fails now, not after it
             if folder is not None:
+                made += _missing_dirs(folder)
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            _remove_empty(made)
             raise fail(f"{flag}: cannot make directory {folder}: {exc.strerror or exc}") from None
     # imported here: the modelling stack is heavy and other commands do not need it
     from training.backtest import run_backtest
 
     try:
-        run_backtest(orders, fmt.value, day, horizon_days, out, report, progress=not quiet)
+        with warnings.catch_warnings():
+            if quiet:  # the libraries' convergence chatter too
+                warnings.simplefilter("ignore")
+            run_backtest(
+                orders,
+                fmt.value,
+                day,
+                horizon_days,
+                out,
+                report,
+                progress=not quiet,
+                currency=currency,
+            )
     except (ClvError, OSError, ValueError, KeyError) as exc:
+        _remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for d in (folder, *folder.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the directories a failed run made, where they are still empty."""
+    for d in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            pass

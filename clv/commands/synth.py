@@ -16,6 +16,8 @@ from clv.commands import fail, parse_date
 from clv.errors import ClvError
 
 err = Console(stderr=True)
+#: More users or orders than any machine this runs on has memory for.
+MAX_ROWS = 10**11
 
 
 @contextmanager
@@ -44,13 +46,15 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], No
 
 
 def synth(
-    users: Annotated[int, typer.Option("--users", help="number of customers", min=1)],
-    orders: Annotated[int, typer.Option("--orders", help="number of purchases (>= users)", min=1)],
+    users: Annotated[int, typer.Option("--users", help="number of customers", min=1, max=MAX_ROWS)],
+    orders: Annotated[
+        int, typer.Option("--orders", help="number of purchases (>= users)", min=1, max=MAX_ROWS)
+    ],
     out: Annotated[
         Path,
         typer.Option("--out", help="FILE.csv for an orders CSV, else an event-log directory"),
     ],
-    seed: Annotated[int, typer.Option("--seed", help="random seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="random seed", min=0, max=2**63 - 1)] = 0,
     start: Annotated[
         str, typer.Option("--start", help="first day of the log, YYYY-MM-DD")
     ] = "2024-01-01",
@@ -76,6 +80,8 @@ def synth(
         raise fail(str(exc)) from None  # bad parameters: exit 2
     if out.suffix.lower() == ".csv" and out.is_dir():
         raise fail(f"--out {out} is a directory, not a CSV file path")
+    if out.suffix.lower() != ".csv" and out.is_dir() and any(out.iterdir()):
+        raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
     t0 = time.perf_counter()
     try:
         with progress_bars(not quiet) as bar:

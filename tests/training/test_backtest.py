@@ -112,6 +112,7 @@ def _app() -> typer.Typer:
         (["--orders", "missing.csv", "--cutoff", "1997-12-31"], "not found"),
         (["--orders", "ORDERS", "--cutoff", "1997-13-01"], "--cutoff"),
         (["--orders", "ORDERS", "--cutoff", "1997-12-31", "--horizon-days", "0"], "horizon"),
+        (["--orders", "ORDERS", "--cutoff", "1997-12-31", "--horizon-days", "3651"], "3650"),
         (["--orders", "BADCOLS", "--cutoff", "1997-12-31"], "lacks column"),
         (["--orders", "ORDERS", "--cutoff", "1990-01-01"], "no purchase"),
     ],
@@ -165,3 +166,82 @@ def test_cli_happy_path(
     assert result.exit_code == 0, result.output
     assert "champion" in result.stderr  # progress lines
     _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))
+
+
+def test_cli_refuses_outputs_that_overwrite_the_input_or_each_other(
+    small_orders_csv: Path, tmp_path: Path
+) -> None:
+    orders = tmp_path / "orders.csv"
+    orders.write_bytes(small_orders_csv.read_bytes())
+    report = tmp_path / "rep"
+    inside = report / "orders.csv"
+    report.mkdir()
+    inside.write_bytes(orders.read_bytes())
+    base = ["backtest", "--cutoff", "1997-12-31", "--horizon-days", "30", "--quiet"]
+    cases = [
+        (["--orders", str(orders), "--out", str(orders)], "is the orders file itself"),
+        (["--orders", str(orders), "--out", str(tmp_path / "." / "orders.csv")], "itself"),
+        (
+            ["--orders", str(orders), "--out", str(report / "index.html"), "--report", str(report)],
+            "inside --report",
+        ),
+        (
+            ["--orders", str(inside), "--out", str(tmp_path / "p.csv"), "--report", str(report)],
+            "is inside --report",
+        ),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(_app(), [*base, *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
+    assert orders.read_bytes() == small_orders_csv.read_bytes() == inside.read_bytes()
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_report_that_fails_leaves_the_predictions_file_alone(
+    small_orders_csv: Path, tmp_path: Path
+) -> None:
+    out, rep = tmp_path / "pred.csv", tmp_path / "report"
+    out.write_text("OLD\n")
+    (rep / "validation_metrics.csv").mkdir(parents=True)  # the report cannot write its table
+    with pytest.raises(OSError):
+        run_backtest(
+            small_orders_csv, "csv", dt.date(1997, 12, 31), 91, out, rep, False, candidates=FAST
+        )
+    assert out.read_text() == "OLD\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_rerun_into_a_report_directory_leaves_no_stale_figures(
+    small_orders_csv: Path, tmp_path: Path
+) -> None:
+    rep = tmp_path / "report"
+    rep.mkdir()
+    for stale in ("out_of_sample_metrics.csv", "oos_gain.png", "tracking.png"):
+        (rep / stale).write_text("from an earlier run")
+    (rep / "notes.txt").write_text("the user's own file")
+    # a cutoff whose horizon the file does not cover: no out-of-sample figures this time
+    run_backtest(
+        small_orders_csv,
+        "csv",
+        dt.date(1998, 6, 1),
+        91,
+        tmp_path / "p.csv",
+        rep,
+        False,
+        candidates=FAST,
+    )
+    assert not (rep / "out_of_sample_metrics.csv").exists()
+    assert not (rep / "oos_gain.png").exists() and not (rep / "tracking.png").exists()
+    assert (rep / "validation_metrics.csv").is_file() and (rep / "index.html").is_file()
+    assert (rep / "notes.txt").read_text() == "the user's own file"
+
+
+def test_a_failed_run_removes_the_directories_it_made(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,order_id,ts,amount\nu1,o1,2024-01-01,abc\n")
+    out, rep = tmp_path / "new" / "deeper" / "p.csv", tmp_path / "newrep"
+    args = ["backtest", "--orders", str(bad), "--cutoff", "2024-01-01", "--horizon-days", "5"]
+    result = CliRunner().invoke(_app(), [*args, "--out", str(out), "--report", str(rep)])
+    assert result.exit_code == 2 and "found 'abc'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]

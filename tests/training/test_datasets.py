@@ -60,7 +60,23 @@ def test_csv_with_refunds(tmp_path: Path) -> None:
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", "from 0 to 1e"),
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", "found 'abc'"),
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,1e300\n", "from 0 to 1e"),
-        ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "timestamps"),
+        ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "line 2: ts 'not a time' is not RFC"),
+        ("user_id,order_id,ts,amount\nu,o,NaT,1\n", "is not RFC 3339"),
+        ("user_id,order_id,ts,amount\nu,o,now,1\n", "is not RFC 3339"),
+        ("user_id,order_id,ts,amount\nu,o,Jan 5,1\n", "is not RFC 3339"),
+        ("user_id,order_id,ts,amount\nu,o,01/02/2023,1\n", "is not RFC 3339"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01T10:00:00,1\n", "with a zone"),
+        ("user_id,order_id,ts,amount\nu,o,1950-06-01T00:00:00Z,1\n", "before 1970"),
+        ("user_id,order_id,ts,amount\nu,o,2023-02-30,1\n", "CSV ts"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,5,9,9\n", "more fields than the header"),
+        ("user_id,order_id,ts,amount\nu 1,o,2024-01-01,1\n", "no white space"),
+        ("user_id,order_id,ts,amount\n,o,2024-01-01,1\n", "user_id '' is empty"),
+        (
+            "user_id,order_id,ts,amount,event_id\nu,o,2024-01-01,1,e1\nu,o2,2024-01-02,1,\n",
+            "line 3: event_id '' is empty",
+        ),
+        ("user_id,order_id,ts,amount,type\nu,o,2024-01-01,1,gift\n", "purchase or refund"),
+        ("user_id,order_id,ts,amount,currency\nu,o,2024-01-01,1,EUR\n", "deployment's USD"),
     ],
 )
 def test_bad_csv_is_a_dataset_error(tmp_path: Path, content: str, message: str) -> None:
@@ -68,6 +84,55 @@ def test_bad_csv_is_a_dataset_error(tmp_path: Path, content: str, message: str) 
     path.write_text(content)
     with pytest.raises(DatasetError, match=message):
         load_orders(path, "csv")
+
+
+def test_csv_currency_column_may_be_blank_or_the_deployments(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text(
+        "user_id,order_id,ts,amount,currency\nu,o1,2024-01-01,1,USD\nu,o2,2024-01-02,2,\n"
+    )
+    assert load_orders(path, "csv")["cents"].sum() == 300
+    with pytest.raises(DatasetError, match="currency 'USD' is not this deployment's EUR"):
+        load_orders(path, "csv", currency="EUR")
+
+
+def test_partial_refunds_of_one_order_all_count(tmp_path: Path) -> None:
+    """Without event ids a refund's id carries its time: two partial refunds are two events,
+    while a repeated line stays one."""
+    path = tmp_path / "o.csv"
+    path.write_text(
+        "user_id,order_id,ts,amount,type\n"
+        "u1,o1,2024-01-01T10:00:00Z,100,purchase\n"
+        "u1,o1,2024-01-05T10:00:00Z,10,refund\n"
+        "u1,o1,2024-02-05T10:00:00Z,20,refund\n"
+        "u1,o1,2024-02-05T10:00:00Z,20,refund\n"
+        "u1,o1,2024-01-01T10:00:00Z,100,purchase\n"
+    )
+    ev = load_orders(path, "csv")
+    assert ev["cents"].sum() == 7000
+
+
+def test_unreadable_bytes_are_dataset_errors(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"user_id,order_id,ts,amount\ncaf\xe9,o,2024-01-01,1\n")
+    with pytest.raises(DatasetError, match="not UTF-8 text"):
+        load_orders(latin, "csv")
+    garbage = tmp_path / "garbage.csv.gz"
+    garbage.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbagegarbage")
+    with pytest.raises(DatasetError, match="not valid gzip"):
+        load_orders(garbage, "csv")
+    whole = gzip.compress(b"user_id,order_id,ts,amount\n" + b"u,o,2024-01-01,1\n" * 500)
+    truncated = tmp_path / "truncated.csv.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DatasetError, match="not valid gzip"):
+        load_orders(truncated, "csv")
+
+
+def test_cdnow_first_record_with_a_letter_id_is_not_a_header(tmp_path: Path) -> None:
+    path = tmp_path / "cdnow.txt"
+    path.write_text(" A0001 19970101  2   29.33\n 00002 19970102  1   10.00\n")
+    ev = load_orders(path, "cdnow")
+    assert sorted(ev["user_id"]) == ["00002", "A0001"]
 
 
 @pytest.mark.parametrize(

@@ -313,3 +313,34 @@ def test_unreadable_pointer_is_a_model_error(reg: ModelRegistry) -> None:
 def test_no_champion_message(reg: ModelRegistry) -> None:
     with pytest.raises(ModelError, match="no champion model"):
         reg.load_champion()
+
+
+def test_a_new_model_replaces_an_unreadable_pointer(reg: ModelRegistry) -> None:
+    """Like a champion that cannot be loaded: training is not stuck behind a broken pointer."""
+    reg.root.mkdir(parents=True)
+    (reg.root / POINTER_FILE).write_text("{oops")
+    v = register(reg, 100.0)
+    d = reg.offer(v)
+    assert d.promoted and "champion pointer" in d.reason
+    assert reg.champion_version() == v
+
+
+@pytest.mark.parametrize("broken", ["pointer_dir", "metadata_dir", "root_file"])
+def test_directories_where_files_belong_are_model_errors(
+    reg: ModelRegistry, tmp_path: Path, broken: str
+) -> None:
+    if broken == "root_file":
+        reg.root.write_text("x")
+    else:
+        v = register(reg, 1.0)
+        reg.offer(v)
+        if broken == "pointer_dir":
+            (reg.root / POINTER_FILE).unlink()
+            (reg.root / POINTER_FILE).mkdir()
+        else:
+            (reg.root / v / METADATA_FILE).unlink()
+            (reg.root / v / METADATA_FILE).mkdir()
+    with pytest.raises(ModelError):
+        reg.load_champion()
+    if broken == "metadata_dir":  # a champion that cannot be loaded is replaced
+        assert reg.offer(register(reg, 5.0, min_age=2)).promoted

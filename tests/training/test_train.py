@@ -133,8 +133,9 @@ def test_choose_horizon() -> None:
 
 def test_empty_or_missing_log_is_a_training_error(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
-    with pytest.raises(TrainingError, match="no purchase events"):
+    with pytest.raises(TrainingError, match="does not exist"):
         train(settings, progress=False)
+    assert not settings.model_dir.exists()  # refused before anything was made
     (tmp_path / "events").mkdir()
     with pytest.raises(TrainingError, match="nothing to train on"):
         train(settings, progress=False)
@@ -151,7 +152,8 @@ def test_cli_on_missing_log_one_line_no_traceback(
     assert result.exit_code != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("clv: error: no purchase events")
+    assert len(lines) == 1 and lines[0].startswith("clv: error: the event log ")
+    assert lines[0].endswith("does not exist")
     assert "Traceback" not in result.output
 
 
