@@ -140,6 +140,10 @@ def read_events(
         raise EventLogError(f"event log {root} has an unreadable file: {exc}") from exc
     if frame[list(REQUIRED_COLUMNS)].isna().to_numpy().any():
         raise EventLogError(f"event log {root}: {_foreign_file(dataset)}")
+    kinds = frame["type"].isin(["purchase", "refund"]).to_numpy()
+    if not kinds.all():
+        shown = frame["type"].to_numpy()[~kinds][0]
+        raise EventLogError(f"event log {root} holds events of type {shown!r}, not order events")
     if arrival_order:
         frame = frame.sort_values(list(ARRIVAL_COLUMNS), kind="stable", ignore_index=True)
     if dedupe:

@@ -31,7 +31,7 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     """Normalise an orders table (``user_id, order_id, ts, amount`` and optional ``type,
     event_id, currency``) into the event table. ``ts`` may be strings or datetimes; naive
     times are read as UTC. Without ``event_id`` a purchase's id is ``purchase:<order_id>`` and
-    a refund's ``refund:<order_id>:<epoch ms>``."""
+    a refund's ``refund:<order_id>:<epoch ms>:<cents>``."""
     n = len(orders)
     ts = pd.to_datetime(orders["ts"], utc=True, format="mixed")
     ts_ms = (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy()
@@ -49,9 +49,15 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
         event_id = orders["event_id"].astype(str).to_numpy()
     else:
         # One purchase per order, so a repeated purchase row is one event; an order can have
-        # several partial refunds, so a refund's id also carries its time.
+        # several partial refunds, so a refund's id also carries its time and amount.
         purchase_id = pd.Series(order_id).radd("purchase:")
-        refund_id = pd.Series(order_id).radd("refund:") + ":" + pd.Series(ts_ms).astype(str)
+        refund_id = (
+            pd.Series(order_id).radd("refund:")
+            + ":"
+            + pd.Series(ts_ms).astype(str)
+            + ":"
+            + pd.Series(cents).abs().astype(str)
+        )
         event_id = np.where(kind == "refund", refund_id, purchase_id).astype(object)
     currency = orders["currency"].to_numpy() if "currency" in orders else np.full(n, None)
     return pd.DataFrame(

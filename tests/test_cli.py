@@ -178,6 +178,11 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
         (
             2,
             Settings(),
+            ("synth", "--users", "5", "--orders", "9", "--start", "1960-01-01", "--out", "y.csv"),
+        ),
+        (
+            2,
+            Settings(),
             (
                 "backtest",
                 "--orders",

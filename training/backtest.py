@@ -8,7 +8,10 @@ forecast is scored against it.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +144,8 @@ def backtest_events(
     return result
 
 
-#: Every file :func:`write_report` may write (plots take ``img_prefix``): a rerun into the same
-#: directory first removes them, so no figure of an earlier run is left beside the new ones.
+#: Every file :func:`write_report` may write (with no ``img_prefix``): ``clv backtest`` removes
+#: an earlier run's copies that this run does not replace, so no stale figure is left.
 REPORT_FILES: tuple[str, ...] = (
     "validation_metrics.csv",
     "out_of_sample_metrics.csv",
@@ -155,19 +158,26 @@ REPORT_FILES: tuple[str, ...] = (
 )
 
 
-def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
-    """``user_id,predicted_value,expected_orders,p_alive``, one row per user; written to a
-    temporary file renamed into place, so a failure leaves the previous file as it was."""
+def _stage_predictions(predictions: pd.DataFrame, path: Path) -> Path:
+    """The predictions CSV written to a new, uniquely named file beside ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     out = predictions[list(PREDICTION_COLUMNS)].copy()
     out.index.name = "user_id"
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         out.to_csv(tmp, float_format="%.6f")
-        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
+    """``user_id,predicted_value,expected_orders,p_alive``, one row per user; written to a
+    temporary file renamed into place, so a failure leaves the previous file as it was."""
+    _stage_predictions(predictions, path).replace(path)
     return path
 
 
@@ -202,12 +212,9 @@ def write_report(
     title: str = "",
     img_prefix: str = "",
 ) -> list[Path]:
-    """Metrics tables, plots and ``index.html`` under ``report_dir`` (see :data:`REPORT_FILES`)."""
+    """Metrics tables, plots and ``index.html`` under ``report_dir`` (see :data:`REPORT_FILES`;
+    ``clv backtest`` writes them to a staging directory and moves them in when all are done)."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    for name in REPORT_FILES:
-        stale = report_dir / (img_prefix + name if name.endswith(".png") else name)
-        if stale.is_file() or stale.is_symlink():
-            stale.unlink()
     sel = result.selection
     files: list[Path] = []
     images: list[Path] = []
@@ -300,9 +307,36 @@ def run_backtest(
     result = backtest_events(
         events, day_number(cutoff), horizon_days, candidates=candidates, progress=say
     )
-    if report_dir is not None:  # first: a report that cannot be written leaves --out untouched
-        result.report_files = write_report(events, result, Path(report_dir))
+    out = Path(out_csv)
+    if report_dir is None:
+        write_predictions(result.predictions, out)
+    else:
+        result.report_files = _write_outputs(events, result, out, Path(report_dir))
         say(f"wrote the report to {report_dir}/index.html")
-    write_predictions(result.predictions, Path(out_csv))
     say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
     return result
+
+
+def _write_outputs(
+    events: pd.DataFrame, result: BacktestResult, out: Path, report_dir: Path
+) -> list[Path]:
+    """The report and the predictions, all written to staging names first and renamed into
+    place only when every one of them is complete: a failure changes neither output."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
+    staged_csv: Path | None = None
+    try:
+        staged = write_report(events, result, staging)
+        staged_csv = _stage_predictions(result.predictions, out)
+        for name in REPORT_FILES:  # the earlier run's files, where this run has none
+            old = report_dir / name
+            if old.is_file() and not (staging / name).exists():
+                old.unlink()
+        for f in staged:
+            f.replace(report_dir / f.name)
+        staged_csv.replace(out)
+        return [report_dir / f.name for f in staged]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if staged_csv is not None:
+            staged_csv.unlink(missing_ok=True)

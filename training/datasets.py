@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import io
+import time
 import warnings
 import zlib
 from collections.abc import Callable
@@ -62,8 +63,12 @@ def _amounts(raw: pd.Series, what: str) -> pd.Series:
     return amount
 
 
-def _is_yyyymmdd(token: str) -> bool:
-    return len(token) == 8 and token.isdigit()
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _cdnow_orders(text: str) -> pd.DataFrame:
@@ -73,13 +78,16 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     ``order_id`` (customer:date:n); the time is midnight UTC of the record's date.
     """
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    if lines and not any(_is_yyyymmdd(tok) for tok in lines[0].split()[1:3]):
-        lines = lines[1:]  # the header: a record has its date second (master) or third (sample)
+    if lines and not any(_is_number(tok) for tok in lines[0].split()):
+        lines = lines[1:]  # the header (master's): a record always has numbers
     if not lines:
         raise DatasetError("CDNOW file holds no records")
-    table = pd.read_csv(
-        io.StringIO("\n".join(lines)), sep=r"\s+", header=None, dtype=str, engine="python"
-    )
+    try:  # split on ASCII blanks only: any other white space stays in a field and is refused
+        table = pd.read_csv(
+            io.StringIO("\n".join(lines)), sep=r"[ \t]+", header=None, dtype=str, engine="python"
+        )
+    except pd.errors.ParserError as exc:
+        raise DatasetError(f"CDNOW records of different lengths: {exc}".strip()) from None
     if table.shape[1] == 5:
         table = table.drop(columns=[1])  # the sample's original id
     if table.shape[1] != 4:
@@ -89,6 +97,13 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     if dates.isna().any():
         raise DatasetError("CDNOW records with an unreadable date")
     amount = _amounts(table["amount"], "CDNOW")
+    _first_bad(
+        _printable_ids(table["user_id"]),
+        table,
+        "user_id",
+        f"must be 1 to {MAX_ID} printable characters with no white space",
+        "CDNOW record",
+    )
     n = table.groupby(["user_id", "date"]).cumcount().astype(str)
     return pd.DataFrame(
         {
@@ -100,16 +115,17 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     )
 
 
-def _first_bad(ok: pd.Series, table: pd.DataFrame, column: str, rule: str) -> None:
-    """Raise for the first row where ``ok`` is False, with its line number in the file."""
+def _first_bad(
+    ok: pd.Series, table: pd.DataFrame, column: str, rule: str, what: str = "CSV data row"
+) -> None:
+    """Raise for the first row where ``ok`` is False, numbered from 1 after the header (blank
+    lines are not counted)."""
     if ok.all():
         return
     row = int(np.flatnonzero(~ok.to_numpy())[0])
     value = str(table[column].iloc[row])[:64]
     n = int((~ok).sum())
-    raise DatasetError(
-        f"CSV line {row + 2}: {column} {value!r} {rule} ({n:,} such row{'s' * (n != 1)})"
-    )
+    raise DatasetError(f"{what} {row + 1}: {column} {value!r} {rule} ({n:,} such)")
 
 
 def _printable_ids(col: pd.Series) -> pd.Series:
@@ -121,11 +137,9 @@ def _csv_timestamps(table: pd.DataFrame) -> pd.Series:
     on or after 1970-01-01."""
     ts = table["ts"]
     _first_bad(ts.str.fullmatch(RFC3339.pattern), table, "ts", "is not RFC 3339 with a zone")
-    try:
-        parsed = pd.to_datetime(ts.str.upper(), utc=True, format="ISO8601")
-    except (ValueError, OverflowError) as exc:  # e.g. 2023-02-30, or past the year 2262
-        raise DatasetError(f"CSV ts: {exc}") from None
-    _first_bad(parsed >= pd.Timestamp(0, tz="UTC"), table, "ts", "is before 1970-01-01")
+    # e.g. 2023-02-30 or 24:00:00 match the pattern but are no time
+    parsed = pd.to_datetime(ts.str.upper(), utc=True, format="ISO8601", errors="coerce")
+    _first_bad(parsed.notna(), table, "ts", "is not a valid time")
     return parsed
 
 
@@ -201,7 +215,25 @@ def load_orders(
         events = events_from_orders(orders)
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"unreadable timestamps: {exc}") from exc
+    _check_times(events)
     return events.drop_duplicates(["user_id", "event_id"], keep="first").reset_index(drop=True)
+
+
+def _check_times(events: pd.DataFrame, tolerance_ms: int = 86_400_000) -> None:
+    """As online: no time before 1970, none more than a day ahead of the wall clock."""
+    ts = events["ts_ms"].to_numpy()
+    now = time.time_ns() // 1_000_000
+    for bad, rule in (
+        (ts < 0, "is before 1970-01-01"),
+        (ts > now + tolerance_ms, "is in the future"),
+    ):
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            row = events.iloc[i]
+            raise DatasetError(
+                f"order {row['order_id']!r} of user {row['user_id']!r}: its time {rule} "
+                f"({int(bad.sum()):,} such)"
+            )
 
 
 def as_day(d: dt.date | int) -> int:

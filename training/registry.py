@@ -248,7 +248,8 @@ def _write_file(path: Path, data: bytes) -> None:
 def _read_regular(path: Path, limit: int | None = None) -> bytes:
     """A regular file's bytes, refusing symlinks (an artifact must live in the registry)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a FIFO in its place must not hang the reader before the regular-file check
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError as exc:
         raise ModelError(f"{path} is missing") from exc
     except OSError as exc:

@@ -72,6 +72,8 @@ class SynthConfig:
             )
         if self.days < 1:
             raise SynthError("--days must be at least 1")
+        if self.start < dt.date(1970, 1, 1):
+            raise SynthError(f"--start {self.start} is before 1970-01-01 (events cannot be)")
         if (dt.date.max - self.start).days < self.days - 1:
             raise SynthError(
                 f"--start {self.start} plus --days {self.days} runs past the year 9999"

@@ -225,7 +225,11 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
 
 
 def _check_model_dir(root: Path) -> None:
-    """The registry directory exists (or can be made) and this process can write in it."""
+    """The registry directory exists (or can be made), this process can write in it, and its
+    pointer, history and lock are files where they exist: checked before anything is
+    registered, so a run that cannot promote leaves no orphan version behind."""
+    from training.registry import HISTORY_FILE, LOCK_FILE, POINTER_FILE
+
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe-{os.getpid()}"
@@ -235,6 +239,10 @@ def _check_model_dir(root: Path) -> None:
         raise TrainingError(
             f"model directory {root} cannot be used: {exc.strerror or exc}"
         ) from exc
+    for name in (POINTER_FILE, HISTORY_FILE, LOCK_FILE):
+        path = root / name
+        if not path.is_symlink() and path.exists() and not path.is_file():
+            raise TrainingError(f"model directory {root}: {name} is not a regular file")
 
 
 def _check_forecasts(model: Any, ds: Any) -> None:

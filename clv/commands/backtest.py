@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from clv.commands import fail, load_settings, parse_date
+from clv.commands import fail, parse_date
 from clv.errors import ClvError
 from clv.settings import MAX_HORIZON_DAYS
 
@@ -25,16 +25,19 @@ class OrdersFileFormat(StrEnum):
 
 def _check_outputs(orders: Path, out: Path, report: Path | None) -> None:
     """Refuse, before any work, outputs that would overwrite the input or each other."""
+    from training.backtest import REPORT_FILES
+
     src, dst = orders.resolve(), out.resolve()
     if dst == src:
         raise fail(f"--out {out} is the orders file itself; give another path")
     if report is None:
         return
     rep = report.resolve()
-    if dst == rep or dst.is_relative_to(rep):
-        raise fail(f"--out {out} is inside --report {report}; the report's files could replace it")
-    if src.is_relative_to(rep):
-        raise fail(f"the orders file {orders} is inside --report {report}; give another directory")
+    if dst == rep:
+        raise fail(f"--out {out} is the --report directory; give a CSV file path")
+    for what, path in (("--out", dst), ("the orders file", src)):
+        if path.parent == rep and path.name in REPORT_FILES:
+            raise fail(f"{what} {path} is a file the report writes; give another name")
 
 
 def backtest(
@@ -54,6 +57,14 @@ def backtest(
     fmt: Annotated[
         OrdersFileFormat, typer.Option("--format", help="orders file format")
     ] = OrdersFileFormat.csv,
+    currency: Annotated[
+        str,
+        typer.Option(
+            "--currency",
+            envvar="CLV_CURRENCY",
+            help="the deployment's currency: CSV rows in another are refused",
+        ),
+    ] = "USD",
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
 ) -> None:
     """Select and fit a model on the orders up to CUTOFF, forecast the horizon.
@@ -68,7 +79,6 @@ def backtest(
     if out.is_dir():
         raise fail(f"--out {out} is a directory; give a CSV file path")
     _check_outputs(orders, out, report)
-    currency = load_settings().currency
     made: list[Path] = []  # directories this run creates, removed again if it fails
     for flag, folder in (("--out", out.parent), ("--report", report)):
         try:  # before the work: an output that cannot be written fails now, not after it

@@ -174,7 +174,7 @@ def test_cli_refuses_outputs_that_overwrite_the_input_or_each_other(
     orders = tmp_path / "orders.csv"
     orders.write_bytes(small_orders_csv.read_bytes())
     report = tmp_path / "rep"
-    inside = report / "orders.csv"
+    inside = report / "validation_metrics.csv"  # a name the report writes
     report.mkdir()
     inside.write_bytes(orders.read_bytes())
     base = ["backtest", "--cutoff", "1997-12-31", "--horizon-days", "30", "--quiet"]
@@ -183,11 +183,12 @@ def test_cli_refuses_outputs_that_overwrite_the_input_or_each_other(
         (["--orders", str(orders), "--out", str(tmp_path / "." / "orders.csv")], "itself"),
         (
             ["--orders", str(orders), "--out", str(report / "index.html"), "--report", str(report)],
-            "inside --report",
+            "a file the report writes",
         ),
+        (["--orders", str(orders), "--out", str(report), "--report", str(report)], "directory"),
         (
             ["--orders", str(inside), "--out", str(tmp_path / "p.csv"), "--report", str(report)],
-            "is inside --report",
+            "a file the report writes",
         ),
     ]
     for args, message in cases:
@@ -196,6 +197,23 @@ def test_cli_refuses_outputs_that_overwrite_the_input_or_each_other(
         assert message in result.stderr, (args, result.stderr)
     assert orders.read_bytes() == small_orders_csv.read_bytes() == inside.read_bytes()
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_staging_names_never_clobber_the_input(small_orders_csv: Path, tmp_path: Path) -> None:
+    """The predictions are staged under a fresh unique name, not ``.<out>.tmp``."""
+    orders = tmp_path / ".p.csv.tmp"
+    orders.write_bytes(small_orders_csv.read_bytes())
+    run_backtest(
+        orders,
+        "csv",
+        dt.date(1997, 12, 31),
+        30,
+        tmp_path / "p.csv",
+        progress=False,
+        candidates=FAST,
+    )
+    assert orders.read_bytes() == small_orders_csv.read_bytes()
+    assert (tmp_path / "p.csv").is_file()
 
 
 def test_a_report_that_fails_leaves_the_predictions_file_alone(
@@ -209,7 +227,7 @@ def test_a_report_that_fails_leaves_the_predictions_file_alone(
             small_orders_csv, "csv", dt.date(1997, 12, 31), 91, out, rep, False, candidates=FAST
         )
     assert out.read_text() == "OLD\n"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
 def test_a_rerun_into_a_report_directory_leaves_no_stale_figures(
@@ -221,16 +239,18 @@ def test_a_rerun_into_a_report_directory_leaves_no_stale_figures(
         (rep / stale).write_text("from an earlier run")
     (rep / "notes.txt").write_text("the user's own file")
     # a cutoff whose horizon the file does not cover: no out-of-sample figures this time
-    run_backtest(
+    run_backtest(  # the predictions inside the report directory: a layout that is fine
         small_orders_csv,
         "csv",
         dt.date(1998, 6, 1),
         91,
-        tmp_path / "p.csv",
+        rep / "predictions.csv",
         rep,
         False,
         candidates=FAST,
     )
+    assert (rep / "predictions.csv").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     assert not (rep / "out_of_sample_metrics.csv").exists()
     assert not (rep / "oos_gain.png").exists() and not (rep / "tracking.png").exists()
     assert (rep / "validation_metrics.csv").is_file() and (rep / "index.html").is_file()

@@ -60,20 +60,23 @@ def test_csv_with_refunds(tmp_path: Path) -> None:
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", "from 0 to 1e"),
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", "found 'abc'"),
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,1e300\n", "from 0 to 1e"),
-        ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "line 2: ts 'not a time' is not RFC"),
+        ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "row 1: ts 'not a time' is not RFC"),
         ("user_id,order_id,ts,amount\nu,o,NaT,1\n", "is not RFC 3339"),
         ("user_id,order_id,ts,amount\nu,o,now,1\n", "is not RFC 3339"),
         ("user_id,order_id,ts,amount\nu,o,Jan 5,1\n", "is not RFC 3339"),
         ("user_id,order_id,ts,amount\nu,o,01/02/2023,1\n", "is not RFC 3339"),
         ("user_id,order_id,ts,amount\nu,o,2024-01-01T10:00:00,1\n", "with a zone"),
         ("user_id,order_id,ts,amount\nu,o,1950-06-01T00:00:00Z,1\n", "before 1970"),
-        ("user_id,order_id,ts,amount\nu,o,2023-02-30,1\n", "CSV ts"),
+        ("user_id,order_id,ts,amount\nu,o,2023-02-30,1\n", "row 1: ts '2023-02-30' is not a valid"),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01T24:00:00Z,1\n", "not a valid time"),
+        ("user_id,order_id,ts,amount\nu,o,9999-12-31,1\n", "in the future"),
+        ("user_id,order_id,ts,amount\nu,o,2200-01-01,1\n", "in the future"),
         ("user_id,order_id,ts,amount\nu,o,2024-01-01,5,9,9\n", "more fields than the header"),
         ("user_id,order_id,ts,amount\nu 1,o,2024-01-01,1\n", "no white space"),
         ("user_id,order_id,ts,amount\n,o,2024-01-01,1\n", "user_id '' is empty"),
         (
             "user_id,order_id,ts,amount,event_id\nu,o,2024-01-01,1,e1\nu,o2,2024-01-02,1,\n",
-            "line 3: event_id '' is empty",
+            "row 2: event_id '' is empty",
         ),
         ("user_id,order_id,ts,amount,type\nu,o,2024-01-01,1,gift\n", "purchase or refund"),
         ("user_id,order_id,ts,amount,currency\nu,o,2024-01-01,1,EUR\n", "deployment's USD"),
@@ -106,10 +109,12 @@ def test_partial_refunds_of_one_order_all_count(tmp_path: Path) -> None:
         "u1,o1,2024-01-05T10:00:00Z,10,refund\n"
         "u1,o1,2024-02-05T10:00:00Z,20,refund\n"
         "u1,o1,2024-02-05T10:00:00Z,20,refund\n"
+        "u1,o1,2024-02-05,2,refund\n"
+        "u1,o1,2024-02-05,3,refund\n"
         "u1,o1,2024-01-01T10:00:00Z,100,purchase\n"
     )
     ev = load_orders(path, "csv")
-    assert ev["cents"].sum() == 7000
+    assert ev["cents"].sum() == 6500
 
 
 def test_unreadable_bytes_are_dataset_errors(tmp_path: Path) -> None:
@@ -133,6 +138,25 @@ def test_cdnow_first_record_with_a_letter_id_is_not_a_header(tmp_path: Path) -> 
     path.write_text(" A0001 19970101  2   29.33\n 00002 19970102  1   10.00\n")
     ev = load_orders(path, "cdnow")
     assert sorted(ev["user_id"]) == ["00002", "A0001"]
+    path.write_text(" 00001 1997-01-01  2   29.33\n 00002 19970102  1   10.00\n")
+    with pytest.raises(DatasetError, match="date"):  # a bad first record is no header either
+        load_orders(path, "cdnow")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (" 00001 19600101 1 5.00\n", "before 1970"),
+        (" 0\u00a01 19970101 1 5.00\n", "printable characters with no white space"),
+        (f" {'9' * 129} 19970101 1 5.00\n", "1 to 128"),
+        (" 00001 19970101 1 11.77\n 00002 0002 19970112 1 12.00\n", "different lengths"),
+    ],
+)
+def test_cdnow_records_follow_the_event_schema(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "cdnow.txt"
+    path.write_text(text)
+    with pytest.raises(DatasetError, match=message):
+        load_orders(path, "cdnow")
 
 
 @pytest.mark.parametrize(

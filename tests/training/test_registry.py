@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,19 @@ def test_directories_where_files_belong_are_model_errors(
         reg.load_champion()
     if broken == "metadata_dir":  # a champion that cannot be loaded is replaced
         assert reg.offer(register(reg, 5.0, min_age=2)).promoted
+
+
+def test_a_fifo_in_place_of_the_pointer_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes; the registry must not."""
+    root = tmp_path / "models"
+    root.mkdir()
+    os.mkfifo(root / POINTER_FILE)
+    code = (
+        "import sys\nfrom training.registry import ModelRegistry\n"
+        "from clv.errors import ModelError\n"
+        f"try: ModelRegistry(__import__('pathlib').Path({str(root)!r})).load_champion()\n"
+        "except ModelError as e: print(e); sys.exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "not a regular file" in done.stdout

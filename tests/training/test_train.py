@@ -303,3 +303,14 @@ def test_a_final_fit_that_cannot_forecast_is_not_registered(
         train(settings, progress=False, candidates=["bgnbd_gg"])
     assert not (settings.model_dir / "CHAMPION").exists()
     assert ModelRegistry(settings.model_dir).versions() == []
+
+
+def test_a_registry_that_cannot_promote_is_refused_before_registering(tmp_path: Path) -> None:
+    from training.registry import POINTER_FILE, ModelRegistry
+    from training.train import _check_model_dir
+
+    root = tmp_path / "models"
+    (root / POINTER_FILE).mkdir(parents=True)
+    with pytest.raises(TrainingError, match="CHAMPION is not a regular file"):
+        _check_model_dir(root)
+    assert ModelRegistry(root).versions() == []
