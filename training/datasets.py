@@ -7,6 +7,7 @@ the user's net revenue (refunds subtract) dated in ``(cutoff, cutoff + window]``
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import gzip
 import io
@@ -143,6 +144,16 @@ def _csv_timestamps(table: pd.DataFrame) -> pd.Series:
     return parsed
 
 
+def _longer_row(text: str) -> str | None:
+    """The first data row with more fields than the header (numbered as :func:`_first_bad`)."""
+    rows = (r for r in csv.reader(io.StringIO(text)) if r)  # pandas skips blank lines too
+    width = len(next(rows, []))
+    for n, row in enumerate(rows, 1):
+        if len(row) > width:
+            return f"CSV data row {n} has {len(row)} fields, more than the header's {width}"
+    return None
+
+
 def _csv_orders(text: str, currency: str) -> pd.DataFrame:
     """An orders CSV, every field checked by the event schema's rules (the online consumer
     dead-letters what this refuses), with the line number of the first offender."""
@@ -153,9 +164,11 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
             table = pd.read_csv(
                 io.StringIO(text), dtype=str, keep_default_na=False, index_col=False
             )
-    except pd.errors.ParserWarning:
-        raise DatasetError("CSV has rows with more fields than the header") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except (pd.errors.ParserWarning, pd.errors.ParserError) as exc:
+        # the first row longer than the header warns, a later one is a tokenizer error
+        longer = _longer_row(text)
+        raise DatasetError(longer or f"unreadable CSV: {str(exc).strip()}") from None
+    except pd.errors.EmptyDataError as exc:
         raise DatasetError(f"unreadable CSV: {exc}") from exc
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:

@@ -71,7 +71,11 @@ def test_csv_with_refunds(tmp_path: Path) -> None:
         ("user_id,order_id,ts,amount\nu,o,2024-01-01T24:00:00Z,1\n", "not a valid time"),
         ("user_id,order_id,ts,amount\nu,o,9999-12-31,1\n", "in the future"),
         ("user_id,order_id,ts,amount\nu,o,2200-01-01,1\n", "in the future"),
-        ("user_id,order_id,ts,amount\nu,o,2024-01-01,5,9,9\n", "more fields than the header"),
+        (
+            "user_id,order_id,ts,amount\nu,o,2024-01-01,5\n\nu,o2,2024-01-02,5,9,9\n",
+            "row 2 has 6 fields, more than the header's 4",
+        ),
+        ("user_id,order_id,ts,amount\nu,o,2024-01-01,5,9\n", "row 1 has 5 fields"),
         ("user_id,order_id,ts,amount\nu 1,o,2024-01-01,1\n", "no white space"),
         ("user_id,order_id,ts,amount\n,o,2024-01-01,1\n", "user_id '' is empty"),
         (
