@@ -26,6 +26,17 @@ RFC3339 = re.compile(
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
 
+def valid_event_id(text: str) -> bool:
+    """An ``event_id`` the schema accepts: 1 to :data:`MAX_ID` printable characters."""
+    return 0 < len(text) <= MAX_ID and text.isprintable()
+
+
+def valid_user_id(text: str) -> bool:
+    """A ``user_id`` the schema accepts: as an event id, and no white space (``isprintable``
+    is False for every white-space character but the plain space)."""
+    return valid_event_id(text) and " " not in text
+
+
 class OrderEvent(msgspec.Struct, frozen=True):
     """One order event as it appears on the orders topic (unknown fields are ignored)."""
 
@@ -65,6 +76,8 @@ class ValidEvent(msgspec.Struct, frozen=True, gc=False):
 _decoder = msgspec.json.Decoder(OrderEvent)
 _fast_decoder = msgspec.json.Decoder(_TimedEvent)
 _MS_PER_DAY = 86_400_000
+#: How far ahead of the clock an event's time may be (the default of :func:`validate`).
+FUTURE_TOLERANCE_MS = _MS_PER_DAY
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_MS = dt.timedelta(milliseconds=1)
 
@@ -109,7 +122,7 @@ def validate(
     max_bytes: int = 64 * 1024,
     currency: str = "USD",
     now_ms: int | None = None,
-    future_tolerance_ms: int = _MS_PER_DAY,
+    future_tolerance_ms: int = FUTURE_TOLERANCE_MS,
 ) -> ValidEvent:
     """Decode and check one message value; raise :class:`InvalidEvent` with a reason code.
 
@@ -138,10 +151,9 @@ def validate(
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise InvalidEvent("not_json", str(exc)) from None
     uid = ev.user_id
-    # isprintable() is False for every white-space character but the plain space.
-    if not uid.isprintable() or " " in uid:
+    if not valid_user_id(uid):
         raise InvalidEvent("bad_id", "user_id must be printable with no white space")
-    if not ev.event_id.isprintable():
+    if not valid_event_id(ev.event_id):
         raise InvalidEvent("bad_id", "event_id must be printable")
     cur = ev.currency
     if cur is not None and cur != currency:

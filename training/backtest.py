@@ -8,7 +8,6 @@ forecast is scored against it.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clv.files import replaced_atomically
 from feature_store.features import day_date, day_number
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
 from training.metrics import METRIC_NAMES
@@ -158,26 +158,17 @@ REPORT_FILES: tuple[str, ...] = (
 )
 
 
-def _stage_predictions(predictions: pd.DataFrame, path: Path) -> Path:
-    """The predictions CSV written to a new, uniquely named file beside ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _predictions_csv(predictions: pd.DataFrame, path: Path) -> None:
     out = predictions[list(PREDICTION_COLUMNS)].copy()
     out.index.name = "user_id"
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        out.to_csv(tmp, float_format="%.6f")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+    out.to_csv(path, float_format="%.6f")
 
 
 def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
     """``user_id,predicted_value,expected_orders,p_alive``, one row per user; written to a
-    temporary file renamed into place, so a failure leaves the previous file as it was."""
-    _stage_predictions(predictions, path).replace(path)
+    staging file renamed into place, so a failure leaves the previous file as it was."""
+    with replaced_atomically(path) as staged:
+        _predictions_csv(predictions, staged)
     return path
 
 
@@ -324,19 +315,16 @@ def _write_outputs(
     place only when every one of them is complete: a failure changes neither output."""
     report_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
-    staged_csv: Path | None = None
     try:
-        staged = write_report(events, result, staging)
-        staged_csv = _stage_predictions(result.predictions, out)
-        for name in REPORT_FILES:  # the earlier run's files, where this run has none
-            old = report_dir / name
-            if old.is_file() and not (staging / name).exists():
-                old.unlink()
-        for f in staged:
-            f.replace(report_dir / f.name)
-        staged_csv.replace(out)
+        with replaced_atomically(out) as staged_csv:  # renamed last, when the report is in
+            _predictions_csv(result.predictions, staged_csv)
+            staged = write_report(events, result, staging)
+            for name in REPORT_FILES:  # the earlier run's files, where this run has none
+                old = report_dir / name
+                if old.is_file() and not (staging / name).exists():
+                    old.unlink()
+            for f in staged:
+                f.replace(report_dir / f.name)
         return [report_dir / f.name for f in staged]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if staged_csv is not None:
-            staged_csv.unlink(missing_ok=True)

@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
-from feature_store.events import MAX_AMOUNT, MAX_ID, RFC3339
+from feature_store.events import (
+    FUTURE_TOLERANCE_MS,
+    MAX_AMOUNT,
+    MAX_ID,
+    RFC3339,
+    valid_event_id,
+    valid_user_id,
+)
 from feature_store.features import FEATURE_NAMES, day_date, day_number
 from feature_store.offline import events_from_orders, features_at
 from training.models.base import TrainingSet
@@ -55,10 +62,8 @@ def _amounts(raw: pd.Series, what: str) -> pd.Series:
     amount = pd.to_numeric(raw, errors="coerce")
     ok = amount.notna() & np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
     if not ok.all():
-        bad = raw[~ok].iloc[0]
-        shown = repr(bad) if isinstance(bad, str) else str(bad)
-        raise DatasetError(
-            f"{what} amounts must be numbers from 0 to {MAX_AMOUNT:g}; found {shown} "
+        raise DatasetError(  # the file's text, as it was written
+            f"{what} amounts must be numbers from 0 to {MAX_AMOUNT:g}; found {raw[~ok].iloc[0]!r} "
             f"({int((~ok).sum()):,} such)"
         )
     return amount
@@ -98,13 +103,7 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     if dates.isna().any():
         raise DatasetError("CDNOW records with an unreadable date")
     amount = _amounts(table["amount"], "CDNOW")
-    _first_bad(
-        _printable_ids(table["user_id"]),
-        table,
-        "user_id",
-        f"must be 1 to {MAX_ID} printable characters with no white space",
-        "CDNOW record",
-    )
+    _check_user_ids(table, "CDNOW record")
     n = table.groupby(["user_id", "date"]).cumcount().astype(str)
     return pd.DataFrame(
         {
@@ -129,8 +128,14 @@ def _first_bad(
     raise DatasetError(f"{what} {row + 1}: {column} {value!r} {rule} ({n:,} such)")
 
 
-def _printable_ids(col: pd.Series) -> pd.Series:
-    return col.str.len().between(1, MAX_ID) & col.map(str.isprintable)
+def _check_user_ids(table: pd.DataFrame, what: str = "CSV data row") -> None:
+    _first_bad(
+        table["user_id"].map(valid_user_id),
+        table,
+        "user_id",
+        f"must be 1 to {MAX_ID} printable characters with no white space",
+        what,
+    )
 
 
 def _csv_timestamps(table: pd.DataFrame) -> pd.Series:
@@ -177,19 +182,13 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
         )
     for c in (*REQUIRED_CSV_COLUMNS, *(c for c in ("type", "event_id") if c in table)):
         _first_bad(table[c].str.strip() != "", table, c, "is empty")
-    uid = table["user_id"]
-    _first_bad(
-        _printable_ids(uid) & ~uid.str.contains(" ", regex=False),
-        table,
-        "user_id",
-        f"must be 1 to {MAX_ID} printable characters with no white space",
-    )
+    _check_user_ids(table)
     _first_bad(
         table["order_id"].str.len() <= MAX_ID, table, "order_id", f"is over {MAX_ID} characters"
     )
     if "event_id" in table:
         _first_bad(
-            _printable_ids(table["event_id"]),
+            table["event_id"].map(valid_event_id),
             table,
             "event_id",
             f"must be 1 to {MAX_ID} printable characters",
@@ -232,8 +231,8 @@ def load_orders(
     return events.drop_duplicates(["user_id", "event_id"], keep="first").reset_index(drop=True)
 
 
-def _check_times(events: pd.DataFrame, tolerance_ms: int = 86_400_000) -> None:
-    """As online: no time before 1970, none more than a day ahead of the wall clock."""
+def _check_times(events: pd.DataFrame, tolerance_ms: int = FUTURE_TOLERANCE_MS) -> None:
+    """As online: no time before 1970, none more than the tolerance ahead of the wall clock."""
     ts = events["ts_ms"].to_numpy()
     now = time.time_ns() // 1_000_000
     for bad, rule in (

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from clv.errors import ModelError
+from clv.files import replaced_atomically
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
 
@@ -295,6 +296,24 @@ class ModelRegistry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # writing
+    def check_writable(self) -> None:
+        """Before any work that ends in :meth:`register` and :meth:`offer`: the directory exists
+        (or can be made), this process can write in it, and the pointer, history and lock are
+        files where they exist, so a run that could not promote leaves no orphan version."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ModelError(
+                f"model directory {self.root} cannot be used: {exc.strerror or exc}"
+            ) from exc
+        for name in (POINTER_FILE, HISTORY_FILE, LOCK_FILE):
+            path = self.root / name
+            if not path.is_symlink() and path.exists() and not path.is_file():
+                raise ModelError(f"model directory {self.root}: {name} is not a regular file")
+
     def register(
         self,
         model: CLVModel,
@@ -468,12 +487,8 @@ class ModelRegistry:
             "promoted_at": decision.decided_at,
             "reason": decision.reason,
         }
-        tmp = self.root / f".{POINTER_FILE}.{uuid.uuid4().hex}.tmp"
-        try:
-            _write_file(tmp, json.dumps(pointer, indent=2).encode() + b"\n")
-            os.replace(tmp, self.pointer_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with replaced_atomically(self.pointer_path) as staged:
+            _write_file(staged, json.dumps(pointer, indent=2).encode() + b"\n")
         _fsync_dir(self.root)
 
     def _record(self, decision: Decision) -> None:

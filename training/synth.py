@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from clv.errors import ClvError
+from clv.files import replaced_atomically
 from feature_store.features import day_number
 
 MS_PER_DAY = 86_400_000
@@ -282,24 +283,17 @@ def events_frame(log: SynthLog) -> pd.DataFrame:
 def write_csv(log: SynthLog, path: Path, progress: Progress | None = None) -> int:
     """Write the orders CSV in chunks (to a temporary file renamed into place at the end, so a
     failure leaves nothing behind); returns the rows written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     chunk = 1_000_000
     total = len(log)
-    tmp = path.with_name(f".{path.name}.tmp")
     schema = orders_table(_slice(log, 0, 0)).schema
-    try:
-        with tmp.open("wb") as sink:
-            sink.write((",".join(schema.names) + "\n").encode())
-            options = pacsv.WriteOptions(include_header=False, quoting_style="none")
-            with pacsv.CSVWriter(sink, schema, write_options=options) as w:
-                for lo in range(0, total, chunk):
-                    w.write_table(orders_table(_slice(log, lo, min(lo + chunk, total))))
-                    if progress:
-                        progress("write csv", min(lo + chunk, total), total)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as staged, staged.open("wb") as sink:
+        sink.write((",".join(schema.names) + "\n").encode())
+        options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+        with pacsv.CSVWriter(sink, schema, write_options=options) as w:
+            for lo in range(0, total, chunk):
+                w.write_table(orders_table(_slice(log, lo, min(lo + chunk, total))))
+                if progress:
+                    progress("write csv", min(lo + chunk, total), total)
     return total
 
 

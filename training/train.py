@@ -225,24 +225,13 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
 
 
 def _check_model_dir(root: Path) -> None:
-    """The registry directory exists (or can be made), this process can write in it, and its
-    pointer, history and lock are files where they exist: checked before anything is
-    registered, so a run that cannot promote leaves no orphan version behind."""
-    from training.registry import HISTORY_FILE, LOCK_FILE, POINTER_FILE
+    """:meth:`ModelRegistry.check_writable`, as a training error."""
+    from clv.errors import ModelError
 
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise TrainingError(
-            f"model directory {root} cannot be used: {exc.strerror or exc}"
-        ) from exc
-    for name in (POINTER_FILE, HISTORY_FILE, LOCK_FILE):
-        path = root / name
-        if not path.is_symlink() and path.exists() and not path.is_file():
-            raise TrainingError(f"model directory {root}: {name} is not a regular file")
+        ModelRegistry(root).check_writable()
+    except ModelError as exc:
+        raise TrainingError(str(exc)) from exc
 
 
 def _check_forecasts(model: Any, ds: Any) -> None:
