@@ -151,9 +151,11 @@ def validate(
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise InvalidEvent("not_json", str(exc)) from None
     uid = ev.user_id
-    if not valid_user_id(uid):
+    # valid_user_id / valid_event_id written out: the lengths are the decoder's already, and
+    # the two calls cost 220 ns an event here (timeit, 350 vs 129 ns; tests hold them equal)
+    if not uid.isprintable() or " " in uid:
         raise InvalidEvent("bad_id", "user_id must be printable with no white space")
-    if not valid_event_id(ev.event_id):
+    if not ev.event_id.isprintable():
         raise InvalidEvent("bad_id", "event_id must be printable")
     cur = ev.currency
     if cur is not None and cur != currency:

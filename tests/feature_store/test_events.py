@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clv.errors import InvalidEvent
-from feature_store.events import validate
+from feature_store.events import valid_event_id, valid_user_id, validate
 from tests.feature_store.streams import BAD, GOOD
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01
@@ -38,6 +38,35 @@ def test_timestamps_with_a_zone_or_a_bare_date(ts: str, ms: int) -> None:
 @pytest.mark.parametrize("uid", ["ü-42/名", "a{b}c", "x" * 128, "e-mail@example.com"])
 def test_unicode_and_odd_but_printable_ids_are_accepted(uid: str) -> None:
     assert validate(json.dumps({**GOOD, "user_id": uid}).encode(), now_ms=NOW_MS).user_id == uid
+
+
+TRICKY_IDS = [
+    "u42",
+    "ü-42/名",
+    "a b",
+    "a\tb",
+    "a\u00a0b",
+    "\u200b",
+    "a\nb",
+    "",
+    "x" * 128,
+    "x" * 129,
+]
+
+
+@pytest.mark.parametrize("text", TRICKY_IDS)
+def test_the_shared_id_rules_are_the_consumers(text: str) -> None:
+    """validate() writes the rules out for speed; the file loader calls the predicates."""
+
+    def accepted(**field: str) -> bool:
+        try:
+            validate(json.dumps({**GOOD, **field}).encode(), now_ms=NOW_MS)
+        except InvalidEvent:
+            return False
+        return True
+
+    assert valid_user_id(text) == accepted(user_id=text)
+    assert valid_event_id(text) == accepted(event_id=text)
 
 
 def test_refunds_are_negative_cents_and_amounts_round_half_even() -> None:
