@@ -9,6 +9,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask, from ``/proc`` where it is there (reading it with ``os.umask``
+    means setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the
@@ -16,7 +30,11 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     (the input being read, another writer's staging file) can be clobbered on the way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        # mkstemp makes the file private (0600); the result gets the mode a plain open() gives
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     staged = Path(name)
     try:
         yield staged

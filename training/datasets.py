@@ -228,7 +228,17 @@ def load_orders(
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"unreadable timestamps: {exc}") from exc
     _check_times(events)
-    return events.drop_duplicates(["user_id", "event_id"], keep="first").reset_index(drop=True)
+    return _earliest_copies(events)
+
+
+def _earliest_copies(events: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``(user_id, event_id)``: the earliest-dated copy (the first in the file
+    among equally dated ones), rows kept in file order. A file's rows are not in arrival
+    order, so keeping the first in the file would let a copy dated after a cutoff remove an
+    order dated before it, and change the features at that cutoff."""
+    order = np.argsort(events["ts_ms"].to_numpy(), kind="stable")
+    repeat = events.iloc[order].duplicated(["user_id", "event_id"], keep="first").sort_index()
+    return events[~repeat.to_numpy()].reset_index(drop=True)
 
 
 def _check_times(events: pd.DataFrame, tolerance_ms: int = FUTURE_TOLERANCE_MS) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
+from feature_store.features import day_date
 from training.datasets import build_training_set, history_days, purchasers_at, window_labels
 from training.metrics import all_metrics
 from training.models.base import CLVModel, TrainingSet
@@ -230,7 +231,7 @@ def select_champion(
     if REFERENCE not in names:
         names = [REFERENCE, *names]
     if plan.val_days < 1:
-        return Selection(REFERENCE, "no history before the cutoff to validate on", plan, None)
+        return _unvalidated(events, cutoff_day, horizon_days, names, plan)
     inner = cutoff_day - plan.val_days
     try:
         ds = training_set(events, inner, plan.val_days, min(plan.val_days, plan.label_days))
@@ -241,7 +242,7 @@ def select_champion(
     feats = ds.current  # everyone with a purchase by the inner cutoff: who validation scores
     actual, _ = window_labels(events, feats.index, inner, plan.val_days)
     progress(
-        f"validation: fit on days <= {inner}, score the next {plan.val_days} days "
+        f"validation: fit on orders up to {day_date(inner)}, score the next {plan.val_days} days "
         f"({len(feats):,} customers)"
     )
     scores, preds = evaluate(
@@ -283,6 +284,27 @@ def select_champion(
         actual,
         kept,
     )
+
+
+def _unvalidated(
+    events: pd.DataFrame, cutoff_day: int, horizon_days: int, names: list[str], plan: WindowPlan
+) -> Selection:
+    """No history to validate on: the reference, or when it cannot be fitted on so little (a
+    few days hold no repeat buyer for Gamma-Gamma) the first other label-free candidate that
+    can, so a forecast is still made."""
+    ds = _unlabelled(events, cutoff_day, horizon_days)
+    why = "no history before the cutoff to validate on"
+    failures = []
+    for name in [REFERENCE, *(n for n in names if n in UNSUPERVISED and n != REFERENCE)]:
+        try:
+            make_candidates([name])[name].fit(ds)
+        except (ClvError, ValueError, ArithmeticError) as exc:
+            failures.append(f"{name}: {exc}")
+            continue
+        if failures:
+            why += f"; {'; '.join(failures)}"
+        return Selection(name, why, plan, None)
+    raise ClvError(f"{why}, and no label-free model could be fitted ({'; '.join(failures)})")
 
 
 def _unlabelled(events: pd.DataFrame, as_of_day: int, horizon_days: int) -> TrainingSet:

@@ -299,6 +299,7 @@ def train(
     Raises :class:`TrainingError` when the log holds no purchase to learn from.
     """
     from feature_store.event_log import read_events
+    from feature_store.features import day_date
     from training.backtest import StderrProgress
     from training.datasets import history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
@@ -337,7 +338,7 @@ def train(
         seed = int(fingerprint[:8], 16)
         work, n_sampled = sample_users(events, n_users, max_users, seed)
         say(
-            f"{n_users:,} users, cutoff day {cutoff}, horizon {horizon} days"
+            f"{n_users:,} users, cutoff {day_date(cutoff)}, horizon {horizon} days"
             + (f"; selecting on a sample of {n_sampled:,} users" if n_sampled < n_users else "")
         )
     with clock.phase("select"):

@@ -99,6 +99,22 @@ def test_no_history_to_learn_from_falls_back_to_label_free_models(
     assert (result.predictions["predicted_value"] >= 0).all()
 
 
+def test_days_of_history_without_a_repeat_buyer_still_give_a_forecast(
+    sample_events: pd.DataFrame,
+) -> None:
+    """Four days in, nobody has bought twice: Gamma-Gamma cannot be fitted, so the
+    naive rate forecasts, and the selection says why."""
+    cutoff = int(sample_events["day"].min()) + 4
+    past = sample_events[sample_events["day"] <= cutoff]
+    assert past.groupby("user_id")["day"].nunique().max() == 1  # no repeat purchase day
+    result = backtest_events(sample_events, cutoff, 365, candidates=FAST)
+    assert result.selection.champion == "naive_rate"
+    assert "bgnbd_gg: " in result.selection.reason
+    assert set(result.predictions.index) == set(past["user_id"])
+    value = result.predictions["predicted_value"]
+    assert (value >= 0).all() and value.sum() > 0
+
+
 def _app() -> typer.Typer:
     app = typer.Typer()
     app.command("backtest")(backtest)

@@ -228,6 +228,47 @@ def test_no_leakage_into_the_training_set(sample_events: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(a.current.sort_index(), b.current.sort_index())
 
 
+def _orders_csv(events: pd.DataFrame, path: Path) -> Path:
+    ts = pd.to_datetime(events["ts_ms"], unit="ms", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    table = pd.DataFrame(
+        {"user_id": events["user_id"], "order_id": events["order_id"], "ts": ts}
+    ).assign(amount=(events["cents"] / 100).map("{:.2f}".format))
+    table.to_csv(path, index=False)
+    return path
+
+
+def test_a_later_copy_of_an_order_first_in_the_file_changes_no_feature_at_the_cutoff(
+    sample_events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A file is not in arrival order: a copy of an order re-dated after the cutoff, written
+    before the original, must not take the original's place in the cutoff's features."""
+    past = sample_events[sample_events["day"] <= CUTOFF]
+    clean = load_orders(_orders_csv(sample_events, tmp_path / "clean.csv"), "csv")
+    copies = past.sample(300, random_state=3).copy()
+    copies["ts_ms"] += (CUTOFF + 30 - copies["day"]) * 86_400_000
+    copies["cents"] *= 7
+    dirty = pd.concat([copies, sample_events], ignore_index=True)
+    loaded = load_orders(_orders_csv(dirty, tmp_path / "dirty.csv"), "csv")
+    assert len(loaded) == len(clean)  # each copy dropped as a repeat of its order
+    pd.testing.assert_frame_equal(
+        features_at(clean, CUTOFF).sort_index(), features_at(loaded, CUTOFF).sort_index()
+    )
+
+
+def test_a_repeated_event_id_keeps_its_earliest_copy(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text(
+        "user_id,order_id,ts,amount,event_id\n"
+        "u1,o2,2024-03-01T00:00:00Z,500.00,e2\n"
+        "u1,o1,2024-01-01T00:00:00Z,10.00,e1\n"
+        "u1,o2,2024-01-10T00:00:00Z,20.00,e2\n"
+    )
+    ev = load_orders(path, "csv")
+    assert list(ev["event_id"]) == ["e1", "e2"] and list(ev["cents"]) == [1000, 2000]
+    f = features_at(ev, day_number(dt.date(2024, 1, 31))).loc["u1"]
+    assert f["orders_total"] == 2 and f["revenue_total"] == 30.0
+
+
 def test_leakage_check_can_fail(sample_events: pd.DataFrame) -> None:
     """The perturbation does reach features one day later (the check has teeth)."""
     changed = _perturb_future(sample_events, CUTOFF)

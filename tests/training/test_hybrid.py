@@ -57,3 +57,27 @@ def test_anchored_hybrids_keep_the_references_total_and_change_the_ranking(
     ref = BGNBDGammaGamma().fit(ds).predict(ds.current, HORIZON)["predicted_value"].to_numpy()
     assert hybrid.sum() == pytest.approx(ref.sum(), rel=1e-6)
     assert not np.allclose(hybrid, ref, rtol=0.01)
+
+
+def test_feature_boost_predicts_from_inputs_over_the_window_it_learned_from(
+    sample_events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels shorter than the horizon (short history): the BG/NBD/GG inputs were computed
+    over the label window in training, so a forecast must read them over that window too,
+    not over the horizon, where the same customer's expected orders are three times larger."""
+    from training.models import hybrid
+
+    past = sample_events[sample_events["day"].to_numpy() <= CUTOFF]
+    short = build_training_set(past, CUTOFF, HORIZON, label_days=30, n_cutoffs=2)
+    model = BTYDFeatureBoost().fit(short)
+    windows: list[int] = []
+    real = hybrid._btyd_block
+
+    def spy(m: BGNBDGammaGamma, features: pd.DataFrame, days: int) -> pd.DataFrame:
+        windows.append(days)
+        return real(m, features, days)
+
+    monkeypatch.setattr(hybrid, "_btyd_block", spy)
+    value = model.predict(short.current, HORIZON)["predicted_value"].to_numpy()
+    assert windows == [30]
+    assert np.isfinite(value).all() and value.sum() > 0

@@ -126,13 +126,17 @@ class BTYDFeatureBoost(CLVModel):
             X, y * (ds.horizon_days / ds.label_days)
         )
         self.horizon_days_ = ds.horizon_days
+        # the BG/NBD/GG inputs were computed over the label windows: predict from the same
+        # window, not the horizon (they differ when the history is shorter than the horizon)
+        self.input_days_ = int(ds.label_days[-1]) if len(ds) else ds.horizon_days
         self.level_ = 1.0
         if self.anchor_level:
             self.level_ = _anchor(self, ds)
         return self
 
     def predict(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
-        block = _btyd_block(self.btyd_, features, self.horizon_days_)
+        days = getattr(self, "input_days_", self.horizon_days_)  # artifacts from before it
+        block = _btyd_block(self.btyd_, features, days)
         value = self.hgb_.predict(self._inputs(features, block))
         value = self.level_ * value * horizon_days / self.horizon_days_
         c = self.btyd_.components(features, horizon_days)
