@@ -17,7 +17,7 @@ from clv.settings import Settings
 from clv.stack import Running, run_stack
 from consumers.dead_letters import describe
 from consumers.kafka import read_topic, wait_committed
-from feature_store.features import FEATURE_NAMES, RETENTION_DAYS
+from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date
 from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
 
@@ -81,7 +81,8 @@ async def _show(settings: Settings, running: Running) -> None:
     as_of = int(events["day"].max())
     offline = features_at(events, as_of, late_after_days=RETENTION_DAYS)
     top = offline.sort_values("revenue_total", ascending=False).head(5).index
-    table = Table(title=f"features in Redis as of the event clock, day {as_of} (top spenders)")
+    title = f"features in Redis as of the event clock, {day_date(as_of)} (top spenders)"
+    table = Table(title=title)
     cols = [
         "orders_total",
         "revenue_total",

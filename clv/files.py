@@ -30,13 +30,13 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     (the input being read, another writer's staging file) can be clobbered on the way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); the result gets the mode a plain open() gives
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
     staged = Path(name)
     try:
+        try:
+            # mkstemp makes the file private (0600); give it the mode a plain open() gives
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         yield staged
         staged.replace(path)
     finally:

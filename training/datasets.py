@@ -237,8 +237,9 @@ def _earliest_copies(events: pd.DataFrame) -> pd.DataFrame:
     order, so keeping the first in the file would let a copy dated after a cutoff remove an
     order dated before it, and change the features at that cutoff."""
     order = np.argsort(events["ts_ms"].to_numpy(), kind="stable")
-    repeat = events.iloc[order].duplicated(["user_id", "event_id"], keep="first").sort_index()
-    return events[~repeat.to_numpy()].reset_index(drop=True)
+    repeat = np.empty(len(events), dtype=bool)
+    repeat[order] = events.iloc[order].duplicated(["user_id", "event_id"]).to_numpy()
+    return events[~repeat].reset_index(drop=True)
 
 
 def _check_times(events: pd.DataFrame, tolerance_ms: int = FUTURE_TOLERANCE_MS) -> None:
@@ -323,7 +324,8 @@ def build_training_set(
         cnt.append(n)
     if not frames:
         raise DatasetError(
-            f"no purchase at least {window} days before day {as_of_day}: nothing to learn from"
+            f"no purchase at least {window} days before {day_date(as_of_day)}: "
+            "nothing to learn from"
         )
     for parts in (frames, cut, rev, cnt):
         parts.reverse()  # time order

@@ -289,15 +289,15 @@ def select_champion(
 def _unvalidated(
     events: pd.DataFrame, cutoff_day: int, horizon_days: int, names: list[str], plan: WindowPlan
 ) -> Selection:
-    """No history to validate on: the reference, or when it cannot be fitted on so little (a
+    """No history to validate on: the reference, or when it cannot forecast from so little (a
     few days hold no repeat buyer for Gamma-Gamma) the first other label-free candidate that
     can, so a forecast is still made."""
     ds = _unlabelled(events, cutoff_day, horizon_days)
     why = "no history before the cutoff to validate on"
     failures = []
     for name in [REFERENCE, *(n for n in names if n in UNSUPERVISED and n != REFERENCE)]:
-        try:
-            make_candidates([name])[name].fit(ds)
+        try:  # a forecast, not only a fit: BG/NBD+GG refuses non-finite values at predict
+            make_candidates([name])[name].fit(ds).predict(ds.current, horizon_days)
         except (ClvError, ValueError, ArithmeticError) as exc:
             failures.append(f"{name}: {exc}")
             continue

@@ -262,9 +262,12 @@ def test_a_repeated_event_id_keeps_its_earliest_copy(tmp_path: Path) -> None:
         "u1,o2,2024-03-01T00:00:00Z,500.00,e2\n"
         "u1,o1,2024-01-01T00:00:00Z,10.00,e1\n"
         "u1,o2,2024-01-10T00:00:00Z,20.00,e2\n"
+        "u2,o3,2024-01-05T00:00:00Z,3.00,e3\n"
+        "u2,o3,2024-01-05T00:00:00Z,4.00,e3\n"
     )
-    ev = load_orders(path, "csv")
-    assert list(ev["event_id"]) == ["e1", "e2"] and list(ev["cents"]) == [1000, 2000]
+    ev = load_orders(path, "csv")  # a tie in time: the first in the file
+    assert list(ev["event_id"]) == ["e1", "e2", "e3"]
+    assert list(ev["cents"]) == [1000, 2000, 300]
     f = features_at(ev, day_number(dt.date(2024, 1, 31))).loc["u1"]
     assert f["orders_total"] == 2 and f["revenue_total"] == 30.0
 

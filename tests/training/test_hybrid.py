@@ -12,7 +12,7 @@ from feature_store.features import day_number
 from training.datasets import build_training_set
 from training.models.base import TrainingSet
 from training.models.btyd import BGNBDGammaGamma
-from training.models.hybrid import BTYDFeatureBoost, BTYDResidualBoost
+from training.models.hybrid import BTYDFeatureBoost, BTYDResidualBoost, _btyd_block
 
 CUTOFF = day_number(dt.date(1997, 12, 31))
 HORIZON = 91
@@ -59,25 +59,30 @@ def test_anchored_hybrids_keep_the_references_total_and_change_the_ranking(
     assert not np.allclose(hybrid, ref, rtol=0.01)
 
 
-def test_feature_boost_predicts_from_inputs_over_the_window_it_learned_from(
-    sample_events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("model", [BTYDFeatureBoost, BTYDResidualBoost])
+def test_hybrids_predict_from_inputs_over_the_window_they_learned_from(
+    sample_events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    model: type[BTYDFeatureBoost | BTYDResidualBoost],
 ) -> None:
     """Labels shorter than the horizon (short history): the BG/NBD/GG inputs were computed
     over the label window in training, so a forecast must read them over that window too,
-    not over the horizon, where the same customer's expected orders are three times larger."""
-    from training.models import hybrid
-
+    not over the horizon, where the same customer's expected orders are larger."""
     past = sample_events[sample_events["day"].to_numpy() <= CUTOFF]
     short = build_training_set(past, CUTOFF, HORIZON, label_days=30, n_cutoffs=2)
-    model = BTYDFeatureBoost().fit(short)
-    windows: list[int] = []
-    real = hybrid._btyd_block
+    fitted = model().fit(short)
+    seen: list[pd.DataFrame] = []
+    real = fitted._inputs
 
-    def spy(m: BGNBDGammaGamma, features: pd.DataFrame, days: int) -> pd.DataFrame:
-        windows.append(days)
-        return real(m, features, days)
+    def spy(features: pd.DataFrame, block: pd.DataFrame) -> np.ndarray:
+        seen.append(block)
+        return real(features, block)
 
-    monkeypatch.setattr(hybrid, "_btyd_block", spy)
-    value = model.predict(short.current, HORIZON)["predicted_value"].to_numpy()
-    assert windows == [30]
+    monkeypatch.setattr(fitted, "_inputs", spy)
+    value = fitted.predict(short.current, HORIZON)["predicted_value"].to_numpy()
     assert np.isfinite(value).all() and value.sum() > 0
+    over_window = _btyd_block(fitted.btyd_, short.current, 30)
+    over_horizon = _btyd_block(fitted.btyd_, short.current, HORIZON)
+    assert not np.allclose(over_window["btyd_orders_per_day"], over_horizon["btyd_orders_per_day"])
+    [block] = seen
+    pd.testing.assert_frame_equal(block, over_window)

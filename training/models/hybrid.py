@@ -97,6 +97,13 @@ def _anchor(model: BTYDFeatureBoost | BTYDResidualBoost, ds: TrainingSet) -> flo
     return float(ref / cur) if cur > 0 else 1.0
 
 
+def _label_window(ds: TrainingSet) -> int:
+    """The days the BG/NBD/GG inputs were computed over in training (the label window, shorter
+    than the horizon when the history is): a forecast must compute them over the same days,
+    or the boosted stage reads inputs on another scale than it learned."""
+    return int(ds.label_days[-1]) if len(ds) else ds.horizon_days
+
+
 def _hgb(params: dict[str, Any], seed: int) -> HistGradientBoostingRegressor:
     return poisson_boosting(seed, **{"max_leaf_nodes": 15, "min_samples_leaf": 50, **params})
 
@@ -126,9 +133,7 @@ class BTYDFeatureBoost(CLVModel):
             X, y * (ds.horizon_days / ds.label_days)
         )
         self.horizon_days_ = ds.horizon_days
-        # the BG/NBD/GG inputs were computed over the label windows: predict from the same
-        # window, not the horizon (they differ when the history is shorter than the horizon)
-        self.input_days_ = int(ds.label_days[-1]) if len(ds) else ds.horizon_days
+        self.input_days_ = _label_window(ds)
         self.level_ = 1.0
         if self.anchor_level:
             self.level_ = _anchor(self, ds)
@@ -169,7 +174,7 @@ class BTYDResidualBoost(CLVModel):
         self.seed = seed
 
     def _inputs(self, features: pd.DataFrame, block: pd.DataFrame) -> np.ndarray:
-        b = block.drop(columns=["btyd_orders", "btyd_value"])  # horizon-free inputs only
+        b = block.drop(columns=["btyd_orders", "btyd_value"])  # the window's totals: not inputs
         return pd.concat([model_inputs(features), b], axis=1).to_numpy()
 
     def fit(self, ds: TrainingSet) -> Self:
@@ -182,14 +187,17 @@ class BTYDResidualBoost(CLVModel):
         self.hgb_ = _hgb(params, self.seed).fit(
             self._inputs(ds.features, block), y / base, sample_weight=base
         )
+        self.input_days_ = _label_window(ds)
         self.level_ = 1.0
         if self.anchor_level:
             self.level_ = _anchor(self, ds)
         return self
 
     def predict(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
-        block = _btyd_block(self.btyd_, features, horizon_days)
-        ratio = self.hgb_.predict(self._inputs(features, block))
+        block = _btyd_block(self.btyd_, features, horizon_days)  # the base: over the horizon
+        days = getattr(self, "input_days_", horizon_days)  # artifacts from before it
+        learned = block if days == horizon_days else _btyd_block(self.btyd_, features, days)
+        ratio = self.hgb_.predict(self._inputs(features, learned))
         ratio = self.level_ * np.exp((1.0 - self.shrink) * np.log(np.maximum(ratio, 1e-9)))
         value = block["btyd_value"].to_numpy() * ratio
         orders = block["btyd_orders"].to_numpy() * ratio
