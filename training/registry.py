@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -297,11 +298,21 @@ class ModelRegistry:
 
     # writing
     def check_writable(self) -> None:
-        """Before any work that ends in :meth:`register` and :meth:`offer`: the directory exists
-        (or can be made), this process can write in it, and the pointer, history and lock are
-        files where they exist, so a run that could not promote leaves no orphan version."""
+        """Before any work that ends in :meth:`register` and :meth:`offer`: this process can
+        write in the directory (or, when it does not exist yet, make it: it is made only when
+        a model is registered, so a run that fails first leaves nothing behind), and the
+        pointer, history and lock are files where they exist, so a run that could not promote
+        leaves no orphan version."""
+        base = self.root
+        while not base.exists() and not base.is_symlink() and base != base.parent:
+            base = base.parent  # the nearest existing ancestor
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if not base.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{base} is not a directory")
+            if base != self.root:
+                if not os.access(base, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, f"{base} is not writable")
+                return
             probe = self.root / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -139,6 +139,15 @@ def test_empty_or_missing_log_is_a_training_error(tmp_path: Path) -> None:
     (tmp_path / "events").mkdir()
     with pytest.raises(TrainingError, match="nothing to train on"):
         train(settings, progress=False)
+    assert not settings.model_dir.exists()  # made only when a model is registered
+
+
+def test_a_model_dir_that_cannot_be_made_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "events").mkdir()
+    (tmp_path / "file").write_text("")
+    settings = Settings(event_log_dir=tmp_path / "events", model_dir=tmp_path / "file" / "m")
+    with pytest.raises(TrainingError, match=r"file/m cannot be used: .*file is not a directory"):
+        train(settings, progress=False)
 
 
 def test_cli_on_missing_log_one_line_no_traceback(
