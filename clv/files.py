@@ -3,40 +3,33 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
-    """The process's umask, from ``/proc`` where it is there (reading it with ``os.umask``
-    means setting it, which races with other threads creating files)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (a dangling symlink
+    exists); ``missing[-1].parent`` is then the nearest existing ancestor."""
+    missing = []
+    for d in (path, *path.parents):
+        if d.exists() or d.is_symlink():
+            break
+        missing.append(d)
+    return missing
 
 
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the
-    block ends without an error, removed when it raises. The unique name means no existing file
-    (the input being read, another writer's staging file) can be clobbered on the way."""
+    block ends without an error, removed when it raises. The unique name (created exclusively)
+    means no existing file (the input being read, another writer's staging file) can be
+    clobbered on the way; it is created like any file, so the umask sets its mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    staged = Path(name)
+    staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        try:
-            # mkstemp makes the file private (0600); give it the mode a plain open() gives
-            os.fchmod(fd, 0o666 & ~_umask())
-        finally:
-            os.close(fd)
         yield staged
         staged.replace(path)
     finally:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import hashlib
 import json
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from clv.errors import ModelError
-from clv.files import replaced_atomically
+from clv.files import missing_dirs, replaced_atomically
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
 
@@ -303,23 +302,13 @@ class ModelRegistry:
         a model is registered, so a run that fails first leaves nothing behind), and the
         pointer, history and lock are files where they exist, so a run that could not promote
         leaves no orphan version."""
-        base = self.root
-        while not base.exists() and not base.is_symlink() and base != base.parent:
-            base = base.parent  # the nearest existing ancestor
-        try:
-            if not base.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, f"{base} is not a directory")
-            if base != self.root:
-                if not os.access(base, os.W_OK | os.X_OK):
-                    raise PermissionError(errno.EACCES, f"{base} is not writable")
-                return
-            probe = self.root / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise ModelError(
-                f"model directory {self.root} cannot be used: {exc.strerror or exc}"
-            ) from exc
+        missing = missing_dirs(self.root)
+        base = missing[-1].parent if missing else self.root  # the nearest existing ancestor
+        unusable = f"model directory {self.root} cannot be used: {base} is not"
+        if not base.is_dir():
+            raise ModelError(f"{unusable} a directory")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ModelError(f"{unusable} writable")
         for name in (POINTER_FILE, HISTORY_FILE, LOCK_FILE):
             path = self.root / name
             if not path.is_symlink() and path.exists() and not path.is_file():

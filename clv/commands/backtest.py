@@ -15,6 +15,7 @@ import typer
 
 from clv.commands import fail, parse_date
 from clv.errors import ClvError
+from clv.files import missing_dirs
 from clv.settings import MAX_HORIZON_DAYS
 
 
@@ -83,7 +84,7 @@ def backtest(
     for flag, folder in (("--out", out.parent), ("--report", report)):
         try:  # before the work: an output that cannot be written fails now, not after it
             if folder is not None:
-                made += _missing_dirs(folder)
+                made += missing_dirs(folder)
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             _remove_empty(made)
@@ -108,16 +109,6 @@ def backtest(
     except (ClvError, OSError, ValueError, KeyError) as exc:
         _remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
-
-
-def _missing_dirs(folder: Path) -> list[Path]:
-    """``folder`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    for d in (folder, *folder.parents):
-        if d.exists():
-            break
-        missing.append(d)
-    return missing
 
 
 def _remove_empty(folders: list[Path]) -> None:
