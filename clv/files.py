@@ -20,6 +20,16 @@ def missing_dirs(path: Path) -> list[Path]:
     return missing
 
 
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (as :func:`missing_dirs` lists them: made by a run that
+    failed) that are still empty, deepest first."""
+    for d in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # Ingestion knobs (not in the contract's table; documented in README "Settings").
     max_event_bytes: int = Field(64 * 1024, ge=256)
-    currency: str = Field("USD", min_length=3, max_length=3)
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")  # ISO 4217
     future_tolerance_seconds: int = Field(86_400, ge=0)
     orders_partitions: int = Field(8, ge=1)
     consume_batch: int = Field(5000, ge=1)

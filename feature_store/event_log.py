@@ -21,8 +21,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clv.errors import ClvError
-from feature_store.features import day_date, day_number
-from feature_store.offline import EVENT_COLUMNS
+from feature_store.features import day_date, day_number, ms_to_iso
+from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY
 
 
 class EventLogError(ClvError):
@@ -140,6 +140,16 @@ def read_events(
         raise EventLogError(f"event log {root} has an unreadable file: {exc}") from exc
     if frame[list(REQUIRED_COLUMNS)].isna().to_numpy().any():
         raise EventLogError(f"event log {root}: {_foreign_file(dataset)}")
+    ts_ms, days = frame["ts_ms"].to_numpy(np.int64), frame["day"].to_numpy(np.int64)
+    misfiled = days != ts_ms // MS_PER_DAY
+    if misfiled.any():
+        i = int(np.flatnonzero(misfiled)[0])
+        eid, filed = frame["event_id"].iat[i], day_date(int(days[i]))
+        raise EventLogError(
+            f"event log {root}: event {eid!r} has day {filed} "
+            f"but time {ms_to_iso(int(ts_ms[i]))} ({int(misfiled.sum()):,} such): not a log "
+            "the archiver wrote"
+        )
     kinds = frame["type"].isin(["purchase", "refund"]).to_numpy()
     if not kinds.all():
         shown = frame["type"].to_numpy()[~kinds][0]

@@ -31,6 +31,11 @@ def valid_event_id(text: str) -> bool:
     return 0 < len(text) <= MAX_ID and text.isprintable()
 
 
+def valid_currency(text: str) -> bool:
+    """An ISO 4217 currency code: three capital letters."""
+    return _CURRENCY.fullmatch(text) is not None
+
+
 def valid_user_id(text: str) -> bool:
     """A ``user_id`` the schema accepts: as an event id, and no white space (``isprintable``
     is False for every white-space character but the plain space)."""
@@ -159,7 +164,7 @@ def validate(
         raise InvalidEvent("bad_id", "event_id must be printable")
     cur = ev.currency
     if cur is not None and cur != currency:
-        if not _CURRENCY.fullmatch(cur):
+        if not valid_currency(cur):
             raise InvalidEvent("invalid_value", f"currency {cur[:16]!r} is not an ISO 4217 code")
         raise InvalidEvent(
             "unsupported_currency", f"currency {cur} is not this deployment's {currency}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from clv.errors import ClvError
 from clv.files import replaced_atomically
 from feature_store.features import day_date, day_number
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
@@ -312,13 +313,20 @@ def _write_outputs(
     events: pd.DataFrame, result: BacktestResult, out: Path, report_dir: Path
 ) -> list[Path]:
     """The report and the predictions, all written to staging names first and renamed into
-    place only when every one of them is complete: a failure changes neither output."""
+    place only when every one of them is complete and every target can take a file: a failure
+    while writing changes neither output. The report is staged inside its own directory, so
+    the renames never cross a file system (the directory may be a mount point) and its parent
+    need not be writable."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=report_dir))
     try:
         with replaced_atomically(out) as staged_csv:  # renamed last, when the report is in
             _predictions_csv(result.predictions, staged_csv)
             staged = write_report(events, result, staging)
+            for name in REPORT_FILES:
+                target = report_dir / name
+                if target.is_dir() and not target.is_symlink():  # a rename cannot replace it
+                    raise ClvError(f"--report: {target} is a directory; remove it first")
             for name in REPORT_FILES:  # the earlier run's files, where this run has none
                 old = report_dir / name
                 if old.is_file() and not (staging / name).exists():

@@ -184,6 +184,12 @@ def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
     return float(s) if math.isfinite(s) else float("-inf")
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's first line: some libraries put a whole traceback in the message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def evaluate(
     models: dict[str, CLVModel],
     ds: TrainingSet,
@@ -204,8 +210,9 @@ def evaluate(
             model.fit(ds)
             p = model.predict(features, horizon_days)
         except (ClvError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
-            scores[name] = CandidateScore(name, {}, time.perf_counter() - t0, f"{exc}")
-            progress(f"{stage}{name} failed: {exc}")
+            why = _one_line(exc)
+            scores[name] = CandidateScore(name, {}, time.perf_counter() - t0, why)
+            progress(f"{stage}{name} failed: {why}")
             continue
         preds[name] = p
         m = all_metrics(actual, p["predicted_value"].to_numpy())
@@ -226,17 +233,27 @@ def select_champion(
     events = events[events["day"].to_numpy() <= cutoff_day]
     plan = plan_windows(history_days(events, cutoff_day), horizon_days)
     names = list(make_candidates(names)) if names is None else names
+    skipped: dict[str, str] = {}  # candidates left out, and why: listed with the scores
     if not plan.supervised:
+        skipped = {
+            n: f"needs label and validation windows of {MIN_LABEL_DAYS}+ days (here "
+            f"{plan.label_days} and {plan.val_days})"
+            for n in names
+            if n not in UNSUPERVISED
+        }
         names = [n for n in names if n in UNSUPERVISED]
     if REFERENCE not in names:
         names = [REFERENCE, *names]
     if plan.val_days < 1:
-        return _unvalidated(events, cutoff_day, horizon_days, names, plan)
+        sel = _unvalidated(events, cutoff_day, horizon_days, names, plan)
+        sel.scores.update(_skipped_scores(skipped))
+        return sel
     inner = cutoff_day - plan.val_days
     try:
         ds = training_set(events, inner, plan.val_days, min(plan.val_days, plan.label_days))
-    except ClvError:
+    except ClvError as exc:
         # not even one labelled cutoff: the label-free models can still be compared
+        skipped |= {n: f"no labelled training rows: {exc}" for n in names if n not in UNSUPERVISED}
         names = [n for n in names if n in UNSUPERVISED]
         ds = _unlabelled(events, inner, plan.val_days)
     feats = ds.current  # everyone with a purchase by the inner cutoff: who validation scores
@@ -248,6 +265,7 @@ def select_champion(
     scores, preds = evaluate(
         make_candidates(names), ds, feats, actual, plan.val_days, progress, "validation: "
     )
+    scores |= _skipped_scores(skipped)
     kept = {n: p["predicted_value"].to_numpy() for n, p in preds.items()}
     ref = scores.get(REFERENCE)
     if ref is None or ref.error:
@@ -284,6 +302,11 @@ def select_champion(
         actual,
         kept,
     )
+
+
+def _skipped_scores(skipped: dict[str, str]) -> dict[str, CandidateScore]:
+    """Rows for the candidates the history left out, so every candidate is accounted for."""
+    return {n: CandidateScore(n, {}, 0.0, f"not fitted: {why}") for n, why in skipped.items()}
 
 
 def _unvalidated(

@@ -18,6 +18,8 @@ over each user's alive span (the conditional law of a Poisson process's points).
 from __future__ import annotations
 
 import datetime as dt
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from clv.errors import ClvError
-from clv.files import replaced_atomically
+from clv.files import missing_dirs, remove_empty, replaced_atomically
 from feature_store.features import day_number
 
 MS_PER_DAY = 86_400_000
@@ -298,14 +300,32 @@ def write_csv(log: SynthLog, path: Path, progress: Progress | None = None) -> in
 
 
 def write_log(log: SynthLog, root: Path, progress: Progress | None = None) -> int:
-    """Append the events to a date-partitioned event log; returns the files written."""
+    """Write the events as a date-partitioned event log under ``root`` (new or empty); returns
+    the files written. They go to a staging folder inside ``root`` first (log readers skip any
+    folder that is not a ``date=`` partition) and are moved into place when all are written,
+    so a failure (a full disk, Ctrl-C) leaves no partial log to train on."""
     from feature_store.event_log import write_events
 
-    chunk = 1_000_000
-    total = len(log)
-    files = 0
-    for lo in range(0, total, chunk):
-        files += len(write_events(root, events_frame(_slice(log, lo, min(lo + chunk, total)))))
-        if progress:
-            progress("write event log", min(lo + chunk, total), total)
+    made = missing_dirs(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".synth.", dir=root))
+    moved: list[Path] = []
+    try:
+        chunk = 1_000_000
+        total = len(log)
+        files = 0
+        for lo in range(0, total, chunk):
+            part = events_frame(_slice(log, lo, min(lo + chunk, total)))
+            files += len(write_events(staging, part))
+            if progress:
+                progress("write event log", min(lo + chunk, total), total)
+        for folder in sorted(staging.iterdir()):
+            folder.replace(root / folder.name)
+            moved.append(root / folder.name)
+    except BaseException:
+        for folder in [staging, *moved]:
+            shutil.rmtree(folder, ignore_errors=True)
+        remove_empty(made)
+        raise
+    staging.rmdir()
     return files

@@ -54,7 +54,7 @@ DEFAULT_MAX_USERS = 50_000
 #: vs -0.70, +0.31, +0.57), so at scale they spend minutes to lose.
 SLOW_CANDIDATES: tuple[str, ...] = ("random_forest", "gradient_boosting")
 SLOW_CANDIDATES_MAX_USERS = 20_000
-#: The horizon is never shortened below this (days).
+#: A long horizon is never shortened below this (days); a shorter one is kept as asked.
 MIN_HORIZON_DAYS = 7
 COMPOSITE = "composite_vs_bgnbd_gg"
 
@@ -152,9 +152,25 @@ def data_fingerprint(events: pd.DataFrame) -> str:
     return compact_fingerprint(*compact_events(events))
 
 
+def _check_not_future(events: pd.DataFrame, root: Path, tolerance_seconds: int) -> None:
+    """The consumers accept no event dated further ahead of the wall clock than the tolerance,
+    so a log holding one was not written by them: refuse it rather than train on it."""
+    from feature_store.features import ms_to_iso
+
+    ts = events["ts_ms"].to_numpy()
+    ahead = ts > time.time_ns() // 1_000_000 + tolerance_seconds * 1000
+    if ahead.any():
+        raise TrainingError(
+            f"the event log {root} holds {int(ahead.sum()):,} events dated in the future "
+            f"(latest {ms_to_iso(int(ts.max()))}); consumers refuse those, so it was not "
+            "written by them (a `clv synth --start` too late?)"
+        )
+
+
 def choose_horizon(history_days: int, requested: int) -> int:
-    """``requested``, or the history's length when that is shorter (never below a week)."""
-    return max(min(requested, history_days), MIN_HORIZON_DAYS)
+    """``requested``, or the history's length when that is shorter; shortening stops at a week
+    (a shorter request is kept as asked)."""
+    return min(requested, max(history_days, MIN_HORIZON_DAYS))
 
 
 def sample_users(
@@ -249,7 +265,16 @@ def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
     """Scores a stored champion on the challenger's validation window, with the same metric."""
     from training.datasets import purchasers_at
     from training.metrics import all_metrics
-    from training.selection import REFERENCE, composite_score
+    from training.selection import REFERENCE, composite_score, qualifies
+
+    def ranked(name: str, m: dict[str, float], how: str, ties: bool = False) -> ChampionScore:
+        """The champion's composite, ranked as the selection ranks: one that misses the targets
+        against BG/NBD+GG on the window ranks below it (and so below any challenger)."""
+        ref = selection.scores[REFERENCE].metrics
+        if name != REFERENCE and not qualifies(m, ref):
+            how += "; it misses the targets against BG/NBD+GG there, so it ranks below it"
+            return ChampionScore(float("-inf"), how, ties)
+        return ChampionScore(composite_score(m, ref), how, ties)
 
     def evaluate(champion: LoadedModel, val: Validation) -> float | ChampionScore:
         if selection.val_actual is None or val.train_end_day < 0:
@@ -261,12 +286,17 @@ def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
             # The stored fit saw part of this window's outcomes, which would tilt the comparison
             # its way; its recipe, refitted before the window in this very selection, does not.
             how = f"its recipe {name} refitted before this window, which its own fit overlaps"
+            if val.metric == COMPOSITE:
+                return ranked(name, recipe.metrics, how, ties=True)
             return ChampionScore(_score_on(recipe, val.metric), how, ties_promote=True)
         feats = purchasers_at(events, val.train_end_day)
         pred = champion.model.predict(feats, val.label_days)["predicted_value"].to_numpy()
         m = all_metrics(selection.val_actual, pred)
         if val.metric == COMPOSITE:
-            return composite_score(m, selection.scores[REFERENCE].metrics)
+            how = "re-scored on this window"
+            if champ_cutoff > val.train_end_day:
+                how += ", which its training data overlaps"
+            return ranked(name, m, how)
         return float(m[val.metric])
 
     return evaluate
@@ -321,6 +351,7 @@ def train(
                 f"no purchase events in the event log at {root}: nothing to train on "
                 "(run the archiver, or write one with `clv synth --out DIR`)"
             )
+        _check_not_future(raw, root, settings.future_tolerance_seconds)
         say(f"read {len(raw):,} events from {root}")
     with clock.phase("prepare"):
         events, user_ids = compact_events(raw)

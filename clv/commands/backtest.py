@@ -6,6 +6,7 @@ on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import os
 import warnings
 from enum import StrEnum
 from pathlib import Path
@@ -15,8 +16,9 @@ import typer
 
 from clv.commands import fail, parse_date
 from clv.errors import ClvError
-from clv.files import missing_dirs
+from clv.files import missing_dirs, remove_empty
 from clv.settings import MAX_HORIZON_DAYS
+from feature_store.events import valid_currency
 
 
 class OrdersFileFormat(StrEnum):
@@ -39,6 +41,10 @@ def _check_outputs(orders: Path, out: Path, report: Path | None) -> None:
     for what, path in (("--out", dst), ("the orders file", src)):
         if path.parent == rep and path.name in REPORT_FILES:
             raise fail(f"{what} {path} is a file the report writes; give another name")
+    for name in REPORT_FILES:
+        target = report / name
+        if target.is_dir() and not target.is_symlink():
+            raise fail(f"--report: {target} is a directory; remove it first")
 
 
 def backtest(
@@ -51,9 +57,9 @@ def backtest(
     horizon_days: Annotated[
         int, typer.Option("--horizon-days", help="days forecast after the cutoff")
     ],
-    out: Annotated[Path, typer.Option("--out", help="predictions CSV to write")],
-    report: Annotated[
-        Path | None, typer.Option("--report", help="directory for metrics, plots and index.html")
+    out_arg: Annotated[str, typer.Option("--out", help="predictions CSV to write")],
+    report_arg: Annotated[
+        str | None, typer.Option("--report", help="directory for metrics, plots and index.html")
     ] = None,
     fmt: Annotated[
         OrdersFileFormat, typer.Option("--format", help="orders file format")
@@ -73,6 +79,10 @@ def backtest(
     Writes one row per customer with an order on or before the cutoff:
     user_id,predicted_value,expected_orders,p_alive."""
     day = parse_date(cutoff, "--cutoff")
+    out = _path(out_arg, "--out")
+    report = None if report_arg is None else _path(report_arg, "--report")
+    if not valid_currency(currency):
+        raise fail(f"--currency {currency[:16]!r} is not an ISO 4217 code (three capital letters)")
     if not 0 < horizon_days <= MAX_HORIZON_DAYS:
         raise fail(f"--horizon-days must be from 1 to {MAX_HORIZON_DAYS} days")
     if not orders.is_file():
@@ -87,8 +97,11 @@ def backtest(
                 made += missing_dirs(folder)
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            _remove_empty(made)
+            remove_empty(made)
             raise fail(f"{flag}: cannot make directory {folder}: {exc.strerror or exc}") from None
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+            remove_empty(made)
+            raise fail(f"{flag}: cannot write in directory {folder}")
     # imported here: the modelling stack is heavy and other commands do not need it
     from training.backtest import run_backtest
 
@@ -107,14 +120,12 @@ def backtest(
                 currency=currency,
             )
     except (ClvError, OSError, ValueError, KeyError) as exc:
-        _remove_empty(made)
+        remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
 
 
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the directories a failed run made, where they are still empty."""
-    for d in sorted(folders, key=lambda f: len(f.parts), reverse=True):  # deepest first
-        try:
-            d.rmdir()
-        except OSError:
-            pass
+def _path(text: str, flag: str) -> Path:
+    """An output path; an empty one is a mistake, not the current directory."""
+    if not text.strip():
+        raise fail(f"{flag} must be a path, not empty")
+    return Path(text)

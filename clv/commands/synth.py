@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,12 @@ def synth(
         cfg.check()
     except ClvError as exc:
         raise fail(str(exc)) from None  # bad parameters: exit 2
+    last = first + dt.timedelta(days=days - 1)
+    if last > dt.datetime.now(dt.UTC).date():
+        raise fail(
+            f"--start {first} with --days {days} ends on {last}, after today: consumers and "
+            "`clv train` refuse events from the future; give an earlier --start"
+        )
     if out.suffix.lower() == ".csv" and out.is_dir():
         raise fail(f"--out {out} is a directory, not a CSV file path")
     if out.suffix.lower() != ".csv" and out.is_dir() and any(out.iterdir()):

@@ -94,3 +94,16 @@ def test_milliseconds_are_exact() -> None:
     """Float seconds would store 23:41:18.915 for .916."""
     raw = json.dumps({**GOOD, "ts": "2004-10-28T23:41:18.916Z"}).encode()
     assert validate(raw, now_ms=NOW_MS).ts_ms % 1000 == 916
+
+
+def test_the_deployment_currency_is_an_iso_4217_code() -> None:
+    from pydantic import ValidationError
+
+    from clv.settings import Settings
+    from feature_store.events import valid_currency
+
+    assert valid_currency("USD") and valid_currency("EUR")
+    for bad in ("usd", "dollars", "US", "", "U$D"):
+        assert not valid_currency(bad)
+        with pytest.raises(ValidationError):
+            Settings(currency=bad)

@@ -12,6 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from clv.commands.backtest import backtest
+from clv.errors import ClvError
 from feature_store.features import day_number
 from training.backtest import backtest_events, run_backtest
 from training.datasets import load_orders
@@ -233,17 +234,131 @@ def test_staging_names_never_clobber_the_input(small_orders_csv: Path, tmp_path:
 
 
 def test_a_report_that_fails_leaves_the_predictions_file_alone(
-    small_orders_csv: Path, tmp_path: Path
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import training.backtest as bt
+
     out, rep = tmp_path / "pred.csv", tmp_path / "report"
     out.write_text("OLD\n")
-    (rep / "validation_metrics.csv").mkdir(parents=True)  # the report cannot write its table
+    rep.mkdir()
+    (rep / "index.html").write_text("OLD REPORT")
+    real = bt.write_report
+
+    def half_written(events: object, result: object, folder: Path, *a: object) -> list[Path]:
+        real(events, result, folder, *a)  # type: ignore[arg-type]
+        raise OSError(28, "No space left on device")  # as if the disk filled up at the end
+
+    monkeypatch.setattr(bt, "write_report", half_written)
     with pytest.raises(OSError):
         run_backtest(
             small_orders_csv, "csv", dt.date(1997, 12, 31), 91, out, rep, False, candidates=FAST
         )
     assert out.read_text() == "OLD\n"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert sorted(p.name for p in rep.iterdir()) == ["index.html"]  # no staging left either
+    assert (rep / "index.html").read_text() == "OLD REPORT"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_report_file_name_taken_by_a_directory_is_refused_and_changes_nothing(
+    small_orders_csv: Path, tmp_path: Path
+) -> None:
+    out, rep = tmp_path / "pred.csv", tmp_path / "report"
+    out.write_text("OLD\n")
+    (rep / "tracking.png").mkdir(parents=True)  # a rename cannot replace a directory
+    (rep / "index.html").write_text("OLD REPORT")
+    with pytest.raises(ClvError, match=r"tracking\.png is a directory"):
+        run_backtest(
+            small_orders_csv, "csv", dt.date(1997, 12, 31), 91, out, rep, False, candidates=FAST
+        )
+    assert out.read_text() == "OLD\n"
+    assert sorted(p.name for p in rep.iterdir()) == ["index.html", "tracking.png"]
+    # the command refuses it before any work
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-12-31"]
+    result = CliRunner().invoke(
+        _app(), [*args, "--horizon-days", "91", "--out", str(out), "--report", str(rep)]
+    )
+    assert result.exit_code == 2 and "tracking.png is a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_report_is_staged_inside_its_directory(
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renames from the staging folder never cross a file system (``--report`` may be a mount
+    point, whose parent is another file system) and the parent need not be writable."""
+    import training.backtest as bt
+
+    made: list[Path] = []
+    real = bt.tempfile.mkdtemp
+
+    def spy(*a: object, **kw: object) -> str:
+        path = real(*a, **kw)  # type: ignore[call-overload]
+        made.append(Path(path))
+        return str(path)
+
+    monkeypatch.setattr(bt.tempfile, "mkdtemp", spy)
+    rep = tmp_path / "mnt" / "report"
+    cutoff = dt.date(1997, 12, 31)
+    run_backtest(small_orders_csv, "csv", cutoff, 91, rep / "p.csv", rep, False, candidates=FAST)
+    assert [p.parent for p in made] == [rep]
+    assert not [p for p in rep.iterdir() if p.name.startswith(".")]  # and removed after
+    assert (rep / "index.html").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--out", ""], "--out must be a path, not empty"),
+        (["--out", "P", "--report", " "], "--report must be a path, not empty"),
+        (["--out", "P", "--currency", "dollars"], "not an ISO 4217 code"),
+        (["--out", "P", "--currency", "usd"], "not an ISO 4217 code"),
+    ],
+)
+def test_cli_refuses_empty_paths_and_bad_currency_codes(
+    extra: list[str],
+    message: str,
+    small_orders_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where an empty path would have written
+    extra = [str(tmp_path / "p.csv") if a == "P" else a for a in extra]
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-12-31"]
+    result = CliRunner().invoke(_app(), [*args, "--horizon-days", "30", *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_refuses_an_output_directory_it_cannot_write_before_any_work(
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import clv.commands.backtest as cmd
+    import training.backtest as bt
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+
+    def access(path: object, mode: int) -> bool:  # root passes permission checks: pretend
+        return Path(str(path)) != locked and real(path, mode)  # type: ignore[arg-type]
+
+    def never(*a: object, **kw: object) -> None:
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(cmd.os, "access", access)
+    monkeypatch.setattr(bt, "run_backtest", never)
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-12-31"]
+    for extra, flag in (
+        (["--out", str(locked / "p.csv")], "--out"),
+        (["--out", str(tmp_path / "p.csv"), "--report", str(locked)], "--report"),
+    ):
+        result = CliRunner().invoke(_app(), [*args, "--horizon-days", "30", *extra])
+        assert result.exit_code == 2, result.output
+        assert f"{flag}: cannot write in directory {locked}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
 
 
 def test_a_rerun_into_a_report_directory_leaves_no_stale_figures(
@@ -267,6 +382,7 @@ def test_a_rerun_into_a_report_directory_leaves_no_stale_figures(
     )
     assert (rep / "predictions.csv").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert not [p for p in rep.iterdir() if p.name.startswith(".")]
     assert not (rep / "out_of_sample_metrics.csv").exists()
     assert not (rep / "oos_gain.png").exists() and not (rep / "tracking.png").exists()
     assert (rep / "validation_metrics.csv").is_file() and (rep / "index.html").is_file()

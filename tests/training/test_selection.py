@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from training.selection import WindowPlan, composite_score, plan_windows, qualifies
@@ -65,3 +67,37 @@ def test_missing_any_target_disqualifies(change: dict[str, float]) -> None:
     good = {**REF, "gini": 0.65, "decile_mape_level": 0.15}
     assert qualifies(good, REF)
     assert not qualifies({**good, **change}, REF)
+
+
+def test_a_short_horizon_lists_the_candidates_it_cannot_fit(sample_events) -> None:  # type: ignore[no-untyped-def]
+    """Every candidate is accounted for: those the windows rule out carry the reason."""
+    from feature_store.features import day_number
+    from training.selection import MIN_LABEL_DAYS, select_champion
+
+    names = ["naive_rate", "bgnbd_gg", "ridge", "hybrid_btyd_residual"]
+    sel = select_champion(sample_events, day_number(dt.date(1998, 1, 31)), 13, names=names)
+    assert set(sel.scores) == set(names)
+    for name in ("ridge", "hybrid_btyd_residual"):
+        error = sel.scores[name].error or ""
+        assert error.startswith("not fitted:") and f"{MIN_LABEL_DAYS}+ days" in error
+    assert not sel.scores["bgnbd_gg"].error
+    table = sel.table()
+    assert table.loc["ridge", "error"].startswith("not fitted")
+
+
+def test_no_revenue_in_the_labels_is_a_one_line_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every customer bought once: supervised candidates have nothing to learn; the reason is
+    one line, not a library traceback."""
+    from feature_store.features import day_number
+    from training.selection import select_champion
+    from training.synth import SynthConfig, events_frame, generate
+
+    start = dt.date(2023, 1, 1)
+    events = events_frame(generate(SynthConfig(users=300, orders=300, seed=3, start=start)))
+    events = events[events["type"] == "purchase"]
+    names = ["naive_rate", "bgnbd_gg", "hgb_poisson", "hybrid_btyd_residual"]
+    cutoff = day_number(start) + 400
+    sel = select_champion(events, cutoff, 60, names=names)
+    for name in ("hgb_poisson", "hybrid_btyd_residual"):
+        error = sel.scores[name].error or ""
+        assert "no revenue in the label windows" in error and "\n" not in error, error

@@ -157,3 +157,45 @@ def test_a_failed_csv_write_leaves_nothing_behind(
     with pytest.raises(OSError, match="No space"):
         write_csv(log, target)
     assert list(tmp_path.iterdir()) == []  # neither the CSV nor its temporary file
+
+
+def test_a_failed_event_log_write_leaves_no_partial_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training on a half-written log would look like success: a failure leaves no partition."""
+    import feature_store.event_log as event_log
+
+    log = generate(SynthConfig(users=300, orders=2_000, seed=6, days=60))
+    real = event_log.write_events
+
+    def fill_up(root, frame):  # type: ignore[no-untyped-def]
+        real(root, frame[: len(frame) // 2])  # some partitions land, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(event_log, "write_events", fill_up)
+    with pytest.raises(OSError, match="No space"):
+        write_log(log, tmp_path / "new" / "events")
+    assert list(tmp_path.iterdir()) == []  # not even the directories it made
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        write_log(log, tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []  # an existing directory is kept, empty
+    assert read_events(tmp_path / "empty").empty
+
+
+def test_the_cli_refuses_a_log_reaching_past_today(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from clv.commands.synth import synth
+
+    app = typer.Typer()
+    app.command("synth")(synth)
+    app.command("noop")(lambda: None)
+    start = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=30)).isoformat()
+    args = ["synth", "--users", "5", "--orders", "9", "--start", start, "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--days", "60", "-q"])
+    assert result.exit_code == 2 and "after today" in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])  # ends today: fine
+    assert result.exit_code == 0, result.output

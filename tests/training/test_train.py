@@ -129,6 +129,30 @@ def test_choose_horizon() -> None:
     assert choose_horizon(1000, 365) == 365
     assert choose_horizon(100, 365) == 100
     assert choose_horizon(0, 365) == 7
+    assert choose_horizon(0, 3) == 3  # a short request is kept, never lengthened
+    assert choose_horizon(100, 3) == 3
+
+
+def test_a_log_with_events_from_the_future_is_refused(tmp_path: Path) -> None:
+    """The consumers refuse such events, so a log holding them was not written by them."""
+    settings = settings_for(tmp_path)
+    future = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=3)
+    write_events(settings.event_log_dir, synth_events(days=200, start=future - dt.timedelta(199)))
+    with pytest.raises(TrainingError, match="dated in the future"):
+        train(settings, progress=False, candidates=FAST)
+    assert not settings.model_dir.exists()
+
+
+def test_a_log_whose_days_disagree_with_its_times_is_refused(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    from feature_store.event_log import EventLogError, read_events
+
+    root = tmp_path / "events"
+    shifted = events.head(50).assign(day=events["day"].head(50) + 100_000)
+    write_events(root, pd.concat([events.iloc[50:], shifted]))
+    with pytest.raises(EventLogError, match=r"has day .* but time"):
+        read_events(root)
 
 
 def test_empty_or_missing_log_is_a_training_error(tmp_path: Path) -> None:
@@ -323,3 +347,41 @@ def test_a_registry_that_cannot_promote_is_refused_before_registering(tmp_path: 
     with pytest.raises(TrainingError, match="CHAMPION is not a regular file"):
         _check_model_dir(root)
     assert ModelRegistry(root).versions() == []
+
+
+def test_a_champion_missing_the_targets_ranks_below_the_reference_as_in_selection() -> None:
+    """Promotion ranks as the selection does: a champion (its recipe, refitted on the window)
+    that misses the targets against BG/NBD+GG loses to any challenger, even the reference,
+    whatever its composite score; one that meets them is compared on the composite."""
+    from types import SimpleNamespace
+
+    from training.registry import ChampionScore, LoadedModel, Validation
+    from training.selection import REFERENCE, CandidateScore, composite_score, qualifies
+    from training.train import COMPOSITE, _champion_evaluator
+
+    ref_m = {"rmse": 10.0, "mae": 5.0, "gini": 0.6, "decile_mape": 0.3, "decile_mape_level": 0.2}
+    ref_m["bias"] = -0.15
+    good_m = {**ref_m, "rmse": 9.9, "mae": 4.9, "gini": 0.7, "decile_mape_level": 0.15}
+    high_m = {**good_m, "rmse": 10.5, "gini": 0.8}  # far better ranking, but RMSE +5%
+    assert qualifies(good_m, ref_m) and not qualifies(high_m, ref_m)
+    assert composite_score(high_m, ref_m) > 0  # the composite alone would keep it
+    val = Validation(COMPOSITE, True, 0.0, train_end_day=100, label_days=30)
+    for metrics, kept in ((high_m, False), (good_m, True)):
+        selection = SimpleNamespace(
+            val_actual=np.ones(3),
+            scores={
+                REFERENCE: CandidateScore(REFERENCE, ref_m, 1.0, score=0.0),
+                "hgb_poisson": CandidateScore(
+                    "hgb_poisson", metrics, 1.0, score=composite_score(metrics, ref_m)
+                ),
+            },
+        )
+        champion = LoadedModel(
+            "v1",
+            None,
+            {"model_name": "hgb_poisson", "data_window": {"cutoff_day": 120}},  # type: ignore[arg-type]
+        )
+        scored = _champion_evaluator(pd.DataFrame(), selection)(champion, val)
+        assert isinstance(scored, ChampionScore)
+        assert (scored.score > val.score) is kept, scored
+        assert ("misses the targets" in scored.how) is not kept

@@ -69,6 +69,15 @@ class TrainingSet:
         """The distinct cutoff days, ascending."""
         return np.unique(self.cutoff_day)
 
+    def require_revenue(self) -> None:
+        """A supervised model learns from the labels: refuse a set whose labels hold no revenue
+        (every customer bought once, say) with a reason, not the library's failure."""
+        if not (self.label > 0).any():
+            raise ModelError(
+                "no revenue in the label windows (no customer bought again after a training "
+                "cutoff): nothing to learn from"
+            )
+
     def scaled_label(self) -> np.ndarray:
         """Labels rescaled to ``horizon_days`` (identity where the full window was observed)."""
         return self.label * (self.horizon_days / self.label_days)

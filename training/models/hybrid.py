@@ -124,6 +124,7 @@ class BTYDFeatureBoost(CLVModel):
         return pd.concat([model_inputs(features), block], axis=1).to_numpy()
 
     def fit(self, ds: TrainingSet) -> Self:
+        ds.require_revenue()
         block, self.btyd_ = stacked_btyd(ds)
         X = self._inputs(ds.features, block)
         y = np.maximum(ds.label, 0.0)
@@ -178,6 +179,7 @@ class BTYDResidualBoost(CLVModel):
         return pd.concat([model_inputs(features), b], axis=1).to_numpy()
 
     def fit(self, ds: TrainingSet) -> Self:
+        ds.require_revenue()
         block, self.btyd_ = stacked_btyd(ds)
         base = np.maximum(block["btyd_value"].to_numpy(), 1e-6)
         y = np.maximum(ds.label, 0.0)

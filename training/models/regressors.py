@@ -79,6 +79,7 @@ class SklearnCLV(CLVModel):
         self.max_splits = max_splits
 
     def fit(self, ds: TrainingSet) -> Self:
+        ds.require_revenue()
         X = model_inputs(ds.features).to_numpy()
         y = np.maximum(ds.scaled_label(), 0.0)
         splits = cutoff_splits(ds.cutoff_day, ds.features.index, self.max_splits)
