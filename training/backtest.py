@@ -309,6 +309,15 @@ def run_backtest(
     return result
 
 
+def check_report_targets(report_dir: Path) -> None:
+    """Refuse a report directory where a name the report writes is taken by a directory,
+    which a rename cannot replace."""
+    for name in REPORT_FILES:
+        target = report_dir / name
+        if target.is_dir() and not target.is_symlink():
+            raise ClvError(f"--report: {target} is a directory; remove it first")
+
+
 def _write_outputs(
     events: pd.DataFrame, result: BacktestResult, out: Path, report_dir: Path
 ) -> list[Path]:
@@ -323,10 +332,7 @@ def _write_outputs(
         with replaced_atomically(out) as staged_csv:  # renamed last, when the report is in
             _predictions_csv(result.predictions, staged_csv)
             staged = write_report(events, result, staging)
-            for name in REPORT_FILES:
-                target = report_dir / name
-                if target.is_dir() and not target.is_symlink():  # a rename cannot replace it
-                    raise ClvError(f"--report: {target} is a directory; remove it first")
+            check_report_targets(report_dir)
             for name in REPORT_FILES:  # the earlier run's files, where this run has none
                 old = report_dir / name
                 if old.is_file() and not (staging / name).exists():

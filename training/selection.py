@@ -185,9 +185,12 @@ def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception's first line: some libraries put a whole traceback in the message."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    """An exception's message on one line. Some libraries put a whole traceback in it
+    (scikit-learn's "All the N fits failed."): then its first and last lines, the cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
 def evaluate(
@@ -281,11 +284,17 @@ def select_champion(
             s.qualifies = s.name != REFERENCE and qualifies(s.metrics, ref.metrics)
             s.score = composite_score(s.metrics, ref.metrics)
     ref.score = 0.0
-    winners = [s for s in scores.values() if s.qualifies]
+    # A winner meets the targets and is better on balance (the reference scores 0), so ranking
+    # by the composite alone, as promotion does, agrees with this choice.
+    winners = [s for s in scores.values() if s.qualifies and s.score > 0]
     if not winners:
+        met = any(s.qualifies for s in scores.values())
         return Selection(
             REFERENCE,
-            "no candidate met the targets against BG/NBD+GG on validation",
+            "candidates met the targets against BG/NBD+GG on validation but none beat it on "
+            "the composite score"
+            if met
+            else "no candidate met the targets against BG/NBD+GG on validation",
             plan,
             inner,
             scores,

@@ -154,16 +154,17 @@ def data_fingerprint(events: pd.DataFrame) -> str:
 
 def _check_not_future(events: pd.DataFrame, root: Path, tolerance_seconds: int) -> None:
     """The consumers accept no event dated further ahead of the wall clock than the tolerance,
-    so a log holding one was not written by them: refuse it rather than train on it."""
+    so a log holding one was not written by them (or under a larger tolerance than this
+    setting): refuse it rather than train on it."""
     from feature_store.features import ms_to_iso
 
     ts = events["ts_ms"].to_numpy()
     ahead = ts > time.time_ns() // 1_000_000 + tolerance_seconds * 1000
     if ahead.any():
         raise TrainingError(
-            f"the event log {root} holds {int(ahead.sum()):,} events dated in the future "
-            f"(latest {ms_to_iso(int(ts.max()))}); consumers refuse those, so it was not "
-            "written by them (a `clv synth --start` too late?)"
+            f"the event log {root} holds {int(ahead.sum()):,} events dated more than "
+            f"CLV_FUTURE_TOLERANCE_SECONDS={tolerance_seconds} ahead of the clock (latest "
+            f"{ms_to_iso(int(ts.max()))}); the consumers refuse those, so they did not write it"
         )
 
 

@@ -28,7 +28,7 @@ class OrdersFileFormat(StrEnum):
 
 def _check_outputs(orders: Path, out: Path, report: Path | None) -> None:
     """Refuse, before any work, outputs that would overwrite the input or each other."""
-    from training.backtest import REPORT_FILES
+    from training.backtest import REPORT_FILES, check_report_targets
 
     src, dst = orders.resolve(), out.resolve()
     if dst == src:
@@ -41,10 +41,10 @@ def _check_outputs(orders: Path, out: Path, report: Path | None) -> None:
     for what, path in (("--out", dst), ("the orders file", src)):
         if path.parent == rep and path.name in REPORT_FILES:
             raise fail(f"{what} {path} is a file the report writes; give another name")
-    for name in REPORT_FILES:
-        target = report / name
-        if target.is_dir() and not target.is_symlink():
-            raise fail(f"--report: {target} is a directory; remove it first")
+    try:
+        check_report_targets(report)
+    except ClvError as exc:
+        raise fail(str(exc)) from None
 
 
 def backtest(

@@ -80,10 +80,10 @@ def synth(
     except ClvError as exc:
         raise fail(str(exc)) from None  # bad parameters: exit 2
     last = first + dt.timedelta(days=days - 1)
-    if last > dt.datetime.now(dt.UTC).date():
+    if last >= dt.datetime.now(dt.UTC).date():  # a day not over yet holds times still to come
         raise fail(
-            f"--start {first} with --days {days} ends on {last}, after today: consumers and "
-            "`clv train` refuse events from the future; give an earlier --start"
+            f"--start {first} with --days {days} ends on {last}, not before today (UTC): the "
+            "consumers and `clv train` refuse events from the future; give an earlier --start"
         )
     if out.suffix.lower() == ".csv" and out.is_dir():
         raise fail(f"--out {out} is a directory, not a CSV file path")

@@ -194,8 +194,9 @@ def test_the_cli_refuses_a_log_reaching_past_today(tmp_path: Path) -> None:
     app.command("noop")(lambda: None)
     start = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=30)).isoformat()
     args = ["synth", "--users", "5", "--orders", "9", "--start", start, "--out", str(tmp_path)]
-    result = CliRunner().invoke(app, [*args, "--days", "60", "-q"])
-    assert result.exit_code == 2 and "after today" in result.stderr, result.output
-    assert list(tmp_path.iterdir()) == []
-    result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])  # ends today: fine
+    for days in ("60", "31"):  # 31 ends today, whose later hours are still to come
+        result = CliRunner().invoke(app, [*args, "--days", days, "-q"])
+        assert result.exit_code == 2 and "not before today" in result.stderr, result.output
+        assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])  # ends yesterday: fine
     assert result.exit_code == 0, result.output

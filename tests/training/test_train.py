@@ -138,7 +138,7 @@ def test_a_log_with_events_from_the_future_is_refused(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     future = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=3)
     write_events(settings.event_log_dir, synth_events(days=200, start=future - dt.timedelta(199)))
-    with pytest.raises(TrainingError, match="dated in the future"):
+    with pytest.raises(TrainingError, match="CLV_FUTURE_TOLERANCE_SECONDS=86400 ahead"):
         train(settings, progress=False, candidates=FAST)
     assert not settings.model_dir.exists()
 
@@ -385,3 +385,48 @@ def test_a_champion_missing_the_targets_ranks_below_the_reference_as_in_selectio
         assert isinstance(scored, ChampionScore)
         assert (scored.score > val.score) is kept, scored
         assert ("misses the targets" in scored.how) is not kept
+
+
+def test_a_stored_champion_rescored_on_the_window_is_ranked_as_in_selection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other path: the stored champion (its fit ends before the window, or its recipe was
+    not among this selection's candidates) is scored on the window; missing the targets
+    ranks it below any challenger, even with a composite score above the reference's."""
+    from types import SimpleNamespace
+
+    import training.datasets as datasets
+    from training.metrics import all_metrics
+    from training.registry import ChampionScore, LoadedModel, Validation
+    from training.selection import REFERENCE, CandidateScore, composite_score, qualifies
+    from training.train import COMPOSITE, _champion_evaluator
+
+    rng = np.random.default_rng(0)
+    actual = rng.gamma(0.3, 100.0, 3_000)
+
+    def noisy(sd: float) -> np.ndarray:  # a ranking of actual, noisier with sd, same total
+        s = np.exp(np.log1p(actual) + rng.normal(0, sd, actual.size))
+        return np.asarray(s * actual.sum() / s.sum())
+
+    ref_m = all_metrics(actual, 0.9 * noisy(1.5))
+    good = noisy(0.7)
+    for pred, kept in ((1.2 * good, False), (good, True)):  # +20% total: misses the bias target
+        m = all_metrics(actual, pred)
+        assert qualifies(m, ref_m) is kept and composite_score(m, ref_m) > 0
+        model = SimpleNamespace(
+            predict=lambda feats, days, p=pred: pd.DataFrame({"predicted_value": p})
+        )
+        champion = LoadedModel(
+            "v1",
+            model,  # type: ignore[arg-type]
+            {"model_name": "random_forest", "data_window": {"cutoff_day": 90}},
+        )
+        selection = SimpleNamespace(
+            val_actual=actual,
+            scores={REFERENCE: CandidateScore(REFERENCE, ref_m, 1.0, score=0.0)},
+        )
+        monkeypatch.setattr(datasets, "purchasers_at", lambda events, day: pd.DataFrame())
+        val = Validation(COMPOSITE, True, 0.0, train_end_day=100, label_days=30)
+        scored = _champion_evaluator(pd.DataFrame(), selection)(champion, val)
+        assert isinstance(scored, ChampionScore) and "re-scored" in scored.how
+        assert (scored.score > val.score) is kept, scored
