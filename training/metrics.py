@@ -53,9 +53,19 @@ def mae(actual: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(np.abs(a - p)))
 
 
+def _tie_means(actual: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """``actual`` with each value replaced by the mean over the customers sharing its
+    prediction. A ranking cannot order tied customers (BG/NBD gives every one-time buyer of
+    one day the same value), so the metrics read along it (Gini, top-10% capture, decile
+    means) use these: for those linear read-outs that is their expectation over every order
+    of the ties, and no figure depends on the order of the rows."""
+    _, group = np.unique(pred, return_inverse=True)
+    return (np.bincount(group, weights=actual) / np.bincount(group))[group]
+
+
 def _gini(actual: np.ndarray, order_by: np.ndarray) -> float:
     """Area between the cumulative-actual curve (sorted by ``order_by`` descending) and the
-    diagonal; ties in ``order_by`` keep the input order (stable sort, as Kaggle's reference)."""
+    diagonal (Kaggle's normalized-Gini formula; callers spread ties with :func:`_tie_means`)."""
     n = len(actual)
     order = np.argsort(-order_by, kind="stable")
     cum = np.cumsum(actual[order])
@@ -66,12 +76,13 @@ def _gini(actual: np.ndarray, order_by: np.ndarray) -> float:
 
 
 def normalized_gini(actual: np.ndarray, pred: np.ndarray) -> float:
-    """Gini of the ranking by ``pred`` over the Gini of the perfect ranking (1 = perfect)."""
+    """Gini of the ranking by ``pred`` over the Gini of the perfect ranking (1 = perfect);
+    customers with equal predictions count as one block in random order."""
     a, p = _arrays(actual, pred)
     if len(a) == 0:
         return float("nan")
     best = _gini(a, a)
-    return _gini(a, p) / best if best != 0 else float("nan")
+    return _gini(_tie_means(a, p), p) / best if best != 0 else float("nan")
 
 
 def spearman(actual: np.ndarray, pred: np.ndarray) -> float:
@@ -82,30 +93,34 @@ def spearman(actual: np.ndarray, pred: np.ndarray) -> float:
 
 
 def top_capture(actual: np.ndarray, pred: np.ndarray, share: float = 0.10) -> float:
-    """Share of the total actual revenue earned by the top ``share`` of customers by ``pred``."""
+    """Share of the total actual revenue earned by the top ``share`` of customers by ``pred``
+    (rounded up to whole customers; a tie across the cut contributes its mean)."""
     a, p = _arrays(actual, pred)
     k = max(int(np.ceil(share * len(a))), 1)
     total = a.sum()
     if total == 0:
         return float("nan")
     top = np.argsort(-p, kind="stable")[:k]
-    return float(a[top].sum() / total)
+    return float(_tie_means(a, p)[top].sum() / total)
 
 
 def decile_table(actual: np.ndarray, pred: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Customers binned by predicted value (ties broken by position, as in the ZILN code):
-    per bin the mean predicted and mean actual value. Bin 0 holds the lowest predictions."""
+    """Customers binned by predicted value into equal-count bins (``pd.qcut`` of the ranks, as
+    ZILN's ``pd.qcut`` of the predictions when they are distinct; ZILN's code fails on ties,
+    here a tie split across bins contributes its mean actual to each): per bin the mean
+    predicted and mean actual value. Bin 0 holds the lowest predictions."""
     a, p = _arrays(actual, pred)
     ranks = pd.Series(p).rank(method="first").to_numpy()
     bins = pd.qcut(ranks, min(n_bins, len(a)), labels=False)
-    frame = pd.DataFrame({"bin": bins, "predicted": p, "actual": a})
+    frame = pd.DataFrame({"bin": bins, "predicted": p, "actual": _tie_means(a, p)})
     return frame.groupby("bin").agg(predicted=("predicted", "mean"), actual=("actual", "mean"))
 
 
 def decile_mape(actual: np.ndarray, pred: np.ndarray) -> float:
     """Mean over predicted-value deciles of |mean predicted - mean actual| / mean actual.
 
-    Deciles whose mean actual is zero have no defined percentage error and are skipped.
+    Deciles whose mean actual is not positive (zero, or negative from refunds) have no
+    defined percentage error and are skipped.
     """
     table = decile_table(actual, pred)
     ok = table["actual"] > 0
@@ -119,8 +134,10 @@ def level_adjusted_decile_mape(actual: np.ndarray, pred: np.ndarray) -> float:
     """Decile MAPE after scaling the predictions to the actual total: the calibration of the
     shape (who gets how much), with the overall level left to :func:`total_bias`."""
     a, p = _arrays(actual, pred)
-    total = p.sum()
-    return decile_mape(a, p * (a.sum() / total)) if total > 0 else float("nan")
+    total, target = p.sum(), a.sum()
+    if not (total > 0 and target > 0):  # a scale <= 0 would zero or reverse the ranking
+        return float("nan")
+    return decile_mape(a, p * (target / total))
 
 
 def total_bias(actual: np.ndarray, pred: np.ndarray) -> float:

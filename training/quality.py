@@ -625,7 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         "Metrics: RMSE/MAE per customer in dollars; normalized Gini of the ranking; Spearman; "
         "share of actual revenue earned by the top 10% by prediction; decile MAPE as in the ZILN "
         "paper (mean absolute percentage error of per-decile mean prediction vs mean actual, "
-        "deciles of predicted value); bias = sum(predicted) / sum(actual) - 1.",
+        "deciles of predicted value); bias = sum(predicted) / sum(actual) - 1. Customers with "
+        "equal predictions (BG/NBD+GG gives every one-time buyer of a day the same value; trees "
+        "give leaves) count as one block in random order: the figures read along the ranking "
+        "use the block's mean actual, so no figure depends on the order of the rows.",
         "",
         summary_table(checks),
         "",

@@ -62,3 +62,43 @@ def test_spearman_and_degenerate_inputs() -> None:
     assert np.isnan(metrics.spearman(np.ones(3), np.arange(3.0)))
     with pytest.raises(ValueError):
         metrics.rmse(np.ones(3), np.ones(4))
+
+
+def test_ties_count_as_a_block_in_random_order_so_row_order_changes_nothing() -> None:
+    """A ranking cannot order customers with equal predictions: the figures read along it are
+    the average over every order of the ties, whatever order the rows came in."""
+    import itertools
+
+    a = np.array([10.0, 0.0, 0.0, 0.0, 5.0, 0.0, 3.0])
+    p = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 2.0])
+    # Gini and top-10% capture by brute force over every order of the rows
+    ginis, captures = [], []
+    for perm in itertools.permutations(range(len(a))):
+        idx = np.array(perm)
+        order = np.argsort(-p[idx], kind="stable")
+        cum = np.cumsum(a[idx][order])
+        ginis.append(cum.sum() / cum[-1] / len(a) - (len(a) + 1) / (2 * len(a)))
+        captures.append(a[idx][order][0] / a.sum())
+    best = np.cumsum(np.sort(a)[::-1])
+    perfect = best.sum() / best[-1] / len(a) - (len(a) + 1) / (2 * len(a))
+    assert metrics.normalized_gini(a, p) == pytest.approx(np.mean(ginis) / perfect)
+    assert metrics.top_capture(a, p) == pytest.approx(np.mean(captures))  # top 1 of 7: p=2
+    rng = np.random.default_rng(3)
+    actual = rng.gamma(0.3, 50.0, 500)
+    pred = np.round(actual + rng.normal(0, 30, 500), -1).clip(0)  # heavily tied
+    first = metrics.all_metrics(actual, pred)
+    for _ in range(5):
+        idx = rng.permutation(500)
+        again = metrics.all_metrics(actual[idx], pred[idx])
+        for name, value in first.items():
+            assert again[name] == pytest.approx(value, nan_ok=True), name
+    # a constant forecast ranks no one: Gini 0 and capture of its share, in any order
+    flat = np.full(500, 7.0)
+    assert metrics.normalized_gini(actual, flat) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.top_capture(actual, flat) == pytest.approx(0.1)
+
+
+def test_level_adjustment_needs_positive_totals() -> None:
+    # refunds taking the actual total below zero would reverse the ranking: no figure
+    assert np.isnan(metrics.level_adjusted_decile_mape(np.array([-100.0, 1.0, 2.0]), A[:3] + 1))
+    assert np.isnan(metrics.level_adjusted_decile_mape(A, np.zeros_like(A)))
