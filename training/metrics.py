@@ -105,10 +105,12 @@ def top_capture(actual: np.ndarray, pred: np.ndarray, share: float = 0.10) -> fl
 
 
 def decile_table(actual: np.ndarray, pred: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Customers binned by predicted value into equal-count bins (``pd.qcut`` of the ranks, as
-    ZILN's ``pd.qcut`` of the predictions when they are distinct; ZILN's code fails on ties,
-    here a tie split across bins contributes its mean actual to each): per bin the mean
-    predicted and mean actual value. Bin 0 holds the lowest predictions."""
+    """Customers binned by predicted value into equal-count bins (``pd.qcut`` of the ranks):
+    per bin the mean predicted and mean actual value. Bin 0 holds the lowest predictions.
+    With distinct predictions these are ZILN's bins (``pd.qcut`` of the predictions). With
+    ties, ZILN's keep a tie block in one bin (and fail when it covers a bin edge); here the
+    bins keep equal counts and a block split across bins gives each its mean actual, the
+    expected bin means over the orders of the tie."""
     a, p = _arrays(actual, pred)
     ranks = pd.Series(p).rank(method="first").to_numpy()
     bins = pd.qcut(ranks, min(n_bins, len(a)), labels=False)
@@ -123,7 +125,8 @@ def decile_mape(actual: np.ndarray, pred: np.ndarray) -> float:
     defined percentage error and are skipped.
     """
     table = decile_table(actual, pred)
-    ok = table["actual"] > 0
+    # a mean that is zero but for rounding (refunds cancelling purchases) counts as zero
+    ok = table["actual"] > 1e-9 * np.abs(np.asarray(actual, dtype=np.float64)).mean()
     if not ok.any():
         return float("nan")
     err = (table["predicted"][ok] - table["actual"][ok]).abs() / table["actual"][ok]

@@ -628,7 +628,9 @@ def main(argv: list[str] | None = None) -> int:
         "deciles of predicted value); bias = sum(predicted) / sum(actual) - 1. Customers with "
         "equal predictions (BG/NBD+GG gives every one-time buyer of a day the same value; trees "
         "give leaves) count as one block in random order: the figures read along the ranking "
-        "use the block's mean actual, so no figure depends on the order of the rows.",
+        "use the block's mean actual (Gini and top-10% capture are then their average over the "
+        "orders of the ties; decile MAPE is the error of the expected decile means), so no "
+        "figure depends on the order of the rows.",
         "",
         summary_table(checks),
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from training import metrics
@@ -102,3 +103,32 @@ def test_level_adjustment_needs_positive_totals() -> None:
     # refunds taking the actual total below zero would reverse the ranking: no figure
     assert np.isnan(metrics.level_adjusted_decile_mape(np.array([-100.0, 1.0, 2.0]), A[:3] + 1))
     assert np.isnan(metrics.level_adjusted_decile_mape(A, np.zeros_like(A)))
+
+
+def test_decile_means_and_capture_are_the_expectation_over_orders_of_a_split_tie() -> None:
+    """A tie block split by a bin edge (and by the top-10% cut) contributes its mean actual to
+    each side: the bins keep equal counts, unlike a qcut that moves whole blocks."""
+    import itertools
+
+    a = np.array([0.0, 4.0, 10.0, 0.0, 2.0, 30.0, 0.0, 6.0, 1.0, 50.0, 0.0, 3.0, 8.0, 0.0])
+    p = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 4.0, 5.0, 6.0, 6.0, 6.0])
+    n_bins, n = 5, len(a)
+    sizes = np.bincount(pd.qcut(np.arange(1, n + 1), n_bins, labels=False))  # 3, 3, 2, 3, 3
+    tables, captures = [], []
+    blocks = [np.flatnonzero(p == v) for v in np.unique(p)]
+    for orders in itertools.product(*(itertools.permutations(b) for b in blocks)):
+        ranked = np.concatenate([a[list(o)] for o in orders])  # ascending prediction
+        bins = np.split(ranked, np.cumsum(sizes)[:-1])  # the ties of 2 and 3 straddle edges
+        tables.append([b.mean() for b in bins])
+        captures.append(ranked[::-1][:2].sum() / a.sum())  # top 10% of 14 = 2 customers
+    got = metrics.decile_table(a, p, n_bins=n_bins)
+    assert list(got.index) == list(range(n_bins))
+    assert got["actual"].to_numpy() == pytest.approx(np.mean(tables, axis=0))
+    assert metrics.top_capture(a, p) == pytest.approx(np.mean(captures))  # the top 2: a 3-way tie
+
+
+def test_a_decile_whose_refunds_cancel_its_purchases_has_no_percentage_error() -> None:
+    # 0.1 + 0.2 + 0.3 - 0.6 is 5.6e-17 in floating point, not 0: still no defined error
+    actual = np.array([0.1, 0.2, 0.3, -0.6, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    pred = np.array([1.0, 1.0, 1.0, 1.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert metrics.decile_mape(actual, pred) == pytest.approx(0.0)
