@@ -227,7 +227,7 @@ def load_orders(
         events = events_from_orders(orders)
     except (ValueError, TypeError) as exc:
         raise DatasetError(f"unreadable timestamps: {exc}") from exc
-    _check_times(events)
+    check_times(events)
     return _earliest_copies(events)
 
 
@@ -242,8 +242,9 @@ def _earliest_copies(events: pd.DataFrame) -> pd.DataFrame:
     return events[~repeat].reset_index(drop=True)
 
 
-def _check_times(events: pd.DataFrame, tolerance_ms: int = FUTURE_TOLERANCE_MS) -> None:
-    """As online: no time before 1970, none more than the tolerance ahead of the wall clock."""
+def check_times(events: pd.DataFrame, tolerance_ms: int = FUTURE_TOLERANCE_MS) -> None:
+    """As online: no time before 1970, none more than the tolerance ahead of the wall clock
+    (for an orders file, and for an event log, which the consumers wrote under that rule)."""
     ts = events["ts_ms"].to_numpy()
     now = time.time_ns() // 1_000_000
     for bad, rule in (

@@ -124,9 +124,9 @@ def decile_mape(actual: np.ndarray, pred: np.ndarray) -> float:
     Deciles whose mean actual is not positive (zero, or negative from refunds) have no
     defined percentage error and are skipped.
     """
-    table = decile_table(actual, pred)
-    # a mean that is zero but for rounding (refunds cancelling purchases) counts as zero
-    ok = table["actual"] > 1e-9 * np.abs(np.asarray(actual, dtype=np.float64)).mean()
+    a, p = _arrays(actual, pred)
+    table = decile_table(a, p)
+    ok = table["actual"] > 1e-9 * np.abs(a).mean()  # zero but for rounding counts as zero
     if not ok.any():
         return float("nan")
     err = (table["predicted"][ok] - table["actual"][ok]).abs() / table["actual"][ok]

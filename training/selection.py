@@ -331,7 +331,7 @@ def _unvalidated(
         try:  # a forecast, not only a fit: BG/NBD+GG refuses non-finite values at predict
             make_candidates([name])[name].fit(ds).predict(ds.current, horizon_days)
         except (ClvError, ValueError, ArithmeticError) as exc:
-            failures.append(f"{name}: {exc}")
+            failures.append(f"{name}: {_one_line(exc)}")
             continue
         if failures:
             why += f"; {'; '.join(failures)}"

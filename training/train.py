@@ -152,22 +152,6 @@ def data_fingerprint(events: pd.DataFrame) -> str:
     return compact_fingerprint(*compact_events(events))
 
 
-def _check_not_future(events: pd.DataFrame, root: Path, tolerance_seconds: int) -> None:
-    """The consumers accept no event dated further ahead of the wall clock than the tolerance,
-    so a log holding one was not written by them (or under a larger tolerance than this
-    setting): refuse it rather than train on it."""
-    from feature_store.features import ms_to_iso
-
-    ts = events["ts_ms"].to_numpy()
-    ahead = ts > time.time_ns() // 1_000_000 + tolerance_seconds * 1000
-    if ahead.any():
-        raise TrainingError(
-            f"the event log {root} holds {int(ahead.sum()):,} events dated more than "
-            f"CLV_FUTURE_TOLERANCE_SECONDS={tolerance_seconds} ahead of the clock (latest "
-            f"{ms_to_iso(int(ts.max()))}); the consumers refuse those, so they did not write it"
-        )
-
-
 def choose_horizon(history_days: int, requested: int) -> int:
     """``requested``, or the history's length when that is shorter; shortening stops at a week
     (a shorter request is kept as asked)."""
@@ -332,7 +316,7 @@ def train(
     from feature_store.event_log import read_events
     from feature_store.features import day_date
     from training.backtest import StderrProgress
-    from training.datasets import history_days
+    from training.datasets import DatasetError, check_times, history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
     from training.selection import final_training_set, select_champion
 
@@ -352,7 +336,15 @@ def train(
                 f"no purchase events in the event log at {root}: nothing to train on "
                 "(run the archiver, or write one with `clv synth --out DIR`)"
             )
-        _check_not_future(raw, root, settings.future_tolerance_seconds)
+        tolerance = settings.future_tolerance_seconds
+        try:  # the consumers refuse such events, so a log holding one was not theirs
+            check_times(raw, tolerance * 1000)
+        except DatasetError as exc:
+            raise TrainingError(
+                f"the event log {root}: {exc}; the consumers refuse such times (none before "
+                f"1970, none over CLV_FUTURE_TOLERANCE_SECONDS={tolerance} ahead of the clock), "
+                "so they did not write it"
+            ) from exc
         say(f"read {len(raw):,} events from {root}")
     with clock.phase("prepare"):
         events, user_ids = compact_events(raw)
