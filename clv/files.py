@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,3 +47,65 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         staged.replace(path)
     finally:
         staged.unlink(missing_ok=True)
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An open descriptor of ``folder`` holding its exclusive lock, or None when another process
+    holds the lock or the folder is gone. The lock lives as long as the process that took it:
+    the kernel drops it when the process ends, however it ends (``kill -9`` included)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
+    """Remove the staging folders named ``prefix*`` in ``parent`` that no live process holds:
+    those a hard kill or a power cut left behind. Returns the ones removed."""
+    removed: list[Path] = []
+    try:
+        found = [p for p in parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for folder in found:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        fd = _try_lock(folder)
+        if fd is None:
+            continue  # a live run's, or gone already
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
+@contextmanager
+def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new folder named ``prefix*`` inside ``parent`` (which must exist), locked for as long
+    as the block runs, and removed with whatever is left in it when the block ends (moving it
+    or its contents away is how a caller keeps them). The lock tells live staging from folders
+    abandoned by a hard kill; those are removed first (:func:`remove_abandoned`), so they
+    neither pile up nor make a directory look in use."""
+    remove_abandoned(parent, prefix)
+    while True:
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        fd = _try_lock(folder)
+        if fd is not None:  # else another run's sweep took it between mkdtemp and the lock
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        yield folder
+    finally:
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)

@@ -8,9 +8,7 @@ forecast is scored against it.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
-from clv.files import replaced_atomically
+from clv.files import replaced_atomically, staging_dir
 from feature_store.features import day_date, day_number
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
 from training.metrics import METRIC_NAMES
@@ -327,18 +325,17 @@ def _write_outputs(
     the renames never cross a file system (the directory may be a mount point) and its parent
     need not be writable."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=report_dir))
-    try:
-        with replaced_atomically(out) as staged_csv:  # renamed last, when the report is in
-            _predictions_csv(result.predictions, staged_csv)
-            staged = write_report(events, result, staging)
-            check_report_targets(report_dir)
-            for name in REPORT_FILES:  # the earlier run's files, where this run has none
-                old = report_dir / name
-                if old.is_file() and not (staging / name).exists():
-                    old.unlink()
-            for f in staged:
-                f.replace(report_dir / f.name)
-        return [report_dir / f.name for f in staged]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with (
+        staging_dir(report_dir, ".staging.") as staging,
+        replaced_atomically(out) as staged_csv,  # renamed last, when the report is in
+    ):
+        _predictions_csv(result.predictions, staged_csv)
+        staged = write_report(events, result, staging)
+        check_report_targets(report_dir)
+        for name in REPORT_FILES:  # the earlier run's files, where this run has none
+            old = report_dir / name
+            if old.is_file() and not (staging / name).exists():
+                old.unlink()
+        for f in staged:
+            f.replace(report_dir / f.name)
+    return [report_dir / f.name for f in staged]

@@ -43,7 +43,6 @@ import os
 import pickle
 import platform
 import re
-import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from clv.errors import ModelError
-from clv.files import missing_dirs, replaced_atomically
+from clv.files import missing_dirs, replaced_atomically, staging_dir
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
 
@@ -64,6 +63,7 @@ METADATA_FILE = "metadata.json"
 POINTER_FILE = "CHAMPION"
 HISTORY_FILE = "promotions.jsonl"
 LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"  # a version being written; renamed to its name when complete
 MAX_METADATA_BYTES = 4 << 20
 VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6,16}")
 
@@ -350,17 +350,12 @@ class ModelRegistry:
                 "extra": _clean(dict(extra or {})),
             }
             body["metadata_sha256"] = _sha256(_canonical(body))
-            stage = self.root / f".staging-{uuid.uuid4().hex}"
-            stage.mkdir(parents=True)
-            try:
+            with staging_dir(self.root, STAGING_PREFIX) as stage:
                 _write_file(stage / MODEL_FILE, blob)
                 _write_file(stage / METADATA_FILE, json.dumps(body, indent=2).encode() + b"\n")
                 _fsync_dir(stage)
                 os.rename(stage, self.root / version)
                 _fsync_dir(self.root)
-            except BaseException:
-                shutil.rmtree(stage, ignore_errors=True)
-                raise
         log.info("registered model %s (%s)", version, body["model_name"])
         return version
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from clv.errors import ClvError
-from clv.files import missing_dirs, remove_empty, replaced_atomically
+from clv.files import missing_dirs, remove_empty, replaced_atomically, staging_dir
 from feature_store.features import day_number
 
 MS_PER_DAY = 86_400_000
+SYNTH_STAGING = ".synth."  # prefix of write_log's staging folder inside the log directory
 S_PER_DAY = 86_400
 
 #: Relative purchase intensity Monday..Sunday.
@@ -308,24 +308,23 @@ def write_log(log: SynthLog, root: Path, progress: Progress | None = None) -> in
 
     made = missing_dirs(root)
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".synth.", dir=root))
     moved: list[Path] = []
     try:
-        chunk = 1_000_000
-        total = len(log)
-        files = 0
-        for lo in range(0, total, chunk):
-            part = events_frame(_slice(log, lo, min(lo + chunk, total)))
-            files += len(write_events(staging, part))
-            if progress:
-                progress("write event log", min(lo + chunk, total), total)
-        for folder in sorted(staging.iterdir()):
-            folder.replace(root / folder.name)
-            moved.append(root / folder.name)
+        with staging_dir(root, SYNTH_STAGING) as staging:
+            chunk = 1_000_000
+            total = len(log)
+            files = 0
+            for lo in range(0, total, chunk):
+                part = events_frame(_slice(log, lo, min(lo + chunk, total)))
+                files += len(write_events(staging, part))
+                if progress:
+                    progress("write event log", min(lo + chunk, total), total)
+            for folder in sorted(staging.iterdir()):
+                folder.replace(root / folder.name)
+                moved.append(root / folder.name)
     except BaseException:
-        for folder in [staging, *moved]:
+        for folder in moved:
             shutil.rmtree(folder, ignore_errors=True)
         remove_empty(made)
         raise
-    staging.rmdir()
     return files

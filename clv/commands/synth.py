@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from clv.commands import fail, parse_date
 from clv.errors import ClvError
+from clv.files import remove_abandoned
 
 err = Console(stderr=True)
 #: More users or orders than any machine this runs on has memory for.
@@ -69,7 +70,7 @@ def synth(
 
     Pareto/NBD customers, gamma-gamma spend, seasonality and refunds; the event log is
     date-partitioned like the archiver's."""
-    from training.synth import SynthConfig, generate, write_csv, write_log
+    from training.synth import SYNTH_STAGING, SynthConfig, generate, write_csv, write_log
 
     first = parse_date(start, "--start")
     cfg = SynthConfig(
@@ -87,6 +88,8 @@ def synth(
         )
     if out.suffix.lower() == ".csv" and out.is_dir():
         raise fail(f"--out {out} is a directory, not a CSV file path")
+    if out.suffix.lower() != ".csv" and out.is_dir():
+        remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill
     if out.suffix.lower() != ".csv" and out.is_dir() and any(out.iterdir()):
         raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
     t0 = time.perf_counter()

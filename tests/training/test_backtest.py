@@ -242,6 +242,8 @@ def test_a_report_that_fails_leaves_the_predictions_file_alone(
     out.write_text("OLD\n")
     rep.mkdir()
     (rep / "index.html").write_text("OLD REPORT")
+    (rep / ".staging.abandoned").mkdir()  # as a kill -9 of an earlier run leaves it: no lock
+    (rep / ".staging.abandoned" / "gain.png").write_bytes(b"half")
     real = bt.write_report
 
     def half_written(events: object, result: object, folder: Path, *a: object) -> list[Path]:

@@ -305,6 +305,36 @@ def test_registration_is_staged(reg: ModelRegistry, monkeypatch: pytest.MonkeyPa
     assert not [p for p in reg.root.iterdir() if p.name.startswith(".staging")]
 
 
+def test_a_registration_cut_short_by_kill_9_is_cleared_by_the_next(reg: ModelRegistry) -> None:
+    """A trainer killed mid-write leaves its staging folder (no cleanup runs); the next
+    registration removes it, since no live process holds its lock, and never a live one's."""
+    hold = (
+        "import sys; from pathlib import Path; from clv.files import staging_dir\n"
+        "with staging_dir(Path(sys.argv[1]), '.staging-') as d:\n"
+        "    (d / 'model.pkl').write_bytes(b'half'); print(d, flush=True); sys.stdin.read()\n"
+    )
+    reg.root.mkdir(parents=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", hold, str(reg.root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    killed, live = (Path(p.stdout.readline().strip()) for p in procs)  # type: ignore[union-attr]
+    procs[0].kill()
+    procs[0].wait()
+    try:
+        v = register(reg, 1.0)
+        assert not killed.exists() and (live / "model.pkl").exists()
+        assert reg.versions() == [v]
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+
+
 def test_unreadable_pointer_is_a_model_error(reg: ModelRegistry) -> None:
     reg.root.mkdir(parents=True)
     (reg.root / POINTER_FILE).write_text("{not json")

@@ -200,3 +200,44 @@ def test_the_cli_refuses_a_log_reaching_past_today(tmp_path: Path) -> None:
         assert list(tmp_path.iterdir()) == []
     result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])  # ends yesterday: fine
     assert result.exit_code == 0, result.output
+
+
+def test_a_hard_killed_runs_staging_does_not_block_the_next(tmp_path: Path) -> None:
+    """``kill -9`` during ``clv synth --out DIR`` leaves the staging folder; the next run into
+    DIR removes it (no live process holds its lock) instead of refusing DIR as not empty."""
+    import subprocess
+    import sys
+
+    import typer
+    from typer.testing import CliRunner
+
+    from clv.commands.synth import synth
+
+    hold = (
+        "import sys; from pathlib import Path; from clv.files import staging_dir\n"
+        "with staging_dir(Path(sys.argv[1]), '.synth.') as d:\n"
+        "    (d / 'date=1997-01-01').mkdir(); print(d, flush=True); sys.stdin.read()\n"
+    )
+    out = tmp_path / "events"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    left = Path(proc.stdout.readline().decode().strip())
+    app = typer.Typer()
+    app.command("synth")(synth)
+    app.command("noop")(lambda: None)
+    args = ["synth", "--users", "5", "--orders", "9", "--start", "2020-01-01", "--out", str(out)]
+    try:
+        result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])
+        assert result.exit_code == 2 and "not empty" in result.stderr  # a live run: refused
+    finally:
+        proc.kill()
+        proc.wait()
+    assert left.is_dir()
+    result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])
+    assert result.exit_code == 0, result.output
+    assert not left.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert len(read_events(out)) >= 9
