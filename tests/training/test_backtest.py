@@ -288,17 +288,17 @@ def test_the_report_is_staged_inside_its_directory(
 ) -> None:
     """Renames from the staging folder never cross a file system (``--report`` may be a mount
     point, whose parent is another file system) and the parent need not be writable."""
-    import training.backtest as bt
+    import clv.files as files  # where the staging folder is made
 
     made: list[Path] = []
-    real = bt.tempfile.mkdtemp
+    real = files.tempfile.mkdtemp
 
     def spy(*a: object, **kw: object) -> str:
         path = real(*a, **kw)  # type: ignore[call-overload]
         made.append(Path(path))
         return str(path)
 
-    monkeypatch.setattr(bt.tempfile, "mkdtemp", spy)
+    monkeypatch.setattr(files.tempfile, "mkdtemp", spy)
     rep = tmp_path / "mnt" / "report"
     cutoff = dt.date(1997, 12, 31)
     run_backtest(small_orders_csv, "csv", cutoff, 91, rep / "p.csv", rep, False, candidates=FAST)
