@@ -86,3 +86,29 @@ def test_hybrids_predict_from_inputs_over_the_window_they_learned_from(
     assert not np.allclose(over_window["btyd_orders_per_day"], over_horizon["btyd_orders_per_day"])
     [block] = seen
     pd.testing.assert_frame_equal(block, over_window)
+
+
+@pytest.mark.parametrize("model", [BTYDFeatureBoost, BTYDResidualBoost])
+def test_the_boosted_stage_stops_early_on_held_out_customers(
+    model: type[BTYDFeatureBoost] | type[BTYDResidualBoost],
+    sample_events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above 10,000 stacked rows the boosting stops early on whole held-out customers (not
+    scikit-learn's random rows, whose labels are in the same customers' later features)."""
+    import training.models.hybrid as hybrid
+
+    past = sample_events[sample_events["day"].to_numpy() <= CUTOFF]
+    big = build_training_set(past, CUTOFF, HORIZON, n_cutoffs=6, min_history_days=30)
+    assert len(big) > 10_000
+    users: list[pd.Index] = []
+    real = hybrid.fit_poisson_boosting
+
+    def spy(est, X, y, who, sample_weight=None):  # type: ignore[no-untyped-def]
+        users.append(who)
+        return real(est, X, y, who, sample_weight=sample_weight)
+
+    monkeypatch.setattr(hybrid, "fit_poisson_boosting", spy)
+    fitted = model().fit(big)
+    assert len(users) == 1 and users[0].equals(big.features.index)
+    assert fitted.hgb_.early_stopping is True and len(fitted.hgb_.validation_score_) > 1

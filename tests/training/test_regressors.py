@@ -1,11 +1,13 @@
-"""The time-ordered, customer-disjoint splits the regressors' grid search validates on."""
+"""The time-ordered, customer-disjoint splits the regressors' grid search validates on, and the
+customer-disjoint hold-out of the boosted models' early stopping."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.ensemble import HistGradientBoostingRegressor
 
-from training.models.regressors import cutoff_splits
+from training.models.regressors import cutoff_splits, fit_poisson_boosting, poisson_boosting
 
 
 def test_splits_train_on_earlier_cutoffs_and_other_customers() -> None:
@@ -26,3 +28,49 @@ def test_splits_train_on_earlier_cutoffs_and_other_customers() -> None:
     assert sides[0] != sides[1] and sides[0] == sides[2]  # the halves alternate
     again = cutoff_splits(cutoff_day, stacked, max_splits=3)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
+
+
+class _Recording(HistGradientBoostingRegressor):
+    """Keeps what ``fit`` was given (rows trained on, rows early stopping scored)."""
+
+    def fit(self, X, y, sample_weight=None, **kw):  # type: ignore[no-untyped-def,override]
+        self.seen_ = (X, kw.get("X_val"), sample_weight, kw.get("sample_weight_val"))
+        return super().fit(X, y, sample_weight=sample_weight, **kw)
+
+
+def _stacked(n_users: int, n_cutoffs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    users = np.tile(np.array([f"u{i}" for i in range(n_users)], dtype=object), n_cutoffs)
+    code = np.tile(np.arange(n_users, dtype=float), n_cutoffs)  # which customer, as column 0
+    X = np.column_stack([code, rng.random(len(code))])
+    y = rng.poisson(np.exp(X[:, 1])).astype(float)
+    return X, y, users
+
+
+def test_early_stopping_holds_out_whole_customers() -> None:
+    """Scikit-learn's early stopping holds out random rows; a stacked set has a customer at
+    several cutoffs, so the held-out part must be customers, all their rows, never trained on."""
+    X, y, users = _stacked(4_000, 4)
+    w = np.linspace(1.0, 2.0, len(y))
+    est = fit_poisson_boosting(poisson_boosting(max_iter=30), X, y, users, sample_weight=w)
+    assert isinstance(est, HistGradientBoostingRegressor) and est.early_stopping is True
+    assert len(est.validation_score_) > 1  # scored on the held-out part, round by round
+    rec = fit_poisson_boosting(
+        _Recording(**poisson_boosting(max_iter=30).get_params()), X, y, users, w
+    )
+    trained, held, w_trained, w_held = rec.seen_
+    assert held is not None and not set(trained[:, 0]) & set(held[:, 0])
+    assert 0.07 < len(set(held[:, 0])) / 4_000 < 0.13  # about a tenth of the customers
+    assert len(trained) + len(held) == len(X) and len(held) == 4 * len(set(held[:, 0]))
+    assert np.isin(w_held, w).all() and len(w_trained) == len(trained)  # weights follow rows
+    again = fit_poisson_boosting(_Recording(**rec.get_params()), X, y, users, w)
+    np.testing.assert_array_equal(again.seen_[1], held)  # the same customers every run
+
+
+def test_small_sets_are_fitted_on_every_row_without_early_stopping() -> None:
+    X, y, users = _stacked(2_000, 4)  # 8,000 rows: below scikit-learn's 10,000
+    rec = fit_poisson_boosting(
+        _Recording(**poisson_boosting(max_iter=30).get_params()), X, y, users
+    )
+    assert rec.early_stopping is False and rec.seen_[1] is None and len(rec.seen_[0]) == len(X)
+    assert rec.n_iter_ == 30

@@ -25,7 +25,7 @@ from clv.errors import ModelError
 from training.models.base import CLVModel, TrainingSet, prediction_frame
 from training.models.btyd import BGNBDGammaGamma
 from training.models.inputs import model_inputs
-from training.models.regressors import poisson_boosting
+from training.models.regressors import fit_poisson_boosting, poisson_boosting
 
 BTYD_COLUMNS: tuple[str, ...] = (
     "btyd_orders",
@@ -130,8 +130,11 @@ class BTYDFeatureBoost(CLVModel):
         y = np.maximum(ds.label, 0.0)
         if self.anchor_level:
             y = y * _level_factors(ds.cutoff_day, block["btyd_value"].to_numpy(), y)
-        self.hgb_ = _hgb(self.hgb_params or {}, self.seed).fit(
-            X, y * (ds.horizon_days / ds.label_days)
+        self.hgb_ = fit_poisson_boosting(
+            _hgb(self.hgb_params or {}, self.seed),
+            X,
+            y * (ds.horizon_days / ds.label_days),
+            ds.features.index,
         )
         self.horizon_days_ = ds.horizon_days
         self.input_days_ = _label_window(ds)
@@ -186,8 +189,12 @@ class BTYDResidualBoost(CLVModel):
         if self.anchor_level:
             y = y * _level_factors(ds.cutoff_day, base, y)
         params = {"max_leaf_nodes": 7, "min_samples_leaf": 200, **(self.hgb_params or {})}
-        self.hgb_ = _hgb(params, self.seed).fit(
-            self._inputs(ds.features, block), y / base, sample_weight=base
+        self.hgb_ = fit_poisson_boosting(
+            _hgb(params, self.seed),
+            self._inputs(ds.features, block),
+            y / base,
+            ds.features.index,
+            sample_weight=base,
         )
         self.input_days_ = _label_window(ds)
         self.level_ = 1.0
