@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from clv.errors import ClvError
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -49,24 +53,48 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         staged.unlink(missing_ok=True)
 
 
-def _try_lock(folder: Path) -> int | None:
-    """An open descriptor of ``folder`` holding its exclusive lock, or None when another process
-    holds the lock or the folder is gone. The lock lives as long as the process that took it:
-    the kernel drops it when the process ends, however it ends (``kill -9`` included)."""
+OWNER_FILE = ".owner"  # inside a staging folder: locked by the run writing it, as long as it runs
+UNOWNED_GRACE_S = 600  # a staging folder with no owner file is abandoned once this old
+_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES}  # flock: another process holds it
+_MAKE_ATTEMPTS = 100
+
+
+def _lock_owner(folder: Path, *, create: bool) -> int | None:
+    """A descriptor of ``folder``'s owner file holding its exclusive lock, or None when another
+    process holds the lock or the file (or folder) is gone. The lock lives as long as the
+    process that took it: the kernel drops it when the process ends, however it ends (``kill
+    -9`` included). A regular file, since NFS shares locks on files between hosts and not on
+    directories. Any other error (no locks on this file system, no descriptors left) raises:
+    a folder that cannot be locked is neither claimed nor removed."""
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+        fd = os.open(folder / OWNER_FILE, flags, 0o600)
+    except (FileNotFoundError, PermissionError):  # gone, or another user's: not ours to judge
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        if os.fstat(fd).st_nlink == 0:  # removed by a sweep between our open and our lock
+            raise FileNotFoundError(errno.ENOENT, "staging folder removed", str(folder))
+    except OSError as exc:
         os.close(fd)
-        return None
+        if isinstance(exc, FileNotFoundError) or exc.errno in _BUSY:
+            return None
+        raise
     return fd
 
 
+def _abandoned_unowned(folder: Path) -> bool:
+    """A folder with no owner file: one a run is creating right now (it makes the file just
+    after the folder), or one an interrupted or older run left; the second once it is old."""
+    try:
+        age = time.time() - folder.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > UNOWNED_GRACE_S and not (folder / OWNER_FILE).exists()
+
+
 def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
-    """Remove the staging folders named ``prefix*`` in ``parent`` that no live process holds:
+    """Remove the staging folders named ``prefix*`` in ``parent`` that no live process owns:
     those a hard kill or a power cut left behind. Returns the ones removed."""
     removed: list[Path] = []
     try:
@@ -76,13 +104,16 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
     for folder in found:
         if folder.is_symlink() or not folder.is_dir():
             continue
-        fd = _try_lock(folder)
+        fd = _lock_owner(folder, create=False)
         if fd is None:
-            continue  # a live run's, or gone already
-        try:
+            if not _abandoned_unowned(folder):
+                continue  # a live run's, or gone already
             shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            os.close(fd)
+        else:
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
         if not folder.exists():
             removed.append(folder)
     return removed
@@ -90,18 +121,21 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 
 @contextmanager
 def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
-    """A new folder named ``prefix*`` inside ``parent`` (which must exist), locked for as long
-    as the block runs, and removed with whatever is left in it when the block ends (moving it
-    or its contents away is how a caller keeps them). The lock tells live staging from folders
-    abandoned by a hard kill; those are removed first (:func:`remove_abandoned`), so they
-    neither pile up nor make a directory look in use."""
+    """A new folder named ``prefix*`` inside ``parent`` (which must exist), owned by this run
+    (the lock of its :data:`OWNER_FILE`) for as long as the block runs, and removed with
+    whatever is left in it when the block ends (moving it, or its other files, away is how a
+    caller keeps them). Ownership tells live staging from folders abandoned by a hard kill;
+    those are removed first (:func:`remove_abandoned`), so they neither pile up nor make a
+    directory look in use."""
     remove_abandoned(parent, prefix)
-    while True:
+    for _ in range(_MAKE_ATTEMPTS):
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        fd = _try_lock(folder)
-        if fd is not None:  # else another run's sweep took it between mkdtemp and the lock
+        fd = _lock_owner(folder, create=True)
+        if fd is not None:
             break
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)  # another run's sweep took it: make another
+    else:
+        raise ClvError(f"could not make a staging folder in {parent} ({_MAKE_ATTEMPTS} tries)")
     try:
         yield folder
     finally:

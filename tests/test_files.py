@@ -1,12 +1,16 @@
+import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from clv.files import remove_abandoned, replaced_atomically, staging_dir
+from clv import files
+from clv.files import OWNER_FILE, remove_abandoned, replaced_atomically, staging_dir
 
 
 def _mode(path: Path) -> int:
@@ -46,6 +50,8 @@ def test_the_whole_new_file_replaces_the_old(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.csv"]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
 _HOLD = """
 import sys
 from pathlib import Path
@@ -63,6 +69,7 @@ def _holder(parent: Path) -> tuple[subprocess.Popen[str], Path]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        cwd=ROOT,  # this checkout's clv, whatever the installed one
     )
     assert proc.stdout is not None
     return proc, Path(proc.stdout.readline().strip())
@@ -102,3 +109,57 @@ def test_a_staging_folder_moved_away_is_kept(tmp_path: Path) -> None:
         stage.rename(tmp_path / "v1")
     assert (tmp_path / "v1" / "model.pkl").read_bytes() == b"x"
     assert remove_abandoned(tmp_path, ".staging-") == []
+
+
+def test_a_folder_without_an_owner_file_is_removed_only_once_old(tmp_path: Path) -> None:
+    """A run makes the owner file just after the folder; one without it is being created, or
+    was left by a run interrupted in between (or by older code), and is removed once old."""
+    young, old = tmp_path / ".staging.young", tmp_path / ".staging.old"
+    young.mkdir()
+    old.mkdir()
+    (old / "part.csv").write_text("half")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert remove_abandoned(tmp_path, ".staging.") == [old]
+    assert young.is_dir()
+
+
+def test_a_folder_that_cannot_be_locked_is_an_error_not_a_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only "held by another process" means busy; a file system without locks (ENOLCK) or no
+    descriptors left is an error, and no folder is claimed or removed on its say-so."""
+    left = tmp_path / ".staging.left"
+    left.mkdir()
+    (left / OWNER_FILE).touch()
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks"), staging_dir(tmp_path, ".staging."):
+        pass
+    with pytest.raises(OSError, match="No locks"):
+        remove_abandoned(tmp_path, ".staging.")
+    assert [p.name for p in tmp_path.iterdir()] == [left.name]
+
+
+def test_a_folder_swept_between_its_making_and_its_lock_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run's sweep may lock, remove and release a new folder before its maker locks it:
+    the maker's lock then holds a removed file, so it makes another folder instead."""
+    real = files.fcntl.flock
+    swept: list[Path] = []
+
+    def swept_first(fd: int, op: int) -> None:
+        if not swept:  # the first new folder is taken by a sweep just before the lock
+            (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith(".staging.")]
+            shutil.rmtree(folder)
+            swept.append(folder)
+        real(fd, op)
+
+    monkeypatch.setattr(files.fcntl, "flock", swept_first)
+    with staging_dir(tmp_path, ".staging.") as d:
+        assert swept and d != swept[0] and d.is_dir()
+        (d / "part.csv").write_text("whole")

@@ -89,7 +89,8 @@ def synth(
     if out.suffix.lower() == ".csv" and out.is_dir():
         raise fail(f"--out {out} is a directory, not a CSV file path")
     if out.suffix.lower() != ".csv" and out.is_dir():
-        remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill
+        if all(p.name.startswith(SYNTH_STAGING) for p in out.iterdir()):
+            remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill
     if out.suffix.lower() != ".csv" and out.is_dir() and any(out.iterdir()):
         raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from clv.commands.backtest import backtest
 from clv.errors import ClvError
+from clv.files import OWNER_FILE
 from feature_store.features import day_number
 from training.backtest import backtest_events, run_backtest
 from training.datasets import load_orders
@@ -242,7 +243,8 @@ def test_a_report_that_fails_leaves_the_predictions_file_alone(
     out.write_text("OLD\n")
     rep.mkdir()
     (rep / "index.html").write_text("OLD REPORT")
-    (rep / ".staging.abandoned").mkdir()  # as a kill -9 of an earlier run leaves it: no lock
+    (rep / ".staging.abandoned").mkdir()  # as a kill -9 of an earlier run leaves it: its
+    (rep / ".staging.abandoned" / OWNER_FILE).touch()  # owner file, held by nobody now
     (rep / ".staging.abandoned" / "gain.png").write_bytes(b"half")
     real = bt.write_report
 

@@ -320,6 +320,7 @@ def test_a_registration_cut_short_by_kill_9_is_cleared_by_the_next(reg: ModelReg
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=Path(__file__).resolve().parents[2],  # this checkout's clv
         )
         for _ in range(2)
     ]

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from sklearn.ensemble import HistGradientBoostingRegressor
 
-from training.models.regressors import cutoff_splits, fit_poisson_boosting, poisson_boosting
+from training.models.regressors import (
+    cutoff_splits,
+    fit_poisson_boosting,
+    hgb_poisson_model,
+    poisson_boosting,
+)
 
 
 def test_splits_train_on_earlier_cutoffs_and_other_customers() -> None:
@@ -62,15 +68,32 @@ def test_early_stopping_holds_out_whole_customers() -> None:
     assert held is not None and not set(trained[:, 0]) & set(held[:, 0])
     assert 0.07 < len(set(held[:, 0])) / 4_000 < 0.13  # about a tenth of the customers
     assert len(trained) + len(held) == len(X) and len(held) == 4 * len(set(held[:, 0]))
-    assert np.isin(w_held, w).all() and len(w_trained) == len(trained)  # weights follow rows
+    is_held = np.isin(X[:, 0], held[:, 0])
+    np.testing.assert_array_equal(trained, X[~is_held])  # rows and their weights stay paired
+    np.testing.assert_array_equal(held, X[is_held])
+    np.testing.assert_array_equal(w_trained, w[~is_held])
+    np.testing.assert_array_equal(w_held, w[is_held])
     again = fit_poisson_boosting(_Recording(**rec.get_params()), X, y, users, w)
     np.testing.assert_array_equal(again.seen_[1], held)  # the same customers every run
 
 
-def test_small_sets_are_fitted_on_every_row_without_early_stopping() -> None:
-    X, y, users = _stacked(2_000, 4)  # 8,000 rows: below scikit-learn's 10,000
-    rec = fit_poisson_boosting(
-        _Recording(**poisson_boosting(max_iter=30).get_params()), X, y, users
-    )
-    assert rec.early_stopping is False and rec.seen_[1] is None and len(rec.seen_[0]) == len(X)
-    assert rec.n_iter_ == 30
+@pytest.mark.parametrize(("rows", "stops_early"), [(10_000, False), (10_001, True)])
+def test_early_stopping_starts_where_scikit_learns_does(rows: int, stops_early: bool) -> None:
+    """Up to 10,000 rows (scikit-learn's threshold for ``early_stopping="auto"``) the model is
+    fitted on every row for all its rounds; above it, on the customers not held out."""
+    X, y, users = _stacked(rows, 1)
+    est = poisson_boosting(max_iter=30)
+    rec = fit_poisson_boosting(_Recording(**est.get_params()), X, y, users)
+    assert rec.early_stopping is stops_early and (rec.seen_[1] is not None) is stops_early
+    assert (len(rec.seen_[0]) < rows) is stops_early
+    if not stops_early:
+        assert rec.n_iter_ == 30
+
+
+def test_the_plain_poisson_booster_tunes_its_rounds_in_the_time_ordered_search() -> None:
+    """``hgb_poisson`` goes through the grid search (customer-disjoint, time-ordered splits),
+    which cannot hand scikit-learn the held-out customers: early stopping is off there, and the
+    number of rounds is one of the tuned parameters instead."""
+    model = hgb_poisson_model()
+    assert model.estimator.get_params()["early_stopping"] is False
+    assert model.param_grid is not None and len(model.param_grid["max_iter"]) > 1

@@ -221,7 +221,10 @@ def test_a_hard_killed_runs_staging_does_not_block_the_next(tmp_path: Path) -> N
     out = tmp_path / "events"
     out.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-c", hold, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],  # this checkout's clv
     )
     assert proc.stdout is not None
     left = Path(proc.stdout.readline().decode().strip())
