@@ -130,7 +130,11 @@ def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
     remove_abandoned(parent, prefix)
     for _ in range(_MAKE_ATTEMPTS):
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        fd = _lock_owner(folder, create=True)
+        try:
+            fd = _lock_owner(folder, create=True)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         if fd is not None:
             break
         shutil.rmtree(folder, ignore_errors=True)  # another run's sweep took it: make another

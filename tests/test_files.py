@@ -142,6 +142,10 @@ def test_a_folder_that_cannot_be_locked_is_an_error_not_a_loop(
     with pytest.raises(OSError, match="No locks"):
         remove_abandoned(tmp_path, ".staging.")
     assert [p.name for p in tmp_path.iterdir()] == [left.name]
+    left.rename(tmp_path / "kept")  # nothing to sweep: the new folder's own lock fails
+    with pytest.raises(OSError, match="No locks"), staging_dir(tmp_path, ".staging."):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]  # and the folder is not left
 
 
 def test_a_folder_swept_between_its_making_and_its_lock_is_not_used(
