@@ -16,7 +16,10 @@ class Settings(BaseSettings):
     """Read from the environment with the prefix ``CLV_``; built once in an entry point and
     passed inward (nothing builds one at import time)."""
 
-    model_config = SettingsConfigDict(env_prefix="CLV_", frozen=True, extra="ignore")
+    # `model_dir` is a setting, not pydantic API: older pydantic-settings reserve "model_"
+    model_config = SettingsConfigDict(
+        env_prefix="CLV_", frozen=True, extra="ignore", protected_namespaces=("settings_",)
+    )
 
     kafka_bootstrap: str = "localhost:9092"
     redis_url: str = "redis://localhost:6379/0"
