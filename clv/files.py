@@ -105,14 +105,12 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
         if folder.is_symlink() or not folder.is_dir():
             continue
         fd = _lock_owner(folder, create=False)
-        if fd is None:
-            if not _abandoned_unowned(folder):
-                continue  # a live run's, or gone already
+        if fd is None and not _abandoned_unowned(folder):
+            continue  # a live run's, or gone already
+        try:
             shutil.rmtree(folder, ignore_errors=True)
-        else:
-            try:
-                shutil.rmtree(folder, ignore_errors=True)
-            finally:
+        finally:
+            if fd is not None:
                 os.close(fd)
         if not folder.exists():
             removed.append(folder)
@@ -123,8 +121,9 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
     """A new folder named ``prefix*`` inside ``parent`` (which must exist), owned by this run
     (the lock of its :data:`OWNER_FILE`) for as long as the block runs, and removed with
-    whatever is left in it when the block ends (moving it, or its other files, away is how a
-    caller keeps them). Ownership tells live staging from folders abandoned by a hard kill;
+    whatever is left in it when the block ends (:func:`keep_staging`, or moving its
+    :func:`staged` entries away, is how a caller keeps them). Ownership tells live staging from
+    folders abandoned by a hard kill;
     those are removed first (:func:`remove_abandoned`), so they neither pile up nor make a
     directory look in use."""
     remove_abandoned(parent, prefix)
@@ -147,3 +146,16 @@ def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def staged(folder: Path) -> list[Path]:
+    """What a run wrote into its staging ``folder`` (not the owner file), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.name != OWNER_FILE)
+
+
+def keep_staging(folder: Path, dest: Path) -> None:
+    """Rename the staging ``folder`` (inside a :func:`staging_dir` block) to ``dest``, without
+    its owner file. The file goes first: until the rename a sweep takes the folder for one
+    being made (no owner file, young), and the lock held on the file keeps it claimed."""
+    (folder / OWNER_FILE).unlink()
+    os.rename(folder, dest)

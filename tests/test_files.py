@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from clv import files
-from clv.files import OWNER_FILE, remove_abandoned, replaced_atomically, staging_dir
+from clv.files import (
+    OWNER_FILE,
+    keep_staging,
+    remove_abandoned,
+    replaced_atomically,
+    staged,
+    staging_dir,
+)
 
 
 def _mode(path: Path) -> int:
@@ -106,8 +113,11 @@ def test_a_new_staging_folder_clears_abandoned_ones(tmp_path: Path) -> None:
 def test_a_staging_folder_moved_away_is_kept(tmp_path: Path) -> None:
     with staging_dir(tmp_path, ".staging-") as stage:
         (stage / "model.pkl").write_bytes(b"x")
-        stage.rename(tmp_path / "v1")
+        assert staged(stage) == [stage / "model.pkl"]  # what the run wrote, not its owner file
+        keep_staging(stage, tmp_path / "v1")
+        assert remove_abandoned(tmp_path, ".staging-") == []
     assert (tmp_path / "v1" / "model.pkl").read_bytes() == b"x"
+    assert [p.name for p in (tmp_path / "v1").iterdir()] == ["model.pkl"]  # no owner file
     assert remove_abandoned(tmp_path, ".staging-") == []
 
 

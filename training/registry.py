@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from clv.errors import ModelError
-from clv.files import OWNER_FILE, missing_dirs, replaced_atomically, staging_dir
+from clv.files import keep_staging, missing_dirs, replaced_atomically, staging_dir
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
 
@@ -354,8 +354,7 @@ class ModelRegistry:
                 _write_file(stage / MODEL_FILE, blob)
                 _write_file(stage / METADATA_FILE, json.dumps(body, indent=2).encode() + b"\n")
                 _fsync_dir(stage)
-                os.rename(stage, self.root / version)
-                (self.root / version / OWNER_FILE).unlink()  # staging's, not the version's
+                keep_staging(stage, self.root / version)
                 _fsync_dir(self.root)
         log.info("registered model %s (%s)", version, body["model_name"])
         return version

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from clv.errors import ClvError
-from clv.files import OWNER_FILE, missing_dirs, remove_empty, replaced_atomically, staging_dir
+from clv.files import missing_dirs, remove_empty, replaced_atomically, staged, staging_dir
 from feature_store.features import day_number
 
 MS_PER_DAY = 86_400_000
@@ -319,9 +319,7 @@ def write_log(log: SynthLog, root: Path, progress: Progress | None = None) -> in
                 files += len(write_events(staging, part))
                 if progress:
                     progress("write event log", min(lo + chunk, total), total)
-            for folder in sorted(staging.iterdir()):
-                if folder.name == OWNER_FILE:
-                    continue
+            for folder in staged(staging):
                 folder.replace(root / folder.name)
                 moved.append(root / folder.name)
     except BaseException:

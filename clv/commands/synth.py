@@ -86,18 +86,19 @@ def synth(
             f"--start {first} with --days {days} ends on {last}, not before today (UTC): the "
             "consumers and `clv train` refuse events from the future; give an earlier --start"
         )
-    if out.suffix.lower() == ".csv" and out.is_dir():
+    as_csv = out.suffix.lower() == ".csv"
+    if as_csv and out.is_dir():
         raise fail(f"--out {out} is a directory, not a CSV file path")
-    if out.suffix.lower() != ".csv" and out.is_dir():
+    if not as_csv and out.is_dir():
         if all(p.name.startswith(SYNTH_STAGING) for p in out.iterdir()):
             remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill
-    if out.suffix.lower() != ".csv" and out.is_dir() and any(out.iterdir()):
-        raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
+        if any(out.iterdir()):
+            raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
     t0 = time.perf_counter()
     try:
         with progress_bars(not quiet) as bar:
             log = generate(cfg, bar)
-            if out.suffix.lower() == ".csv":
+            if as_csv:
                 write_csv(log, out, bar)
                 what = f"orders CSV {out}"
             else:
