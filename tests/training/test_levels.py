@@ -217,6 +217,8 @@ def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
             "1",
             "--sweep-from",
             "1998-02-01",
+            "--young-days",
+            "7,60",
             "--out",
             str(out),
         ]
@@ -238,6 +240,20 @@ def test_report_end_to_end_on_the_sample(tmp_path: Path) -> None:
     biases = text.split("| 364 d |")[1].split("|")[1:3]
     assert np.isfinite([float(c.strip().rstrip("%")) for c in biases]).all()
     assert "| 1998-02-28 |" in text and "| 1998-01-31 |" not in text  # the sweep's range
+    young = text.split("## A store's first weeks")[1]
+    rows = [ln.split("|")[1:-1] for ln in young.splitlines() if ln.startswith("| ") and "$" in ln]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("7", "1997-01-08"),
+        ("60", "1997-03-02"),
+    ]
+    assert rows[0][4].strip() == "none"  # a week of history: nothing to validate on
+    assert rows[1][4].strip() != "none"
+    for r in rows:
+        forecast, actual = (float(c.strip().lstrip("$").replace(",", "")) for c in r[5:7])
+        assert forecast > 0 and actual > 0
+        assert float(r[7].strip().rstrip("%")) == pytest.approx(
+            100 * (forecast / actual - 1), abs=0.1
+        )
 
 
 def test_settled_clock_of_zero_days_is_the_reference(sample_events: pd.DataFrame) -> None:
