@@ -179,3 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             typer.echo(f"clv: error: {where}{text}", err=True)
         return int(getattr(exc, "exit_code", 2))
     return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":  # `python -m clv.cli` as well as `python -m clv` and `clv`
+    raise SystemExit(main())

@@ -42,7 +42,15 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the
     block ends without an error, removed when it raises. The unique name (created exclusively)
     means no existing file (the input being read, another writer's staging file) can be
-    clobbered on the way; it is created like any file, so the umask sets its mode."""
+    clobbered on the way; it is created like any file, so the umask sets its mode.
+
+    A symbolic link is written through (its target is replaced, the link stays); anything at
+    ``path`` that is not a regular file (a device, a pipe, a directory) is refused with a
+    :class:`ClvError`, never replaced."""
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        raise ClvError(f"{path} exists and is not a regular file; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

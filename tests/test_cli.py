@@ -119,6 +119,8 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     (not_empty / "keep.txt").write_text("mine")
     corrupt = tmp_path / "corrupt.csv.gz"
     corrupt.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbagegarbage")
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
     bt = ("backtest", "--orders", str(orders), "--cutoff", "2024-01-01")
     under_a_file = ("--report", str(a_file / "sub"))
     cases: list[tuple[int, Settings, tuple[str, ...]]] = [
@@ -195,6 +197,12 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
                 str(tmp_path / "c.csv"),
             ),
         ),
+        # outputs that are not a place for a file: never replaced
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", "")),
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(fifo))),
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(a_file))),
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", str(fifo))),
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", " ")),
         # what the environment points at
         (1, Settings(model_dir=a_file, event_log_dir=tmp_path / "none"), ("train", "-q")),
         (1, Settings(model_dir=tmp_path / "m", event_log_dir=bad_log.parent), ("train", "-q")),
@@ -212,5 +220,6 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     assert list((tmp_path / "dir.csv").iterdir()) == []
     assert not list(tmp_path.glob(".*.tmp"))  # synth left no temporary file
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
+    assert fifo.is_fifo() and a_file.read_text() == "x"
     unknown = clv(Settings(), "nosuch")
     assert unknown.stderr.strip() == "clv: error: No such command 'nosuch'."

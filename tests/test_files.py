@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from clv import files
+from clv.errors import ClvError
 from clv.files import (
     OWNER_FILE,
     keep_staging,
@@ -55,6 +56,38 @@ def test_the_whole_new_file_replaces_the_old(tmp_path: Path) -> None:
         staged.write_text("new\n")
     assert target.read_text() == "new\n"
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.csv"]
+
+
+def test_a_symlink_is_written_through(tmp_path: Path) -> None:
+    """The link stays a link; its target gets the new content."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "out.csv"
+    target.write_text("old\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    with replaced_atomically(link) as staged:
+        staged.write_text("new\n")
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.csv"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link to a fifo"])
+def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path: Path, kind: str) -> None:
+    """A device or pipe (``--out /dev/null`` as root) must never be swapped for a file."""
+    path = tmp_path / "thing"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    if kind == "link to a fifo":
+        (tmp_path / "link").symlink_to(path)
+        path = tmp_path / "link"
+    with pytest.raises(ClvError, match="is not a regular file"), replaced_atomically(path) as s:
+        s.write_text("x")
+    assert not (tmp_path / "thing").is_file() and (tmp_path / "thing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"thing", path.name})
 
 
 ROOT = Path(__file__).resolve().parents[1]

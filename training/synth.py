@@ -284,11 +284,16 @@ def events_frame(log: SynthLog) -> pd.DataFrame:
 
 def write_csv(log: SynthLog, path: Path, progress: Progress | None = None) -> int:
     """Write the orders CSV in chunks (to a temporary file renamed into place at the end, so a
-    failure leaves nothing behind); returns the rows written."""
+    failure leaves nothing behind), gzipped when ``path`` ends in ``.gz``; returns the rows
+    written."""
     chunk = 1_000_000
     total = len(log)
     schema = orders_table(_slice(log, 0, 0)).schema
-    with replaced_atomically(path) as staged, staged.open("wb") as sink:
+    gz = path.name.lower().endswith(".gz")
+    with (
+        replaced_atomically(path) as staged,
+        pa.CompressedOutputStream(str(staged), "gzip") if gz else staged.open("wb") as sink,
+    ):
         sink.write((",".join(schema.names) + "\n").encode())
         options = pacsv.WriteOptions(include_header=False, quoting_style="none")
         with pacsv.CSVWriter(sink, schema, write_options=options) as w:

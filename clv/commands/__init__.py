@@ -7,6 +7,7 @@ Bad input ends in one line on stderr and a non-zero exit, never a traceback:
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import overload
 
 import typer
@@ -42,3 +43,17 @@ def parse_date(text: str | None, what: str = "date") -> dt.date | None:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise fail(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def output_path(text: str, flag: str, *, file: bool = True) -> Path:
+    """An output path from the command line. Empty is a mistake, not the current directory;
+    with ``file``, something there that is not a regular file (a directory, a device, a pipe;
+    a link is followed) is refused before any work, since the output replaces what is there."""
+    if not text.strip():
+        raise fail(f"{flag} must be a path, not empty")
+    path = Path(text)
+    if file and path.is_dir():
+        raise fail(f"{flag} {path} is a directory; give a file path")
+    if file and path.exists() and not path.is_file():
+        raise fail(f"{flag} {path} is not a regular file (a device or a pipe); give a file path")
+    return path

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from clv.commands import fail, parse_date
+from clv.commands import fail, output_path, parse_date
 from clv.errors import ClvError
 from clv.files import missing_dirs, remove_empty
 from clv.settings import MAX_HORIZON_DAYS
@@ -79,16 +79,14 @@ def backtest(
     Writes one row per customer with an order on or before the cutoff:
     user_id,predicted_value,expected_orders,p_alive."""
     day = parse_date(cutoff, "--cutoff")
-    out = _path(out_arg, "--out")
-    report = None if report_arg is None else _path(report_arg, "--report")
+    out = output_path(out_arg, "--out")
+    report = None if report_arg is None else output_path(report_arg, "--report", file=False)
     if not valid_currency(currency):
         raise fail(f"--currency {currency[:16]!r} is not an ISO 4217 code (three capital letters)")
     if not 0 < horizon_days <= MAX_HORIZON_DAYS:
         raise fail(f"--horizon-days must be from 1 to {MAX_HORIZON_DAYS} days")
     if not orders.is_file():
         raise fail(f"orders file not found: {orders}")
-    if out.is_dir():
-        raise fail(f"--out {out} is a directory; give a CSV file path")
     _check_outputs(orders, out, report)
     made: list[Path] = []  # directories this run creates, removed again if it fails
     for flag, folder in (("--out", out.parent), ("--report", report)):
@@ -122,10 +120,3 @@ def backtest(
     except (ClvError, OSError, ValueError, KeyError) as exc:
         remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
-
-
-def _path(text: str, flag: str) -> Path:
-    """An output path; an empty one is a mistake, not the current directory."""
-    if not text.strip():
-        raise fail(f"{flag} must be a path, not empty")
-    return Path(text)

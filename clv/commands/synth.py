@@ -6,14 +6,13 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from clv.commands import fail, parse_date
+from clv.commands import fail, output_path, parse_date
 from clv.errors import ClvError
 from clv.files import remove_abandoned
 
@@ -52,9 +51,11 @@ def synth(
     orders: Annotated[
         int, typer.Option("--orders", help="number of purchases (>= users)", min=1, max=MAX_ROWS)
     ],
-    out: Annotated[
-        Path,
-        typer.Option("--out", help="FILE.csv for an orders CSV, else an event-log directory"),
+    out_arg: Annotated[
+        str,
+        typer.Option(
+            "--out", help="FILE.csv (or FILE.csv.gz) for an orders CSV, else an event-log directory"
+        ),
     ],
     seed: Annotated[int, typer.Option("--seed", help="random seed", min=0, max=2**63 - 1)] = 0,
     start: Annotated[
@@ -86,9 +87,10 @@ def synth(
             f"--start {first} with --days {days} ends on {last}, not before today (UTC): the "
             "consumers and `clv train` refuse events from the future; give an earlier --start"
         )
-    as_csv = out.suffix.lower() == ".csv"
-    if as_csv and out.is_dir():
-        raise fail(f"--out {out} is a directory, not a CSV file path")
+    as_csv = out_arg.lower().endswith((".csv", ".csv.gz"))
+    out = output_path(out_arg, "--out", file=as_csv)
+    if not as_csv and out.exists() and not out.is_dir():
+        raise fail(f"--out {out} is a file: give FILE.csv for an orders CSV, else a directory")
     if not as_csv and out.is_dir():
         if all(p.name.startswith(SYNTH_STAGING) for p in out.iterdir()):
             remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +107,13 @@ def test_one_order_per_user_is_allowed() -> None:
     assert np.array_equal(np.sort(log.user[~log.refund]), np.arange(1, 51))
 
 
-def test_csv_reads_back_as_the_event_table(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["orders.csv", "orders.csv.gz"])
+def test_csv_reads_back_as_the_event_table(tmp_path: Path, name: str) -> None:
     log = generate(SynthConfig(users=300, orders=2_000, seed=5, start=dt.date(1997, 1, 1)))
-    path = tmp_path / "orders.csv"
+    path = tmp_path / name
     assert write_csv(log, path) == len(log)
-    assert path.read_text().splitlines()[0] == "user_id,order_id,ts,amount,type,event_id"
+    with gzip.open(path, "rt") if name.endswith(".gz") else path.open() as f:
+        assert f.readline() == "user_id,order_id,ts,amount,type,event_id\n"
     from_csv = load_orders(path)
     direct = events_frame(log)
     assert len(from_csv) == len(direct)
