@@ -21,7 +21,8 @@ from clv.commands import fail, load_settings, parse_date
 from clv.commands.backtest import backtest
 from clv.commands.synth import synth
 from clv.commands.train import train
-from clv.errors import ClvError
+from clv.errors import ClvError, Terminated
+from clv.files import sigterm_unwinds
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -167,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     """The console entry: usage errors (a missing option, a value of the wrong type, an unknown
     command) are one line on stderr and exit 2, like every other bad input, not a usage panel."""
     try:
-        code = app(args=argv, prog_name="clv", standalone_mode=False)
+        with sigterm_unwinds():  # a terminated run cleans up as an interrupted one does
+            code = app(args=argv, prog_name="clv", standalone_mode=False)
+    except Terminated:
+        typer.echo("clv: terminated", err=True)
+        return 143
     except typer.Abort:
         typer.echo("clv: aborted", err=True)
         return 130

@@ -26,3 +26,10 @@ class ModelError(ClvError):
 
 class StackError(ClvError):
     """The local stack (redis-server, broker) could not be started."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``timeout``, ``docker stop``, Kubernetes). Raised in the main thread by
+    :func:`clv.files.sigterm_unwinds` so that every ``finally`` and ``with`` on the way out
+    removes what the run had half written, as Ctrl-C does; a ``BaseException`` so that no
+    ``except Exception`` swallows it."""

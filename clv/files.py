@@ -7,13 +7,15 @@ import fcntl
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from clv.errors import ClvError
+from clv.errors import ClvError, Terminated
 
 
 def missing_dirs(path: Path) -> list[Path]:
@@ -35,6 +37,25 @@ def remove_empty(folders: list[Path]) -> None:
             d.rmdir()
         except OSError:
             pass
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
+    instead of ending the process on the spot, so the cleanup of the staging files and folders
+    below runs; the previous handler is restored after. Outside the main thread, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(_signum: int, _frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -223,3 +226,60 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     assert fifo.is_fifo() and a_file.read_text() == "x"
     unknown = clv(Settings(), "nosuch")
     assert unknown.stderr.strip() == "clv: error: No such command 'nosuch'."
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "clv" / "data" / "CDNOW_sample.txt.gz"
+
+
+def _terminate_when(proc: subprocess.Popen[str], ready: Callable[[str], bool]) -> str:
+    """SIGTERM ``proc`` once ``ready(line)`` holds for a line of its stderr; its whole stderr."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if ready(line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen.append(proc.stderr.read())
+    proc.wait(timeout=60)
+    return "".join(seen)
+
+
+@pytest.mark.parametrize("stage", ["validation: fitting", "final fit:"])
+def test_a_terminated_backtest_leaves_nothing_behind(tmp_path: Path, stage: str) -> None:
+    """SIGTERM (``timeout``, ``docker stop``) mid-run: like Ctrl-C, the staged predictions, the
+    report's staging folder and the folders this run made are removed; exit 143."""
+    out = tmp_path / "new" / "deeper" / "p.csv"
+    report = tmp_path / "report"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "backtest", "--format", "cdnow", "--orders", str(SAMPLE),
+         "--cutoff", "1997-09-30", "--horizon-days", "91", "--out", str(out),
+         "--report", str(report)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    err = _terminate_when(proc, lambda line: stage in line)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "clv: terminated"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_terminated_synth_leaves_no_partial_log(tmp_path: Path) -> None:
+    out = tmp_path / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", "600000",
+         "--start", "2020-01-01", "--out", str(out), "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    while proc.poll() is None and not any(out.glob(".synth.*/date=*/*.parquet")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # while it writes the staged log
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip() == "clv: terminated"
+    assert list(tmp_path.iterdir()) == []

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clv.errors import ClvError
+from clv.errors import ClvError, Terminated
+from clv.files import sigterm_unwinds
 from clv.settings import Settings
 from training.registry import (
     ChampionScore,
@@ -540,15 +541,19 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     try:
-        result = train(
-            Settings(),
-            progress="--quiet" not in args,
-            force="--force" in args,
-            candidates=names[0].split(",") if names else None,
-        )
+        with sigterm_unwinds():  # the parent terminates a cancelled run: clean up on the way out
+            result = train(
+                Settings(),
+                progress="--quiet" not in args,
+                force="--force" in args,
+                candidates=names[0].split(",") if names else None,
+            )
     except ClvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     print(result.summary())
     return 0
 

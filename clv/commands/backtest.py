@@ -120,3 +120,6 @@ def backtest(
     except (ClvError, OSError, ValueError, KeyError) as exc:
         remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
+    except BaseException:  # Ctrl-C, SIGTERM: the folders this run made go too
+        remove_empty(made)
+        raise
