@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clv.errors import ClvError
+from feature_store.events import MAX_AMOUNT, valid_user_id
 from feature_store.features import day_date, day_number, ms_to_iso
 from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY
 
@@ -114,6 +115,37 @@ def _foreign_file(dataset: pads.FileSystemDataset) -> str:
     return "a file has events with empty ids, types, times or amounts"
 
 
+def _refuse(root: Path, frame: pd.DataFrame, ok: np.ndarray, what: str) -> None:
+    if ok.all():
+        return
+    i = int(np.flatnonzero(~ok)[0])
+    raise EventLogError(
+        f"event log {root}: event {frame['event_id'].iat[i]!r} of user "
+        f"{str(frame['user_id'].iat[i])[:64]!r} has {what} ({int((~ok).sum()):,} such): the "
+        "consumers refuse such events, so this is not a log the archiver wrote"
+    )
+
+
+def _check_values(root: Path, frame: pd.DataFrame, currency: str | None) -> None:
+    amount = frame["amount"].to_numpy(np.float64, na_value=np.nan)
+    in_range = np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
+    _refuse(root, frame, in_range, f"an amount outside 0 to {MAX_AMOUNT:g}")
+    cents = np.rint(amount * 100).astype(np.int64)
+    cents = np.where(frame["type"].to_numpy() == "refund", -cents, cents)
+    _refuse(
+        root, frame, cents == frame["cents"].to_numpy(np.int64), "cents that are not its amount"
+    )
+    users = pd.unique(frame["user_id"])
+    bad_users = {u for u in users if not valid_user_id(u)}
+    if bad_users:
+        _refuse(root, frame, ~frame["user_id"].isin(bad_users).to_numpy(), "a malformed user id")
+    if currency is not None:
+        cur = frame["currency"]
+        _refuse(
+            root, frame, (cur.isna() | (cur == currency)).to_numpy(), f"a currency not {currency}"
+        )
+
+
 def read_events(
     root: Path,
     start_day: int | None = None,
@@ -122,9 +154,14 @@ def read_events(
     user_id: str | None = None,
     dedupe: bool = True,
     arrival_order: bool = False,
+    currency: str | None = None,
 ) -> pd.DataFrame:
     """Events dated in ``[start_day, end_day]`` (UTC day numbers, inclusive), optionally for one
     user, deduplicated by ``event_id`` (redelivered copies are identical; one is kept).
+
+    Values the consumers would have dead-lettered (an amount out of range, cents that are not
+    the amount, a user id the schema refuses; with ``currency``, another currency) mean the log
+    is not what the archiver wrote, and raise :class:`EventLogError` naming the first event.
 
     ``arrival_order`` sorts by Kafka partition and offset, the order the online state saw (a
     user's events share a partition), which :func:`feature_store.offline.too_late_mask` needs.
@@ -154,6 +191,7 @@ def read_events(
     if not kinds.all():
         shown = frame["type"].to_numpy()[~kinds][0]
         raise EventLogError(f"event log {root} holds events of type {shown!r}, not order events")
+    _check_values(root, frame, currency)
     if arrival_order:
         frame = frame.sort_values(list(ARRIVAL_COLUMNS), kind="stable", ignore_index=True)
     if dedupe:

@@ -331,7 +331,7 @@ def train(
     clock = _Clock(say, on_phase)
 
     with clock.phase("read event log"):
-        raw = read_events(root)
+        raw = read_events(root, currency=settings.currency)
         if raw.empty or not (raw["type"] == "purchase").any():
             raise TrainingError(
                 f"no purchase events in the event log at {root}: nothing to train on "

@@ -155,6 +155,54 @@ def test_a_log_whose_days_disagree_with_its_times_is_refused(
         read_events(root)
 
 
+def _spoiled(events: pd.DataFrame, how: str) -> pd.DataFrame:
+    """The log with one event's values broken the way the consumers would have refused."""
+    bad = events.copy()
+    i = int(np.flatnonzero(bad["type"].to_numpy() == "purchase")[7])
+    col = bad.columns.get_loc
+    if how == "negative amount":
+        bad.iloc[i, [col("amount"), col("cents")]] = [-5.0, -500]
+    elif how == "not a number":
+        bad.iloc[i, col("amount")] = float("nan")
+    elif how == "cents":
+        bad.iloc[i, col("cents")] = int(bad.iloc[i, col("cents")]) + 1
+    elif how == "user id":
+        bad.iloc[i, col("user_id")] = "u 1\n"
+    elif how == "currency":
+        bad.iloc[i, col("currency")] = "EUR"
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("negative amount", r"an amount outside 0 to 1e\+09"),
+        ("not a number", r"an amount outside 0 to 1e\+09"),
+        ("cents", "cents that are not its amount"),
+        ("user id", "a malformed user id"),
+        ("currency", "a currency not USD"),
+    ],
+)
+def test_a_log_holding_what_the_consumers_refuse_is_not_trained_on(
+    tmp_path: Path, events: pd.DataFrame, how: str, message: str
+) -> None:
+    """Bad values in the log are refused, naming the event, before any model is made."""
+    from feature_store.event_log import EventLogError
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, _spoiled(events, how))
+    with pytest.raises(EventLogError, match=rf"event .* has {message} \(1 such\)"):
+        train(settings, progress=False, candidates=FAST)
+    assert not settings.model_dir.exists()
+
+
+def test_the_unspoiled_log_trains(tmp_path: Path, events: pd.DataFrame) -> None:
+    """The control for the test above: the same log, nothing broken, trains."""
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, _spoiled(events, "none"))
+    assert train(settings, progress=False, candidates=FAST).promoted
+
+
 def test_empty_or_missing_log_is_a_training_error(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
     with pytest.raises(TrainingError, match="does not exist"):
