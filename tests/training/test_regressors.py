@@ -97,3 +97,27 @@ def test_the_plain_poisson_booster_tunes_its_rounds_in_the_time_ordered_search()
     model = hgb_poisson_model()
     assert model.estimator.get_params()["early_stopping"] is False
     assert model.param_grid is not None and len(model.param_grid["max_iter"]) > 1
+
+
+def test_regressors_report_bgnbd_p_alive_whatever_the_horizon(sample_events: pd.DataFrame) -> None:
+    """P(alive) is the customer's as of the features' day: the BG/NBD one of the training set's
+    latest snapshot, not the chance of a purchase within the horizon (which grew with it)."""
+    import datetime as dt
+
+    from feature_store.features import day_number
+    from training.datasets import build_training_set
+    from training.models.btyd import BGNBDGammaGamma
+    from training.models.candidates import make_candidates
+
+    ds = build_training_set(
+        sample_events, day_number(dt.date(1997, 9, 30)), 91, label_days=91, n_cutoffs=2
+    )
+    reference = BGNBDGammaGamma().fit(ds).predict(ds.current, 91)["p_alive"]
+    for name in ("tweedie_glm", "ridge"):
+        model = make_candidates([name])[name].fit(ds)
+        short, long = (model.predict(ds.current, h)["p_alive"] for h in (7, 365))
+        np.testing.assert_allclose(short, reference, rtol=1e-9)
+        np.testing.assert_allclose(long, reference, rtol=1e-9)
+    model.alive_params_ = None  # no BG/NBD fit: the Poisson chance of a purchase in the horizon
+    short, long = (model.predict(ds.current, h)["p_alive"] for h in (7, 365))
+    assert (long.to_numpy() >= short.to_numpy()).all() and (long > short).any()

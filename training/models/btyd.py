@@ -291,6 +291,27 @@ def btyd_inputs(features: pd.DataFrame) -> tuple[np.ndarray, ...]:
     return x, t_x, T, f["avg_repeat_value"].to_numpy()
 
 
+def current_bgnbd(ds: TrainingSet) -> BGNBDParams | None:
+    """BG/NBD fitted on ``ds.current`` (every customer as of the set's end), computed once per
+    training set and shared; None when it cannot be fitted (too few customers). The models
+    without a dropout process of their own take P(alive) from it."""
+    if "current_bgnbd" not in ds.memo:
+        try:
+            ds.memo["current_bgnbd"] = fit_bgnbd(*btyd_inputs(ds.current)[:3])[0]
+        except (ModelError, ValueError, ArithmeticError):
+            ds.memo["current_bgnbd"] = None
+    return ds.memo["current_bgnbd"]
+
+
+def p_alive_from(params: BGNBDParams | None, features: pd.DataFrame) -> np.ndarray | None:
+    """BG/NBD's P(alive) of each customer as of the features' day, or None without a fit."""
+    if params is None:
+        return None
+    x, t_x, T, _ = btyd_inputs(features)
+    alive = bgnbd_p_alive(params, x, t_x, T)
+    return alive if np.isfinite(alive).all() else None
+
+
 class BGNBDGammaGamma(CLVModel):
     """BG/NBD purchase counts times Gamma-Gamma spend, fitted on the latest snapshot.
 

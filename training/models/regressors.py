@@ -25,6 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from training.models.base import CLVModel, TrainingSet, numeric_features, prediction_frame
+from training.models.btyd import current_bgnbd, p_alive_from
 from training.models.inputs import model_inputs
 
 
@@ -61,9 +62,11 @@ class SklearnCLV(CLVModel):
     """Any scikit-learn regressor predicting the horizon's revenue from :func:`model_inputs`.
 
     Trained on the labels rescaled to the horizon; a prediction for another horizon scales
-    linearly. ``expected_orders`` is the value over the customer's mean purchase-day revenue and
-    ``p_alive`` the Poisson chance of at least one purchase in the horizon (these models have no
-    notion of dropout).
+    linearly. ``expected_orders`` is the value over the customer's mean purchase-day revenue.
+    These models have no notion of dropout, so ``p_alive`` (a property of the customer as of
+    the day of the features, whatever the horizon) is BG/NBD's, fitted on the training set's
+    latest snapshot; where BG/NBD cannot be fitted, the Poisson chance of at least one purchase
+    in the horizon stands in.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class SklearnCLV(CLVModel):
             self.estimator_ = clone(self.estimator).fit(X, y)
             self.best_params_ = {}
         self.horizon_days_ = ds.horizon_days
+        self.alive_params_ = current_bgnbd(ds)
         return self
 
     def predict(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
@@ -106,7 +110,10 @@ class SklearnCLV(CLVModel):
         value = self.estimator_.predict(X) * (horizon_days / self.horizon_days_)
         value = np.maximum(value, 0.0)
         orders = value / per_order_value(features)
-        return prediction_frame(features.index, value, orders, 1.0 - np.exp(-orders))
+        alive = p_alive_from(getattr(self, "alive_params_", None), features)
+        if alive is None:  # no BG/NBD fit (or an artifact from before it)
+            alive = 1.0 - np.exp(-orders)
+        return prediction_frame(features.index, value, orders, alive)
 
     def get_params(self) -> dict[str, Any]:
         return {
