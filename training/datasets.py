@@ -57,15 +57,12 @@ def _read_text(path: Path) -> str:
         raise DatasetError(f"{path} is not UTF-8 text (byte {exc.start})") from None
 
 
-def _amounts(raw: pd.Series, what: str) -> pd.Series:
-    """Order amounts as numbers within the event schema's range (finite, 0 to 1e9)."""
-    amount = pd.to_numeric(raw, errors="coerce")
+def _amounts(table: pd.DataFrame, what: str) -> pd.Series:
+    """Order amounts as numbers within the event schema's range (finite, 0 to 1e9); else an
+    error naming the first offending row (``what``: how rows are counted)."""
+    amount = pd.to_numeric(table["amount"], errors="coerce")
     ok = amount.notna() & np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
-    if not ok.all():
-        raise DatasetError(  # the file's text, as it was written
-            f"{what} amounts must be numbers from 0 to {MAX_AMOUNT:g}; found {raw[~ok].iloc[0]!r} "
-            f"({int((~ok).sum()):,} such)"
-        )
+    _first_bad(ok, table, "amount", f"is not a number from 0 to {MAX_AMOUNT:g}", what)
     return amount
 
 
@@ -99,11 +96,18 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     if table.shape[1] != 4:
         raise DatasetError(f"CDNOW records need 4 or 5 columns, found {table.shape[1]}")
     table.columns = ["user_id", "date", "cds", "amount"]
+    what = "CDNOW record"  # counted from 1, blank lines and the header left out
+    short = table.isna().any(axis=1).to_numpy()
+    if short.any():
+        n = int(short.sum())
+        raise DatasetError(
+            f"{what} {int(np.flatnonzero(short)[0]) + 1}: too few fields ({n:,} such)"
+        )
     dates = pd.to_datetime(table["date"], format="%Y%m%d", errors="coerce", utc=True)
-    if dates.isna().any():
-        raise DatasetError("CDNOW records with an unreadable date")
-    amount = _amounts(table["amount"], "CDNOW")
-    _check_user_ids(table, "CDNOW record")
+    _first_bad(dates.notna(), table, "date", "is not a date (YYYYMMDD)", what)
+    _first_bad(table["cds"].str.fullmatch(r"\d+"), table, "cds", "is not a count of CDs", what)
+    amount = _amounts(table, what)
+    _check_user_ids(table, what)
     n = table.groupby(["user_id", "date"]).cumcount().astype(str)
     return pd.DataFrame(
         {
@@ -206,7 +210,7 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
             f"is not this deployment's {currency}",
         )
         table["currency"] = cur.where(cur != "", None)
-    table["amount"] = _amounts(table["amount"], "CSV")
+    table["amount"] = _amounts(table, "CSV data row")
     table["ts"] = _csv_timestamps(table)
     return table
 

@@ -61,14 +61,18 @@ BAD_CDNOW = [
     (" 00001 19970101 1 11.77\n 00002 0002 19970112 1 12.00\n", "different lengths"),
     # after a good record
     ("00001 19970101 1 11.77\n00001 19970101 1 1e300\n", "from 0 to 1e"),
-    ("00001 19970101 1 11.77\n00001 1997013x 1 5.0\n", "date"),
+    ("00001 19970101 1 11.77\n00001 1997013x 1 5.0\n", "record 2: date '1997013x' is not a"),
+    ("00001 19970101 1 11.77\n00002 19970102 -2 3\n", "record 2: cds '-2' is not a count"),
+    ("00001 19970101 1 11.77\n\n00002 19970102 1 x\n", "record 2: amount 'x' is not a number"),
+    (" 00001 0001 19970101 1 11.77\n 00002 0002 19970101\n", "record 2: too few fields"),
 ]
 
 #: Bad CSV files, each with the text of the error it must give.
 BAD_CSV = [
     ("user,order_id,ts,amount\nu,o,2024-01-01,1\n", "lacks column"),
     ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", "from 0 to 1e"),
-    ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", "found 'abc'"),
+    ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", "row 1: amount 'abc' is not a number"),
+    ("user_id,order_id,ts,amount\nu,o,2024-01-01,1\nu,o2,2024-01-02,-3\n", "row 2: amount '-3'"),
     ("user_id,order_id,ts,amount\nu,o,2024-01-01,1e300\n", "from 0 to 1e"),
     ("user_id,order_id,ts,amount\nu,o,not a time,1\n", "row 1: ts 'not a time' is not RFC"),
     ("user_id,order_id,ts,amount\nu,o,NaT,1\n", "is not RFC 3339"),
