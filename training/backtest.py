@@ -81,6 +81,13 @@ def backtest_events(
     progress(f"{len(past):,} events up to the cutoff, {len(feats):,} customers to score")
     selection = select_champion(past, cutoff_day, horizon_days, names=candidates, progress=progress)
     progress(f"champion: {selection.champion} ({selection.reason})")
+    plan = selection.plan
+    if plan.short_history and plan.supervised:
+        progress(
+            f"the history ({plan.history_days} days) is shorter than the horizon: models that "
+            f"learn from labels saw {plan.label_days}-day windows, scaled to {horizon_days} days "
+            f"(x{horizon_days / plan.label_days:.1f}); treat far horizons as extrapolation"
+        )
 
     future_complete = int(events["day"].max()) >= cutoff_day + horizon_days
     names = [selection.champion]

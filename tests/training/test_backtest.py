@@ -85,10 +85,17 @@ def test_short_history_still_works(sample_events: pd.DataFrame, tmp_path: Path) 
     history = cutoff - int(sample_events["day"].min())
     plan = plan_windows(history, 365)
     assert plan.short_history and plan.label_days < 365 and plan.val_days < 365
-    result = backtest_events(sample_events, cutoff, 365, candidates=FAST)
+    said: list[str] = []
+    result = backtest_events(sample_events, cutoff, 365, candidates=FAST, progress=said.append)
     assert len(result.predictions) == 2357
     assert np.isfinite(result.predictions.to_numpy()).all()
     assert result.predictions["predicted_value"].sum() > 0
+    scale = 365 / plan.label_days
+    assert any(f"(x{scale:.1f}); treat far horizons as extrapolation" in m for m in said), said
+    said.clear()
+    backtest_events(sample_events, day_number(dt.date(1998, 3, 31)), 91, candidates=FAST,
+                    progress=said.append)  # fmt: skip
+    assert not any("extrapolation" in m for m in said)  # a year of history: nothing to say
 
 
 def test_no_history_to_learn_from_falls_back_to_label_free_models(

@@ -121,3 +121,18 @@ def test_regressors_report_bgnbd_p_alive_whatever_the_horizon(sample_events: pd.
     model.alive_params_ = None  # no BG/NBD fit: the Poisson chance of a purchase in the horizon
     short, long = (model.predict(ds.current, h)["p_alive"] for h in (7, 365))
     assert (long.to_numpy() >= short.to_numpy()).all() and (long > short).any()
+
+
+def test_order_counts_of_customers_whose_refunds_ate_their_revenue() -> None:
+    """A customer whose net revenue is gone is counted in the typical customer's orders, not in
+    dollars (a $1 floor made a $5 forecast five orders)."""
+    from feature_store.features import FEATURE_NAMES
+    from training.models.regressors import per_order_value
+
+    def frame(days: list[int], revenue: list[float]) -> pd.DataFrame:
+        f = pd.DataFrame(0.0, index=range(len(days)), columns=list(FEATURE_NAMES))
+        return f.assign(purchase_days=days, revenue_total=revenue)
+
+    features = frame([2, 4, 1, 3], [60.0, 80.0, -25.0, 0.0])
+    np.testing.assert_allclose(per_order_value(features), [30.0, 20.0, 25.0, 25.0])
+    np.testing.assert_allclose(per_order_value(frame([1], [-3.0])), [1.0])
