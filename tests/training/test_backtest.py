@@ -406,5 +406,5 @@ def test_a_failed_run_removes_the_directories_it_made(tmp_path: Path) -> None:
     out, rep = tmp_path / "new" / "deeper" / "p.csv", tmp_path / "newrep"
     args = ["backtest", "--orders", str(bad), "--cutoff", "2024-01-01", "--horizon-days", "5"]
     result = CliRunner().invoke(_app(), [*args, "--out", str(out), "--report", str(rep)])
-    assert result.exit_code == 2 and "found 'abc'" in result.stderr
+    assert result.exit_code == 2 and "amount 'abc' is not a number" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
