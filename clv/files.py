@@ -39,16 +39,27 @@ def remove_empty(folders: list[Path]) -> None:
             pass
 
 
+_deferring = 0  # > 0 while a commit step must not be cut in two (main thread only)
+_pending = False  # SIGTERM arrived while deferring: raised when the step ends
+
+
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
-    below runs; the previous handler is restored after. Outside the main thread, a no-op."""
+    below runs; the previous handler is restored after. A second SIGTERM is ignored, so that it
+    cannot cut the cleanup short, and one that arrives inside :func:`sigterm_deferred` is raised
+    when that step ends. Outside the main thread, a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(_signum: int, _frame: object) -> None:
+        global _pending
+        if _deferring:
+            _pending = True
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now: no second interruption
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, _raise)
@@ -59,27 +70,53 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 @contextmanager
-def replaced_atomically(path: Path) -> Iterator[Path]:
+def sigterm_deferred() -> Iterator[None]:
+    """A step that must finish once begun (the renames that put a run's outputs in place, so
+    that no mix of an earlier run's files and this one's is left): a SIGTERM arriving inside it
+    is raised as :class:`~clv.errors.Terminated` when it ends (in place of the step's own
+    error, if it fails: the process was asked to stop). Works with :func:`sigterm_unwinds`;
+    without it, SIGTERM ends the process as usual."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            _pending = False
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now, as the handler does
+            raise Terminated()
+
+
+@contextmanager
+def replaced_atomically(path: Path, *, follow_links: bool = True) -> Iterator[Path]:
     """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the
     block ends without an error, removed when it raises. The unique name (created exclusively)
     means no existing file (the input being read, another writer's staging file) can be
     clobbered on the way; it is created like any file, so the umask sets its mode.
 
-    A symbolic link is written through (its target is replaced, the link stays); anything at
-    ``path`` that is not a regular file (a device, a pipe, a directory) is refused with a
-    :class:`ClvError`, never replaced."""
-    if path.is_symlink():
-        path = path.resolve()
-    if path.exists() and not path.is_file():
+    A symbolic link is written through (its target is replaced, the link stays), or with
+    ``follow_links=False`` replaced itself (a file the caller owns, like the registry's
+    pointer); anything at ``path`` that is not a regular file (a device, a pipe, a directory)
+    is refused with a :class:`ClvError`, never replaced, and so is a link that loops."""
+    if follow_links and path.is_symlink():
+        try:
+            path = path.resolve(strict=False)
+        except (RuntimeError, OSError) as exc:  # a loop: RuntimeError up to 3.12, then OSError
+            raise ClvError(f"{path} is a symbolic link that cannot be followed: {exc}") from None
+    if path.exists() and not path.is_symlink() and not path.is_file():
         raise ClvError(f"{path} exists and is not a regular file; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    made = False
     try:
+        os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        made = True
         yield staged
         staged.replace(path)
     finally:
-        staged.unlink(missing_ok=True)
+        if made:
+            staged.unlink(missing_ok=True)
 
 
 OWNER_FILE = ".owner"  # inside a staging folder: locked by the run writing it, as long as it runs

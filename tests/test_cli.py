@@ -283,3 +283,22 @@ def test_a_terminated_synth_leaves_no_partial_log(tmp_path: Path) -> None:
     assert proc.returncode == 143, err
     assert err.strip() == "clv: terminated"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_terminated_synth_csv_leaves_neither_file_nor_the_folders_it_made(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "new" / "deeper" / "orders.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", "2000000",
+         "--start", "2020-01-01", "--out", str(out), "-q"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    while proc.poll() is None and not any(out.parent.glob(".orders.csv.*.tmp")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)  # while it writes the staged CSV
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert list(tmp_path.iterdir()) == []

@@ -90,6 +90,51 @@ def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path: Path, kind
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"thing", path.name})
 
 
+def test_a_symlink_loop_is_refused(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    with pytest.raises(ClvError, match="cannot be followed"), replaced_atomically(loop) as s:
+        s.write_text("x")
+    assert loop.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["loop.csv"]
+
+
+def test_sigterm_inside_a_deferred_step_waits_for_its_end_and_a_second_is_ignored() -> None:
+    """In a child process (a mistake here must not take the test runner down with it)."""
+    code = """
+import os, signal
+from clv.errors import Terminated
+from clv.files import sigterm_deferred, sigterm_unwinds
+steps = []
+try:
+    with sigterm_unwinds():
+        try:
+            with sigterm_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("step finished")
+            steps.append("not reached")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one, during the cleanup: ignored
+            steps.append("cleanup finished")
+except Terminated:
+    steps.append("terminated")
+try:
+    with sigterm_unwinds():
+        with sigterm_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise ValueError("the step's own error")
+except Terminated as exc:
+    steps.append("terminated after " + str(exc.__context__))
+print(",".join(steps))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "step finished,cleanup finished,terminated,terminated after the step's own error"
+    )
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _HOLD = """

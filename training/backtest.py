@@ -7,6 +7,7 @@ forecast is scored against it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
-from clv.files import replaced_atomically, staging_dir
+from clv.files import replaced_atomically, sigterm_deferred, staging_dir
 from feature_store.features import day_date, day_number
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
 from training.metrics import METRIC_NAMES
@@ -83,11 +84,14 @@ def backtest_events(
     progress(f"champion: {selection.champion} ({selection.reason})")
     plan = selection.plan
     if plan.short_history and plan.supervised:
-        progress(
-            f"the history ({plan.history_days} days) is shorter than the horizon: models that "
-            f"learn from labels saw {plan.label_days}-day windows, scaled to {horizon_days} days "
-            f"(x{horizon_days / plan.label_days:.1f}); treat far horizons as extrapolation"
+        note = (
+            f"models that learn from labels saw {plan.label_days}-day label windows (the history "
+            f"is {plan.history_days} days), scaled to the {horizon_days}-day horizon "
+            f"(x{horizon_days / plan.label_days:.2f})"
         )
+        if plan.history_days < horizon_days:
+            note += "; the horizon is longer than the history: treat it as extrapolation"
+        progress(note)
 
     future_complete = int(events["day"].max()) >= cutoff_day + horizon_days
     names = [selection.champion]
@@ -332,13 +336,16 @@ def _write_outputs(
     the renames never cross a file system (the directory may be a mount point) and its parent
     need not be writable."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        staging_dir(report_dir, ".staging.") as staging,
-        replaced_atomically(out) as staged_csv,  # renamed last, when the report is in
-    ):
+    with contextlib.ExitStack() as stack:
+        commit = stack.enter_context(contextlib.ExitStack())  # closed last: after the CSV rename
+        staging = stack.enter_context(staging_dir(report_dir, ".staging."))
+        staged_csv = stack.enter_context(replaced_atomically(out))  # renamed last
         _predictions_csv(result.predictions, staged_csv)
         staged = write_report(events, result, staging)
         check_report_targets(report_dir)
+        # From the first removal to the CSV's rename, SIGTERM waits: cut short, it would leave
+        # a mix of the earlier run's outputs and this one's.
+        commit.enter_context(sigterm_deferred())
         for name in REPORT_FILES:  # the earlier run's files, where this run has none
             old = report_dir / name
             if old.is_file() and not (staging / name).exists():

@@ -86,8 +86,13 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     if not lines:
         raise DatasetError("CDNOW file holds no records")
     try:  # split on ASCII blanks only: any other white space stays in a field and is refused
-        table = pd.read_csv(
-            io.StringIO("\n".join(lines)), sep=r"[ \t]+", header=None, dtype=str, engine="python"
+        table = pd.read_csv(  # no NA words: a field reading "NA" is a value, checked below
+            io.StringIO("\n".join(lines)),
+            sep=r"[ \t]+",
+            header=None,
+            dtype=str,
+            engine="python",
+            keep_default_na=False,
         )
     except pd.errors.ParserError as exc:
         raise DatasetError(f"CDNOW records of different lengths: {exc}".strip()) from None
@@ -104,8 +109,10 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
             f"{what} {int(np.flatnonzero(short)[0]) + 1}: too few fields ({n:,} such)"
         )
     dates = pd.to_datetime(table["date"], format="%Y%m%d", errors="coerce", utc=True)
-    _first_bad(dates.notna(), table, "date", "is not a date (YYYYMMDD)", what)
-    _first_bad(table["cds"].str.fullmatch(r"\d+"), table, "cds", "is not a count of CDs", what)
+    eight = table["date"].str.fullmatch(r"[0-9]{8}")  # strptime reads 1997013 as 1997-01-03
+    _first_bad(dates.notna() & eight, table, "date", "is not a date (YYYYMMDD)", what)
+    cds = table["cds"].str.fullmatch(r"[0-9]+")
+    _first_bad(cds, table, "cds", "is not a count of CDs", what)
     amount = _amounts(table, what)
     _check_user_ids(table, what)
     n = table.groupby(["user_id", "date"]).cumcount().astype(str)

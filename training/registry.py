@@ -482,7 +482,7 @@ class ModelRegistry:
             "promoted_at": decision.decided_at,
             "reason": decision.reason,
         }
-        with replaced_atomically(self.pointer_path) as staged:
+        with replaced_atomically(self.pointer_path, follow_links=False) as staged:
             _write_file(staged, json.dumps(pointer, indent=2).encode() + b"\n")
         _fsync_dir(self.root)
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from clv.commands import fail, output_path, parse_date
 from clv.errors import ClvError
-from clv.files import remove_abandoned
+from clv.files import missing_dirs, remove_abandoned, remove_empty
 
 err = Console(stderr=True)
 #: More users or orders than any machine this runs on has memory for.
@@ -97,21 +97,26 @@ def synth(
         if any(out.iterdir()):
             raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
     t0 = time.perf_counter()
+    made = missing_dirs(out.parent) if as_csv else []  # (write_log removes its own)
     try:
-        with progress_bars(not quiet) as bar:
-            log = generate(cfg, bar)
-            if as_csv:
-                write_csv(log, out, bar)
-                what = f"orders CSV {out}"
-            else:
-                files = write_log(log, out, bar)
-                what = f"event log {out} ({files} files)"
-    except ClvError as exc:
-        raise fail(str(exc), 1) from None
-    except OSError as exc:
-        raise fail(f"cannot write {out}: {exc.strerror or exc}", 1) from None
-    except MemoryError:
-        raise fail(f"not enough memory for {orders:,} orders of {users:,} users", 1) from None
+        try:
+            with progress_bars(not quiet) as bar:
+                log = generate(cfg, bar)
+                if as_csv:
+                    write_csv(log, out, bar)
+                    what = f"orders CSV {out}"
+                else:
+                    files = write_log(log, out, bar)
+                    what = f"event log {out} ({files} files)"
+        except ClvError as exc:
+            raise fail(str(exc), 1) from None
+        except OSError as exc:
+            raise fail(f"cannot write {out}: {exc.strerror or exc}", 1) from None
+        except MemoryError:
+            raise fail(f"not enough memory for {orders:,} orders of {users:,} users", 1) from None
+    except BaseException:  # failed, interrupted or terminated: the folders it made go too
+        remove_empty(made)
+        raise
     refunds = len(log) - log.purchases
     err.print(
         f"wrote {log.purchases:,} orders and {refunds:,} refunds of {users:,} users to {what} "

@@ -91,11 +91,19 @@ def test_short_history_still_works(sample_events: pd.DataFrame, tmp_path: Path) 
     assert np.isfinite(result.predictions.to_numpy()).all()
     assert result.predictions["predicted_value"].sum() > 0
     scale = 365 / plan.label_days
-    assert any(f"(x{scale:.1f}); treat far horizons as extrapolation" in m for m in said), said
+    note = f"saw {plan.label_days}-day label windows (the history is {history} days), scaled to "
+    assert any(note in m and f"(x{scale:.2f}); the horizon is longer" in m for m in said), said
     said.clear()
-    backtest_events(sample_events, day_number(dt.date(1998, 3, 31)), 91, candidates=FAST,
-                    progress=said.append)  # fmt: skip
-    assert not any("extrapolation" in m for m in said)  # a year of history: nothing to say
+    cutoff = day_number(dt.date(1998, 3, 31))
+    backtest_events(sample_events, cutoff, 91, candidates=FAST, progress=said.append)
+    assert not any("label windows" in m for m in said)  # a year of history: nothing to say
+    said.clear()
+    history = cutoff - int(sample_events["day"].min())  # 454 days: longer than the horizon,
+    plan = plan_windows(history, 365)  # but labels of 2/3 of it, so scaled all the same
+    assert history > 365 and plan.label_days < 365
+    backtest_events(sample_events, cutoff, 365, candidates=FAST, progress=said.append)
+    scaled = [m for m in said if "label windows" in m]
+    assert len(scaled) == 1 and "longer than the history" not in scaled[0], said
 
 
 def test_no_history_to_learn_from_falls_back_to_label_free_models(

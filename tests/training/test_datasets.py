@@ -65,6 +65,9 @@ BAD_CDNOW = [
     ("00001 19970101 1 11.77\n00002 19970102 -2 3\n", "record 2: cds '-2' is not a count"),
     ("00001 19970101 1 11.77\n\n00002 19970102 1 x\n", "record 2: amount 'x' is not a number"),
     (" 00001 0001 19970101 1 11.77\n 00002 0002 19970101\n", "record 2: too few fields"),
+    ("00001 19970101 1 11.77\n00002 1997013 1 5.0\n", "record 2: date '1997013' is not a"),
+    ("00001 19970101 1 11.77\n00002 19970103 NA 5.0\n", "record 2: cds 'NA' is not a count"),
+    ("00001 19970101 1 11.77\n00002 19970103 \u0663 5.0\n", "record 2: cds '\u0663' is not"),
 ]
 
 #: Bad CSV files, each with the text of the error it must give.

@@ -358,6 +358,23 @@ def test_a_new_model_replaces_an_unreadable_pointer(reg: ModelRegistry) -> None:
     assert reg.champion_version() == v
 
 
+def test_a_symlinked_pointer_is_replaced_not_written_through(
+    reg: ModelRegistry, tmp_path: Path
+) -> None:
+    """The pointer is the registry's own file: a link in its place is replaced by a regular
+    file, and whatever the link pointed at is left alone."""
+    reg.offer(register(reg, 1.0))
+    outside = tmp_path / "outside.json"
+    outside.write_text("not the registry's")
+    (reg.root / POINTER_FILE).unlink()
+    (reg.root / POINTER_FILE).symlink_to(outside)
+    v = register(reg, 5.0, min_age=2)
+    assert reg.offer(v).promoted
+    assert not (reg.root / POINTER_FILE).is_symlink()
+    assert reg.champion_version() == v
+    assert outside.read_text() == "not the registry's"
+
+
 @pytest.mark.parametrize("broken", ["pointer_dir", "metadata_dir", "root_file"])
 def test_directories_where_files_belong_are_model_errors(
     reg: ModelRegistry, tmp_path: Path, broken: str

@@ -124,15 +124,23 @@ def test_regressors_report_bgnbd_p_alive_whatever_the_horizon(sample_events: pd.
 
 
 def test_order_counts_of_customers_whose_refunds_ate_their_revenue() -> None:
-    """A customer whose net revenue is gone is counted in the typical customer's orders, not in
-    dollars (a $1 floor made a $5 forecast five orders)."""
+    """A customer whose net revenue is gone is counted in the typical customer's orders, learnt
+    at fit time (a $1 floor made a $5 forecast five orders); scored alone or in a batch, the
+    same count."""
     from feature_store.features import FEATURE_NAMES
-    from training.models.regressors import per_order_value
+    from training.models.regressors import per_order_value, typical_order_value
 
     def frame(days: list[int], revenue: list[float]) -> pd.DataFrame:
         f = pd.DataFrame(0.0, index=range(len(days)), columns=list(FEATURE_NAMES))
         return f.assign(purchase_days=days, revenue_total=revenue)
 
-    features = frame([2, 4, 1, 3], [60.0, 80.0, -25.0, 0.0])
-    np.testing.assert_allclose(per_order_value(features), [30.0, 20.0, 25.0, 25.0])
-    np.testing.assert_allclose(per_order_value(frame([1], [-3.0])), [1.0])
+    fitted_on = frame([2, 4, 1, 3, 2], [60.0, 80.0, -25.0, 0.0, 1.0])
+    typical = typical_order_value(fitted_on)
+    assert typical == 20.0  # the median of 30, 20 and 0.5 (customers with revenue left)
+    np.testing.assert_allclose(
+        per_order_value(fitted_on, typical),
+        [30.0, 20.0, 20.0, 20.0, 1.0],  # $0.50: the floor
+    )
+    alone = frame([1], [-3.0])
+    np.testing.assert_allclose(per_order_value(alone, typical), [20.0])
+    assert typical_order_value(alone) == 1.0  # nobody with revenue: the floor

@@ -51,16 +51,25 @@ def _signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def per_order_value(features: pd.DataFrame) -> np.ndarray:
-    """Mean revenue per purchase day, used to turn a value into an order count. Where refunds
-    (or free orders) leave a customer's mean under $1, the median of the other customers'
-    means stands in: dividing by a floor of $1 made a forecast of $5 five orders."""
+def _mean_order_value(features: pd.DataFrame) -> np.ndarray:
     f = numeric_features(features)
-    days = np.maximum(f["purchase_days"].to_numpy(), 1.0)
-    mean = f["revenue_total"].to_numpy() / days
-    usable = mean >= 1.0
-    typical = float(np.median(mean[usable])) if usable.any() else 1.0
-    return np.where(usable, mean, typical)
+    return f["revenue_total"].to_numpy() / np.maximum(f["purchase_days"].to_numpy(), 1.0)
+
+
+def typical_order_value(features: pd.DataFrame) -> float:
+    """The median of the customers' mean revenue per purchase day (those with any), learnt at
+    fit time so that a customer's order count never depends on who else is scored with them."""
+    mean = _mean_order_value(features)
+    positive = mean[mean > 0]
+    return float(max(np.median(positive), 1.0)) if len(positive) else 1.0
+
+
+def per_order_value(features: pd.DataFrame, typical: float = 1.0) -> np.ndarray:
+    """Mean revenue per purchase day (at least $1), used to turn a value into an order count.
+    Where refunds ate a customer's revenue (nothing left, or less), ``typical`` stands in:
+    dividing by the $1 floor made a forecast of $5 five orders."""
+    mean = _mean_order_value(features)
+    return np.where(mean > 0, np.maximum(mean, 1.0), typical)
 
 
 class SklearnCLV(CLVModel):
@@ -108,13 +117,14 @@ class SklearnCLV(CLVModel):
             self.best_params_ = {}
         self.horizon_days_ = ds.horizon_days
         self.alive_params_ = current_bgnbd(ds)
+        self.typical_order_value_ = typical_order_value(ds.current)
         return self
 
     def predict(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
         X = model_inputs(features).to_numpy()
         value = self.estimator_.predict(X) * (horizon_days / self.horizon_days_)
         value = np.maximum(value, 0.0)
-        orders = value / per_order_value(features)
+        orders = value / per_order_value(features, getattr(self, "typical_order_value_", 1.0))
         alive = p_alive_from(getattr(self, "alive_params_", None), features)
         if alive is None:  # no BG/NBD fit (or an artifact from before it)
             alive = 1.0 - np.exp(-orders)
