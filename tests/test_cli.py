@@ -267,21 +267,27 @@ def test_a_terminated_backtest_leaves_nothing_behind(tmp_path: Path, stage: str)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_terminated_synth_leaves_no_partial_log(tmp_path: Path) -> None:
-    out = tmp_path / "log"
+def _terminated_synth(out: Path, orders: int, staged: Callable[[], bool]) -> None:
+    """Run ``clv synth --out out``, SIGTERM it once ``staged()`` sees its staged output being
+    written, and check it ends as a terminated run: exit 143, one line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", "600000",
+        [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", str(orders),
          "--start", "2020-01-01", "--out", str(out), "-q"],
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )  # fmt: skip
-    while proc.poll() is None and not any(out.glob(".synth.*/date=*/*.parquet")):
+    while proc.poll() is None and not staged():
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # while it writes the staged log
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert err.strip() == "clv: terminated"
+
+
+def test_a_terminated_synth_leaves_no_partial_log(tmp_path: Path) -> None:
+    out = tmp_path / "log"
+    _terminated_synth(out, 600_000, lambda: any(out.glob(".synth.*/date=*/*.parquet")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -289,16 +295,5 @@ def test_a_terminated_synth_csv_leaves_neither_file_nor_the_folders_it_made(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "new" / "deeper" / "orders.csv"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", "2000000",
-         "--start", "2020-01-01", "--out", str(out), "-q"],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )  # fmt: skip
-    while proc.poll() is None and not any(out.parent.glob(".orders.csv.*.tmp")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)  # while it writes the staged CSV
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    _terminated_synth(out, 2_000_000, lambda: any(out.parent.glob(".orders.csv.*.tmp")))
     assert list(tmp_path.iterdir()) == []
