@@ -43,6 +43,16 @@ _deferring = 0  # > 0 while a commit step must not be cut in two (main thread on
 _pending = False  # SIGTERM arrived while deferring: raised when the step ends
 
 
+def loops(path: Path) -> bool:
+    """Whether ``path`` (or a folder on the way to it) is a symbolic link that loops. By the
+    error the system gives, since ``Path.resolve`` stopped raising on a loop in Python 3.13."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
@@ -72,20 +82,34 @@ def sigterm_unwinds() -> Iterator[None]:
 @contextmanager
 def sigterm_deferred() -> Iterator[None]:
     """A step that must finish once begun (the renames that put a run's outputs in place, so
-    that no mix of an earlier run's files and this one's is left): a SIGTERM arriving inside it
-    is raised as :class:`~clv.errors.Terminated` when it ends (in place of the step's own
-    error, if it fails: the process was asked to stop). Works with :func:`sigterm_unwinds`;
-    without it, SIGTERM ends the process as usual."""
+    that no mix of an earlier run's files and this one's is left): a SIGTERM or Ctrl-C arriving
+    inside it is raised (:class:`~clv.errors.Terminated`, ``KeyboardInterrupt``) when it ends,
+    in place of the step's own error if it fails: the process was asked to stop. The SIGTERM
+    part works with :func:`sigterm_unwinds`; without it, SIGTERM ends the process as usual.
+    Outside the main thread, a no-op."""
     global _deferring, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = False
+
+    def _note_interrupt(_signum: int, _frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    previous_int = signal.signal(signal.SIGINT, _note_interrupt)
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
+        signal.signal(signal.SIGINT, previous_int)
         if not _deferring and _pending:
             _pending = False
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now, as the handler does
             raise Terminated()
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 @contextmanager
@@ -99,11 +123,10 @@ def replaced_atomically(path: Path, *, follow_links: bool = True) -> Iterator[Pa
     ``follow_links=False`` replaced itself (a file the caller owns, like the registry's
     pointer); anything at ``path`` that is not a regular file (a device, a pipe, a directory)
     is refused with a :class:`ClvError`, never replaced, and so is a link that loops."""
+    if loops(path.parent) or (follow_links and loops(path)):
+        raise ClvError(f"{path} is (or lies under) a symbolic link that loops; give a file path")
     if follow_links and path.is_symlink():
-        try:
-            path = path.resolve(strict=False)
-        except (RuntimeError, OSError) as exc:  # a loop: RuntimeError up to 3.12, then OSError
-            raise ClvError(f"{path} is a symbolic link that cannot be followed: {exc}") from None
+        path = path.resolve(strict=False)
     if path.exists() and not path.is_symlink() and not path.is_file():
         raise ClvError(f"{path} exists and is not a regular file; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,8 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     corrupt.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03garbagegarbage")
     fifo = tmp_path / "pipe.csv"
     os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
     bt = ("backtest", "--orders", str(orders), "--cutoff", "2024-01-01")
     under_a_file = ("--report", str(a_file / "sub"))
     cases: list[tuple[int, Settings, tuple[str, ...]]] = [
@@ -206,6 +208,9 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
         (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(a_file))),
         (2, Settings(), (*bt, "--horizon-days", "5", "--out", str(fifo))),
         (2, Settings(), (*bt, "--horizon-days", "5", "--out", " ")),
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", str(loop / "p.csv"))),
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", "p2.csv", "--report", str(loop))),
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(loop / "x.csv"))),
         # what the environment points at
         (1, Settings(model_dir=a_file, event_log_dir=tmp_path / "none"), ("train", "-q")),
         (1, Settings(model_dir=tmp_path / "m", event_log_dir=bad_log.parent), ("train", "-q")),

@@ -93,7 +93,7 @@ def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path: Path, kind
 def test_a_symlink_loop_is_refused(tmp_path: Path) -> None:
     loop = tmp_path / "loop.csv"
     loop.symlink_to(loop)
-    with pytest.raises(ClvError, match="cannot be followed"), replaced_atomically(loop) as s:
+    with pytest.raises(ClvError, match="link that loops"), replaced_atomically(loop) as s:
         s.write_text("x")
     assert loop.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["loop.csv"]
 
@@ -124,6 +124,12 @@ try:
             raise ValueError("the step's own error")
 except Terminated as exc:
     steps.append("terminated after " + str(exc.__context__))
+try:
+    with sigterm_deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C waits for the step too
+        steps.append("step finished")
+except KeyboardInterrupt:
+    steps.append("interrupted")
 print(",".join(steps))
 """
     done = subprocess.run(
@@ -131,7 +137,8 @@ print(",".join(steps))
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        "step finished,cleanup finished,terminated,terminated after the step's own error"
+        "step finished,cleanup finished,terminated,terminated after the step's own error,"
+        "step finished,interrupted"
     )
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -48,7 +49,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from clv.errors import ModelError
 from clv.files import keep_staging, missing_dirs, replaced_atomically, staging_dir
@@ -268,6 +269,18 @@ def _read_regular(path: Path, limit: int | None = None) -> bytes:
 # --- the registry ---------------------------------------------------------------------------
 
 
+def _own_file(path: Path) -> IO[str]:
+    """One of the registry's own files, opened to append: never through a link (a link in its
+    place is an error, not a way to write outside the registry)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelError(f"{path} is a symbolic link, not the registry's file") from None
+        raise
+    return os.fdopen(fd, "a")
+
+
 class ModelRegistry:
     """Versioned model artifacts under ``root`` plus the champion pointer."""
 
@@ -288,7 +301,7 @@ class ModelRegistry:
     def _lock(self) -> Iterator[None]:
         """Serialise registrations and promotions of concurrent trainers."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / LOCK_FILE).open("a") as f:
+        with _own_file(self.root / LOCK_FILE) as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -487,7 +500,7 @@ class ModelRegistry:
         _fsync_dir(self.root)
 
     def _record(self, decision: Decision) -> None:
-        with (self.root / HISTORY_FILE).open("a") as f:
+        with _own_file(self.root / HISTORY_FILE) as f:
             f.write(json.dumps(decision.to_json(), allow_nan=False) + "\n")
 
     def offer(

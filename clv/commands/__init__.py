@@ -13,6 +13,7 @@ from typing import overload
 import typer
 from pydantic import ValidationError
 
+from clv.files import loops
 from clv.settings import Settings
 
 
@@ -52,11 +53,8 @@ def output_path(text: str, flag: str, *, file: bool = True) -> Path:
     if not text.strip():
         raise fail(f"{flag} must be a path, not empty")
     path = Path(text)
-    if path.is_symlink():
-        try:
-            path.resolve(strict=False)
-        except (RuntimeError, OSError):  # a loop: RuntimeError up to Python 3.12, then OSError
-            raise fail(f"{flag} {path} is a symbolic link that loops; give a file path") from None
+    if loops(path):
+        raise fail(f"{flag} {path} is (or lies under) a symbolic link that loops; give a path")
     if file and path.is_dir():
         raise fail(f"{flag} {path} is a directory; give a file path")
     if file and path.exists() and not path.is_file():

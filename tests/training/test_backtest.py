@@ -416,3 +416,68 @@ def test_a_failed_run_removes_the_directories_it_made(tmp_path: Path) -> None:
     result = CliRunner().invoke(_app(), [*args, "--out", str(out), "--report", str(rep)])
     assert result.exit_code == 2 and "amount 'abc' is not a number" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+_TERMINATED_AT_FIRST_RENAME = """
+import datetime as dt, os, pathlib, signal, sys
+from clv.errors import Terminated
+from clv.files import sigterm_unwinds
+from training.backtest import run_backtest
+
+real_replace = pathlib.Path.replace
+sent = []
+
+def replace(self, target):
+    if not sent and self.parent.name.startswith(".staging."):  # the first report file's rename
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_replace(self, target)
+
+pathlib.Path.replace = replace
+orders, out, report = sys.argv[1:4]
+try:
+    with sigterm_unwinds():
+        run_backtest(orders, "csv", dt.date(1997, 9, 30), 30, out, report, progress=False,
+                     candidates=["naive_rate", "bgnbd_gg"])
+    print("finished")
+except Terminated:
+    print("terminated")
+"""
+
+
+def test_sigterm_during_the_renames_lets_them_finish(
+    small_orders_csv: Path, tmp_path: Path
+) -> None:
+    """A SIGTERM between the report's renames waits for the predictions' too: what is left is
+    this run's outputs, all of them, not a mix with the earlier run's; then the run ends."""
+    import subprocess
+    import sys
+
+    def files(folder: Path) -> dict[str, str]:  # the CSVs, less the fits' run times
+        return {
+            p.name: pd.read_csv(p).drop(columns=["seconds"], errors="ignore").to_csv()
+            for p in folder.iterdir()
+            if p.suffix == ".csv"
+        }
+
+    out, rep = tmp_path / "p.csv", tmp_path / "rep"
+    fast = ["naive_rate", "bgnbd_gg"]
+    run_backtest(small_orders_csv, "csv", dt.date(1997, 9, 30), 60, out, rep, progress=False,
+                 candidates=fast)  # fmt: skip
+    expected = tmp_path / "expected"
+    run_backtest(small_orders_csv, "csv", dt.date(1997, 9, 30), 30, expected / "p.csv",
+                 expected / "rep", progress=False, candidates=fast)  # fmt: skip
+    assert files(rep) != files(expected / "rep")  # the earlier run's differ
+    done = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_AT_FIRST_RENAME, str(small_orders_csv), str(out),
+         str(rep)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.stdout.strip() == "terminated", done.stderr
+    assert files(rep) == files(expected / "rep")
+    assert out.read_bytes() == (expected / "p.csv").read_bytes()
+    assert not [p for p in rep.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -15,6 +15,7 @@ from clv.errors import ModelError
 from training.models.naive import HistoricalRate
 from training.registry import (
     HISTORY_FILE,
+    LOCK_FILE,
     METADATA_FILE,
     MODEL_FILE,
     POINTER_FILE,
@@ -356,6 +357,20 @@ def test_a_new_model_replaces_an_unreadable_pointer(reg: ModelRegistry) -> None:
     d = reg.offer(v)
     assert d.promoted and "champion pointer" in d.reason
     assert reg.champion_version() == v
+
+
+@pytest.mark.parametrize("name", [LOCK_FILE, HISTORY_FILE])
+def test_the_registry_never_writes_through_a_link_in_place_of_its_files(
+    reg: ModelRegistry, tmp_path: Path, name: str
+) -> None:
+    reg.offer(register(reg, 1.0))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the registry's")
+    (reg.root / name).unlink()
+    (reg.root / name).symlink_to(outside)
+    with pytest.raises(ModelError, match="is a symbolic link"):
+        reg.offer(register(reg, 5.0, min_age=2))
+    assert outside.read_text() == "not the registry's"
 
 
 def test_a_symlinked_pointer_is_replaced_not_written_through(
