@@ -58,8 +58,8 @@ def sigterm_unwinds() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
     below runs; the previous handler is restored after. A second SIGTERM is ignored, so that it
-    cannot cut the cleanup short, and one that arrives inside :func:`sigterm_deferred` is raised
-    when that step ends. Outside the main thread, a no-op."""
+    cannot cut the cleanup short, and one that arrives inside :func:`interruptions_deferred` is
+    raised when that step ends. Outside the main thread, a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -80,7 +80,7 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 @contextmanager
-def sigterm_deferred() -> Iterator[None]:
+def interruptions_deferred() -> Iterator[None]:
     """A step that must finish once begun (the renames that put a run's outputs in place, so
     that no mix of an earlier run's files and this one's is left): a SIGTERM or Ctrl-C arriving
     inside it is raised (:class:`~clv.errors.Terminated`, ``KeyboardInterrupt``) when it ends,
@@ -112,34 +112,44 @@ def sigterm_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-@contextmanager
-def replaced_atomically(path: Path, *, follow_links: bool = True) -> Iterator[Path]:
-    """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the
-    block ends without an error, removed when it raises. The unique name (created exclusively)
-    means no existing file (the input being read, another writer's staging file) can be
-    clobbered on the way; it is created like any file, so the umask sets its mode.
-
-    A symbolic link is written through (its target is replaced, the link stays), or with
-    ``follow_links=False`` replaced itself (a file the caller owns, like the registry's
-    pointer); anything at ``path`` that is not a regular file (a device, a pipe, a directory)
-    is refused with a :class:`ClvError`, never replaced, and so is a link that loops."""
+def replaceable(path: Path, *, follow_links: bool = True) -> Path:
+    """The file that writing ``path`` replaces: a symbolic link's target, or with
+    ``follow_links=False`` the link itself (a file the caller owns, like the registry's
+    pointer). A :class:`ClvError` where that is not a regular file (a device, a pipe, a
+    directory), which is never replaced, or where a link on the way loops."""
     if loops(path.parent) or (follow_links and loops(path)):
         raise ClvError(f"{path} is (or lies under) a symbolic link that loops; give a file path")
     if follow_links and path.is_symlink():
         path = path.resolve(strict=False)
+    if path.is_dir() and not path.is_symlink():
+        raise ClvError(f"{path} is not a regular file but a directory; give a file path")
     if path.exists() and not path.is_symlink() and not path.is_file():
-        raise ClvError(f"{path} exists and is not a regular file; give a file path")
+        raise ClvError(f"{path} is not a regular file (a device or a pipe); give a file path")
+    return path
+
+
+@contextmanager
+def replaced_atomically(path: Path, *, follow_links: bool = True) -> Iterator[Path]:
+    """A fresh, uniquely named file beside ``path`` to write; renamed onto ``path`` when the
+    block ends without an error, removed when it raises, with the folders made for it. The
+    unique name (created exclusively) means no existing file (the input being read, another
+    writer's staging file) can be clobbered on the way; it is created like any file, so the
+    umask sets its mode. What is replaced is :func:`replaceable`'s answer for ``path``."""
+    path = replaceable(path, follow_links=follow_links)
+    made = missing_dirs(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    made = False
+    created = False
     try:
         os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        made = True
+        created = True
         yield staged
         staged.replace(path)
+        made = []
     finally:
-        if made:
+        if created:
             staged.unlink(missing_ok=True)
+        remove_empty(made)
 
 
 OWNER_FILE = ".owner"  # inside a staging folder: locked by the run writing it, as long as it runs

@@ -21,9 +21,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clv.errors import ClvError
-from feature_store.events import MAX_AMOUNT, valid_user_id
+from feature_store.events import MAX_AMOUNT, amounts_in_range, valid_user_id
 from feature_store.features import day_date, day_number, ms_to_iso
-from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY
+from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY, signed_cents
 
 
 class EventLogError(ClvError):
@@ -128,10 +128,8 @@ def _refuse(root: Path, frame: pd.DataFrame, ok: np.ndarray, what: str) -> None:
 
 def _check_values(root: Path, frame: pd.DataFrame, currency: str | None) -> None:
     amount = frame["amount"].to_numpy(np.float64, na_value=np.nan)
-    in_range = np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
-    _refuse(root, frame, in_range, f"an amount outside 0 to {MAX_AMOUNT:g}")
-    cents = np.rint(amount * 100).astype(np.int64)
-    cents = np.where(frame["type"].to_numpy() == "refund", -cents, cents)
+    _refuse(root, frame, amounts_in_range(amount), f"an amount outside 0 to {MAX_AMOUNT:g}")
+    cents = signed_cents(amount, frame["type"].to_numpy())
     _refuse(
         root, frame, cents == frame["cents"].to_numpy(np.int64), "cents that are not its amount"
     )

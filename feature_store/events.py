@@ -12,6 +12,7 @@ import time
 from typing import Annotated, Literal
 
 import msgspec
+import numpy as np
 
 from clv.errors import InvalidEvent
 from feature_store.features import ms_to_iso, to_cents
@@ -29,6 +30,11 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 def valid_event_id(text: str) -> bool:
     """An ``event_id`` the schema accepts: 1 to :data:`MAX_ID` printable characters."""
     return 0 < len(text) <= MAX_ID and text.isprintable()
+
+
+def amounts_in_range(amount: np.ndarray) -> np.ndarray:
+    """Which amounts the schema accepts: finite numbers from 0 to :data:`MAX_AMOUNT`."""
+    return np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
 
 
 def valid_currency(text: str) -> bool:

@@ -27,6 +27,12 @@ EVENT_COLUMNS: tuple[str, ...] = (
 )
 
 
+def signed_cents(amount: np.ndarray, kind: np.ndarray) -> np.ndarray:
+    """Integer cents of each event (half to even, as online), negative for refunds."""
+    cents = np.rint(amount * 100).astype(np.int64)
+    return np.where(kind == "refund", -cents, cents)
+
+
 def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     """Normalise an orders table (``user_id, order_id, ts, amount`` and optional ``type,
     event_id, currency``) into the event table. ``ts`` may be strings or datetimes; naive
@@ -41,8 +47,7 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
         else np.full(n, "purchase", dtype=object)
     )
     amount = orders["amount"].astype(float).to_numpy()
-    cents = np.rint(amount * 100).astype(np.int64)
-    cents = np.where(kind == "refund", -cents, cents)
+    cents = signed_cents(amount, kind)
     user_id = orders["user_id"].astype(str).to_numpy()
     order_id = orders["order_id"].astype(str).to_numpy()
     if "event_id" in orders:

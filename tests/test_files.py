@@ -103,12 +103,12 @@ def test_sigterm_inside_a_deferred_step_waits_for_its_end_and_a_second_is_ignore
     code = """
 import os, signal
 from clv.errors import Terminated
-from clv.files import sigterm_deferred, sigterm_unwinds
+from clv.files import interruptions_deferred, sigterm_unwinds
 steps = []
 try:
     with sigterm_unwinds():
         try:
-            with sigterm_deferred():
+            with interruptions_deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 steps.append("step finished")
             steps.append("not reached")
@@ -119,13 +119,13 @@ except Terminated:
     steps.append("terminated")
 try:
     with sigterm_unwinds():
-        with sigterm_deferred():
+        with interruptions_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             raise ValueError("the step's own error")
 except Terminated as exc:
     steps.append("terminated after " + str(exc.__context__))
 try:
-    with sigterm_deferred():
+    with interruptions_deferred():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C waits for the step too
         steps.append("step finished")
 except KeyboardInterrupt:

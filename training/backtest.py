@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
-from clv.files import replaced_atomically, sigterm_deferred, staging_dir
+from clv.files import interruptions_deferred, replaced_atomically, staging_dir
 from feature_store.features import day_date, day_number
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
 from training.metrics import METRIC_NAMES
@@ -345,7 +345,7 @@ def _write_outputs(
         check_report_targets(report_dir)
         # From the first removal to the CSV's rename, SIGTERM waits: cut short, it would leave
         # a mix of the earlier run's outputs and this one's.
-        commit.enter_context(sigterm_deferred())
+        commit.enter_context(interruptions_deferred())
         for name in REPORT_FILES:  # the earlier run's files, where this run has none
             old = report_dir / name
             if old.is_file() and not (staging / name).exists():

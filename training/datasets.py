@@ -27,6 +27,7 @@ from feature_store.events import (
     MAX_AMOUNT,
     MAX_ID,
     RFC3339,
+    amounts_in_range,
     valid_event_id,
     valid_user_id,
 )
@@ -61,7 +62,7 @@ def _amounts(table: pd.DataFrame, what: str) -> pd.Series:
     """Order amounts as numbers within the event schema's range (finite, 0 to 1e9); else an
     error naming the first offending row (``what``: how rows are counted)."""
     amount = pd.to_numeric(table["amount"], errors="coerce")
-    ok = amount.notna() & np.isfinite(amount) & (amount >= 0) & (amount <= MAX_AMOUNT)
+    ok = amounts_in_range(amount.to_numpy(np.float64, na_value=np.nan))
     _first_bad(ok, table, "amount", f"is not a number from 0 to {MAX_AMOUNT:g}", what)
     return amount
 
@@ -127,13 +128,18 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
 
 
 def _first_bad(
-    ok: pd.Series, table: pd.DataFrame, column: str, rule: str, what: str = "CSV data row"
+    ok: pd.Series | np.ndarray,
+    table: pd.DataFrame,
+    column: str,
+    rule: str,
+    what: str = "CSV data row",
 ) -> None:
     """Raise for the first row where ``ok`` is False, numbered from 1 after the header (blank
     lines are not counted)."""
+    ok = np.asarray(ok, dtype=bool)
     if ok.all():
         return
-    row = int(np.flatnonzero(~ok.to_numpy())[0])
+    row = int(np.flatnonzero(~ok)[0])
     value = str(table[column].iloc[row])[:64]
     n = int((~ok).sum())
     raise DatasetError(f"{what} {row + 1}: {column} {value!r} {rule} ({n:,} such)")

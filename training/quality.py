@@ -490,6 +490,21 @@ def level_section(
     return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class YoungCutoff:
+    """One first-weeks cutoff: whom it scored, who forecast, and how far off the total was."""
+
+    days: int
+    cutoff: dt.date
+    customers: int
+    champion: str
+    validation: str
+    forecast: float
+    actual: float
+    bias: float
+    reference_bias: float
+
+
 def young_store_section(
     events: pd.DataFrame,
     names: list[str] | None,
@@ -508,26 +523,25 @@ def young_store_section(
         say(f"young store: {d} days after the first order")
         r = backtest_events(events, cut, horizon_days, candidates=names)
         assert r.out_of_sample is not None and r.actual is not None  # the future is complete
-        champ = r.selection.champion
-        pred = r.model_predictions[champ].sum()
-        validated = r.selection.inner_cutoff_day is not None
+        sel = r.selection
         rows.append(
-            (
-                d,
-                day_date(cut),
-                len(r.predictions),
-                champ,
-                f"{r.selection.plan.val_days} d" if validated else "none",
-                pred,
-                float(r.actual.sum()),
-                float(r.out_of_sample.loc[champ, "bias"]),
-                float(r.out_of_sample["bias"].get(REFERENCE, float("nan"))),
+            YoungCutoff(
+                days=d,
+                cutoff=day_date(cut),
+                customers=len(r.predictions),
+                champion=sel.champion,
+                validation="none" if sel.inner_cutoff_day is None else f"{sel.plan.val_days} d",
+                forecast=float(r.model_predictions[sel.champion].sum()),
+                actual=float(r.actual.sum()),
+                bias=float(r.out_of_sample.loc[sel.champion, "bias"]),
+                reference_bias=float(r.out_of_sample["bias"].get(REFERENCE, float("nan"))),
             )
         )
     if not rows:
         return ""
-    over = [row for row in rows if row[7] > BIAS_LIMIT]
-    unvalidated = [row for row in over if row[4] == "none"]
+    over = [r for r in rows if r.bias > BIAS_LIMIT]
+    unvalidated = [r for r in over if r.validation == "none"]
+    reference_high = 2 * sum(r.reference_bias > BIAS_LIMIT for r in rows) > len(rows)
     lines = [
         "## A store's first weeks",
         "",
@@ -543,9 +557,9 @@ def young_store_section(
         "| forecast total | actual total | champion bias | BG/NBD+GG bias |",
         "|---:|---|---:|---|---:|---:|---:|---:|---:|",
         *(
-            f"| {d} | {c} | {n:,} | {champ} | {val} | ${p:,.0f} | ${a:,.0f} | {b:+.1%} "
-            f"| {rb:+.1%} |"
-            for d, c, n, champ, val, p, a, b, rb in rows
+            f"| {r.days} | {r.cutoff} | {r.customers:,} | {r.champion} | {r.validation} "
+            f"| ${r.forecast:,.0f} | ${r.actual:,.0f} | {r.bias:+.1%} | {r.reference_bias:+.1%} |"
+            for r in rows
         ),
         "",
         f"The champion's total is more than {BIAS_LIMIT:.0%} above the actual at {len(over)} of "
@@ -556,7 +570,7 @@ def young_store_section(
             "alone takes them for the lasting rate. A history this short holds no sign of the "
             "slowdown, so a young store's forecasts are best read as high until validation "
             "windows exist (the selection and its reason are in every model's `metadata.json`)."
-            if 2 * sum(r[8] > BIAS_LIMIT for r in rows) > len(rows)  # the reference's, mostly
+            if reference_high
             else ""
         ),
         "",

@@ -13,7 +13,8 @@ from typing import overload
 import typer
 from pydantic import ValidationError
 
-from clv.files import loops
+from clv.errors import ClvError
+from clv.files import loops, replaceable
 from clv.settings import Settings
 
 
@@ -47,16 +48,18 @@ def parse_date(text: str | None, what: str = "date") -> dt.date | None:
 
 
 def output_path(text: str, flag: str, *, file: bool = True) -> Path:
-    """An output path from the command line. Empty is a mistake, not the current directory;
-    with ``file``, something there that is not a regular file (a directory, a device, a pipe;
-    a link is followed) is refused before any work, since the output replaces what is there."""
+    """An output path from the command line. Empty is a mistake, not the current directory; a
+    link that loops is refused, and with ``file`` so is anything there that writing the file
+    would not replace (:func:`clv.files.replaceable`): checked before any work."""
     if not text.strip():
         raise fail(f"{flag} must be a path, not empty")
     path = Path(text)
-    if loops(path):
-        raise fail(f"{flag} {path} is (or lies under) a symbolic link that loops; give a path")
-    if file and path.is_dir():
-        raise fail(f"{flag} {path} is a directory; give a file path")
-    if file and path.exists() and not path.is_file():
-        raise fail(f"{flag} {path} is not a regular file (a device or a pipe); give a file path")
+    if not file:
+        if loops(path):
+            raise fail(f"{flag} {path} is (or lies under) a symbolic link that loops")
+        return path
+    try:
+        replaceable(path)
+    except ClvError as exc:
+        raise fail(f"{flag}: {exc}") from None
     return path

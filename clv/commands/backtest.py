@@ -89,21 +89,21 @@ def backtest(
         raise fail(f"orders file not found: {orders}")
     _check_outputs(orders, out, report)
     made: list[Path] = []  # directories this run creates, removed again if it fails
-    for flag, folder in (("--out", out.parent), ("--report", report)):
-        try:  # before the work: an output that cannot be written fails now, not after it
-            if folder is not None:
+    try:
+        for flag, folder in (("--out", out.parent), ("--report", report)):
+            if folder is None:
+                continue
+            try:  # before the work: an output that cannot be written fails now, not after it
                 made += missing_dirs(folder)
                 folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            remove_empty(made)
-            raise fail(f"{flag}: cannot make directory {folder}: {exc.strerror or exc}") from None
-        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-            remove_empty(made)
-            raise fail(f"{flag}: cannot write in directory {folder}")
-    # imported here: the modelling stack is heavy and other commands do not need it
-    from training.backtest import run_backtest
+            except OSError as exc:
+                why = exc.strerror or exc
+                raise fail(f"{flag}: cannot make directory {folder}: {why}") from None
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise fail(f"{flag}: cannot write in directory {folder}")
+        # imported here: the modelling stack is heavy and other commands do not need it
+        from training.backtest import run_backtest
 
-    try:
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too
                 warnings.simplefilter("ignore")
@@ -120,6 +120,6 @@ def backtest(
     except (ClvError, OSError, ValueError, KeyError) as exc:
         remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
-    except BaseException:  # Ctrl-C, SIGTERM: the folders this run made go too
+    except BaseException:  # a refusal above, Ctrl-C, SIGTERM: the folders this run made go too
         remove_empty(made)
         raise

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from clv.commands import fail, output_path, parse_date
 from clv.errors import ClvError
-from clv.files import missing_dirs, remove_abandoned, remove_empty
+from clv.files import remove_abandoned
 
 err = Console(stderr=True)
 #: More users or orders than any machine this runs on has memory for.
@@ -89,34 +89,29 @@ def synth(
         )
     as_csv = out_arg.lower().endswith((".csv", ".csv.gz"))
     out = output_path(out_arg, "--out", file=as_csv)
-    if not as_csv and out.exists() and not out.is_dir():
-        raise fail(f"--out {out} is a file: give FILE.csv for an orders CSV, else a directory")
-    if not as_csv and out.is_dir():
+    if not as_csv and out.exists():
+        if not out.is_dir():
+            raise fail(f"--out {out} is a file: give FILE.csv for an orders CSV, else a directory")
         if all(p.name.startswith(SYNTH_STAGING) for p in out.iterdir()):
             remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill
         if any(out.iterdir()):
             raise fail(f"--out {out} is not empty: synthetic users would mix into what is there")
     t0 = time.perf_counter()
-    made = missing_dirs(out.parent) if as_csv else []  # (write_log removes its own)
-    try:
-        try:
-            with progress_bars(not quiet) as bar:
-                log = generate(cfg, bar)
-                if as_csv:
-                    write_csv(log, out, bar)
-                    what = f"orders CSV {out}"
-                else:
-                    files = write_log(log, out, bar)
-                    what = f"event log {out} ({files} files)"
-        except ClvError as exc:
-            raise fail(str(exc), 1) from None
-        except OSError as exc:
-            raise fail(f"cannot write {out}: {exc.strerror or exc}", 1) from None
-        except MemoryError:
-            raise fail(f"not enough memory for {orders:,} orders of {users:,} users", 1) from None
-    except BaseException:  # failed, interrupted or terminated: the folders it made go too
-        remove_empty(made)
-        raise
+    try:  # a failed or stopped write leaves nothing, not even the folders made for it
+        with progress_bars(not quiet) as bar:
+            log = generate(cfg, bar)
+            if as_csv:
+                write_csv(log, out, bar)
+                what = f"orders CSV {out}"
+            else:
+                files = write_log(log, out, bar)
+                what = f"event log {out} ({files} files)"
+    except ClvError as exc:
+        raise fail(str(exc), 1) from None
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc.strerror or exc}", 1) from None
+    except MemoryError:
+        raise fail(f"not enough memory for {orders:,} orders of {users:,} users", 1) from None
     refunds = len(log) - log.purchases
     err.print(
         f"wrote {log.purchases:,} orders and {refunds:,} refunds of {users:,} users to {what} "

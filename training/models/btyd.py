@@ -291,16 +291,29 @@ def btyd_inputs(features: pd.DataFrame) -> tuple[np.ndarray, ...]:
     return x, t_x, T, f["avg_repeat_value"].to_numpy()
 
 
-def current_bgnbd(ds: TrainingSet) -> BGNBDParams | None:
-    """BG/NBD fitted on ``ds.current`` (every customer as of the set's end), computed once per
-    training set and shared; None when it cannot be fitted (too few customers). The models
-    without a dropout process of their own take P(alive) from it."""
+def current_bgnbd_fit(ds: TrainingSet) -> tuple[BGNBDParams, float]:
+    """BG/NBD fitted on ``ds.current`` (every customer as of the set's end) and its
+    log-likelihood, computed once per training set and shared by every model that needs it:
+    the reference, the hybrids' current model and the regressors' P(alive). Raises what the
+    fit raised, each time it is asked."""
     if "current_bgnbd" not in ds.memo:
         try:
-            ds.memo["current_bgnbd"] = fit_bgnbd(*btyd_inputs(ds.current)[:3])[0]
-        except (ModelError, ValueError, ArithmeticError):
-            ds.memo["current_bgnbd"] = None
-    return ds.memo["current_bgnbd"]
+            ds.memo["current_bgnbd"] = fit_bgnbd(*btyd_inputs(ds.current)[:3])
+        except (ModelError, ValueError, ArithmeticError) as exc:
+            ds.memo["current_bgnbd"] = exc
+    fitted = ds.memo["current_bgnbd"]
+    if isinstance(fitted, Exception):
+        raise fitted
+    return fitted
+
+
+def current_bgnbd(ds: TrainingSet) -> BGNBDParams | None:
+    """:func:`current_bgnbd_fit`'s parameters, or None where BG/NBD cannot be fitted: the
+    models without a dropout process of their own take P(alive) from it when they can."""
+    try:
+        return current_bgnbd_fit(ds)[0]
+    except (ModelError, ValueError, ArithmeticError):
+        return None
 
 
 def p_alive_from(params: BGNBDParams | None, features: pd.DataFrame) -> np.ndarray | None:
@@ -325,14 +338,18 @@ class BGNBDGammaGamma(CLVModel):
         self.min_customers = min_customers
 
     def fit(self, ds: TrainingSet) -> Self:
-        return self.fit_features(ds.current)
+        """Fit on ``ds.current``, with the training set's shared BG/NBD fit."""
+        return self.fit_features(ds.current, bgnbd=current_bgnbd_fit(ds))
 
-    def fit_features(self, features: pd.DataFrame) -> Self:
-        """Fit on one snapshot of features (the calibration period ending at its as-of day)."""
+    def fit_features(
+        self, features: pd.DataFrame, bgnbd: tuple[BGNBDParams, float] | None = None
+    ) -> Self:
+        """Fit on one snapshot of features (the calibration period ending at its as-of day);
+        ``bgnbd``: BG/NBD's fit of these features (parameters, log-likelihood) when known."""
         if len(features) < self.min_customers:
             raise ModelError(f"BG/NBD needs at least {self.min_customers} customers")
         x, t_x, T, m = btyd_inputs(features)
-        self.bgnbd_, self.loglik_ = fit_bgnbd(x, t_x, T)
+        self.bgnbd_, self.loglik_ = bgnbd if bgnbd is not None else fit_bgnbd(x, t_x, T)
         self.gg_ = fit_gamma_gamma(x, m)
         return self
 
