@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ from clv.commands.backtest import backtest
 from clv.errors import ClvError
 from clv.files import OWNER_FILE
 from feature_store.features import day_number
-from training.backtest import backtest_events, run_backtest
+from training.backtest import REPORT_FILES, backtest_events, run_backtest
 from training.datasets import load_orders
-from training.metrics import METRIC_NAMES
+from training.metrics import METRIC_NAMES, all_metrics
 from training.selection import plan_windows
 
 FAST = ["naive_rate", "bgnbd_gg", "hybrid_btyd_residual"]
@@ -45,15 +46,19 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
     events = load_orders(small_orders_csv, "csv")
     pred = _check_predictions(out, events, cutoff)
     assert pred["predicted_value"].sum() > 0
-    for name in (
-        "index.html",
-        "validation_metrics.csv",
-        "out_of_sample_metrics.csv",
-        "validation_deciles.png",
-        "oos_gain.png",
-        "tracking.png",
-    ):
-        assert (rep / name).stat().st_size > 0, name
+    assert sorted(p.name for p in rep.iterdir()) == sorted(REPORT_FILES)  # no staging left
+    for name in REPORT_FILES:
+        if name.endswith(".png"):
+            assert (rep / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
+    page = _Page()
+    page.feed((rep / "index.html").read_text(encoding="utf-8"))
+    assert sorted(page.images) == sorted(n for n in REPORT_FILES if n.endswith(".png"))
+    assert len(page.tables) == 2  # internal validation, out of sample
+    for table in page.tables:
+        header, *rows = table
+        assert set(METRIC_NAMES) <= set(header), header
+        assert {r[0] for r in rows} >= {result.selection.champion, "bgnbd_gg"}
+    assert set(FAST) <= {r[0] for r in page.tables[0][1:]}  # every candidate validated
     val = pd.read_csv(rep / "validation_metrics.csv", index_col="model")
     assert set(FAST) <= set(val.index)  # every candidate's internal validation
     oos = pd.read_csv(rep / "out_of_sample_metrics.csv", index_col="model")
@@ -62,6 +67,49 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
         assert np.isfinite(table.loc[result.selection.champion, list(METRIC_NAMES)]).all()
     assert result.future_complete and result.out_of_sample is not None
     assert result.selection.champion in FAST
+
+    # scored against what each customer spent in the 181 days after the cutoff, read from the
+    # file itself, not through the code under test
+    raw = pd.read_csv(small_orders_csv, dtype={"user_id": str})
+    when = pd.to_datetime(raw["ts"]).dt.date
+    after = (when > cutoff) & (when <= cutoff + dt.timedelta(days=181))
+    spent = raw[after].groupby("user_id")["amount"].sum().reindex(pred["user_id"], fill_value=0)
+    assert spent.gt(0).sum() > 20 and spent.sum() < raw.loc[when > cutoff, "amount"].sum()
+    np.testing.assert_allclose(result.actual, spent.to_numpy(), rtol=1e-9)
+    champion_row = oos.loc[result.selection.champion, list(METRIC_NAMES)]
+    expected = all_metrics(spent.to_numpy(), pred["predicted_value"].to_numpy())
+    np.testing.assert_allclose(
+        champion_row.to_numpy(float), [expected[m] for m in METRIC_NAMES], rtol=1e-4, atol=1e-9
+    )
+
+
+class _Page(HTMLParser):
+    """The report page's images and tables (cell texts, row by row)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"] or "")
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
 
 
 def test_future_orders_change_nothing(sample_events: pd.DataFrame) -> None:
@@ -160,12 +208,26 @@ def test_cli_bad_input_is_one_line_and_exit_2(
     ]
     if "--horizon-days" not in args:
         args += ["--horizon-days", "30"]
-    full = ["backtest", *args, "--out", str(tmp_path / "p.csv"), "--quiet"]
+    out, rep = tmp_path / "p.csv", tmp_path / "rep"
+    out.write_text("user_id,predicted_value,expected_orders,p_alive\nearlier,1,1,1\n")
+    rep.mkdir()
+    (rep / "index.html").write_text("an earlier report")
+    before = _snapshot(tmp_path)
+    full = ["backtest", *args, "--out", str(out), "--report", str(rep), "--quiet"]
     result = CliRunner().invoke(_app(), full)
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     err = result.stderr.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # bad input changes nothing, adds nothing
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` and the bytes of its files."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in folder.rglob("*")
+    }
 
 
 def test_cli_happy_path(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import pickle
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import integrate, stats
 from scipy.special import hyp2f1
 
 from clv.errors import ModelError
@@ -19,10 +21,14 @@ from training.models.btyd import (
     MAX_B,
     BGNBDGammaGamma,
     BGNBDParams,
+    GammaGammaParams,
     bgnbd_expected,
     bgnbd_loglik,
     bgnbd_p_alive,
     fit_bgnbd,
+    fit_gamma_gamma,
+    gg_expected_spend,
+    gg_loglik,
 )
 from training.synth import SynthConfig, events_frame, generate
 
@@ -103,16 +109,81 @@ def test_euler_form_equals_the_textbook_form() -> None:
     np.testing.assert_allclose(bgnbd_expected(p, t, x, tx, T), head * (1 - tail) / denom)
 
 
-def test_weighted_fit_equals_the_plain_fit(calibration: pd.DataFrame) -> None:
+def test_fits_on_distinct_rows_with_counts_maximise_every_rows_likelihood(
+    calibration: pd.DataFrame,
+) -> None:
+    """The fit collapses customers with equal summaries into counted rows: that must be the
+    maximum of the plain per-customer likelihood, and equal the fit on counted rows."""
     x = calibration["frequency"].to_numpy(float)
     tx = calibration["recency_days"].to_numpy(float)
     T = calibration["age_days"].to_numpy(float)
-    plain = bgnbd_loglik(BGNBDParams(0.3, 30, 0.8, 2.4), x, tx, T).sum()
+    params, total = fit_bgnbd(x, tx, T)
+    assert len(np.unique(np.column_stack([x, tx, T]), axis=0)) < len(x)  # rows do collapse
+    plain = bgnbd_loglik(params, x, tx, T).sum()
+    assert total == pytest.approx(plain, rel=1e-12)
+    for field in ("r", "alpha", "a", "b"):
+        for step in (0.98, 1.02):  # any nearby parameters fit every customer worse
+            moved = dataclasses.replace(params, **{field: getattr(params, field) * step})
+            assert bgnbd_loglik(moved, x, tx, T).sum() < plain, (field, step)
     key = pd.DataFrame({"x": x, "tx": tx, "T": T}).value_counts().reset_index()
-    weighted = (
-        key["count"] * bgnbd_loglik(BGNBDParams(0.3, 30, 0.8, 2.4), key["x"], key["tx"], key["T"])
-    ).sum()
-    assert weighted == pytest.approx(plain)
+    counted, counted_total = fit_bgnbd(
+        key["x"].to_numpy(), key["tx"].to_numpy(), key["T"].to_numpy(), key["count"].to_numpy()
+    )
+    assert counted_total == pytest.approx(total, rel=1e-9)
+    for field in ("r", "alpha", "a", "b"):
+        assert getattr(counted, field) == pytest.approx(getattr(params, field), rel=1e-4)
+
+    m = calibration["avg_repeat_value"].to_numpy(float)
+    gg = fit_gamma_gamma(x, m)
+    buyers = (x > 0) & (m > 0)
+    best = gg_loglik(gg, x[buyers], m[buyers]).sum()
+    for field in ("p", "q", "gamma"):
+        for step in (0.98, 1.02):
+            moved = dataclasses.replace(gg, **{field: getattr(gg, field) * step})
+            assert gg_loglik(moved, x[buyers], m[buyers]).sum() < best, (field, step)
+    rows = pd.DataFrame({"x": x, "m": m}).value_counts().reset_index()
+    gg_counted = fit_gamma_gamma(rows["x"], rows["m"], rows["count"].to_numpy())
+    for field in ("p", "q", "gamma"):
+        assert getattr(gg_counted, field) == pytest.approx(getattr(gg, field), rel=1e-4)
+
+
+def _posterior_mean_spend(p: float, q: float, g: float, x: float, m: float) -> float:
+    """E[spend per purchase | x purchases averaging m], integrated numerically from the model's
+    definition (spend per purchase ~ Gamma(p, nu), nu ~ Gamma(q, g), so the x purchases' total
+    is Gamma(p x, nu) and E[spend | nu] = p / nu), not from the closed form under test."""
+
+    def weight(nu: float) -> float:
+        return float(
+            stats.gamma.pdf(nu, q, scale=1 / g) * stats.gamma.pdf(x * m, p * x, scale=1 / nu)
+        )
+
+    num = integrate.quad(lambda nu: p / nu * weight(nu), 0, np.inf, limit=200)[0]
+    return num / integrate.quad(weight, 0, np.inf, limit=200)[0]
+
+
+def test_gamma_gamma_spend_is_the_posterior_mean(
+    fitted: BGNBDGammaGamma, calibration: pd.DataFrame
+) -> None:
+    p = GammaGammaParams(**PUBLISHED_GG)
+    x = np.array([1.0, 2.0, 5.0, 20.0])
+    m = np.array([10.0, 40.0, 35.0, 120.0])
+    expected = [_posterior_mean_spend(p.p, p.q, p.gamma, a, b) for a, b in zip(x, m, strict=True)]
+    np.testing.assert_allclose(gg_expected_spend(p, x, m), expected, rtol=1e-6)
+    # with no repeat purchase, the population mean: E[p / nu] = p g / (q - 1)
+    assert gg_expected_spend(p, np.zeros(1), np.zeros(1))[0] == pytest.approx(
+        p.p * p.gamma / (p.q - 1)
+    )
+    # the model's value is its expected purchase days times that spend, customer by customer
+    pred = fitted.predict(calibration, 273)
+    gg = fitted.gg_
+    for user in calibration.index[calibration["frequency"] > 0][:5]:
+        row = calibration.loc[user]
+        spend = _posterior_mean_spend(
+            gg.p, gg.q, gg.gamma, row["frequency"], row["avg_repeat_value"]
+        )
+        assert pred.loc[user, "predicted_value"] == pytest.approx(
+            pred.loc[user, "expected_orders"] * spend, rel=1e-6
+        )
 
 
 def test_model_pickles_and_predicts(fitted: BGNBDGammaGamma, calibration: pd.DataFrame) -> None:

@@ -1,0 +1,104 @@
+"""Every candidate behind the one interface: fitted on a stacked point-in-time set, it predicts
+the three columns for any horizon and survives the registry's round trip; the grid-searched
+ones validate on later cutoffs and other customers; the naive baseline's formula."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.model_selection import GridSearchCV
+
+import training.models.regressors as regressors
+from feature_store.features import FEATURE_NAMES, day_number
+from training.datasets import build_training_set
+from training.models.base import PREDICTION_COLUMNS, TrainingSet
+from training.models.candidates import CANDIDATES, make_candidates
+from training.models.naive import HistoricalRate
+from training.registry import DataWindow, ModelRegistry, Validation
+
+CUTOFF = day_number(dt.date(1997, 9, 30))
+
+
+@pytest.fixture(scope="module")
+def stacked(sample_events: pd.DataFrame) -> TrainingSet:
+    """Four stacked cutoffs, 91-day labels: what a selection's validation fit sees."""
+    return build_training_set(sample_events, CUTOFF, 91, label_days=91, n_cutoffs=4)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_every_candidate_fits_predicts_and_round_trips_the_registry(
+    name: str, stacked: TrainingSet, tmp_path: Path
+) -> None:
+    model = make_candidates([name])[name].fit(stacked)
+    customers = stacked.current
+    short, long = model.predict(customers, 30), model.predict(customers, 365)
+    for pred in (short, long):
+        assert list(pred.columns) == list(PREDICTION_COLUMNS)
+        assert pred.index.equals(customers.index)
+        values = pred.to_numpy()
+        assert np.isfinite(values).all() and (values >= 0).all()
+        assert (pred["p_alive"] <= 1).all()
+    total = short["predicted_value"].sum()
+    assert 0 < total < long["predicted_value"].sum()  # a longer horizon is worth more
+    # buyers' values order like their spend so far (a model that ignored them would not)
+    spend = customers["revenue_total"].rank()
+    assert spend.corr(long["predicted_value"].rank()) > 0.3
+
+    registry = ModelRegistry(tmp_path / "models")
+    version = registry.register(
+        model,
+        data_window=DataWindow(0, CUTOFF, CUTOFF, 91),
+        validation=Validation("mae", False, 1.0, CUTOFF - 91, 91, len(customers)),
+        candidates={name: {"mae": 1.0}},
+        data_fingerprint="0" * 64,
+    )
+    loaded = registry.load(version)
+    assert loaded.metadata["model_name"] == name
+    pd.testing.assert_frame_equal(loaded.model.predict(customers, 365), long)
+
+
+class _SpySearch(GridSearchCV):
+    """The grid search as used, keeping the splits it was handed."""
+
+    handed: ClassVar[list[Any]] = []
+
+    def fit(self, X: Any, y: Any = None, **params: Any) -> Any:  # type: ignore[override]
+        _SpySearch.handed.append(self.cv)
+        return super().fit(X, y, **params)
+
+
+@pytest.mark.parametrize(
+    "name", ["ridge", "tweedie_glm", "random_forest", "gradient_boosting", "hgb_poisson"]
+)
+def test_the_grid_search_validates_later_cutoffs_on_other_customers(
+    name: str, stacked: TrainingSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never a K-fold: each split trains on earlier cutoffs only and validates one later
+    cutoff on customers it did not train on, so no label of the validated rows is learnt."""
+    monkeypatch.setattr(regressors, "GridSearchCV", _SpySearch)
+    _SpySearch.handed = []
+    model = make_candidates([name])[name].fit(stacked)
+    assert len(_SpySearch.handed) == 1, "the candidate was not tuned by the grid search"
+    (splits,) = _SpySearch.handed
+    assert not isinstance(splits, int) and len(splits) >= 2, splits
+    users = stacked.features.index.to_numpy()
+    for train, val in splits:
+        (validated,) = np.unique(stacked.cutoff_day[val])
+        assert (stacked.cutoff_day[train] < validated).all()
+        assert not set(users[train]) & set(users[val])
+    assert set(model.best_params_) == set(model.param_grid or {})  # the search's pick is used
+
+
+def test_the_naive_rate_is_spend_per_day_of_age_over_the_horizon() -> None:
+    f = pd.DataFrame(0.0, index=["old", "young", "new"], columns=list(FEATURE_NAMES))
+    f = f.assign(revenue_total=[365.0, 60.0, 30.0], purchase_days=[10, 2, 1], age_days=[364, 59, 0])
+    pred = HistoricalRate(min_age_days=30).predict(f, 91)
+    # 365 days of age: $1/day; 60 days: $1/day; one day old: as if 30 days old
+    np.testing.assert_allclose(pred["predicted_value"], [91.0, 91.0, 91.0])
+    np.testing.assert_allclose(pred["expected_orders"], [10 / 365 * 91, 2 / 60 * 91, 91 / 30])
+    np.testing.assert_allclose(pred["p_alive"], 1.0)
