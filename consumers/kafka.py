@@ -96,14 +96,34 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
 # Inspection helpers (``clv demo``, tests): each uses a short-lived consumer of its own.
 
 
-async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
-    """The end offset of every partition of ``topic``."""
+async def end_offsets(
+    settings: Settings, topic: str, timeout: float = 30
+) -> dict[TopicPartition, int]:
+    """The end offset (high watermark) of every partition of ``topic``.
+
+    Asked with ListOffsets, then checked against the high watermark of a fetch response, which
+    is what a reader actually sees: tansu (the local stack's broker) answers ListOffsets with the
+    first offset of a partition's last record batch plus one, short of the end whenever that
+    batch holds several records (found when a test's "whole topic committed" came early).
+    """
     c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
     await c.start()
     try:
         await c.topics()  # refreshes the metadata, so the topic's partitions are known
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        return dict(await c.end_offsets(tps)) if tps else {}
+        if not tps:
+            return {}
+        listed = await c.end_offsets(tps)
+        c.assign(tps)
+        for tp in tps:
+            c.seek(tp, listed[tp])  # the fetch from there returns little beyond the watermark
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(c.highwater(tp) is None for tp in tps):
+            if loop.time() > deadline:
+                raise TimeoutError(f"no fetch response from {topic} within {timeout:g}s")
+            await c.getmany(timeout_ms=200, max_records=1)
+        return {tp: max(listed[tp], c.highwater(tp) or 0) for tp in tps}
     finally:
         await c.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -42,20 +43,32 @@ async def settings(
     yield s
 
 
-async def _archive_all(settings: Settings, *, crash_after_first_flush: bool = False) -> None:
-    """Run the archiver until its group has committed the whole topic."""
+class _Killed(Exception):
+    """The archiver's process dying between writing a batch and committing its offsets."""
+
+
+async def _archive_all(settings: Settings, *, die_at_second_commit: bool = False) -> None:
+    """Run the archiver until its group has committed the whole topic, or, with
+    ``die_at_second_commit``, until it dies after writing its second batch, uncommitted."""
     ends = await end_offsets(settings, settings.orders_topic)
     stop = asyncio.Event()
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
     await consumer.start()
+    if die_at_second_commit:
+        real_commit, commits = consumer.commit, []
+
+        async def commit(offsets: object = None) -> None:
+            commits.append(offsets)
+            if len(commits) > 1:
+                raise _Killed  # written to the log, never committed
+            await real_commit(offsets)  # type: ignore[arg-type]
+
+        consumer.commit = commit  # type: ignore[method-assign]
     archiver = Archiver(settings, consumer, settings.event_log_dir)
     task = asyncio.create_task(archiver.run(stop))
     try:
-        while True:
+        while not task.done():
             await asyncio.sleep(0.2)
-            if crash_after_first_flush and archiver.written:
-                task.cancel()  # as if killed: the buffer in hand is lost, not flushed
-                break
             done = await committed(settings, settings.archiver_group, settings.orders_topic)
             if all((done.get(tp) or 0) >= end for tp, end in ends.items()):
                 break
@@ -63,17 +76,28 @@ async def _archive_all(settings: Settings, *, crash_after_first_flush: bool = Fa
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
         await consumer.stop()
+    if die_at_second_commit:
+        assert isinstance(task.exception(), _Killed)
 
 
 async def test_offline_features_from_the_log_equal_the_online_ones(settings: Settings) -> None:
     events = messy_events(8, users=80, per_user=30)
     await publish(settings, _interleave(events, [m for m, _ in BAD[:6]], 9))
-    await _archive_all(settings, crash_after_first_flush=True)
+    ends = await end_offsets(settings, settings.orders_topic)
+    await _archive_all(settings, die_at_second_commit=True)
+    done = await committed(settings, settings.archiver_group, settings.orders_topic)
+    assert sum(done.get(tp) or 0 for tp in ends) < sum(ends.values())  # records left to re-read
+    raw = read_events(settings.event_log_dir, dedupe=False)
+    uncommitted = raw[raw["offset"] >= raw["partition"].map(lambda p: _at(done, p))]
+    assert len(uncommitted) > 0  # written before the crash, to be read and written again
     await _archive_all(settings)  # restart: re-reads from the last commit
     await _run_group(settings, 1)
 
     log = read_events(settings.event_log_dir, arrival_order=True)
-    assert set(log["event_id"]) == {e.event_id for e in events}
+    assert log["event_id"].is_unique and set(log["event_id"]) == {e.event_id for e in events}
+    copies = read_events(settings.event_log_dir, dedupe=False).value_counts(["partition", "offset"])
+    before = uncommitted.value_counts(["partition", "offset"])
+    assert (copies.loc[before.index] > before).all()  # the restart wrote every one again
     assert len(list(Path(settings.event_log_dir).glob("date=*/part-*.parquet"))) > 1
     as_of = int(log["day"].max())
     offline = features_at(log, as_of, late_after_days=RETENTION_DAYS).sort_index()
@@ -84,6 +108,11 @@ async def test_offline_features_from_the_log_equal_the_online_ones(settings: Set
     finally:
         await redis.aclose()
     pd.testing.assert_frame_equal(online, offline, check_dtype=False)
+
+
+def _at(offsets: dict[Any, int | None], partition: int) -> int:
+    """The committed offset of ``partition`` in a ``committed`` answer (0 when none)."""
+    return next((o or 0 for tp, o in offsets.items() if tp.partition == partition), 0)
 
 
 async def test_the_log_is_partitioned_by_event_date(settings: Settings) -> None:

@@ -9,19 +9,16 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from clv.local_stack import LocalProcess
 from clv.replay import publish
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, describe
 from consumers.feature_consumer import FeatureConsumer
 from consumers.kafka import (
-    ensure_topics,
     make_consumer,
     make_producer,
     read_topic,
@@ -34,16 +31,9 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import BAD, as_frame, messy_events
 
-from .kafka_helpers import event_message, unique_settings
+from .kafka_helpers import event_message
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def settings(broker: LocalProcess, redis_server: LocalProcess) -> AsyncIterator[Settings]:
-    s = unique_settings(broker.address, redis_server.address)
-    await ensure_topics(s)
-    yield s
 
 
 class Group:

@@ -288,8 +288,14 @@ def test_compact_and_sample_keep_whole_users(events: pd.DataFrame) -> None:
 
 
 async def test_retrain_forever_trains_in_a_child_without_blocking_the_loop(
-    tmp_path: Path, events: pd.DataFrame
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import training.train as train_module
+
+    def not_here(*_: object, **__: object) -> None:
+        raise AssertionError("trained in the service's own process")
+
+    monkeypatch.setattr(train_module, "train", not_here)  # a child process never sees this
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
     registry = ModelRegistry(settings.model_dir)
