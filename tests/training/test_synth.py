@@ -247,3 +247,33 @@ def test_a_hard_killed_runs_staging_does_not_block_the_next(tmp_path: Path) -> N
     assert not left.exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert len(read_events(out)) >= 9
+
+
+@pytest.mark.parametrize("name", ["orders.csv", "orders.csv.gz"])
+def test_the_cli_writes_an_orders_file_the_backtest_reads(tmp_path: Path, name: str) -> None:
+    """``clv synth --out FILE.csv[.gz]``: every purchase and refund asked for, into folders it
+    makes, in a file ``clv backtest --format csv`` reads; the same seed gives the same file."""
+    import typer
+    from typer.testing import CliRunner
+
+    from clv.commands.synth import synth
+
+    app = typer.Typer()
+    app.command("synth")(synth)
+    app.command("noop")(lambda: None)
+    args = ["synth", "--users", "40", "--orders", "300", "--seed", "11", "--start", "2020-01-01"]
+    path = tmp_path / "new" / name
+    result = CliRunner().invoke(app, [*args, "--days", "90", "--out", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    events = load_orders(path, "csv")
+    buys = events[events["type"] == "purchase"]
+    assert len(buys) == 300 and buys["user_id"].nunique() == 40
+    refunds = events[events["type"] == "refund"]
+    assert len(refunds) > 0 and set(refunds["order_id"]) <= set(buys["order_id"])
+    first, last = dt.date(2020, 1, 1), dt.date(2020, 1, 1) + dt.timedelta(days=89)
+    assert day_number(first) <= events["day"].min() and events["day"].max() <= day_number(last)
+    assert sorted(p.name for p in path.parent.iterdir()) == [name]  # no staging left
+    again = tmp_path / "again" / name
+    result = CliRunner().invoke(app, [*args, "--days", "90", "--out", str(again), "-q"])
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(load_orders(again, "csv"), events)
