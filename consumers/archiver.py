@@ -41,6 +41,9 @@ class Archiver:
         self.written = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Archive until ``stop`` (or a cancel), then flush what is buffered. On an error the
+        buffer is left as it is: its records were not committed, so a restart reads them again
+        (a second write here could fail the same way and hide the first error)."""
         s = self._settings
         try:
             while not stop.is_set():
@@ -50,9 +53,12 @@ class Archiver:
                 old = time.monotonic() - self._since >= s.archive_flush_seconds
                 if self._pending and (full or old):
                     await self.flush()
-        finally:
+        except asyncio.CancelledError:
             if self._pending:
                 await self.flush()
+            raise
+        if self._pending:
+            await self.flush()
 
     def _buffer(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         s = self._settings

@@ -96,21 +96,29 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
 # Inspection helpers (``clv demo``, tests): each uses a short-lived consumer of its own.
 
 
+async def _partitions(c: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    await c.topics()  # refreshes the metadata, so the topic's partitions are known
+    return [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+
+
 async def end_offsets(
     settings: Settings, topic: str, timeout: float = 30
 ) -> dict[TopicPartition, int]:
     """The end offset (high watermark) of every partition of ``topic``.
 
-    Asked with ListOffsets, then checked against the high watermark of a fetch response, which
-    is what a reader actually sees: tansu (the local stack's broker) answers ListOffsets with the
+    The larger of the ListOffsets answer and the high watermark of a fetch response, which on
+    Apache Kafka are the same: tansu (the local stack's broker) answers ListOffsets with the
     first offset of a partition's last record batch plus one, short of the end whenever that
     batch holds several records (found when a test's "whole topic committed" came early).
     """
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=20,  # a fetch at the end answers at once with the watermark
+    )
     await c.start()
     try:
-        await c.topics()  # refreshes the metadata, so the topic's partitions are known
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        tps = await _partitions(c, topic)
         if not tps:
             return {}
         listed = await c.end_offsets(tps)
@@ -122,7 +130,7 @@ async def end_offsets(
         while any(c.highwater(tp) is None for tp in tps):
             if loop.time() > deadline:
                 raise TimeoutError(f"no fetch response from {topic} within {timeout:g}s")
-            await c.getmany(timeout_ms=200, max_records=1)
+            await c.getmany(timeout_ms=50, max_records=1)
         return {tp: max(listed[tp], c.highwater(tp) or 0) for tp in tps}
     finally:
         await c.stop()
@@ -132,7 +140,7 @@ async def read_topic(
     settings: Settings, topic: str, timeout: float = 30
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` from the beginning to its current end."""
-    ends = await end_offsets(settings, topic)
+    ends = await end_offsets(settings, topic, timeout)
     c = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
@@ -179,16 +187,16 @@ async def _read_commits(
 
 async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
     """A group's committed offsets, read with a manually assigned consumer of that group."""
-    ends = await end_offsets(settings, topic)
     async with _group_member(settings, group) as c:
-        c.assign(list(ends))
-        return await _read_commits(c, ends)
+        tps = await _partitions(c, topic)
+        c.assign(tps)
+        return await _read_commits(c, tps)
 
 
 async def wait_committed(settings: Settings, group: str, timeout: float = 120) -> None:
     """Until ``group`` has committed the end of every partition of the orders topic (the feature
     consumers commit after the Redis write, the archiver after the Parquet flush)."""
-    ends = await end_offsets(settings, settings.orders_topic)
+    ends = await end_offsets(settings, settings.orders_topic, timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with _group_member(settings, group) as c:

@@ -46,9 +46,9 @@ async def test_end_offsets_are_where_the_records_end(settings: Settings) -> None
 
 
 async def test_wait_committed_waits_for_the_last_record(settings: Settings) -> None:
-    await _produce(settings, 2_000)
-    ends = await end_offsets(settings, settings.orders_topic)
-    assert all(end > 1 for end in ends.values())
+    per_partition = await _produce(settings, 2_000)
+    ends = {TopicPartition(settings.orders_topic, p): n for p, n in per_partition.items()}
+    assert len(ends) == settings.orders_partitions and all(n > 1 for n in ends.values())
     group = "inspect-" + settings.consumer_group
     member = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False

@@ -427,16 +427,15 @@ def test_a_fifo_in_place_of_the_pointer_is_refused_not_waited_on(tmp_path: Path)
     assert "not a regular file" in done.stdout
 
 
-#: A trainer in a process of its own: waits for the start signal, registers a model with the
-#: given validation score and offers it. Each decision takes a while (as loading and re-scoring
-#: the champion does), so trainers without the registry's lock would all decide at once.
+#: A trainer in a process of its own: says it is ready, waits for the start signal, then
+#: offers a registered version. Each decision takes a while (as loading and re-scoring the
+#: champion does), so trainers without the registry's lock would all decide at once.
 TRAINER = """
 import sys, time
 from pathlib import Path
-from training.models.naive import HistoricalRate
-from training.registry import DataWindow, ModelRegistry, Validation
+from training.registry import ModelRegistry
 
-root, score, start = Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+root, version, start = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 reg = ModelRegistry(root)
 decide = reg._decide
 def slow_decide(*args, **kw):
@@ -444,16 +443,10 @@ def slow_decide(*args, **kw):
     time.sleep(0.3)
     return decision
 reg._decide = slow_decide
+print("ready", flush=True)
 while not start.exists():
-    time.sleep(0.01)
-version = reg.register(
-    HistoricalRate(min_age_days=int(score)),
-    data_window=DataWindow(9000, 9700, 9700, 365),
-    validation=Validation("mae", False, score, 9500, 200, 100),
-    candidates={"naive_rate": {"mae": score}},
-    data_fingerprint="f" * 64,
-)
-print(version, reg.offer(version).promoted)
+    time.sleep(0.005)
+print(reg.offer(version).promoted, flush=True)
 """
 
 
@@ -462,19 +455,25 @@ def test_concurrent_trainers_decide_one_at_a_time(reg: ModelRegistry, tmp_path: 
     the first model, the best ends as champion whatever the order, and all are recorded."""
     start = tmp_path / "go"
     scores = [40.0, 10.0, 30.0, 20.0]
+    versions = {s: register(reg, s, min_age=int(s)) for s in scores}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", TRAINER, str(reg.root), str(s), str(start)],
+            [sys.executable, "-c", TRAINER, str(reg.root), versions[s], str(start)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=Path(__file__).resolve().parents[2],  # this checkout's packages
         )
         for s in scores
     ]
-    start.touch()
-    out = [p.communicate(timeout=120)[0].split() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0, 0]
-    versions = {float(s): v for s, (v, _) in zip(scores, out, strict=True)}
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4  # type: ignore[union-attr]
+        start.touch()
+        out = [p.communicate(timeout=120)[0].strip() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0, 0, 0] and len(out) == 4
     assert reg.champion_version() == versions[10.0]
     history = [json.loads(line) for line in (reg.root / HISTORY_FILE).read_text().splitlines()]
     assert sorted(h["version"] for h in history) == sorted(versions.values())
