@@ -8,5 +8,8 @@ COPY feature_store feature_store
 COPY service service
 COPY training training
 RUN pip install --no-cache-dir .
+# /data is where compose mounts the event log and models: a new named volume takes the owner
+# of the image's folder, so nobody (the user below) can write there.
+RUN mkdir -p /data && chown nobody /data
 USER nobody
 ENTRYPOINT ["clv"]

@@ -54,9 +54,13 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
 
     async def show(running: Running) -> None:
         await _show(settings, running)
+        hint = "[bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold]"
         if keep_running:
-            console.print("[bold]still running; Ctrl-C stops the stack[/bold]")
+            console.print(f"still running; in another terminal try {hint}")
+            console.print("[bold]Ctrl-C stops the stack[/bold]")
             await stop.wait()
+        else:
+            console.print(f"`clv demo --keep-running` keeps the stack up afterwards, to try {hint}")
 
     await run_stack(settings, stop, on_ready=show, retrain_every_s=None, say=console.print)
 
@@ -120,10 +124,6 @@ async def _show(settings: Settings, running: Running) -> None:
         )
     console.print(table)
     await _train_and_score(settings, online)
-    console.print(
-        "try: [bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold] "
-        "(earlier dates come from the event log)"
-    )
 
 
 async def _train_and_score(settings: Settings, online: pd.DataFrame) -> None:
