@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -89,7 +88,8 @@ async def test_offline_features_from_the_log_equal_the_online_ones(settings: Set
     assert sum(done.get(tp) or 0 for tp in ends) < sum(ends.values())  # records left to re-read
     raw = read_events(settings.event_log_dir, dedupe=False)
     assert raw.value_counts(["partition", "offset"]).max() == 1  # each record written once
-    uncommitted = raw[raw["offset"] >= raw["partition"].map(lambda p: _at(done, p))]
+    done_at = {tp.partition: offset or 0 for tp, offset in done.items()}
+    uncommitted = raw[raw["offset"] >= raw["partition"].map(done_at)]
     assert len(uncommitted) > 0  # written before the crash, to be read and written again
     await _archive_all(settings)  # restart: re-reads from the last commit
     await _run_group(settings, 1)
@@ -110,11 +110,6 @@ async def test_offline_features_from_the_log_equal_the_online_ones(settings: Set
     finally:
         await redis.aclose()
     pd.testing.assert_frame_equal(online, offline, check_dtype=False)
-
-
-def _at(offsets: dict[Any, int | None], partition: int) -> int:
-    """The committed offset of ``partition`` in a ``committed`` answer (0 when none)."""
-    return next((o or 0 for tp, o in offsets.items() if tp.partition == partition), 0)
 
 
 async def test_the_log_is_partitioned_by_event_date(settings: Settings) -> None:

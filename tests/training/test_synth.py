@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import typer
 
 from feature_store.event_log import read_events
 from feature_store.features import day_number
@@ -187,14 +188,9 @@ def test_a_failed_event_log_write_leaves_no_partial_log(
 
 
 def test_the_cli_refuses_a_log_reaching_past_today(tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from clv.commands.synth import synth
-
-    app = typer.Typer()
-    app.command("synth")(synth)
-    app.command("noop")(lambda: None)
+    app = _synth_app()
     start = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=30)).isoformat()
     args = ["synth", "--users", "5", "--orders", "9", "--start", start, "--out", str(tmp_path)]
     for days in ("60", "31"):  # 31 ends today, whose later hours are still to come
@@ -211,10 +207,7 @@ def test_a_hard_killed_runs_staging_does_not_block_the_next(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    import typer
     from typer.testing import CliRunner
-
-    from clv.commands.synth import synth
 
     hold = (
         "import sys; from pathlib import Path; from clv.files import staging_dir\n"
@@ -231,9 +224,7 @@ def test_a_hard_killed_runs_staging_does_not_block_the_next(tmp_path: Path) -> N
     )
     assert proc.stdout is not None
     left = Path(proc.stdout.readline().decode().strip())
-    app = typer.Typer()
-    app.command("synth")(synth)
-    app.command("noop")(lambda: None)
+    app = _synth_app()
     args = ["synth", "--users", "5", "--orders", "9", "--start", "2020-01-01", "--out", str(out)]
     try:
         result = CliRunner().invoke(app, [*args, "--days", "30", "-q"])
@@ -253,14 +244,9 @@ def test_a_hard_killed_runs_staging_does_not_block_the_next(tmp_path: Path) -> N
 def test_the_cli_writes_an_orders_file_the_backtest_reads(tmp_path: Path, name: str) -> None:
     """``clv synth --out FILE.csv[.gz]``: every purchase and refund asked for, into folders it
     makes, in a file ``clv backtest --format csv`` reads; the same seed gives the same file."""
-    import typer
     from typer.testing import CliRunner
 
-    from clv.commands.synth import synth
-
-    app = typer.Typer()
-    app.command("synth")(synth)
-    app.command("noop")(lambda: None)
+    app = _synth_app()
     args = ["synth", "--users", "40", "--orders", "300", "--seed", "11", "--start", "2020-01-01"]
     path = tmp_path / "new" / name
     result = CliRunner().invoke(app, [*args, "--days", "90", "--out", str(path), "-q"])
@@ -277,3 +263,13 @@ def test_the_cli_writes_an_orders_file_the_backtest_reads(tmp_path: Path, name: 
     result = CliRunner().invoke(app, [*args, "--days", "90", "--out", str(again), "-q"])
     assert result.exit_code == 0, result.output
     pd.testing.assert_frame_equal(load_orders(again, "csv"), events)
+
+
+def _synth_app() -> typer.Typer:
+    """``clv synth`` alone (a second command keeps "synth" a sub-command)."""
+    from clv.commands.synth import synth
+
+    app = typer.Typer()
+    app.command("synth")(synth)
+    app.command("noop")(lambda: None)
+    return app
