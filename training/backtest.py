@@ -127,6 +127,8 @@ def backtest_events(
             horizon_days,
             _quiet,
         )
+        for line in scores[name].warnings:
+            progress(f"final fit: {name} warned: {line}")
         if name not in p:
             progress(f"final fit: {name} failed: {scores[name].error}")
             errors[name] = str(scores[name].error)

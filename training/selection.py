@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +119,8 @@ class CandidateScore:
     error: str | None = None
     qualifies: bool = False
     score: float = float("-inf")
+    #: what the libraries warned about while fitting and predicting (one line each, no repeats)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -184,13 +188,32 @@ def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
     return float(s) if math.isfinite(s) else float("-inf")
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
     """An exception's message on one line. Some libraries put a whole traceback in it
     (scikit-learn's "All the N fits failed."): then its first and last lines, the cause."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
-        return type(exc).__name__
+        return type(exc).__name__ if isinstance(exc, BaseException) else "(no message)"
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """Collect the warnings raised inside as distinct one-line messages instead of printing them.
+
+    Fitting on a small history makes scikit-learn warn (a GLM solver that stops early, a forest
+    bootstrap of a few rows): worth keeping with the candidate's figures, not printing past
+    ``--quiet`` as multi-line noise on stderr."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield found
+        finally:
+            for w in caught:
+                line = f"{w.category.__name__}: {_one_line(w.message)}"
+                if line not in found:
+                    found.append(line)
 
 
 def evaluate(
@@ -210,16 +233,19 @@ def evaluate(
         progress(f"{stage}fitting {name} ({i}/{len(models)}) on {len(ds):,} rows")
         t0 = time.perf_counter()
         try:
-            model.fit(ds)
-            p = model.predict(features, horizon_days)
+            with recorded_warnings() as warned:
+                model.fit(ds)
+                p = model.predict(features, horizon_days)
         except (ClvError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
             why = _one_line(exc)
-            scores[name] = CandidateScore(name, {}, time.perf_counter() - t0, why)
+            scores[name] = CandidateScore(name, {}, time.perf_counter() - t0, why, warnings=warned)
             progress(f"{stage}{name} failed: {why}")
             continue
+        for line in warned:
+            progress(f"{stage}{name} warned: {line}")
         preds[name] = p
         m = all_metrics(actual, p["predicted_value"].to_numpy())
-        scores[name] = CandidateScore(name, m, time.perf_counter() - t0)
+        scores[name] = CandidateScore(name, m, time.perf_counter() - t0, warnings=warned)
     return scores, preds
 
 

@@ -296,6 +296,7 @@ def _candidate_table(selection: Any) -> dict[str, dict[str, Any]]:
             "qualifies": s.qualifies,
             "seconds": round(s.seconds, 3),
             "error": s.error,
+            "warnings": s.warnings,
         }
         for name, s in selection.scores.items()
     }
@@ -319,7 +320,7 @@ def train(
     from training.backtest import StderrProgress
     from training.datasets import DatasetError, check_times, history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
-    from training.selection import final_training_set, select_champion
+    from training.selection import final_training_set, recorded_warnings, select_champion
 
     t0 = time.perf_counter()
     root = settings.event_log_dir
@@ -386,8 +387,11 @@ def train(
         fit_users = len(ds.current)
         rows = f" ({len(ds):,} labelled rows)" if len(ds) else ""
         say(f"final fit of {selection.champion} on all {fit_users:,} buyers{rows}")
-        model.fit(ds)
-        _check_forecasts(model, ds)
+        with recorded_warnings() as final_warnings:
+            model.fit(ds)
+            _check_forecasts(model, ds)
+        for line in final_warnings:
+            say(f"final fit warned: {line}")
         del ds
     with clock.phase("register"):
         registry = ModelRegistry(settings.model_dir)
@@ -413,6 +417,7 @@ def train(
                 "sampled_users": n_sampled,
                 "fit_users": fit_users,
                 "candidates_considered": list(selection.scores),
+                "final_fit_warnings": final_warnings,
             },
         )
         decision = registry.offer(

@@ -484,3 +484,50 @@ def test_a_stored_champion_rescored_on_the_window_is_ranked_as_in_selection(
         scored = _champion_evaluator(pd.DataFrame(), selection)(champion, val)
         assert isinstance(scored, ChampionScore) and "re-scored" in scored.how
         assert (scored.score > val.score) is kept, scored
+
+
+def test_library_warnings_are_kept_with_the_model_not_printed(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Small logs make scikit-learn warn (a solver stopping early, a bootstrap of a few rows).
+    # Those notes belong in the candidate's record, not as multi-line noise past --quiet (and
+    # pytest turns any warning that escapes into an error, so this also proves none does).
+    import warnings
+
+    from training.models.btyd import BGNBDGammaGamma
+    from training.models.naive import HistoricalRate
+
+    def noisy(fit):  # type: ignore[no-untyped-def]
+        def fit_and_warn(self, ds):  # type: ignore[no-untyped-def]
+            for _ in range(3):  # one note, however often it is raised
+                note = f"{type(self).__name__} is unsure\nsee line two"
+                warnings.warn(note, UserWarning, stacklevel=2)
+            return fit(self, ds)
+
+        return fit_and_warn
+
+    for cls in (HistoricalRate, BGNBDGammaGamma):
+        monkeypatch.setattr(cls, "fit", noisy(cls.fit))
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+
+    result = train(settings, progress=False, candidates=FAST)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+    meta = ModelRegistry(settings.model_dir).load_champion().metadata
+    for name, cls in (("naive_rate", HistoricalRate), ("bgnbd_gg", BGNBDGammaGamma)):
+        note = f"UserWarning: {cls.__name__} is unsure ... see line two"
+        assert meta["candidates"][name]["warnings"] == [note]
+    champion_class = {"naive_rate": "HistoricalRate", "bgnbd_gg": "BGNBDGammaGamma"}
+    note = f"UserWarning: {champion_class[result.model_name]} is unsure ... see line two"
+    assert meta["extra"]["final_fit_warnings"] == [note]
+
+    loud = Settings(event_log_dir=settings.event_log_dir, model_dir=tmp_path / "loud")
+    train(loud, progress=True, candidates=FAST)
+    err = capsys.readouterr().err
+    assert err.count("validation: naive_rate warned: UserWarning: HistoricalRate is unsure") == 1
+    assert err.count("final fit warned: UserWarning: ") == 1
+    assert "\nsee line two" not in err and "warnings.warn" not in err  # one line each
