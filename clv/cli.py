@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from clv.commands import fail, load_settings, parse_date
 from clv.commands.backtest import backtest
@@ -33,9 +34,14 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
-    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop`` (a clean shutdown, not a kill)."""
+def run_async(main: Callable[[asyncio.Event], Awaitable[T]], *, one_shot: bool = False) -> T:
+    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop`` (a clean shutdown, not a kill).
+
+    ``one_shot`` commands (not services) end in one line: the Kafka client's own log lines (it
+    logs a failed connection before raising it) are left out, and the error says it all."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if one_shot:
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     async def runner() -> T:
         stop = asyncio.Event()
@@ -48,7 +54,7 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
         return asyncio.run(runner())
     except ClvError as exc:
         raise fail(str(exc), 1) from None
-    except (OSError, RedisError, KafkaError) as exc:
+    except (OSError, RedisError, RedisClusterException, KafkaError) as exc:
         raise fail(f"cannot reach a server: {exc}", 1) from None
 
 
@@ -56,12 +62,14 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
 def up(
     consumers: Annotated[int, typer.Option(min=1, help="feature consumers in the group")] = 1,
     retrain_every: Annotated[
-        float, typer.Option(help="seconds between retrainings (0: off)")
+        float, typer.Option(min=0, help="seconds between retrainings (0: off)")
     ] = 3600,
 ) -> None:
     """Run the stack in the foreground (local Redis and broker where none run); Ctrl-C stops it."""
     from clv.stack import run_stack
 
+    if not math.isfinite(retrain_every):
+        raise fail(f"--retrain-every must be a number of seconds, not {retrain_every}")
     settings = load_settings()
     run_async(
         lambda stop: run_stack(
@@ -132,7 +140,7 @@ def replay(
                 settings, messages, rate=rate, progress=lambda n: bar.advance(task, n)
             )
 
-    sent = run_async(main)
+    sent = run_async(main, one_shot=True)
     typer.echo(f"published {sent} order events to {settings.orders_topic}")
 
 
@@ -153,7 +161,7 @@ def features(
         or any(c.isspace() for c in user_id)
     ):
         raise fail("user id must be 1 to 128 printable characters without white space")
-    result = run_async(lambda stop: lookup_features(settings, user_id, day))
+    result = run_async(lambda stop: lookup_features(settings, user_id, day), one_shot=True)
     if result is None:
         raise fail(f"unknown user {user_id!r}", 1)
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

@@ -50,7 +50,10 @@ BAD_MESSAGES: list[tuple[bytes, bytes]] = [
 
 async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: bool = False) -> None:
     # CDNOW is history: "now" is the latest event time, not today's date.
+    from training.registry import ModelRegistry
+
     settings = settings.model_copy(update={"clock": "event"})
+    ModelRegistry(settings.model_dir).check_writable()  # it trains at the end: know it now
 
     async def show(running: Running) -> None:
         await _show(settings, running)

@@ -29,6 +29,21 @@ def missing_dirs(path: Path) -> list[Path]:
     return missing
 
 
+def check_usable_dir(path: Path, what: str, setting: str | None = None) -> None:
+    """Before a run that will write in ``path``: it is a directory this process can write in,
+    or, missing, one it can make (nothing is made here). The error names ``what`` (and the
+    ``setting`` it came from), so a mistake ends the command at once, not minutes in."""
+    named = f"{what} {path}" + (f" ({setting})" if setting else "")
+    if loops(path):
+        raise ClvError(f"{named} is (or lies under) a symbolic link that loops")
+    missing = missing_dirs(path)
+    base = missing[-1].parent if missing else path  # the nearest existing ancestor
+    if not base.is_dir():
+        raise ClvError(f"{named} cannot be used: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ClvError(f"{named} cannot be used: {base} is not writable")
+
+
 def remove_empty(folders: list[Path]) -> None:
     """Remove those of ``folders`` (as :func:`missing_dirs` lists them: made by a run that
     failed) that are still empty, deepest first."""

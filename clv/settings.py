@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 #: The longest horizon a forecast may ask for (ten years).
 MAX_HORIZON_DAYS = 3650
+#: Kafka's rule for topic names (``Topic.validate`` in Apache Kafka); the local broker is laxer.
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+#: One bootstrap server: ``host``, ``host:port`` or ``[ipv6]:port``.
+BOOTSTRAP_SERVER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:,\[\]/]+)(?::(?P<port>\d{1,5}))?")
 
 
 class Settings(BaseSettings):
@@ -53,6 +60,72 @@ class Settings(BaseSettings):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must be a directory path, not empty")
         return v
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        """Checked here, so a typo is one line at startup, not a traceback from the client."""
+        for server in v.split(","):
+            m = BOOTSTRAP_SERVER.fullmatch(server.strip())
+            if m is None or not 1 <= int(m["port"] or 9092) <= 65535:
+                raise ValueError(
+                    f"{server.strip()!r} is not a server: host:port[,host:port...], port 1 to 65535"
+                )
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        """A URL redis-py can use (``redis+cluster://`` is parsed as ``redis://``)."""
+        plain = re.sub(r"^redis\+cluster://", "redis://", v)
+        try:
+            parse_url(plain)
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc} (or redis+cluster://)") from None
+        parsed = urlparse(plain)
+        if parsed.scheme in ("redis", "rediss"):
+            if not parsed.hostname:
+                raise ValueError(f"{v!r} names no host")
+            db = parsed.path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"{v!r}: the database {db!r} is not a number")
+        return v
+
+    @field_validator("orders_topic", "alerts_topic", "dlq_topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not TOPIC_NAME.fullmatch(v) or v in (".", ".."):
+            raise ValueError(
+                f"{v!r} is not a Kafka topic name (1 to 249 of letters, digits, '.', '_', '-')"
+            )
+        return v
+
+    @field_validator("consumer_group", "archiver_group", "key_prefix")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        """The dead-letter or alerts topic must not be the orders topic (rejected events would
+        come back as input), nor the two consumer groups one group (they would split the
+        partitions between them)."""
+        topics = {"orders_topic": self.orders_topic}
+        for name in ("dlq_topic", "alerts_topic"):
+            value = getattr(self, name)
+            if value in topics.values():
+                other = next(k for k, t in topics.items() if t == value)
+                raise ValueError(
+                    f"CLV_{name.upper()} is {value!r}, the same topic as CLV_{other.upper()}"
+                )
+            topics[name] = value
+        if self.consumer_group == self.archiver_group:
+            raise ValueError(
+                f"CLV_CONSUMER_GROUP and CLV_ARCHIVER_GROUP are both {self.consumer_group!r}"
+            )
+        return self
 
     def as_env(self) -> dict[str, str]:
         """These settings as the ``CLV_`` variables that rebuild them in a child process."""

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from clv.errors import StackError
+from clv.files import check_usable_dir
 from clv.local_stack import (
     LocalStack,
     kafka_host_port,
@@ -55,18 +56,26 @@ async def wait_healthy(running: Running, timeout: float = 60) -> None:
     """Redis answers and every feature consumer holds partitions."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    waiting = "nothing checked yet"
     while loop.time() < deadline:
         for t in running.tasks:
             if t.done() and t.exception() is not None:
                 raise StackError(f"a component failed while starting: {t.exception()}")
         try:
             await running.redis.ping()
+        except Exception as exc:  # not up yet; said if it never comes up
+            waiting = f"Redis at {_where(running.settings.redis_url)} does not answer: {exc}"
+        else:
             if all(c.assignment() for c in running.consumers):
                 return
-        except Exception:  # not up yet
-            pass
+            waiting = "the feature consumers were given no partitions of the orders topic"
         await asyncio.sleep(0.2)
-    raise StackError(f"the stack was not healthy within {timeout:.0f}s")
+    raise StackError(f"the stack was not healthy within {timeout:.0f}s: {waiting}")
+
+
+def _where(url: str) -> str:
+    """A server URL without its credentials, for messages."""
+    return url.split("@")[-1]
 
 
 async def run_stack(
@@ -85,8 +94,13 @@ async def run_stack(
     from consumers.feature_consumer import FeatureConsumer, open_clients
     from consumers.kafka import ensure_topics
     from feature_store.redis_store import FeatureStore
+    from training.registry import ModelRegistry
     from training.train import retrain_forever
 
+    # Before any server starts: a log or model directory that cannot be written ends it now.
+    check_usable_dir(settings.event_log_dir, "the event log", "CLV_EVENT_LOG_DIR")
+    if retrain_every_s:
+        ModelRegistry(settings.model_dir).check_writable()
     stack = LocalStack()
     try:
         # Starting servers polls their ports with sleeps: keep that off the event loop.
@@ -116,7 +130,7 @@ async def run_stack(
                 await wait_healthy(running)
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
-                    f"redis={settings.redis_url.split('@')[-1]} "
+                    f"redis={_where(settings.redis_url)} "
                     f"event log={settings.event_log_dir}"
                 )
                 if on_ready is not None:

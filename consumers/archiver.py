@@ -20,6 +20,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
 from clv.errors import InvalidEvent
+from clv.files import check_usable_dir
 from clv.settings import Settings
 from consumers.kafka import ensure_topics, make_consumer, validate_record
 from feature_store.event_log import ARRIVAL_COLUMNS, write_events
@@ -109,7 +110,7 @@ _COLUMNS = (*EVENT_COLUMNS, *ARRIVAL_COLUMNS)
 
 async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     """Entry point: archive until ``stop``; returns the number of events written."""
-
+    check_usable_dir(settings.event_log_dir, "the event log", "CLV_EVENT_LOG_DIR")
     await ensure_topics(settings)
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
     await consumer.start()

@@ -84,6 +84,11 @@ class FeatureConsumer:
                 batch = await self._consumer.getmany(
                     timeout_ms=200, max_records=self._settings.consume_batch
                 )
+                if in_flight is not None and in_flight.done():
+                    # A failed batch (Redis gone) stops the consumer now, not when the next
+                    # batch arrives, which on a quiet topic may be never; it is not committed.
+                    done, in_flight = in_flight, None
+                    done.result()
                 if not batch:
                     continue
                 prepared = self._prepare(batch)

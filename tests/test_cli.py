@@ -74,6 +74,15 @@ async def test_replay_then_features(
     assert earlier["source"] == "event_log"
     assert earlier["features"]["orders_total"] == 1 and earlier["features"]["age_days"] == 14
 
+    # ... and with no event log there, an error, not "no events" (exit 0) as if it had been read
+    no_log = settings.model_copy(update={"event_log_dir": tmp_path / "moved"})
+    missing = clv(no_log, "features", "alice", "--as-of", "2024-01-15")
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.strip() == (
+        f"clv: error: the event log {tmp_path / 'moved'} (CLV_EVENT_LOG_DIR) does not exist; "
+        "dates before the user's latest event (2024-02-03) are read from it"
+    )
+
     unknown = clv(settings, "features", "nobody")
     assert unknown.returncode == 1 and "unknown user" in unknown.stderr
     assert "Traceback" not in unknown.stderr
@@ -233,6 +242,53 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     assert unknown.stderr.strip() == "clv: error: No such command 'nosuch'."
 
 
+def test_bad_settings_and_unusable_directories_end_in_one_line_before_any_work(
+    tmp_path: Path,
+) -> None:
+    # Raw variables, as a user would set them: each is refused in one line before a server is
+    # started, a topic made or an event replayed.
+    orders = tmp_path / "orders.csv"
+    orders.write_text("user_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    closed = {"CLV_KAFKA_BOOTSTRAP": "127.0.0.1:1", "CLV_REDIS_URL": "redis://127.0.0.1:1/0"}
+    bt = ("backtest", "--orders", str(orders), "--horizon-days", "5", "--out", "p.csv")
+    cases: list[tuple[dict[str, str], tuple[str, ...], int, str]] = [
+        ({"CLV_REDIS_URL": "notaurl"}, ("features", "u1"), 2, "bad setting CLV_REDIS_URL:"),
+        ({"CLV_REDIS_URL": "redis://127.0.0.1:abc/0"}, ("consume",), 2, "CLV_REDIS_URL"),
+        ({"CLV_KAFKA_BOOTSTRAP": "127.0.0.1:abc"}, ("replay", str(orders)), 2, "not a server"),
+        ({"CLV_ORDERS_TOPIC": ""}, ("replay", str(orders)), 2, "CLV_ORDERS_TOPIC"),
+        ({"CLV_ORDERS_TOPIC": "bad topic!"}, ("archive",), 2, "not a Kafka topic name"),
+        ({"CLV_DLQ_TOPIC": "orders"}, ("consume",), 2, "bad settings: CLV_DLQ_TOPIC is"),
+        ({}, ("up", "--retrain-every", "-5"), 2, "--retrain-every"),
+        ({}, ("up", "--retrain-every", "nan"), 2, "--retrain-every"),
+        ({"CLV_MODEL_DIR": str(a_file)}, ("up",), 1, f"model directory {a_file} cannot be"),
+        ({"CLV_MODEL_DIR": str(a_file)}, ("demo",), 1, f"model directory {a_file} cannot be"),
+        ({"CLV_EVENT_LOG_DIR": str(a_file / "x")}, ("up",), 1, "(CLV_EVENT_LOG_DIR) cannot be"),
+        ({"CLV_EVENT_LOG_DIR": str(a_file / "x")}, ("archive",), 1, f"{a_file} is not a dir"),
+        (closed, ("replay", str(orders)), 1, "cannot reach a server: KafkaConnectionError"),
+        ({}, (*bt, "--cutoff", "2999-01-01"), 2, "--cutoff 2999-01-01 is in the future"),
+        ({}, ("backtest", "--orders", str(tmp_path), *bt[3:], "--cutoff", "2024-01-01"), 2, "is a"),
+    ]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+    for env, args, code, says in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "clv", *args],
+            env={**base, **closed, **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == code, (env, args, out.returncode, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("clv: error: "), (env, args, out.stderr)
+        assert says in lines[0], (env, args, lines[0])
+    # nothing was started, made or written: no local stack folder, no output, the file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "orders.csv"]
+    assert a_file.read_text() == "x"
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "clv" / "data" / "CDNOW_sample.txt.gz"
 
@@ -292,7 +348,8 @@ def _terminated_synth(out: Path, orders: int, staged: Callable[[], bool]) -> Non
 
 def test_a_terminated_synth_leaves_no_partial_log(tmp_path: Path) -> None:
     out = tmp_path / "log"
-    _terminated_synth(out, 600_000, lambda: any(out.glob(".synth.*/date=*/*.parquet")))
+    # big enough that writing lasts seconds: the signal lands mid-write on a loaded machine too
+    _terminated_synth(out, 2_000_000, lambda: any(out.glob(".synth.*/date=*/*.parquet")))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -60,3 +60,21 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> Non
         time.sleep(0.1)
     assert not port_open("127.0.0.1", redis_port), "redis-server left running"
     assert not port_open("127.0.0.1", kafka_port), "broker left running"
+
+
+async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None:
+    from clv.errors import StackError
+    from clv.settings import Settings
+    from clv.stack import Running, wait_healthy
+    from feature_store.redis_client import connect
+
+    settings = Settings(redis_url=f"redis://:secret@127.0.0.1:{free_port()}/0")  # nobody there
+    redis = connect(settings.redis_url)
+    try:
+        with pytest.raises(StackError) as info:
+            await wait_healthy(Running(settings, redis), timeout=1)
+    finally:
+        await redis.aclose()
+    message = str(info.value)
+    assert message.startswith("the stack was not healthy within 1s: Redis at 127.0.0.1:")
+    assert "does not answer: " in message and "secret" not in message

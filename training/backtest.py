@@ -80,6 +80,12 @@ def backtest_events(
     if feats.empty:
         raise DatasetError(f"no purchase on or before the cutoff {day_date(cutoff_day)}")
     progress(f"{len(past):,} events up to the cutoff, {len(feats):,} customers to score")
+    last = int(events["day"].max())
+    if last < cutoff_day:
+        progress(
+            f"the last event is on {day_date(last)}: the {cutoff_day - last} days from it to the "
+            "cutoff count as days without orders"
+        )
     selection = select_champion(past, cutoff_day, horizon_days, names=candidates, progress=progress)
     progress(f"champion: {selection.champion} ({selection.reason})")
     plan = selection.plan

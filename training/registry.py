@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from clv.errors import ModelError
-from clv.files import keep_staging, missing_dirs, replaced_atomically, staging_dir
+from clv.errors import ClvError, ModelError
+from clv.files import check_usable_dir, keep_staging, replaced_atomically, staging_dir
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
 
@@ -315,13 +315,10 @@ class ModelRegistry:
         a model is registered, so a run that fails first leaves nothing behind), and the
         pointer, history and lock are files where they exist, so a run that could not promote
         leaves no orphan version."""
-        missing = missing_dirs(self.root)
-        base = missing[-1].parent if missing else self.root  # the nearest existing ancestor
-        unusable = f"model directory {self.root} cannot be used: {base} is not"
-        if not base.is_dir():
-            raise ModelError(f"{unusable} a directory")
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise ModelError(f"{unusable} writable")
+        try:
+            check_usable_dir(self.root, "model directory")
+        except ClvError as exc:
+            raise ModelError(str(exc)) from None
         for name in (POINTER_FILE, HISTORY_FILE, LOCK_FILE):
             path = self.root / name
             if not path.is_symlink() and path.exists() and not path.is_file():

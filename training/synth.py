@@ -82,7 +82,7 @@ class SynthConfig:
                 f"--start {self.start} plus --days {self.days} runs past the year 9999"
             )
         if not 0.0 <= self.refund_rate < 1.0:
-            raise SynthError("refund_rate must be in [0, 1)")
+            raise SynthError(f"--refund-rate must be in [0, 1), not {self.refund_rate}")
         if self.spend_mean_shape <= 1.0:
             raise SynthError("spend_mean_shape must be > 1 (finite mean order value)")
 

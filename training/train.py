@@ -524,9 +524,14 @@ async def retrain_forever(
     """
     registry = ModelRegistry(settings.model_dir)
     trained_on: str | None = None
+    nothing = hashlib.sha256().hexdigest()  # the signature of a log with no file yet
     while True:
         signature = await asyncio.to_thread(log_signature, settings.event_log_dir)
-        if signature != trained_on:
+        if signature == nothing:  # a new stack: the archiver has written nothing yet
+            log.info(
+                "retraining waits: the event log %s holds no events yet", settings.event_log_dir
+            )
+        elif signature != trained_on:
             try:
                 if await train_in_subprocess(settings, candidates=candidates) == 0:
                     trained_on = signature

@@ -30,7 +30,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {first['msg']}") from None
+        why = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across settings: the message names them
+            raise fail(f"bad settings: {why}") from None
+        raise fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {why}") from None
 
 
 @overload

@@ -6,6 +6,7 @@ on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import warnings
 from enum import StrEnum
@@ -85,6 +86,10 @@ def backtest(
         raise fail(f"--currency {currency[:16]!r} is not an ISO 4217 code (three capital letters)")
     if not 0 < horizon_days <= MAX_HORIZON_DAYS:
         raise fail(f"--horizon-days must be from 1 to {MAX_HORIZON_DAYS} days")
+    if day > dt.datetime.now(dt.UTC).date():
+        raise fail(f"--cutoff {day} is in the future: the orders up to it are not known yet")
+    if orders.is_dir():
+        raise fail(f"the orders file {orders} is a directory")
     if not orders.is_file():
         raise fail(f"orders file not found: {orders}")
     _check_outputs(orders, out, report)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 
@@ -14,11 +15,13 @@ import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from clv.errors import StoreError
 from clv.replay import publish
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, describe
 from consumers.feature_consumer import FeatureConsumer
 from consumers.kafka import (
+    committed,
     make_consumer,
     make_producer,
     read_topic,
@@ -163,6 +166,25 @@ async def test_two_consumers_with_a_rebalance_mid_stream(settings: Settings) -> 
     assert all(assignments) and not (assignments[0] & assignments[1]), assignments
     assert second.stats.batches > 0, "the member that joined mid-stream should have worked"
     await _assert_online_equals_offline(settings, events)
+
+
+async def test_redis_gone_stops_the_consumer_at_once_and_commits_nothing(
+    settings: Settings,
+) -> None:
+    # One batch and then a quiet topic: the failed write must end the consumer itself, not
+    # wait for a next batch that never comes (it used to stall, silent, until stopped).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # nothing listens once closed
+    gone = settings.model_copy(update={"redis_url": closed})
+    await publish(settings, [event_message(e) for e in messy_events(6, users=5, per_user=4)])
+    async with Group(gone) as group:
+        await group.join()
+        with pytest.raises(StoreError, match=r"applying a batch failed: .*connect"):
+            await asyncio.wait_for(asyncio.shield(group.tasks[0]), timeout=120)
+        group.tasks.clear()  # its failure is the point, not a teardown error
+    commits = await committed(settings, settings.consumer_group, settings.orders_topic)
+    assert commits and all(c is None for c in commits.values()), commits
 
 
 def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:

@@ -315,6 +315,46 @@ async def test_retrain_forever_trains_in_a_child_without_blocking_the_loop(
     assert ticks > 1  # the loop kept running while the child trained
 
 
+async def test_retraining_waits_for_events_then_runs_once_per_change(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new stack has no event log yet: no child is started (it could only fail) until the
+    # archiver writes one; then one run, and none again until the log changes.
+    import training.train as train_module
+
+    runs: list[str] = []
+
+    async def child(settings: Settings, **_: object) -> int:
+        runs.append(log_signature(settings.event_log_dir))
+        return 0
+
+    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    settings = settings_for(tmp_path)
+    task = asyncio.create_task(retrain_forever(settings, 0.01))
+
+    async def loops(n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0.01)
+
+    try:
+        await loops(30)
+        assert runs == []
+        settings.event_log_dir.mkdir()
+        await loops(30)
+        assert runs == []  # a folder with no file is no event either
+        write_events(settings.event_log_dir, events)
+        for _ in range(3000):
+            await asyncio.sleep(0.01)
+            if runs:
+                break
+        await loops(30)
+        assert runs == [log_signature(settings.event_log_dir)]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 def test_large_logs_select_on_a_sample_of_whole_users_and_fit_on_all(
     tmp_path: Path, events: pd.DataFrame
 ) -> None:
