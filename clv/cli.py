@@ -68,8 +68,8 @@ def up(
     """Run the stack in the foreground (local Redis and broker where none run); Ctrl-C stops it."""
     from clv.stack import run_stack
 
-    if not math.isfinite(retrain_every):
-        raise fail(f"--retrain-every must be a number of seconds, not {retrain_every}")
+    if retrain_every and not 1 <= retrain_every < math.inf:  # (a check every few ns spins)
+        raise fail(f"--retrain-every must be 0 (off) or 1 second or more, not {retrain_every}")
     settings = load_settings()
     run_async(
         lambda stop: run_stack(

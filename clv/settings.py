@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal, Self
@@ -15,8 +16,19 @@ from redis.connection import parse_url
 MAX_HORIZON_DAYS = 3650
 #: Kafka's rule for topic names (``Topic.validate`` in Apache Kafka); the local broker is laxer.
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-#: One bootstrap server: ``host``, ``host:port`` or ``[ipv6]:port``.
-BOOTSTRAP_SERVER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:,\[\]/]+)(?::(?P<port>\d{1,5}))?")
+#: One bootstrap server: ``host``, ``host:port``, ``[ipv6]:port`` (a zone allowed) or a bare IPv6
+#: address (Kafka's default port), as the Kafka clients read them.
+BOOTSTRAP_SERVER = re.compile(
+    r"(?P<host>\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[^\s:,\[\]/%]+)(?::(?P<port>\d{1,5}))?"
+)
+
+
+def _bare_ipv6(text: str) -> bool:
+    """``::1`` or ``fe80::1%eth0``: an IPv6 address without brackets (so without a port)."""
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -66,6 +78,8 @@ class Settings(BaseSettings):
     def _bootstrap(cls, v: str) -> str:
         """Checked here, so a typo is one line at startup, not a traceback from the client."""
         for server in v.split(","):
+            if _bare_ipv6(server.strip()):
+                continue
             m = BOOTSTRAP_SERVER.fullmatch(server.strip())
             if m is None or not 1 <= int(m["port"] or 9092) <= 65535:
                 raise ValueError(

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
@@ -74,8 +75,12 @@ async def wait_healthy(running: Running, timeout: float = 60) -> None:
 
 
 def _where(url: str) -> str:
-    """A server URL without its credentials, for messages."""
-    return url.split("@")[-1]
+    """Where a server URL points, for messages: no scheme, credentials or query (a password
+    may sit in the user part or in ``?password=``)."""
+    parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        return parsed.path
+    return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path.rstrip('/')}"
 
 
 async def run_stack(

@@ -262,6 +262,8 @@ def test_bad_settings_and_unusable_directories_end_in_one_line_before_any_work(
         ({"CLV_DLQ_TOPIC": "orders"}, ("consume",), 2, "bad settings: CLV_DLQ_TOPIC is"),
         ({}, ("up", "--retrain-every", "-5"), 2, "--retrain-every"),
         ({}, ("up", "--retrain-every", "nan"), 2, "--retrain-every"),
+        ({}, ("up", "--retrain-every", "1e-9"), 2, "--retrain-every must be 0 (off) or 1 second"),
+        ({}, ("up", "--retrain-every", "inf"), 2, "--retrain-every must be 0 (off) or 1 second"),
         ({"CLV_MODEL_DIR": str(a_file)}, ("up",), 1, f"model directory {a_file} cannot be"),
         ({"CLV_MODEL_DIR": str(a_file)}, ("demo",), 1, f"model directory {a_file} cannot be"),
         ({"CLV_EVENT_LOG_DIR": str(a_file / "x")}, ("up",), 1, "(CLV_EVENT_LOG_DIR) cannot be"),

@@ -14,6 +14,8 @@ from clv.settings import Settings
         {"kafka_bootstrap": "localhost:9092"},
         {"kafka_bootstrap": "kafka-1:9092, kafka-2:9093,kafka-3"},  # no port: Kafka's 9092
         {"kafka_bootstrap": "[::1]:9092"},
+        {"kafka_bootstrap": "::1"},  # a bare IPv6 address: the default port
+        {"kafka_bootstrap": "[fe80::1%eth0]:9092,kafka_1.internal:9093"},
         {"redis_url": "redis://:secret@cache.internal:6380/2"},
         {"redis_url": "rediss://cache.internal"},
         {"redis_url": "unix:///run/redis.sock"},
@@ -34,6 +36,8 @@ def test_what_a_deployment_writes_is_accepted(changes: dict[str, str]) -> None:
         ({"kafka_bootstrap": "a:9092,,b:9092"}, "'' is not a server"),
         ({"kafka_bootstrap": "a:70000"}, "port 1 to 65535"),
         ({"kafka_bootstrap": "http://a:9092"}, "is not a server"),
+        ({"kafka_bootstrap": "a:b:c"}, "is not a server"),
+        ({"kafka_bootstrap": "a:9092,"}, "'' is not a server"),
         ({"redis_url": "notaurl"}, "Redis URL must specify one of the following schemes"),
         ({"redis_url": "http://cache:6379"}, "schemes"),
         ({"redis_url": "redis://127.0.0.1:abc/0"}, "Port could not be cast"),

@@ -68,7 +68,8 @@ async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None
     from clv.stack import Running, wait_healthy
     from feature_store.redis_client import connect
 
-    settings = Settings(redis_url=f"redis://:secret@127.0.0.1:{free_port()}/0")  # nobody there
+    port = free_port()  # nobody there; a password in the user part and in the query
+    settings = Settings(redis_url=f"redis://u:secret@127.0.0.1:{port}/0?password=secret")
     redis = connect(settings.redis_url)
     try:
         with pytest.raises(StackError) as info:
@@ -76,5 +77,5 @@ async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None
     finally:
         await redis.aclose()
     message = str(info.value)
-    assert message.startswith("the stack was not healthy within 1s: Redis at 127.0.0.1:")
+    assert message.startswith(f"the stack was not healthy within 1s: Redis at 127.0.0.1:{port}/0 ")
     assert "does not answer: " in message and "secret" not in message

@@ -20,11 +20,13 @@ much, which is what differs between candidates. The level itself is judged by th
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -199,21 +201,40 @@ def _one_line(exc: BaseException | str) -> str:
 
 @contextmanager
 def recorded_warnings() -> Iterator[list[str]]:
-    """Collect the warnings raised inside as distinct one-line messages instead of printing them.
+    """Collect the warnings this thread raises inside as distinct one-line messages instead of
+    printing them.
 
     Fitting on a small history makes scikit-learn warn (a GLM solver that stops early, a forest
     bootstrap of a few rows): worth keeping with the candidate's figures, not printing past
-    ``--quiet`` as multi-line noise on stderr."""
+    ``--quiet`` as multi-line noise on stderr. Only those notes are taken (``UserWarning``, which
+    scikit-learn's warnings derive from, and numpy's ``RuntimeWarning``): a ``FutureWarning`` or
+    ``DeprecationWarning`` about how this code calls a library still follows the process's
+    filters (an error under the test suite's). Warnings of other threads (an event loop sharing
+    the process) are shown as before, not taken for the fit's."""
     found: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield found
-        finally:
-            for w in caught:
-                line = f"{w.category.__name__}: {_one_line(w.message)}"
-                if line not in found:
-                    found.append(line)
+    owner = threading.get_ident()
+    with warnings.catch_warnings():  # restores the filters and the printing hook on the way out
+        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", RuntimeWarning)
+        show = warnings.showwarning
+
+        def record(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if threading.get_ident() != owner:
+                show(message, category, filename, lineno, file, line)
+                return
+            note = f"{category.__name__}: {_one_line(message)}"
+            if note not in found:
+                found.append(note)
+
+        warnings.showwarning = record
+        yield found
 
 
 def evaluate(
@@ -355,10 +376,12 @@ def _unvalidated(
     failures = []
     for name in [REFERENCE, *(n for n in names if n in UNSUPERVISED and n != REFERENCE)]:
         try:  # a forecast, not only a fit: BG/NBD+GG refuses non-finite values at predict
-            make_candidates([name])[name].fit(ds).predict(ds.current, horizon_days)
+            with recorded_warnings() as warned:
+                make_candidates([name])[name].fit(ds).predict(ds.current, horizon_days)
         except (ClvError, ValueError, ArithmeticError) as exc:
             failures.append(f"{name}: {_one_line(exc)}")
             continue
+        failures += [f"{name} warned: {w}" for w in warned]
         if failures:
             why += f"; {'; '.join(failures)}"
         return Selection(name, why, plan, None)

@@ -251,7 +251,7 @@ def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
     """Scores a stored champion on the challenger's validation window, with the same metric."""
     from training.datasets import purchasers_at
     from training.metrics import all_metrics
-    from training.selection import REFERENCE, composite_score, qualifies
+    from training.selection import REFERENCE, composite_score, qualifies, recorded_warnings
 
     def ranked(name: str, m: dict[str, float], how: str, ties: bool = False) -> ChampionScore:
         """The champion's composite, ranked as the selection ranks: one that misses the targets
@@ -276,7 +276,8 @@ def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
                 return ranked(name, recipe.metrics, how, ties=True)
             return ChampionScore(_score_on(recipe, val.metric), how, ties_promote=True)
         feats = purchasers_at(events, val.train_end_day)
-        pred = champion.model.predict(feats, val.label_days)["predicted_value"].to_numpy()
+        with recorded_warnings():  # the champion's notes were kept when it was trained
+            pred = champion.model.predict(feats, val.label_days)["predicted_value"].to_numpy()
         m = all_metrics(selection.val_actual, pred)
         if val.metric == COMPOSITE:
             how = "re-scored on this window"

@@ -134,3 +134,72 @@ def test_a_winner_must_also_beat_the_reference_on_the_composite(
     monkeypatch.setattr(selection, "composite_score", lambda m, ref: 0.01)
     sel = selection.select_champion(sample_events, cutoff, 91, names=names)
     assert sel.champion == "naive_rate"
+
+
+def test_recorded_warnings_take_this_threads_notes_only() -> None:
+    import threading
+    import warnings
+
+    from training.selection import recorded_warnings
+
+    shown: list[str] = []
+
+    def elsewhere() -> None:
+        warnings.warn("from the event loop's thread", UserWarning, stacklevel=1)
+
+    def show(message, *_: object, **__: object) -> None:  # type: ignore[no-untyped-def]
+        shown.append(str(message))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show  # what the process prints, seen from outside
+        with recorded_warnings() as notes:
+            warnings.warn("solver stopped early\nmore detail", UserWarning, stacklevel=1)
+            warnings.warn("overflow in exp", RuntimeWarning, stacklevel=1)
+            other = threading.Thread(target=elsewhere)
+            other.start()
+            other.join()
+    assert notes == [
+        "UserWarning: solver stopped early ... more detail",
+        "RuntimeWarning: overflow in exp",
+    ]
+    assert shown == ["from the event loop's thread"]  # shown as before, not taken as the fit's
+
+
+def test_recorded_warnings_leave_api_deprecations_to_the_process_filters() -> None:
+    import warnings
+
+    from training.selection import recorded_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under -W error (and this suite's settings)
+        with pytest.raises(FutureWarning), recorded_warnings() as notes:
+            warnings.warn("this argument will change", FutureWarning, stacklevel=1)
+    assert notes == []
+
+
+def test_a_fit_with_no_validation_window_keeps_its_warnings_in_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import warnings
+
+    from training.models.btyd import BGNBDGammaGamma
+    from training.models.candidates import REFERENCE
+    from training.selection import select_champion
+    from training.synth import SynthConfig, events_frame, generate
+
+    fit = BGNBDGammaGamma.fit
+
+    def noisy(self, ds):  # type: ignore[no-untyped-def]
+        warnings.warn("BG/NBD is unsure", UserWarning, stacklevel=2)
+        return fit(self, ds)
+
+    monkeypatch.setattr(BGNBDGammaGamma, "fit", noisy)
+    log = events_frame(generate(SynthConfig(users=300, orders=6000, days=400, seed=3)))
+    first = int(log["day"].min())
+    sel = select_champion(log, first + 25, 30)  # days of history: nothing to validate on
+    assert sel.plan.val_days < 1 and sel.champion == REFERENCE
+    assert sel.reason == (
+        "no history before the cutoff to validate on; "
+        "bgnbd_gg warned: UserWarning: BG/NBD is unsure"
+    )
