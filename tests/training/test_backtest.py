@@ -543,3 +543,31 @@ def test_sigterm_during_the_renames_lets_them_finish(
     assert out.read_bytes() == (expected / "p.csv").read_bytes()
     assert not [p for p in rep.iterdir() if p.name.startswith(".")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_final_fits_warnings_and_a_cutoff_after_the_data_are_said(
+    sample_events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    from training.models.btyd import BGNBDGammaGamma
+    from training.models.naive import HistoricalRate
+
+    def noisy(fit):  # type: ignore[no-untyped-def]
+        def fit_and_warn(self, ds):  # type: ignore[no-untyped-def]
+            warnings.warn(f"{self.name} is unsure", UserWarning, stacklevel=2)
+            return fit(self, ds)
+
+        return fit_and_warn
+
+    for cls in (HistoricalRate, BGNBDGammaGamma):
+        monkeypatch.setattr(cls, "fit", noisy(cls.fit))
+    last = int(sample_events["day"].max())
+    said: list[str] = []
+    result = backtest_events(
+        sample_events, last + 10, 30, candidates=["naive_rate"], progress=said.append
+    )
+    assert result.future_complete is False
+    assert f"the last event is on {dt.date(1998, 6, 30)}: the 10 days" in " | ".join(said)
+    champion = result.selection.champion
+    assert f"final fit: {champion} warned: UserWarning: {champion} is unsure" in said, said
