@@ -62,13 +62,13 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]], *, one_shot: bool =
 def up(
     consumers: Annotated[int, typer.Option(min=1, help="feature consumers in the group")] = 1,
     retrain_every: Annotated[
-        float, typer.Option(min=0, help="seconds between retrainings (0: off)")
+        float, typer.Option(help="seconds between retrainings (0: off)")
     ] = 3600,
 ) -> None:
     """Run the stack in the foreground (local Redis and broker where none run); Ctrl-C stops it."""
     from clv.stack import run_stack
 
-    if retrain_every and not 1 <= retrain_every < math.inf:  # (a check every few ns spins)
+    if retrain_every != 0 and not 1 <= retrain_every < math.inf:  # (nan too; 1e-9 would spin)
         raise fail(f"--retrain-every must be 0 (off) or 1 second or more, not {retrain_every}")
     settings = load_settings()
     run_async(

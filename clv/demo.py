@@ -49,9 +49,9 @@ BAD_MESSAGES: list[tuple[bytes, bytes]] = [
 
 
 async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: bool = False) -> None:
-    # CDNOW is history: "now" is the latest event time, not today's date.
     from training.registry import ModelRegistry
 
+    # CDNOW is history: "now" is the latest event time, not today's date.
     settings = settings.model_copy(update={"clock": "event"})
     ModelRegistry(settings.model_dir).check_writable()  # it trains at the end: know it now
 

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 
 from clv.settings import Settings
-from feature_store.event_log import EventLogError, read_events
+from feature_store.event_log import EventLogError, log_dir_problem, read_events
 from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
@@ -38,12 +38,10 @@ async def lookup_features(
             source = "redis"
         else:
             # Point in time before the latest event: replay the user's log in arrival order.
-            root = settings.event_log_dir
-            if not root.is_dir():  # not "no events": the log that would say is not there
-                what = "is not a directory" if root.exists() else "does not exist"
+            if problem := log_dir_problem(settings.event_log_dir):  # not "no events"
                 raise EventLogError(
-                    f"the event log {root} (CLV_EVENT_LOG_DIR) {what}; dates before the user's "
-                    f"latest event ({day_date(latest)}) are read from it"
+                    f"{problem}; dates before the user's latest event ({day_date(latest)}) are "
+                    "read from it"
                 )
             events = await asyncio.to_thread(
                 read_events, settings.event_log_dir, user_id=user_id, arrival_order=True

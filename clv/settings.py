@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from itertools import combinations
 from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import urlparse
@@ -77,13 +78,13 @@ class Settings(BaseSettings):
     @classmethod
     def _bootstrap(cls, v: str) -> str:
         """Checked here, so a typo is one line at startup, not a traceback from the client."""
-        for server in v.split(","):
-            if _bare_ipv6(server.strip()):
+        for server in (s.strip() for s in v.split(",")):
+            if _bare_ipv6(server):
                 continue
-            m = BOOTSTRAP_SERVER.fullmatch(server.strip())
+            m = BOOTSTRAP_SERVER.fullmatch(server)
             if m is None or not 1 <= int(m["port"] or 9092) <= 65535:
                 raise ValueError(
-                    f"{server.strip()!r} is not a server: host:port[,host:port...], port 1 to 65535"
+                    f"{server!r} is not a server: host:port[,host:port...], port 1 to 65535"
                 )
         return v
 
@@ -123,18 +124,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct(self) -> Self:
-        """The dead-letter or alerts topic must not be the orders topic (rejected events would
-        come back as input), nor the two consumer groups one group (they would split the
+        """No two of the orders, dead-letter and alerts topics are one topic (rejected events
+        would come back as input), nor the two consumer groups one group (they would split the
         partitions between them)."""
-        topics = {"orders_topic": self.orders_topic}
-        for name in ("dlq_topic", "alerts_topic"):
-            value = getattr(self, name)
-            if value in topics.values():
-                other = next(k for k, t in topics.items() if t == value)
+        for first, second in combinations(("orders_topic", "dlq_topic", "alerts_topic"), 2):
+            if (value := getattr(self, second)) == getattr(self, first):
                 raise ValueError(
-                    f"CLV_{name.upper()} is {value!r}, the same topic as CLV_{other.upper()}"
+                    f"CLV_{second.upper()} is {value!r}, the same topic as CLV_{first.upper()}"
                 )
-            topics[name] = value
         if self.consumer_group == self.archiver_group:
             raise ValueError(
                 f"CLV_CONSUMER_GROUP and CLV_ARCHIVER_GROUP are both {self.consumer_group!r}"

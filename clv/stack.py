@@ -80,7 +80,8 @@ def _where(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme == "unix":
         return parsed.path
-    return f"{parsed.hostname}:{parsed.port or 6379}{parsed.path.rstrip('/')}"
+    host, port = redis_host_port(url)
+    return f"{host}:{port}{parsed.path.rstrip('/')}"
 
 
 async def run_stack(

@@ -90,6 +90,15 @@ def _partition_day(folder: Path) -> int | None:
         return None
 
 
+def log_dir_problem(root: Path) -> str | None:
+    """Why ``root`` cannot be read as the event log (missing, or not a folder), or None. Not
+    the same as an empty log: that holds no events, this cannot tell."""
+    if root.is_dir():
+        return None
+    what = "is not a directory" if root.exists() else "does not exist"
+    return f"the event log {root} (CLV_EVENT_LOG_DIR) {what}"
+
+
 def log_files(root: Path, start_day: int | None = None, end_day: int | None = None) -> list[Path]:
     """The log's Parquet parts for the days in ``[start_day, end_day]``, in date then name
     order (folders that are not a ``date=`` partition are ignored)."""

@@ -99,7 +99,7 @@ def backtest_events(
             note += "; the horizon is longer than the history: treat it as extrapolation"
         progress(note)
 
-    future_complete = int(events["day"].max()) >= cutoff_day + horizon_days
+    future_complete = last >= cutoff_day + horizon_days
     names = [selection.champion]
     if future_complete:
         names += [REFERENCE] if not score_all else list(make_candidates(candidates))

@@ -316,7 +316,7 @@ def train(
 
     Raises :class:`TrainingError` when the log holds no purchase to learn from.
     """
-    from feature_store.event_log import read_events
+    from feature_store.event_log import log_dir_problem, read_events
     from feature_store.features import day_date
     from training.backtest import StderrProgress
     from training.datasets import DatasetError, check_times, history_days
@@ -325,9 +325,8 @@ def train(
 
     t0 = time.perf_counter()
     root = settings.event_log_dir
-    if not root.is_dir():
-        what = "is not a directory" if root.exists() else "does not exist"
-        raise TrainingError(f"the event log {root} (CLV_EVENT_LOG_DIR) {what}")
+    if problem := log_dir_problem(root):
+        raise TrainingError(problem)
     _check_model_dir(settings.model_dir)  # before any work, not after it
     say: Say = StderrProgress("train") if progress else (lambda _msg: None)
     clock = _Clock(say, on_phase)
