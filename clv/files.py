@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +57,7 @@ def remove_empty(folders: list[Path]) -> None:
 
 _deferring = 0  # > 0 while a commit step must not be cut in two (main thread only)
 _pending = False  # SIGTERM arrived while deferring: raised when the step ends
+_resend = False  # a Terminated raised in a finalizer was dropped: to be raised again
 
 
 def loops(path: Path) -> bool:
@@ -68,30 +70,59 @@ def loops(path: Path) -> bool:
     return False
 
 
+def _send_sigterm_soon() -> None:
+    time.sleep(0.01)
+    if _resend:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
     below runs; the previous handler is restored after. A second SIGTERM is ignored, so that it
     cannot cut the cleanup short, and one that arrives inside :func:`interruptions_deferred` is
-    raised when that step ends. Outside the main thread, a no-op."""
+    raised when that step ends. Outside the main thread, a no-op.
+
+    Python runs the handler wherever the main thread is, a finalizer (``__del__``, a weakref
+    callback) included, and an exception there is printed and dropped: the run would go on to
+    the end with SIGTERM ignored. Such a dropped :class:`~clv.errors.Terminated` is signalled
+    again, and raised at the next point that can unwind (at the latest where the block ends)."""
+    global _resend
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(_signum: int, _frame: object) -> None:
-        global _pending
+        global _pending, _resend
         if _deferring:
             _pending = True
             return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now: no second interruption
+        _resend = False
         raise Terminated()
 
+    def _dropped(unraisable: sys.UnraisableHookArgs) -> None:
+        global _resend
+        if not isinstance(unraisable.exc_value, Terminated):
+            previous_hook(unraisable)
+            return
+        _resend = True
+        signal.signal(signal.SIGTERM, _raise)  # the handler ran in the main thread: so does this
+        # sent again from another thread, once this hook and the finalizer have returned (a
+        # signal sent from here would be handled inside this hook, and dropped again)
+        threading.Thread(target=_send_sigterm_soon, daemon=True).start()
+
     previous = signal.signal(signal.SIGTERM, _raise)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _dropped
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
+        if _resend:  # the block ended before it was sent again
+            _resend = False
+            raise Terminated()
 
 
 @contextmanager
