@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import errno
 import fcntl
 import os
@@ -57,7 +58,6 @@ def remove_empty(folders: list[Path]) -> None:
 
 _deferring = 0  # > 0 while a commit step must not be cut in two (main thread only)
 _pending = False  # SIGTERM arrived while deferring: raised when the step ends
-_resend = False  # a Terminated raised in a finalizer was dropped: to be raised again
 
 
 def loops(path: Path) -> bool:
@@ -70,12 +70,6 @@ def loops(path: Path) -> bool:
     return False
 
 
-def _send_sigterm_soon() -> None:
-    time.sleep(0.01)
-    if _resend:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
@@ -85,43 +79,67 @@ def sigterm_unwinds() -> Iterator[None]:
     raised when that step ends. Outside the main thread, a no-op.
 
     Python runs the handler wherever the main thread is, a finalizer (``__del__``, a weakref
-    callback) included, and an exception there is printed and dropped: the run would go on to
-    the end with SIGTERM ignored. Such a dropped :class:`~clv.errors.Terminated` is signalled
-    again, and raised at the next point that can unwind (at the latest where the block ends)."""
-    global _resend
+    callback, a generator closed by the collector) included, and drops an exception raised
+    there ("Exception ignored in ..."): the run would go on to the end with SIGTERM ignored. So
+    a dropped :class:`~clv.errors.Terminated`, or a SIGTERM that arrives while such a report is
+    being made, is signalled again from another thread once the finalizer has returned. And
+    whenever a SIGTERM arrived but no Terminated reached the end of the block (dropped where
+    this cannot see, such as a library's ``except BaseException``, or signalled again into a
+    flood of such reports), one is raised where the block ends: a run asked to stop never ends
+    as if it had not been."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    live = True  # the block runs: a SIGTERM signalled again is still this block's
+    asked = arrived = False  # a SIGTERM arrived; a Terminated reached the end of the block
+    reporting = held = False  # inside the hook below; a SIGTERM arrived there
 
     def _raise(_signum: int, _frame: object) -> None:
-        global _pending, _resend
+        global _pending
+        nonlocal asked, held
+        asked = True
         if _deferring:
             _pending = True
             return
+        if reporting:  # raised here, it would be dropped like the one being reported
+            held = True
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now: no second interruption
-        _resend = False
         raise Terminated()
 
+    def _signal_again() -> None:  # in a thread of its own, while the main thread goes on
+        time.sleep(0.01)
+        if live:  # simulated, not sent: once SIGTERM is no longer Python's, this does nothing
+            _thread.interrupt_main(signal.SIGTERM)
+
     def _dropped(unraisable: sys.UnraisableHookArgs) -> None:
-        global _resend
-        if not isinstance(unraisable.exc_value, Terminated):
-            previous_hook(unraisable)
-            return
-        _resend = True
-        signal.signal(signal.SIGTERM, _raise)  # the handler ran in the main thread: so does this
-        # sent again from another thread, once this hook and the finalizer have returned (a
-        # signal sent from here would be handled inside this hook, and dropped again)
-        threading.Thread(target=_send_sigterm_soon, daemon=True).start()
+        nonlocal reporting, held
+        reporting = True
+        try:
+            if isinstance(unraisable.exc_value, Terminated):
+                held = True
+                signal.signal(signal.SIGTERM, _raise)  # the handler set it to be ignored
+            else:
+                previous_hook(unraisable)
+        finally:
+            reporting = False
+        if held:
+            held = False
+            _thread.start_new_thread(_signal_again, ())  # Thread.start would wait, handling signals
 
     previous = signal.signal(signal.SIGTERM, _raise)
     previous_hook, sys.unraisablehook = sys.unraisablehook, _dropped
     try:
         yield
+    except Terminated:
+        arrived = True
+        raise
     finally:
-        sys.unraisablehook = previous_hook
+        live = False
+        if sys.unraisablehook is _dropped:  # not when something in the block replaced it
+            sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
-        if _resend:  # the block ended before it was sent again
-            _resend = False
+        if asked and not arrived:  # dropped on the way, and not raised again before the end
             raise Terminated()
 
 
