@@ -73,7 +73,9 @@ def backtest(
             help="the deployment's currency: CSV rows in another are refused",
         ),
     ] = "USD",
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress lines on stderr")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress lines on stderr")
+    ] = False,
 ) -> None:
     """Select and fit a model on the orders up to CUTOFF, forecast the horizon.
 

@@ -230,8 +230,9 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
     }
 
 
+@pytest.mark.parametrize("quiet", [[], ["-q"], ["--quiet"]])
 def test_cli_happy_path(
-    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    quiet: list[str], small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import training.backtest as bt
 
@@ -256,10 +257,11 @@ def test_cli_happy_path(
             str(out),
             "--format",
             "csv",
+            *quiet,
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "champion" in result.stderr  # progress lines
+    assert ("champion" in result.stderr) == (not quiet)  # progress lines unless quiet
     _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))
 
 
