@@ -59,6 +59,8 @@ class BacktestResult:
     model_predictions: dict[str, np.ndarray] = field(default_factory=dict)
     fitted_models: dict[str, CLVModel] = field(default_factory=dict)
     report_files: list[Path] = field(default_factory=list)
+    #: candidates whose final fit failed or was not possible, and why
+    final_fit_errors: dict[str, str] = field(default_factory=dict)
 
 
 def backtest_events(
@@ -158,6 +160,7 @@ def backtest_events(
         out_of_sample=pd.DataFrame(table).T[list(METRIC_NAMES)] if table else None,
         model_predictions={n: p["predicted_value"].to_numpy() for n, p in preds.items()},
         fitted_models={n: models[n] for n in preds},
+        final_fit_errors=errors,
     )
     return result
 
@@ -291,6 +294,13 @@ def write_report(
         notes.append(
             "The file does not cover the whole horizon after the cutoff: no out-of-sample figures."
         )
+    else:
+        notes.append(
+            "Out of sample, each candidate is scored as if it had been chosen; the champion was "
+            "picked on the internal validation alone, before any of it."
+        )
+    for name, why in result.final_fit_errors.items():
+        notes.append(f"{name}: no forecast ({why}).")
     page = write_html(
         report_dir / "index.html", title or f"CLV backtest {cutoff}", notes, tables, images
     )
@@ -314,7 +324,12 @@ def run_backtest(
     say(f"reading {orders_path} ({fmt})")
     events = load_orders(orders_path, fmt, currency=currency)
     result = backtest_events(
-        events, day_number(cutoff), horizon_days, candidates=candidates, progress=say
+        events,
+        day_number(cutoff),
+        horizon_days,
+        candidates=candidates,
+        score_all=report_dir is not None,  # a report compares every candidate after the cutoff
+        progress=say,
     )
     out = Path(out_csv)
     if report_dir is None:

@@ -16,7 +16,7 @@ from clv.commands.backtest import backtest
 from clv.errors import ClvError
 from clv.files import OWNER_FILE
 from feature_store.features import day_number
-from training.backtest import REPORT_FILES, backtest_events, run_backtest
+from training.backtest import REPORT_FILES, backtest_events, run_backtest, write_report
 from training.datasets import load_orders
 from training.metrics import METRIC_NAMES, all_metrics
 from training.selection import plan_windows
@@ -62,9 +62,11 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
     val = pd.read_csv(rep / "validation_metrics.csv", index_col="model")
     assert set(FAST) <= set(val.index)  # every candidate's internal validation
     oos = pd.read_csv(rep / "out_of_sample_metrics.csv", index_col="model")
+    assert sorted(oos.index) == sorted(FAST)  # every candidate scored after the cutoff too
+    assert {r[0] for r in page.tables[1][1:]} == set(FAST)
     for table in (val, oos):  # every metric the issue names, as a finite number
         assert set(METRIC_NAMES) <= set(table.columns), table.columns
-        assert np.isfinite(table.loc[result.selection.champion, list(METRIC_NAMES)]).all()
+        assert np.isfinite(table.loc[list(FAST), list(METRIC_NAMES)].to_numpy(float)).all()
     assert result.future_complete and result.out_of_sample is not None
     assert result.selection.champion in FAST
 
@@ -162,6 +164,21 @@ def test_no_history_to_learn_from_falls_back_to_label_free_models(
     assert result.selection.champion == "bgnbd_gg"
     assert not result.future_complete or result.out_of_sample is not None
     assert (result.predictions["predicted_value"] >= 0).all()
+
+
+def test_a_report_says_which_candidates_had_no_forecast(
+    sample_events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Twelve days of history hold no label window: the label-free candidates are scored after
+    the cutoff and the report names the one that learns from labels, and why it is missing."""
+    cutoff = int(sample_events["day"].min()) + 12
+    result = backtest_events(sample_events, cutoff, 90, candidates=FAST, score_all=True)
+    assert result.out_of_sample is not None
+    assert sorted(result.out_of_sample.index) == ["bgnbd_gg", "naive_rate"]
+    assert list(result.final_fit_errors) == ["hybrid_btyd_residual"]
+    write_report(sample_events, result, tmp_path)
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "hybrid_btyd_residual: no forecast (too little history before the cutoff" in page
 
 
 def test_days_of_history_without_a_repeat_buyer_still_give_a_forecast(
