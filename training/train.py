@@ -43,6 +43,7 @@ from training.registry import (
     ModelRegistry,
     Validation,
 )
+from training.threads import THREAD_VARS
 
 log = logging.getLogger(__name__)
 
@@ -449,10 +450,11 @@ def train(
 
 
 #: Thread pools of a background training child, unless the environment sets them: one thread
-#: each. The child shares the machine with the consumers and the API, and OpenMP's spinning
-#: workers lose badly under such load: hgb_poisson on 2,962 stacked rows took 81.7 s with the
-#: default pools and 2.6 s with one thread while `make model-quality` kept both cores busy.
-CHILD_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: each (see :mod:`training.threads`). The child shares the machine with the consumers and the
+#: API, and OpenMP's spinning workers lose badly under such load: hgb_poisson on 2,962 stacked
+#: rows took 81.7 s with the default pools and 2.6 s with one thread while `make model-quality`
+#: kept both cores busy.
+CHILD_THREADS = THREAD_VARS
 
 
 def _child_env(settings: Settings) -> dict[str, str]:

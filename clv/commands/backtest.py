@@ -110,6 +110,9 @@ def backtest(
                 raise fail(f"{flag}: cannot write in directory {folder}")
         # imported here: the modelling stack is heavy and other commands do not need it
         from training.backtest import run_backtest
+        from training.threads import one_thread_unless_set
+
+        one_thread_unless_set()  # after the import, which loads the pools it limits
 
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too

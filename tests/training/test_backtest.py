@@ -252,6 +252,7 @@ def test_cli_happy_path(
     quiet: list[str], small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import training.backtest as bt
+    import training.threads as threads
 
     real = bt.run_backtest
 
@@ -259,6 +260,8 @@ def test_cli_happy_path(
         return real(*a, **kw, candidates=FAST)  # type: ignore[arg-type]
 
     monkeypatch.setattr(bt, "run_backtest", fast)
+    limited: list[bool] = []
+    monkeypatch.setattr(threads, "one_thread_unless_set", lambda: limited.append(True) or True)
     out = tmp_path / "p.csv"
     result = CliRunner().invoke(
         _app(),
@@ -279,6 +282,7 @@ def test_cli_happy_path(
     )
     assert result.exit_code == 0, result.output
     assert ("champion" in result.stderr) == (not quiet)  # progress lines unless quiet
+    assert limited == [True]  # one thread per pool unless the environment says
     _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))
 
 

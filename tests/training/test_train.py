@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+import training.threads as threads
 from clv.commands.train import train as train_command
 from clv.settings import Settings
 from feature_store.event_log import write_events
@@ -227,9 +228,12 @@ def test_cli_on_missing_log_one_line_no_traceback(
 ) -> None:
     monkeypatch.setenv("CLV_EVENT_LOG_DIR", str(tmp_path / "nothing"))
     monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "models"))
+    limited: list[bool] = []
+    monkeypatch.setattr(threads, "one_thread_unless_set", lambda: limited.append(True) or True)
     app = typer.Typer()
     app.command()(train_command)
     result = CliRunner().invoke(app, ["--quiet"])
+    assert limited == [True]  # one thread per pool unless the environment says
     assert result.exit_code != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
