@@ -123,6 +123,8 @@ class CandidateScore:
     score: float = float("-inf")
     #: what the libraries warned about while fitting and predicting (one line each, no repeats)
     warnings: list[str] = field(default_factory=list)
+    #: the targets against the reference it missed on validation, with both figures
+    missed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Selection:
             n: {
                 **s.metrics,
                 "qualifies": s.qualifies,
+                "missed": "; ".join(s.missed),
                 "score": s.score,
                 "seconds": s.seconds,
                 "error": s.error or "",
@@ -156,20 +159,35 @@ def _bias_allowance(ref: dict[str, float]) -> float:
     return max(BIAS_LIMIT, abs(ref["bias"]))
 
 
+def missed_targets(m: dict[str, float], ref: dict[str, float]) -> list[str]:
+    """The targets ``m`` misses against the reference's figures on the same window, each with
+    both figures, so a user sees why a candidate with a better score was not chosen; empty
+    when it meets them all."""
+    unusable = [k for k in ("rmse", "mae", "gini", "bias") if not math.isfinite(m.get(k, math.nan))]
+    if unusable:
+        return [f"{', '.join(unusable)} not a finite number"]
+    missed = []
+    if not m["gini"] > ref["gini"]:
+        missed.append(f"Gini {m['gini']:.4f} not above {ref['gini']:.4f}")
+    key = "decile_mape_level"
+    if math.isfinite(ref[key]) and not m[key] < ref[key]:
+        missed.append(f"level-adjusted decile MAPE {m[key]:.4f} not below {ref[key]:.4f}")
+    for k, label in (("rmse", "RMSE"), ("mae", "MAE")):
+        if not m[k] <= ref[k] * (1 + RMSE_TOLERANCE):
+            missed.append(
+                f"{label} {m[k]:.4g} more than {RMSE_TOLERANCE:.0%} above {ref[k]:.4g} "
+                f"({m[k] / ref[k] - 1:+.1%})"
+            )
+    allowance = _bias_allowance(ref)
+    # tolerance: a model anchored to the reference's total has its bias up to rounding
+    if not abs(m["bias"]) <= allowance + 1e-6:
+        missed.append(f"total bias {m['bias']:+.1%} outside ±{allowance:.1%}")
+    return missed
+
+
 def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
     """Meets the targets against the reference's figures on the same window."""
-    if not all(math.isfinite(m.get(k, float("nan"))) for k in ("rmse", "mae", "gini", "bias")):
-        return False
-    key = "decile_mape_level"
-    mape_ok = (not math.isfinite(ref[key])) or m[key] < ref[key]
-    return (
-        m["gini"] > ref["gini"]
-        and mape_ok
-        and m["rmse"] <= ref["rmse"] * (1 + RMSE_TOLERANCE)
-        and m["mae"] <= ref["mae"] * (1 + RMSE_TOLERANCE)
-        # tolerance: a model anchored to the reference's total has its bias up to rounding
-        and abs(m["bias"]) <= _bias_allowance(ref) + 1e-6
-    )
+    return not missed_targets(m, ref)
 
 
 def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
@@ -328,7 +346,8 @@ def select_champion(
         )
     for s in scores.values():
         if not s.error:
-            s.qualifies = s.name != REFERENCE and qualifies(s.metrics, ref.metrics)
+            s.missed = [] if s.name == REFERENCE else missed_targets(s.metrics, ref.metrics)
+            s.qualifies = s.name != REFERENCE and not s.missed
             s.score = composite_score(s.metrics, ref.metrics)
     ref.score = 0.0
     # A winner meets the targets and is better on balance (the reference scores 0), so ranking
@@ -336,12 +355,20 @@ def select_champion(
     winners = [s for s in scores.values() if s.qualifies and s.score > 0]
     if not winners:
         met = any(s.qualifies for s in scores.values())
-        return Selection(
-            REFERENCE,
+        why = (
             "candidates met the targets against BG/NBD+GG on validation but none beat it on "
             "the composite score"
             if met
-            else "no candidate met the targets against BG/NBD+GG on validation",
+            else "no candidate met the targets against BG/NBD+GG on validation"
+        )
+        missed = [s for s in scores.values() if s.missed and s.score > 0]
+        if not met and missed:  # the one a user would ask about: better on balance, yet refused
+            top = max(missed, key=lambda s: s.score)
+            why += f"; best on the composite: {top.name} ({top.score:+.3f}), which missed "
+            why += "; ".join(top.missed)
+        return Selection(
+            REFERENCE,
+            why,
             plan,
             inner,
             scores,

@@ -296,6 +296,7 @@ def _candidate_table(selection: Any) -> dict[str, dict[str, Any]]:
             **s.metrics,
             "composite": s.score,
             "qualifies": s.qualifies,
+            "missed_targets": s.missed,
             "seconds": round(s.seconds, 3),
             "error": s.error,
             "warnings": s.warnings,

@@ -6,7 +6,13 @@ import datetime as dt
 
 import pytest
 
-from training.selection import WindowPlan, composite_score, plan_windows, qualifies
+from training.selection import (
+    WindowPlan,
+    composite_score,
+    missed_targets,
+    plan_windows,
+    qualifies,
+)
 
 REF = {
     "rmse": 10.0,
@@ -54,19 +60,24 @@ def test_a_candidate_sharing_the_reference_level_can_qualify() -> None:
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "said"),
     [
-        {"rmse": 10.3},  # > 2 % worse
-        {"mae": 5.2},
-        {"gini": 0.6},  # not better
-        {"decile_mape_level": 0.2},
-        {"bias": 0.16},  # beyond both 10 % and the reference's 15 %
+        ({"rmse": 10.3}, "RMSE 10.3 more than 2% above 10 (+3.0%)"),  # > 2 % worse
+        ({"mae": 5.2}, "MAE 5.2 more than 2% above"),
+        ({"gini": 0.6}, "Gini 0.6000 not above"),  # not better
+        ({"decile_mape_level": 0.2}, "level-adjusted decile MAPE 0.2000 not below"),
+        ({"bias": 0.16}, "total bias +16.0% outside ±15.0%"),  # beyond 10 % and the reference's
+        ({"gini": float("nan")}, "gini not a finite number"),
     ],
 )
-def test_missing_any_target_disqualifies(change: dict[str, float]) -> None:
+def test_missing_any_target_disqualifies_and_says_which(
+    change: dict[str, float], said: str
+) -> None:
     good = {**REF, "gini": 0.65, "decile_mape_level": 0.15}
-    assert qualifies(good, REF)
+    assert qualifies(good, REF) and missed_targets(good, REF) == []
     assert not qualifies({**good, **change}, REF)
+    missed = missed_targets({**good, **change}, REF)
+    assert len(missed) == 1 and missed[0].startswith(said), missed
 
 
 def test_a_short_horizon_lists_the_candidates_it_cannot_fit(sample_events) -> None:  # type: ignore[no-untyped-def]
@@ -83,6 +94,37 @@ def test_a_short_horizon_lists_the_candidates_it_cannot_fit(sample_events) -> No
     assert not sel.scores["bgnbd_gg"].error
     table = sel.table()
     assert table.loc["ridge", "error"].startswith("not fitted")
+
+
+def test_a_refused_candidate_better_on_balance_is_named_with_what_it_missed(
+    sample_events, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The reference stays champion; the reason, the table and each score say which target
+    kept the candidate that scored best on the composite out."""
+    import training.selection as selection
+    from feature_store.features import day_number
+
+    figures = {
+        "bgnbd_gg": REF,
+        "naive_rate": {**REF, "gini": 0.5, "rmse": 20.0},  # worse on balance
+        "ridge": {**REF, "gini": 0.59, "decile_mape_level": 0.05},  # better, Gini not above
+    }
+
+    def scored(models, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return {n: selection.CandidateScore(n, figures[n], 0.0) for n in models}, {}
+
+    monkeypatch.setattr(selection, "evaluate", scored)
+    cutoff = day_number(dt.date(1997, 12, 31))
+    sel = selection.select_champion(sample_events, cutoff, 91, names=list(figures))
+    assert sel.champion == "bgnbd_gg"
+    assert sel.scores["ridge"].score > 0 > sel.scores["naive_rate"].score
+    assert sel.scores["ridge"].missed == ["Gini 0.5900 not above 0.6000"]
+    assert sel.reason == (
+        "no candidate met the targets against BG/NBD+GG on validation; best on the composite: "
+        f"ridge ({sel.scores['ridge'].score:+.3f}), which missed Gini 0.5900 not above 0.6000"
+    )
+    assert sel.table().loc["ridge", "missed"] == "Gini 0.5900 not above 0.6000"
+    assert sel.table().loc["bgnbd_gg", "missed"] == ""
 
 
 def test_no_revenue_in_the_labels_is_a_one_line_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -126,7 +168,7 @@ def test_a_winner_must_also_beat_the_reference_on_the_composite(
 
     names = ["naive_rate", "bgnbd_gg"]
     cutoff = day_number(dt.date(1997, 12, 31))
-    monkeypatch.setattr(selection, "qualifies", lambda m, ref: True)
+    monkeypatch.setattr(selection, "missed_targets", lambda m, ref: [])
     monkeypatch.setattr(selection, "composite_score", lambda m, ref: -0.01)
     sel = selection.select_champion(sample_events, cutoff, 91, names=names)
     assert sel.scores["naive_rate"].qualifies

@@ -565,6 +565,11 @@ def test_library_warnings_are_kept_with_the_model_not_printed(
     for name, cls in (("naive_rate", HistoricalRate), ("bgnbd_gg", BGNBDGammaGamma)):
         note = f"UserWarning: {cls.__name__} is unsure ... see line two"
         assert meta["candidates"][name]["warnings"] == [note]
+    # and which targets each missed on validation, as the selection said
+    assert meta["candidates"]["bgnbd_gg"]["missed_targets"] == []
+    refused = meta["candidates"]["naive_rate"]
+    assert refused["qualifies"] == (refused["missed_targets"] == [])
+    assert all(isinstance(m, str) and m for m in refused["missed_targets"])
     champion_class = {"naive_rate": "HistoricalRate", "bgnbd_gg": "BGNBDGammaGamma"}
     note = f"UserWarning: {champion_class[result.model_name]} is unsure ... see line two"
     assert meta["extra"]["final_fit_warnings"] == [note]
