@@ -295,6 +295,13 @@ def write_report(
             "The file does not cover the whole horizon after the cutoff: no out-of-sample figures."
         )
     else:
+        actual_total = float(np.sum(result.actual)) if result.actual is not None else 0.0
+        forecast_total = float(result.predictions["predicted_value"].sum())
+        vs = f" ({forecast_total / actual_total - 1:+.1%})" if actual_total > 0 else ""
+        notes.append(
+            f"The champion's forecast total for the horizon: {forecast_total:,.2f}, against "
+            f"{actual_total:,.2f} actually spent by these customers{vs}."
+        )
         notes.append(
             "Out of sample, each candidate is scored as if it had been chosen; the champion was "
             "picked on the internal validation alone, before any of it."

@@ -86,6 +86,33 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+#: What each column of the report's tables means, its unit and which way is better.
+COLUMN_MEANINGS: dict[str, str] = {
+    "rmse": "root mean squared error per customer, in the orders' currency; lower is better",
+    "mae": "mean absolute error per customer, in the orders' currency; lower is better",
+    "gini": "normalized Gini of the ranking by predicted value: 1 orders customers as their "
+    "actual spend does, 0 is no better than chance; higher is better",
+    "spearman": "rank correlation of predicted and actual value; higher is better",
+    "top10_capture": "share of the actual revenue earned by the 10% of customers predicted "
+    "highest; higher is better",
+    "decile_mape": "mean absolute percentage error of the mean predicted against the mean "
+    "actual value in each decile of predicted value (as in the ZILN paper); lower is better",
+    "decile_mape_level": "the same with each model's predictions first scaled to the actual "
+    "total: how well it splits the revenue among customers, its level aside; lower is better",
+    "bias": "sum of predictions / sum of actual values - 1 (-0.05: the forecast total is 5% "
+    "under the actual one); nearer 0 is better",
+    "qualifies": "validation only: met every target against BG/NBD+GG (better Gini and "
+    "level-adjusted decile MAPE, RMSE and MAE at most 2% worse, bias within ±10% or the "
+    "reference's own)",
+    "missed": "validation only: the targets it missed, with both figures",
+    "score": "validation only: the composite, the sum of the relative gains over BG/NBD+GG "
+    "(Gini, level-adjusted decile MAPE, RMSE, MAE) less a penalty for bias beyond the limit; "
+    "BG/NBD+GG scores 0, the best qualifying candidate above 0 wins",
+    "seconds": "validation only: time to fit and predict",
+    "error": "validation only: why the candidate has no figures",
+}
+
+
 def write_html(
     path: Path,
     title: str,
@@ -93,7 +120,8 @@ def write_html(
     tables: Mapping[str, pd.DataFrame],
     images: Sequence[Path],
 ) -> Path:
-    """One page: notes, metric tables and the plots (referenced relative to the page)."""
+    """One page: notes, metric tables, what their columns mean, and the plots (referenced
+    relative to the page)."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -106,6 +134,13 @@ def write_html(
     for caption, table in tables.items():
         parts.append(f"<h2>{html.escape(caption)}</h2>")
         parts.append(table.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""))
+    shown = dict.fromkeys(c for t in tables.values() for c in t.columns)
+    meanings = [(c, COLUMN_MEANINGS[c]) for c in shown if c in COLUMN_MEANINGS]
+    if meanings:
+        parts.append("<h2>Columns</h2><dl>")
+        for column, meaning in meanings:
+            parts.append(f"<dt><b>{html.escape(column)}</b></dt><dd>{html.escape(meaning)}</dd>")
+        parts.append("</dl>")
     for img in images:
         rel = img.relative_to(path.parent) if img.is_relative_to(path.parent) else img
         parts.append(f"<p><img src='{html.escape(str(rel))}' alt='{html.escape(img.stem)}'></p>")

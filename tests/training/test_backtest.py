@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from feature_store.features import day_number
 from training.backtest import REPORT_FILES, backtest_events, run_backtest, write_report
 from training.datasets import load_orders
 from training.metrics import METRIC_NAMES, all_metrics
+from training.report import COLUMN_MEANINGS
 from training.selection import plan_windows
 
 FAST = ["naive_rate", "bgnbd_gg", "hybrid_btyd_residual"]
@@ -69,6 +71,16 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
         assert np.isfinite(table.loc[list(FAST), list(METRIC_NAMES)].to_numpy(float)).all()
     assert result.future_complete and result.out_of_sample is not None
     assert result.selection.champion in FAST
+    text = (rep / "index.html").read_text(encoding="utf-8")
+    assert set(val.columns) | set(oos.columns) <= set(COLUMN_MEANINGS)  # every column explained
+    for column in [*val.columns, *oos.columns]:
+        assert f"<dt><b>{column}</b></dt><dd>{html.escape(COLUMN_MEANINGS[column])}" in text
+    forecast = result.predictions["predicted_value"].sum()
+    actual_total = float(result.actual.sum())
+    assert (
+        f"forecast total for the horizon: {forecast:,.2f}, against {actual_total:,.2f} actually "
+        f"spent by these customers ({forecast / actual_total - 1:+.1%})"
+    ) in text
 
     # scored against what each customer spent in the 181 days after the cutoff, read from the
     # file itself, not through the code under test
