@@ -217,6 +217,17 @@ def tracking_curves(
     return days, actual, pred
 
 
+def plotted_models(sel: Selection) -> list[str]:
+    """The models the report's plots draw: the champion, BG/NBD+GG, and the runner-up (the
+    other candidate best on the validation composite), so that a plot compares even when the
+    reference stayed champion."""
+    others = [
+        s for s in sel.scores.values() if not s.error and s.name not in (sel.champion, REFERENCE)
+    ]
+    runner_up = [max(others, key=lambda s: s.score).name] if others else []
+    return list(dict.fromkeys([sel.champion, REFERENCE, *runner_up]))
+
+
 def write_report(
     events: pd.DataFrame,
     result: BacktestResult,
@@ -233,7 +244,7 @@ def write_report(
     val = sel.table()
     val.to_csv(report_dir / "validation_metrics.csv", index_label="model")
     files.append(report_dir / "validation_metrics.csv")
-    shown = list(dict.fromkeys([sel.champion, REFERENCE]))
+    shown = plotted_models(sel)
     if sel.val_actual is not None and sel.val_predictions:
         vp = {n: sel.val_predictions[n] for n in shown if n in sel.val_predictions}
         images.append(
@@ -308,6 +319,12 @@ def write_report(
         )
     for name, why in result.final_fit_errors.items():
         notes.append(f"{name}: no forecast ({why}).")
+    if images:
+        roles = {sel.champion: "champion", REFERENCE: "reference"}
+        if sel.champion == REFERENCE:
+            roles[REFERENCE] = "champion, reference"
+        labels = [f"{n} ({roles.get(n, 'runner-up on the validation composite')})" for n in shown]
+        notes.append(f"The plots show {', '.join(labels)}.")
     page = write_html(
         report_dir / "index.html", title or f"CLV backtest {cutoff}", notes, tables, images
     )

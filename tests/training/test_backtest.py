@@ -17,7 +17,13 @@ from clv.commands.backtest import backtest
 from clv.errors import ClvError
 from clv.files import OWNER_FILE
 from feature_store.features import day_number
-from training.backtest import REPORT_FILES, backtest_events, run_backtest, write_report
+from training.backtest import (
+    REPORT_FILES,
+    backtest_events,
+    plotted_models,
+    run_backtest,
+    write_report,
+)
 from training.datasets import load_orders
 from training.metrics import METRIC_NAMES, all_metrics
 from training.report import COLUMN_MEANINGS
@@ -176,6 +182,21 @@ def test_no_history_to_learn_from_falls_back_to_label_free_models(
     assert result.selection.champion == "bgnbd_gg"
     assert not result.future_complete or result.out_of_sample is not None
     assert (result.predictions["predicted_value"] >= 0).all()
+
+
+def test_the_plots_draw_the_champion_the_reference_and_the_runner_up() -> None:
+    from training.selection import CandidateScore, Selection, WindowPlan
+
+    def sel(champion: str, **scores: float) -> Selection:
+        rows = {n: CandidateScore(n, {}, 0.0, score=v) for n, v in scores.items()}
+        rows["failed"] = CandidateScore("failed", {}, 0.0, "it failed")
+        return Selection(champion, "", WindowPlan(365, 91, 91, 91), None, rows)
+
+    scores = {"bgnbd_gg": 0.0, "ridge": -0.4, "hgb_poisson": 0.2, "naive_rate": -2.0}
+    assert plotted_models(sel("bgnbd_gg", **scores)) == ["bgnbd_gg", "hgb_poisson"]
+    assert plotted_models(sel("ridge", **scores)) == ["ridge", "bgnbd_gg", "hgb_poisson"]
+    assert plotted_models(sel("hgb_poisson", **scores)) == ["hgb_poisson", "bgnbd_gg", "ridge"]
+    assert plotted_models(sel("bgnbd_gg", bgnbd_gg=0.0)) == ["bgnbd_gg"]
 
 
 def test_a_report_says_which_candidates_had_no_forecast(
