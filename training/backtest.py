@@ -104,7 +104,7 @@ def backtest_events(
     future_complete = last >= cutoff_day + horizon_days
     names = [selection.champion]
     if future_complete:
-        names += [REFERENCE] if not score_all else list(make_candidates(candidates))
+        names += [REFERENCE, *(make_candidates(candidates) if score_all else [])]
         names = list(dict.fromkeys(names))
     models = make_candidates(names)
     supervised_ds = final_training_set(

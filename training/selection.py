@@ -176,12 +176,12 @@ def missed_targets(m: dict[str, float], ref: dict[str, float]) -> list[str]:
         if not m[k] <= ref[k] * (1 + RMSE_TOLERANCE):
             missed.append(
                 f"{label} {m[k]:.4g} more than {RMSE_TOLERANCE:.0%} above {ref[k]:.4g} "
-                f"({m[k] / ref[k] - 1:+.1%})"
+                f"({m[k] / ref[k] - 1:+.2%})"
             )
     allowance = _bias_allowance(ref)
     # tolerance: a model anchored to the reference's total has its bias up to rounding
     if not abs(m["bias"]) <= allowance + 1e-6:
-        missed.append(f"total bias {m['bias']:+.1%} outside ±{allowance:.1%}")
+        missed.append(f"total bias {m['bias']:+.2%} outside ±{allowance:.2%}")
     return missed
 
 
@@ -362,7 +362,7 @@ def select_champion(
             else "no candidate met the targets against BG/NBD+GG on validation"
         )
         missed = [s for s in scores.values() if s.missed and s.score > 0]
-        if not met and missed:  # the one a user would ask about: better on balance, yet refused
+        if missed:  # the one a user would ask about: better on balance, yet refused
             top = max(missed, key=lambda s: s.score)
             why += f"; best on the composite: {top.name} ({top.score:+.3f}), which missed "
             why += "; ".join(top.missed)

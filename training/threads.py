@@ -20,11 +20,15 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def one_thread_unless_set() -> bool:
-    """Limit the loaded BLAS and OpenMP pools to one thread each, unless one of
-    :data:`THREAD_VARS` is set; whether it did. Call it after the modelling libraries are
-    imported (a pool not yet loaded is not limited), in the thread that will fit: OpenMP's
-    limit holds for the thread that sets it (a worker thread still gets every core)."""
-    if any(v in os.environ for v in THREAD_VARS):
+    """Limit the BLAS and OpenMP pools of numpy, scipy and scikit-learn to one thread each,
+    unless one of :data:`THREAD_VARS` is set; whether it did. Call it in the thread that will
+    fit: OpenMP's limit holds for the thread that sets it (a worker thread still gets every
+    core)."""
+    if any(os.environ.get(v) for v in THREAD_VARS):
         return False
+    # threadpoolctl limits the pools that are loaded: load the libraries that own them first
+    import scipy.linalg  # noqa: F401  (scipy's OpenBLAS)
+    import sklearn.ensemble  # noqa: F401  (scikit-learn's OpenMP runtime)
+
     threadpool_limits(1)
     return True

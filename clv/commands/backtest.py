@@ -112,7 +112,7 @@ def backtest(
         from training.backtest import run_backtest
         from training.threads import one_thread_unless_set
 
-        one_thread_unless_set()  # after the import, which loads the pools it limits
+        one_thread_unless_set()  # in this, the fitting thread
 
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too

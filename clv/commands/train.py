@@ -25,7 +25,7 @@ def train(
     from training.threads import one_thread_unless_set
     from training.train import train as run_training
 
-    one_thread_unless_set()  # after the import, which loads the pools it limits
+    one_thread_unless_set()  # in this, the fitting thread
     settings = load_settings()
     try:
         result = run_training(settings, progress=not quiet, force=force)

@@ -81,6 +81,14 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
     assert set(val.columns) | set(oos.columns) <= set(COLUMN_MEANINGS)  # every column explained
     for column in [*val.columns, *oos.columns]:
         assert f"<dt><b>{column}</b></dt><dd>{html.escape(COLUMN_MEANINGS[column])}" in text
+    plotted = plotted_models(result.selection)
+    assert plotted[0] == result.selection.champion and "bgnbd_gg" in plotted
+    assert len(plotted) == (2 if result.selection.champion == "bgnbd_gg" else 3)
+    roles = {result.selection.champion: "champion", "bgnbd_gg": "reference"}
+    if result.selection.champion == "bgnbd_gg":
+        roles["bgnbd_gg"] = "champion, reference"
+    labels = [f"{n} ({roles.get(n, 'runner-up on the validation composite')})" for n in plotted]
+    assert f"The plots show {', '.join(labels)}." in text
     forecast = result.predictions["predicted_value"].sum()
     actual_total = float(result.actual.sum())
     assert (
@@ -197,6 +205,18 @@ def test_the_plots_draw_the_champion_the_reference_and_the_runner_up() -> None:
     assert plotted_models(sel("ridge", **scores)) == ["ridge", "bgnbd_gg", "hgb_poisson"]
     assert plotted_models(sel("hgb_poisson", **scores)) == ["hgb_poisson", "bgnbd_gg", "ridge"]
     assert plotted_models(sel("bgnbd_gg", bgnbd_gg=0.0)) == ["bgnbd_gg"]
+
+
+def test_every_candidate_scored_after_the_cutoff_includes_the_reference(
+    sample_events: pd.DataFrame,
+) -> None:
+    """Even when the candidates named leave BG/NBD+GG out: it is what the others are judged
+    against, in the selection and in the report."""
+    cutoff = day_number(dt.date(1997, 12, 31))
+    names = ["naive_rate", "hybrid_btyd_residual"]
+    result = backtest_events(sample_events, cutoff, 91, candidates=names, score_all=True)
+    assert result.out_of_sample is not None
+    assert sorted(result.out_of_sample.index) == sorted([*names, "bgnbd_gg"])
 
 
 def test_a_report_says_which_candidates_had_no_forecast(

@@ -62,11 +62,11 @@ def test_a_candidate_sharing_the_reference_level_can_qualify() -> None:
 @pytest.mark.parametrize(
     ("change", "said"),
     [
-        ({"rmse": 10.3}, "RMSE 10.3 more than 2% above 10 (+3.0%)"),  # > 2 % worse
+        ({"rmse": 10.3}, "RMSE 10.3 more than 2% above 10 (+3.00%)"),  # > 2 % worse
         ({"mae": 5.2}, "MAE 5.2 more than 2% above"),
         ({"gini": 0.6}, "Gini 0.6000 not above"),  # not better
         ({"decile_mape_level": 0.2}, "level-adjusted decile MAPE 0.2000 not below"),
-        ({"bias": 0.16}, "total bias +16.0% outside ±15.0%"),  # beyond 10 % and the reference's
+        ({"bias": 0.16}, "total bias +16.00% outside ±15.00%"),  # beyond 10 % and the reference's
         ({"gini": float("nan")}, "gini not a finite number"),
     ],
 )
@@ -125,6 +125,16 @@ def test_a_refused_candidate_better_on_balance_is_named_with_what_it_missed(
     )
     assert sel.table().loc["ridge", "missed"] == "Gini 0.5900 not above 0.6000"
     assert sel.table().loc["bgnbd_gg", "missed"] == ""
+    # one candidate meets the targets but is worse on balance: the better one is named all the same
+    figures["naive_rate"] = {**REF, "gini": 0.6001, "decile_mape_level": 0.1999, "rmse": 10.19}
+    sel = selection.select_champion(sample_events, cutoff, 91, names=list(figures))
+    assert sel.champion == "bgnbd_gg" and sel.scores["naive_rate"].qualifies
+    assert sel.scores["naive_rate"].score < 0
+    assert sel.reason == (
+        "candidates met the targets against BG/NBD+GG on validation but none beat it on the "
+        f"composite score; best on the composite: ridge ({sel.scores['ridge'].score:+.3f}), "
+        "which missed Gini 0.5900 not above 0.6000"
+    )
 
 
 def test_no_revenue_in_the_labels_is_a_one_line_reason(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -14,11 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import json, threading
-from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
+from threadpoolctl import threadpool_info
 from training.threads import one_thread_unless_set
+import training.train  # what clv train imports first: it loads no OpenMP runtime yet
 
-seen = {"before": _openmp_effective_n_threads(), "limited": one_thread_unless_set()}
+seen = {"limited": one_thread_unless_set()}
+from sklearn.utils._openmp_helpers import _openmp_effective_n_threads
 seen["after"] = _openmp_effective_n_threads()
+seen["pools"] = sorted({p["num_threads"] for p in threadpool_info()})
 
 def worker():  # the demo trains in a worker thread and calls it there
     seen["worker before"] = _openmp_effective_n_threads()
@@ -49,8 +52,9 @@ def _probe(**env: str) -> dict[str, object]:
 def test_one_thread_unless_the_environment_chooses() -> None:
     seen = _probe()
     assert seen["limited"] is True
-    assert seen["before"] == seen["worker before"] == os.cpu_count()
-    assert seen["after"] == seen["worker after"] == 1
+    assert seen["after"] == seen["worker after"] == 1 and seen["pools"] == [1]
+    assert seen["worker before"] == (os.cpu_count() or 1)  # another thread: not limited yet
     chosen = _probe(OMP_NUM_THREADS="2")
     assert chosen["limited"] is False
-    assert chosen["before"] == chosen["after"] == 2
+    assert chosen["after"] == chosen["worker before"] == chosen["worker after"] == 2
+    assert _probe(OMP_NUM_THREADS="")["limited"] is True  # set but empty chooses nothing
