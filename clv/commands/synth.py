@@ -69,8 +69,9 @@ def synth(
 ) -> None:
     """Generate a synthetic order log, as an orders CSV or a Parquet event log.
 
-    Pareto/NBD customers, gamma-gamma spend, seasonality and refunds; the event log is
-    date-partitioned like the archiver's."""
+    Pareto/NBD customers, gamma-gamma spend, seasonality and refunds.
+
+    The event log is date-partitioned like the archiver's."""
     from training.synth import SYNTH_STAGING, SynthConfig, generate, write_csv, write_log
 
     first = parse_date(start, "--start")
