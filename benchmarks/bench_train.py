@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from clv.settings import Settings
-    from training.threads import one_thread_unless_set
     from training.train import DEFAULT_MAX_USERS, train
-
-    one_thread_unless_set()  # as clv train does
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     events_dir, models_dir = work / "events", work / "models"

@@ -133,18 +133,15 @@ async def _train_and_score(settings: Settings, online: pd.DataFrame) -> None:
     """Train from the event log the archiver wrote, then score the users whose online
     features (read from Redis above) are ``online``."""
     from training.registry import load_champion
-    from training.threads import one_thread_unless_set
-    from training.train import TrainResult, train
-
-    def train_beside_the_stack() -> TrainResult:
-        one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
-        return train(settings, progress=True, candidates=list(DEMO_CANDIDATES))
+    from training.train import train
 
     await wait_committed(settings, settings.archiver_group, timeout=900)
     console.rule("training from the event log (time-split selection of the champion)")
     # The demo leaves out the two slowest candidates (random forest, exact gradient boosting);
     # `clv train` compares all of them.
-    result = await asyncio.to_thread(train_beside_the_stack)
+    result = await asyncio.to_thread(
+        train, settings, progress=True, candidates=list(DEMO_CANDIDATES)
+    )
     console.print(result.summary())
     champion = await asyncio.to_thread(load_champion, settings.model_dir)
     horizon = champion.horizon_days

@@ -20,6 +20,7 @@ import pandas as pd
 from clv.errors import ClvError
 from clv.files import interruptions_deferred, replaced_atomically, staging_dir
 from feature_store.features import day_date, day_number
+from training import threads
 from training.datasets import DatasetError, OrdersFormat, load_orders, purchasers_at, window_labels
 from training.metrics import METRIC_NAMES
 from training.models.base import PREDICTION_COLUMNS, CLVModel
@@ -343,7 +344,9 @@ def run_backtest(
     candidates: list[str] | None = None,
     currency: str = "USD",
 ) -> BacktestResult:
-    """The ``clv backtest`` command's work: read, select, fit, forecast, write."""
+    """The ``clv backtest`` command's work: read, select, fit, forecast, write (with one
+    thread per numeric pool unless the environment sets them, :mod:`training.threads`)."""
+    threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
     say: Progress = StderrProgress() if progress else _quiet
     say(f"reading {orders_path} ({fmt})")
     events = load_orders(orders_path, fmt, currency=currency)

@@ -34,6 +34,7 @@ import pandas as pd
 from clv.errors import ClvError, Terminated
 from clv.files import sigterm_unwinds
 from clv.settings import Settings
+from training import threads
 from training.registry import (
     ChampionScore,
     DataWindow,
@@ -43,7 +44,6 @@ from training.registry import (
     ModelRegistry,
     Validation,
 )
-from training.threads import THREAD_VARS
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +316,11 @@ def train(
 ) -> TrainResult:
     """Train from ``settings.event_log_dir``, register in ``settings.model_dir``, promote if better.
 
-    Raises :class:`TrainingError` when the log holds no purchase to learn from.
+    Raises :class:`TrainingError` when the log holds no purchase to learn from. The numeric
+    pools of the calling thread get one thread each unless the environment sets them
+    (:mod:`training.threads`).
     """
+    threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
     from feature_store.event_log import log_dir_problem, read_events
     from feature_store.features import day_date
     from training.backtest import StderrProgress
@@ -450,19 +453,15 @@ def train(
 # --- periodic retraining (run by the stack) ----------------------------------------------------
 
 
-#: Thread pools of a background training child, unless the environment sets them: one thread
-#: each (see :mod:`training.threads`). The child shares the machine with the consumers and the
-#: API, and OpenMP's spinning workers lose badly under such load: hgb_poisson on 2,962 stacked
-#: rows took 81.7 s with the default pools and 2.6 s with one thread while `make model-quality`
-#: kept both cores busy.
-CHILD_THREADS = THREAD_VARS
-
-
 def _child_env(settings: Settings) -> dict[str, str]:
     """The environment of a training child: this process's, plus ``settings`` as CLV_ vars
     (settings built in code win over the environment they came from), with one-thread pools
-    (:data:`CHILD_THREADS`) unless the environment chose otherwise."""
-    env = {**{k: "1" for k in CHILD_THREADS}, **os.environ, **settings.as_env()}
+    (:data:`training.threads.THREAD_VARS`; set before the child loads any library, so every
+    thread of it gets them) unless the environment chose otherwise. The child shares the
+    machine with the consumers and the API, and OpenMP's spinning workers lose badly under such
+    load: hgb_poisson on 2,962 stacked rows took 81.7 s with the default pools and 2.6 s with
+    one thread while `make model-quality` kept both cores busy."""
+    env = {**{k: "1" for k in threads.THREAD_VARS}, **os.environ, **settings.as_env()}
     # The child must import this very code, installed or not.
     here = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)

@@ -110,9 +110,6 @@ def backtest(
                 raise fail(f"{flag}: cannot write in directory {folder}")
         # imported here: the modelling stack is heavy and other commands do not need it
         from training.backtest import run_backtest
-        from training.threads import one_thread_unless_set
-
-        one_thread_unless_set()  # in this, the fitting thread
 
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too

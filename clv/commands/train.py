@@ -22,10 +22,8 @@ def train(
 
     The model is registered in CLV_MODEL_DIR; it becomes the champion only when it beats the
     champion on the same validation window (or with --force)."""
-    from training.threads import one_thread_unless_set
     from training.train import train as run_training
 
-    one_thread_unless_set()  # in this, the fitting thread
     settings = load_settings()
     try:
         result = run_training(settings, progress=not quiet, force=force)

@@ -20,8 +20,8 @@ from feature_store.features import FEATURE_NAMES
 from feature_store.offline import features_at
 from training.registry import ModelRegistry
 from training.synth import SynthConfig, events_frame, generate
+from training.threads import THREAD_VARS
 from training.train import (
-    CHILD_THREADS,
     TrainingError,
     _child_env,
     choose_horizon,
@@ -390,10 +390,10 @@ def test_log_signature_changes_only_when_events_are_added(
 def test_a_background_training_child_runs_single_threaded_unless_told_otherwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for k in CHILD_THREADS:
+    for k in THREAD_VARS:
         monkeypatch.delenv(k, raising=False)
     env = _child_env(settings_for(tmp_path))
-    assert all(env[k] == "1" for k in CHILD_THREADS)
+    assert all(env[k] == "1" for k in THREAD_VARS)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert _child_env(settings_for(tmp_path))["OMP_NUM_THREADS"] == "2"
 
