@@ -82,7 +82,7 @@ def up(
 def demo(
     keep_running: Annotated[bool, typer.Option(help="stay up after the show until Ctrl-C")] = False,
 ) -> None:
-    """``up``, then replay the CDNOW data set as live order events and show the service at work."""
+    """Start the stack as `clv up` does, replay CDNOW as live order events, show the service."""
     from clv.demo import run_demo
 
     settings = load_settings()

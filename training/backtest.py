@@ -30,11 +30,13 @@ from training.selection import Progress, Selection, evaluate, final_training_set
 
 
 class StderrProgress:
-    """Progress lines on stderr, each with the seconds since the start."""
+    """Progress lines on stderr, each with the seconds since ``t0`` (a ``time.perf_counter()``
+    reading; default: now). The commands pass :data:`clv.STARTED`, so the clock counts the
+    seconds since the command started, its imports included."""
 
-    def __init__(self, prefix: str = "backtest") -> None:
+    def __init__(self, prefix: str = "backtest", t0: float | None = None) -> None:
         self.prefix = prefix
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     def __call__(self, message: str) -> None:
         elapsed = time.perf_counter() - self.t0
@@ -339,15 +341,16 @@ def run_backtest(
     horizon_days: int,
     out_csv: str | Path,
     report_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     *,
     candidates: list[str] | None = None,
     currency: str = "USD",
 ) -> BacktestResult:
     """The ``clv backtest`` command's work: read, select, fit, forecast, write (with one
-    thread per numeric pool unless the environment sets them, :mod:`training.threads`)."""
+    thread per numeric pool unless the environment sets them, :mod:`training.threads`).
+    ``progress``: a callable for the progress lines, or whether to print them on stderr."""
     threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
-    say: Progress = StderrProgress() if progress else _quiet
+    say: Progress = progress if callable(progress) else StderrProgress() if progress else _quiet
     say(f"reading {orders_path} ({fmt})")
     events = load_orders(orders_path, fmt, currency=currency)
     result = backtest_events(

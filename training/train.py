@@ -86,10 +86,13 @@ class TrainResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        verdict = "promoted to champion" if self.promoted else "registered, not promoted"
+        """One line: what was registered, whether it became the champion and why."""
+        head = f"model {self.version} ({self.model_name})"
+        if self.promoted:
+            return f"{head} promoted to champion: {self.decision.reason}"
         return (
-            f"model {self.version} ({self.model_name}) {verdict}: {self.decision.reason}; "
-            f"champion is {self.champion_version}"
+            f"{head} registered, not promoted: {self.decision.reason}; "
+            f"the champion stays {self.champion_version}"
         )
 
 
@@ -194,6 +197,10 @@ class _Clock:
             self.say(f"{name}: {self.timings[name]:.1f}s")
             if self.on_phase:
                 self.on_phase("")
+
+
+def _silent(_msg: str) -> None:
+    pass
 
 
 def _score_on(candidate: Any, metric: str) -> float:
@@ -308,7 +315,7 @@ def _candidate_table(selection: Any) -> dict[str, dict[str, Any]]:
 def train(
     settings: Settings,
     *,
-    progress: bool = True,
+    progress: bool | Say = True,
     force: bool = False,
     max_users: int = DEFAULT_MAX_USERS,
     candidates: list[str] | None = None,
@@ -316,7 +323,8 @@ def train(
 ) -> TrainResult:
     """Train from ``settings.event_log_dir``, register in ``settings.model_dir``, promote if better.
 
-    Raises :class:`TrainingError` when the log holds no purchase to learn from. The numeric
+    ``progress``: a callable for the progress lines, or whether to print them on stderr. Raises
+    :class:`TrainingError` when the log holds no purchase to learn from. The numeric
     pools of the calling thread get one thread each unless the environment sets them
     (:mod:`training.threads`).
     """
@@ -333,9 +341,10 @@ def train(
     if problem := log_dir_problem(root):
         raise TrainingError(problem)
     _check_model_dir(settings.model_dir)  # before any work, not after it
-    say: Say = StderrProgress("train") if progress else (lambda _msg: None)
+    say: Say = progress if callable(progress) else StderrProgress("train") if progress else _silent
     clock = _Clock(say, on_phase)
 
+    say(f"reading the event log at {root}")
     with clock.phase("read event log"):
         raw = read_events(root, currency=settings.currency)
         if raw.empty or not (raw["type"] == "purchase").any():
@@ -352,7 +361,7 @@ def train(
                 f"1970, none over CLV_FUTURE_TOLERANCE_SECONDS={tolerance} ahead of the clock), "
                 "so they did not write it"
             ) from exc
-        say(f"read {len(raw):,} events from {root}")
+        say(f"read {len(raw):,} events")
     with clock.phase("prepare"):
         events, user_ids = compact_events(raw)
         del raw
@@ -428,7 +437,6 @@ def train(
         decision = registry.offer(
             version, evaluate=_champion_evaluator(work, selection), force=force
         )
-        say(decision.reason)
     result = TrainResult(
         version=version,
         promoted=decision.promoted,
@@ -446,8 +454,7 @@ def train(
         candidates=_candidate_table(selection),
         timings={**clock.timings, "total": time.perf_counter() - t0},
     )
-    say(result.summary())
-    return result
+    return result  # its summary() is the caller's to print (the decision's reason is in it)
 
 
 # --- periodic retraining (run by the stack) ----------------------------------------------------

@@ -109,7 +109,8 @@ def backtest(
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise fail(f"{flag}: cannot write in directory {folder}")
         # imported here: the modelling stack is heavy and other commands do not need it
-        from training.backtest import run_backtest
+        from clv import STARTED
+        from training.backtest import StderrProgress, run_backtest
 
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too
@@ -121,7 +122,7 @@ def backtest(
                 horizon_days,
                 out,
                 report,
-                progress=not quiet,
+                progress=False if quiet else StderrProgress(t0=STARTED),
                 currency=currency,
             )
     except (ClvError, OSError, ValueError, KeyError) as exc:

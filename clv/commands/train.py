@@ -20,13 +20,17 @@ def train(
 ) -> None:
     """Train from CLV_EVENT_LOG_DIR, register the model, promote it only if it wins.
 
-    The model is registered in CLV_MODEL_DIR; it becomes the champion only when it beats the
-    champion on the same validation window (or with --force)."""
+    The model is registered in CLV_MODEL_DIR.
+
+    It becomes the champion only if it beats the champion on validation, or with --force."""
+    from clv import STARTED
+    from training.backtest import StderrProgress
     from training.train import train as run_training
 
     settings = load_settings()
+    progress = False if quiet else StderrProgress("train", t0=STARTED)
     try:
-        result = run_training(settings, progress=not quiet, force=force)
+        result = run_training(settings, progress=progress, force=force)
     except ClvError as exc:
         raise fail(str(exc), 1) from None
     except MemoryError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+import clv
 from clv.commands.backtest import backtest
 from clv.errors import ClvError
 from clv.files import OWNER_FILE
@@ -315,6 +318,8 @@ def test_cli_happy_path(
     monkeypatch.setattr(bt, "run_backtest", fast)
     limited: list[bool] = []
     monkeypatch.setattr(threads, "one_thread_unless_set", lambda: limited.append(True) or True)
+    # The clock counts from the process's start (imports included), not from the fitting's.
+    monkeypatch.setattr(clv, "STARTED", time.perf_counter() - 10_000)
     out = tmp_path / "p.csv"
     result = CliRunner().invoke(
         _app(),
@@ -335,6 +340,9 @@ def test_cli_happy_path(
     )
     assert result.exit_code == 0, result.output
     assert ("champion" in result.stderr) == (not quiet)  # progress lines unless quiet
+    clocks = [float(m) for m in re.findall(r"^\[backtest +([0-9.]+)s\]", result.stderr, re.M)]
+    assert bool(clocks) == (not quiet)
+    assert all(c >= 10_000 for c in clocks)
     assert limited == [True]  # one thread per pool unless the environment says
     _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))
 

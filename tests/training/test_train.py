@@ -85,11 +85,23 @@ def test_retraining_on_the_same_data_is_registered_not_promoted(
 ) -> None:
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
-    first = train(settings, progress=False, candidates=FAST)
-    again = train(settings, progress=False, candidates=FAST)
+    lines: list[str] = []
+    first = train(settings, progress=lines.append, candidates=FAST)
+    assert first.summary() == (
+        f"model {first.version} ({first.model_name}) promoted to champion: "
+        "first model: no champion yet"
+    )
+    again = train(settings, progress=lines.append, candidates=FAST)
     assert not again.promoted  # a tie on the same window keeps the champion
     assert "same window" in again.decision.reason
     assert again.champion_version == first.version
+    assert again.summary().endswith(
+        f"registered, not promoted: {again.decision.reason}; the champion stays {first.version}"
+    )
+    # The progress callable got the run's lines; the outcome is the summary's, said once.
+    assert lines[0].startswith("reading the event log at ")
+    assert any(line.startswith("select: ") for line in lines)
+    assert not any(first.decision.reason in line or again.version in line for line in lines)
     assert len(ModelRegistry(settings.model_dir).versions()) == 2
     forced = train(settings, progress=False, force=True, candidates=FAST)
     assert forced.promoted and forced.champion_version == forced.version
