@@ -61,6 +61,22 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 MODEL_FILE = "model.pkl"
 METADATA_FILE = "metadata.json"
+
+
+def units(currency: str) -> dict[str, str]:
+    """The ``units`` block of ``metadata.json``: how to read its numbers."""
+    return {
+        "*_day": "days since 1970-01-01 (UTC), as in the features; each *_date is the same day",
+        "*_days": "a number of days",
+        "money": f"{currency} (rmse, mae and the predicted values, as the events' amounts)",
+        "bias": "a fraction: sum(predicted) / sum(actual) - 1 (-0.05 is 5% low)",
+        "gini, spearman, top10_capture, decile_mape": "unitless (decile_mape: a fraction)",
+        "seconds": "wall-clock seconds",
+        "candidates": "each candidate's validation metrics; the reference (qualifies: null) "
+        "is what the targets are measured against",
+    }
+
+
 POINTER_FILE = "CHAMPION"
 HISTORY_FILE = "promotions.jsonl"
 LOCK_FILE = ".lock"
@@ -116,7 +132,8 @@ class Validation:
         return self.score < other_score
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "score": _finite(self.score)}
+        train_end = day_date(self.train_end_day).isoformat()
+        return {**asdict(self), "score": _finite(self.score), "train_end_date": train_end}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Validation:
@@ -334,8 +351,10 @@ class ModelRegistry:
         data_fingerprint: str,
         feature_names: tuple[str, ...] = FEATURE_NAMES,
         extra: Mapping[str, Any] | None = None,
+        currency: str = "USD",
     ) -> str:
-        """Store ``model`` as a new version (never the champion by itself); returns the version."""
+        """Store ``model`` as a new version (never the champion by itself); returns the version.
+        ``currency``: the unit of the money figures, said in the metadata's ``units``."""
         blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         digest = _sha256(blob)
         created = _utc_now()
@@ -348,7 +367,7 @@ class ModelRegistry:
                 "version": version,
                 "model_name": getattr(model, "name", type(model).__name__),
                 "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                "model_params": _clean({k: repr(v) for k, v in model.get_params().items()}),
+                "model_params": _clean(dict(model.get_params())),  # JSON values, else repr
                 "feature_names": list(feature_names),
                 "data_window": data_window.to_json(),
                 "validation": validation.to_json(),
@@ -358,6 +377,7 @@ class ModelRegistry:
                 "artifact": {"file": MODEL_FILE, "sha256": digest, "bytes": len(blob)},
                 "created_at": created.isoformat().replace("+00:00", "Z"),
                 "extra": _clean(dict(extra or {})),
+                "units": units(currency),
             }
             body["metadata_sha256"] = _sha256(_canonical(body))
             with staging_dir(self.root, STAGING_PREFIX) as stage:

@@ -298,12 +298,16 @@ def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
 
 
 def _candidate_table(selection: Any) -> dict[str, dict[str, Any]]:
+    """Each candidate's validation row for the metadata; the reference, the yardstick of the
+    targets, neither qualifies nor misses (null)."""
+    from training.selection import REFERENCE
+
     return {
         name: {
             **s.metrics,
             "composite": s.score,
-            "qualifies": s.qualifies,
-            "missed_targets": s.missed,
+            "qualifies": None if name == REFERENCE else s.qualifies,
+            "missed_targets": None if name == REFERENCE else s.missed,
             "seconds": round(s.seconds, 3),
             "error": s.error,
             "warnings": s.warnings,
@@ -417,6 +421,7 @@ def train(
             validation=validation,
             candidates=_candidate_table(selection),
             data_fingerprint=fingerprint,
+            currency=settings.currency,
             extra={
                 "selection_reason": selection.reason,
                 "requested_horizon_days": settings.horizon_days,

@@ -16,7 +16,7 @@ import training.threads as threads
 from clv.commands.train import train as train_command
 from clv.settings import Settings
 from feature_store.event_log import write_events
-from feature_store.features import FEATURE_NAMES
+from feature_store.features import FEATURE_NAMES, day_date
 from feature_store.offline import features_at
 from training.registry import ModelRegistry
 from training.synth import SynthConfig, events_frame, generate
@@ -72,6 +72,14 @@ def test_train_registers_and_promotes_the_first_model(tmp_path: Path, events: pd
     assert meta["data_window"]["cutoff_day"] == result.cutoff_day
     assert meta["validation"]["train_end_day"] < result.cutoff_day  # validated before the cutoff
     assert meta["data_fingerprint"] == data_fingerprint(events)
+    # Readable without the code: dates beside day numbers, units said, params as JSON values.
+    assert meta["validation"]["train_end_date"] == str(
+        day_date(meta["validation"]["train_end_day"])
+    )
+    assert meta["units"]["money"].startswith(settings.currency)
+    assert meta["model_params"] == champion.model.get_params()  # numbers, not their repr
+    reference = meta["candidates"]["bgnbd_gg"]
+    assert reference["qualifies"] is None and reference["missed_targets"] is None
     # The champion scores the contract's features (string user ids, as the API has them).
     feats = features_at(events, result.cutoff_day)
     pred = champion.model.predict(feats, champion.horizon_days)
@@ -578,7 +586,7 @@ def test_library_warnings_are_kept_with_the_model_not_printed(
         note = f"UserWarning: {cls.__name__} is unsure ... see line two"
         assert meta["candidates"][name]["warnings"] == [note]
     # and which targets each missed on validation, as the selection said
-    assert meta["candidates"]["bgnbd_gg"]["missed_targets"] == []
+    assert meta["candidates"]["bgnbd_gg"]["missed_targets"] is None  # the yardstick
     refused = meta["candidates"]["naive_rate"]
     assert refused["qualifies"] == (refused["missed_targets"] == [])
     assert all(isinstance(m, str) and m for m in refused["missed_targets"])
