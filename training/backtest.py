@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,26 +24,11 @@ from training.datasets import DatasetError, OrdersFormat, load_orders, purchaser
 from training.metrics import METRIC_NAMES
 from training.models.base import PREDICTION_COLUMNS, CLVModel
 from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
+from training.progress import Progress, StderrProgress, heartbeat, quiet
 from training.report import decile_plot, gain_plot, tracking_plot, write_html
-from training.selection import Progress, Selection, evaluate, final_training_set, select_champion
+from training.selection import Selection, evaluate, final_training_set, select_champion
 
-
-class StderrProgress:
-    """Progress lines on stderr, each with the seconds since ``t0`` (a ``time.perf_counter()``
-    reading; default: now). The commands pass :data:`clv.STARTED`, so the clock counts the
-    seconds since the command started, its imports included."""
-
-    def __init__(self, prefix: str = "backtest", t0: float | None = None) -> None:
-        self.prefix = prefix
-        self.t0 = time.perf_counter() if t0 is None else t0
-
-    def __call__(self, message: str) -> None:
-        elapsed = time.perf_counter() - self.t0
-        print(f"[{self.prefix} {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def _quiet(_: str) -> None:
-    pass
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,7 +57,7 @@ def backtest_events(
     *,
     candidates: list[str] | None = None,
     score_all: bool = False,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> BacktestResult:
     """Select on the past, fit the champion on the past, forecast, and score on the future
     when the events cover it (the champion and the BG/NBD+GG reference; every candidate with
@@ -130,14 +114,15 @@ def backtest_events(
             continue
         rows = len(ds) if supervised else len(ds.current)
         progress(f"final fit: {name} on {rows:,} rows")
-        scores, p = evaluate(
-            {name: model},
-            ds,
-            feats,
-            actual if actual is not None else np.zeros(len(feats)),
-            horizon_days,
-            _quiet,
-        )
+        with heartbeat(progress, f"fitting {name} (final fit)"):
+            scores, p = evaluate(
+                {name: model},
+                ds,
+                feats,
+                actual if actual is not None else np.zeros(len(feats)),
+                horizon_days,
+                quiet,
+            )
         for line in scores[name].warnings:
             progress(f"final fit: {name} warned: {line}")
         if name not in p:
@@ -204,9 +189,10 @@ def tracking_curves(
     step_days: int = 7,
 ) -> tuple[list[int], np.ndarray, dict[str, np.ndarray]]:
     """Cumulative actual revenue of the scored users after the cutoff, and each model's
-    forecast for the same number of days."""
+    forecast for the same number of days, every ``step_days`` from day 0 (nothing yet) to the
+    horizon's last day."""
     H = result.horizon_days
-    days = sorted({*range(step_days, H, step_days), H})
+    days = sorted({*range(0, H, step_days), H})
     users = set(features.index)
     ev = events[(events["day"] > result.cutoff_day) & events["user_id"].isin(users)]
     ev = ev.drop_duplicates(["user_id", "event_id"])
@@ -214,7 +200,9 @@ def tracking_curves(
     cents = ev["cents"].to_numpy()
     actual = np.array([cents[rel <= d].sum() / 100.0 for d in days])
     pred = {
-        name: np.array([m.predict(features, d)["predicted_value"].sum() for d in days])
+        name: np.array(
+            [m.predict(features, d)["predicted_value"].sum() if d else 0.0 for d in days]
+        )
         for name, m in models.items()
     }
     return days, actual, pred
@@ -237,6 +225,7 @@ def write_report(
     report_dir: Path,
     title: str = "",
     img_prefix: str = "",
+    currency: str = "USD",
 ) -> list[Path]:
     """Metrics tables, plots and ``index.html`` under ``report_dir`` (see :data:`REPORT_FILES`;
     ``clv backtest`` writes them to a staging directory and moves them in when all are done)."""
@@ -248,14 +237,22 @@ def write_report(
     val.to_csv(report_dir / "validation_metrics.csv", index_label="model")
     files.append(report_dir / "validation_metrics.csv")
     shown = plotted_models(sel)
+    roles = {sel.champion: " (champion)", REFERENCE: " (reference)"}
+    if sel.champion == REFERENCE:
+        roles[REFERENCE] = " (reference, champion)"
+
+    def labelled(preds: dict[str, T]) -> dict[str, T]:  # the plots' legends and titles
+        return {f"{n}{roles.get(n, ' (runner-up)')}": p for n, p in preds.items()}
+
     if sel.val_actual is not None and sel.val_predictions:
-        vp = {n: sel.val_predictions[n] for n in shown if n in sel.val_predictions}
+        vp = labelled({n: sel.val_predictions[n] for n in shown if n in sel.val_predictions})
         images.append(
             decile_plot(
                 sel.val_actual,
                 vp,
                 report_dir / f"{img_prefix}validation_deciles.png",
                 "Internal validation: decile calibration",
+                currency,
             )
         )
         images.append(
@@ -271,13 +268,16 @@ def write_report(
         result.out_of_sample.to_csv(report_dir / "out_of_sample_metrics.csv", index_label="model")
         files.append(report_dir / "out_of_sample_metrics.csv")
         tables["Out of sample (against the actual revenue after the cutoff)"] = result.out_of_sample
-        op = {n: result.model_predictions[n] for n in shown if n in result.model_predictions}
+        op = labelled(
+            {n: result.model_predictions[n] for n in shown if n in result.model_predictions}
+        )
         images.append(
             decile_plot(
                 result.actual,
                 op,
                 report_dir / f"{img_prefix}oos_deciles.png",
                 "Out of sample: decile calibration",
+                currency,
             )
         )
         images.append(
@@ -293,7 +293,8 @@ def write_report(
         days, act, pred = tracking_curves(
             events, result, {n: fitted[n] for n in shown if n in fitted}, feats
         )
-        images.append(tracking_plot(days, act, pred, report_dir / f"{img_prefix}tracking.png"))
+        tracking = report_dir / f"{img_prefix}tracking.png"
+        images.append(tracking_plot(days, act, labelled(pred), tracking, currency=currency))
     cutoff = day_date(result.cutoff_day)
     inner = "-" if sel.inner_cutoff_day is None else day_date(sel.inner_cutoff_day)
     notes = [
@@ -350,7 +351,7 @@ def run_backtest(
     thread per numeric pool unless the environment sets them, :mod:`training.threads`).
     ``progress``: a callable for the progress lines, or whether to print them on stderr."""
     threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
-    say: Progress = progress if callable(progress) else StderrProgress() if progress else _quiet
+    say: Progress = progress if callable(progress) else StderrProgress() if progress else quiet
     say(f"reading {orders_path} ({fmt})")
     events = load_orders(orders_path, fmt, currency=currency)
     result = backtest_events(
@@ -365,7 +366,7 @@ def run_backtest(
     if report_dir is None:
         write_predictions(result.predictions, out)
     else:
-        result.report_files = _write_outputs(events, result, out, Path(report_dir))
+        result.report_files = _write_outputs(events, result, out, Path(report_dir), currency)
         say(f"wrote the report to {report_dir}/index.html")
     say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
     return result
@@ -381,7 +382,7 @@ def check_report_targets(report_dir: Path) -> None:
 
 
 def _write_outputs(
-    events: pd.DataFrame, result: BacktestResult, out: Path, report_dir: Path
+    events: pd.DataFrame, result: BacktestResult, out: Path, report_dir: Path, currency: str
 ) -> list[Path]:
     """The report and the predictions, all written to staging names first and renamed into
     place only when every one of them is complete and every target can take a file: a failure
@@ -394,7 +395,7 @@ def _write_outputs(
         staging = stack.enter_context(staging_dir(report_dir, ".staging."))
         staged_csv = stack.enter_context(replaced_atomically(out))  # renamed last
         _predictions_csv(result.predictions, staged_csv)
-        staged = write_report(events, result, staging)
+        staged = write_report(events, result, staging, currency=currency)
         check_report_targets(report_dir)
         # From the first removal to the CSV's rename, SIGTERM waits: cut short, it would leave
         # a mix of the earlier run's outputs and this one's.

@@ -23,8 +23,9 @@ import pandas as pd
 from feature_store.features import day_date
 from training.datasets import history_days, purchasers_at, window_labels
 from training.models.btyd import BGNBDGammaGamma, bgnbd_expected, fit_bgnbd
+from training.progress import Progress
 from training.report import plt, save_figure
-from training.selection import BIAS_LIMIT, Progress, plan_windows
+from training.selection import BIAS_LIMIT, plan_windows
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from feature_store.features import day_date, day_number
-from training.backtest import BacktestResult, StderrProgress, backtest_events, write_report
+from training.backtest import BacktestResult, backtest_events, write_report
 from training.datasets import load_orders
 from training.levels import (
     levels_frame,
@@ -38,6 +38,7 @@ from training.levels import (
 )
 from training.metrics import METRIC_NAMES, all_metrics
 from training.models.candidates import REFERENCE
+from training.progress import StderrProgress
 from training.selection import BIAS_LIMIT, MIN_LABEL_DAYS, MIN_TRAIN_HISTORY_DAYS, RMSE_TOLERANCE
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "clv" / "data" / "CDNOW_master.txt.gz"

@@ -12,8 +12,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter
 
 from training.metrics import decile_table
+
+#: Matplotlib dash patterns, one per drawn model, so that curves lying on one another (a
+#: hybrid and the BG/NBD+GG whose total it keeps) both stay visible.
+DASHES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+
+
+def _thousands(ax: plt.Axes) -> None:
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
 
 
 def decile_plot(
@@ -21,9 +30,13 @@ def decile_plot(
     preds: Mapping[str, np.ndarray],
     path: Path,
     title: str = "Decile calibration",
+    currency: str = "USD",
 ) -> Path:
-    """Mean predicted vs mean actual value per predicted-value decile, one panel per model."""
-    fig, axes = plt.subplots(1, len(preds), figsize=(4.2 * len(preds), 3.6), squeeze=False)
+    """Mean predicted vs mean actual value per predicted-value decile, one panel per model, on
+    one log scale: decile MAPE weighs the low deciles' relative errors as much as the top's."""
+    fig, axes = plt.subplots(
+        1, len(preds), figsize=(4.2 * len(preds), 3.6), squeeze=False, sharey=True
+    )
     for ax, (name, p) in zip(axes[0], preds.items(), strict=True):
         t = decile_table(actual, p)
         x = np.arange(len(t)) + 1
@@ -32,7 +45,8 @@ def decile_plot(
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("predicted-value decile")
         ax.set_xticks(x)
-    axes[0][0].set_ylabel("mean value per customer")
+    axes[0][0].set_yscale("log")
+    axes[0][0].set_ylabel(f"mean value per customer ({currency}, log scale)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
@@ -64,15 +78,21 @@ def tracking_plot(
     pred_cum: Mapping[str, np.ndarray],
     path: Path,
     title: str = "Cumulative revenue after the cutoff",
+    currency: str = "USD",
 ) -> Path:
     """Actual cumulative revenue of the scored customers vs each model's forecast for the same
-    number of days, over the horizon."""
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.plot(days, actual_cum, "k-", lw=2, label="actual")
-    for name, p in pred_cum.items():
-        ax.plot(days, p, "--", lw=1.3, label=name)
+    number of days, over the horizon, from day 0; each legend entry gives the model's total
+    against the actual at the horizon's end."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(days, actual_cum, "k-", lw=2, label=f"actual ({actual_cum[-1]:,.0f})")
+    for (name, p), dashes in zip(pred_cum.items(), DASHES * len(pred_cum), strict=False):
+        end = f"{p[-1] / actual_cum[-1] - 1:+.1%}" if actual_cum[-1] > 0 else f"{p[-1]:,.0f}"
+        ax.plot(days, p, linestyle=dashes, lw=1.6, label=f"{name} ({end})")
     ax.set_xlabel("days after the cutoff")
-    ax.set_ylabel("cumulative revenue")
+    ax.set_ylabel(f"cumulative revenue ({currency})")
+    ax.set_xlim(0, days[-1])
+    ax.set_ylim(bottom=0)
+    _thousands(ax)
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -37,8 +37,7 @@ from training.datasets import build_training_set, history_days, purchasers_at, w
 from training.metrics import all_metrics
 from training.models.base import CLVModel, TrainingSet
 from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
-
-Progress = Callable[[str], None]
+from training.progress import Progress, heartbeat, quiet
 
 #: The youngest training cutoff is at least this many days after the first purchase.
 MIN_TRAIN_HISTORY_DAYS = 30
@@ -46,10 +45,6 @@ MIN_TRAIN_HISTORY_DAYS = 30
 MIN_LABEL_DAYS = 14
 RMSE_TOLERANCE = 0.02
 BIAS_LIMIT = 0.10
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -261,18 +256,19 @@ def evaluate(
     features: pd.DataFrame,
     actual: np.ndarray,
     horizon_days: int,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
     stage: str = "",
 ) -> tuple[dict[str, CandidateScore], dict[str, pd.DataFrame]]:
     """Fit every model on ``ds`` and score its predictions for ``features`` against
     ``actual``. A candidate that fails is recorded with its error, not fatal."""
     scores: dict[str, CandidateScore] = {}
     preds: dict[str, pd.DataFrame] = {}
+    beat: Progress = (lambda line: progress(stage + line)) if progress is not quiet else quiet
     for i, (name, model) in enumerate(models.items(), 1):
         progress(f"{stage}fitting {name} ({i}/{len(models)}) on {len(ds):,} rows")
         t0 = time.perf_counter()
         try:
-            with recorded_warnings() as warned:
+            with recorded_warnings() as warned, heartbeat(beat, f"fitting {name}"):
                 model.fit(ds)
                 p = model.predict(features, horizon_days)
         except (ClvError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
@@ -294,7 +290,7 @@ def select_champion(
     horizon_days: int,
     *,
     names: list[str] | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> Selection:
     """Pick the champion for forecasting ``horizon_days`` after ``cutoff_day`` using only
     events dated on or before ``cutoff_day``."""

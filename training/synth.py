@@ -6,8 +6,11 @@ The generative story (Pareto/NBD with gamma-gamma spend, Fader, Hardie & Lee 200
 * while alive it buys at rate ``lambda_i * g(t)``, ``lambda_i ~ Gamma(r)`` (heterogeneous rates)
   and ``g`` a weekly x annual seasonality profile (weekends and the Nov/Dec peak are busier);
 * it dies after an exponential lifetime of rate ``mu_i ~ Gamma(s)`` (heterogeneous dropout);
-* every order's value is ``Gamma(p, nu_i)`` with ``nu_i ~ Gamma(q, gamma)`` (gamma-gamma spend);
-* a few % of orders are refunded later (in full or in part), referencing the real ``order_id``.
+* every order's value is ``Gamma(p, nu_i)`` with ``nu_i ~ Gamma(q, gamma)`` (gamma-gamma spend),
+  made of ``1 + Poisson(0.5)`` items at shop prices (whole dollars less a cent: $11.99);
+* orders come at the hours web shops see (:data:`HOURLY`: quiet nights, an evening peak);
+* a few % of orders are refunded later (in full, some items, or in part), referencing the real
+  ``order_id``.
 
 ``--orders M`` fixes the number of purchases exactly: given the users' rates and lifetimes, the
 ``M - N`` repeat purchases are a multinomial draw over users (the exact conditional law of the
@@ -39,6 +42,16 @@ S_PER_DAY = 86_400
 
 #: Relative purchase intensity Monday..Sunday.
 WEEKLY = np.array([0.93, 0.90, 0.94, 0.98, 1.06, 1.13, 1.06])
+#: Relative purchase intensity by hour of the day, 00:00-23:00 (the log's clock, UTC): quiet
+#: nights, a lunchtime bump and an evening peak, as web shops see.
+# fmt: off
+HOURLY = np.array([
+    0.9, 0.6, 0.4, 0.3, 0.25, 0.3, 0.5, 0.9, 1.3, 1.6, 1.8, 1.9,  # 00:00-11:00
+    2.0, 1.9, 1.8, 1.8, 1.9, 2.0, 2.2, 2.5, 2.7, 2.6, 2.1, 1.4,  # 12:00-23:00
+])
+# fmt: on
+#: Mean number of items beyond the first in one order.
+EXTRA_ITEMS = 0.5
 
 #: Called as ``progress(phase, done, total)``; ``None`` is silent.
 Progress = Callable[[str, int, int], None]
@@ -167,26 +180,40 @@ def generate(cfg: SynthConfig, progress: Progress | None = None) -> SynthLog:
     gamma_scale = cfg.mean_order_value * (q - 1.0) / p
     nu = rng.gamma(q, 1.0 / gamma_scale, n)  # the user's value rate
     value = rng.gamma(p, 1.0, m) / nu[p_user]
-    p_cents = np.maximum(np.rint(value * 100.0), 1).astype(np.int64)
+    # Items at price points: the order's value shared over its items, each rounded to whole
+    # dollars less a cent (E[round(x)] = x, so the mean moves by about a cent per item).
+    items = 1 + rng.poisson(EXTRA_ITEMS, m)
+    item_cents = np.maximum(np.rint(value / items) * 100 - 1, 99).astype(np.int64)
+    p_cents = item_cents * items
     del value
     start_s = day_number(cfg.start) * S_PER_DAY
-    p_sec = np.minimum((p_t * S_PER_DAY).astype(np.int64), cfg.days * S_PER_DAY - 1)
+    p_day = np.minimum(p_t.astype(np.int64), cfg.days - 1)  # the seasonal day ...
     del p_t
+    hour = rng.choice(24, size=m, p=HOURLY / HOURLY.sum())  # ... at a web shop's hour
+    p_sec = p_day * S_PER_DAY + hour * 3600 + rng.integers(0, 3600, m)
+    del p_day, hour
     # Order numbers follow time; ties keep first-order-before-repeat order (stable sort).
     by_time = np.argsort(p_sec, kind="stable")
     p_user, p_sec, p_cents = p_user[by_time], p_sec[by_time], p_cents[by_time]
+    item_cents, items = item_cents[by_time], items[by_time]
     del by_time
     p_order = np.arange(1, m + 1, dtype=np.int64)
     note("generate", 3, steps)
 
-    # Refunds: a few % of orders, 1 hour to a few weeks later, in full (75%) or in part.
+    # Refunds: a few % of orders, 1 hour to a few weeks later: in full (75%), else some of a
+    # several-item order's items, or part of a one-item order's price (a goodwill refund).
     hit = np.flatnonzero(rng.random(m) < cfg.refund_rate)
     delay = 3600 + (rng.exponential(7.0, len(hit)) * S_PER_DAY).astype(np.int64)
     r_sec = p_sec[hit] + delay
     keep = r_sec < cfg.days * S_PER_DAY  # refunds after the window's end have not happened yet
     hit, r_sec = hit[keep], r_sec[keep]
-    share = np.where(rng.random(len(hit)) < 0.75, 1.0, rng.uniform(0.1, 0.9, len(hit)))
-    r_cents = np.maximum(np.rint(p_cents[hit] * share), 1).astype(np.int64)
+    full = rng.random(len(hit)) < 0.75
+    some = rng.integers(1, np.maximum(items[hit], 2))  # 1 .. items-1 of them
+    part = np.maximum(np.rint(p_cents[hit] * rng.uniform(0.1, 0.9, len(hit))), 1)
+    r_cents = np.where(
+        full, p_cents[hit], np.where(items[hit] > 1, item_cents[hit] * some, part)
+    ).astype(np.int64)
+    del item_cents, items
     note("generate", 4, steps)
 
     sec = np.concatenate((p_sec, r_sec))

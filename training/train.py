@@ -199,10 +199,6 @@ class _Clock:
                 self.on_phase("")
 
 
-def _silent(_msg: str) -> None:
-    pass
-
-
 def _score_on(candidate: Any, metric: str) -> float:
     """A selection candidate's validation score on ``metric`` (the composite or a raw metric)."""
     return float(candidate.score if metric == COMPOSITE else candidate.metrics[metric])
@@ -335,9 +331,9 @@ def train(
     threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
     from feature_store.event_log import log_dir_problem, read_events
     from feature_store.features import day_date
-    from training.backtest import StderrProgress
     from training.datasets import DatasetError, check_times, history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
+    from training.progress import StderrProgress, heartbeat, quiet
     from training.selection import final_training_set, recorded_warnings, select_champion
 
     t0 = time.perf_counter()
@@ -345,7 +341,7 @@ def train(
     if problem := log_dir_problem(root):
         raise TrainingError(problem)
     _check_model_dir(settings.model_dir)  # before any work, not after it
-    say: Say = progress if callable(progress) else StderrProgress("train") if progress else _silent
+    say: Say = progress if callable(progress) else StderrProgress("train") if progress else quiet
     clock = _Clock(say, on_phase)
 
     say(f"reading the event log at {root}")
@@ -405,7 +401,8 @@ def train(
         fit_users = len(ds.current)
         rows = f" ({len(ds):,} labelled rows)" if len(ds) else ""
         say(f"final fit of {selection.champion} on all {fit_users:,} buyers{rows}")
-        with recorded_warnings() as final_warnings:
+        doing = f"fitting {selection.champion} (final fit)"
+        with recorded_warnings() as final_warnings, heartbeat(say, doing):
             model.fit(ds)
             _check_forecasts(model, ds)
         for line in final_warnings:

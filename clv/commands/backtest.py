@@ -110,7 +110,8 @@ def backtest(
                 raise fail(f"{flag}: cannot write in directory {folder}")
         # imported here: the modelling stack is heavy and other commands do not need it
         from clv import STARTED
-        from training.backtest import StderrProgress, run_backtest
+        from training.backtest import run_backtest
+        from training.progress import StderrProgress
 
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too

@@ -69,7 +69,7 @@ def synth(
 ) -> None:
     """Generate a synthetic order log, as an orders CSV or a Parquet event log.
 
-    Pareto/NBD customers, gamma-gamma spend, seasonality and refunds.
+    Pareto/NBD customers, gamma-gamma spend, seasons and hours, price points, refunds.
 
     The event log is date-partitioned like the archiver's."""
     from training.synth import SYNTH_STAGING, SynthConfig, generate, write_csv, write_log

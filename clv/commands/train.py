@@ -24,7 +24,7 @@ def train(
 
     It becomes the champion only if it beats the champion on validation, or with --force."""
     from clv import STARTED
-    from training.backtest import StderrProgress
+    from training.progress import StderrProgress
     from training.train import train as run_training
 
     settings = load_settings()

@@ -27,7 +27,7 @@ from training.backtest import (
     run_backtest,
     write_report,
 )
-from training.datasets import load_orders
+from training.datasets import load_orders, purchasers_at
 from training.metrics import METRIC_NAMES, all_metrics
 from training.report import COLUMN_MEANINGS
 from training.selection import plan_windows
@@ -222,6 +222,27 @@ def test_every_candidate_scored_after_the_cutoff_includes_the_reference(
     assert sorted(result.out_of_sample.index) == sorted([*names, "bgnbd_gg"])
 
 
+def test_the_tracking_curves_run_from_nothing_to_the_horizons_totals(
+    sample_events: pd.DataFrame,
+) -> None:
+    """Day 0 is nothing yet; the last day is the horizon, where the actual curve is what the
+    customers spent and each model's is its forecast total, the figures the tables score."""
+    from training.backtest import tracking_curves
+
+    cutoff = day_number(dt.date(1997, 12, 31))
+    result = backtest_events(sample_events, cutoff, 60, candidates=FAST, score_all=True)
+    assert result.actual is not None
+    past = sample_events[sample_events["day"] <= cutoff]
+    feats = purchasers_at(past, cutoff)
+    days, actual, pred = tracking_curves(sample_events, result, result.fitted_models, feats)
+    assert days[0] == 0 and days[-1] == 60 and days == sorted(set(days))
+    assert actual[0] == 0 and all(p[0] == 0 for p in pred.values())
+    assert np.all(np.diff(actual) >= 0)
+    assert actual[-1] == pytest.approx(result.actual.sum())
+    for name, curve in pred.items():
+        assert curve[-1] == pytest.approx(result.model_predictions[name].sum())
+
+
 def test_a_report_says_which_candidates_had_no_forecast(
     sample_events: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -409,8 +430,10 @@ def test_a_report_that_fails_leaves_the_predictions_file_alone(
     (rep / ".staging.abandoned" / "gain.png").write_bytes(b"half")
     real = bt.write_report
 
-    def half_written(events: object, result: object, folder: Path, *a: object) -> list[Path]:
-        real(events, result, folder, *a)  # type: ignore[arg-type]
+    def half_written(
+        events: object, result: object, folder: Path, *a: object, **kw: object
+    ) -> list[Path]:
+        real(events, result, folder, *a, **kw)  # type: ignore[arg-type]
         raise OSError(28, "No space left on device")  # as if the disk filled up at the end
 
     monkeypatch.setattr(bt, "write_report", half_written)

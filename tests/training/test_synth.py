@@ -76,6 +76,31 @@ def test_weekly_seasonality(log) -> None:  # type: ignore[no-untyped-def]
     assert share[5] > share[1] * 1.1  # Saturday busier than Tuesday
 
 
+def test_orders_come_at_a_web_shops_hours(log) -> None:  # type: ignore[no-untyped-def]
+    hour = log.ts_s[~log.refund] % 86_400 // 3600
+    share = np.bincount(hour, minlength=24) / (~log.refund).sum()
+    assert share[19:22].mean() > 5 * share[3:5].mean()  # evening peak, quiet small hours
+    assert share[12] > share[7]  # the day has started by lunchtime
+
+
+def test_orders_are_items_at_price_points(log) -> None:  # type: ignore[no-untyped-def]
+    """Each item costs whole dollars less a cent, so an order of k items ends in 100 - k cents."""
+    cents = log.cents[~log.refund]
+    items = -cents % 100
+    assert items.min() >= 1 and items.max() <= 12
+    counts = np.bincount(items)
+    assert counts[1] > counts[2] > counts[3] > 0  # one item mostly, some baskets
+    # A partial refund of a several-item order gives back whole items: a multiple of a price.
+    bought = pd.Series(log.cents[~log.refund], index=log.order[~log.refund])
+    refunded = pd.Series(log.cents[log.refund], index=log.order[log.refund])
+    paid = bought.loc[refunded.index]
+    k = -paid % 100
+    several = (k > 1) & (refunded < paid)
+    assert several.any()
+    price = (paid[several] + k[several]) // k[several] - 1  # one item's price in cents
+    assert (refunded[several] % price == 0).all()
+
+
 def test_annual_seasonality_has_a_pre_christmas_rush(log) -> None:  # type: ignore[no-untyped-def]
     day = log.ts_s[~log.refund] // 86_400
 
