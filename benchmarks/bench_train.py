@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nmodel {result.version} ({result.model_name}); {result.events:,} events, "
         f"{result.users:,} users, selection on {result.sampled_users:,}, final fit on all"
     )
+    print(result.summary())
     print(
         f"training {train_s:.0f}s (ceiling {CEILING_S:.0f}s), synth+training {total_s:.0f}s; "
         f"peak RSS {gib(peak)} (ceiling {gib(CEILING_BYTES)}): {'OK' if ok else 'OVER'}"

@@ -114,7 +114,7 @@ def backtest_events(
             continue
         rows = len(ds) if supervised else len(ds.current)
         progress(f"final fit: {name} on {rows:,} rows")
-        with heartbeat(progress, f"fitting {name} (final fit)"):
+        with heartbeat(progress, f"fitting {name} for the final fit"):
             scores, p = evaluate(
                 {name: model},
                 ds,

@@ -53,9 +53,10 @@ def heartbeat(say: Progress, doing: str, every_s: float | None = None) -> Iterat
             say(f"still {doing} ({time.perf_counter() - t0:.0f}s)")
 
     thread = threading.Thread(target=beat, name=f"heartbeat: {doing}", daemon=True)
-    thread.start()
-    try:
+    try:  # started inside: a SIGTERM raised while it starts still stops it
+        thread.start()
         yield
     finally:
         done.set()
-        thread.join()
+        if thread.ident is not None:
+            thread.join()

@@ -236,8 +236,9 @@ def _clean(obj: Any) -> Any:
         return [_clean(v) for v in obj]
     if obj is None or isinstance(obj, str | int | bool):
         return obj
-    if hasattr(obj, "item"):  # numpy scalars
-        return _clean(obj.item())
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        with contextlib.suppress(Exception):
+            return _clean(obj.tolist())
     return repr(obj)
 
 

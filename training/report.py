@@ -33,7 +33,8 @@ def decile_plot(
     currency: str = "USD",
 ) -> Path:
     """Mean predicted vs mean actual value per predicted-value decile, one panel per model, on
-    one log scale: decile MAPE weighs the low deciles' relative errors as much as the top's."""
+    one symmetric-log scale (linear within one currency unit of 0, so zero and negative means
+    show): decile MAPE weighs the low deciles' relative errors as much as the top's."""
     fig, axes = plt.subplots(
         1, len(preds), figsize=(4.2 * len(preds), 3.6), squeeze=False, sharey=True
     )
@@ -45,8 +46,8 @@ def decile_plot(
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("predicted-value decile")
         ax.set_xticks(x)
-    axes[0][0].set_yscale("log")
-    axes[0][0].set_ylabel(f"mean value per customer ({currency}, log scale)")
+    axes[0][0].set_yscale("symlog", linthresh=1.0)
+    axes[0][0].set_ylabel(f"mean value per customer ({currency}, log scale above 1)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
@@ -86,7 +87,11 @@ def tracking_plot(
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.plot(days, actual_cum, "k-", lw=2, label=f"actual ({actual_cum[-1]:,.0f})")
     for (name, p), dashes in zip(pred_cum.items(), DASHES * len(pred_cum), strict=False):
-        end = f"{p[-1] / actual_cum[-1] - 1:+.1%}" if actual_cum[-1] > 0 else f"{p[-1]:,.0f}"
+        end = (
+            f"bias {p[-1] / actual_cum[-1] - 1:+.1%}"
+            if actual_cum[-1] > 0
+            else f"total {p[-1]:,.0f} {currency}"
+        )
         ax.plot(days, p, linestyle=dashes, lw=1.6, label=f"{name} ({end})")
     ax.set_xlabel("days after the cutoff")
     ax.set_ylabel(f"cumulative revenue ({currency})")

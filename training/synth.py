@@ -192,7 +192,8 @@ def generate(cfg: SynthConfig, progress: Progress | None = None) -> SynthLog:
     hour = rng.choice(24, size=m, p=HOURLY / HOURLY.sum())  # ... at a web shop's hour
     p_sec = p_day * S_PER_DAY + hour * 3600 + rng.integers(0, 3600, m)
     del p_day, hour
-    # Order numbers follow time; ties keep first-order-before-repeat order (stable sort).
+    # Order numbers follow time. A repeat drawn for the day of the first order may come at an
+    # earlier hour: then it is the first order (the features read days, not the draw's order).
     by_time = np.argsort(p_sec, kind="stable")
     p_user, p_sec, p_cents = p_user[by_time], p_sec[by_time], p_cents[by_time]
     item_cents, items = item_cents[by_time], items[by_time]

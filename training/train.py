@@ -401,7 +401,7 @@ def train(
         fit_users = len(ds.current)
         rows = f" ({len(ds):,} labelled rows)" if len(ds) else ""
         say(f"final fit of {selection.champion} on all {fit_users:,} buyers{rows}")
-        doing = f"fitting {selection.champion} (final fit)"
+        doing = f"fitting {selection.champion} for the final fit"
         with recorded_warnings() as final_warnings, heartbeat(say, doing):
             model.fit(ds)
             _check_forecasts(model, ds)

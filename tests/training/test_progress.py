@@ -38,9 +38,8 @@ def test_the_heartbeat_stops_when_the_step_fails() -> None:
 
 
 def test_quiet_progress_starts_no_thread() -> None:
-    before = threading.active_count()
     with heartbeat(quiet, "fitting", every_s=0.001):
-        assert threading.active_count() == before
+        assert not any(t.name.startswith("heartbeat") for t in threading.enumerate())
 
 
 def test_the_selection_beats_while_a_candidate_fits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,3 +76,47 @@ def test_the_selection_beats_while_a_candidate_fits(monkeypatch: pytest.MonkeyPa
     assert scores["slow"].error is None
     assert lines[0] == "validation: fitting slow (1/1) on 0 rows"
     assert lines[1].startswith("validation: still fitting slow (")
+
+
+def _recording(doings: list[str]):  # type: ignore[no-untyped-def]
+    import contextlib
+
+    @contextlib.contextmanager
+    def record(say, doing, every_s=None):  # type: ignore[no-untyped-def]
+        doings.append(doing)
+        yield
+
+    return record
+
+
+def test_the_backtests_final_fits_are_watched(
+    sample_events, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    import training.backtest as bt
+    from feature_store.features import day_number
+
+    doings: list[str] = []
+    monkeypatch.setattr(bt, "heartbeat", _recording(doings))
+    cutoff = day_number(dt.date(1997, 9, 30))
+    names = ["naive_rate", "bgnbd_gg"]
+    result = bt.backtest_events(
+        sample_events, cutoff, 60, candidates=names, score_all=True, progress=lambda _m: None
+    )
+    assert sorted(doings) == [f"fitting {n} for the final fit" for n in sorted(names)]
+    assert result.selection.champion in names
+
+
+def test_trainings_final_fit_is_watched(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import training.progress as progress_module
+    from feature_store.event_log import write_events
+    from tests.training.test_train import FAST, settings_for, synth_events
+    from training.train import train
+
+    doings: list[str] = []
+    monkeypatch.setattr(progress_module, "heartbeat", _recording(doings))
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, synth_events())
+    result = train(settings, progress=lambda _m: None, candidates=FAST)
+    assert doings == [f"fitting {result.model_name} for the final fit"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clv.errors import ModelError
@@ -482,3 +483,39 @@ def test_concurrent_trainers_decide_one_at_a_time(reg: ModelRegistry, tmp_path: 
     for h in history:  # in the order decided: promoted exactly when better than all before
         assert h["promoted"] == (h["challenger_score"] < best_so_far), history
         best_so_far = min(best_so_far, h["challenger_score"])
+
+
+def test_metadata_values_are_json_whatever_a_model_holds() -> None:
+    """Model parameters of any kind go into metadata.json as JSON values (arrays as lists),
+    never failing a registration that has already paid for the fit."""
+    from training.registry import _clean
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "Opaque()"
+
+    class BadArray:
+        def tolist(self) -> list[int]:
+            raise ValueError("cannot")
+
+        def __repr__(self) -> str:
+            return "BadArray()"
+
+    params = {
+        "grid": np.array([[1, 2], [3, 4]]),
+        "alpha": np.float32(0.5),
+        "n": np.int64(3),
+        "flag": np.bool_(True),
+        "none": None,
+        "estimator": Opaque(),
+        "broken": BadArray(),
+    }
+    assert _clean(params) == {
+        "grid": [[1, 2], [3, 4]],
+        "alpha": 0.5,
+        "n": 3,
+        "flag": True,
+        "none": None,
+        "estimator": "Opaque()",
+        "broken": "BadArray()",
+    }
