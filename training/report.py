@@ -38,8 +38,11 @@ def decile_plot(
     fig, axes = plt.subplots(
         1, len(preds), figsize=(4.2 * len(preds), 3.6), squeeze=False, sharey=True
     )
+    top, bottom = 1.0, 0.0
     for ax, (name, p) in zip(axes[0], preds.items(), strict=True):
         t = decile_table(actual, p)
+        top = max(top, float(np.nanmax(t[["predicted", "actual"]].to_numpy())))
+        bottom = min(bottom, float(np.nanmin(t[["predicted", "actual"]].to_numpy())))
         x = np.arange(len(t)) + 1
         ax.bar(x - 0.2, t["predicted"], width=0.4, label="predicted")
         ax.bar(x + 0.2, t["actual"], width=0.4, label="actual")
@@ -47,7 +50,8 @@ def decile_plot(
         ax.set_xlabel("predicted-value decile")
         ax.set_xticks(x)
     axes[0][0].set_yscale("symlog", linthresh=1.0)
-    axes[0][0].set_ylabel(f"mean value per customer ({currency}, log scale above 1)")
+    axes[0][0].set_ylim(bottom * 2, top * 2)  # headroom on the log part of the scale
+    axes[0][0].set_ylabel(f"mean per customer ({currency})")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
