@@ -191,6 +191,12 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
         ),
         (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--seed", "-1", "--out", "x")),
         (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(not_empty))),
+        # a file in another format: not made into an event-log directory
+        (
+            2,
+            Settings(),
+            ("synth", "--users", "5", "--orders", "9", "--out", str(tmp_path / "x.pq")),
+        ),
         (
             2,
             Settings(),
@@ -234,6 +240,7 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
         assert len(errors) == 1 and lines[-1] == errors[0], (args, out.stderr)
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "p.csv").exists()  # refused before any work: nothing written
+    assert not (tmp_path / "x.pq").exists()
     assert list((tmp_path / "dir.csv").iterdir()) == []
     assert not list(tmp_path.glob(".*.tmp"))  # synth left no temporary file
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]

@@ -49,6 +49,30 @@ class BacktestResult:
     #: candidates whose final fit failed or was not possible, and why
     final_fit_errors: dict[str, str] = field(default_factory=dict)
 
+    def summary(self, currency: str = "USD") -> str:
+        """One line: the champion's forecast total, and against the actual when known."""
+        total = float(self.predictions["predicted_value"].sum())
+        line = (
+            f"{self.selection.champion} forecasts {total:,.2f} {currency} from "
+            f"{len(self.predictions):,} {_plural(len(self.predictions), 'customer')} over the "
+            f"{self.horizon_days} days after {day_date(self.cutoff_day)}"
+        )
+        if self.actual is None:
+            return line
+        actual = float(np.sum(self.actual))
+        line += f"; they spent {actual:,.2f}"
+        ref = self.model_predictions.get(REFERENCE)
+        if actual > 0:
+            line += f" (bias {total / actual - 1:+.1%}"
+            if ref is not None and self.selection.champion != REFERENCE:
+                line += f"; BG/NBD+GG {float(np.sum(ref)) / actual - 1:+.1%}"
+            line += ")"
+        return line
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else f"{word}s"
+
 
 def backtest_events(
     events: pd.DataFrame,
@@ -68,7 +92,10 @@ def backtest_events(
     feats = purchasers_at(past, cutoff_day)
     if feats.empty:
         raise DatasetError(f"no purchase on or before the cutoff {day_date(cutoff_day)}")
-    progress(f"{len(past):,} events up to the cutoff, {len(feats):,} customers to score")
+    progress(
+        f"{len(past):,} {_plural(len(past), 'event')} up to the cutoff, {len(feats):,} "
+        f"{_plural(len(feats), 'customer')} to score"
+    )
     last = int(events["day"].max())
     if last < cutoff_day:
         progress(
@@ -89,6 +116,11 @@ def backtest_events(
         progress(note)
 
     future_complete = last >= cutoff_day + horizon_days
+    if not future_complete and last > cutoff_day:
+        progress(
+            f"the events end on {day_date(last)}, before the horizon's last day "
+            f"{day_date(cutoff_day + horizon_days)}: a forecast only, no out-of-sample figures"
+        )
     names = [selection.champion]
     if future_complete:
         names += [REFERENCE, *(make_candidates(candidates) if score_all else [])]
@@ -239,7 +271,7 @@ def write_report(
     shown = plotted_models(sel)
     roles = {sel.champion: " (champion)", REFERENCE: " (reference)"}
     if sel.champion == REFERENCE:
-        roles[REFERENCE] = " (reference, champion)"
+        roles[REFERENCE] = " (champion, reference)"
 
     def labelled(preds: dict[str, T]) -> dict[str, T]:  # the plots' legends and titles
         return {f"{n}{roles.get(n, ' (runner-up)')}": p for n, p in preds.items()}
@@ -299,23 +331,25 @@ def write_report(
     inner = "-" if sel.inner_cutoff_day is None else day_date(sel.inner_cutoff_day)
     notes = [
         f"Cutoff {cutoff}, horizon {result.horizon_days} days, "
-        f"{len(result.predictions):,} customers scored.",
+        f"{len(result.predictions):,} {_plural(len(result.predictions), 'customer')} scored; "
+        f"amounts in {currency}.",
         f"Champion: {sel.champion} ({sel.reason}).",
         f"Validation: fitted on data up to {inner}, "
         f"scored on the following {sel.plan.val_days} days; final label window "
         f"{sel.plan.label_days} days (history {sel.plan.history_days} days).",
     ]
+    forecast_total = float(result.predictions["predicted_value"].sum())
     if not result.future_complete:
         notes.append(
+            f"The champion's forecast total for the horizon: {forecast_total:,.2f} {currency}. "
             "The file does not cover the whole horizon after the cutoff: no out-of-sample figures."
         )
     else:
         actual_total = float(np.sum(result.actual)) if result.actual is not None else 0.0
-        forecast_total = float(result.predictions["predicted_value"].sum())
         vs = f" ({forecast_total / actual_total - 1:+.1%})" if actual_total > 0 else ""
         notes.append(
-            f"The champion's forecast total for the horizon: {forecast_total:,.2f}, against "
-            f"{actual_total:,.2f} actually spent by these customers{vs}."
+            f"The champion's forecast total for the horizon: {forecast_total:,.2f} {currency}, "
+            f"against {actual_total:,.2f} {currency} actually spent by these customers{vs}."
         )
         notes.append(
             "Out of sample, each candidate is scored as if it had been chosen; the champion was "
@@ -368,7 +402,8 @@ def run_backtest(
     else:
         result.report_files = _write_outputs(events, result, out, Path(report_dir), currency)
         say(f"wrote the report to {report_dir}/index.html")
-    say(f"wrote {len(result.predictions):,} predictions to {out_csv}")
+    n = len(result.predictions)
+    say(f"wrote {n:,} {_plural(n, 'prediction')} to {out_csv}")
     return result
 
 

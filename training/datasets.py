@@ -63,7 +63,10 @@ def _amounts(table: pd.DataFrame, what: str) -> pd.Series:
     error naming the first offending row (``what``: how rows are counted)."""
     amount = pd.to_numeric(table["amount"], errors="coerce")
     ok = amounts_in_range(amount.to_numpy(np.float64, na_value=np.nan))
-    _first_bad(ok, table, "amount", f"is not a number from 0 to {MAX_AMOUNT:g}", what)
+    negative = (amount < 0).to_numpy()
+    refunds = "type" in table.columns or what.startswith("CSV")  # CDNOW holds no refunds
+    hint = " (a refund is a positive amount of type refund)" if refunds and negative.any() else ""
+    _first_bad(ok, table, "amount", f"is not a number from 0 to {MAX_AMOUNT:g}{hint}", what)
     return amount
 
 
@@ -100,7 +103,8 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     if table.shape[1] == 5:
         table = table.drop(columns=[1])  # the sample's original id
     if table.shape[1] != 4:
-        raise DatasetError(f"CDNOW records need 4 or 5 columns, found {table.shape[1]}")
+        hint = " (an orders CSV? leave out --format cdnow)" if "," in lines[0] else ""
+        raise DatasetError(f"CDNOW records need 4 or 5 columns, found {table.shape[1]}{hint}")
     table.columns = ["user_id", "date", "cds", "amount"]
     what = "CDNOW record"  # counted from 1, blank lines and the header left out
     short = table.isna().any(axis=1).to_numpy()
@@ -194,8 +198,11 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
         raise DatasetError(f"unreadable CSV: {exc}") from exc
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
+        first = text.lstrip().split("\n", 1)[0]
+        looks_cdnow = first and all(_is_number(tok) for tok in first.split()[:2])
         raise DatasetError(
             f"CSV lacks column(s) {', '.join(missing)}; needs {','.join(REQUIRED_CSV_COLUMNS)}"
+            + (" (CDNOW's text format? give --format cdnow)" if looks_cdnow else "")
         )
     for c in (*REQUIRED_CSV_COLUMNS, *(c for c in ("type", "event_id") if c in table)):
         _first_bad(table[c].str.strip() != "", table, c, "is empty")

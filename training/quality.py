@@ -261,7 +261,7 @@ def case_section(
         out.append(
             f"| {name} | "
             + " | ".join(f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols)
-            + f" | {'yes' if row['qualifies'] else ''} | {row['score']:+.3f} |"
+            + f" | {'yes' if str(row['qualifies']) == 'True' else ''} | {row['score']:+.3f} |"
         )
     out += ["", "</details>", ""]
     for name in ("oos_deciles", "oos_gain", "tracking"):

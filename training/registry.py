@@ -4,7 +4,9 @@ Layout::
 
     <root>/<version>/model.pkl        the pickled CLVModel
     <root>/<version>/metadata.json    what it is, what it was trained on, how it validated
-    <root>/CHAMPION                   {"version": ..., "metadata_sha256": ...}, replaced atomically
+    <root>/CHAMPION                   {"version": ..., "metadata_file_sha256": ...}, replaced
+                                      atomically (``sha256sum <version>/metadata.json``; the
+                                      ``metadata_sha256`` inside the file hashes its body)
     <root>/promotions.jsonl           one line per promotion decision (audit trail)
 
 A version is ``<UTC time>-<short hash of the model file>``, e.g. ``20261128T100000Z-3f2a1c``.
@@ -70,7 +72,9 @@ def units(currency: str) -> dict[str, str]:
         "*_days": "a number of days",
         "money": f"{currency} (rmse, mae and the predicted values, as the events' amounts)",
         "bias": "a fraction: sum(predicted) / sum(actual) - 1 (-0.05 is 5% low)",
-        "gini, spearman, top10_capture, decile_mape": "unitless (decile_mape: a fraction)",
+        "gini, spearman, top10_capture": "unitless, from 0 to 1 (top10_capture: a share)",
+        "decile_mape, decile_mape_level": "a fraction (0.2: the decile means are 20% off)",
+        "composite": "the sum of the relative gains over the reference; 0 is the reference",
         "seconds": "wall-clock seconds",
         "candidates": "each candidate's validation metrics; the reference (qualifies: null) "
         "is what the targets are measured against",
@@ -501,15 +505,15 @@ class ModelRegistry:
         pointer = self._pointer()
         if pointer is None:
             raise ModelError(f"no champion model in {self.root}: run `clv train` first")
-        return self.load(
-            str(pointer["version"]), expect_metadata_sha256=pointer.get("metadata_sha256")
-        )
+        # the file's hash; "metadata_sha256" in pointers written before the rename
+        file_sha = pointer.get("metadata_file_sha256", pointer.get("metadata_sha256"))
+        return self.load(str(pointer["version"]), expect_metadata_sha256=file_sha)
 
     def _write_pointer(self, version: str, decision: Decision) -> None:
         meta_raw = _read_regular(self.root / version / METADATA_FILE, MAX_METADATA_BYTES)
         pointer = {
             "version": version,
-            "metadata_sha256": _sha256(meta_raw),
+            "metadata_file_sha256": _sha256(meta_raw),  # as sha256sum prints it
             "promoted_at": decision.decided_at,
             "reason": decision.reason,
         }

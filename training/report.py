@@ -132,7 +132,7 @@ COLUMN_MEANINGS: dict[str, str] = {
     "under the actual one); nearer 0 is better",
     "qualifies": "validation only: met every target against BG/NBD+GG (better Gini and "
     "level-adjusted decile MAPE, RMSE and MAE at most 2% worse, bias within ±10% or the "
-    "reference's own)",
+    "reference's own); 'reference' for BG/NBD+GG itself, the yardstick",
     "missed": "validation only: the targets it missed, with both figures",
     "score": "validation only: the composite, the sum of the relative gains over BG/NBD+GG "
     "(Gini, level-adjusted decile MAPE, RMSE, MAE) less a penalty for bias beyond the limit; "

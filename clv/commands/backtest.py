@@ -50,7 +50,13 @@ def _check_outputs(orders: Path, out: Path, report: Path | None) -> None:
 
 def backtest(
     orders: Annotated[
-        Path, typer.Option("--orders", help="orders file (CSV or CDNOW text; .gz ok)")
+        Path,
+        typer.Option(
+            "--orders",
+            help="orders file, .gz ok: a CSV with the header user_id,order_id,ts,amount "
+            "(optional type,event_id,currency; a refund is a positive amount of type refund), "
+            "or CDNOW text with --format cdnow",
+        ),
     ],
     cutoff: Annotated[
         str, typer.Option("--cutoff", help="last day the models may see, YYYY-MM-DD")
@@ -60,7 +66,13 @@ def backtest(
     ],
     out_arg: Annotated[str, typer.Option("--out", help="predictions CSV to write")],
     report_arg: Annotated[
-        str | None, typer.Option("--report", help="directory for metrics, plots and index.html")
+        str | None,
+        typer.Option(
+            "--report",
+            help="directory for metrics, plots and index.html; when the file covers the "
+            "horizon, every candidate is also fitted and scored after the cutoff (about twice "
+            "the run time)",
+        ),
     ] = None,
     fmt: Annotated[
         OrdersFileFormat, typer.Option("--format", help="orders file format")
@@ -80,7 +92,9 @@ def backtest(
     """Select and fit a model on the orders up to CUTOFF, forecast the horizon.
 
     Writes one row per customer with an order on or before the cutoff:
-    user_id,predicted_value,expected_orders,p_alive."""
+    user_id,predicted_value,expected_orders,p_alive.
+
+    Prints one line: the forecast total, and the actual when the file covers the horizon."""
     day = parse_date(cutoff, "--cutoff")
     out = output_path(out_arg, "--out")
     report = None if report_arg is None else output_path(report_arg, "--report", file=False)
@@ -116,7 +130,7 @@ def backtest(
         with warnings.catch_warnings():
             if quiet:  # the libraries' convergence chatter too
                 warnings.simplefilter("ignore")
-            run_backtest(
+            result = run_backtest(
                 orders,
                 fmt.value,
                 day,
@@ -132,3 +146,4 @@ def backtest(
     except BaseException:  # a refusal above, Ctrl-C, SIGTERM: the folders this run made go too
         remove_empty(made)
         raise
+    typer.echo(result.summary(currency))

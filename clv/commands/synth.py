@@ -6,6 +6,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,10 @@ from clv.files import remove_abandoned
 err = Console(stderr=True)
 #: More users or orders than any machine this runs on has memory for.
 MAX_ROWS = 10**11
+#: Endings of an ``--out`` meant as a file in another format, not as the event-log directory.
+FILE_LIKE = frozenset(
+    {".parquet", ".pq", ".json", ".jsonl", ".ndjson", ".gz", ".zip", ".tsv", ".txt", ".xlsx"}
+)
 
 
 @contextmanager
@@ -89,6 +94,12 @@ def synth(
             "consumers and `clv train` refuse events from the future; give an earlier --start"
         )
     as_csv = out_arg.lower().endswith((".csv", ".csv.gz"))
+    suffix = Path(out_arg).suffix.lower()
+    if not as_csv and suffix in FILE_LIKE:  # a directory would be made where a file was meant
+        raise fail(
+            f"--out {out_arg}: synth writes FILE.csv, FILE.csv.gz or an event-log directory, "
+            f"not a {suffix} file"
+        )
     out = output_path(out_arg, "--out", file=as_csv)
     if not as_csv and out.exists():
         if not out.is_dir():

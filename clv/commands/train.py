@@ -24,6 +24,7 @@ def train(
 
     It becomes the champion only if it beats the champion on validation, or with --force."""
     from clv import STARTED
+    from feature_store.features import day_date
     from training.progress import StderrProgress
     from training.train import train as run_training
 
@@ -47,7 +48,9 @@ def train(
                     "reason": result.decision.reason,
                     "champion_version": result.champion_version,
                     "cutoff_day": result.cutoff_day,
+                    "cutoff_date": day_date(result.cutoff_day).isoformat(),
                     "horizon_days": result.horizon_days,
+                    "requested_horizon_days": result.requested_horizon_days,
                     "validation": result.validation.to_json(),
                     "timings": {k: round(v, 2) for k, v in result.timings.items()},
                 },

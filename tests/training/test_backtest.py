@@ -95,8 +95,8 @@ def test_backtest_writes_predictions_and_report(small_orders_csv: Path, tmp_path
     forecast = result.predictions["predicted_value"].sum()
     actual_total = float(result.actual.sum())
     assert (
-        f"forecast total for the horizon: {forecast:,.2f}, against {actual_total:,.2f} actually "
-        f"spent by these customers ({forecast / actual_total - 1:+.1%})"
+        f"forecast total for the horizon: {forecast:,.2f} USD, against {actual_total:,.2f} USD "
+        f"actually spent by these customers ({forecast / actual_total - 1:+.1%})"
     ) in text
 
     # scored against what each customer spent in the 181 days after the cutoff, read from the
@@ -243,6 +243,22 @@ def test_the_tracking_curves_run_from_nothing_to_the_horizons_totals(
         assert curve[-1] == pytest.approx(result.model_predictions[name].sum())
 
 
+def test_a_horizon_the_file_does_not_cover_is_said_and_forecast(
+    sample_events: pd.DataFrame,
+) -> None:
+    lines: list[str] = []
+    cutoff = day_number(dt.date(1998, 5, 31))  # the data ends on 1998-06-30
+    result = backtest_events(
+        sample_events, cutoff, 90, candidates=["naive_rate", "bgnbd_gg"], progress=lines.append
+    )
+    assert not result.future_complete and result.actual is None
+    assert (
+        "the events end on 1998-06-30, before the horizon's last day 1998-08-29: a forecast "
+        "only, no out-of-sample figures"
+    ) in lines
+    assert "they spent" not in result.summary()
+
+
 def test_a_report_says_which_candidates_had_no_forecast(
     sample_events: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -363,6 +379,10 @@ def test_cli_happy_path(
     assert ("champion" in result.stderr) == (not quiet)  # progress lines unless quiet
     clocks = [float(m) for m in re.findall(r"^\[backtest +([0-9.]+)s\]", result.stderr, re.M)]
     assert bool(clocks) == (not quiet)
+    # stdout: one line with the outcome, quiet or not
+    said = r"\S+ forecasts [\d,.]+ USD from [\d,]+ customers over the 91 days after 1997-09-30; "
+    said += r"they spent [\d,.]+ \(bias [+-][\d.]+%(; BG/NBD\+GG [+-][\d.]+%)?\)\n"
+    assert re.fullmatch(said, result.stdout), result.stdout
     assert all(c >= 10_000 for c in clocks)
     assert limited == [True]  # one thread per pool unless the environment says
     _check_predictions(out, load_orders(small_orders_csv, "csv"), dt.date(1997, 9, 30))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ BAD_CDNOW = [
     (" 00001 19970101 1 11.77\n 00002 0002 19970112 1 12.00\n", "different lengths"),
     # after a good record
     ("00001 19970101 1 11.77\n00001 19970101 1 1e300\n", "from 0 to 1e"),
+    ("user_id,order_id,ts,amount\nu,o,2024-01-01,1\n", "found 1 (an orders CSV? leave out --fo"),
     ("00001 19970101 1 11.77\n00001 1997013x 1 5.0\n", "record 2: date '1997013x' is not a"),
     ("00001 19970101 1 11.77\n00002 19970102 -2 3\n", "record 2: cds '-2' is not a count"),
     ("00001 19970101 1 11.77\n\n00002 19970102 1 x\n", "record 2: amount 'x' is not a number"),
@@ -73,7 +75,12 @@ BAD_CDNOW = [
 #: Bad CSV files, each with the text of the error it must give.
 BAD_CSV = [
     ("user,order_id,ts,amount\nu,o,2024-01-01,1\n", "lacks column"),
-    ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", "from 0 to 1e"),
+    ("user_id,order_id,ts,amount\nu,o,2024-01-01,-1\n", "1e+09 (a refund is a positive amount"),
+    (
+        "00001 19970101 1 11.77\n",
+        "lacks column(s) user_id, order_id, ts, amount; needs user_id,order_id,"
+        "ts,amount (CDNOW's text format? give --format cdnow)",
+    ),
     ("user_id,order_id,ts,amount\nu,o,2024-01-01,abc\n", "row 1: amount 'abc' is not a number"),
     ("user_id,order_id,ts,amount\nu,o,2024-01-01,1\nu,o2,2024-01-02,-3\n", "row 2: amount '-3'"),
     ("user_id,order_id,ts,amount\nu,o,2024-01-01,1e300\n", "from 0 to 1e"),
@@ -113,8 +120,15 @@ def test_bad_orders_files_are_a_dataset_error(
 ) -> None:
     path = tmp_path / f"bad.{fmt}"
     path.write_text(content)
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=re.escape(message)):
         load_orders(path, fmt)  # type: ignore[arg-type]
+
+
+def test_a_negative_cdnow_amount_gets_no_refund_hint(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_text("00001 19970101 1 -5\n")  # CDNOW holds no refunds: no hint about them
+    with pytest.raises(DatasetError, match=r"is not a number from 0 to 1e\+09 \(1 such\)$"):
+        load_orders(path, "cdnow")
 
 
 def test_csv_currency_column_may_be_blank_or_the_deployments(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -193,10 +194,18 @@ def test_metadata_edited_with_recomputed_self_hash_is_refused_via_pointer(
     meta.pop("metadata_sha256")
     meta["model_name"] = "something_else"
     meta["metadata_sha256"] = _sha256(_canonical(meta))
+    pointer = json.loads((reg.root / POINTER_FILE).read_text())
+    # the pointer holds the file's hash, as sha256sum prints it
+    assert pointer["metadata_file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     path.write_text(json.dumps(meta))
     reg.load(v)  # self-consistent on its own ...
     with pytest.raises(ModelError, match="changed since it was promoted"):
         reg.load_champion()  # ... but not what was promoted
+    # a pointer written before the key's rename is checked all the same
+    pointer["metadata_sha256"] = pointer.pop("metadata_file_sha256")
+    (reg.root / POINTER_FILE).write_text(json.dumps(pointer))
+    with pytest.raises(ModelError, match="changed since it was promoted"):
+        reg.load_champion()
 
 
 def test_feature_name_mismatch_is_refused_before_unpickling(

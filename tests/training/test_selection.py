@@ -80,6 +80,15 @@ def test_missing_any_target_disqualifies_and_says_which(
     assert len(missed) == 1 and missed[0].startswith(said), missed
 
 
+def test_a_bias_limit_widened_to_the_references_says_so() -> None:
+    good = {**REF, "gini": 0.65, "decile_mape_level": 0.15}
+    assert missed_targets({**good, "bias": 0.16}, REF) == [
+        "total bias +16.00% outside ±15.00% (the reference's own; the target is ±10%)"
+    ]
+    narrow = {**REF, "bias": -0.05}  # the reference within ±10%: the plain target
+    assert missed_targets({**good, "bias": 0.12}, narrow) == ["total bias +12.00% outside ±10.00%"]
+
+
 def test_a_short_horizon_lists_the_candidates_it_cannot_fit(sample_events) -> None:  # type: ignore[no-untyped-def]
     """Every candidate is accounted for: those the windows rule out carry the reason."""
     from feature_store.features import day_number
@@ -134,6 +143,42 @@ def test_a_refused_candidate_better_on_balance_is_named_with_what_it_missed(
         "candidates met the targets against BG/NBD+GG on validation but none beat it on the "
         f"composite score; best on the composite: ridge ({sel.scores['ridge'].score:+.3f}), "
         "which missed Gini 0.5900 not above 0.6000"
+    )
+
+
+def test_the_winners_reason_says_how_many_met_the_targets_and_who_scored_higher(
+    sample_events, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """'Best' only among those that met the targets: a refused candidate with a higher
+    composite is named, with what it missed, so the reason never reads as a contradiction."""
+    import training.selection as selection
+    from feature_store.features import day_number
+
+    figures = {
+        "bgnbd_gg": REF,
+        "ridge": {**REF, "gini": 0.61, "decile_mape_level": 0.19},  # meets them, a little better
+        "naive_rate": {**REF, "gini": 0.70, "decile_mape_level": 0.05, "rmse": 10.5},  # refused
+    }
+
+    def scored(models, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return {n: selection.CandidateScore(n, figures[n], 0.0) for n in models}, {}
+
+    monkeypatch.setattr(selection, "evaluate", scored)
+    cutoff = day_number(dt.date(1997, 12, 31))
+    sel = selection.select_champion(sample_events, cutoff, 91, names=list(figures))
+    ridge, naive = sel.scores["ridge"], sel.scores["naive_rate"]
+    assert sel.champion == "ridge" and naive.score > ridge.score > 0
+    assert sel.reason == (
+        f"the only candidate to meet the targets against BG/NBD+GG (composite {ridge.score:+.3f}); "
+        f"naive_rate scored higher ({naive.score:+.3f}) but missed {naive.missed[0]}"
+    )
+    assert sel.table().loc["bgnbd_gg", "qualifies"] == "reference"
+    figures["naive_rate"] = {**REF, "gini": 0.605, "decile_mape_level": 0.199}  # meets, worse
+    sel = selection.select_champion(sample_events, cutoff, 91, names=list(figures))
+    assert sel.champion == "ridge"
+    assert sel.reason == (
+        "met the targets against BG/NBD+GG with the best composite score of the 2 that did "
+        f"({sel.scores['ridge'].score:+.3f})"
     )
 
 

@@ -262,6 +262,31 @@ def test_cli_on_missing_log_one_line_no_traceback(
     assert "Traceback" not in result.output
 
 
+def test_cli_json_gives_the_outcome_with_dates_and_both_horizons(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import training.train as train_module
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    for key, value in settings.as_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CLV_HORIZON_DAYS", "3000")  # more than the log holds: shortened
+    real = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: real(*a, **kw, candidates=FAST))
+    app = typer.Typer()
+    app.command()(train_command)
+    result = CliRunner().invoke(app, ["--json", "-q"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["cutoff_date"] == day_date(body["cutoff_day"]).isoformat()
+    assert body["cutoff_day"] == int(events["day"].max())
+    assert body["requested_horizon_days"] == 3000 > body["horizon_days"]
+    assert body["promoted"] is True and body["model"] in FAST
+
+
 def test_fingerprint_ignores_row_order_but_not_content(events: pd.DataFrame) -> None:
     fp = data_fingerprint(events)
     shuffled = events.sample(frac=1.0, random_state=0).reset_index(drop=True)
