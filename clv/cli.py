@@ -55,7 +55,15 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]], *, one_shot: bool =
     except ClvError as exc:
         raise fail(str(exc), 1) from None
     except (OSError, RedisError, RedisClusterException, KafkaError) as exc:
-        raise fail(f"cannot reach a server: {exc}", 1) from None
+        which = (
+            " (Kafka at CLV_KAFKA_BOOTSTRAP"
+            if isinstance(exc, KafkaError)
+            else " (Redis at CLV_REDIS_URL"
+            if isinstance(exc, RedisError | RedisClusterException)
+            else " ("
+        )
+        hint = f"{which}; `clv up` runs a local stack)"
+        raise fail(f"cannot reach a server: {exc}{hint}", 1) from None
 
 
 @app.command()

@@ -276,6 +276,8 @@ def test_bad_settings_and_unusable_directories_end_in_one_line_before_any_work(
         ({"CLV_EVENT_LOG_DIR": str(a_file / "x")}, ("up",), 1, "(CLV_EVENT_LOG_DIR) cannot be"),
         ({"CLV_EVENT_LOG_DIR": str(a_file / "x")}, ("archive",), 1, f"{a_file} is not a dir"),
         (closed, ("replay", str(orders)), 1, "cannot reach a server: KafkaConnectionError"),
+        (closed, ("replay", str(orders)), 1, "(Kafka at CLV_KAFKA_BOOTSTRAP; `clv up` runs a"),
+        (closed, ("features", "u1"), 1, "(Redis at CLV_REDIS_URL; `clv up` runs a local stack)"),
         ({}, (*bt, "--cutoff", "2999-01-01"), 2, "--cutoff 2999-01-01 is in the future"),
         ({}, ("backtest", "--orders", str(tmp_path), *bt[3:], "--cutoff", "2024-01-01"), 2, "is a"),
     ]
