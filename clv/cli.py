@@ -34,8 +34,16 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def run_async(main: Callable[[asyncio.Event], Awaitable[T]], *, one_shot: bool = False) -> T:
+def run_async(
+    main: Callable[[asyncio.Event], Awaitable[T]],
+    *,
+    one_shot: bool = False,
+    starts_stack: bool = False,
+) -> T:
     """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop`` (a clean shutdown, not a kill).
+
+    A server that cannot be reached is named by its setting; ``starts_stack`` commands (``up``,
+    ``demo``) are not told that ``clv up`` would start one.
 
     ``one_shot`` commands (not services) end in one line: the Kafka client's own log lines (it
     logs a failed connection before raising it) are left out, and the error says it all."""
@@ -54,16 +62,18 @@ def run_async(main: Callable[[asyncio.Event], Awaitable[T]], *, one_shot: bool =
         return asyncio.run(runner())
     except ClvError as exc:
         raise fail(str(exc), 1) from None
-    except (OSError, RedisError, RedisClusterException, KafkaError) as exc:
+    except (RedisError, RedisClusterException, KafkaError) as exc:
         which = (
-            " (Kafka at CLV_KAFKA_BOOTSTRAP"
+            "Kafka at CLV_KAFKA_BOOTSTRAP"
             if isinstance(exc, KafkaError)
-            else " (Redis at CLV_REDIS_URL"
-            if isinstance(exc, RedisError | RedisClusterException)
-            else " ("
+            else "Redis at CLV_REDIS_URL"
         )
-        hint = f"{which}; `clv up` runs a local stack)"
-        raise fail(f"cannot reach a server: {exc}{hint}", 1) from None
+        hint = "" if starts_stack else "; `clv up` runs a local stack"
+        raise fail(f"cannot reach a server: {exc} ({which}{hint})", 1) from None
+    except ConnectionError as exc:  # refused, reset: a server again, of unknown kind
+        raise fail(f"cannot reach a server: {exc}", 1) from None
+    except OSError as exc:  # a file or directory, not a server
+        raise fail(str(exc), 1) from None
 
 
 @app.command()
@@ -82,7 +92,8 @@ def up(
     run_async(
         lambda stop: run_stack(
             settings, stop, consumers=consumers, retrain_every_s=retrain_every or None
-        )
+        ),
+        starts_stack=True,
     )
 
 
@@ -94,7 +105,7 @@ def demo(
     from clv.demo import run_demo
 
     settings = load_settings()
-    run_async(lambda stop: run_demo(settings, stop, keep_running=keep_running))
+    run_async(lambda stop: run_demo(settings, stop, keep_running=keep_running), starts_stack=True)
 
 
 @app.command()

@@ -14,6 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import typer
+from aiokafka.errors import KafkaConnectionError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from clv.local_stack import LocalProcess
 from clv.settings import Settings
@@ -370,3 +373,46 @@ def test_a_terminated_synth_csv_leaves_neither_file_nor_the_folders_it_made(
     out = tmp_path / "new" / "deeper" / "orders.csv"
     _terminated_synth(out, 2_000_000, lambda: any(out.parent.glob(".orders.csv.*.tmp")))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("raised", "starts_stack", "says"),
+    [
+        (
+            KafkaConnectionError("down"),
+            False,
+            "cannot reach a server: KafkaConnectionError: down (Kafka at CLV_KAFKA_BOOTSTRAP; "
+            "`clv up` runs a local stack)",
+        ),
+        (
+            RedisConnectionError("refused"),
+            False,
+            "cannot reach a server: refused (Redis at CLV_REDIS_URL; `clv up` runs a local stack)",
+        ),
+        (  # `clv up` and `clv demo` start the stack themselves: no advice to run it
+            RedisConnectionError("refused"),
+            True,
+            "cannot reach a server: refused (Redis at CLV_REDIS_URL)",
+        ),
+        (ConnectionRefusedError(111, "Connection refused"), False, "cannot reach a server: "),
+        (  # a file, not a server
+            PermissionError(13, "Permission denied", "/var/log/x"),
+            False,
+            "[Errno 13] Permission denied: '/var/log/x'",
+        ),
+    ],
+)
+def test_an_unreachable_server_is_named_by_its_setting(
+    raised: BaseException, starts_stack: bool, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clv.cli import run_async
+
+    async def main(_stop: object) -> None:
+        raise raised
+
+    with pytest.raises(typer.Exit) as done:
+        run_async(main, starts_stack=starts_stack)  # type: ignore[arg-type]
+    assert done.value.exit_code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clv: error: ") and says in err
+    assert err.endswith(says) or says.endswith(": ")

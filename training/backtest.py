@@ -60,7 +60,7 @@ class BacktestResult:
         if self.actual is None:
             return line
         actual = float(np.sum(self.actual))
-        line += f"; they spent {actual:,.2f}"
+        line += f"; they spent {actual:,.2f} {currency}"
         ref = self.model_predictions.get(REFERENCE)
         if actual > 0:
             line += f" (bias {total / actual - 1:+.1%}"

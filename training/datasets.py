@@ -63,9 +63,10 @@ def _amounts(table: pd.DataFrame, what: str) -> pd.Series:
     error naming the first offending row (``what``: how rows are counted)."""
     amount = pd.to_numeric(table["amount"], errors="coerce")
     ok = amounts_in_range(amount.to_numpy(np.float64, na_value=np.nan))
-    negative = (amount < 0).to_numpy()
+    bad = np.flatnonzero(~ok)
+    first_negative = bad.size > 0 and bool(amount.iloc[bad[0]] < 0)  # the row the error names
     refunds = "type" in table.columns or what.startswith("CSV")  # CDNOW holds no refunds
-    hint = " (a refund is a positive amount of type refund)" if refunds and negative.any() else ""
+    hint = " (a refund is a positive amount of type refund)" if refunds and first_negative else ""
     _first_bad(ok, table, "amount", f"is not a number from 0 to {MAX_AMOUNT:g}{hint}", what)
     return amount
 
@@ -76,6 +77,14 @@ def _is_number(token: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _looks_like_cdnow(text: str) -> bool:
+    """Blank-separated records of numbers (after a header without commas, as CDNOW master's)."""
+    lines = [ln for ln in text.splitlines()[:3] if ln.strip()]
+    if lines and "," not in lines[0] and not any(_is_number(t) for t in lines[0].split()):
+        lines = lines[1:]
+    return bool(lines) and "," not in lines[0] and all(_is_number(t) for t in lines[0].split())
 
 
 def _cdnow_orders(text: str) -> pd.DataFrame:
@@ -198,8 +207,7 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
         raise DatasetError(f"unreadable CSV: {exc}") from exc
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
-        first = text.lstrip().split("\n", 1)[0]
-        looks_cdnow = first and all(_is_number(tok) for tok in first.split()[:2])
+        looks_cdnow = _looks_like_cdnow(text)
         raise DatasetError(
             f"CSV lacks column(s) {', '.join(missing)}; needs {','.join(REQUIRED_CSV_COLUMNS)}"
             + (" (CDNOW's text format? give --format cdnow)" if looks_cdnow else "")

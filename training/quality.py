@@ -39,7 +39,13 @@ from training.levels import (
 from training.metrics import METRIC_NAMES, all_metrics
 from training.models.candidates import REFERENCE
 from training.progress import StderrProgress
-from training.selection import BIAS_LIMIT, MIN_LABEL_DAYS, MIN_TRAIN_HISTORY_DAYS, RMSE_TOLERANCE
+from training.selection import (
+    BIAS_LIMIT,
+    MIN_LABEL_DAYS,
+    MIN_TRAIN_HISTORY_DAYS,
+    RMSE_TOLERANCE,
+    Selection,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "clv" / "data" / "CDNOW_master.txt.gz"
 DEFAULT_SAMPLE = DEFAULT_DATA.with_name("CDNOW_sample.txt.gz")
@@ -194,6 +200,32 @@ def _mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def validation_rows(sel: Selection) -> list[str]:
+    """The internal validation's table, as the selection saw it (markdown lines, opened in a
+    ``<details>``); 'meets targets' is yes for a qualifying challenger, never the reference."""
+    out: list[str] = []
+    val = sel.table()
+    vcols = ["rmse", "mae", "gini", "decile_mape", "decile_mape_level", "bias"]
+    out += [
+        "",
+        "<details><summary>Internal validation (what the selection saw)</summary>",
+        "",
+        "| model | RMSE | MAE | Gini | decile MAPE | level-adj. decile MAPE | bias "
+        "| meets targets | score |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, row in val.iterrows():
+        if row.get("error"):
+            out.append(f"| {name} | failed: {row['error']} |||||||")
+            continue
+        out.append(
+            f"| {name} | "
+            + " | ".join(f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols)
+            + f" | {'yes' if str(row['qualifies']) == 'True' else ''} | {row['score']:+.3f} |"
+        )
+    return out
+
+
 def case_section(
     result: BacktestResult, cutoff: dt.date, img_dir: Path, doc_dir: Path, seconds: float
 ) -> tuple[str, CaseSummary]:
@@ -244,25 +276,7 @@ def case_section(
             f"({oos.loc[closest, 'bias']:+.1%}); the summary table shows which candidate was "
             "closest in each case. See *The reference's level across the calendar*.",
         ]
-    val = sel.table()
-    vcols = ["rmse", "mae", "gini", "decile_mape", "decile_mape_level", "bias"]
-    out += [
-        "",
-        "<details><summary>Internal validation (what the selection saw)</summary>",
-        "",
-        "| model | RMSE | MAE | Gini | decile MAPE | level-adj. decile MAPE | bias "
-        "| meets targets | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for name, row in val.iterrows():
-        if row.get("error"):
-            out.append(f"| {name} | failed: {row['error']} |||||||")
-            continue
-        out.append(
-            f"| {name} | "
-            + " | ".join(f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols)
-            + f" | {'yes' if str(row['qualifies']) == 'True' else ''} | {row['score']:+.3f} |"
-        )
+    out += validation_rows(sel)
     out += ["", "</details>", ""]
     for name in ("oos_deciles", "oos_gain", "tracking"):
         path = img_dir / f"{prefix}{name}.png"

@@ -506,7 +506,12 @@ class ModelRegistry:
         if pointer is None:
             raise ModelError(f"no champion model in {self.root}: run `clv train` first")
         # the file's hash; "metadata_sha256" in pointers written before the rename
-        file_sha = pointer.get("metadata_file_sha256", pointer.get("metadata_sha256"))
+        file_sha = pointer.get("metadata_file_sha256") or pointer.get("metadata_sha256")
+        if not isinstance(file_sha, str):  # the check it vouches for cannot be skipped
+            raise ModelError(
+                f"champion pointer {self.pointer_path} holds no hash of the champion's "
+                "metadata: promote a model again (`clv train --force`)"
+            )
         return self.load(str(pointer["version"]), expect_metadata_sha256=file_sha)
 
     def _write_pointer(self, version: str, decision: Decision) -> None:

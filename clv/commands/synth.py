@@ -95,7 +95,8 @@ def synth(
         )
     as_csv = out_arg.lower().endswith((".csv", ".csv.gz"))
     suffix = Path(out_arg).suffix.lower()
-    if not as_csv and suffix in FILE_LIKE:  # a directory would be made where a file was meant
+    meant_dir = out_arg.endswith(("/", "\\")) or Path(out_arg).is_dir()
+    if not as_csv and suffix in FILE_LIKE and not meant_dir:  # not a dir where a file was meant
         raise fail(
             f"--out {out_arg}: synth writes FILE.csv, FILE.csv.gz or an event-log directory, "
             f"not a {suffix} file"

@@ -259,6 +259,48 @@ def test_a_horizon_the_file_does_not_cover_is_said_and_forecast(
     assert "they spent" not in result.summary()
 
 
+def test_the_one_line_outcome() -> None:
+    from training.backtest import BacktestResult
+    from training.selection import Selection, WindowPlan
+
+    def result(champion: str, actual: list[float] | None, ref: list[float]) -> BacktestResult:
+        preds = pd.DataFrame({"predicted_value": [30.0, 20.0]}, index=["a", "b"])
+        return BacktestResult(
+            cutoff_day=day_number(dt.date(1997, 12, 31)),
+            horizon_days=91,
+            predictions=preds,
+            champion=None,  # type: ignore[arg-type]
+            selection=Selection(champion, "", WindowPlan(365, 91, 91, 91), None),
+            future_complete=actual is not None,
+            actual=None if actual is None else np.array(actual),
+            model_predictions={"bgnbd_gg": np.array(ref)},
+        )
+
+    head = "{} forecasts 50.00 EUR from 2 customers over the 91 days after 1997-12-31"
+    assert result("ridge", None, [1, 1]).summary("EUR") == head.format("ridge")
+    assert result("ridge", [40, 0], [30, 2]).summary("EUR") == head.format("ridge") + (
+        "; they spent 40.00 EUR (bias +25.0%; BG/NBD+GG -20.0%)"
+    )
+    assert result("bgnbd_gg", [40, 0], [30, 20]).summary("EUR") == head.format("bgnbd_gg") + (
+        "; they spent 40.00 EUR (bias +25.0%)"  # the reference is the champion: said once
+    )
+    assert result("ridge", [0, 0], [30, 2]).summary("EUR") == head.format("ridge") + (
+        "; they spent 0.00 EUR"  # no bias against nothing
+    )
+
+
+def test_a_report_without_the_horizon_gives_the_forecast_total_in_its_currency(
+    sample_events: pd.DataFrame, tmp_path: Path
+) -> None:
+    cutoff = day_number(dt.date(1998, 5, 31))  # the data ends a month later
+    result = backtest_events(sample_events, cutoff, 90, candidates=["naive_rate", "bgnbd_gg"])
+    write_report(sample_events, result, tmp_path, currency="EUR")
+    page = html.unescape((tmp_path / "index.html").read_text(encoding="utf-8"))
+    total = result.predictions["predicted_value"].sum()
+    assert f"forecast total for the horizon: {total:,.2f} EUR. The file does not cover" in page
+    assert "amounts in EUR" in page
+
+
 def test_a_report_says_which_candidates_had_no_forecast(
     sample_events: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -381,7 +423,7 @@ def test_cli_happy_path(
     assert bool(clocks) == (not quiet)
     # stdout: one line with the outcome, quiet or not
     said = r"\S+ forecasts [\d,.]+ USD from [\d,]+ customers over the 91 days after 1997-09-30; "
-    said += r"they spent [\d,.]+ \(bias [+-][\d.]+%(; BG/NBD\+GG [+-][\d.]+%)?\)\n"
+    said += r"they spent [\d,.]+ USD \(bias [+-][\d.]+%(; BG/NBD\+GG [+-][\d.]+%)?\)\n"
     assert re.fullmatch(said, result.stdout), result.stdout
     assert all(c >= 10_000 for c in clocks)
     assert limited == [True]  # one thread per pool unless the environment says

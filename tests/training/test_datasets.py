@@ -124,6 +124,31 @@ def test_bad_orders_files_are_a_dataset_error(
         load_orders(path, fmt)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "content", "hint"),
+    [
+        ("csv", "user_id,order_id,ts,amount\nu,o,2024-01-01,abc\nu,o2,2024-01-02,-3\n", "refund"),
+        ("csv", "user,order_id,ts,amount\nu,o,2024-01-01,1\n", "--format cdnow"),
+        ("cdnow", "00001 19970101 1 x\n", "leave out --format cdnow"),
+    ],
+)
+def test_a_hint_only_where_it_applies(tmp_path: Path, fmt: str, content: str, hint: str) -> None:
+    """The refund hint for the row the error names only; the format hints for files that look
+    like the other format only."""
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    with pytest.raises(DatasetError) as caught:
+        load_orders(path, fmt)  # type: ignore[arg-type]
+    assert hint not in str(caught.value)
+
+
+def test_cdnow_master_read_as_csv_gets_the_format_hint(tmp_path: Path) -> None:
+    path = tmp_path / "master.txt"
+    path.write_text(" customer_id  date number_of_cds  dollar_value\n 00001 19970101  1   11.77\n")
+    with pytest.raises(DatasetError, match=re.escape("(CDNOW's text format? give --format cdnow)")):
+        load_orders(path, "csv")
+
+
 def test_a_negative_cdnow_amount_gets_no_refund_hint(tmp_path: Path) -> None:
     path = tmp_path / "bad.txt"
     path.write_text("00001 19970101 1 -5\n")  # CDNOW holds no refunds: no hint about them

@@ -312,3 +312,20 @@ def test_the_delay_is_chosen_on_the_validation_window_only(sample_events: pd.Dat
     cols = ["val_days", "val_0", "val_30", "chosen"]
     pd.testing.assert_frame_equal(again[cols], frame[cols].iloc[:1])
     assert again["oos_none"].iloc[0] != pytest.approx(frame["oos_none"].iloc[0])
+
+
+def test_the_validation_table_says_yes_for_a_qualifying_challenger_only() -> None:
+    from training.selection import CandidateScore, Selection, WindowPlan
+
+    figures = {"rmse": 1.0, "mae": 1.0, "gini": 0.5, "decile_mape": 0.1}
+    figures |= {"decile_mape_level": 0.1, "bias": 0.0}
+    scores = {
+        "bgnbd_gg": CandidateScore("bgnbd_gg", figures, 0.0, score=0.0),
+        "ridge": CandidateScore("ridge", figures, 0.0, score=0.2, qualifies=True),
+        "hgb_poisson": CandidateScore("hgb_poisson", figures, 0.0, score=0.5),
+    }
+    sel = Selection("ridge", "", WindowPlan(365, 91, 91, 91), None, scores)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in quality.validation_rows(sel)}
+    assert rows["ridge"].endswith("| yes | +0.200 |")
+    assert rows["bgnbd_gg"].endswith("|  | +0.000 |")  # the reference: the yardstick, no "yes"
+    assert rows["hgb_poisson"].endswith("|  | +0.500 |")

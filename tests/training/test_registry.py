@@ -206,6 +206,11 @@ def test_metadata_edited_with_recomputed_self_hash_is_refused_via_pointer(
     (reg.root / POINTER_FILE).write_text(json.dumps(pointer))
     with pytest.raises(ModelError, match="changed since it was promoted"):
         reg.load_champion()
+    # and one with no hash at all (or a null one) is refused, not loaded unchecked
+    for hashless in ({"version": v}, {"version": v, "metadata_file_sha256": None}):
+        (reg.root / POINTER_FILE).write_text(json.dumps(hashless))
+        with pytest.raises(ModelError, match="holds no hash of the champion's metadata"):
+            reg.load_champion()
 
 
 def test_feature_name_mismatch_is_refused_before_unpickling(
@@ -235,7 +240,8 @@ def test_stray_pickle_without_metadata_is_never_unpickled(
     stray = reg.root / "20261128T100000Z-abcdef"
     stray.mkdir()
     (stray / MODEL_FILE).write_bytes(pickle.dumps(HistoricalRate()))
-    (reg.root / POINTER_FILE).write_text(json.dumps({"version": stray.name}))
+    pointer = {"version": stray.name, "metadata_file_sha256": "0" * 64}
+    (reg.root / POINTER_FILE).write_text(json.dumps(pointer))
 
     def no_unpickling(*_a: object, **_k: object) -> object:
         raise AssertionError("unpickled a stray file")

@@ -173,6 +173,14 @@ def test_the_winners_reason_says_how_many_met_the_targets_and_who_scored_higher(
         f"naive_rate scored higher ({naive.score:+.3f}) but missed {naive.missed[0]}"
     )
     assert sel.table().loc["bgnbd_gg", "qualifies"] == "reference"
+    # two refused above it: the higher one is named
+    figures["tweedie_glm"] = {**REF, "gini": 0.66, "decile_mape_level": 0.10, "rmse": 10.5}
+    sel = selection.select_champion(sample_events, cutoff, 91, names=list(figures))
+    tweedie = sel.scores["tweedie_glm"]
+    top = sel.scores["naive_rate"].score
+    assert sel.champion == "ridge" and top > tweedie.score > sel.scores["ridge"].score
+    assert "; naive_rate scored higher" in sel.reason and "tweedie_glm" not in sel.reason
+    del figures["tweedie_glm"]
     figures["naive_rate"] = {**REF, "gini": 0.605, "decile_mape_level": 0.199}  # meets, worse
     sel = selection.select_champion(sample_events, cutoff, 91, names=list(figures))
     assert sel.champion == "ridge"

@@ -298,3 +298,28 @@ def _synth_app() -> typer.Typer:
     app.command("synth")(synth)
     app.command("noop")(lambda: None)
     return app
+
+
+@pytest.mark.parametrize("name", ["x.parquet", "X.PARQUET", "x.json", "x.pq"])
+def test_an_output_named_like_another_format_is_refused(tmp_path: Path, name: str) -> None:
+    from typer.testing import CliRunner
+
+    out = tmp_path / name
+    args = ["synth", "--users", "5", "--orders", "9", "--start", "2020-01-01", "--out", str(out)]
+    result = CliRunner().invoke(_synth_app(), args)
+    assert result.exit_code == 2 and "not a " in result.stderr and "file" in result.stderr
+    assert not out.exists()
+
+
+def test_a_directory_meant_as_one_may_have_any_name(tmp_path: Path) -> None:
+    """A trailing slash, or a directory that is already there, says it is the event log."""
+    from typer.testing import CliRunner
+
+    made = tmp_path / "log.json"
+    existing = tmp_path / "events.txt"
+    existing.mkdir()
+    for out in (f"{made}/", str(existing)):
+        args = ["synth", "--users", "5", "--orders", "9", "--start", "2020-01-01", "--out", out]
+        result = CliRunner().invoke(_synth_app(), [*args, "-q"])
+        assert result.exit_code == 0, result.output
+    assert made.is_dir() and any(made.iterdir()) and any(existing.iterdir())
