@@ -24,7 +24,7 @@ from training.datasets import DatasetError, OrdersFormat, load_orders, purchaser
 from training.metrics import METRIC_NAMES
 from training.models.base import PREDICTION_COLUMNS, CLVModel
 from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
-from training.progress import Progress, StderrProgress, heartbeat, quiet
+from training.progress import Progress, heartbeat, quiet, resolve
 from training.report import decile_plot, gain_plot, tracking_plot, write_html
 from training.selection import Selection, evaluate, final_training_set, select_champion
 
@@ -49,17 +49,27 @@ class BacktestResult:
     #: candidates whose final fit failed or was not possible, and why
     final_fit_errors: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def forecast_total(self) -> float:
+        """The champion's forecast for all the scored customers over the horizon."""
+        return float(self.predictions["predicted_value"].sum())
+
+    @property
+    def actual_total(self) -> float | None:
+        """What they spent in the horizon, when the events cover it."""
+        return None if self.actual is None else float(np.sum(self.actual))
+
     def summary(self, currency: str = "USD") -> str:
         """One line: the champion's forecast total, and against the actual when known."""
-        total = float(self.predictions["predicted_value"].sum())
+        total = self.forecast_total
         line = (
             f"{self.selection.champion} forecasts {total:,.2f} {currency} from "
             f"{len(self.predictions):,} {_plural(len(self.predictions), 'customer')} over the "
             f"{self.horizon_days} days after {day_date(self.cutoff_day)}"
         )
-        if self.actual is None:
+        actual = self.actual_total
+        if actual is None:
             return line
-        actual = float(np.sum(self.actual))
         line += f"; they spent {actual:,.2f} {currency}"
         ref = self.model_predictions.get(REFERENCE)
         if actual > 0:
@@ -269,12 +279,12 @@ def write_report(
     val.to_csv(report_dir / "validation_metrics.csv", index_label="model")
     files.append(report_dir / "validation_metrics.csv")
     shown = plotted_models(sel)
-    roles = {sel.champion: " (champion)", REFERENCE: " (reference)"}
+    roles = {REFERENCE: "reference", sel.champion: "champion"}
     if sel.champion == REFERENCE:
-        roles[REFERENCE] = " (champion, reference)"
+        roles[REFERENCE] = "champion, reference"
 
     def labelled(preds: dict[str, T]) -> dict[str, T]:  # the plots' legends and titles
-        return {f"{n}{roles.get(n, ' (runner-up)')}": p for n, p in preds.items()}
+        return {f"{n} ({roles.get(n, 'runner-up')})": p for n, p in preds.items()}
 
     if sel.val_actual is not None and sel.val_predictions:
         vp = labelled({n: sel.val_predictions[n] for n in shown if n in sel.val_predictions})
@@ -338,14 +348,14 @@ def write_report(
         f"scored on the following {sel.plan.val_days} days; final label window "
         f"{sel.plan.label_days} days (history {sel.plan.history_days} days).",
     ]
-    forecast_total = float(result.predictions["predicted_value"].sum())
+    forecast_total = result.forecast_total
     if not result.future_complete:
         notes.append(
             f"The champion's forecast total for the horizon: {forecast_total:,.2f} {currency}. "
             "The file does not cover the whole horizon after the cutoff: no out-of-sample figures."
         )
     else:
-        actual_total = float(np.sum(result.actual)) if result.actual is not None else 0.0
+        actual_total = result.actual_total or 0.0
         vs = f" ({forecast_total / actual_total - 1:+.1%})" if actual_total > 0 else ""
         notes.append(
             f"The champion's forecast total for the horizon: {forecast_total:,.2f} {currency}, "
@@ -358,9 +368,6 @@ def write_report(
     for name, why in result.final_fit_errors.items():
         notes.append(f"{name}: no forecast ({why}).")
     if images:
-        roles = {sel.champion: "champion", REFERENCE: "reference"}
-        if sel.champion == REFERENCE:
-            roles[REFERENCE] = "champion, reference"
         labels = [f"{n} ({roles.get(n, 'runner-up on the validation composite')})" for n in shown]
         notes.append(f"The plots show {', '.join(labels)}.")
     page = write_html(
@@ -385,7 +392,7 @@ def run_backtest(
     thread per numeric pool unless the environment sets them, :mod:`training.threads`).
     ``progress``: a callable for the progress lines, or whether to print them on stderr."""
     threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
-    say: Progress = progress if callable(progress) else StderrProgress() if progress else quiet
+    say = resolve(progress, "backtest")
     say(f"reading {orders_path} ({fmt})")
     events = load_orders(orders_path, fmt, currency=currency)
     result = backtest_events(

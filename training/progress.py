@@ -33,6 +33,14 @@ class StderrProgress:
         print(f"[{self.prefix} {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def resolve(progress: bool | Progress, prefix: str) -> Progress:
+    """A ``progress`` argument as the callable it stands for: itself, lines on stderr
+    (``True``) or nothing (``False``)."""
+    if callable(progress):
+        return progress
+    return StderrProgress(prefix) if progress else quiet
+
+
 @contextlib.contextmanager
 def heartbeat(say: Progress, doing: str, every_s: float | None = None) -> Iterator[None]:
     """Say ``still <doing> (<n>s)`` every ``every_s`` seconds (default :data:`HEARTBEAT_S`)

@@ -221,7 +221,7 @@ def validation_rows(sel: Selection) -> list[str]:
         out.append(
             f"| {name} | "
             + " | ".join(f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols)
-            + f" | {'yes' if str(row['qualifies']) == 'True' else ''} | {row['score']:+.3f} |"
+            + f" | {'yes' if sel.scores[name].qualifies else ''} | {row['score']:+.3f} |"
         )
     return out
 

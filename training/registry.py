@@ -63,6 +63,12 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 MODEL_FILE = "model.pkl"
 METADATA_FILE = "metadata.json"
+POINTER_FILE = "CHAMPION"
+HISTORY_FILE = "promotions.jsonl"
+LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"  # a version being written; renamed to its name when complete
+MAX_METADATA_BYTES = 4 << 20
+VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6,16}")
 
 
 def units(currency: str) -> dict[str, str]:
@@ -79,14 +85,6 @@ def units(currency: str) -> dict[str, str]:
         "candidates": "each candidate's validation metrics; the reference (qualifies: null) "
         "is what the targets are measured against",
     }
-
-
-POINTER_FILE = "CHAMPION"
-HISTORY_FILE = "promotions.jsonl"
-LOCK_FILE = ".lock"
-STAGING_PREFIX = ".staging-"  # a version being written; renamed to its name when complete
-MAX_METADATA_BYTES = 4 << 20
-VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6,16}")
 
 
 # --- what a version records --------------------------------------------------------------------

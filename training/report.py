@@ -41,8 +41,8 @@ def decile_plot(
     top, bottom = 1.0, 0.0
     for ax, (name, p) in zip(axes[0], preds.items(), strict=True):
         t = decile_table(actual, p)
-        top = max(top, float(np.nanmax(t[["predicted", "actual"]].to_numpy())))
-        bottom = min(bottom, float(np.nanmin(t[["predicted", "actual"]].to_numpy())))
+        means = t[["predicted", "actual"]].to_numpy()
+        top, bottom = max(top, float(np.nanmax(means))), min(bottom, float(np.nanmin(means)))
         x = np.arange(len(t)) + 1
         ax.bar(x - 0.2, t["predicted"], width=0.4, label="predicted")
         ax.bar(x + 0.2, t["actual"], width=0.4, label="actual")

@@ -362,11 +362,9 @@ def select_champion(
             if met
             else "no candidate met the targets against BG/NBD+GG on validation"
         )
-        missed = [s for s in scores.values() if s.missed and s.score > 0]
-        if missed:  # the one a user would ask about: better on balance, yet refused
-            top = max(missed, key=lambda s: s.score)
-            why += f"; best on the composite: {top.name} ({top.score:+.3f}), which missed "
-            why += "; ".join(top.missed)
+        if refused := _best_refused(scores, above=0.0):
+            why += f"; best on the composite: {refused.name} ({refused.score:+.3f}), which "
+            why += "missed " + "; ".join(refused.missed)
         return Selection(
             REFERENCE,
             why,
@@ -377,7 +375,6 @@ def select_champion(
             kept,
         )
     top = max(winners, key=lambda s: s.score)
-    higher = [s for s in scores.values() if s.missed and s.score > top.score]
     n_met = sum(s.qualifies for s in scores.values())
     why = (
         f"the only candidate to meet the targets against BG/NBD+GG (composite {top.score:+.3f})"
@@ -385,11 +382,9 @@ def select_champion(
         else f"met the targets against BG/NBD+GG with the best composite score of the {n_met} "
         f"that did ({top.score:+.3f})"
     )
-    if higher:  # better on balance, yet refused: say which and why
-        refused = max(higher, key=lambda s: s.score)
-        why += f"; {refused.name} scored higher ({refused.score:+.3f}) but missed " + "; ".join(
-            refused.missed
-        )
+    if refused := _best_refused(scores, above=top.score):
+        why += f"; {refused.name} scored higher ({refused.score:+.3f}) but missed "
+        why += "; ".join(refused.missed)
     return Selection(
         top.name,
         why,
@@ -399,6 +394,13 @@ def select_champion(
         actual,
         kept,
     )
+
+
+def _best_refused(scores: dict[str, CandidateScore], above: float) -> CandidateScore | None:
+    """The candidate a user would ask about: the best on the composite above the choice's
+    score, yet refused for the targets it missed (``None`` when there is none)."""
+    refused = [s for s in scores.values() if s.missed and s.score > above]
+    return max(refused, key=lambda s: s.score) if refused else None
 
 
 def _skipped_scores(skipped: dict[str, str]) -> dict[str, CandidateScore]:

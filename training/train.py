@@ -333,7 +333,7 @@ def train(
     from feature_store.features import day_date
     from training.datasets import DatasetError, check_times, history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
-    from training.progress import StderrProgress, heartbeat, quiet
+    from training.progress import heartbeat, resolve
     from training.selection import final_training_set, recorded_warnings, select_champion
 
     t0 = time.perf_counter()
@@ -341,7 +341,7 @@ def train(
     if problem := log_dir_problem(root):
         raise TrainingError(problem)
     _check_model_dir(settings.model_dir)  # before any work, not after it
-    say: Say = progress if callable(progress) else StderrProgress("train") if progress else quiet
+    say: Say = resolve(progress, "train")
     clock = _Clock(say, on_phase)
 
     say(f"reading the event log at {root}")
@@ -411,12 +411,13 @@ def train(
     with clock.phase("register"):
         registry = ModelRegistry(settings.model_dir)
         validation = _validation(selection, fingerprint)
+        candidate_table = _candidate_table(selection)
         window = DataWindow(first_day, cutoff, cutoff, horizon)
         version = registry.register(
             model,
             data_window=window,
             validation=validation,
-            candidates=_candidate_table(selection),
+            candidates=candidate_table,
             data_fingerprint=fingerprint,
             currency=settings.currency,
             extra={
@@ -453,7 +454,7 @@ def train(
         users=n_users,
         sampled_users=n_sampled,
         validation=validation,
-        candidates=_candidate_table(selection),
+        candidates=candidate_table,
         timings={**clock.timings, "total": time.perf_counter() - t0},
     )
     return result  # its summary() is the caller's to print (the decision's reason is in it)

@@ -94,8 +94,9 @@ def synth(
             "consumers and `clv train` refuse events from the future; give an earlier --start"
         )
     as_csv = out_arg.lower().endswith((".csv", ".csv.gz"))
-    suffix = Path(out_arg).suffix.lower()
-    meant_dir = out_arg.endswith(("/", "\\")) or Path(out_arg).is_dir()
+    given = Path(out_arg)
+    suffix = given.suffix.lower()
+    meant_dir = out_arg.endswith(("/", "\\")) or given.is_dir()
     if not as_csv and suffix in FILE_LIKE and not meant_dir:  # not a dir where a file was meant
         raise fail(
             f"--out {out_arg}: synth writes FILE.csv, FILE.csv.gz or an event-log directory, "
