@@ -443,6 +443,25 @@ class ModelRegistry:
             )
         return meta
 
+    def trained_on(self, data_fingerprint: str, inputs: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The verified metadata of the newest version trained on the data ``data_fingerprint``
+        names with ``inputs`` recorded as its ``extra.inputs`` (what else decides the model:
+        code, libraries, settings), or ``None``. Versions that fail verification never match."""
+        wanted = json.loads(json.dumps(_clean(dict(inputs))))  # as the metadata holds it
+        for version in reversed(self.versions()):
+            try:
+                meta = self.metadata(version)
+            except ModelError:
+                continue
+            extra = meta.get("extra")
+            if (
+                meta.get("data_fingerprint") == data_fingerprint
+                and isinstance(extra, dict)
+                and extra.get("inputs") == wanted
+            ):
+                return meta
+        return None
+
     def load(self, version: str, *, expect_metadata_sha256: str | None = None) -> LoadedModel:
         """Verify ``version`` (metadata, feature names, model sha256), then unpickle it."""
         meta = self.metadata(version, expect_sha256=expect_metadata_sha256)

@@ -43,6 +43,7 @@ from training.registry import (
     LoadedModel,
     ModelRegistry,
     Validation,
+    library_versions,
 )
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,18 @@ class TrainResult:
     validation: Validation
     candidates: dict[str, dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    #: Nothing was trained: ``version`` was already trained on this log with the same inputs.
+    skipped: bool = False
 
     def summary(self) -> str:
         """One line: what was registered, whether it became the champion and why."""
         head = f"model {self.version} ({self.model_name})"
+        if self.skipped:
+            return (
+                f"nothing to train: {head} was trained on this same event log with the same "
+                f"code, libraries and settings; the champion is {self.champion_version} "
+                "(`clv train --again` trains anyway)"
+            )
         if self.promoted:
             return f"{head} promoted to champion: {self.decision.reason}"
         return (
@@ -155,6 +164,36 @@ def compact_fingerprint(compact: pd.DataFrame, user_ids: pd.Index) -> str:
 def data_fingerprint(events: pd.DataFrame) -> str:
     """:func:`compact_fingerprint` of an event table."""
     return compact_fingerprint(*compact_events(events))
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source of the code a model comes from (the training and feature
+    packages), so a changed model or feature definition counts as new inputs."""
+    digest = hashlib.sha256()
+    for package in ("training", "feature_store"):
+        root = Path(__file__).resolve().parent.parent / package
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root.parent).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def training_inputs(
+    settings: Settings, *, candidates: list[str] | None, max_users: int
+) -> dict[str, Any]:
+    """What decides a model besides the event log: recorded with every version (``extra.inputs``)
+    so a run whose log and inputs match a registered version's can skip the work."""
+    from clv import __version__
+
+    return {
+        "clv": __version__,
+        "code_sha256": code_fingerprint(),
+        "libraries": library_versions(),
+        "requested_horizon_days": settings.horizon_days,
+        "currency": settings.currency,
+        "candidates": None if candidates is None else list(candidates),
+        "max_users": max_users,
+    }
 
 
 def choose_horizon(history_days: int, requested: int) -> int:
@@ -317,11 +356,17 @@ def train(
     *,
     progress: bool | Say = True,
     force: bool = False,
+    again: bool = False,
     max_users: int = DEFAULT_MAX_USERS,
     candidates: list[str] | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train from ``settings.event_log_dir``, register in ``settings.model_dir``, promote if better.
+
+    When a champion exists and a registered version was trained on the same events with the
+    same :func:`training_inputs`, nothing is trained: the result describes that version, with
+    ``skipped`` set (training is deterministic, so a rerun would register a copy). ``again``
+    or ``force`` trains anyway.
 
     ``progress``: a callable for the progress lines, or whether to print them on stderr. Raises
     :class:`TrainingError` when the log holds no purchase to learn from. The numeric
@@ -375,6 +420,11 @@ def train(
                 f"history is {history} days: horizon shortened to {horizon} days "
                 f"(CLV_HORIZON_DAYS={settings.horizon_days})"
             )
+        inputs = training_inputs(settings, candidates=candidates, max_users=max_users)
+        if not (again or force) and (
+            done := _trained_already(settings, fingerprint, inputs, clock.timings, t0)
+        ):
+            return done
         seed = int(fingerprint[:8], 16)
         work, n_sampled = sample_users(events, n_users, max_users, seed)
         say(
@@ -434,6 +484,7 @@ def train(
                 "sampled_users": n_sampled,
                 "fit_users": fit_users,
                 "candidates_considered": list(selection.scores),
+                "inputs": inputs,
                 "final_fit_warnings": final_warnings,
             },
         )
@@ -458,6 +509,45 @@ def train(
         timings={**clock.timings, "total": time.perf_counter() - t0},
     )
     return result  # its summary() is the caller's to print (the decision's reason is in it)
+
+
+def _trained_already(
+    settings: Settings,
+    fingerprint: str,
+    inputs: dict[str, Any],
+    timings: dict[str, float],
+    t0: float,
+) -> TrainResult | None:
+    """The result of the registered version trained on this log with ``inputs``, when there is
+    one and a champion (else ``None``: train)."""
+    registry = ModelRegistry(settings.model_dir)
+    try:
+        champion = registry.champion_version()
+    except ClvError:  # a broken pointer: a run replaces it
+        return None
+    meta = registry.trained_on(fingerprint, inputs) if champion else None
+    if meta is None:
+        return None
+    version, extra, window = meta["version"], meta["extra"], meta["data_window"]
+    reason = "trained on this same event log with the same code, libraries and settings"
+    return TrainResult(
+        version=version,
+        promoted=False,
+        decision=Decision(version, False, reason, champion_version=champion),
+        champion_version=champion,
+        model_name=meta["model_name"],
+        selection_reason=extra["selection_reason"],
+        cutoff_day=window["cutoff_day"],
+        horizon_days=window["horizon_days"],
+        requested_horizon_days=extra["requested_horizon_days"],
+        events=extra["events"],
+        users=extra["users"],
+        sampled_users=extra["sampled_users"],
+        validation=Validation.from_json(meta["validation"]),
+        candidates=meta["candidates"],
+        timings={**timings, "total": time.perf_counter() - t0},
+        skipped=True,
+    )
 
 
 # --- periodic retraining (run by the stack) ----------------------------------------------------
@@ -530,9 +620,11 @@ async def retrain_forever(
 ) -> None:
     """Train now and then every ``interval_s`` seconds, each run in a child process.
 
-    A run is skipped when the event log has not changed since the last successful one (no
-    stream of identical versions). Until a champion exists, a failed run (say, an event log
-    still empty) is retried after at most a minute. Failures are logged, never raised.
+    A run is skipped when the event log's files have not changed since the last successful one
+    (no stream of identical versions); after a restart, the child itself trains nothing when
+    the events and inputs are a registered version's (:func:`train`). Until a champion exists,
+    a failed run (say, an event log still empty) is retried after at most a minute. Failures
+    are logged, never raised.
     """
     registry = ModelRegistry(settings.model_dir)
     trained_on: str | None = None
@@ -559,7 +651,8 @@ async def retrain_forever(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.train [--force] [--quiet] [--candidates=a,b]``: one run, one line."""
+    """``python -m training.train [--force] [--again] [--quiet] [--candidates=a,b]``: one run,
+    one line."""
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     try:
@@ -568,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                 Settings(),
                 progress="--quiet" not in args,
                 force="--force" in args,
+                again="--again" in args,
                 candidates=names[0].split(",") if names else None,
             )
     except ClvError as exc:

@@ -15,6 +15,14 @@ def train(
     force: Annotated[
         bool, typer.Option("--force", help="promote the new model even if it does not win")
     ] = False,
+    again: Annotated[
+        bool,
+        typer.Option(
+            "--again",
+            help="train even if a registered model was trained on this same event log with "
+            "the same code, libraries and settings (--force implies it)",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
@@ -22,7 +30,9 @@ def train(
 
     The model is registered in CLV_MODEL_DIR.
 
-    It becomes the champion only if it beats the champion on validation, or with --force."""
+    It becomes the champion only if it beats the champion on validation, or with --force.
+    When a model was already trained on this same event log with the same code, libraries and
+    settings, nothing is trained (training is deterministic: it would register a copy)."""
     from clv import STARTED
     from feature_store.features import day_date
     from training.progress import StderrProgress
@@ -31,7 +41,7 @@ def train(
     settings = load_settings()
     progress = False if quiet else StderrProgress("train", t0=STARTED)
     try:
-        result = run_training(settings, progress=progress, force=force)
+        result = run_training(settings, progress=progress, force=force, again=again)
     except ClvError as exc:
         raise fail(str(exc), 1) from None
     except MemoryError:
@@ -45,6 +55,7 @@ def train(
                     "version": result.version,
                     "model": result.model_name,
                     "promoted": result.promoted,
+                    "skipped": result.skipped,
                     "reason": result.decision.reason,
                     "champion_version": result.champion_version,
                     "cutoff_day": result.cutoff_day,

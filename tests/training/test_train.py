@@ -99,8 +99,8 @@ def test_retraining_on_the_same_data_is_registered_not_promoted(
         f"model {first.version} ({first.model_name}) promoted to champion: "
         "first model: no champion yet"
     )
-    again = train(settings, progress=lines.append, candidates=FAST)
-    assert not again.promoted  # a tie on the same window keeps the champion
+    again = train(settings, progress=lines.append, again=True, candidates=FAST)
+    assert not again.skipped and not again.promoted  # a tie on the same window keeps it
     assert "same window" in again.decision.reason
     assert again.champion_version == first.version
     assert again.summary().endswith(
@@ -113,6 +113,69 @@ def test_retraining_on_the_same_data_is_registered_not_promoted(
     assert len(ModelRegistry(settings.model_dir).versions()) == 2
     forced = train(settings, progress=False, force=True, candidates=FAST)
     assert forced.promoted and forced.champion_version == forced.version
+
+
+def test_an_unchanged_log_is_not_trained_again(tmp_path: Path, events: pd.DataFrame) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    first = train(settings, progress=False, candidates=FAST)
+    write_events(settings.event_log_dir, events.iloc[:100])  # redelivered: the same events
+    same = train(settings, progress=False, candidates=FAST)
+    registry = ModelRegistry(settings.model_dir)
+    assert registry.versions() == [first.version]  # no copy registered, no decision made
+    assert same.skipped and not same.promoted and not first.skipped
+    assert same.version == first.version == same.champion_version
+    assert same.summary() == (
+        f"nothing to train: model {first.version} ({first.model_name}) was trained on this "
+        f"same event log with the same code, libraries and settings; the champion is "
+        f"{first.version} (`clv train --again` trains anyway)"
+    )
+    # The result describes the version that stands for this log.
+    assert (same.model_name, same.selection_reason) == (first.model_name, first.selection_reason)
+    assert (same.cutoff_day, same.horizon_days) == (first.cutoff_day, first.horizon_days)
+    assert (same.events, same.users, same.validation) == (
+        first.events,
+        first.users,
+        first.validation,
+    )
+    assert set(same.candidates) == set(first.candidates)
+    history = (settings.model_dir / "promotions.jsonl").read_text().splitlines()
+    assert len(history) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["events", "horizon", "candidates", "code", "libraries", "no champion", "tampered"],
+)
+def test_anything_that_decides_the_model_changed_trains_again(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    import training.train as train_module
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events.iloc[: len(events) // 2])
+    first = train(settings, progress=False, candidates=FAST)
+    names = FAST
+    registry = ModelRegistry(settings.model_dir)
+    if change == "events":
+        write_events(settings.event_log_dir, events.iloc[len(events) // 2 :])
+    elif change == "horizon":
+        settings = settings_for(tmp_path, horizon_days=90)
+    elif change == "candidates":
+        names = FAST[:1]
+    elif change == "code":
+        monkeypatch.setattr(train_module, "code_fingerprint", lambda: "0" * 64)
+    elif change == "libraries":
+        newer = {**train_module.library_versions(), "scikit-learn": "99.0"}
+        monkeypatch.setattr(train_module, "library_versions", lambda: newer)
+    elif change == "no champion":
+        registry.pointer_path.unlink()
+    else:  # the registered version's metadata no longer verifies
+        meta = settings.model_dir / first.version / "metadata.json"
+        meta.write_text(meta.read_text().replace('"users"', '"Users"'))
+    second = train(settings, progress=False, candidates=names)
+    assert not second.skipped and second.version != first.version
+    assert registry.versions() == sorted([first.version, second.version])
 
 
 def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> None:
@@ -284,7 +347,19 @@ def test_cli_json_gives_the_outcome_with_dates_and_both_horizons(
     assert body["cutoff_date"] == day_date(body["cutoff_day"]).isoformat()
     assert body["cutoff_day"] == int(events["day"].max())
     assert body["requested_horizon_days"] == 3000 > body["horizon_days"]
-    assert body["promoted"] is True and body["model"] in FAST
+    assert body["promoted"] is True and body["model"] in FAST and body["skipped"] is False
+    again = CliRunner().invoke(app, ["--json", "-q"])  # the same log: nothing to train
+    assert again.exit_code == 0, again.output
+    same = json.loads(again.stdout)
+    assert same["skipped"] is True and same["promoted"] is False
+    assert same["version"] == same["champion_version"] == body["version"]
+    assert same["reason"].startswith("trained on this same event log")
+    assert len(ModelRegistry(settings.model_dir).versions()) == 1
+    text = CliRunner().invoke(app, ["-q"])
+    assert text.exit_code == 0 and text.stdout.startswith("nothing to train: model ")
+    retrained = CliRunner().invoke(app, ["--json", "-q", "--again"])
+    assert json.loads(retrained.stdout)["skipped"] is False
+    assert len(ModelRegistry(settings.model_dir).versions()) == 2
 
 
 def test_fingerprint_ignores_row_order_but_not_content(events: pd.DataFrame) -> None:
