@@ -21,8 +21,9 @@ MAX_ID = 128
 MAX_AMOUNT = 1e9
 
 # RFC 3339 date-time with a zone, or a bare date (read as midnight UTC).
-RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}(?:[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2}))?"
+RFC3339 = re.compile(  # ASCII digits only (and a little faster than \d)
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?(?:[Zz]|[+-][0-9]{2}:[0-9]{2}))?"
 )
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -60,13 +61,6 @@ class OrderEvent(msgspec.Struct, frozen=True):
     currency: str | None = None
 
 
-class _TimedEvent(OrderEvent, frozen=True):
-    """The hot path's decode target: msgspec parses an RFC 3339 ``ts`` in C. Anything it
-    refuses (a bare date, a wrong type...) goes through :class:`OrderEvent` for the reason."""
-
-    ts: dt.datetime  # type: ignore[assignment]
-
-
 class ValidEvent(msgspec.Struct, frozen=True, gc=False):
     """A validated event, with its time and money in the units the feature state uses.
 
@@ -85,7 +79,6 @@ class ValidEvent(msgspec.Struct, frozen=True, gc=False):
 
 
 _decoder = msgspec.json.Decoder(OrderEvent)
-_fast_decoder = msgspec.json.Decoder(_TimedEvent)
 _MS_PER_DAY = 86_400_000
 #: How far ahead of the clock an event's time may be (the default of :func:`validate`).
 FUTURE_TOLERANCE_MS = _MS_PER_DAY
@@ -146,21 +139,16 @@ def validate(
     if len(raw) > max_bytes:
         raise InvalidEvent("too_large", f"{len(raw)} bytes > limit {max_bytes}")
     try:
-        ev = _fast_decoder.decode(raw)
-        ts_ms = _epoch_ms(ev.ts)
-    except msgspec.ValidationError:
-        # Not the common shape: decode again with ts as text, for the exact reason or a date.
-        try:
-            slow = _decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            raise InvalidEvent(_reason_of(exc), str(exc)) from None
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise InvalidEvent("not_json", str(exc)) from None
-        ts_ms = parse_ts(slow.ts)
-        ev = slow  # type: ignore[assignment]
+        ev = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(_reason_of(exc), str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise InvalidEvent("not_json", str(exc)) from None
+    # ts is checked against RFC 3339 as text: msgspec's own datetime decoding also takes
+    # forms RFC 3339 does not ("+0100", more than 9 fraction digits), which the file loaders
+    # and the event log refuse, and every reader must accept the same events.
+    ts_ms = parse_ts(ev.ts)
     uid = ev.user_id
     # valid_user_id / valid_event_id written out: the lengths are the decoder's already, and
     # the two calls cost 220 ns an event here (timeit, 350 vs 129 ns; tests hold them equal)

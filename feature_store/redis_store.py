@@ -99,19 +99,19 @@ class FeatureStore:
                 [self.progress_key(group), *keys], payload, progress, now_ms, clock=clock
             )
             return ApplyResult(a, d, late)
-        by_slot: dict[int, list[ValidEvent]] = {}
-        for ev in events:
+        by_slot: dict[int, list[int]] = {}  # slot -> positions in ``events``, in order
+        for i, ev in enumerate(events):
             slot = self._redis.keyslot(self.user_key(ev.user_id))  # type: ignore[union-attr]
-            by_slot.setdefault(slot, []).append(ev)
+            by_slot.setdefault(slot, []).append(i)
         result = ApplyResult(0, 0, [])
-        position = {id(ev): i for i, ev in enumerate(events)}
-        for slot_events in by_slot.values():
-            keys, payload = self._encode(slot_events)
+        for positions in by_slot.values():
+            keys, payload = self._encode(events[i] for i in positions)
             # No progress in a slot's call, so KEYS[1] goes unused: a same-slot stand-in.
             a, d, late = await self._run([keys[0], *keys], payload, {}, now_ms, clock=-1)
             result.applied += a
             result.duplicates += d
-            result.too_late.extend(position[id(slot_events[i])] for i in late)
+            result.too_late.extend(positions[i] for i in late)
+        result.too_late.sort()  # arrival order, as from a single Redis
         if progress:
             await self._run(
                 [self.progress_key(group)],

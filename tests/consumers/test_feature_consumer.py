@@ -4,6 +4,7 @@ reordering, refunds, bad input, rebalances and crashes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -122,6 +123,24 @@ async def test_online_features_equal_offline_on_a_messy_stream(settings: Setting
     assert worker.stats.rejected == len(BAD)
     assert worker.stats.duplicates > 0 and worker.stats.too_late > 0
     await _assert_online_equals_offline(settings, events)
+    # What the state refused as too late is not lost: it is on the dead-letter topic, and each
+    # one is dated at or before its user's latest earlier event day minus the retention.
+    letters = [describe(r) for r in await read_topic(settings, settings.dlq_topic)]
+    late = {(d["partition"], d["offset"]) for d in letters if d["reason"] == "too_late"}
+    assert len(late) == worker.stats.too_late
+    by_id = {e.event_id: e for e in events}
+    latest: dict[str, int] = {}
+    may_be_late = set()
+    records = await read_topic(settings, settings.orders_topic)
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):  # a user's arrival order
+        try:
+            ev = by_id[json.loads(r.value or b"")["event_id"]]
+        except (ValueError, KeyError, TypeError):
+            continue  # one of the bad messages
+        if ev.day <= latest.get(ev.user_id, ev.day) - RETENTION_DAYS:
+            may_be_late.add((r.partition, r.offset))
+        latest[ev.user_id] = max(latest.get(ev.user_id, ev.day), ev.day)
+    assert late <= may_be_late
 
 
 async def test_every_bad_message_lands_in_the_dlq_with_its_reason(settings: Settings) -> None:
@@ -143,10 +162,11 @@ async def test_every_bad_message_lands_in_the_dlq_with_its_reason(settings: Sett
         )
     # The source coordinates point at the original message.
     originals = {
-        (r.partition, r.offset): r.value for r in await read_topic(settings, settings.orders_topic)
+        (r.partition, r.offset): (r.value, r.key)
+        for r in await read_topic(settings, settings.orders_topic)
     }
-    for d in letters:
-        assert originals[(d["partition"], d["offset"])] == d["value"]
+    for d in letters:  # its bytes and its key (the user's partition) as they came
+        assert originals[(d["partition"], d["offset"])] == (d["value"], d["key"])
     await _assert_online_equals_offline(settings, events)
 
 

@@ -107,3 +107,42 @@ def test_the_deployment_currency_is_an_iso_4217_code() -> None:
         assert not valid_currency(bad)
         with pytest.raises(ValidationError):
             Settings(currency=bad)
+
+
+ODD_TIMES = [
+    "2024-01-01T00:00:00Z",
+    "2024-01-01t00:00:00z",
+    "2024-01-01 00:00:00.5+01:00",
+    "2024-01-01",
+    "2024-01-01T00:00:00.123456789Z",
+    "2024-01-01T00:00:00+0100",  # no colon in the offset: msgspec's datetime takes it
+    "2024-01-01T00:00:00.1234567890123Z",  # more than 9 fraction digits: msgspec takes it
+    "2024-01-01T00:00Z",
+    "2024-01-01T00:00:00",
+    "2024-02-30T00:00:00Z",
+    "2024-01-01T24:00:00Z",
+    "\uff12\uff10\uff12\uff14-01-01T00:00:00Z",  # full-width digits
+    "20240101T000000Z",
+]
+
+
+@pytest.mark.parametrize("ts", ODD_TIMES)
+def test_the_consumer_and_the_file_loaders_accept_the_same_times(ts: str) -> None:
+    """An event the consumer applies must be one the event log and `clv backtest` read."""
+    import pandas as pd
+
+    from clv.errors import ClvError
+    from training.datasets import _csv_timestamps
+
+    try:
+        online: int | None = validate(json.dumps({**GOOD, "ts": ts}).encode(), now_ms=NOW_MS).ts_ms
+    except InvalidEvent as exc:
+        assert exc.reason == "bad_timestamp"
+        online = None
+    try:
+        parsed = _csv_timestamps(pd.DataFrame({"ts": [ts]}))
+        offline: int | None = int(parsed.iloc[0].value // 1_000_000)
+    except ClvError:
+        offline = None
+    assert online == offline
+    assert ts not in ODD_TIMES[5:] or online is None  # every form after the fifth is refused

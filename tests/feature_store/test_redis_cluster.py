@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pandas as pd
 import pytest
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from clv.local_stack import LocalProcess, free_port, port_open, start_redis
@@ -16,7 +17,7 @@ from feature_store.offline import features_at
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
-from .streams import as_frame, messy_events
+from .streams import MS_PER_DAY, _ev, as_frame, messy_events
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +99,20 @@ async def test_online_equals_offline_on_redis_cluster(cluster_client: RedisClust
     assert (await store.progress("g"))["orders:0"] == (len(events) - 1) // 300 * 300
     again = await store.apply(events, group="g", progress={}, now_ms=2)
     assert again.applied == 0
+
+
+async def test_too_late_positions_are_those_of_a_single_redis(
+    cluster_client: RedisCluster, redis: Redis
+) -> None:
+    """The positions index the batch as given, also when one event object appears twice."""
+    day0 = 20_000 * MS_PER_DAY
+    recent = _ev("recent", "purchase", "late-user", "o1", 1_000, day0 + 400 * MS_PER_DAY)
+    old = _ev("old", "purchase", "late-user", "o2", 2_000, day0)  # before the retention
+    others = [_ev(f"e{i}", "purchase", f"user-{i}", f"o{i}", 500, day0) for i in range(6)]
+    batch = [recent, others[0], old, others[1], others[2], old, *others[3:]]
+    single = await FeatureStore(redis, prefix="tl").apply(batch, group="g", progress={}, now_ms=1)
+    clustered = await FeatureStore(cluster_client, prefix="tl").apply(
+        batch, group="g", progress={}, now_ms=1
+    )
+    assert single.too_late == clustered.too_late == [2, 5]
+    assert (single.applied, single.duplicates) == (clustered.applied, clustered.duplicates)

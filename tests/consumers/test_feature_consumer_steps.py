@@ -1,0 +1,179 @@
+"""The order of the feature consumer's steps within a batch, and its retried commits.
+
+Fakes on purpose: the order (dead letters acknowledged, then the apply, then the too-late
+letters, then the commit) and a failing commit only show under faults that a real broker does
+not produce on demand. The integration tests (test_feature_consumer.py) run the same class
+against the real broker and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import RequestTimedOutError
+from aiokafka.structs import ConsumerRecord
+
+import consumers.feature_consumer as feature_consumer
+from clv.settings import Settings
+from consumers.dead_letters import Rejected
+from consumers.feature_consumer import FeatureConsumer
+from feature_store.events import ValidEvent
+from feature_store.redis_store import ApplyResult
+
+TP = TopicPartition("orders", 0)
+
+
+def record(offset: int, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("orders", 0, offset, 0, 0, b"u1", value, None, 2, len(value), ())
+
+
+def event(event_id: str) -> bytes:
+    return json.dumps(
+        {
+            "event_id": event_id,
+            "type": "purchase",
+            "user_id": "u1",
+            "order_id": event_id,
+            "amount": 10.0,
+            "ts": "2024-01-01T00:00:00Z",
+        }
+    ).encode()
+
+
+class Steps:
+    """The fakes' shared record of what happened, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+        self.stop = asyncio.Event()
+
+
+class FakeKafka:
+    def __init__(self, steps: Steps, batches: list[list[ConsumerRecord[bytes, bytes]]]) -> None:
+        self.steps, self.batches = steps, list(batches)
+        self.failures = 0  # commits still to fail
+        self.committed: dict[TopicPartition, int] = {}
+        self.stop_when_committed: int | None = None
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+        if self.batches:
+            return {TP: self.batches.pop(0)}
+        await asyncio.sleep(0.005)
+        return {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.steps.log.append(("commit", dict(offsets)))
+        if self.failures:
+            self.failures -= 1
+            raise RequestTimedOutError("the coordinator did not answer")
+        self.committed.update(offsets)
+        if self.committed.get(TP) == self.stop_when_committed:
+            self.steps.stop.set()
+
+
+class FakeStore:
+    """Applies everything; events whose id starts with "late" are refused as too late."""
+
+    def __init__(self, steps: Steps) -> None:
+        self.steps = steps
+
+    async def apply(
+        self, events: list[ValidEvent], *, group: str, progress: dict[str, int], now_ms: int
+    ) -> ApplyResult:
+        self.steps.log.append(("apply", [e.event_id for e in events]))
+        late = [i for i, e in enumerate(events) if e.event_id.startswith("late")]
+        return ApplyResult(applied=len(events) - len(late), duplicates=0, too_late=late)
+
+
+class FakeDeadLetters:
+    def __init__(self, steps: Steps, fail: bool = False) -> None:
+        self.steps, self.fail = steps, fail
+
+    async def publish(self, rejected: list[Rejected]) -> None:
+        self.steps.log.append(("dead letters", [(r.record.offset, r.reason) for r in rejected]))
+        if self.fail:
+            raise RequestTimedOutError("the broker did not acknowledge the dead letters")
+
+
+def consumer(steps: Steps, kafka: FakeKafka, *, dead_letters_fail: bool = False) -> FeatureConsumer:
+    return FeatureConsumer(
+        Settings(),
+        kafka,
+        FakeStore(steps),  # type: ignore[arg-type]
+        FakeDeadLetters(steps, dead_letters_fail),  # type: ignore[arg-type]
+    )
+
+
+BATCH = [record(0, b"{not json"), record(1, event("e1")), record(2, event("late-1"))]
+
+
+async def test_dead_letters_are_acknowledged_before_the_apply_and_the_commit_comes_last() -> None:
+    steps = Steps()
+    kafka = FakeKafka(steps, [BATCH])
+    kafka.stop_when_committed = 3
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    assert steps.log == [
+        ("dead letters", [(0, "not_json")]),
+        ("apply", ["e1", "late-1"]),
+        ("dead letters", [(2, "too_late")]),
+        ("commit", {TP: 3}),
+    ]
+
+
+async def test_dead_letters_that_fail_leave_the_batch_uncommitted() -> None:
+    steps = Steps()
+    kafka = FakeKafka(steps, [BATCH])
+    with pytest.raises(RequestTimedOutError):
+        await asyncio.wait_for(
+            consumer(steps, kafka, dead_letters_fail=True).run(steps.stop), timeout=30
+        )
+    assert [step for step, _ in steps.log] == ["dead letters"]  # no apply, no commit
+    assert kafka.committed == {}
+
+
+async def test_a_failed_commit_is_retried_on_a_quiet_topic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feature_consumer, "COMMIT_RETRY_S", 0.0)
+    steps = Steps()
+    kafka = FakeKafka(steps, [[record(0, event("e1"))]])  # then nothing more arrives
+    kafka.failures, kafka.stop_when_committed = 2, 1
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    assert [entry for entry in steps.log if entry[0] == "commit"] == [("commit", {TP: 1})] * 3
+    assert kafka.committed == {TP: 1}
+
+
+async def test_a_failed_commit_rides_with_the_next_one_and_later_offsets_win() -> None:
+    steps = Steps()
+    first = [record(0, event("e1")), record(1, event("e2"))]
+    kafka = FakeKafka(steps, [first, [record(2, event("e3"))]])
+    kafka.failures, kafka.stop_when_committed = 1, 3
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    commits = [offsets for step, offsets in steps.log if step == "commit"]
+    assert commits == [{TP: 2}, {TP: 3}]
+    assert kafka.committed == {TP: 3}
+
+
+async def test_stopping_makes_a_last_try_at_a_failed_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feature_consumer, "COMMIT_RETRY_S", 1e9)  # no quiet-turn retry
+    steps = Steps()
+    kafka = FakeKafka(steps, [[record(0, event("e1"))]])
+    kafka.failures = 1
+    worker = consumer(steps, kafka)
+
+    async def stop_after_the_failure() -> None:
+        while not steps.log or steps.log[-1][0] != "commit":
+            await asyncio.sleep(0.001)
+        steps.stop.set()
+
+    await asyncio.wait_for(
+        asyncio.gather(worker.run(steps.stop), stop_after_the_failure()), timeout=30
+    )
+    assert [offsets for step, offsets in steps.log if step == "commit"] == [{TP: 1}, {TP: 1}]
+    assert kafka.committed == {TP: 1}
