@@ -164,7 +164,8 @@ def read_events(
     currency: str | None = None,
 ) -> pd.DataFrame:
     """Events dated in ``[start_day, end_day]`` (UTC day numbers, inclusive), optionally for one
-    user, deduplicated by ``event_id`` (redelivered copies are identical; one is kept).
+    user, deduplicated by ``event_id`` within a user (redelivered copies are identical; one is
+    kept), as the online state is: two users may use the same id.
 
     Values the consumers would have dead-lettered (an amount out of range, cents that are not
     the amount, a user id the schema refuses; with ``currency``, another currency) mean the log

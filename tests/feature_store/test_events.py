@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -146,3 +147,37 @@ def test_the_consumer_and_the_file_loaders_accept_the_same_times(ts: str) -> Non
         offline = None
     assert online == offline
     assert ts not in ODD_TIMES[5:] or online is None  # every form after the fifth is refused
+
+
+def test_the_future_tolerance_edge_is_inclusive_to_the_millisecond() -> None:
+    at_edge = NOW_MS + 86_400_000  # the default tolerance, a day
+    ev = json.dumps({**GOOD, "ts": "2026-01-02T00:00:00Z"}).encode()
+    assert validate(ev, now_ms=NOW_MS).ts_ms == at_edge
+    with pytest.raises(InvalidEvent) as err:
+        validate(ev, now_ms=NOW_MS - 1)
+    assert err.value.reason == "future_timestamp"
+
+
+def test_the_clock_is_the_record_timestamp_capped_by_the_wall_clock() -> None:
+    from feature_store.events import event_clock
+
+    assert event_clock(1_000, 5_000) == 1_000  # a record read long after it was written
+    assert event_clock(9_000, 5_000) == 5_000  # a producer clock ahead of ours
+    assert event_clock(None, 5_000) == event_clock(0, 5_000) == event_clock(-1, 5_000) == 5_000
+
+
+def test_a_record_is_judged_by_its_own_timestamp_not_the_time_it_is_read() -> None:
+    """A rebuild a week later must refuse what the live consumer refused."""
+    from aiokafka.structs import ConsumerRecord
+
+    from clv.settings import Settings
+    from consumers.kafka import validate_record
+
+    day = 86_400_000
+    value = json.dumps({**GOOD, "ts": "2026-01-03T00:00:00Z"}).encode()  # NOW + 2 days
+    rec = ConsumerRecord("orders", 0, 7, NOW_MS, 0, b"u", value, None, 1, len(value), ())
+    with pytest.raises(InvalidEvent) as err:
+        validate_record(rec, Settings(), wall_ms=NOW_MS + 10 * day)
+    assert err.value.reason == "future_timestamp"
+    written_later = dataclasses.replace(rec, timestamp=NOW_MS + 2 * day)
+    assert validate_record(written_later, Settings(), wall_ms=NOW_MS + 10 * day).ts_ms > NOW_MS

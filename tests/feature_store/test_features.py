@@ -64,3 +64,18 @@ def test_duplicates_count_once_and_later_events_are_invisible() -> None:
     ev = pd.concat([ev, ev.iloc[[0]]], ignore_index=True)  # a redelivered event
     f = features_at(ev, day_number(dt.date(2024, 1, 31))).loc["u"]
     assert f["orders_total"] == 2 and f["revenue_total"] == 20.0 and f["age_days"] == 30
+
+
+def test_refunds_beyond_the_repeat_revenue_leave_a_repeat_value_of_zero() -> None:
+    """Net repeat revenue below zero (a refund of the first day's order, dated later) is
+    clamped: a mean spend per repeat day cannot be negative, and Gamma-Gamma needs it >= 0."""
+    ev = _orders(
+        [
+            ("2024-01-01T10:00:00Z", "purchase", 10.0, "a"),
+            ("2024-01-02T10:00:00Z", "purchase", 5.0, "b"),
+            ("2024-01-02T12:00:00Z", "refund", 20.0, "c"),
+        ]
+    )
+    f = features_at(ev, day_number(dt.date(2024, 1, 2))).loc["u"]
+    assert f["frequency"] == 1 and f["revenue_total"] == -5.0
+    assert f["avg_repeat_value"] == 0.0

@@ -121,3 +121,38 @@ async def test_the_same_event_id_under_two_users_is_two_events(redis: Redis) -> 
         online = await store.features(user, 20000)
         assert online is not None
         pd.testing.assert_frame_equal(online, offline.loc[[user]], check_dtype=False)
+
+
+async def test_the_too_late_edge_is_the_retention_to_the_day(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    newest = _ev("n", "purchase", "u", "o1", 100, 1365 * MS_PER_DAY)
+    await store.apply([newest], group="g", progress={}, now_ms=1)
+    at_edge = _ev("e", "purchase", "u", "o2", 100, (1365 - RETENTION_DAYS) * MS_PER_DAY)
+    inside = _ev("i", "purchase", "u", "o3", 100, (1366 - RETENTION_DAYS) * MS_PER_DAY)
+    result = await store.apply([at_edge, inside], group="g", progress={}, now_ms=2)
+    assert (result.applied, result.too_late) == (1, [0])
+
+
+async def test_a_day_that_slides_out_of_the_window_is_dropped_on_that_day(redis: Redis) -> None:
+    """Nothing is kept past the retention: a kept bucket would also make every later batch of
+    the user rescan the whole hash (its oldest day stays at or before the cutoff)."""
+    store = FeatureStore(redis)
+    first = _ev("a", "purchase", "u", "o1", 100, 1000 * MS_PER_DAY)
+    await store.apply([first], group="g", progress={}, now_ms=1)
+    later = _ev("b", "purchase", "u", "o2", 100, (1000 + RETENTION_DAYS) * MS_PER_DAY)
+    await store.apply([later], group="g", progress={}, now_ms=2)
+    state = decode_hash(await redis.hgetall(store.user_key("u")))
+    assert list(state["days"]) == [1000 + RETENTION_DAYS]
+    assert list(state["dedup"]) == ["b"]
+    assert state["oldest_day"] == 1000 + RETENTION_DAYS
+
+
+async def test_the_event_clock_never_goes_back(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    await store.apply(
+        [_ev("a", "purchase", "u", "o1", 1, 2000 * MS_PER_DAY)], group="g", progress={}, now_ms=1
+    )
+    await store.apply(
+        [_ev("b", "purchase", "v", "o2", 1, 1000 * MS_PER_DAY)], group="g", progress={}, now_ms=2
+    )
+    assert await store.event_clock_ms("g") == 2000 * MS_PER_DAY
