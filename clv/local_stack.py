@@ -104,6 +104,7 @@ def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
+        process_group=0,  # out of the terminal's Ctrl-C: stopped by us, after the consumers
     )
     wait_port("127.0.0.1", port, proc, "redis-server")
     return LocalProcess("redis", proc, f"redis://127.0.0.1:{port}/0", log)
@@ -130,6 +131,7 @@ def start_broker(port: int, workdir: Path) -> LocalProcess:
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            process_group=0,  # as redis-server's
         )
     wait_port("127.0.0.1", port, proc, "Kafka broker (tansu)")
     return LocalProcess("kafka", proc, f"127.0.0.1:{port}", log)

@@ -33,6 +33,7 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a group of its own, like a terminal's foreground job
     )
     lines: list[str] = []
     try:
@@ -49,8 +50,12 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> Non
         assert any("started redis-server" in line for line in lines)
         assert any("started Kafka-protocol broker" in line for line in lines)
         assert port_open("127.0.0.1", redis_port) and port_open("127.0.0.1", kafka_port)
-        proc.send_signal(signal.SIGINT)
+        # A terminal's Ctrl-C goes to the whole foreground group: the servers must not take
+        # it too, or they die before the consumers finish and commit.
+        os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(60) == 0, "".join(lines) + (proc.stdout.read() or "")
+        rest = proc.stdout.read()
+        assert "Traceback" not in rest and "Unable connect" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()
