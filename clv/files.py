@@ -183,6 +183,13 @@ def replaceable(path: Path, *, follow_links: bool = True) -> Path:
     directory), which is never replaced, or where a link on the way loops."""
     if loops(path.parent) or (follow_links and loops(path)):
         raise ClvError(f"{path} is (or lies under) a symbolic link that loops; give a file path")
+    for seen in {path.absolute(), path.resolve(strict=False)}:
+        top = seen.parts[1:3]  # /dev/stdout, /proc/self/fd/1, ... (but /dev/shm holds files)
+        if top[:1] == ("proc",) or (top[:1] == ("dev",) and top != ("dev", "shm")):
+            raise ClvError(
+                f"{path} is a device or a process's open file (standard output?), not a file "
+                "path; give a file path"
+            )
     if follow_links and path.is_symlink():
         path = path.resolve(strict=False)
     if path.is_dir() and not path.is_symlink():

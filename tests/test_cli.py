@@ -229,6 +229,11 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
         (2, Settings(), (*bt, "--horizon-days", "5", "--out", str(loop / "p.csv"))),
         (2, Settings(), (*bt, "--horizon-days", "5", "--out", "p2.csv", "--report", str(loop))),
         (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", str(loop / "x.csv"))),
+        # standard output, by any name: the staged file cannot be renamed onto it
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", "/dev/stdout")),
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", "/proc/self/fd/1")),
+        (2, Settings(), (*bt, "--horizon-days", "5", "--out", "-")),
+        (2, Settings(), ("synth", "--users", "5", "--orders", "9", "--out", "/dev/stdout")),
         # what the environment points at
         (1, Settings(model_dir=a_file, event_log_dir=tmp_path / "none"), ("train", "-q")),
         (1, Settings(model_dir=tmp_path / "m", event_log_dir=bad_log.parent), ("train", "-q")),
@@ -248,6 +253,9 @@ def test_offline_commands_answer_bad_input_in_one_line(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))  # synth left no temporary file
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
     assert fifo.is_fifo() and a_file.read_text() == "x"
+    for name in ("/dev/stdout", "-"):  # said as what it is, not as a failed rename
+        said = clv(Settings(), *bt, "--horizon-days", "5", "--out", name).stderr
+        assert "standard output" in said and "Errno" not in said, said
     unknown = clv(Settings(), "nosuch")
     assert unknown.stderr.strip() == "clv: error: No such command 'nosuch'."
 

@@ -56,6 +56,8 @@ def output_path(text: str, flag: str, *, file: bool = True) -> Path:
     would not replace (:func:`clv.files.replaceable`): checked before any work."""
     if not text.strip():
         raise fail(f"{flag} must be a path, not empty")
+    if text == "-":
+        raise fail(f"{flag} -: writing to standard output is not supported; give a file path")
     path = Path(text)
     if not file:
         if loops(path):
