@@ -115,14 +115,7 @@ def backtest_events(
     selection = select_champion(past, cutoff_day, horizon_days, names=candidates, progress=progress)
     progress(f"champion: {selection.champion} ({selection.reason})")
     plan = selection.plan
-    if plan.short_history and plan.supervised:
-        note = (
-            f"models that learn from labels saw {plan.label_days}-day label windows (the history "
-            f"is {plan.history_days} days), scaled to the {horizon_days}-day horizon "
-            f"(x{horizon_days / plan.label_days:.2f})"
-        )
-        if plan.history_days < horizon_days:
-            note += "; the horizon is longer than the history: treat it as extrapolation"
+    if note := plan.label_note():
         progress(note)
 
     future_complete = last >= cutoff_day + horizon_days

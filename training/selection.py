@@ -69,6 +69,20 @@ class WindowPlan:
     def short_history(self) -> bool:
         return self.label_days < self.horizon_days
 
+    def label_note(self) -> str | None:
+        """What a user should know when labels are shorter than the horizon, else ``None``."""
+        if not (self.short_history and self.supervised):
+            return None
+        note = (
+            f"models that learn from labels saw {self.label_days}-day label windows (at most two "
+            f"thirds of the {self.history_days}-day history, so that each training cutoff has "
+            f"history behind it), scaled to the {self.horizon_days}-day horizon "
+            f"(x{self.horizon_days / self.label_days:.2f})"
+        )
+        if self.history_days < self.horizon_days:
+            note += "; the horizon is longer than the history: treat it as extrapolation"
+        return note
+
 
 def plan_windows(history: int, horizon_days: int) -> WindowPlan:
     """Windows for a history of ``history`` days before the cutoff.

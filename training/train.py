@@ -438,6 +438,8 @@ def train(
             say(f"{n_sampled:,} users: leaving out {', '.join(SLOW_CANDIDATES)} at this scale")
         selection = select_champion(work, cutoff, horizon, names=names, progress=say)
         say(f"challenger: {selection.champion} ({selection.reason})")
+        if note := selection.plan.label_note():
+            say(note)
     with clock.phase("final fit"):
         model = make_candidates([selection.champion])[selection.champion]
         ds = final_training_set(

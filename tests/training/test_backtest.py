@@ -170,7 +170,10 @@ def test_short_history_still_works(sample_events: pd.DataFrame, tmp_path: Path) 
     assert np.isfinite(result.predictions.to_numpy()).all()
     assert result.predictions["predicted_value"].sum() > 0
     scale = 365 / plan.label_days
-    note = f"saw {plan.label_days}-day label windows (the history is {history} days), scaled to "
+    note = (
+        f"saw {plan.label_days}-day label windows (at most two thirds of the {history}-day "
+        "history, so that each training cutoff has history behind it), scaled to "
+    )
     assert any(note in m and f"(x{scale:.2f}); the horizon is longer" in m for m in said), said
     said.clear()
     cutoff = day_number(dt.date(1998, 3, 31))

@@ -202,9 +202,14 @@ def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> Non
 def test_short_history_shortens_the_horizon(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, horizon_days=365)
     write_events(settings.event_log_dir, synth_events(days=90, seed=5))
-    result = train(settings, progress=False, candidates=FAST)
+    said: list[str] = []
+    result = train(settings, progress=said.append, candidates=FAST)
     assert result.requested_horizon_days == 365
     assert result.horizon_days < 90
+    # Both cuts are said: the horizon's, and the label windows' (two thirds of the history).
+    assert any(line.startswith("history is ") and "horizon shortened" in line for line in said)
+    scaled = [line for line in said if "label windows (at most two thirds of the" in line]
+    assert len(scaled) == 1 and f"{result.horizon_days}-day horizon" in scaled[0], said
     meta = ModelRegistry(settings.model_dir).load_champion().metadata
     assert meta["data_window"]["horizon_days"] == result.horizon_days
 
