@@ -34,6 +34,24 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from clv import __version__
+
+        typer.echo(f"clv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """clv: streaming customer lifetime value."""
+
+
 def run_async(
     main: Callable[[asyncio.Event], Awaitable[T]],
     *,

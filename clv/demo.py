@@ -57,7 +57,11 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
 
     async def show(running: Running) -> None:
         await _show(settings, running)
-        hint = "[bold]CLV_CLOCK=event clv features 00001 --as-of 1997-06-30[/bold]"
+        # CDNOW ended in 1998: by the wall clock every window is empty, so the event clock
+        hint = (
+            "[bold]CLV_CLOCK=event .venv/bin/clv features 00001[/bold] (as of the data's last "
+            "day) or [bold].venv/bin/clv features 00001 --as-of 1997-06-30[/bold]"
+        )
         if keep_running:
             console.print(f"still running; in another terminal try {hint}")
             console.print("[bold]Ctrl-C stops the stack[/bold]")
@@ -147,7 +151,8 @@ async def _train_and_score(settings: Settings, online: pd.DataFrame) -> None:
     horizon = champion.horizon_days
     pred = champion.model.predict(online[list(FEATURE_NAMES)], horizon)
     table = Table(
-        title=f"champion {champion.version} ({type(champion.model).__name__}): next {horizon} days"
+        title=f"champion {champion.version} ({champion.metadata['model_name']}): "
+        f"value over the next {horizon} days"
     )
     for c in ("user", "predicted_value", "expected_orders", "p_alive"):
         table.add_column(c, justify="right")

@@ -424,3 +424,10 @@ def test_an_unreachable_server_is_named_by_its_setting(
     err = capsys.readouterr().err.strip()
     assert err.startswith("clv: error: ") and says in err
     assert err.endswith(says) or says.endswith(": ")
+
+
+def test_version() -> None:
+    from clv import __version__
+
+    out = clv(Settings(), "--version")
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"clv {__version__}\n", "")

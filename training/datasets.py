@@ -44,8 +44,12 @@ class DatasetError(ClvError):
 
 
 def _read_text(path: Path) -> str:
-    if not path.is_file():
+    if path.is_dir():
+        raise DatasetError(f"the orders file {path} is a directory; give a file")
+    if not path.exists():
         raise DatasetError(f"orders file not found: {path}")
+    if not path.is_file():
+        raise DatasetError(f"the orders file {path} is not a regular file (a pipe or a device)")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
@@ -208,9 +212,11 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
         looks_cdnow = _looks_like_cdnow(text)
+        header = text.lstrip().partition("\n")[0]
         raise DatasetError(
             f"CSV lacks column(s) {', '.join(missing)}; needs {','.join(REQUIRED_CSV_COLUMNS)}"
             + (" (CDNOW's text format? give --format cdnow)" if looks_cdnow else "")
+            + (" (the header has ';': fields must be separated by commas)" if ";" in header else "")
         )
     for c in (*REQUIRED_CSV_COLUMNS, *(c for c in ("type", "event_id") if c in table)):
         _first_bad(table[c].str.strip() != "", table, c, "is empty")
@@ -238,6 +244,8 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
             f"is not this deployment's {currency}",
         )
         table["currency"] = cur.where(cur != "", None)
+    if table.empty:
+        raise DatasetError("the CSV has a header but no orders")
     table["amount"] = _amounts(table, "CSV data row")
     table["ts"] = _csv_timestamps(table)
     return table

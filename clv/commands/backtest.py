@@ -105,9 +105,11 @@ def backtest(
     if day > dt.datetime.now(dt.UTC).date():
         raise fail(f"--cutoff {day} is in the future: the orders up to it are not known yet")
     if orders.is_dir():
-        raise fail(f"the orders file {orders} is a directory")
-    if not orders.is_file():
+        raise fail(f"the orders file {orders} is a directory; give a file")
+    if not orders.exists():
         raise fail(f"orders file not found: {orders}")
+    if not orders.is_file():
+        raise fail(f"the orders file {orders} is not a regular file (a pipe or a device)")
     _check_outputs(orders, out, report)
     made: list[Path] = []  # directories this run creates, removed again if it fails
     try:

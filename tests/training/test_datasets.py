@@ -108,6 +108,11 @@ BAD_CSV = [
     ),
     ("user_id,order_id,ts,amount,type\nu,o,2024-01-01,1,gift\n", "purchase or refund"),
     ("user_id,order_id,ts,amount,currency\nu,o,2024-01-01,1,EUR\n", "deployment's USD"),
+    ("user_id,order_id,ts,amount\n", "the CSV has a header but no orders"),
+    (
+        "user_id;order_id;ts;amount\nu;o;2024-01-01;1\n",
+        "(the header has ';': fields must be separated by commas)",
+    ),
 ]
 
 
@@ -130,6 +135,7 @@ def test_bad_orders_files_are_a_dataset_error(
         ("csv", "user_id,order_id,ts,amount\nu,o,2024-01-01,abc\nu,o2,2024-01-02,-3\n", "refund"),
         ("csv", "user,order_id,ts,amount\nu,o,2024-01-01,1\n", "--format cdnow"),
         ("cdnow", "00001 19970101 1 x\n", "leave out --format cdnow"),
+        ("csv", "user,order_id,ts,amount\nu,o,2024-01-01,1\n", "separated by commas"),
     ],
 )
 def test_a_hint_only_where_it_applies(tmp_path: Path, fmt: str, content: str, hint: str) -> None:
@@ -345,3 +351,15 @@ def test_too_short_history_is_a_dataset_error(sample_events: pd.DataFrame) -> No
     first = int(sample_events["day"].min())
     with pytest.raises(DatasetError):
         build_training_set(sample_events, first + 10, 30)
+
+
+def test_a_directory_or_a_pipe_is_not_an_orders_file(tmp_path: Path) -> None:
+    import os
+
+    with pytest.raises(DatasetError, match="is a directory; give a file"):
+        load_orders(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DatasetError, match="not a regular file"):
+        load_orders(tmp_path / "pipe")
+    with pytest.raises(DatasetError, match="orders file not found"):
+        load_orders(tmp_path / "nothing.csv")
