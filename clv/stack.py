@@ -53,10 +53,18 @@ class Running:
     consumers: list[AIOKafkaConsumer] = field(default_factory=list)
 
 
-async def wait_healthy(running: Running, timeout: float = 60) -> None:
-    """Redis answers and every feature consumer holds partitions."""
+async def wait_healthy(
+    running: Running,
+    timeout: float = 60,
+    *,
+    say: Callable[[str], None] | None = None,
+    say_after: float = 5,
+) -> None:
+    """Redis answers and every feature consumer holds partitions. ``say`` hears what is awaited
+    once the wait passes ``say_after`` seconds, and every 15 s after (slow is not hung)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    start = loop.time()
+    deadline, next_say = start + timeout, start + say_after
     waiting = "nothing checked yet"
     while loop.time() < deadline:
         for t in running.tasks:
@@ -70,6 +78,9 @@ async def wait_healthy(running: Running, timeout: float = 60) -> None:
             if all(c.assignment() for c in running.consumers):
                 return
             waiting = "the feature consumers were given no partitions of the orders topic"
+        if say is not None and loop.time() >= next_say:
+            say(f"waiting for the stack ({loop.time() - start:.0f}s): {waiting}")
+            next_say += 15
         await asyncio.sleep(0.2)
     raise StackError(f"the stack was not healthy within {timeout:.0f}s: {waiting}")
 
@@ -133,7 +144,7 @@ async def run_stack(
                     asyncio.create_task(retrain_forever(settings, retrain_every_s))
                 )
             try:
-                await wait_healthy(running)
+                await wait_healthy(running, say=say)
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
                     f"redis={_where(settings.redis_url)} "

@@ -77,10 +77,14 @@ async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None
     settings = Settings(redis_url=f"redis://u:secret@127.0.0.1:{port}/0?password=secret")
     redis = connect(settings.redis_url)
     try:
+        said: list[str] = []
         with pytest.raises(StackError) as info:
-            await wait_healthy(Running(settings, redis), timeout=1)
+            await wait_healthy(Running(settings, redis), timeout=1, say=said.append, say_after=0)
     finally:
         await redis.aclose()
+    # While it waits, it says what for.
+    assert said and said[0].startswith("waiting for the stack (0s): Redis at 127.0.0.1:"), said
+    assert all("secret" not in line for line in said)
     message = str(info.value)
     assert message.startswith(f"the stack was not healthy within 1s: Redis at 127.0.0.1:{port}/0 ")
     assert "does not answer: " in message and "secret" not in message
