@@ -93,6 +93,9 @@ async def test_offline_features_from_the_log_equal_the_online_ones(settings: Set
     assert len(uncommitted) > 0  # written before the crash, to be read and written again
     await _archive_all(settings)  # restart: re-reads from the last commit
     await _run_group(settings, 1)
+    for group in (settings.archiver_group, settings.consumer_group):
+        done = await committed(settings, group, settings.orders_topic)
+        assert {tp: done.get(tp) for tp in ends} == ends, group  # the end exactly: none skipped
 
     log = read_events(settings.event_log_dir, arrival_order=True)
     assert log["event_id"].is_unique and set(log["event_id"]) == {e.event_id for e in events}
