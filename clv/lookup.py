@@ -60,7 +60,8 @@ async def lookup_features(
             "user_id": user_id,
             "as_of": day_date(day).isoformat(),
             "source": source,
-            "features_updated_at": ms_to_iso(stored.updated_ms),
+            # when Redis last changed this state: says nothing of features read from the log
+            "features_updated_at": ms_to_iso(stored.updated_ms) if source == "redis" else None,
             "features": features_record(frame, user_id),
         }
     finally:

@@ -64,6 +64,7 @@ async def test_replay_then_features(
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["source"] == "redis" and body["as_of"] == "2024-02-03"  # the event clock
+    assert body["features_updated_at"].endswith("Z")
     f = body["features"]
     assert f["orders_total"] == 2 and f["revenue_total"] == 35.0 and f["frequency"] == 1
     assert f["avg_repeat_value"] == 25.0 and f["first_order_at"] == "2024-01-01T10:00:00Z"
@@ -74,7 +75,7 @@ async def test_replay_then_features(
     # Before the user's latest event: point in time, from the archiver's event log.
     await _archive_all(settings)
     earlier = json.loads(clv(settings, "features", "alice", "--as-of", "2024-01-15").stdout)
-    assert earlier["source"] == "event_log"
+    assert earlier["source"] == "event_log" and earlier["features_updated_at"] is None
     assert earlier["features"]["orders_total"] == 1 and earlier["features"]["age_days"] == 14
 
     # ... and with no event log there, an error, not "no events" (exit 0) as if it had been read

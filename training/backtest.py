@@ -48,6 +48,8 @@ class BacktestResult:
     report_files: list[Path] = field(default_factory=list)
     #: candidates whose final fit failed or was not possible, and why
     final_fit_errors: dict[str, str] = field(default_factory=dict)
+    #: the day of the file's last event (says why there is no actual total)
+    last_event_day: int | None = None
 
     @property
     def forecast_total(self) -> float:
@@ -69,6 +71,12 @@ class BacktestResult:
         )
         actual = self.actual_total
         if actual is None:
+            if self.last_event_day is not None:
+                end = day_date(self.cutoff_day + self.horizon_days)
+                line += (
+                    f" (a forecast only: the orders end on {day_date(self.last_event_day)}, "
+                    f"before the horizon's last day {end})"
+                )
             return line
         line += f"; they spent {actual:,.2f} {currency}"
         ref = self.model_predictions.get(REFERENCE)
@@ -184,6 +192,7 @@ def backtest_events(
         model_predictions={n: p["predicted_value"].to_numpy() for n, p in preds.items()},
         fitted_models={n: models[n] for n in preds},
         final_fit_errors=errors,
+        last_event_day=last,
     )
     return result
 

@@ -260,6 +260,9 @@ def test_a_horizon_the_file_does_not_cover_is_said_and_forecast(
         "only, no out-of-sample figures"
     ) in lines
     assert "they spent" not in result.summary()
+    assert result.summary().endswith(
+        " (a forecast only: the orders end on 1998-06-30, before the horizon's last day 1998-08-29)"
+    )
 
 
 def test_the_one_line_outcome() -> None:
