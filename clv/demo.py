@@ -21,7 +21,7 @@ from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date
 from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
 
-console = Console(width=120)
+console = Console(width=132)  # the features table's names in full (132: a wide terminal)
 
 DEMO_CANDIDATES = (
     "naive_rate",
@@ -106,7 +106,7 @@ async def _show(settings: Settings, running: Running) -> None:
     ]
     table.add_column("user")
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", min_width=len(c))  # feature names, not "revenue_t…"
     online_rows = []
     for uid in top:
         frame = await store.features(uid, as_of)
@@ -146,16 +146,17 @@ async def _train_and_score(settings: Settings, online: pd.DataFrame) -> None:
     result = await asyncio.to_thread(
         train, settings, progress=True, candidates=list(DEMO_CANDIDATES)
     )
-    console.print(result.summary())
+    console.print(result.summary(), soft_wrap=True)  # one line, as clv train prints it
     champion = await asyncio.to_thread(load_champion, settings.model_dir)
     horizon = champion.horizon_days
     pred = champion.model.predict(online[list(FEATURE_NAMES)], horizon)
-    table = Table(
-        title=f"champion {champion.version} ({champion.metadata['model_name']}): "
+    title = (
+        f"champion {champion.version} ({champion.metadata['model_name']}): "
         f"value over the next {horizon} days"
     )
+    table = Table(title=title, min_width=len(title))  # a title on one line
     for c in ("user", "predicted_value", "expected_orders", "p_alive"):
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", min_width=len(c))
     for uid, row in pred.iterrows():
         table.add_row(
             str(uid),
