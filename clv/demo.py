@@ -63,11 +63,14 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
             "day) or [bold].venv/bin/clv features 00001 --as-of 1997-06-30[/bold]"
         )
         if keep_running:
-            console.print(f"still running; in another terminal try {hint}")
+            console.print(f"still running; in another terminal try {hint}", soft_wrap=True)
             console.print("[bold]Ctrl-C stops the stack[/bold]")
             await stop.wait()
         else:
-            console.print(f"`clv demo --keep-running` keeps the stack up afterwards, to try {hint}")
+            console.print(
+                f"`clv demo --keep-running` keeps the stack up afterwards, to try {hint}",
+                soft_wrap=True,
+            )
 
     await run_stack(settings, stop, on_ready=show, retrain_every_s=None, say=console.print)
 
