@@ -58,7 +58,8 @@ def run_async(
     one_shot: bool = False,
     starts_stack: bool = False,
 ) -> T:
-    """Run ``main(stop)`` with SIGINT/SIGTERM setting ``stop`` (a clean shutdown, not a kill).
+    """Run ``main(stop)`` with SIGINT/SIGTERM/SIGHUP setting ``stop`` (a clean shutdown, not a
+    kill).
 
     A server that cannot be reached is named by its setting; ``starts_stack`` commands (``up``,
     ``demo``) are not told that ``clv up`` would start one.
@@ -72,7 +73,9 @@ def run_async(
     async def runner() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal stops the stack and the servers it started (they run
+        # in a process group of their own, out of the terminal's reach)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         return await main(stop)
 

@@ -176,6 +176,19 @@ def interruptions_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def _link_chain(path: Path, hops: int = 40) -> list[Path]:
+    """``path`` and every path its symbolic links lead through, absolute, to the last one
+    (``/dev/stdout`` -> ``/proc/self/fd/1`` -> the file or pipe behind it)."""
+    chain = [path.absolute()]
+    for _ in range(hops):
+        here = chain[-1]
+        if not here.is_symlink():
+            break
+        chain.append((here.parent / os.readlink(here)).absolute())
+    chain.append(path.resolve(strict=False))
+    return chain
+
+
 def replaceable(path: Path, *, follow_links: bool = True) -> Path:
     """The file that writing ``path`` replaces: a symbolic link's target, or with
     ``follow_links=False`` the link itself (a file the caller owns, like the registry's
@@ -183,7 +196,7 @@ def replaceable(path: Path, *, follow_links: bool = True) -> Path:
     directory), which is never replaced, or where a link on the way loops."""
     if loops(path.parent) or (follow_links and loops(path)):
         raise ClvError(f"{path} is (or lies under) a symbolic link that loops; give a file path")
-    for seen in {path.absolute(), path.resolve(strict=False)}:
+    for seen in _link_chain(path):
         top = seen.parts[1:3]  # /dev/stdout, /proc/self/fd/1, ... (but /dev/shm holds files)
         if top[:1] == ("proc",) or (top[:1] == ("dev",) and top != ("dev", "shm")):
             raise ClvError(

@@ -80,7 +80,7 @@ async def wait_healthy(
             waiting = "the feature consumers were given no partitions of the orders topic"
         if say is not None and loop.time() >= next_say:
             say(f"waiting for the stack ({loop.time() - start:.0f}s): {waiting}")
-            next_say += 15
+            next_say = loop.time() + 15
         await asyncio.sleep(0.2)
     raise StackError(f"the stack was not healthy within {timeout:.0f}s: {waiting}")
 

@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 EVENTS = Counter("clv_consumer_events", "Order events seen by the feature consumer", ["outcome"])
 BATCHES = Counter("clv_consumer_batches", "Batches applied by the feature consumer")
-#: Seconds before a failed offset commit is retried on a quiet topic.
-COMMIT_RETRY_S = 1.0
 
 
 @dataclass
@@ -73,10 +71,6 @@ class FeatureConsumer:
         self._store = store
         self._dlq = dead_letters
         self.stats = ConsumerStats()
-        # Offsets whose commit failed with a retriable error: sent again with the next commit,
-        # or on a quiet turn, so a partition that gets no more messages is committed too.
-        self._uncommitted: dict[TopicPartition, int] = {}
-        self._retry_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the batches in hand are finished and committed first.
@@ -96,9 +90,6 @@ class FeatureConsumer:
                     done, in_flight = in_flight, None
                     done.result()
                 if not batch:
-                    if in_flight is None and self._uncommitted:
-                        if time.monotonic() >= self._retry_at:
-                            await self._commit({})
                     continue
                 prepared = self._prepare(batch)
                 if in_flight is not None:
@@ -107,8 +98,6 @@ class FeatureConsumer:
         finally:
             if in_flight is not None:
                 await in_flight
-            if self._uncommitted:  # a last try: what stays uncommitted is re-delivered
-                await self._commit({})
 
     def _prepare(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> _Batch:
         s = self._settings
@@ -164,20 +153,18 @@ class FeatureConsumer:
         BATCHES.inc()
 
     async def _commit(self, commits: dict[TopicPartition, int]) -> None:
-        """Commit ``commits`` with any offsets a failed commit left (later offsets win)."""
-        pending, self._uncommitted = {**self._uncommitted, **commits}, {}
-        if not pending:
-            return
+        """Commit ``commits``. The client retries retriable errors itself (for as long as it
+        takes); what reaches here is a rebalance, skipped (the new owner re-delivers from the
+        last commit and the state's dedup absorbs the repeat), or an error no retry mends (an
+        authorisation refused, say), which stops this consumer rather than let it run on
+        committing nothing: its batches are re-delivered after a restart, nothing is lost."""
         try:
-            await self._consumer.commit(pending)
+            await self._consumer.commit(commits)
         except (CommitFailedError, IllegalStateError) as exc:
-            # A rebalance took the partitions away: the new owner re-delivers from the last
-            # commit and the state's dedup absorbs the repeat.
             log.warning("offset commit skipped after a rebalance: %s", exc)
         except KafkaError as exc:
-            self._uncommitted = pending
-            self._retry_at = time.monotonic() + COMMIT_RETRY_S
-            log.warning("offset commit failed (retried with the next batch or soon): %s", exc)
+            log.error("offset commit refused, stopping this consumer: %s", exc)
+            raise
 
 
 @dataclass

@@ -15,6 +15,7 @@ from clv.files import (
     OWNER_FILE,
     keep_staging,
     remove_abandoned,
+    replaceable,
     replaced_atomically,
     staged,
     staging_dir,
@@ -88,6 +89,21 @@ def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path: Path, kind
         s.write_text("x")
     assert not (tmp_path / "thing").is_file() and (tmp_path / "thing").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"thing", path.name})
+
+
+def test_standard_output_is_refused_by_any_name_but_dev_shm_is_a_place_for_files(
+    tmp_path: Path,
+) -> None:
+    """A link to /dev/stdout resolves, with stdout redirected to a file, to that file: every
+    hop of the link counts, not only where it ends."""
+    link = tmp_path / "out.csv"
+    link.symlink_to("/dev/stdout")
+    for path in (Path("/dev/stdout"), Path("/proc/self/fd/1"), link):
+        with pytest.raises(ClvError, match="standard output"):
+            replaceable(path)
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        assert replaceable(shm / "clv-test.csv") == shm / "clv-test.csv"
 
 
 def test_a_symlink_loop_is_refused(tmp_path: Path) -> None:

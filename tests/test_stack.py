@@ -3,6 +3,7 @@ Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,21 @@ from clv.local_stack import free_port, port_open
 pytestmark = pytest.mark.integration
 
 
-def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: no procps needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[1]) == pid:  # after the name: state, ppid, ...
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path, sig: int) -> None:
     redis_port, kafka_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
     env.update(
@@ -36,6 +51,7 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> Non
         start_new_session=True,  # a group of its own, like a terminal's foreground job
     )
     lines: list[str] = []
+    pids: list[int] = []
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 90
@@ -50,21 +66,29 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> Non
         assert any("started redis-server" in line for line in lines)
         assert any("started Kafka-protocol broker" in line for line in lines)
         assert port_open("127.0.0.1", redis_port) and port_open("127.0.0.1", kafka_port)
-        # A terminal's Ctrl-C goes to the whole foreground group: the servers must not take
-        # it too, or they die before the consumers finish and commit.
-        os.killpg(proc.pid, signal.SIGINT)
+        # A terminal's Ctrl-C (or its closing) goes to the whole foreground group: the servers
+        # must not take it, or they die before the consumers finish and commit (or outlive a
+        # clv that a hangup killed).
+        pids = _children(proc.pid)
+        assert len(pids) == 2 and all(os.getpgid(p) != proc.pid for p in pids)
+        os.killpg(proc.pid, sig)
         assert proc.wait(60) == 0, "".join(lines) + (proc.stdout.read() or "")
         rest = proc.stdout.read()
         assert "Traceback" not in rest and "Unable connect" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()
-    for _ in range(50):
-        if not port_open("127.0.0.1", redis_port) and not port_open("127.0.0.1", kafka_port):
-            break
-        time.sleep(0.1)
-    assert not port_open("127.0.0.1", redis_port), "redis-server left running"
-    assert not port_open("127.0.0.1", kafka_port), "broker left running"
+        servers = {"redis-server": redis_port, "broker": kafka_port}
+        for _ in range(50):
+            left = [name for name, port in servers.items() if port_open("127.0.0.1", port)]
+            if not left:
+                break
+            time.sleep(0.1)
+        if left:  # killed here, so that a failure leaves no servers behind for the suite
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert not left, f"left running: {left}"
 
 
 async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None:
@@ -80,10 +104,14 @@ async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None
         said: list[str] = []
         with pytest.raises(StackError) as info:
             await wait_healthy(Running(settings, redis), timeout=1, say=said.append, say_after=0)
+        quiet: list[str] = []
+        with pytest.raises(StackError):
+            await wait_healthy(Running(settings, redis), timeout=1, say=quiet.append, say_after=5)
     finally:
         await redis.aclose()
     # While it waits, it says what for.
-    assert said and said[0].startswith("waiting for the stack (0s): Redis at 127.0.0.1:"), said
+    assert len(said) == 1 and said[0].startswith("waiting for the stack (0s): Redis at 127.0.0.1:")
+    assert quiet == []  # not before say_after
     assert all("secret" not in line for line in said)
     message = str(info.value)
     assert message.startswith(f"the stack was not healthy within 1s: Redis at 127.0.0.1:{port}/0 ")

@@ -444,13 +444,20 @@ class ModelRegistry:
         return meta
 
     def trained_on(self, data_fingerprint: str, inputs: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The verified metadata of the newest version trained on the data ``data_fingerprint``
-        names with ``inputs`` recorded as its ``extra.inputs`` (what else decides the model:
-        code, libraries, settings), or ``None``. Versions that fail verification never match."""
+        """The verified metadata of the newest version that was trained on the data
+        ``data_fingerprint`` names with ``inputs`` recorded as its ``extra.inputs`` (what else
+        decides the model: code, libraries, settings) and offered for promotion, or ``None``.
+
+        Only a version whose metadata and model file verify can match, and only one that was
+        offered (it is the champion or has a decision in the history): a run stopped between
+        registering and offering left a version the champion was never compared with."""
         wanted = json.loads(json.dumps(_clean(dict(inputs))))  # as the metadata holds it
+        offered = self._offered()
         for version in reversed(self.versions()):
+            if version not in offered:
+                continue
             try:
-                meta = self.metadata(version)
+                meta, _ = self._verified(version)
             except ModelError:
                 continue
             extra = meta.get("extra")
@@ -462,8 +469,28 @@ class ModelRegistry:
                 return meta
         return None
 
-    def load(self, version: str, *, expect_metadata_sha256: str | None = None) -> LoadedModel:
-        """Verify ``version`` (metadata, feature names, model sha256), then unpickle it."""
+    def _offered(self) -> set[str]:
+        """Versions with a decision in the history, and the champion."""
+        found: set[str] = set()
+        path = self.root / HISTORY_FILE
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    version = json.loads(line).get("version")
+                except (ValueError, AttributeError):
+                    continue  # a torn last line: that decision was not recorded
+                if isinstance(version, str):
+                    found.add(version)
+        try:
+            champion = self.champion_version()
+        except ModelError:
+            champion = None
+        return found | ({champion} if champion else set())
+
+    def _verified(
+        self, version: str, expect_metadata_sha256: str | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The metadata and model bytes of ``version``, both checked (nothing unpickled)."""
         meta = self.metadata(version, expect_sha256=expect_metadata_sha256)
         artifact = meta.get("artifact")
         if not isinstance(artifact, dict) or artifact.get("file") != MODEL_FILE:
@@ -474,6 +501,11 @@ class ModelRegistry:
                 f"model {version}: {MODEL_FILE} does not match the sha256 in its metadata "
                 "(corrupt or replaced file); refusing to unpickle it"
             )
+        return meta, blob
+
+    def load(self, version: str, *, expect_metadata_sha256: str | None = None) -> LoadedModel:
+        """Verify ``version`` (metadata, feature names, model sha256), then unpickle it."""
+        meta, blob = self._verified(version, expect_metadata_sha256)
         try:
             model = pickle.loads(blob)  # verified bytes only (see module docstring)
         except Exception as exc:

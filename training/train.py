@@ -168,12 +168,19 @@ def data_fingerprint(events: pd.DataFrame) -> str:
 
 def code_fingerprint() -> str:
     """sha256 over the source of the code a model comes from (the training and feature
-    packages), so a changed model or feature definition counts as new inputs."""
+    packages: each module's path and bytes), so a changed model or feature definition counts
+    as new inputs. Hidden files (an editor's lock link, ``.#train.py``) are not source."""
+    import feature_store
+    import training
+
     digest = hashlib.sha256()
-    for package in ("training", "feature_store"):
-        root = Path(__file__).resolve().parent.parent / package
+    for package in (training, feature_store):
+        root = Path(package.__file__ or "").resolve().parent
         for path in sorted(root.rglob("*.py")):
-            digest.update(f"{path.relative_to(root.parent).as_posix()}\0".encode())
+            rel = path.relative_to(root.parent)
+            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+                continue
+            digest.update(f"{rel.as_posix()}\0".encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
@@ -524,10 +531,10 @@ def _trained_already(
     one and a champion (else ``None``: train)."""
     registry = ModelRegistry(settings.model_dir)
     try:
-        champion = registry.champion_version()
-    except ClvError:  # a broken pointer: a run replaces it
+        champion = registry.load_champion().version  # verified: a broken one is replaced
+    except ClvError:  # no champion, or one that cannot be loaded: a run replaces it
         return None
-    meta = registry.trained_on(fingerprint, inputs) if champion else None
+    meta = registry.trained_on(fingerprint, inputs)
     if meta is None:
         return None
     version, extra, window = meta["version"], meta["extra"], meta["data_window"]

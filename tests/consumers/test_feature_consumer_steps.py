@@ -1,7 +1,7 @@
-"""The order of the feature consumer's steps within a batch, and its retried commits.
+"""The order of the feature consumer's steps within a batch, and its failed commits.
 
 Fakes on purpose: the order (dead letters acknowledged, then the apply, then the too-late
-letters, then the commit) and a failing commit only show under faults that a real broker does
+letters, then the commit) and a failed commit only show under faults that a real broker does
 not produce on demand. The integration tests (test_feature_consumer.py) run the same class
 against the real broker and Redis.
 """
@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import RequestTimedOutError
+from aiokafka.errors import CommitFailedError, GroupAuthorizationFailedError, RequestTimedOutError
 from aiokafka.structs import ConsumerRecord
 
-import consumers.feature_consumer as feature_consumer
 from clv.settings import Settings
 from consumers.dead_letters import Rejected
 from consumers.feature_consumer import FeatureConsumer
@@ -55,7 +54,8 @@ class Steps:
 class FakeKafka:
     def __init__(self, steps: Steps, batches: list[list[ConsumerRecord[bytes, bytes]]]) -> None:
         self.steps, self.batches = steps, list(batches)
-        self.failures = 0  # commits still to fail
+        self.failures = 0  # commits still to fail, with ``error``
+        self.error: Exception = CommitFailedError("the group rebalanced")
         self.committed: dict[TopicPartition, int] = {}
         self.stop_when_committed: int | None = None
 
@@ -69,7 +69,7 @@ class FakeKafka:
         self.steps.log.append(("commit", dict(offsets)))
         if self.failures:
             self.failures -= 1
-            raise RequestTimedOutError("the coordinator did not answer")
+            raise self.error
         self.committed.update(offsets)
         if self.committed.get(TP) == self.stop_when_committed:
             self.steps.stop.set()
@@ -135,45 +135,27 @@ async def test_dead_letters_that_fail_leave_the_batch_uncommitted() -> None:
     assert kafka.committed == {}
 
 
-async def test_a_failed_commit_is_retried_on_a_quiet_topic(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(feature_consumer, "COMMIT_RETRY_S", 0.0)
+async def test_a_commit_lost_to_a_rebalance_is_skipped_and_consuming_goes_on() -> None:
+    """The new owner re-delivers from the last commit (dedup absorbs the repeat)."""
     steps = Steps()
-    kafka = FakeKafka(steps, [[record(0, event("e1"))]])  # then nothing more arrives
-    kafka.failures, kafka.stop_when_committed = 2, 1
+    kafka = FakeKafka(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
+    kafka.failures, kafka.stop_when_committed = 1, 2
+    kafka.error = CommitFailedError("the group rebalanced")
     await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
-    assert [entry for entry in steps.log if entry[0] == "commit"] == [("commit", {TP: 1})] * 3
-    assert kafka.committed == {TP: 1}
+    assert [entry for entry in steps.log if entry[0] == "commit"] == [
+        ("commit", {TP: 1}),
+        ("commit", {TP: 2}),
+    ]
+    assert kafka.committed == {TP: 2}
 
 
-async def test_a_failed_commit_rides_with_the_next_one_and_later_offsets_win() -> None:
+async def test_a_commit_the_client_gives_up_on_stops_the_consumer() -> None:
+    """aiokafka retries retriable commit errors itself; what it raises no retry mends."""
     steps = Steps()
-    first = [record(0, event("e1")), record(1, event("e2"))]
-    kafka = FakeKafka(steps, [first, [record(2, event("e3"))]])
-    kafka.failures, kafka.stop_when_committed = 1, 3
-    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
-    commits = [offsets for step, offsets in steps.log if step == "commit"]
-    assert commits == [{TP: 2}, {TP: 3}]
-    assert kafka.committed == {TP: 3}
-
-
-async def test_stopping_makes_a_last_try_at_a_failed_commit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(feature_consumer, "COMMIT_RETRY_S", 1e9)  # no quiet-turn retry
-    steps = Steps()
-    kafka = FakeKafka(steps, [[record(0, event("e1"))]])
+    kafka = FakeKafka(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
     kafka.failures = 1
-    worker = consumer(steps, kafka)
-
-    async def stop_after_the_failure() -> None:
-        while not steps.log or steps.log[-1][0] != "commit":
-            await asyncio.sleep(0.001)
-        steps.stop.set()
-
-    await asyncio.wait_for(
-        asyncio.gather(worker.run(steps.stop), stop_after_the_failure()), timeout=30
-    )
-    assert [offsets for step, offsets in steps.log if step == "commit"] == [{TP: 1}, {TP: 1}]
-    assert kafka.committed == {TP: 1}
+    kafka.error = GroupAuthorizationFailedError()
+    with pytest.raises(GroupAuthorizationFailedError):
+        await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    assert kafka.committed == {}
+    assert [step for step, _ in steps.log].count("commit") == 1  # nothing after it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,19 @@ def test_an_unchanged_log_is_not_trained_again(tmp_path: Path, events: pd.DataFr
 
 @pytest.mark.parametrize(
     "change",
-    ["events", "horizon", "candidates", "code", "libraries", "no champion", "tampered"],
+    [
+        "events",
+        "horizon",
+        "currency",
+        "candidates",
+        "sample size",
+        "code",
+        "libraries",
+        "no champion",
+        "broken pointer",
+        "champion's model file gone",
+        "tampered",
+    ],
 )
 def test_anything_that_decides_the_model_changed_trains_again(
     tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch, change: str
@@ -155,14 +168,18 @@ def test_anything_that_decides_the_model_changed_trains_again(
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events.iloc[: len(events) // 2])
     first = train(settings, progress=False, candidates=FAST)
-    names = FAST
+    names, max_users = FAST, train_module.DEFAULT_MAX_USERS
     registry = ModelRegistry(settings.model_dir)
     if change == "events":
         write_events(settings.event_log_dir, events.iloc[len(events) // 2 :])
     elif change == "horizon":
         settings = settings_for(tmp_path, horizon_days=90)
+    elif change == "currency":
+        settings = settings.model_copy(update={"currency": "EUR"})
     elif change == "candidates":
         names = FAST[:1]
+    elif change == "sample size":
+        max_users = 10_000
     elif change == "code":
         monkeypatch.setattr(train_module, "code_fingerprint", lambda: "0" * 64)
     elif change == "libraries":
@@ -170,12 +187,84 @@ def test_anything_that_decides_the_model_changed_trains_again(
         monkeypatch.setattr(train_module, "library_versions", lambda: newer)
     elif change == "no champion":
         registry.pointer_path.unlink()
+    elif change == "broken pointer":
+        registry.pointer_path.write_text("{garbage")
+    elif change == "champion's model file gone":
+        (settings.model_dir / first.version / "model.pkl").unlink()
     else:  # the registered version's metadata no longer verifies
         meta = settings.model_dir / first.version / "metadata.json"
         meta.write_text(meta.read_text().replace('"users"', '"Users"'))
-    second = train(settings, progress=False, candidates=names)
+    second = train(settings, progress=False, candidates=names, max_users=max_users)
     assert not second.skipped and second.version != first.version
     assert registry.versions() == sorted([first.version, second.version])
+
+
+def test_a_version_never_offered_does_not_stand_for_its_log(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped between registering and offering: the next run trains and offers."""
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events.iloc[: len(events) // 2])
+    first = train(settings, progress=False, candidates=FAST)
+    write_events(settings.event_log_dir, events.iloc[len(events) // 2 :])
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelRegistry, "offer", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train(settings, progress=False, candidates=FAST)
+    registry = ModelRegistry(settings.model_dir)
+    assert len(registry.versions()) == 2  # registered, never offered
+    again = train(settings, progress=False, candidates=FAST)
+    assert not again.skipped and again.decision.champion_version == first.version
+    assert len(registry.versions()) == 3
+    assert train(settings, progress=False, candidates=FAST).skipped  # offered now: it stands
+
+
+def test_the_code_fingerprint_follows_the_source_and_ignores_editor_files(
+    tmp_path: Path,
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    import feature_store
+    import training
+
+    for package in (training, feature_store):
+        source = Path(package.__file__ or "").parent
+        shutil.copytree(
+            source, tmp_path / source.name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+
+    def fingerprint() -> str:
+        code = "from training.train import code_fingerprint; print(code_fingerprint())"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            cwd=tmp_path,  # the copies, not the checkout's packages
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    base = fingerprint()
+    (tmp_path / "check.py").write_text("import training; print(training.__file__)")
+    where = subprocess.run(
+        [sys.executable, "check.py"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert where.stdout.startswith(str(tmp_path))
+    (tmp_path / "training" / ".#train.py").symlink_to("user@host.1234:1")  # an editor's lock
+    assert fingerprint() == base
+    features = tmp_path / "feature_store" / "features.py"
+    features.write_text(features.read_text() + "\n# a changed feature definition\n")
+    changed = fingerprint()
+    assert changed != base
+    features.rename(features.with_name("features_renamed.py"))
+    assert fingerprint() not in (base, changed)
 
 
 def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> None:
