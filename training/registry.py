@@ -457,16 +457,21 @@ class ModelRegistry:
             if version not in offered:
                 continue
             try:
-                meta, _ = self._verified(version)
+                meta = self.metadata(version)
             except ModelError:
                 continue
             extra = meta.get("extra")
-            if (
+            if not (
                 meta.get("data_fingerprint") == data_fingerprint
                 and isinstance(extra, dict)
                 and extra.get("inputs") == wanted
             ):
-                return meta
+                continue
+            try:  # the model file too, read only for the match (a forest's can be large)
+                self._verified(version)
+            except ModelError:
+                continue
+            return meta
         return None
 
     def _offered(self) -> set[str]:

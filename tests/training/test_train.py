@@ -223,6 +223,22 @@ def test_a_version_never_offered_does_not_stand_for_its_log(
     assert train(settings, progress=False, candidates=FAST).skipped  # offered now: it stands
 
 
+def test_a_matching_version_whose_model_file_is_broken_does_not_stand_for_its_log(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events.iloc[: len(events) // 2])
+    first = train(settings, progress=False, candidates=FAST)
+    write_events(settings.event_log_dir, events.iloc[len(events) // 2 :])
+    second = train(settings, progress=False, candidates=FAST)
+    registry = ModelRegistry(settings.model_dir)
+    registry.offer(first.version, force=True)  # the champion is the other data's model
+    assert train(settings, progress=False, candidates=FAST).version == second.version  # skipped
+    (settings.model_dir / second.version / "model.pkl").write_bytes(b"not the model")
+    third = train(settings, progress=False, candidates=FAST)
+    assert not third.skipped and third.version not in (first.version, second.version)
+
+
 def test_the_code_fingerprint_follows_the_source_and_ignores_editor_files(
     tmp_path: Path,
 ) -> None:
