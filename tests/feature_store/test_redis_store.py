@@ -156,3 +156,19 @@ async def test_the_event_clock_never_goes_back(redis: Redis) -> None:
         [_ev("b", "purchase", "v", "o2", 1, 1000 * MS_PER_DAY)], group="g", progress={}, now_ms=2
     )
     assert await store.event_clock_ms("g") == 2000 * MS_PER_DAY
+
+
+async def test_features_before_the_latest_event_are_refused_online(redis: Redis) -> None:
+    """The online state no longer knows the past: earlier dates are the event log's job."""
+    from clv.errors import StoreError
+    from feature_store.redis_store import online_features
+
+    store = FeatureStore(redis)
+    await store.apply(
+        [_ev("a", "purchase", "u", "o1", 100, 1000 * MS_PER_DAY)], group="g", progress={}, now_ms=1
+    )
+    stored = await store.read_state("u")
+    assert stored is not None
+    assert online_features(stored.state, 1000).loc["u", "orders_total"] == 1
+    with pytest.raises(StoreError, match="is before the user's latest event day 1000"):
+        online_features(stored.state, 999)
