@@ -133,16 +133,36 @@ async def _show(settings: Settings, running: Running) -> None:
             value[:60].decode("utf-8", "replace"),
         )
     console.print(table)
-    await _train_and_score(settings, online)
+    await _train_and_score(settings, online, events)
 
 
-async def _train_and_score(settings: Settings, online: pd.DataFrame) -> None:
+def events_not_replayed(event_log_dir: Path, replayed: pd.DataFrame) -> int:
+    """How many events of the log are not among ``replayed`` (by user and event id): what an
+    earlier ``clv replay`` into a kept demo stack left there, which training reads too."""
+    from feature_store.event_log import read_events
+
+    log = read_events(event_log_dir)
+    ours = pd.MultiIndex.from_frame(replayed[["user_id", "event_id"]])
+    return int((~pd.MultiIndex.from_frame(log[["user_id", "event_id"]]).isin(ours)).sum())
+
+
+async def _train_and_score(
+    settings: Settings, online: pd.DataFrame, replayed: pd.DataFrame
+) -> None:
     """Train from the event log the archiver wrote, then score the users whose online
-    features (read from Redis above) are ``online``."""
+    features (read from Redis above) are ``online``; ``replayed``: the events the demo sent."""
     from training.registry import load_champion
     from training.train import train
 
     await wait_committed(settings, settings.archiver_group, timeout=900)
+    others = await asyncio.to_thread(events_not_replayed, settings.event_log_dir, replayed)
+    if others:
+        console.print(
+            f"[yellow]the event log {settings.event_log_dir} also holds {others:,} events the "
+            "demo did not replay (a `clv replay` into an earlier demo's stack?): training reads "
+            "them too; `rm -rf data/events models` starts the demo afresh[/yellow]",
+            soft_wrap=True,
+        )
     console.rule("training from the event log (time-split selection of the champion)")
     # The demo leaves out the two slowest candidates (random forest, exact gradient boosting);
     # `clv train` compares all of them.
