@@ -158,9 +158,10 @@ async def _train_and_score(
     others = await asyncio.to_thread(events_not_replayed, settings.event_log_dir, replayed)
     if others:
         console.print(
-            f"[yellow]the event log {settings.event_log_dir} also holds {others:,} events the "
-            "demo did not replay (a `clv replay` into an earlier demo's stack?): training reads "
-            "them too; `rm -rf data/events models` starts the demo afresh[/yellow]",
+            f"[yellow]the event log {settings.event_log_dir} also holds {others:,} "
+            f"event{'s' if others != 1 else ''} the demo did not replay (a `clv replay` into "
+            "an earlier demo's stack?): training reads them too; `rm -rf data/events models` "
+            "starts the demo afresh[/yellow]",
             soft_wrap=True,
         )
     console.rule("training from the event log (time-split selection of the champion)")
