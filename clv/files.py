@@ -176,6 +176,18 @@ def interruptions_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def orders_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an orders file (``None``: it is a regular file). Light,
+    so a command can check before importing the modelling stack; the loader says the same."""
+    if path.is_dir():
+        return f"the orders file {path} is a directory; give a file"
+    if not path.exists():
+        return f"orders file not found: {path}"
+    if not path.is_file():
+        return f"the orders file {path} is not a regular file (a pipe or a device)"
+    return None
+
+
 def _link_chain(path: Path, hops: int = 40) -> list[Path]:
     """``path`` and every path its symbolic links lead through, absolute, to the last one
     (``/dev/stdout`` -> ``/proc/self/fd/1`` -> the file or pipe behind it)."""

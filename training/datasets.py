@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError
+from clv.files import orders_file_problem
 from feature_store.events import (
     FUTURE_TOLERANCE_MS,
     MAX_AMOUNT,
@@ -44,12 +45,8 @@ class DatasetError(ClvError):
 
 
 def _read_text(path: Path) -> str:
-    if path.is_dir():
-        raise DatasetError(f"the orders file {path} is a directory; give a file")
-    if not path.exists():
-        raise DatasetError(f"orders file not found: {path}")
-    if not path.is_file():
-        raise DatasetError(f"the orders file {path} is not a regular file (a pipe or a device)")
+    if problem := orders_file_problem(path):
+        raise DatasetError(problem)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:

@@ -468,7 +468,7 @@ class ModelRegistry:
             ):
                 continue
             try:  # the model file too, read only for the match (a forest's can be large)
-                self._verified(version)
+                self._model_bytes(version, meta)
             except ModelError:
                 continue
             return meta
@@ -497,6 +497,10 @@ class ModelRegistry:
     ) -> tuple[dict[str, Any], bytes]:
         """The metadata and model bytes of ``version``, both checked (nothing unpickled)."""
         meta = self.metadata(version, expect_sha256=expect_metadata_sha256)
+        return meta, self._model_bytes(version, meta)
+
+    def _model_bytes(self, version: str, meta: Mapping[str, Any]) -> bytes:
+        """The model file of ``version``, checked against its (verified) metadata."""
         artifact = meta.get("artifact")
         if not isinstance(artifact, dict) or artifact.get("file") != MODEL_FILE:
             raise ModelError(f"model {version}: metadata names no {MODEL_FILE} artifact")
@@ -506,7 +510,7 @@ class ModelRegistry:
                 f"model {version}: {MODEL_FILE} does not match the sha256 in its metadata "
                 "(corrupt or replaced file); refusing to unpickle it"
             )
-        return meta, blob
+        return blob
 
     def load(self, version: str, *, expect_metadata_sha256: str | None = None) -> LoadedModel:
         """Verify ``version`` (metadata, feature names, model sha256), then unpickle it."""

@@ -530,12 +530,12 @@ def _trained_already(
     """The result of the registered version trained on this log with ``inputs``, when there is
     one and a champion (else ``None``: train)."""
     registry = ModelRegistry(settings.model_dir)
+    meta = registry.trained_on(fingerprint, inputs)  # metadata first: no unpickling for a miss
+    if meta is None:
+        return None
     try:
         champion = registry.load_champion().version  # verified: a broken one is replaced
     except ClvError:  # no champion, or one that cannot be loaded: a run replaces it
-        return None
-    meta = registry.trained_on(fingerprint, inputs)
-    if meta is None:
         return None
     version, extra, window = meta["version"], meta["extra"], meta["data_window"]
     reason = "trained on this same event log with the same code, libraries and settings"

@@ -17,7 +17,7 @@ import typer
 
 from clv.commands import fail, output_path, parse_date
 from clv.errors import ClvError
-from clv.files import missing_dirs, remove_empty
+from clv.files import missing_dirs, orders_file_problem, remove_empty
 from clv.settings import MAX_HORIZON_DAYS
 from feature_store.events import valid_currency
 
@@ -104,12 +104,8 @@ def backtest(
         raise fail(f"--horizon-days must be from 1 to {MAX_HORIZON_DAYS} days")
     if day > dt.datetime.now(dt.UTC).date():
         raise fail(f"--cutoff {day} is in the future: the orders up to it are not known yet")
-    if orders.is_dir():
-        raise fail(f"the orders file {orders} is a directory; give a file")
-    if not orders.exists():
-        raise fail(f"orders file not found: {orders}")
-    if not orders.is_file():
-        raise fail(f"the orders file {orders} is not a regular file (a pipe or a device)")
+    if problem := orders_file_problem(orders):  # before any work or directory is made
+        raise fail(problem)
     _check_outputs(orders, out, report)
     made: list[Path] = []  # directories this run creates, removed again if it fails
     try:
