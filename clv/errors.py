@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException | str) -> str:
+    """An exception's message on one line. Some libraries put a whole traceback in it
+    (scikit-learn's "All the N fits failed."): then its first and last lines, the cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__ if isinstance(exc, BaseException) else "(no message)"
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
 class ClvError(Exception):
     """Base of every error this project raises on purpose."""
 

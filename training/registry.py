@@ -29,7 +29,8 @@ window is its stored score when it validated on that very window, otherwise the 
 that artifact was fitted on part of the window's outcomes, the champion's recipe refitted
 before the window (a :class:`ChampionScore`; a tie then promotes the challenger, the same
 recipe on newer data). Other ties keep the champion; the first model always promotes; ``force``
-promotes unconditionally; a champion that can no longer be loaded is replaced.
+promotes unconditionally; a champion that can no longer be loaded, or that ``evaluate``
+cannot score on the window (it could not serve either), is replaced.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from clv.errors import ClvError, ModelError
+from clv.errors import ClvError, ModelError, one_line
 from clv.files import check_usable_dir, keep_staging, replaced_atomically, staging_dir
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
@@ -638,7 +639,18 @@ class ModelRegistry:
         if stored.same_window(val):
             champ_score, how = stored.score, "its stored score on the same window"
         elif evaluate is not None:
-            scored = evaluate(champion, val)
+            try:
+                scored = evaluate(champion, val)
+            except MemoryError:
+                raise
+            except Exception as exc:  # it could not serve either: as one that cannot be loaded
+                return Decision(
+                    version,
+                    True,
+                    f"champion {current} cannot be scored on this window ({one_line(exc)})",
+                    champion_version=current,
+                    **common,
+                )
             if isinstance(scored, ChampionScore):
                 champ_score, how, ties_promote = scored.score, scored.how, scored.ties_promote
             else:

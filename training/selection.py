@@ -31,7 +31,7 @@ from typing import TextIO
 import numpy as np
 import pandas as pd
 
-from clv.errors import ClvError
+from clv.errors import ClvError, one_line
 from feature_store.features import day_date
 from training.datasets import build_training_set, history_days, purchasers_at, window_labels
 from training.metrics import all_metrics
@@ -222,15 +222,6 @@ def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
     return float(s) if math.isfinite(s) else float("-inf")
 
 
-def _one_line(exc: BaseException | str) -> str:
-    """An exception's message on one line. Some libraries put a whole traceback in it
-    (scikit-learn's "All the N fits failed."): then its first and last lines, the cause."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__ if isinstance(exc, BaseException) else "(no message)"
-    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-
-
 @contextmanager
 def recorded_warnings() -> Iterator[list[str]]:
     """Collect the warnings this thread raises inside as distinct one-line messages instead of
@@ -261,7 +252,7 @@ def recorded_warnings() -> Iterator[list[str]]:
             if threading.get_ident() != owner:
                 show(message, category, filename, lineno, file, line)
                 return
-            note = f"{category.__name__}: {_one_line(message)}"
+            note = f"{category.__name__}: {one_line(message)}"
             if note not in found:
                 found.append(note)
 
@@ -291,7 +282,7 @@ def evaluate(
                 model.fit(ds)
                 p = model.predict(features, horizon_days)
         except (ClvError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
-            why = _one_line(exc)
+            why = one_line(exc)
             scores[name] = CandidateScore(name, {}, time.perf_counter() - t0, why, warnings=warned)
             progress(f"{stage}{name} failed: {why}")
             continue
@@ -436,7 +427,7 @@ def _unvalidated(
             with recorded_warnings() as warned:
                 make_candidates([name])[name].fit(ds).predict(ds.current, horizon_days)
         except (ClvError, ValueError, ArithmeticError) as exc:
-            failures.append(f"{name}: {_one_line(exc)}")
+            failures.append(f"{name}: {one_line(exc)}")
             continue
         failures += [f"{name} warned: {w}" for w in warned]
         if failures:

@@ -6,8 +6,10 @@ import datetime as dt
 
 import pandas as pd
 
-from feature_store.features import FEATURE_NAMES, day_number
-from feature_store.offline import events_from_orders, features_at
+from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_number
+from feature_store.offline import events_from_orders, features_at, too_late_mask
+
+from .streams import MS_PER_DAY, _ev, as_frame
 
 
 def _orders(rows: list[tuple[str, str, float, str]]) -> pd.DataFrame:
@@ -79,3 +81,15 @@ def test_refunds_beyond_the_repeat_revenue_leave_a_repeat_value_of_zero() -> Non
     f = features_at(ev, day_number(dt.date(2024, 1, 2))).loc["u"]
     assert f["frequency"] == 1 and f["revenue_total"] == -5.0
     assert f["avg_repeat_value"] == 0.0
+
+
+def test_the_offline_too_late_edge_is_the_retention_to_the_day() -> None:
+    """As online (test_the_too_late_edge_is_the_retention_to_the_day): an event dated
+    exactly the retention before the user's latest day is too late, one a day later is not."""
+    newest = _ev("n", "purchase", "u", "o1", 100, 1365 * MS_PER_DAY)
+    at_edge = _ev("e", "purchase", "u", "o2", 100, (1365 - RETENTION_DAYS) * MS_PER_DAY)
+    inside = _ev("i", "purchase", "u", "o3", 100, (1366 - RETENTION_DAYS) * MS_PER_DAY)
+    frame = as_frame([newest, at_edge, inside])
+    assert list(too_late_mask(frame, RETENTION_DAYS)) == [False, True, False]
+    f = features_at(frame, 1365, late_after_days=RETENTION_DAYS).loc["u"]
+    assert f["orders_total"] == 2  # the one the online state rejects is left out

@@ -16,6 +16,7 @@ from feature_store.offline import events_from_orders, features_at
 from training.datasets import (
     DatasetError,
     build_training_set,
+    history_days,
     load_orders,
     purchasers_at,
     window_labels,
@@ -363,3 +364,127 @@ def test_a_directory_or_a_pipe_is_not_an_orders_file(tmp_path: Path) -> None:
         load_orders(tmp_path / "pipe")
     with pytest.raises(DatasetError, match="orders file not found"):
         load_orders(tmp_path / "nothing.csv")
+
+
+CUTOFF = day_number(dt.date(1997, 9, 30))
+
+
+def test_a_shorter_label_window_sets_the_cutoffs_and_is_recorded(
+    sample_events: pd.DataFrame,
+) -> None:
+    """Cutoffs are as_of - label_days - k * step (not the horizon), and each row records its
+    label window, by which models rescale a 30-day label to the 365-day horizon."""
+    ds = build_training_set(sample_events, CUTOFF, 365, label_days=30, n_cutoffs=2, step_days=30)
+    assert list(ds.cutoffs) == [CUTOFF - 60, CUTOFF - 30]
+    assert ds.horizon_days == 365 and (ds.label_days == 30).all()
+    last = ds.cutoff_day == CUTOFF - 30
+    revenue, _ = window_labels(sample_events, ds.features.index[last], CUTOFF - 30, 30)
+    np.testing.assert_array_equal(ds.label[last], revenue)
+    np.testing.assert_allclose(ds.scaled_label()[last], revenue * 365 / 30)
+
+
+def test_a_cutoff_exactly_min_history_days_after_the_first_purchase_is_kept(
+    sample_events: pd.DataFrame,
+) -> None:
+    first = int(sample_events.loc[sample_events["type"] == "purchase", "day"].min())
+    ds = build_training_set(
+        sample_events, first + 230, 30, n_cutoffs=10, step_days=30, min_history_days=140
+    )
+    assert list(ds.cutoffs) == [first + 140, first + 170, first + 200]
+
+
+def _events(rows: list[tuple[str, str, str, float, str]]) -> pd.DataFrame:
+    """(user, event_id, date, amount, type) -> the event table, in this (arrival) order."""
+    return events_from_orders(
+        pd.DataFrame(
+            [
+                {"user_id": u, "order_id": e, "event_id": e, "ts": ts, "amount": a, "type": t}
+                for u, e, ts, a, t in rows
+            ]
+        )
+    )
+
+
+def test_labels_count_a_redelivered_event_once() -> None:
+    """An event log keeps redelivered copies (read_events(dedupe=False), a raw frame):
+    the label counts each event once, as the features do."""
+    ev = _events(
+        [
+            ("a", "e1", "2024-01-01", 5.0, "purchase"),
+            ("a", "e2", "2024-01-05", 7.0, "purchase"),
+            ("a", "e2", "2024-01-05", 7.0, "purchase"),  # redelivered
+        ]
+    )
+    revenue, count = window_labels(ev, pd.Index(["a"]), day_number(dt.date(2024, 1, 1)), 10)
+    assert list(revenue) == [7.0] and list(count) == [1]
+
+
+def test_an_event_counts_in_the_features_or_in_the_label_never_both() -> None:
+    """Copies of one event on both sides of the cutoff (arrival order: the later-dated copy
+    first): the first copy wins in the features as in the labels (and online), so the event
+    is a label only, not also a feature."""
+    cutoff = day_number(dt.date(2024, 1, 10))
+    ev = _events(
+        [
+            ("u", "e0", "2024-01-01", 1.0, "purchase"),
+            ("u", "e1", "2024-01-15", 10.0, "purchase"),
+            ("u", "e1", "2024-01-05", 10.0, "purchase"),
+        ]
+    )
+    f = features_at(ev, cutoff).loc["u"]
+    revenue, count = window_labels(ev, pd.Index(["u"]), cutoff, 30)
+    assert f["orders_total"] == 1 and f["revenue_total"] == 1.0
+    assert list(count) == [1] and list(revenue) == [10.0]
+
+
+def test_training_rows_and_the_snapshot_are_purchasers_only() -> None:
+    """A user whose only event by a cutoff is a refund is no customer yet there."""
+    ev = _events(
+        [
+            ("a", "p1", "2024-01-01", 10.0, "purchase"),
+            ("r", "r1", "2024-01-20", 3.0, "refund"),
+            ("r", "p2", "2024-02-15", 30.0, "purchase"),
+            ("a", "p3", "2024-03-01", 5.0, "purchase"),
+        ]
+    )
+    as_of = day_number(dt.date(2024, 3, 1))
+    ds = build_training_set(ev, as_of, 30, n_cutoffs=1)  # cutoff 2024-01-31
+    assert list(ds.features.index) == ["a"]
+    assert list(purchasers_at(ev, as_of - 30).index) == ["a"]
+    assert sorted(ds.current.index) == ["a", "r"]
+
+
+def test_the_snapshot_includes_orders_on_the_as_of_day() -> None:
+    ev = _events(
+        [
+            ("a", "p1", "2024-01-01", 10.0, "purchase"),
+            ("b", "p2", "2024-03-01T23:00:00Z", 5.0, "purchase"),  # on the as-of day
+        ]
+    )
+    as_of = day_number(dt.date(2024, 3, 1))
+    ds = build_training_set(ev, as_of, 30, n_cutoffs=1)
+    assert sorted(ds.current.index) == ["a", "b"]
+    pd.testing.assert_frame_equal(ds.current, purchasers_at(ev, as_of))
+
+
+def test_no_history_before_the_first_purchase() -> None:
+    ev = _events([("a", "p1", "2024-01-10", 10.0, "purchase")])
+    first = day_number(dt.date(2024, 1, 10))
+    assert history_days(ev, first - 5) == 0
+    assert history_days(ev, first + 5) == 5
+
+
+def test_equally_dated_copies_keep_the_first_in_the_file(tmp_path: Path) -> None:
+    """Many copies of each event over a few times: the earliest copy, and among equally dated
+    ones the first in the file (a sort that is not stable would pick any of them)."""
+    rows = ["user_id,order_id,ts,amount,event_id"]
+    expected: dict[tuple[str, str], tuple[int, int]] = {}
+    for i in range(3000):
+        user, event, day = f"u{i % 3}", f"e{i % 6}", 1 + (i // 7) % 3
+        rows.append(f"{user},o{i},2024-01-0{day}T00:00:00Z,{i + 1}.00,{event}")
+        expected[(user, event)] = min(expected.get((user, event), (9, 0)), (day, (i + 1) * 100))
+    path = tmp_path / "o.csv"
+    path.write_text("\n".join(rows) + "\n")
+    ev = load_orders(path, "csv")
+    got = dict(zip(zip(ev["user_id"], ev["event_id"], strict=True), ev["cents"], strict=True))
+    assert got == {key: cents for key, (_, cents) in expected.items()}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from clv.errors import ModelError
+from feature_store.features import FEATURE_NAMES
 from training.models.naive import HistoricalRate
 from training.registry import (
     HISTORY_FILE,
@@ -213,8 +216,13 @@ def test_metadata_edited_with_recomputed_self_hash_is_refused_via_pointer(
             reg.load_champion()
 
 
+@pytest.mark.parametrize(
+    "names",
+    [("orders_total", "revenue_total"), tuple(reversed(FEATURE_NAMES))],
+    ids=["others", "another order"],
+)
 def test_feature_name_mismatch_is_refused_before_unpickling(
-    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch, names: tuple[str, ...]
 ) -> None:
     v = reg.register(
         HistoricalRate(),
@@ -222,7 +230,7 @@ def test_feature_name_mismatch_is_refused_before_unpickling(
         validation=validation(1.0),
         candidates={},
         data_fingerprint="x",
-        feature_names=("orders_total", "revenue_total"),
+        feature_names=names,
     )
 
     def no_unpickling(*_a: object, **_k: object) -> object:
@@ -271,6 +279,40 @@ def test_unloadable_champion_is_replaced(reg: ModelRegistry) -> None:
     v2 = register(reg, 50.0, min_age=2)
     d = reg.offer(v2)
     assert d.promoted and "cannot be loaded" in d.reason
+
+
+def test_a_champion_that_cannot_be_scored_is_replaced_not_a_crash(reg: ModelRegistry) -> None:
+    """A champion that loads but cannot forecast the window (an old pickle under newer
+    libraries, non-finite forecasts) could not serve either: it is replaced, and the decision is
+    recorded, rather than every later training stopping on it."""
+    v1 = register(reg, 1.0, min_age=1)
+    reg.offer(v1)
+    v2 = register(reg, 50.0, min_age=2, train_end_day=9400)  # another window: evaluate is asked
+
+    def evaluate(champion: object, val: Validation) -> float:
+        raise ModelError("model produced non-finite forecasts\n(details)")
+
+    d = reg.offer(v2, evaluate=evaluate)
+    assert d.promoted and reg.champion_version() == v2
+    assert f"champion {v1} cannot be scored on this window" in d.reason
+    assert "non-finite forecasts ... (details)" in d.reason
+    lines = (reg.root / HISTORY_FILE).read_text().splitlines()
+    assert json.loads(lines[-1])["promoted"] is True
+
+
+def test_running_out_of_memory_while_scoring_the_champion_promotes_nothing(
+    reg: ModelRegistry,
+) -> None:
+    v1 = register(reg, 1.0, min_age=1)
+    reg.offer(v1)
+    v2 = register(reg, 50.0, min_age=2, train_end_day=9400)
+
+    def evaluate(champion: object, val: Validation) -> float:
+        raise MemoryError
+
+    with pytest.raises(MemoryError):
+        reg.offer(v2, evaluate=evaluate)
+    assert reg.champion_version() == v1
 
 
 def test_metadata_records_what_was_trained(reg: ModelRegistry) -> None:
@@ -534,3 +576,113 @@ def test_metadata_values_are_json_whatever_a_model_holds() -> None:
         "estimator": "Opaque()",
         "broken": "BadArray()",
     }
+
+
+def _register_val(reg: ModelRegistry, val: Validation, age: int) -> str:
+    return reg.register(
+        HistoricalRate(age),
+        data_window=WINDOW,
+        validation=val,
+        candidates={},
+        data_fingerprint="f" * 64,
+    )
+
+
+def test_a_tie_on_a_higher_is_better_metric_keeps_the_champion(reg: ModelRegistry) -> None:
+    """The production yardstick (the composite) is higher-is-better: a tie there keeps the
+    champion too."""
+    val = Validation("composite", True, 0.25, 9500, 200, data_fingerprint="d")
+    reg.offer(_register_val(reg, val, 1))
+    tie = reg.offer(_register_val(reg, val, 2))
+    assert not tie.promoted and "not better" in tie.reason
+    assert reg.offer(_register_val(reg, dataclasses.replace(val, score=0.26), 3)).promoted
+
+
+def test_a_champion_without_a_score_is_replaced_by_a_scored_one_never_by_another_nan(
+    reg: ModelRegistry,
+) -> None:
+    """NaN (nothing validated) never wins, and any finite score beats it."""
+    v1 = register(reg, float("nan"), min_age=1)
+    reg.offer(v1)
+    assert not reg.offer(register(reg, float("nan"), min_age=2)).promoted
+    assert reg.champion_version() == v1
+    scored = register(reg, 1e9, min_age=3)  # however poor, a score beats none
+    assert reg.offer(scored).promoted and reg.champion_version() == scored
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"label_days": 100}, {"data_fingerprint": "another log"}, {"metric": "rmse"}],
+)
+def test_a_stored_score_is_compared_only_on_the_very_same_window(
+    reg: ModelRegistry, change: dict[str, object]
+) -> None:
+    """Same train_end_day, but another label window, another event log or another metric:
+    the stored scores are not comparable, so the champion is re-scored (or kept)."""
+    base = dataclasses.replace(validation(100.0), data_fingerprint="d")
+    v1 = _register_val(reg, base, 1)
+    reg.offer(v1)
+    v2 = _register_val(reg, dataclasses.replace(base, score=90.0, **change), 2)  # type: ignore[arg-type]
+    kept = reg.offer(v2)
+    assert not kept.promoted and "no evaluator was given" in kept.reason
+    seen: list[Validation] = []
+
+    def evaluate(champion: object, val: Validation) -> float:
+        seen.append(val)
+        return 80.0
+
+    assert not reg.offer(v2, evaluate=evaluate).promoted and len(seen) == 1
+    assert reg.champion_version() == v1
+
+
+def test_a_version_folder_copied_under_another_name_is_refused(reg: ModelRegistry) -> None:
+    v = register(reg, 1.0)
+    other = "20300101T000000Z-abcdef"
+    shutil.copytree(reg.root / v, reg.root / other)
+    with pytest.raises(ModelError, match="metadata describes version"):
+        reg.load(other)
+
+
+def test_an_unknown_metadata_format_is_refused(reg: ModelRegistry) -> None:
+    from training.registry import _canonical, _sha256
+
+    v = register(reg, 1.0)
+    path = reg.root / v / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta.pop("metadata_sha256")
+    meta["format"] = 2  # written by a newer trainer
+    meta["metadata_sha256"] = _sha256(_canonical(meta))
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="unknown metadata format 2"):
+        reg.load(v)
+
+
+def test_a_symlinked_version_folder_is_refused(reg: ModelRegistry, tmp_path: Path) -> None:
+    """A version must live in the registry: a link to a folder elsewhere is not loaded."""
+    v = register(reg, 1.0)
+    outside = tmp_path / "elsewhere"
+    shutil.move(reg.root / v, outside)
+    (reg.root / v).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ModelError, match="is not in the registry"):
+        reg.load(v)
+
+
+class NotAModel:
+    """Registrable (it has parameters) but no CLVModel."""
+
+    name = "not_a_model"
+
+    def get_params(self) -> dict[str, object]:
+        return {}
+
+
+def test_an_artifact_that_is_no_clv_model_is_refused(reg: ModelRegistry) -> None:
+    v = reg.register(
+        NotAModel(),  # type: ignore[arg-type]
+        data_window=WINDOW,
+        validation=validation(1.0),
+        candidates={},
+        data_fingerprint="x",
+    )
+    with pytest.raises(ModelError, match="not a CLVModel"):
+        reg.load(v)

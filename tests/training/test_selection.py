@@ -209,14 +209,14 @@ def test_no_revenue_in_the_labels_is_a_one_line_reason(tmp_path) -> None:  # typ
 
 
 def test_one_line_keeps_the_cause_of_a_multi_line_message() -> None:
-    from training.selection import _one_line
+    from clv.errors import one_line
 
     exc = ValueError(
         "\nAll the 4 fits failed.\nTraceback (most recent call last):\n  ...\nValueError: y < 0"
     )
-    assert _one_line(exc) == "All the 4 fits failed. ... ValueError: y < 0"
-    assert _one_line(ValueError("plain")) == "plain"
-    assert _one_line(ValueError()) == "ValueError"
+    assert one_line(exc) == "All the 4 fits failed. ... ValueError: y < 0"
+    assert one_line(ValueError("plain")) == "plain"
+    assert one_line(ValueError()) == "ValueError"
 
 
 def test_a_winner_must_also_beat_the_reference_on_the_composite(
