@@ -186,7 +186,7 @@ def missed_targets(m: dict[str, float], ref: dict[str, float]) -> list[str]:
         if not m[k] <= ref[k] * (1 + RMSE_TOLERANCE):
             missed.append(
                 f"{label} {m[k]:.4g} more than {RMSE_TOLERANCE:.0%} above {ref[k]:.4g} "
-                f"({m[k] / ref[k] - 1:+.2%})"
+                + (f"({m[k] / ref[k] - 1:+.2%})" if ref[k] else "(the reference's is 0)")
             )
     allowance = _bias_allowance(ref)
     # tolerance: a model anchored to the reference's total has its bias up to rounding
@@ -207,10 +207,12 @@ def qualifies(m: dict[str, float], ref: dict[str, float]) -> bool:
 def composite_score(m: dict[str, float], ref: dict[str, float]) -> float:
     """Sum of relative improvements over the reference (Gini, level-adjusted decile MAPE, RMSE,
     MAE), less a penalty for total bias beyond the limit (or the reference's own bias, if
-    larger). Higher is better; the reference scores 0."""
+    larger). Higher is better; the reference scores 0. A reference figure that is not a number
+    (a level-adjusted decile MAPE when it forecast no revenue) leaves its term out, as the
+    targets leave that comparison out."""
 
     def rel(better: float, worse: float) -> float:
-        return (worse - better) / abs(worse) if worse else 0.0
+        return (worse - better) / abs(worse) if worse and math.isfinite(worse) else 0.0
 
     s = (
         rel(-m["gini"], -ref["gini"])
@@ -324,7 +326,7 @@ def select_champion(
         return sel
     inner = cutoff_day - plan.val_days
     try:
-        ds = training_set(events, inner, plan.val_days, min(plan.val_days, plan.label_days))
+        ds = training_set(events, inner, plan.val_days, plan.val_days)  # (val <= label always)
     except ClvError as exc:
         # not even one labelled cutoff: the label-free models can still be compared
         skipped |= {n: f"no labelled training rows: {exc}" for n in names if n not in UNSUPERVISED}

@@ -132,3 +132,40 @@ def test_a_decile_whose_refunds_cancel_its_purchases_has_no_percentage_error() -
     actual = np.array([0.1, 0.2, 0.3, -0.6, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
     pred = np.array([1.0, 1.0, 1.0, 1.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
     assert metrics.decile_mape(actual, pred) == pytest.approx(0.0)
+
+
+def test_all_metrics_reports_each_figure_under_its_own_name() -> None:
+    rng = np.random.default_rng(0)
+    actual = rng.gamma(0.5, 40.0, 200)
+    pred = actual * rng.lognormal(0.0, 0.5, 200)
+    got = metrics.all_metrics(actual, pred)
+    assert list(got) == list(metrics.METRIC_NAMES)
+    assert got == {
+        "rmse": metrics.rmse(actual, pred),
+        "mae": metrics.mae(actual, pred),
+        "gini": metrics.normalized_gini(actual, pred),
+        "spearman": metrics.spearman(actual, pred),
+        "top10_capture": metrics.top_capture(actual, pred),
+        "decile_mape": metrics.decile_mape(actual, pred),
+        "decile_mape_level": metrics.level_adjusted_decile_mape(actual, pred),
+        "bias": metrics.total_bias(actual, pred),
+    }
+
+
+def test_decile_mape_is_the_mean_over_deciles() -> None:
+    # one customer per decile; only the top decile is off, by 100 %: 1.0 / 10
+    actual = np.arange(1, 11, dtype=float)
+    pred = actual.copy()
+    pred[-1] = 20.0
+    assert metrics.decile_mape(actual, pred) == pytest.approx(0.1)
+
+
+def test_level_adjusted_decile_mape_scales_predictions_to_the_actual_total() -> None:
+    actual = np.arange(1, 11, dtype=float)  # total 55
+    # right shape, twice the level: the plain figure sees 100 % error, the level-adjusted none
+    assert metrics.decile_mape(actual, 2 * actual) == pytest.approx(1.0)
+    assert metrics.level_adjusted_decile_mape(actual, 2 * actual) == pytest.approx(0.0)
+    shape = np.array([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 20])  # total 65
+    assert metrics.level_adjusted_decile_mape(actual, 3 * shape) == pytest.approx(
+        metrics.decile_mape(actual, shape * 55 / 65)
+    )

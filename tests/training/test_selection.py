@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pytest
 
 from training.selection import (
@@ -308,3 +309,154 @@ def test_a_fit_with_no_validation_window_keeps_its_warnings_in_the_reason(
         "no history before the cutoff to validate on; "
         "bgnbd_gg warned: UserWarning: BG/NBD is unsure"
     )
+
+
+def test_plan_boundaries() -> None:
+    # exactly two horizons of usable history (past the first 30 days): a whole horizon validated
+    assert plan_windows(history=30 + 2 * 91, horizon_days=91) == WindowPlan(212, 91, 91, 91)
+    assert plan_windows(history=30 + 2 * 91 - 1, horizon_days=91).val_days == 45
+    # 14-day label and validation windows are enough to learn from labels
+    assert plan_windows(history=400, horizon_days=14) == WindowPlan(400, 14, 14, 14)
+    assert plan_windows(history=400, horizon_days=14).supervised
+    # long enough labels but a validation window under 14 days: label-free candidates only
+    plan = plan_windows(history=60, horizon_days=20)
+    assert (plan.label_days, plan.val_days) == (20, 10) and not plan.supervised
+
+
+def test_a_negative_bias_beyond_the_allowance_disqualifies() -> None:
+    good = {**REF, "gini": 0.65, "decile_mape_level": 0.15}
+    assert missed_targets({**good, "bias": -0.16}, REF) == [
+        "total bias -16.00% outside ±15.00% (the reference's own; the target is ±10%)"
+    ]
+    narrow = {**REF, "bias": 0.05}
+    assert missed_targets({**good, "bias": -0.12}, narrow) == ["total bias -12.00% outside ±10.00%"]
+    assert qualifies({**good, "bias": -0.10}, narrow)
+
+
+def test_exactly_two_percent_worse_rmse_and_mae_still_qualify() -> None:
+    ref = {**REF, "rmse": 50.0, "mae": 25.0}
+    m = {**ref, "gini": 0.65, "decile_mape_level": 0.15, "rmse": 51.0, "mae": 25.5}  # +2.00 %
+    assert qualifies(m, ref)
+
+
+def test_the_composite_by_hand() -> None:
+    # Gini +10 %, level-adjusted decile MAPE 10 % lower, RMSE 5 % lower, MAE 2 % higher
+    m = {**REF, "gini": 0.66, "decile_mape_level": 0.18, "rmse": 9.5, "mae": 5.1}
+    assert composite_score(m, REF) == pytest.approx(0.1 + 0.1 + 0.05 - 0.02)
+    assert composite_score({**REF, "gini": 0.54}, REF) == pytest.approx(-0.1)
+
+
+def test_the_composite_penalises_bias_only_beyond_the_allowance() -> None:
+    assert composite_score({**REF, "bias": 0.0}, REF) == 0.0  # inside: no reward
+    assert composite_score({**REF, "bias": -0.20}, REF) == pytest.approx(-5 * 0.05)
+    narrow = {**REF, "bias": 0.02}  # the plain ±10 % limit
+    assert composite_score({**narrow, "bias": -0.12}, narrow) == pytest.approx(-5 * 0.02)
+
+
+def test_a_reference_without_a_level_adjusted_decile_mape_does_not_bar_a_candidate() -> None:
+    """When BG/NBD+GG forecast no revenue its level-adjusted decile MAPE is not a number: the
+    targets and the composite leave that term out, so a better candidate can still win."""
+    ref = {**REF, "decile_mape_level": float("nan")}
+    better = {**REF, "gini": 0.66, "decile_mape_level": 0.1}
+    assert missed_targets(better, ref) == []
+    assert composite_score(better, ref) == pytest.approx(0.1)  # the Gini term alone
+    assert composite_score(ref, ref) == 0.0
+
+
+def test_a_reference_with_no_error_at_all_gets_a_message_not_a_crash() -> None:
+    ref = {**REF, "rmse": 0.0, "mae": 0.0}
+    assert missed_targets({**REF, "gini": 0.66, "decile_mape_level": 0.1}, ref) == [
+        "RMSE 10 more than 2% above 0 (the reference's is 0)",
+        "MAE 5 more than 2% above 0 (the reference's is 0)",
+    ]
+
+
+def _fixed_scores(monkeypatch, figures, failed=()):  # type: ignore[no-untyped-def]
+    import training.selection as selection
+
+    def scored(models, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return {
+            n: selection.CandidateScore(n, {}, 0.0, "boom")
+            if n in failed
+            else selection.CandidateScore(n, figures[n], 0.0)
+            for n in models
+        }, {}
+
+    monkeypatch.setattr(selection, "evaluate", scored)
+
+
+def test_the_best_composite_among_those_that_met_the_targets_wins_whatever_the_order(
+    sample_events, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import training.selection as selection
+    from feature_store.features import day_number
+
+    figures = {
+        "bgnbd_gg": REF,
+        "naive_rate": {**REF, "gini": 0.605, "decile_mape_level": 0.199},  # meets, a little better
+        "ridge": {**REF, "gini": 0.66, "decile_mape_level": 0.15},  # meets, much better
+    }
+    _fixed_scores(monkeypatch, figures)
+    cutoff = day_number(dt.date(1997, 12, 31))
+    for names in (["naive_rate", "ridge", "bgnbd_gg"], ["ridge", "naive_rate", "bgnbd_gg"]):
+        sel = selection.select_champion(sample_events, cutoff, 91, names=names)
+        assert sel.champion == "ridge", names
+
+
+def test_a_failed_reference_leaves_the_lowest_validation_rmse(sample_events, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import training.selection as selection
+    from feature_store.features import day_number
+
+    figures = {"naive_rate": {**REF, "rmse": 12.0}, "ridge": {**REF, "rmse": 11.0}}
+    _fixed_scores(monkeypatch, figures, failed={"bgnbd_gg"})
+    cutoff = day_number(dt.date(1997, 12, 31))
+    for names in (["naive_rate", "ridge"], ["ridge", "naive_rate"]):
+        sel = selection.select_champion(sample_events, cutoff, 91, names=names)
+        assert sel.champion == "ridge"
+        assert sel.reason == "reference failed; lowest validation RMSE"
+
+
+def test_validation_scores_the_days_after_the_inner_cutoff_through_the_cutoff(
+    sample_events,
+) -> None:  # type: ignore[no-untyped-def]
+    """The inner cutoff is val_days before the cutoff and the orders on the cutoff day count."""
+    from feature_store.features import day_number
+    from training.datasets import purchasers_at
+    from training.selection import select_champion
+
+    cutoff = day_number(dt.date(1997, 12, 31))
+    sel = select_champion(sample_events, cutoff, 91, names=["naive_rate", "bgnbd_gg"])
+    inner = cutoff - sel.plan.val_days
+    assert sel.inner_cutoff_day == inner
+    users = purchasers_at(sample_events, inner).index
+    days = sample_events["day"]
+    window = sample_events[(days > inner) & (days <= cutoff)]
+    window = window[window["user_id"].isin(users)]
+    assert (window["day"] == cutoff).any()  # the probe: validated customers bought that day
+    spent = window.groupby("user_id")["cents"].sum().reindex(users, fill_value=0) / 100
+    assert sel.val_actual is not None
+    np.testing.assert_allclose(sel.val_actual, spent.to_numpy())
+
+
+def test_half_windows_validate_fits_on_labels_as_long_as_the_validation_window(
+    sample_events, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """With under two horizons of history the validated fits' label windows are the validation
+    window's (half the final fit's), so their cutoffs are as old as the final fit's."""
+    import training.selection as selection
+    from feature_store.features import day_number
+
+    calls = []
+    real = selection.training_set
+
+    def spy(events, cutoff_day, horizon_days, label_days, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((cutoff_day, horizon_days, label_days))
+        return real(events, cutoff_day, horizon_days, label_days, **kwargs)
+
+    monkeypatch.setattr(selection, "training_set", spy)
+    cutoff = day_number(dt.date(1997, 12, 31))
+    sel = selection.select_champion(sample_events, cutoff, 365, names=["bgnbd_gg", "ridge"])
+    plan = sel.plan
+    assert plan.supervised and plan.val_days < plan.label_days  # the half-window case
+    assert calls == [(cutoff - plan.val_days, plan.val_days, plan.val_days)]
+    assert not sel.scores["ridge"].error
