@@ -260,3 +260,44 @@ def test_non_finite_forecasts_are_refused_not_zeroed(
     broken.gg_ = btyd.GammaGammaParams(float("nan"), 3.7, 15.0)  # e.g. a corrupted parameter
     with pytest.raises(ModelError, match="non-finite"):
         broken.predict(calibration, 273)
+
+
+def test_a_spend_model_without_a_finite_population_mean_refuses_to_forecast(
+    fitted: BGNBDGammaGamma, calibration: pd.DataFrame
+) -> None:
+    """With q <= 1 the Gamma-Gamma mean spend of a customer with no repeat purchase is
+    infinite: no forecast (the conditional formula would give a negative spend, clipped to a
+    forecast of zero, for every one-time buyer)."""
+    assert (calibration["frequency"] == 0).any()
+    heavy = pickle.loads(pickle.dumps(fitted))
+    heavy.gg_ = GammaGammaParams(PUBLISHED_GG["p"], 0.8, PUBLISHED_GG["gamma"])
+    assert np.isnan(heavy.gg_.population_mean)
+    with pytest.raises(ModelError, match="non-finite"):
+        heavy.predict(calibration, 273)
+
+
+def test_a_spend_model_with_no_finite_posterior_mean_refuses_repeat_buyers_too(
+    fitted: BGNBDGammaGamma, calibration: pd.DataFrame
+) -> None:
+    """Where p * x + q <= 1 a repeat buyer's posterior mean spend is infinite too; the formula
+    would give a negative spend there, which the forecast would clip to a silent zero."""
+    weak = GammaGammaParams(0.1, 0.8, 10.0)
+    spend = gg_expected_spend(weak, np.array([1.0, 3.0]), np.array([5.0, 5.0]))
+    assert np.isnan(spend[0]) and spend[1] == pytest.approx(0.1 * (10 + 15) / (0.3 + 0.8 - 1))
+    heavy = pickle.loads(pickle.dumps(fitted))
+    heavy.gg_ = weak
+    repeat = calibration[calibration["frequency"] > 0]  # no one-time buyer: posterior means only
+    with pytest.raises(ModelError, match="non-finite"):
+        heavy.predict(repeat[repeat["frequency"] == 1], 273)
+
+
+@pytest.mark.parametrize("x", [1.0, 3.0])
+def test_gamma_gamma_likelihood_is_a_density_of_the_mean_spend(x: float) -> None:
+    """exp(gg_loglik) is the density of the mean spend of x purchases: it integrates to 1."""
+    p = GammaGammaParams(**PUBLISHED_GG)
+
+    def density(m: float) -> float:
+        return float(np.exp(gg_loglik(p, np.array([x]), np.array([m]))[0]))
+
+    total = integrate.quad(density, 0, np.inf, limit=200)[0]
+    assert total == pytest.approx(1.0, rel=1e-6)

@@ -14,10 +14,12 @@ import pytest
 from sklearn.model_selection import GridSearchCV
 
 import training.models.regressors as regressors
+from clv.errors import ModelError
 from feature_store.features import FEATURE_NAMES, day_number
 from training.datasets import build_training_set
-from training.models.base import PREDICTION_COLUMNS, TrainingSet
+from training.models.base import PREDICTION_COLUMNS, TrainingSet, prediction_frame
 from training.models.candidates import CANDIDATES, make_candidates
+from training.models.inputs import model_inputs
 from training.models.naive import HistoricalRate
 from training.registry import DataWindow, ModelRegistry, Validation
 
@@ -102,3 +104,41 @@ def test_the_naive_rate_is_spend_per_day_of_age_over_the_horizon() -> None:
     np.testing.assert_allclose(pred["predicted_value"], [91.0, 91.0, 91.0])
     np.testing.assert_allclose(pred["expected_orders"], [10 / 365 * 91, 2 / 60 * 91, 91 / 30])
     np.testing.assert_allclose(pred["p_alive"], 1.0)
+
+
+@pytest.mark.parametrize("column", [0, 1, 2])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_prediction_frame_refuses_a_non_finite_number_in_any_column(
+    column: int, bad: float
+) -> None:
+    cols = [np.array([1.0, 2.0]), np.array([0.5, 1.0]), np.array([0.2, 0.9])]
+    cols[column] = cols[column].copy()
+    cols[column][1] = bad
+    with pytest.raises(ModelError, match="not finite for 1 of 2"):
+        prediction_frame(pd.Index(["a", "b"]), *cols)
+
+
+def test_prediction_frame_clips_to_the_forecasts_range() -> None:
+    out = prediction_frame(
+        pd.Index(["a", "b"]), np.array([-3.0, 5.0]), np.array([-0.1, 2.0]), np.array([-0.2, 1.3])
+    )
+    assert list(out.columns) == ["predicted_value", "expected_orders", "p_alive"]
+    np.testing.assert_allclose(out.to_numpy(), [[0.0, 0.0, 0.0], [5.0, 2.0, 1.0]])
+
+
+def test_model_inputs_ratios() -> None:
+    f = pd.DataFrame(0.0, index=["u", "v"], columns=list(FEATURE_NAMES))
+    f = f.assign(
+        age_days=[99.0, 0.0],
+        recency_days=[60.0, 0.0],
+        orders_total=[4.0, 0.0],
+        revenue_total=[200.0, -10.0],
+        frequency=[3.0, 0.0],
+    )
+    got = model_inputs(f)
+    assert list(got.columns[: len(FEATURE_NAMES)]) == list(FEATURE_NAMES)
+    np.testing.assert_allclose(got["days_since_last"], [39.0, 0.0])
+    np.testing.assert_allclose(got["orders_per_day"], [4 / 100, 0.0])
+    np.testing.assert_allclose(got["revenue_per_day"], [2.0, -10.0])
+    np.testing.assert_allclose(got["repeat_days_per_day"], [3 / 100, 0.0])
+    np.testing.assert_allclose(got["mean_order_value"], [50.0, 0.0])

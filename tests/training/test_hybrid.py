@@ -8,11 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import training.models.hybrid as hybrid
 from feature_store.features import day_number
 from training.datasets import build_training_set
 from training.models.base import TrainingSet
 from training.models.btyd import BGNBDGammaGamma
-from training.models.hybrid import BTYDFeatureBoost, BTYDResidualBoost, _btyd_block
+from training.models.hybrid import (
+    BTYDFeatureBoost,
+    BTYDResidualBoost,
+    _btyd_block,
+    stacked_btyd,
+)
 
 CUTOFF = day_number(dt.date(1997, 12, 31))
 HORIZON = 91
@@ -112,3 +118,117 @@ def test_the_boosted_stage_stops_early_on_held_out_customers(
     fitted = model().fit(big)
     assert len(users) == 1 and users[0].equals(big.features.index)
     assert fitted.hgb_.early_stopping is True and len(fitted.hgb_.validation_score_) > 1
+
+
+WINDOW = 30  # label window shorter than the horizon
+
+
+def _short(events: pd.DataFrame) -> TrainingSet:
+    past = events[events["day"].to_numpy() <= CUTOFF]
+    return build_training_set(past, CUTOFF, HORIZON, label_days=WINDOW, n_cutoffs=2)
+
+
+def test_stacked_inputs_are_each_cutoffs_fit_over_its_label_window(
+    sample_events: pd.DataFrame,
+) -> None:
+    """Each cutoff's BG/NBD/GG outputs come from a fit on that cutoff's rows, over the label
+    window (what the labels are compared with), not over the horizon."""
+    ds = _short(sample_events)
+    block, _ = stacked_btyd(ds)
+    assert block.index.equals(ds.features.index)
+    for c in ds.cutoffs:
+        rows = ds.cutoff_day == c
+        feats = ds.features[rows]
+        own = _btyd_block(BGNBDGammaGamma().fit_features(feats), feats, WINDOW)
+        pd.testing.assert_frame_equal(block[rows], own)
+
+
+def _recorded_fit(monkeypatch: pytest.MonkeyPatch) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    seen: list[tuple[np.ndarray, np.ndarray | None]] = []
+    real = hybrid.fit_poisson_boosting
+
+    def spy(est, X, y, who, sample_weight=None):  # type: ignore[no-untyped-def]
+        seen.append((np.asarray(y), sample_weight))
+        return real(est, X, y, who, sample_weight=sample_weight)
+
+    monkeypatch.setattr(hybrid, "fit_poisson_boosting", spy)
+    return seen
+
+
+@pytest.mark.parametrize("anchor", [True, False])
+def test_feature_boost_learns_labels_at_the_references_level_over_the_horizon(
+    sample_events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch, anchor: bool
+) -> None:
+    """Anchored, each cutoff's labels are rescaled to BG/NBD/GG's total over the label window;
+    either way they are then rescaled from the label window to the horizon."""
+    ds = _short(sample_events)
+    seen = _recorded_fit(monkeypatch)
+    BTYDFeatureBoost(anchor_level=anchor).fit(ds)
+    [(y, _)] = seen
+    block, _ = stacked_btyd(ds)
+    label = np.maximum(ds.label, 0.0)
+    for c in ds.cutoffs:
+        rows = ds.cutoff_day == c
+        if anchor:
+            want = block["btyd_value"].to_numpy()[rows].sum() * HORIZON / WINDOW
+            assert y[rows].sum() == pytest.approx(want, rel=1e-9)
+        else:
+            np.testing.assert_allclose(y[rows], label[rows] * HORIZON / WINDOW, rtol=1e-12)
+
+
+@pytest.mark.parametrize("anchor", [True, False])
+def test_residual_boost_is_a_poisson_model_with_the_reference_as_offset(
+    sample_events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch, anchor: bool
+) -> None:
+    """Target y / base with weight base (the Poisson model with offset log(base)); anchored,
+    each cutoff's weighted target sums to BG/NBD/GG's total over the label window."""
+    ds = _short(sample_events)
+    seen = _recorded_fit(monkeypatch)
+    BTYDResidualBoost(anchor_level=anchor).fit(ds)
+    [(ratio, weight)] = seen
+    block, _ = stacked_btyd(ds)
+    base = np.maximum(block["btyd_value"].to_numpy(), 1e-6)
+    assert weight is not None
+    np.testing.assert_allclose(weight, base, rtol=1e-12)
+    label = np.maximum(ds.label, 0.0)
+    for c in ds.cutoffs:
+        rows = ds.cutoff_day == c
+        if anchor:
+            assert (ratio * weight)[rows].sum() == pytest.approx(base[rows].sum(), rel=1e-9)
+        else:
+            np.testing.assert_allclose((ratio * weight)[rows], label[rows], rtol=1e-9)
+
+
+@pytest.mark.parametrize("model", [BTYDFeatureBoost, BTYDResidualBoost])
+def test_hybrid_orders_times_the_references_spend_are_the_value(
+    sample_events: pd.DataFrame, model: type[BTYDFeatureBoost | BTYDResidualBoost]
+) -> None:
+    """The hybrids change the value, and their expected orders with it: orders times
+    BG/NBD/GG's expected spend per purchase is the forecast value, at any horizon."""
+    ds = _short(sample_events)
+    fitted = model().fit(ds)
+    for h in (WINDOW, HORIZON, 365):
+        pred = fitted.predict(ds.current, h)
+        spend = fitted.btyd_.components(ds.current, h)["expected_spend"].to_numpy()
+        np.testing.assert_allclose(
+            pred["expected_orders"].to_numpy() * spend, pred["predicted_value"], rtol=1e-9
+        )
+        ref = fitted.btyd_.predict(ds.current, h)["expected_orders"].to_numpy()
+        assert not np.allclose(pred["expected_orders"], ref, rtol=0.01)
+
+
+def test_residual_shrink_blends_geometrically_with_the_reference(
+    sample_events: pd.DataFrame,
+) -> None:
+    """shrink=1 is BG/NBD/GG itself; shrink=0.5 is half the full correction in log space."""
+    ds = _short(sample_events)
+    ref = BGNBDGammaGamma().fit(ds).predict(ds.current, HORIZON)
+    kept = BTYDResidualBoost(shrink=1.0, anchor_level=False).fit(ds)
+    pd.testing.assert_frame_equal(kept.predict(ds.current, HORIZON), ref, rtol=1e-9)
+    full = BTYDResidualBoost(shrink=0.0, anchor_level=False).fit(ds).predict(ds.current, HORIZON)
+    half = BTYDResidualBoost(shrink=0.5, anchor_level=False).fit(ds).predict(ds.current, HORIZON)
+    buyers = ref["predicted_value"].to_numpy() > 0
+    log_full = np.log(full["predicted_value"].to_numpy()[buyers] / ref["predicted_value"][buyers])
+    log_half = np.log(half["predicted_value"].to_numpy()[buyers] / ref["predicted_value"][buyers])
+    assert np.abs(log_full).max() > 0.05  # a correction was learnt
+    np.testing.assert_allclose(log_half, 0.5 * log_full, atol=1e-9)

@@ -3,15 +3,22 @@ customer-disjoint hold-out of the boosted models' early stopping."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.dummy import DummyRegressor
 from sklearn.ensemble import HistGradientBoostingRegressor
 
+from feature_store.features import day_number
+from training.datasets import build_training_set
 from training.models.regressors import (
+    SklearnCLV,
     cutoff_splits,
     fit_poisson_boosting,
     hgb_poisson_model,
+    per_order_value,
     poisson_boosting,
 )
 
@@ -144,3 +151,24 @@ def test_order_counts_of_customers_whose_refunds_ate_their_revenue() -> None:
     alone = frame([1], [-3.0])
     np.testing.assert_allclose(per_order_value(alone, typical), [20.0])
     assert typical_order_value(alone) == 1.0  # nobody with revenue: the floor
+
+
+def test_regressors_learn_labels_rescaled_from_the_label_window_to_the_horizon(
+    sample_events: pd.DataFrame,
+) -> None:
+    """30-day labels, a 91-day horizon: a regressor predicting the mean label predicts the mean
+    30-day revenue times 91 / 30 (and scales linearly to other horizons); its expected orders
+    are that value over the customer's revenue per purchase day."""
+    ds = build_training_set(
+        sample_events, day_number(dt.date(1997, 9, 30)), 91, label_days=30, n_cutoffs=2
+    )
+    assert (ds.label_days == 30).all()
+    model = SklearnCLV(DummyRegressor(strategy="mean"), name="mean").fit(ds)
+    mean_91 = float(np.mean(np.maximum(ds.label, 0.0)) * 91 / 30)
+    for h in (91, 365):
+        pred = model.predict(ds.current, h)
+        np.testing.assert_allclose(pred["predicted_value"], mean_91 * h / 91, rtol=1e-12)
+        per_order = per_order_value(ds.current, model.typical_order_value_)
+        np.testing.assert_allclose(
+            pred["expected_orders"].to_numpy() * per_order, pred["predicted_value"], rtol=1e-12
+        )

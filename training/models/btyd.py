@@ -278,7 +278,9 @@ def gg_expected_spend(params: GammaGammaParams, x: np.ndarray, m: np.ndarray) ->
     p, q, g = params.p, params.q, params.gamma
     x = np.asarray(x, dtype=np.float64)
     m = np.maximum(np.asarray(m, dtype=np.float64), 0.0)
-    cond = p * (g + m * x) / (p * x + q - 1)
+    denom = p * x + q - 1  # the posterior mean is finite only where it is positive
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = np.where(denom > 0, p * (g + m * x) / denom, np.nan)
     return np.where(x > 0, cond, params.population_mean)
 
 
