@@ -1,7 +1,8 @@
 """``clv backtest``: forecast the revenue after a cutoff from the orders up to it.
 
 Bad input (missing file, bad date, bad columns, no order before the cutoff) ends in one line
-on stderr and exit code 2, never a traceback.
+on stderr and exit code 2, never a traceback; a failure while running (no candidate can be
+fitted, a disk that fills up) in one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 
 from clv.commands import fail, output_path, parse_date
-from clv.errors import ClvError
+from clv.errors import ClvError, ModelError
 from clv.files import missing_dirs, orders_file_problem, remove_empty
 from clv.settings import MAX_HORIZON_DAYS
 from feature_store.events import valid_currency
@@ -138,7 +139,10 @@ def backtest(
                 progress=False if quiet else StderrProgress(t0=STARTED),
                 currency=currency,
             )
-    except (ClvError, OSError, ValueError, KeyError) as exc:
+    except (ModelError, OSError) as exc:  # a failure while running (no model fits, a full disk)
+        remove_empty(made)
+        raise fail(str(exc) or type(exc).__name__, 1) from None
+    except (ClvError, ValueError, KeyError) as exc:  # the orders file or an output: bad input
         remove_empty(made)
         raise fail(str(exc) or type(exc).__name__) from None
     except BaseException:  # a refusal above, Ctrl-C, SIGTERM: the folders this run made go too

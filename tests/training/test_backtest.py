@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
 import re
@@ -17,20 +18,21 @@ from typer.testing import CliRunner
 
 import clv
 from clv.commands.backtest import backtest
-from clv.errors import ClvError
+from clv.errors import ClvError, ModelError
 from clv.files import OWNER_FILE
-from feature_store.features import day_number
+from feature_store.features import day_date, day_number
 from training.backtest import (
     REPORT_FILES,
+    BacktestResult,
     backtest_events,
     plotted_models,
     run_backtest,
     write_report,
 )
-from training.datasets import load_orders, purchasers_at
+from training.datasets import DatasetError, load_orders, purchasers_at
 from training.metrics import METRIC_NAMES, all_metrics
 from training.report import COLUMN_MEANINGS
-from training.selection import plan_windows
+from training.selection import Selection, WindowPlan, plan_windows
 
 FAST = ["naive_rate", "bgnbd_gg", "hybrid_btyd_residual"]
 
@@ -746,3 +748,233 @@ def test_the_final_fits_warnings_and_a_cutoff_after_the_data_are_said(
     assert f"the last event is on {dt.date(1998, 6, 30)}: the 10 days" in " | ".join(said)
     champion = result.selection.champion
     assert f"final fit: {champion} warned: UserWarning: {champion} is unsure" in said, said
+
+
+def test_an_order_after_the_cutoff_neither_adds_a_row_nor_moves_a_forecast(
+    small_orders_csv: Path, tmp_path: Path
+) -> None:
+    """The first second after the cutoff is already the future: a user whose only order is
+    then gets no row, and a known user's order then changes no forecast. The last second of
+    the cutoff day still counts."""
+    cutoff = dt.date(1997, 12, 31)
+    raw = pd.read_csv(small_orders_csv, dtype={"user_id": str})
+    known = raw["user_id"].iloc[0]
+    extra = pd.DataFrame(
+        [
+            {
+                "user_id": "on_the_cutoff",
+                "order_id": "e1",
+                "ts": "1997-12-31T23:59:59Z",
+                "amount": 50.0,
+            },
+            {
+                "user_id": "late_only",
+                "order_id": "l1",
+                "ts": "1998-01-01T00:00:00Z",
+                "amount": 50.0,
+            },
+            {"user_id": known, "order_id": "l2", "ts": "1998-01-01T00:00:00Z", "amount": 5000.0},
+        ]
+    )
+    with_late, without = tmp_path / "with_late.csv", tmp_path / "without.csv"
+    pd.concat([raw, extra]).to_csv(with_late, index=False)
+    pd.concat([raw, extra.iloc[:1]]).to_csv(without, index=False)
+    for orders, out in ((with_late, "a.csv"), (without, "b.csv")):
+        run_backtest(orders, "csv", cutoff, 91, tmp_path / out, progress=False, candidates=FAST)
+    pred = pd.read_csv(tmp_path / "a.csv", dtype={"user_id": str})
+    assert "late_only" not in set(pred["user_id"])
+    assert {"on_the_cutoff", known} <= set(pred["user_id"])
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_the_one_line_outcome_gives_the_horizon_asked_for_not_a_window_of_the_plan() -> None:
+    preds = pd.DataFrame({"predicted_value": [30.0, 20.0]}, index=["a", "b"])
+    result = BacktestResult(
+        cutoff_day=day_number(dt.date(1997, 3, 31)),
+        horizon_days=365,
+        predictions=preds,
+        champion=None,  # type: ignore[arg-type]
+        selection=Selection("ridge", "", WindowPlan(89, 365, 59, 29), None),
+        future_complete=False,
+    )
+    assert result.summary() == (
+        "ridge forecasts 50.00 USD from 2 customers over the 365 days after 1997-03-31"
+    )
+
+
+def test_the_report_states_the_horizon_windows_and_customers_it_used(
+    sample_events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Three months of history, a year's horizon: label window, validation window and horizon
+    all differ, and the page gives each its own figure."""
+    result = backtest_events(sample_events, day_number(dt.date(1997, 3, 31)), 365, candidates=FAST)
+    plan = result.selection.plan
+    assert len({365, plan.label_days, plan.val_days}) == 3
+    write_report(sample_events, result, tmp_path)
+    page = html.unescape((tmp_path / "index.html").read_text(encoding="utf-8"))
+    assert "Cutoff 1997-03-31, horizon 365 days, 2,357 customers scored; amounts in USD." in page
+    inner = dt.date(1997, 3, 31) - dt.timedelta(days=plan.val_days)  # the window ends at the cutoff
+    assert day_date(result.selection.inner_cutoff_day) == inner
+    assert (
+        f"Validation: fitted on data up to {inner}, scored on the following {plan.val_days} "
+        f"days; final label window {plan.label_days} days (history {plan.history_days} days)."
+    ) in page
+
+
+def _html_table(rows: list[list[str]]) -> pd.DataFrame:
+    header, *body = rows
+    return pd.DataFrame([r[1:] for r in body], index=[r[0] for r in body], columns=header[1:])
+
+
+def test_the_reports_tables_put_each_figure_under_its_own_name(
+    sample_events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Every figure of both tables, in the CSVs and on the page, recomputed from the
+    predictions and the actual values: none is shown under another metric's name."""
+    result = backtest_events(
+        sample_events, day_number(dt.date(1997, 12, 31)), 91, candidates=FAST, score_all=True
+    )
+    sel = result.selection
+    assert result.actual is not None and sel.val_actual is not None
+    write_report(sample_events, result, tmp_path)
+    page = _Page()
+    page.feed((tmp_path / "index.html").read_text(encoding="utf-8"))
+    shown = [_html_table(t) for t in page.tables]
+    csvs = [
+        pd.read_csv(tmp_path / name, index_col="model")
+        for name in ("validation_metrics.csv", "out_of_sample_metrics.csv")
+    ]
+    truths = [(sel.val_actual, sel.val_predictions), (result.actual, result.model_predictions)]
+    for csv, table, (actual, predictions) in zip(csvs, shown, truths, strict=True):
+        assert set(FAST) <= set(predictions)
+        for name, pred in predictions.items():
+            expected = all_metrics(actual, pred)
+            for m in METRIC_NAMES:
+                assert float(csv.loc[name, m]) == pytest.approx(expected[m], rel=1e-6, abs=1e-12)
+                assert float(table.loc[name, m]) == pytest.approx(expected[m], rel=1e-3, abs=1e-9)
+
+
+def test_the_plots_name_each_model_by_its_role_when_the_reference_is_not_champion(
+    sample_events: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.backtest as bt
+
+    result = backtest_events(
+        sample_events, day_number(dt.date(1997, 12, 31)), 91, candidates=FAST, score_all=True
+    )
+    # whichever won, the page must tell a champion that is not the reference from it
+    result.selection = dataclasses.replace(result.selection, champion="naive_rate")
+    legends: list[list[str]] = []
+
+    def spy(real):  # type: ignore[no-untyped-def]
+        def draw(*a, **kw):  # type: ignore[no-untyped-def]
+            preds = next(x for x in (*a, *kw.values()) if isinstance(x, dict))
+            legends.append(list(preds))
+            return real(*a, **kw)
+
+        return draw
+
+    for name in ("decile_plot", "gain_plot", "tracking_plot"):
+        monkeypatch.setattr(bt, name, spy(getattr(bt, name)))
+    write_report(sample_events, result, tmp_path)
+    expected = [
+        "naive_rate (champion)",
+        "bgnbd_gg (reference)",
+        "hybrid_btyd_residual (runner-up)",
+    ]
+    assert len(legends) == 5 and all(keys == expected for keys in legends), legends
+    page = html.unescape((tmp_path / "index.html").read_text(encoding="utf-8"))
+    assert (
+        "The plots show naive_rate (champion), bgnbd_gg (reference), hybrid_btyd_residual "
+        "(runner-up on the validation composite)."
+    ) in page
+
+
+def test_cli_says_and_reports_in_the_currency_given(
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.backtest as bt
+
+    real = bt.run_backtest
+    monkeypatch.setattr(bt, "run_backtest", lambda *a, **kw: real(*a, **kw, candidates=FAST[:2]))
+    monkeypatch.setattr(clv, "STARTED", time.perf_counter())
+    rep = tmp_path / "rep"
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-09-30"]
+    args += ["--horizon-days", "91", "--out", str(tmp_path / "p.csv"), "--report", str(rep)]
+    result = CliRunner().invoke(_app(), [*args, "--currency", "EUR", "-q"])
+    assert result.exit_code == 0, result.output
+    assert " EUR from " in result.stdout and "USD" not in result.stdout
+    page = html.unescape((rep / "index.html").read_text(encoding="utf-8"))
+    assert "amounts in EUR" in page and "USD" not in page
+
+
+def test_cli_takes_todays_date_as_a_cutoff(
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a day after today is the future; today's orders are known (so far)."""
+    import training.backtest as bt
+
+    real = bt.run_backtest
+    monkeypatch.setattr(bt, "run_backtest", lambda *a, **kw: real(*a, **kw, candidates=FAST[:2]))
+    today = dt.datetime.now(dt.UTC).date()
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", today.isoformat()]
+    result = CliRunner().invoke(
+        _app(), [*args, "--horizon-days", "30", "--out", str(tmp_path / "p.csv"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"over the 30 days after {today} (a forecast only" in result.stdout
+    assert (tmp_path / "p.csv").is_file()
+
+
+def test_the_predictions_file_has_a_row_for_every_user_even_a_zero_forecast(
+    tmp_path: Path,
+) -> None:
+    from training.backtest import write_predictions
+
+    preds = pd.DataFrame(
+        {"p_alive": [0.5, 0.0, 1.0], "expected_orders": [1.25, 0.0, 3.0],
+         "predicted_value": [12.5, 0.0, 1e-7]},
+        index=pd.Index(["007", "b", "c"]),
+    )  # fmt: skip
+    write_predictions(preds, tmp_path / "p.csv")
+    assert (tmp_path / "p.csv").read_text().splitlines() == [
+        "user_id,predicted_value,expected_orders,p_alive",
+        "007,12.500000,1.250000,0.500000",
+        "b,0.000000,0.000000,0.000000",
+        "c,0.000000,3.000000,1.000000",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (OSError(28, "No space left on device"), 1),
+        (ModelError("no candidate could be fitted"), 1),
+        (DatasetError("row 3: amount 'abc' is not a number"), 2),
+    ],
+    ids=["disk full", "no model", "bad orders"],
+)
+def test_cli_tells_a_failure_while_running_from_bad_input(
+    small_orders_csv: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    code: int,
+) -> None:
+    """Exit 2 is bad input, which the user can fix in the command or the file; a disk that fills
+    up or models that cannot be fitted are failures while running: exit 1. Either way one line,
+    and the directories the run made are gone."""
+    import training.backtest as bt
+
+    def failing(*a: object, **kw: object) -> None:
+        raise error
+
+    monkeypatch.setattr(bt, "run_backtest", failing)
+    out = tmp_path / "new" / "p.csv"
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-12-31"]
+    result = CliRunner().invoke(_app(), [*args, "--horizon-days", "30", "--out", str(out)])
+    assert result.exit_code == code, result.output
+    err = result.stderr.strip()
+    assert err.startswith("clv: error: ") and len(err.splitlines()) == 1
+    assert str(error.args[-1]) in err
+    assert not (tmp_path / "new").exists()

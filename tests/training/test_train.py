@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -274,13 +275,20 @@ def test_the_code_fingerprint_follows_the_source_and_ignores_editor_files(
     )
     assert where.stdout.startswith(str(tmp_path))
     (tmp_path / "training" / ".#train.py").symlink_to("user@host.1234:1")  # an editor's lock
+    hidden = tmp_path / "training" / ".ipynb_checkpoints"  # a notebook's checkpoint copies
+    hidden.mkdir()
+    (hidden / "train-checkpoint.py").write_text("# an old copy\n")
     assert fingerprint() == base
     features = tmp_path / "feature_store" / "features.py"
     features.write_text(features.read_text() + "\n# a changed feature definition\n")
     changed = fingerprint()
     assert changed != base
     features.rename(features.with_name("features_renamed.py"))
-    assert fingerprint() not in (base, changed)
+    renamed = fingerprint()
+    assert renamed not in (base, changed)
+    btyd = tmp_path / "training" / "models" / "btyd.py"  # a subpackage's module
+    btyd.write_text(btyd.read_text() + "\n# a changed model definition\n")
+    assert fingerprint() not in (base, changed, renamed)
 
 
 def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> None:
@@ -810,3 +818,93 @@ def test_library_warnings_are_kept_with_the_model_not_printed(
     assert err.count("validation: naive_rate warned: UserWarning: HistoricalRate is unsure") == 1
     assert err.count("final fit warned: UserWarning: ") == 1
     assert "\nsee line two" not in err and "warnings.warn" not in err  # one line each
+
+
+def test_the_training_child_exits_non_zero_when_it_cannot_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m training.train`` is what the stack's retraining runs: a run that could not
+    train must not look like a success (retrain_forever would not try again until new events
+    arrived)."""
+    from training.train import main
+
+    monkeypatch.setenv("CLV_EVENT_LOG_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "models"))
+    assert main(["--quiet"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: the event log ")
+    assert len(out.err.strip().splitlines()) == 1
+
+
+def test_a_new_clv_version_trains_again(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import clv
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    first = train(settings, progress=False, candidates=FAST)
+    assert train(settings, progress=False, candidates=FAST).skipped
+    monkeypatch.setattr(clv, "__version__", f"{clv.__version__}.post1")
+    second = train(settings, progress=False, candidates=FAST)
+    assert not second.skipped and second.version != first.version
+
+
+def test_a_skipped_run_names_the_champion_not_the_version_it_matched(
+    tmp_path: Path,
+    events: pd.DataFrame,
+) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events.iloc[: len(events) // 2])
+    first = train(settings, progress=False, candidates=FAST)
+    write_events(settings.event_log_dir, events.iloc[len(events) // 2 :])
+    second = train(settings, progress=False, candidates=FAST)
+    ModelRegistry(settings.model_dir).offer(first.version, force=True)  # back to the first
+    same = train(settings, progress=False, candidates=FAST)
+    assert same.skipped and same.version == second.version
+    assert same.champion_version == same.decision.champion_version == first.version
+    assert same.summary().endswith(
+        f"; the champion is {first.version} (`clv train --again` trains anyway)"
+    )
+
+
+def test_cli_json_names_the_champion_that_stays(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model registered but not promoted: ``champion_version`` is the one still serving."""
+    import training.train as train_module
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    for key, value in settings.as_env().items():
+        monkeypatch.setenv(key, value)
+    real = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: real(*a, **kw, candidates=FAST))
+    app = typer.Typer()
+    app.command()(train_command)
+    first = json.loads(CliRunner().invoke(app, ["--json", "-q"]).stdout)
+    again = CliRunner().invoke(app, ["--json", "-q", "--again"])
+    assert again.exit_code == 0, again.output
+    body = json.loads(again.stdout)
+    assert body["promoted"] is False and body["skipped"] is False
+    assert body["version"] != first["version"] == body["champion_version"]
+    assert set(body["timings"]) >= {"select", "final fit", "register", "total"}
+
+
+def test_a_skipped_run_gives_the_horizon_its_model_was_trained_for(
+    tmp_path: Path,
+    events: pd.DataFrame,
+) -> None:
+    """A log shorter than the horizon asked for: the model's horizon was shortened, and the
+    skipped run reports that one, beside the one asked for."""
+    settings = settings_for(tmp_path, horizon_days=3000)
+    write_events(settings.event_log_dir, events)
+    first = train(settings, progress=False, candidates=FAST)
+    same = train(settings, progress=False, candidates=FAST)
+    assert same.skipped and first.horizon_days < 3000
+    assert (same.horizon_days, same.requested_horizon_days) == (first.horizon_days, 3000)
+    assert same.cutoff_day == first.cutoff_day
