@@ -226,6 +226,18 @@ def validation_rows(sel: Selection) -> list[str]:
     return out
 
 
+TIE = 1e-6  # models anchored to the reference's total share its bias up to rounding
+
+
+def closest_total(bias: pd.Series, champion: str) -> str:
+    """The model whose total is closest to the actual; the champion when it ties for that (the
+    hybrids take the reference's total, so which of the tied models ``idxmin`` names is noise)."""
+    size = bias.abs()
+    if size[champion] <= size.min() + TIE:
+        return champion
+    return str(size.idxmin())
+
+
 def case_section(
     result: BacktestResult, cutoff: dt.date, img_dir: Path, doc_dir: Path, seconds: float
 ) -> tuple[str, CaseSummary]:
@@ -235,7 +247,7 @@ def case_section(
     assert oos is not None
     champ, ref = oos.loc[sel.champion].to_dict(), oos.loc[REFERENCE].to_dict()
     check = check_targets(champ, ref) if sel.champion != REFERENCE else None
-    closest = str(oos["bias"].abs().idxmin())
+    closest = closest_total(oos["bias"], sel.champion)
     prefix = f"{cutoff:%Y%m%d}_{result.horizon_days}d_"
     out = [
         f"## Cutoff {cutoff}, horizon {result.horizon_days} days",
@@ -330,7 +342,7 @@ def tally(cases: list[CaseSummary]) -> str:
     but_level = [c for c in cases if c.check is not None and c.check.missed == ["bias"]]
     ref_out = [c for c in cases if abs(c.reference_bias) > BIAS_LIMIT]
     closest = sorted({c.closest for c in cases if c.closest})
-    champ_closest = [c for c in cases if c.closest == c.champion]
+    champ_closest = [c for c in cases if abs(c.champion_bias) <= abs(c.closest_bias) + TIE]
     return (
         f"Targets met at {len(met)} of {len(cases)} cases; at {len(but_level)} more the "
         "champion met every target but the total bias. The reference's own total is outside "

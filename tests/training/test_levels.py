@@ -24,10 +24,13 @@ from training.levels import (
     settled_inputs,
     settled_orders_bias,
 )
+from training.metrics import METRIC_NAMES
 from training.models.btyd import BGNBDGammaGamma
 from training.quality import (
     CaseSummary,
+    MovedCheck,
     TargetCheck,
+    check_targets,
     level_moved_checks,
     moved_into_band,
     moved_section,
@@ -329,3 +332,183 @@ def test_the_validation_table_says_yes_for_a_qualifying_challenger_only() -> Non
     assert rows["ridge"].endswith("| yes | +0.200 |")
     assert rows["bgnbd_gg"].endswith("|  | +0.000 |")  # the reference: the yardstick, no "yes"
     assert rows["hgb_poisson"].endswith("|  | +0.500 |")
+
+
+def _ref_figures() -> dict[str, float]:
+    return {"rmse": 100.0, "mae": 50.0, "gini": 0.5, "decile_mape": 0.3, "bias": -0.2}
+
+
+def test_check_targets_is_each_documented_target() -> None:
+    """Gini and decile MAPE strictly better, RMSE and MAE each at most 2 % worse, and the
+    champion's |bias| within 10 % whatever the reference's own bias is."""
+    ref = _ref_figures()
+    ok = {"rmse": 101.9, "mae": 50.9, "gini": 0.51, "decile_mape": 0.29, "bias": -0.099}
+    assert check_targets(ok, ref).all
+    cases = {
+        "gini": {"gini": 0.5},  # equal is not better
+        "decile_mape": {"decile_mape": 0.3},  # equal is not lower
+        "rmse": {"rmse": 102.1},
+        "mae": {"mae": 51.1},  # within 2 % of the reference's RMSE, not of its MAE
+        "bias": {"bias": -0.15},  # as off as the reference is still outside ±10 %
+    }
+    for target, change in cases.items():
+        got = check_targets(ok | change, ref)
+        assert [k for k in cases if not getattr(got, k)] == [target], (target, got)
+    assert not check_targets(ok | {"bias": 0.101}, ref).bias  # too high counts, too
+    assert check_targets(ok | {"bias": 0.10}, ref).bias  # the band's edge is inside
+    assert check_targets(ok | {"bias": -0.10}, ref).bias
+    assert not check_targets(ok | {"gini": float("nan")}, ref).gini
+
+
+def test_moved_into_band_leaves_a_zero_forecast_alone() -> None:
+    """Nothing to rescale: a forecast of zero keeps factor 1 (no division by zero)."""
+    actual = np.array([0.0, 10.0, 30.0])
+    assert moved_into_band(actual, np.zeros(3)) == 1.0
+
+
+def test_summary_table_and_tally_keep_the_figures_apart() -> None:
+    d = dt.date(1997, 12, 31)
+    hit = TargetCheck(gini=True, decile_mape=True, rmse=True, mae=True, bias=True)
+    cases = [
+        CaseSummary(d, 181, 364, "hybrid", -0.25, 0.04, hit, "hybrid", 0.04),
+        # the reference stayed champion: never counted as met, though within the band
+        CaseSummary(d, 91, 364, "bgnbd_gg", 0.02, 0.02, None, "bgnbd_gg", 0.02),
+    ]
+    row = summary_table(cases).splitlines()[2]
+    assert "| hybrid | -25.0% | +4.0% | hybrid (+4.0%) | yes |" in row  # reference, then champion
+    text = tally(cases)
+    assert text.startswith("Targets met at 1 of 2 cases; at 0 more")
+    assert "outside ±10% at 1 of the 2" in text
+    assert "the closest at 2 of 2." in text
+
+
+def test_moved_section_counts_only_the_moves_that_meet_every_target() -> None:
+    """A champion that ranks no better than the reference fails once moved; nobody passes."""
+    rng = np.random.default_rng(3)
+    buys = rng.random(2000) < 0.2
+    actual = np.where(buys, rng.gamma(2.0, 40.0, 2000), 0.0)
+    reference = 0.7 * (0.9 * actual + 0.1 * buys * actual.sum() / buys.sum())  # sharp, 30 % low
+    flat = np.full(2000, actual.mean() * 0.6)  # no ranking, 40 % low
+    got = level_moved_checks(actual, {"bgnbd_gg": reference, "flat": flat})
+    assert got["flat"].factor > 1 and got["flat"].check.bias and not got["flat"].check.gini
+    case = CaseSummary(dt.date(1997, 6, 30), 91, 180, "flat", -0.3, -0.4, None, moved=got)
+    text = moved_section([case])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 1997-06-30 |"))
+    assert row.endswith("| none |") and "| no (Gini" in row
+    assert "would meet every target at 0 of 1 cases, and some candidate would at 0 of 1." in text
+    # better ranked but too costly in MAE once moved: a miss, though Gini is met
+    costly = TargetCheck(gini=True, decile_mape=True, rmse=True, mae=False, bias=True)
+    moved = dict(got) | {"flat": MovedCheck(1.5, 0.08, 0.01, costly)}
+    case = CaseSummary(dt.date(1997, 6, 30), 91, 180, "flat", -0.3, -0.4, costly, moved=moved)
+    text = moved_section([case])
+    assert "would meet every target at 0 of 1 cases" in text
+    assert "| +8.0%, +1.0% (x1.500) | no (MAE) | none |" in text
+
+
+def _result(biases: dict[str, float], champion: str) -> object:
+    from training.backtest import BacktestResult
+    from training.selection import CandidateScore, Selection, WindowPlan
+
+    figures = {"rmse": 1.0, "mae": 1.0, "gini": 0.5, "decile_mape": 0.1}
+    figures |= {"decile_mape_level": 0.1, "bias": 0.0}
+    scores = {n: CandidateScore(n, figures, 0.0, score=0.0) for n in biases}
+    sel = Selection(champion, "best score", WindowPlan(364, 91, 91, 91), None, scores)
+    oos = pd.DataFrame(
+        {n: {m: 0.5 for m in METRIC_NAMES} | {"rmse": 10.0, "mae": 5.0} for n in biases}
+    ).T
+    oos["bias"] = pd.Series(biases)
+    oos.loc[champion, ["gini", "decile_mape", "rmse", "mae"]] = [0.6, 0.4, 10.1, 5.05]
+    preds = pd.DataFrame({"predicted_value": [1.0, 2.0]}, index=["u1", "u2"])
+    return BacktestResult(
+        day_number(dt.date(1997, 12, 31)),
+        91,
+        preds,
+        None,
+        sel,
+        True,  # type: ignore[arg-type]
+        out_of_sample=oos,
+    )
+
+
+@pytest.mark.parametrize("ref_bias", [-0.2, 0.2])
+def test_case_section_summarises_the_out_of_sample_figures(tmp_path: Path, ref_bias: float) -> None:
+    biases = {"bgnbd_gg": ref_bias, "ridge": 0.05, "tweedie_glm": -0.03, "hgb_poisson": -0.5}
+    text, s = quality.case_section(
+        _result(biases, "ridge"),
+        dt.date(1997, 12, 31),
+        tmp_path,
+        tmp_path,
+        1.0,  # type: ignore[arg-type]
+    )
+    assert (s.reference_bias, s.champion_bias) == (ref_bias, 0.05)
+    assert s.closest == "tweedie_glm" and s.closest_bias == -0.03  # smallest |bias|, not lowest
+    assert s.check is not None and s.check.all  # better Gini/decile MAPE, +1 % RMSE/MAE, +5 %
+    assert "-> **met**." in text
+    assert f"Level: bgnbd_gg's own total is off by {ref_bias:+.1%} here." in text
+    assert "closest in total here was tweedie_glm (-3.0%)" in text
+
+
+def test_levels_table_cells_are_total_then_days_then_spend() -> None:
+    frame = pd.DataFrame(
+        [{"cutoff": dt.date(1997, 9, 30), "horizon_days": 91, "bias": 0.155,
+          "orders_bias": 0.05, "spend_bias": 1.155 / 1.05 - 1}]
+    )  # fmt: skip
+    cell = levels_table(frame).splitlines()[2].split("|")[2].strip()
+    assert cell == "**+15.5%** (+5, +10)"
+    frame["bias"], frame["orders_bias"], frame["spend_bias"] = -0.02, 0.004, 0.98 / 1.004 - 1
+    assert levels_table(frame).splitlines()[2].split("|")[2].strip() == "-2.0% (0, -2)"
+
+
+def test_sweep_predicted_revenue_is_the_reference_forecast(sample_events: pd.DataFrame) -> None:
+    (x,) = reference_levels(sample_events, [CAL_END], [91])
+    feats = purchasers_at(sample_events, CAL_END)
+    forecast = BGNBDGammaGamma().fit_features(feats).predict(feats, 91)["predicted_value"].sum()
+    assert x.predicted_revenue == pytest.approx(forecast, rel=1e-9)
+    assert x.bias == pytest.approx(forecast / x.actual_revenue - 1)
+
+
+def test_level_section_counts_each_part_below_the_actual(
+    sample_events: pd.DataFrame, tmp_path: Path
+) -> None:
+    text = quality.level_section(
+        sample_events, None, tmp_path / "img", tmp_path, lambda *_: None,
+        dt.date(1997, 10, 1), [(dt.date(1997, 12, 31), 91)],
+    )  # fmt: skip
+    last = sample_events["day"].max()
+    cutoffs = [day_number(dt.date(1997, m, d)) for m, d in ((10, 31), (11, 30), (12, 31))]
+    cutoffs += [day_number(dt.date(1998, m, d)) for m, d in ((1, 31), (2, 28), (3, 31))]
+    frame = levels_frame(reference_levels(sample_events, [c for c in cutoffs if c < last],
+                                          quality.SWEEP_HORIZONS))  # fmt: skip
+    n = len(frame)
+    outside = int((frame["bias"].abs() > 0.10).sum())
+    assert f"outside ±10% in **{outside} of {n}** cases" in text
+    assert f"below the actual total in {int((frame['bias'] < 0).sum())}." in text
+    days_below = int((frame["orders_bias"] < 0).sum())
+    assert f"purchase-day part is below the actual in {days_below} of" in text
+    assert f"spend part is below in {int((frame['spend_bias'] < 0).sum())} of {n}" in text
+    assert frame["orders_bias"].lt(0).sum() != frame["spend_bias"].lt(0).sum()  # tells them apart
+
+
+def test_tally_counts_a_champion_tied_with_the_closest() -> None:
+    d = dt.date(1997, 12, 31)
+    miss = TargetCheck(gini=True, decile_mape=False, rmse=True, mae=True, bias=True)
+    tied = -0.0851234  # the same total, up to rounding
+    cases = [
+        CaseSummary(d, 91, 364, "hybrid_btyd_residual", tied, tied, miss,
+                    "hybrid_btyd_features", tied - 1e-12),
+        CaseSummary(d, 181, 364, "bgnbd_gg", -0.2, -0.2, None, "tweedie_glm", -0.01),
+    ]  # fmt: skip
+    assert "the closest at 1 of 2." in tally(cases)
+
+
+def test_the_closest_total_is_the_champion_when_it_ties_for_it() -> None:
+    """The hybrids take the reference's total: among models tied up to rounding, the summary
+    names the champion, not whichever one idxmin meets first."""
+    from training.quality import closest_total
+
+    bias = pd.Series(
+        {"bgnbd_gg": -0.0851, "hybrid_btyd_features": -0.0851 + 1e-12, "x": 0.3}
+    ).rename_axis("model")
+    assert closest_total(bias, "bgnbd_gg") == "bgnbd_gg"
+    assert closest_total(bias, "x") == "hybrid_btyd_features"
+    assert closest_total(bias.drop("hybrid_btyd_features"), "x") == "bgnbd_gg"

@@ -15,7 +15,15 @@ from feature_store.event_log import read_events
 from feature_store.features import day_number
 from feature_store.offline import EVENT_COLUMNS
 from training.datasets import load_orders
-from training.synth import SynthConfig, SynthError, events_frame, generate, write_csv, write_log
+from training.synth import (
+    SynthConfig,
+    SynthError,
+    _seasonality,
+    events_frame,
+    generate,
+    write_csv,
+    write_log,
+)
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +331,50 @@ def test_a_directory_meant_as_one_may_have_any_name(tmp_path: Path) -> None:
         result = CliRunner().invoke(_synth_app(), [*args, "-q"])
         assert result.exit_code == 0, result.output
     assert made.is_dir() and any(made.iterdir()) and any(existing.iterdir())
+
+
+def _first_day(log):  # type: ignore[no-untyped-def]
+    """Each purchase's day (from the log's start), its user, and that user's first day."""
+    buys = ~log.refund
+    day = log.ts_s[buys] // 86_400 - day_number(log.start)
+    user = log.user[buys]
+    first = np.full(user.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first, user, day)
+    return day, user, first
+
+
+def test_customers_drop_out(log) -> None:  # type: ignore[no-untyped-def]
+    """The customers acquired in the first two months: far fewer still buy a year later than
+    right after (the same season, so not seasonality). Without dropout the two are alike."""
+    day, user, first = _first_day(log)
+    early = first[user] < 60
+
+    def buyers(lo: int, hi: int) -> int:
+        return len(np.unique(user[early & (day >= lo) & (day < hi)]))
+
+    soon, later = buyers(60, 150), buyers(450, 540)  # Mar-May 2024 against Mar-Jun 2025
+    assert later < 0.7 * soon
+
+
+def test_acquisition_is_seasonal(log) -> None:  # type: ignore[no-untyped-def]
+    """First orders follow the weekly profile too: Friday-Sunday busier than Monday-Wednesday."""
+    _, _, first = _first_day(log)
+    weekday = (first[1:] + day_number(log.start) + 3) % 7  # 0 = Monday
+    per_day = np.bincount(weekday, minlength=7)
+    assert per_day[4:].sum() > 1.1 * per_day[:3].sum()
+
+
+def test_seasonality_profile() -> None:
+    """Weekends busier than early weekdays, a broad winter peak over a summer trough, and
+    the pre-Christmas rush on top."""
+    start = dt.date(2024, 1, 1)  # a Monday
+    g = _seasonality(start, 366)
+    assert np.isclose(g[5] / g[1], 1.13 / 0.90, rtol=0.01)  # Saturday 6th / Tuesday 2nd
+    days = [start + dt.timedelta(days=i) for i in range(366)]
+    month = np.array([d.month for d in days])
+    dom = np.array([d.day for d in days])
+    summer = g[(month >= 6) & (month <= 8)].mean()
+    january = g[month == 1].mean()
+    rush = g[(month == 12) & (dom >= 5) & (dom <= 15)].mean()
+    assert january > 1.25 * summer  # the broad winter peak alone (no rush in January)
+    assert rush > 1.15 * january
