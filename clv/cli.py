@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         if text.strip():  # (no arguments at all: the help was the answer)
             typer.echo(f"clv: error: {where}{text}", err=True)
         return int(getattr(exc, "exit_code", 2))
+    if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into Exit(130) itself, silently
+        typer.echo("clv: interrupted", err=True)
     return code if isinstance(code, int) else 0
 
 

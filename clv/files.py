@@ -194,6 +194,8 @@ def _link_chain(path: Path, hops: int = 40) -> list[Path]:
     chain = [path.absolute()]
     for _ in range(hops):
         here = chain[-1]
+        if here.name not in ("", ".", ".."):  # the folders on the way, as they resolve
+            chain.append(here := Path(os.path.realpath(here.parent)) / here.name)
         if not here.is_symlink():
             break
         chain.append((here.parent / os.readlink(here)).absolute())

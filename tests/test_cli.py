@@ -432,3 +432,45 @@ def test_version() -> None:
 
     out = clv(Settings(), "--version")
     assert (out.returncode, out.stdout, out.stderr) == (0, f"clv {__version__}\n", "")
+
+
+def test_bad_input_exits_2_and_a_failure_while_running_1(tmp_path: Path) -> None:
+    """Not just non-zero: bad input is 2, a failure while running is 1 (docs/contract.md)."""
+    settings = Settings(kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0")
+    cases = [
+        (2, ("features", "alice", "--as-of", "31/12/2024")),
+        (2, ("features", "two words")),
+        (2, ("replay", str(tmp_path / "missing.csv"))),
+        (2, ("replay", str(tmp_path), "--format", "xml")),
+        (1, ("features", "alice")),  # nothing listens on the configured Redis
+    ]
+    for code, args in cases:
+        out = clv(settings, *args)
+        assert out.returncode == code, (args, out.returncode, out.stderr)
+        assert out.stderr.strip().startswith("clv: error:") and "Traceback" not in out.stderr
+
+
+def test_an_interrupted_backtest_exits_130_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) mid-run: exit 130, no traceback, the staged output and made folders gone.
+    (typer turns KeyboardInterrupt into Exit(130) itself; clv says so in one line, as it says
+    "clv: terminated" for SIGTERM.)"""
+    out = tmp_path / "new" / "p.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "backtest", "--format", "cdnow", "--orders", str(SAMPLE),
+         "--cutoff", "1997-09-30", "--horizon-days", "91", "--out", str(out),
+         "--report", str(tmp_path / "report")],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "validation: fitting" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "clv: interrupted", err
+    assert list(tmp_path.iterdir()) == []

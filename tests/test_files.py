@@ -366,3 +366,65 @@ def test_a_folder_swept_between_its_making_and_its_lock_is_not_used(
     with staging_dir(tmp_path, ".staging.") as d:
         assert swept and d != swept[0] and d.is_dir()
         (d / "part.csv").write_text("whole")
+
+
+def test_the_new_file_is_renamed_into_place_not_copied_over_the_old(tmp_path: Path) -> None:
+    """A reader that opened the old file keeps reading the old file whole; the path then
+    names the staged file itself (its inode), never a file rewritten in place."""
+    target = tmp_path / "out.csv"
+    target.write_text("old\n")
+    with target.open() as reader:
+        with replaced_atomically(target) as staged:
+            staged.write_text("new\n")
+            inode = staged.stat().st_ino
+        assert reader.read() == "old\n"
+    assert target.stat().st_ino == inode and target.read_text() == "new\n"
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "deeper" / "out.csv"
+    with pytest.raises(RuntimeError), replaced_atomically(target) as staged:
+        staged.write_text("half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_standard_output_is_refused_through_a_chain_of_links_and_a_linked_folder(
+    tmp_path: Path,
+) -> None:
+    """Every hop counts, however many there are, and a folder on the way that is a link to
+    /proc (or /dev) counts as where it leads."""
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    second.symlink_to("/dev/stdout")
+    first.symlink_to(second)
+    (tmp_path / "proc").symlink_to("/proc")
+    for path in (first, tmp_path / "proc" / "self" / "environ"):
+        with pytest.raises(ClvError, match="standard output"):
+            replaceable(path)
+
+
+def test_a_folder_that_loops_is_refused_even_when_the_file_itself_is_not_followed(
+    tmp_path: Path,
+) -> None:
+    """``follow_links=False`` (the registry's pointer) still refuses a path under a loop."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ClvError, match="link that loops"):
+        replaceable(loop / "pointer", follow_links=False)
+
+
+def test_a_process_open_file_is_refused_by_a_path_with_dot_dot_or_a_linked_folder(
+    tmp_path: Path,
+) -> None:
+    up = "../" * (len(tmp_path.parts) - 1)  # from tmp_path back to /
+    with (tmp_path / "log.txt").open("w") as log:  # stands for `clv ... > log.txt`
+        fd = log.fileno()
+        (tmp_path / "relative.csv").symlink_to(f"{up}proc/self/fd/{fd}")
+        (tmp_path / "fds").symlink_to("/dev/fd")
+        for path in (
+            Path(f"{tmp_path}/{up}proc/self/fd/{fd}"),  # `--out ../../proc/self/fd/N`
+            tmp_path / "relative.csv",  # a relative link
+            tmp_path / "fds" / str(fd),  # a link to /dev/fd, then the descriptor
+        ):
+            with pytest.raises(ClvError, match="standard output"):
+                replaceable(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -54,6 +56,72 @@ def test_what_a_deployment_writes_is_accepted(changes: dict[str, str]) -> None:
     ],
 )
 def test_what_no_client_could_use_is_refused(changes: dict[str, str], says: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(**changes)  # type: ignore[arg-type]
+    assert says in str(info.value)
+
+
+CLV_VARS = (
+    "KAFKA_BOOTSTRAP", "REDIS_URL", "ORDERS_TOPIC", "ALERTS_TOPIC", "DLQ_TOPIC",
+    "CONSUMER_GROUP", "MODEL_DIR", "EVENT_LOG_DIR", "HORIZON_DAYS", "CLOCK", "API_HOST",
+    "API_PORT", "API_KEY",
+)  # fmt: skip
+
+
+def test_the_defaults_are_the_contracts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/contract.md, "Names and settings": what a process gets with no CLV_ variable."""
+    for name in CLV_VARS:
+        monkeypatch.delenv(f"CLV_{name}", raising=False)
+    s = Settings()
+    assert (s.kafka_bootstrap, s.redis_url) == ("localhost:9092", "redis://localhost:6379/0")
+    assert (s.orders_topic, s.alerts_topic, s.dlq_topic) == ("orders", "churn-alerts", "orders.dlq")
+    assert s.consumer_group == "clv-features"
+    assert (s.model_dir, s.event_log_dir) == (Path("./models"), Path("./data/events"))
+    assert (s.horizon_days, s.clock) == (365, "wall")
+    assert (s.api_host, s.api_port, s.api_key) == ("127.0.0.1", 8000, None)
+
+
+def test_settings_are_read_from_clv_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLV_HORIZON_DAYS", "90")
+    monkeypatch.setenv("CLV_CLOCK", "event")
+    monkeypatch.setenv("CLV_API_PORT", "9000")
+    s = Settings()
+    assert (s.horizon_days, s.clock, s.api_port) == (90, "event", 9000)
+    with pytest.raises(ValidationError):
+        s.horizon_days = 1  # type: ignore[misc]  # frozen: built once, passed inward
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"horizon_days": 1},
+        {"horizon_days": 3650},
+        {"api_port": 1},
+        {"api_port": 65535},
+        {"kafka_bootstrap": "a:1,b:65535"},
+        {"orders_topic": "x" * 249},
+    ],
+)
+def test_the_bounds_themselves_are_accepted(changes: dict[str, object]) -> None:
+    s = Settings(**changes)  # type: ignore[arg-type]
+    assert all(getattr(s, k) == v for k, v in changes.items())
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"horizon_days": 0}, "greater than or equal to 1"),
+        ({"horizon_days": 3651}, "less than or equal to 3650"),
+        ({"api_port": 0}, "greater than or equal to 1"),
+        ({"api_port": 65536}, "less than or equal to 65535"),
+        ({"kafka_bootstrap": "a:0"}, "port 1 to 65535"),
+        ({"orders_topic": "."}, "is not a Kafka topic name"),
+        ({"clock": "utc"}, "'wall' or 'event'"),
+        ({"model_dir": ""}, "must be a directory path, not empty"),
+        ({"event_log_dir": " "}, "must be a directory path, not empty"),
+    ],
+)
+def test_just_past_the_bounds_is_refused(changes: dict[str, object], says: str) -> None:
     with pytest.raises(ValidationError) as info:
         Settings(**changes)  # type: ignore[arg-type]
     assert says in str(info.value)
