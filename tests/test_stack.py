@@ -3,6 +3,7 @@ Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from clv.local_stack import free_port, port_open
+from clv.local_stack import LocalProcess, free_port, kafka_host_port, port_open, redis_host_port
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +117,65 @@ async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None
     message = str(info.value)
     assert message.startswith(f"the stack was not healthy within 1s: Redis at 127.0.0.1:{port}/0 ")
     assert "does not answer: " in message and "secret" not in message
+
+
+async def test_up_on_running_servers_starts_none_and_runs_then_stops_retraining(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Servers already listen: nothing is started (and so nothing of theirs stopped); the
+    # archiver writes the log; retraining runs at the interval asked for and is cancelled at stop.
+    import training.train as train_module
+    from clv.replay import publish
+    from clv.stack import run_stack
+    from feature_store.event_log import log_files
+    from tests.consumers.kafka_helpers import event_message, unique_settings
+    from tests.feature_store.streams import messy_events
+
+    retraining: list[object] = []
+
+    async def retrain_forever(_settings: object, interval_s: float, **_: object) -> None:
+        retraining.append(interval_s)
+        try:
+            await asyncio.Event().wait()  # runs until cancelled, as the real one
+        except asyncio.CancelledError:
+            retraining.append("cancelled")
+            raise
+
+    monkeypatch.setattr(train_module, "retrain_forever", retrain_forever)
+    settings = unique_settings(
+        broker.address,
+        redis_server.address,
+        event_log_dir=tmp_path / "events",
+        model_dir=tmp_path / "models",
+        archive_flush_seconds=0.2,
+    )
+
+    async def on_ready(_running: object) -> None:
+        await publish(settings, [event_message(e) for e in messy_events(3, users=5, per_user=4)])
+        for _ in range(600):  # a bound, not a timing
+            if retraining and log_files(settings.event_log_dir):
+                return
+            await asyncio.sleep(0.1)
+
+    said: list[str] = []
+    stop = asyncio.Event()
+    run = run_stack(
+        settings,
+        stop,
+        workdir=tmp_path / ".clv",
+        retrain_every_s=7.0,
+        on_ready=on_ready,
+        say=said.append,
+    )
+    await asyncio.wait_for(run, 120)  # a retraining left running would hang the stop
+    assert retraining == [7.0, "cancelled"]
+    assert log_files(settings.event_log_dir)  # the archiver ran
+    assert any(line.startswith("clv is up") for line in said)
+    assert not any(line.startswith("started") for line in said), said
+    assert not (tmp_path / ".clv").exists()  # no server's folder either
+    # the servers it did not start are left running
+    assert port_open(*redis_host_port(redis_server.address))
+    assert port_open(*kafka_host_port(broker.address))

@@ -639,8 +639,14 @@ async def retrain_forever(
     trained_on: str | None = None
     nothing = hashlib.sha256().hexdigest()  # the signature of a log with no file yet
     while True:
-        signature = await asyncio.to_thread(log_signature, settings.event_log_dir)
-        if signature == nothing:  # a new stack: the archiver has written nothing yet
+        try:
+            signature: str | None = await asyncio.to_thread(log_signature, settings.event_log_dir)
+        except OSError as exc:  # a log it may not read (yet): the stack runs on, it tries again
+            log.warning("retraining cannot read the event log: %s", exc)
+            signature = None
+        if signature is None:
+            pass
+        elif signature == nothing:  # a new stack: the archiver has written nothing yet
             log.info(
                 "retraining waits: the event log %s holds no events yet", settings.event_log_dir
             )
@@ -654,7 +660,7 @@ async def retrain_forever(
             log.info("retraining skipped: no new events since the last run")
         try:
             has_champion = registry.champion_version() is not None
-        except ClvError:
+        except (ClvError, OSError):
             has_champion = False
         await asyncio.sleep(interval_s if has_champion else min(interval_s, 60.0))
 

@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 import json
 import os
+import signal
+import types
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from training.train import (
     retrain_forever,
     sample_users,
     train,
+    train_in_subprocess,
 )
 
 FAST = ["naive_rate", "bgnbd_gg"]  # label-free candidates: seconds, not minutes
@@ -908,3 +911,154 @@ def test_a_skipped_run_gives_the_horizon_its_model_was_trained_for(
     assert same.skipped and first.horizon_days < 3000
     assert (same.horizon_days, same.requested_horizon_days) == (first.horizon_days, 3000)
     assert same.cutoff_day == first.cutoff_day
+
+
+class _Sleeps:
+    """Stands in for ``asyncio`` inside training.train: records what retrain_forever sleeps and
+    yields at once, so that a schedule is checked without waiting for it."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(asyncio, name)
+
+    async def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        await asyncio.sleep(0)
+
+
+async def _loop_until(task: asyncio.Task[None], done: object) -> None:
+    for _ in range(3000):  # a bound, not a timing: each turn is one yield to the loop
+        if done() or task.done():  # type: ignore[operator]
+            break
+        await asyncio.sleep(0.001)
+
+
+async def test_retraining_retries_a_failed_run_and_keeps_its_schedule(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed run (non-zero exit, or a child that could not start) is tried again on the same
+    # log, a minute at most apart while there is no champion; a success is not repeated; with a
+    # champion, runs are `interval_s` apart.
+    import training.train as train_module
+
+    outcomes: list[int | Exception] = [1, OSError("no fork"), 0]
+    runs: list[dict[str, object]] = []
+
+    async def child(settings: Settings, **kwargs: object) -> int:
+        runs.append(kwargs)
+        outcome = outcomes.pop(0) if outcomes else 0
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    task = asyncio.create_task(retrain_forever(settings, 3600, candidates=FAST))
+    try:
+        await _loop_until(task, lambda: len(sleeps.asked) >= 6)
+        assert not task.done()  # failures are logged, never end the loop
+        assert len(runs) == 3  # failed, could not start, then the success; none after it
+        assert all(kw.get("candidates") == FAST for kw in runs)
+        assert sleeps.asked[:6] == [60.0] * 6  # no champion yet: a minute at most
+        monkeypatch.setattr(ModelRegistry, "champion_version", lambda self: "v1")
+        sleeps.asked.clear()
+        await _loop_until(task, lambda: len(sleeps.asked) >= 2)
+        assert sleeps.asked[:2] == [3600, 3600]
+        assert len(runs) == 3
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_retraining_outlives_an_event_log_it_cannot_read(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An OSError reading the log (a permission, a vanished mount) or the registry is logged and
+    # tried again: it must not end the task, which would stop the whole stack.
+    import training.train as train_module
+
+    real_signature = train_module.log_signature
+    failures = [PermissionError(13, "Permission denied"), OSError(5, "Input/output error")]
+    runs: list[object] = []
+
+    def signature(root: Path) -> str:
+        if failures:
+            raise failures.pop(0)
+        return real_signature(root)
+
+    def unreadable_registry(self: ModelRegistry) -> str | None:
+        raise PermissionError(13, "Permission denied")
+
+    async def child(settings: Settings, **kwargs: object) -> int:
+        runs.append(kwargs)
+        return 0
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "log_signature", signature)
+    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    monkeypatch.setattr(ModelRegistry, "champion_version", unreadable_registry)
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    task = asyncio.create_task(retrain_forever(settings, 3600))
+    try:
+        await _loop_until(task, lambda: len(sleeps.asked) >= 3)
+        assert not task.done()
+        assert len(runs) == 1  # once the log could be read
+        assert sleeps.asked[:3] == [60.0] * 3  # no champion known: a minute at most
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_training_child_that_fails_returns_its_exit_code(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)  # no event log: the child cannot train
+    assert await train_in_subprocess(settings, candidates=FAST) == 1
+
+
+async def test_a_cancelled_training_child_is_terminated_not_killed(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.train as train_module
+
+    started: list[asyncio.subprocess.Process] = []
+    real_exec = asyncio.create_subprocess_exec
+
+    async def exec_and_keep(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        proc = await real_exec(*args, **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        return proc
+
+    patched = types.SimpleNamespace(**{**vars(asyncio), "create_subprocess_exec": exec_and_keep})
+    monkeypatch.setattr(train_module, "asyncio", patched)
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    task = asyncio.create_task(train_in_subprocess(settings, force=True))  # every candidate
+    for _ in range(3000):
+        await asyncio.sleep(0.01)
+        if started:
+            break
+    await asyncio.sleep(0.5)  # into its imports or its training, either is fine
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (proc,) = started
+    # SIGTERM: a clean exit (143) once training runs, or the signal itself before; a child left
+    # running would have been killed (-9) ten seconds later, or have finished (0).
+    assert proc.returncode in (143, -signal.SIGTERM)
+
+
+def test_a_training_child_gets_the_settings_built_in_code_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "elsewhere"))
+    settings = settings_for(tmp_path)
+    env = _child_env(settings)
+    assert env["CLV_MODEL_DIR"] == str(settings.model_dir)
