@@ -41,6 +41,7 @@ from training.models.candidates import REFERENCE
 from training.progress import StderrProgress
 from training.selection import (
     BIAS_LIMIT,
+    BIAS_ROUNDING,
     MIN_LABEL_DAYS,
     MIN_TRAIN_HISTORY_DAYS,
     RMSE_TOLERANCE,
@@ -226,14 +227,11 @@ def validation_rows(sel: Selection) -> list[str]:
     return out
 
 
-TIE = 1e-6  # models anchored to the reference's total share its bias up to rounding
-
-
 def closest_total(bias: pd.Series, champion: str) -> str:
     """The model whose total is closest to the actual; the champion when it ties for that (the
     hybrids take the reference's total, so which of the tied models ``idxmin`` names is noise)."""
     size = bias.abs()
-    if size[champion] <= size.min() + TIE:
+    if size[champion] <= size.min() + BIAS_ROUNDING:
         return champion
     return str(size.idxmin())
 
@@ -342,7 +340,9 @@ def tally(cases: list[CaseSummary]) -> str:
     but_level = [c for c in cases if c.check is not None and c.check.missed == ["bias"]]
     ref_out = [c for c in cases if abs(c.reference_bias) > BIAS_LIMIT]
     closest = sorted({c.closest for c in cases if c.closest})
-    champ_closest = [c for c in cases if abs(c.champion_bias) <= abs(c.closest_bias) + TIE]
+    champ_closest = [
+        c for c in cases if abs(c.champion_bias) <= abs(c.closest_bias) + BIAS_ROUNDING
+    ]
     return (
         f"Targets met at {len(met)} of {len(cases)} cases; at {len(but_level)} more the "
         "champion met every target but the total bias. The reference's own total is outside "

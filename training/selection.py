@@ -45,6 +45,7 @@ MIN_TRAIN_HISTORY_DAYS = 30
 MIN_LABEL_DAYS = 14
 RMSE_TOLERANCE = 0.02
 BIAS_LIMIT = 0.10
+BIAS_ROUNDING = 1e-6  # a model anchored to the reference's total has its bias up to this
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,7 @@ def missed_targets(m: dict[str, float], ref: dict[str, float]) -> list[str]:
                 + (f"({m[k] / ref[k] - 1:+.2%})" if ref[k] else "(the reference's is 0)")
             )
     allowance = _bias_allowance(ref)
-    # tolerance: a model anchored to the reference's total has its bias up to rounding
-    if not abs(m["bias"]) <= allowance + 1e-6:
+    if not abs(m["bias"]) <= allowance + BIAS_ROUNDING:
         widened = f" (the reference's own; the target is ±{BIAS_LIMIT:.0%})"
         missed.append(
             f"total bias {m['bias']:+.2%} outside ±{allowance:.2%}"

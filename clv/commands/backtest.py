@@ -139,12 +139,11 @@ def backtest(
                 progress=False if quiet else StderrProgress(t0=STARTED),
                 currency=currency,
             )
-    except (ModelError, OSError) as exc:  # a failure while running (no model fits, a full disk)
+    except (ClvError, OSError, ValueError, KeyError) as exc:
         remove_empty(made)
-        raise fail(str(exc) or type(exc).__name__, 1) from None
-    except (ClvError, ValueError, KeyError) as exc:  # the orders file or an output: bad input
-        remove_empty(made)
-        raise fail(str(exc) or type(exc).__name__) from None
+        # no model that fits or a full disk fails the run (1); anything else is bad input (2)
+        code = 1 if isinstance(exc, ModelError | OSError) else 2
+        raise fail(str(exc) or type(exc).__name__, code) from None
     except BaseException:  # a refusal above, Ctrl-C, SIGTERM: the folders this run made go too
         remove_empty(made)
         raise

@@ -158,6 +158,7 @@ def test_an_unchanged_log_is_not_trained_again(tmp_path: Path, events: pd.DataFr
         "sample size",
         "code",
         "libraries",
+        "clv version",
         "no champion",
         "broken pointer",
         "champion's model file gone",
@@ -189,6 +190,10 @@ def test_anything_that_decides_the_model_changed_trains_again(
     elif change == "libraries":
         newer = {**train_module.library_versions(), "scikit-learn": "99.0"}
         monkeypatch.setattr(train_module, "library_versions", lambda: newer)
+    elif change == "clv version":
+        import clv
+
+        monkeypatch.setattr(clv, "__version__", f"{clv.__version__}.post1")
     elif change == "no champion":
         registry.pointer_path.unlink()
     elif change == "broken pointer":
@@ -449,7 +454,6 @@ def test_cli_on_missing_log_one_line_no_traceback(
 def test_cli_json_gives_the_outcome_with_dates_and_both_horizons(
     tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import json
 
     import training.train as train_module
 
@@ -479,8 +483,14 @@ def test_cli_json_gives_the_outcome_with_dates_and_both_horizons(
     text = CliRunner().invoke(app, ["-q"])
     assert text.exit_code == 0 and text.stdout.startswith("nothing to train: model ")
     retrained = CliRunner().invoke(app, ["--json", "-q", "--again"])
-    assert json.loads(retrained.stdout)["skipped"] is False
+    assert retrained.exit_code == 0, retrained.output
+    kept = json.loads(retrained.stdout)
+    assert kept["skipped"] is False
     assert len(ModelRegistry(settings.model_dir).versions()) == 2
+    # registered but not promoted: champion_version is the one still serving
+    assert kept["promoted"] is False
+    assert kept["version"] != body["version"] == kept["champion_version"]
+    assert set(kept["timings"]) >= {"select", "final fit", "register", "total"}
 
 
 def test_fingerprint_ignores_row_order_but_not_content(events: pd.DataFrame) -> None:
@@ -839,22 +849,6 @@ def test_the_training_child_exits_non_zero_when_it_cannot_train(
     assert len(out.err.strip().splitlines()) == 1
 
 
-def test_a_new_clv_version_trains_again(
-    tmp_path: Path,
-    events: pd.DataFrame,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import clv
-
-    settings = settings_for(tmp_path)
-    write_events(settings.event_log_dir, events)
-    first = train(settings, progress=False, candidates=FAST)
-    assert train(settings, progress=False, candidates=FAST).skipped
-    monkeypatch.setattr(clv, "__version__", f"{clv.__version__}.post1")
-    second = train(settings, progress=False, candidates=FAST)
-    assert not second.skipped and second.version != first.version
-
-
 def test_a_skipped_run_names_the_champion_not_the_version_it_matched(
     tmp_path: Path,
     events: pd.DataFrame,
@@ -871,31 +865,6 @@ def test_a_skipped_run_names_the_champion_not_the_version_it_matched(
     assert same.summary().endswith(
         f"; the champion is {first.version} (`clv train --again` trains anyway)"
     )
-
-
-def test_cli_json_names_the_champion_that_stays(
-    tmp_path: Path,
-    events: pd.DataFrame,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A model registered but not promoted: ``champion_version`` is the one still serving."""
-    import training.train as train_module
-
-    settings = settings_for(tmp_path)
-    write_events(settings.event_log_dir, events)
-    for key, value in settings.as_env().items():
-        monkeypatch.setenv(key, value)
-    real = train_module.train
-    monkeypatch.setattr(train_module, "train", lambda *a, **kw: real(*a, **kw, candidates=FAST))
-    app = typer.Typer()
-    app.command()(train_command)
-    first = json.loads(CliRunner().invoke(app, ["--json", "-q"]).stdout)
-    again = CliRunner().invoke(app, ["--json", "-q", "--again"])
-    assert again.exit_code == 0, again.output
-    body = json.loads(again.stdout)
-    assert body["promoted"] is False and body["skipped"] is False
-    assert body["version"] != first["version"] == body["champion_version"]
-    assert set(body["timings"]) >= {"select", "final fit", "register", "total"}
 
 
 def test_a_skipped_run_gives_the_horizon_its_model_was_trained_for(
