@@ -68,7 +68,9 @@ async def wait_healthy(
     waiting = "nothing checked yet"
     while loop.time() < deadline:
         for t in running.tasks:
-            if t.done() and t.exception() is not None:
+            # (exception() of a cancelled task raises CancelledError, which would read as the
+            # wait itself being cancelled)
+            if t.done() and not t.cancelled() and t.exception() is not None:
                 raise StackError(f"a component failed while starting: {t.exception()}")
         try:
             await running.redis.ping()

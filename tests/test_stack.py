@@ -13,23 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from clv.local_stack import LocalProcess, free_port, kafka_host_port, port_open, redis_host_port
+from tests.processes import children
 
 pytestmark = pytest.mark.integration
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc: no procps needed)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        if int(fields[1]) == pid:  # after the name: state, ppid, ...
-            found.append(int(stat.parent.name))
-    return found
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
@@ -70,7 +59,7 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path, sig: i
         # A terminal's Ctrl-C (or its closing) goes to the whole foreground group: the servers
         # must not take it, or they die before the consumers finish and commit (or outlive a
         # clv that a hangup killed).
-        pids = _children(proc.pid)
+        pids = children(proc.pid)
         assert len(pids) == 2 and all(os.getpgid(p) != proc.pid for p in pids)
         os.killpg(proc.pid, sig)
         assert proc.wait(60) == 0, "".join(lines) + (proc.stdout.read() or "")
@@ -117,6 +106,74 @@ async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None
     message = str(info.value)
     assert message.startswith(f"the stack was not healthy within 1s: Redis at 127.0.0.1:{port}/0 ")
     assert "does not answer: " in message and "secret" not in message
+
+
+class _Consumer:
+    """A feature consumer as ``wait_healthy`` sees it: given partitions after ``polls`` asks."""
+
+    def __init__(self, polls: int = 0) -> None:
+        self.polls, self.asked = polls, 0
+
+    def assignment(self) -> set[str]:
+        self.asked += 1
+        return {"orders-0"} if self.asked > self.polls else set()
+
+
+async def test_the_stack_is_healthy_once_redis_answers_and_every_consumer_has_partitions(
+    redis: Redis,
+) -> None:
+    from clv.settings import Settings
+    from clv.stack import Running, wait_healthy
+
+    ready, late = _Consumer(), _Consumer(polls=3)
+    await wait_healthy(Running(Settings(), redis, consumers=[ready, late]), timeout=60)  # type: ignore[list-item]
+    assert late.asked == 4  # it waited for the last one, and no longer
+
+
+async def test_a_stack_whose_consumers_get_no_partitions_says_so(redis: Redis) -> None:
+    from clv.errors import StackError
+    from clv.settings import Settings
+    from clv.stack import Running, wait_healthy
+
+    never = _Consumer(polls=10**9)
+    with pytest.raises(StackError) as info:
+        await wait_healthy(Running(Settings(), redis, consumers=[_Consumer(), never]), timeout=1)  # type: ignore[list-item]
+    assert str(info.value) == (
+        "the stack was not healthy within 1s: "
+        "the feature consumers were given no partitions of the orders topic"
+    )
+    assert never.asked > 1  # asked again and again, not once
+
+
+async def test_a_component_that_fails_while_starting_ends_the_wait(redis: Redis) -> None:
+    from clv.errors import StackError
+    from clv.settings import Settings
+    from clv.stack import Running, wait_healthy
+
+    async def fails() -> None:
+        raise RuntimeError("the orders topic has no partitions")
+
+    async def runs() -> None:
+        await asyncio.Event().wait()
+
+    cancelled = asyncio.create_task(runs())  # cancelled is not failed: the wait goes on
+    tasks = [asyncio.create_task(runs()), cancelled]
+    cancelled.cancel()
+    running = Running(Settings(), redis, tasks=tasks, consumers=[_Consumer(polls=10**9)])  # type: ignore[list-item,arg-type]
+    waiting = asyncio.create_task(wait_healthy(running, timeout=60))
+    try:
+        for _ in range(5):
+            await asyncio.sleep(0.2)
+        assert not waiting.done()
+        tasks.append(asyncio.create_task(fails()))
+        with pytest.raises(StackError) as info:
+            await waiting  # within a poll, not at the minute's timeout
+        assert str(info.value) == (
+            "a component failed while starting: the orders topic has no partitions"
+        )
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def test_up_on_running_servers_starts_none_and_runs_then_stops_retraining(

@@ -581,7 +581,13 @@ async def train_in_subprocess(
     settings: Settings, *, force: bool = False, candidates: list[str] | None = None
 ) -> int:
     """One training run in a child process (its CPU and memory never touch the caller's event
-    loop); returns its exit code. Cancelling terminates the child."""
+    loop); returns its exit code. Cancelling terminates the child (or, while it is still being
+    started, asyncio kills it).
+
+    The child runs in a process group of its own, as the local servers do: a terminal's Ctrl-C
+    or hangup goes to the whole foreground group, and a child that took it would die of a
+    ``KeyboardInterrupt`` and be logged as a failed run while ``clv up`` stops; the parent
+    cancels, and so terminates, the run instead."""
     args = [sys.executable, "-m", "training.train", "--quiet"]
     if force:
         args.append("--force")
@@ -592,6 +598,7 @@ async def train_in_subprocess(
         env=_child_env(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        process_group=0,
     )
     try:
         out, err = await proc.communicate()

@@ -232,3 +232,10 @@ def test_residual_shrink_blends_geometrically_with_the_reference(
     log_half = np.log(half["predicted_value"].to_numpy()[buyers] / ref["predicted_value"][buyers])
     assert np.abs(log_full).max() > 0.05  # a correction was learnt
     np.testing.assert_allclose(log_half, 0.5 * log_full, atol=1e-9)
+
+
+@pytest.mark.parametrize("shrink", [-0.1, 1.5, float("nan")])
+def test_a_shrink_outside_zero_to_one_is_refused(shrink: float) -> None:
+    """Below 0 the correction is amplified, above 1 inverted: neither is a blend."""
+    with pytest.raises(ValueError, match="shrink must be between 0 and 1"):
+        BTYDResidualBoost(shrink=shrink)

@@ -22,6 +22,7 @@ from clv.settings import Settings
 from feature_store.event_log import write_events
 from feature_store.features import FEATURE_NAMES, day_date
 from feature_store.offline import features_at
+from tests.processes import children
 from training.registry import ModelRegistry
 from training.synth import SynthConfig, events_frame, generate
 from training.threads import THREAD_VARS
@@ -1015,13 +1016,33 @@ async def test_a_cancelled_training_child_is_terminated_not_killed(
         if started:
             break
     await asyncio.sleep(0.5)  # into its imports or its training, either is fine
+    (proc,) = started
+    # A group of its own: a terminal's Ctrl-C to clv's group does not reach it (the
+    # cancellation below stops it instead).
+    assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    (proc,) = started
     # SIGTERM: a clean exit (143) once training runs, or the signal itself before; a child left
     # running would have been killed (-9) ten seconds later, or have finished (0).
     assert proc.returncode in (143, -signal.SIGTERM)
+
+
+async def test_a_training_child_cancelled_while_it_starts_is_not_left_running(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    before = set(children(os.getpid()))
+    task = asyncio.create_task(train_in_subprocess(settings, force=True))
+    await asyncio.sleep(0)  # the child is forked; its pipes are not yet connected
+    spawned = set(children(os.getpid())) - before
+    assert spawned and not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Killed and reaped (by asyncio, before create_subprocess_exec gave us the process).
+    assert not any(Path(f"/proc/{pid}").exists() for pid in spawned)
 
 
 def test_a_training_child_gets_the_settings_built_in_code_over_the_environment(

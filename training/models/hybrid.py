@@ -172,6 +172,8 @@ class BTYDResidualBoost(CLVModel):
         anchor_level: bool = True,
         seed: int = 0,
     ) -> None:
+        if not 0.0 <= shrink <= 1.0:  # outside, the correction is inverted or amplified
+            raise ValueError(f"shrink must be between 0 and 1, not {shrink}")
         self.hgb_params = hgb_params
         self.shrink = shrink
         self.anchor_level = anchor_level
