@@ -33,6 +33,13 @@ def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
         return False
 
 
+def refuse_taken(port: int, what: str) -> None:
+    """A server started on a port that something already listens on would exit at once, and
+    :func:`wait_port` would take the other server's open port for it: refuse before starting."""
+    if port_open("127.0.0.1", port):
+        raise StackError(f"cannot start {what}: something already listens on 127.0.0.1:{port}")
+
+
 def wait_port(
     host: str, port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20
 ) -> None:
@@ -82,6 +89,7 @@ def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
     exe = shutil.which("redis-server")
     if exe is None:
         raise StackError("redis-server is not installed (apt-get install -y redis-server)")
+    refuse_taken(port, "redis-server")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
@@ -111,6 +119,7 @@ def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
 
 
 def start_broker(port: int, workdir: Path) -> LocalProcess:
+    refuse_taken(port, "the Kafka broker (tansu)")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "broker.log"
@@ -143,8 +152,16 @@ def redis_host_port(url: str) -> tuple[str, int]:
 
 
 def kafka_host_port(bootstrap: str) -> tuple[str, int]:
+    """The first server of a bootstrap list: ``host``, ``host:port``, ``[ipv6]:port`` or a bare
+    IPv6 address (the forms CLV_KAFKA_BOOTSTRAP accepts); no port: Kafka's 9092."""
     first = bootstrap.split(",")[0].strip()
-    host, _, port = first.rpartition(":")
+    if first.startswith("["):  # [ipv6]:port
+        host, _, rest = first[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif first.count(":") == 1:  # host:port
+        host, _, port = first.partition(":")
+    else:  # a host alone, or a bare IPv6 address
+        host, port = first, ""
     return host or "localhost", int(port or 9092)
 
 

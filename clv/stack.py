@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
@@ -33,7 +33,11 @@ def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list
     """Start a local redis-server / broker on the configured address where nothing listens."""
     started = []
     host, port = redis_host_port(settings.redis_url)
-    if not port_open(host, port) and host in ("localhost", "127.0.0.1"):
+    if (
+        _plain_redis(settings.redis_url)
+        and not port_open(host, port)
+        and host in ("localhost", "127.0.0.1")
+    ):
         stack.processes.append(start_redis(port, workdir / "redis"))
         started.append(f"redis-server on {host}:{port}")
     host, port = kafka_host_port(settings.kafka_bootstrap)
@@ -41,6 +45,13 @@ def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list
         stack.processes.append(start_broker(port, workdir / "kafka"))
         started.append(f"Kafka-protocol broker (tansu, in-memory) on {host}:{port}")
     return started
+
+
+def _plain_redis(url: str) -> bool:
+    """A URL a local redis-server would answer: TCP, no TLS, not a cluster (a unix socket has no
+    port to start one on; a plain server on a cluster's address would only fail later)."""
+    parsed = urlparse(url)
+    return parsed.scheme == "redis" and parse_qs(parsed.query).get("cluster") != ["true"]
 
 
 @dataclass

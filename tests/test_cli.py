@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -474,3 +475,112 @@ def test_an_interrupted_backtest_exits_130_and_leaves_nothing_behind(tmp_path: P
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == "clv: interrupted", err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_up_runs_the_number_of_consumers_asked_for_on_servers_already_running(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "ev")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "up", "--consumers", "2", "--retrain-every", "0"],
+        env=_env(settings),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("clv is up"):
+                break
+        up = [line for line in lines if line.startswith("clv is up")]
+        assert up and up[0].startswith("clv is up: consumers=2 "), "".join(lines)
+        assert not any(line.startswith("started") for line in lines)  # both servers ran
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines) + proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
+async def test_replay_makes_the_topics_and_publishes_each_order_keyed_by_its_user_in_time_order(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    from consumers.kafka import end_offsets, read_topic
+
+    # A deployment in euros; a file out of time order, with its currency.
+    settings = unique_settings(broker.address, redis_server.address, currency="EUR").model_copy(
+        update={"orders_partitions": 3}
+    )
+    orders = tmp_path / "orders.csv"
+    orders.write_text(
+        "user_id,order_id,ts,amount,currency\n"
+        "alice,o2,2024-02-01T10:00:00Z,30.00,EUR\n"
+        "bob,o3,2024-01-15T10:00:00Z,7.50,EUR\n"
+        "alice,o1,2024-01-01T10:00:00Z,10.00,EUR\n"
+    )
+    out = clv(settings, "replay", str(orders))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"published 3 order events to {settings.orders_topic}"
+    # the topics as clv makes them (the broker would make the orders topic itself otherwise)
+    assert len(await end_offsets(settings, settings.orders_topic, 10)) == 3
+    assert len(await end_offsets(settings, settings.alerts_topic, 10)) == 3
+    records = await read_topic(settings, settings.orders_topic)
+    values = [json.loads(r.value) for r in records]
+    assert all(r.key == v["user_id"].encode() for r, v in zip(records, values, strict=True))
+    assert all(v["currency"] == "EUR" for v in values)
+    alice = [v["order_id"] for v in values if v["user_id"] == "alice"]  # one partition: in order
+    assert alice == ["o1", "o2"]
+
+
+@pytest.mark.integration
+async def test_features_default_to_the_users_latest_day_and_say_when_a_date_precedes_them(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    from clv.lookup import lookup_features
+    from clv.replay import publish
+    from consumers.kafka import ensure_topics
+    from tests.consumers.test_archiver import _archive_all
+    from tests.consumers.test_feature_consumer import _run_group
+
+    # By the wall clock, with an order two days ahead (within a tolerance of three): "now" is
+    # before the user's latest day, which online state still answers exactly.
+    ahead = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=2)
+    settings = unique_settings(
+        broker.address,
+        redis_server.address,
+        event_log_dir=tmp_path / "events",
+        future_tolerance_seconds=3 * 86_400,
+    )
+    from feature_store.events import encode_event
+
+    orders = [("o1", "2024-03-01T10:00:00Z", 10.0), ("o2", f"{ahead.isoformat()}T00:00:00Z", 20.0)]
+    await ensure_topics(settings)
+    await publish(
+        settings,
+        [
+            (b"carol", encode_event(event_id=o, user_id="carol", order_id=o, amount=a, ts=ts))
+            for o, ts, a in orders
+        ],
+    )
+    await _run_group(settings, 1)
+    await _archive_all(settings)
+
+    now = await lookup_features(settings, "carol", None)
+    assert now is not None and now["source"] == "redis" and now["as_of"] == ahead.isoformat()
+    assert now["features"]["orders_total"] == 2  # type: ignore[index]
+
+    before = await lookup_features(settings, "carol", dt.date(2024, 2, 1))  # before her first
+    assert before == {
+        "user_id": "carol",
+        "as_of": "2024-02-01",
+        "source": "event_log",
+        "features": None,
+        "note": "no events on or before this date in the event log",
+    }

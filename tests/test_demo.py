@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
+import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
+from rich.console import Console
 
+import clv.demo as demo
 from clv.demo import events_not_replayed
+from clv.local_stack import LocalProcess
+from clv.settings import Settings
 from feature_store.event_log import write_events
 from feature_store.offline import events_from_orders
 
@@ -33,3 +42,99 @@ def test_events_the_demo_did_not_replay_are_counted(tmp_path: Path) -> None:
     # a hand replay: a new user, and a known id under another user
     write_events(tmp_path, _orders(["c", "b"], ["3", "1"]))
     assert events_not_replayed(tmp_path, replayed) == 2
+
+
+def _on_the_sample(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> io.StringIO:
+    """The demo replays the CDNOW sample (a tenth of the data: seconds, not minutes) and prints
+    into the returned buffer."""
+    package = tmp_path / "package"
+    (package / "data").mkdir(parents=True)
+    shutil.copy(data_dir / "CDNOW_sample.txt.gz", package / "data" / "CDNOW_master.txt.gz")
+    monkeypatch.setattr(demo, "files", lambda _name: package)
+    out = io.StringIO()
+    monkeypatch.setattr(demo, "console", Console(file=out, width=132))
+    return out
+
+
+def _settings(broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path) -> Settings:
+    from tests.consumers.kafka_helpers import unique_settings
+
+    return unique_settings(
+        broker.address,
+        redis_server.address,
+        event_log_dir=tmp_path / "events",
+        model_dir=tmp_path / "models",
+        archive_flush_seconds=0.5,
+    )
+
+
+@pytest.mark.integration
+async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_trains_once(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from training.registry import ModelRegistry
+
+    caplog.set_level(logging.INFO, logger="training.train")
+
+    out = _on_the_sample(monkeypatch, data_dir, tmp_path)
+    settings = _settings(broker, redis_server, tmp_path)
+    await asyncio.wait_for(demo.run_demo(settings, asyncio.Event()), 600)
+    said = out.getvalue()
+    assert "published and applied 6,922 messages" in said  # 6,919 orders + 3 broken ones
+    assert "online features == offline features (same code over the file): True" in said
+    assert f"dead-letter topic {settings.dlq_topic}: 3 message(s)" in said
+    for reason in ("not_json", "invalid_value", "future_timestamp"):
+        assert reason in said
+    assert "did not replay" not in said  # the log holds the replay and nothing else
+    assert "`clv demo --keep-running` keeps the stack up" in said  # and it did not
+    # trained once, by the demo itself: no retraining runs alongside
+    assert len(ModelRegistry(settings.model_dir).versions()) == 1
+    assert not [r for r in caplog.records if r.getMessage().startswith("retraining")]
+    assert "champion " in said
+
+
+@pytest.mark.integration
+async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_running(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clv.replay import load_events, publish
+    from consumers.kafka import ensure_topics
+    from feature_store.events import encode_event
+
+    out = _on_the_sample(monkeypatch, data_dir, tmp_path)
+    settings = _settings(broker, redis_server, tmp_path)
+    # An earlier `clv replay` left one more order of the biggest spender on the topic: the
+    # online features then differ from the file's, and the demo must not say they are equal.
+    events = load_events(data_dir / "CDNOW_sample.txt.gz", "cdnow")
+    top = str(events.groupby("user_id")["amount"].sum().idxmax())
+    extra = encode_event(
+        event_id="extra-1", user_id=top, order_id="extra-1", amount=99.0, ts="1997-06-01T00:00:00Z"
+    )
+    await ensure_topics(settings)
+    await publish(settings, [(top.encode(), extra)])
+
+    stop = asyncio.Event()
+    run = asyncio.create_task(demo.run_demo(settings, stop, keep_running=True))
+    try:
+        for _ in range(6000):  # a bound, not a timing
+            if "Ctrl-C stops the stack" in out.getvalue() or run.done():
+                break
+            await asyncio.sleep(0.1)
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            assert not run.done(), out.getvalue()  # it waits for the stop
+    finally:
+        stop.set()
+    await asyncio.wait_for(run, 120)
+    said = out.getvalue()
+    assert "online features == offline features (same code over the file): False" in said
+    assert "also holds 1 event the demo did not replay" in said

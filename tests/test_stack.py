@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from clv.local_stack import LocalProcess, free_port, kafka_host_port, port_open, redis_host_port
+from clv.errors import StackError
+from clv.local_stack import (
+    LocalProcess,
+    LocalStack,
+    free_port,
+    kafka_host_port,
+    port_open,
+    redis_host_port,
+    start_redis,
+)
+from clv.stack import Running
+from feature_store.redis_client import connect
 from tests.processes import children
 
 pytestmark = pytest.mark.integration
@@ -236,3 +247,220 @@ async def test_up_on_running_servers_starts_none_and_runs_then_stops_retraining(
     # the servers it did not start are left running
     assert port_open(*redis_host_port(redis_server.address))
     assert port_open(*kafka_host_port(broker.address))
+
+
+async def test_a_local_redis_server_listens_on_loopback_only_and_keeps_nothing_on_disk(
+    tmp_path: Path,
+) -> None:
+    server = start_redis(free_port(), tmp_path / "redis")
+    try:
+        client: Redis = connect(server.address)
+        try:
+            assert await client.config_get("bind") == {"bind": "127.0.0.1"}
+            assert await client.config_get("save") == {"save": ""}
+            assert await client.config_get("appendonly") == {"appendonly": "no"}
+            await client.set("kept", "1")
+        finally:
+            await client.aclose()
+    finally:
+        server.stop()
+    # Stopped with nothing saved: a restart in the same folder starts empty.
+    assert not list((tmp_path / "redis").glob("*.rdb"))
+    again = start_redis(free_port(), tmp_path / "redis")
+    try:
+        client = connect(again.address)
+        try:
+            assert await client.get("kept") is None
+        finally:
+            await client.aclose()
+    finally:
+        again.stop()
+
+
+def test_stopping_a_server_asks_it_to_end_before_killing_it(tmp_path: Path) -> None:
+    server = start_redis(free_port(), tmp_path / "redis")
+    server.stop()
+    assert server.proc.returncode == 0  # redis-server's clean exit on SIGTERM, not -SIGKILL
+
+
+def test_a_server_that_ignores_sigterm_is_killed_not_left_running(tmp_path: Path) -> None:
+    ignores_sigterm = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", ignores_sigterm], stdout=subprocess.PIPE)
+    stack = LocalStack([LocalProcess("stubborn", proc, "-")])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        stack.processes[0].stop(timeout=0.5)
+        assert proc.poll() is not None  # ended: killed after the grace period
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_starting_redis_where_a_server_already_listens_is_an_error(
+    redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    # The new redis-server cannot bind and exits; the other server's open port must not be
+    # taken for it (clv would then "stop" a dead process and run on somebody else's Redis).
+    _, port = redis_host_port(redis_server.address)
+    with pytest.raises(StackError):
+        start_redis(port, tmp_path / "redis")
+    assert port_open("127.0.0.1", port)  # the other server is untouched
+
+
+def test_server_addresses_are_read_as_the_clients_read_them() -> None:
+    assert redis_host_port("redis://localhost/0") == ("localhost", 6379)
+    assert redis_host_port("redis://:pw@10.0.0.5:6380/2") == ("10.0.0.5", 6380)
+    assert kafka_host_port("127.0.0.1:9093,other:9094") == ("127.0.0.1", 9093)  # the first
+    assert kafka_host_port(" broker:19092 ") == ("broker", 19092)
+    # A host without a port is valid (CLV_KAFKA_BOOTSTRAP accepts it): Kafka's default port.
+    assert kafka_host_port("localhost") == ("localhost", 9092)
+    assert kafka_host_port("localhost,other:9094") == ("localhost", 9092)
+
+
+def test_servers_are_started_only_for_local_addresses(tmp_path: Path) -> None:
+    from clv.settings import Settings
+    from clv.stack import ensure_servers
+
+    # Nothing listens there, but they are not this machine: clv must not start a server of
+    # its own on 127.0.0.1 in their place.
+    settings = Settings(
+        redis_url=f"redis://redis.invalid:{free_port()}/0",
+        kafka_bootstrap=f"kafka.invalid:{free_port()}",
+    )
+    stack = LocalStack()
+    try:
+        assert ensure_servers(settings, stack, tmp_path) == []
+        assert stack.processes == []
+    finally:
+        stack.stop()
+    assert not (tmp_path / "redis").exists() and not (tmp_path / "kafka").exists()
+
+
+def test_a_server_that_exits_while_starting_is_said_to_have_exited(tmp_path: Path) -> None:
+    # redis-server refuses an unknown option and exits: said at once, as what happened, not
+    # waited out as a server that "did not listen"
+    with pytest.raises(StackError) as info:
+        start_redis(free_port(), tmp_path / "redis", "--no-such-option", "1")
+    assert str(info.value) == "redis-server exited with code 1 while starting"
+
+
+@pytest.mark.parametrize(
+    "redis_url",
+    [
+        "redis+cluster://127.0.0.1:{port}",
+        "redis://127.0.0.1:{port}/0?cluster=true",
+        "rediss://127.0.0.1:{port}/0",
+    ],
+    ids=["cluster", "cluster-query", "tls"],
+)
+def test_no_plain_local_redis_is_started_for_a_cluster_or_tls_address(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from clv.settings import Settings
+    from clv.stack import ensure_servers
+
+    # a plain, unencrypted redis-server there would only make the clients fail later, and
+    # misleadingly ("started redis-server", then a cluster or TLS error)
+    settings = Settings(
+        redis_url=redis_url.format(port=free_port()), kafka_bootstrap=f"kafka.invalid:{free_port()}"
+    )
+    stack = LocalStack()
+    try:
+        assert ensure_servers(settings, stack, tmp_path) == []
+    finally:
+        stack.stop()
+
+
+async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    from clv.stack import run_stack
+    from tests.consumers.kafka_helpers import unique_settings
+
+    host, port = redis_host_port(redis_server.address)
+    settings = unique_settings(
+        broker.address,
+        # a password in the URL (the server has none: any is taken): never said
+        f"redis://default:s3cret@{host}:{port}/0",
+        event_log_dir=tmp_path / "events",
+    )
+    seen: list[Running] = []
+
+    async def on_ready(running: Running) -> None:
+        seen.append(running)
+
+    said: list[str] = []
+    await asyncio.wait_for(
+        run_stack(
+            settings,
+            asyncio.Event(),
+            workdir=tmp_path / ".clv",
+            consumers=3,
+            retrain_every_s=None,
+            on_ready=on_ready,
+            say=said.append,
+        ),
+        120,
+    )
+    [running] = seen
+    assert len(running.consumers) == 3
+    assert all(c.assignment() for c in running.consumers)  # healthy means every one has some
+    # the three consumers and the archiver, all ended by the stop
+    assert len(running.tasks) == 4 and all(t.done() for t in running.tasks)
+    [up] = [line for line in said if line.startswith("clv is up")]
+    assert "consumers=3 " in up and f"redis={host}:{port}/0 " in up
+    assert all("s3cret" not in line for line in said)
+
+
+async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `clv up` (no on_ready): it runs until stopped, or until a component ends, which only a
+    # failure does; then it stops the rest and raises, so that the command exits 1.
+    import training.train as train_module
+    from clv.errors import StackError
+    from clv.stack import run_stack
+    from tests.consumers.kafka_helpers import unique_settings
+
+    up = asyncio.Event()
+
+    async def retrain_forever(_settings: object, _interval_s: float, **_: object) -> None:
+        await up.wait()  # fails once the stack is up and running, not while it starts
+        raise RuntimeError("the model directory vanished")
+
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if line.startswith("clv is up"):
+            up.set()
+
+    monkeypatch.setattr(train_module, "retrain_forever", retrain_forever)
+    settings = unique_settings(
+        broker.address,
+        redis_server.address,
+        event_log_dir=tmp_path / "events",
+        model_dir=tmp_path / "models",
+    )
+    stop = asyncio.Event()
+    run = asyncio.create_task(
+        run_stack(settings, stop, workdir=tmp_path / ".clv", retrain_every_s=60.0, say=say)
+    )
+    try:
+        # the failure comes before healthy or after: either way it ends the stack
+        with pytest.raises(StackError) as info:
+            await asyncio.wait_for(asyncio.shield(run), 120)  # ended by the failure alone
+    finally:
+        stop.set()  # (a hung stack is ended here, so that a failure leaves nothing running)
+        await asyncio.gather(run, return_exceptions=True)
+    assert str(info.value) == (
+        "a component of the stack failed: RuntimeError('the model directory vanished')"
+    )
+    assert any(line.startswith("clv is up") for line in said)
