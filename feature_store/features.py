@@ -78,7 +78,7 @@ class UserState:
     first_ts_ms: np.ndarray  # int64, earliest purchase time (-1: none)
     last_ts_ms: np.ndarray  # int64, latest purchase time (-1: none)
     first_day: np.ndarray  # int64, day of the earliest purchase (-1: none)
-    first_day_cents: np.ndarray  # int64, net cents dated on first_day
+    first_day_cents: np.ndarray  # int64, net cents dated on or before first_day
     latest_day: np.ndarray  # int64, day of the latest event of any type
     days_user: np.ndarray  # int64, row index into the per-user arrays
     days_day: np.ndarray  # int64

@@ -133,7 +133,9 @@ def build_state(
         first_ts[mins.index.to_numpy()] = mins.to_numpy()
         last_ts[maxs.index.to_numpy()] = maxs.to_numpy()
     first_day = np.where(first_ts >= 0, first_ts // MS_PER_DAY, -1)
-    on_first = days_day == first_day[days_user]
+    # Net cents dated on or before the first purchase day: not repeat revenue (a refund dated
+    # before the first purchase is no repeat day's either).
+    on_first = days_day <= first_day[days_user]
     first_day_cents = np.zeros(n, dtype=np.int64)
     np.add.at(first_day_cents, days_user[on_first], days_cents[on_first])
     latest_day = np.full(n, -1, dtype=np.int64)

@@ -12,7 +12,7 @@
 --               "event_clock" ("now" when CLV_CLOCK=event); -1 for none
 --
 -- A user's hash: "h" = one 60-byte little-endian record {orders, net cents, purchase days, first
--- purchase ms, last purchase ms, first purchase day, net cents on that day, latest event day,
+-- purchase ms, last purchase ms, first purchase day, net cents dated on or before it, latest event day,
 -- updated ms, oldest kept day} (int32 counts and days, doubles for cents and ms; at most 64
 -- bytes, so the hash keeps its compact listpack encoding); "o<day>"/"v<day>" = purchases / net cents of a day;
 -- "#<event_id>" = day, the dedup set. Per user and batch that is one HGET, one HSETNX per event,
@@ -90,9 +90,23 @@ for ki, u in pairs(users) do
       if d[2] ~= 0 or d[1] == 0 then redis.call('HINCRBY', key, 'v' .. day, d[2]) end
       if u.ob < 0 or day < u.ob then u.ob = day end
     end
-    -- Net cents of the first purchase day; its bucket is kept while events can still land on it.
-    if new_fd ~= u.fd or u.days[new_fd] then
-      u.fc = tonumber(redis.call('HGET', key, 'v' .. new_fd) or '0')
+    -- Net cents dated on or before the first purchase day (what is not repeat revenue).
+    if new_fd >= 0 and new_fd ~= u.fd then
+      -- The first purchase day is new or earlier: every day after it is still a bucket (an
+      -- event of this batch landed on it, so nothing after it has been dropped).
+      local after = 0
+      local all = redis.call('HGETALL', key)
+      for j = 1, #all, 2 do
+        local name = all[j]
+        if string.byte(name, 1) == 118 and tonumber(string.sub(name, 2)) > new_fd then  -- 'v'
+          after = after + tonumber(all[j + 1])
+        end
+      end
+      u.fc = u.c - after
+    elseif new_fd >= 0 then
+      for day, d in pairs(u.days) do
+        if day <= new_fd then u.fc = u.fc + d[2] end
+      end
     end
     local cutoff = u.ld - retention
     if u.ob >= 0 and u.ob <= cutoff then

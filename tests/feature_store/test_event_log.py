@@ -6,8 +6,11 @@ import datetime as dt
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
-from feature_store.event_log import read_events, write_events
+from feature_store.event_log import EventLogError, log_files, read_events, write_events
 from feature_store.features import day_number
 from feature_store.offline import events_from_orders, features_at
 
@@ -33,3 +36,52 @@ def test_an_event_id_is_deduplicated_within_a_user_not_across_users(tmp_path: Pa
     f = features_at(log, day_number(dt.date(2024, 1, 1)))
     assert f.loc["a", "revenue_total"] == 10.0 and f.loc["b", "revenue_total"] == 20.0
     assert len(read_events(tmp_path, dedupe=False)) == 3
+
+
+def _log(root: Path, dates: list[str], kind: str = "purchase") -> None:
+    write_events(
+        root,
+        events_from_orders(
+            pd.DataFrame(
+                {
+                    "user_id": ["u"] * len(dates),
+                    "order_id": [f"o{i}" for i in range(len(dates))],
+                    "ts": [f"{d}T12:00:00Z" for d in dates],
+                    "amount": [1.0] * len(dates),
+                    "type": [kind] * len(dates),
+                }
+            )
+        ),
+    )
+
+
+# Mutations L1 (start day exclusive) and L2 (end day exclusive).
+def test_a_day_range_reads_exactly_the_partitions_of_its_days_both_ends_included(
+    tmp_path: Path,
+) -> None:
+    _log(tmp_path, ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"])
+    start, end = day_number(dt.date(2024, 1, 2)), day_number(dt.date(2024, 1, 3))
+    assert sorted(read_events(tmp_path, start, end)["day"]) == [start, end]
+    assert [p.parent.name for p in log_files(tmp_path, start, end)] == [
+        "date=2024-01-02",
+        "date=2024-01-03",
+    ]
+    assert list(read_events(tmp_path, end, end)["day"]) == [end]
+
+
+# Mutation L6 (the type check removed): a log holding another kind of event is refused, it
+# would otherwise count as revenue without an order.
+def test_a_log_holding_events_of_another_type_is_refused(tmp_path: Path) -> None:
+    _log(tmp_path, ["2024-01-01"], kind="exchange")
+    with pytest.raises(EventLogError, match="holds events of type 'exchange', not order events"):
+        read_events(tmp_path)
+
+
+# Mutation L11 (the null check of the required columns removed): a Parquet part that is not
+# an event-log file is refused by name.
+def test_a_part_file_without_the_event_columns_is_refused_by_name(tmp_path: Path) -> None:
+    _log(tmp_path, ["2024-01-01"])
+    foreign = tmp_path / "date=2024-01-01" / "part-foreign.parquet"
+    pq.write_table(pa.table({"event_id": ["x"], "user_id": ["u"], "amount": [1.0]}), foreign)
+    with pytest.raises(EventLogError, match=r"part-foreign\.parquet is not an event-log file"):
+        read_events(tmp_path)

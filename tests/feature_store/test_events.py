@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 
+import numpy as np
 import pytest
 
 from clv.errors import InvalidEvent
-from feature_store.events import valid_event_id, valid_user_id, validate
+from feature_store.events import amounts_in_range, valid_event_id, valid_user_id, validate
+from feature_store.features import day_number
 from tests.feature_store.streams import BAD, GOOD
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01
@@ -181,3 +184,63 @@ def test_a_record_is_judged_by_its_own_timestamp_not_the_time_it_is_read() -> No
     assert err.value.reason == "future_timestamp"
     written_later = dataclasses.replace(rec, timestamp=NOW_MS + 2 * day)
     assert validate_record(written_later, Settings(), wall_ms=NOW_MS + 10 * day).ts_ms > NOW_MS
+
+
+# Mutations E4 (amounts_in_range: amount < MAX_AMOUNT), E6 (decoder: gt=0), E7 (decoder: lt=1e9).
+def test_amounts_of_zero_and_of_exactly_a_billion_are_accepted_online_and_by_the_file_rules() -> (
+    None
+):
+    for amount, cents in ((0, 0), (0.0, 0), (1e9, 100_000_000_000)):
+        assert (
+            validate(json.dumps({**GOOD, "amount": amount}).encode(), now_ms=NOW_MS).cents == cents
+        )
+    assert amounts_in_range(np.array([0.0, 1e9])).all()
+    just_over = float(np.nextafter(1e9, np.inf))
+    assert not amounts_in_range(np.array([just_over])).any()
+    with pytest.raises(InvalidEvent) as err:
+        validate(json.dumps({**GOOD, "amount": just_over}).encode(), now_ms=NOW_MS)
+    assert err.value.reason == "invalid_value"
+
+
+# Mutation E8 (_epoch_ms: t <= _EPOCH refused): the first instant of 1970 is a valid time.
+def test_the_first_instant_of_1970_is_accepted() -> None:
+    for ts in ("1970-01-01T00:00:00Z", "1970-01-01", "1970-01-01T01:00:00+01:00"):
+        ev = validate(json.dumps({**GOOD, "ts": ts}).encode(), now_ms=NOW_MS)
+        assert (ev.ts_ms, ev.day) == (0, 0)
+
+
+# Mutation E12 (currency compared case-insensitively): "usd" is not an ISO 4217 code.
+def test_a_lower_case_currency_code_is_not_the_deployments_currency() -> None:
+    with pytest.raises(InvalidEvent) as err:
+        validate(json.dumps({**GOOD, "currency": "usd"}).encode(), now_ms=NOW_MS)
+    assert err.value.reason == "invalid_value"
+    assert (
+        validate(json.dumps({**GOOD, "currency": "USD"}).encode(), now_ms=NOW_MS).currency == "USD"
+    )
+
+
+# Mutation E14 (day = ts rounded to the nearest day instead of its UTC date).
+@pytest.mark.parametrize(
+    ("ts", "date"),
+    [
+        ("2024-01-01T23:59:59.999Z", dt.date(2024, 1, 1)),
+        ("2024-01-01T12:00:00Z", dt.date(2024, 1, 1)),
+        ("2024-01-01T20:00:00-05:00", dt.date(2024, 1, 2)),  # 01:00 UTC the next day
+        ("2024-01-02T01:00:00+02:00", dt.date(2024, 1, 1)),  # 23:00 UTC the day before
+    ],
+)
+def test_an_events_day_is_its_utc_date_late_in_the_day_and_across_an_offset(
+    ts: str, date: dt.date
+) -> None:
+    assert validate(json.dumps({**GOOD, "ts": ts}).encode(), now_ms=NOW_MS).day == day_number(date)
+
+
+# Mutation E20 (too_large when len(raw) >= max_bytes): the cap itself is allowed.
+def test_a_message_of_exactly_the_size_cap_is_accepted_and_one_byte_more_is_not() -> None:
+    base = json.dumps({**GOOD, "pad": ""}).encode()
+    raw = json.dumps({**GOOD, "pad": "x" * (1024 - len(base))}).encode()
+    assert len(raw) == 1024
+    assert validate(raw, now_ms=NOW_MS, max_bytes=1024).event_id == "e"
+    with pytest.raises(InvalidEvent) as err:
+        validate(raw, now_ms=NOW_MS, max_bytes=1023)
+    assert err.value.reason == "too_large"

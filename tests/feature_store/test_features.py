@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pandas as pd
 
-from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_number
+from feature_store.events import validate
+from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_number, ms_to_iso
 from feature_store.offline import events_from_orders, features_at, too_late_mask
+from tests.feature_store.streams import GOOD
 
 from .streams import MS_PER_DAY, _ev, as_frame
 
@@ -93,3 +96,65 @@ def test_the_offline_too_late_edge_is_the_retention_to_the_day() -> None:
     assert list(too_late_mask(frame, RETENTION_DAYS)) == [False, True, False]
     f = features_at(frame, 1365, late_after_days=RETENTION_DAYS).loc["u"]
     assert f["orders_total"] == 2  # the one the online state rejects is left out
+
+
+# Mutation F4 (frequency = purchase_days - 1, not clamped at 0).
+def test_a_user_with_only_refunds_has_no_purchase_days_and_a_frequency_of_zero() -> None:
+    ev = _orders(
+        [("2024-01-01T10:00:00Z", "refund", 5.0, ""), ("2024-01-03T10:00:00Z", "refund", 1.0, "")]
+    )
+    f = features_at(ev, day_number(dt.date(2024, 1, 10))).loc["u"]
+    assert f["orders_total"] == 0 and f["revenue_total"] == -6.0
+    assert f["purchase_days"] == 0 and f["frequency"] == 0
+    assert f["recency_days"] == 0 and f["age_days"] == 0 and f["avg_repeat_value"] == 0.0
+    assert f["first_order_at"] is None and f["last_order_at"] is None
+
+
+# Mutation F9 (iso_times always formats whole seconds): milliseconds are kept, exactly.
+def test_order_times_keep_their_milliseconds_and_whole_seconds_have_none() -> None:
+    ev = _orders(
+        [
+            ("2024-01-01T10:00:00.250Z", "purchase", 1.0, ""),
+            ("2024-01-05T10:00:00Z", "purchase", 1.0, ""),
+        ]
+    )
+    f = features_at(ev, day_number(dt.date(2024, 1, 5))).loc["u"]
+    assert f["first_order_at"] == "2024-01-01T10:00:00.250Z"
+    assert f["last_order_at"] == "2024-01-05T10:00:00Z"
+
+
+# Mutation F10 (iso_times: ms > 0): a purchase at epoch millisecond 0 is a purchase.
+def test_an_order_at_the_first_instant_of_1970_has_an_order_time() -> None:
+    assert ms_to_iso(0) == "1970-01-01T00:00:00Z"
+    f = features_at(_orders([("1970-01-01T00:00:00Z", "purchase", 1.0, "")]), 0).loc["u"]
+    assert f["first_order_at"] == f["last_order_at"] == "1970-01-01T00:00:00Z"
+
+
+# Mutations F11 (to_cents truncates) and O2 (offline signed_cents truncates): 0.29 * 100 is
+# 28.999999999999996 and 1.15 * 100 is 114.99999999999999 in binary floating point.
+def test_an_amount_whose_hundredfold_falls_just_below_a_cent_rounds_to_it_online_and_offline() -> (
+    None
+):
+    for amount, cents in ((0.29, 29), (1.15, 115), (4.35, 435)):
+        assert (
+            validate(json.dumps({**GOOD, "amount": amount}).encode(), now_ms=1 << 42).cents == cents
+        )
+        ev = _orders([("2024-01-01", "purchase", amount, ""), ("2024-01-02", "refund", amount, "")])
+        assert list(ev["cents"]) == [cents, -cents]
+
+
+# Defect 1 (avg_repeat_value): a refund dated before the user's first purchase day is no
+# repeat purchase day's revenue (contract: "mean revenue of the repeat purchase days"; README:
+# "net revenue after the first purchase day ... divided by the repeat purchase days"). The
+# unfixed code subtracts it from the repeat revenue (20.0 here).
+def test_a_refund_dated_before_the_first_purchase_is_no_repeat_days_revenue() -> None:
+    ev = _orders(
+        [
+            ("2024-01-01T10:00:00Z", "refund", 10.0, ""),  # an order bought before the log began
+            ("2024-01-11T10:00:00Z", "purchase", 20.0, ""),  # first purchase day
+            ("2024-01-21T10:00:00Z", "purchase", 30.0, ""),  # the one repeat purchase day
+        ]
+    )
+    f = features_at(ev, day_number(dt.date(2024, 1, 21))).loc["u"]
+    assert f["revenue_total"] == 40.0 and f["frequency"] == 1
+    assert f["avg_repeat_value"] == 30.0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at, too_late_mask
-from feature_store.redis_store import FeatureStore, decode_hash
+from feature_store.redis_store import FeatureStore, decode_hash, user_key
 
 from .streams import MS_PER_DAY, _ev, as_frame, messy_events
 
@@ -172,3 +173,139 @@ async def test_features_before_the_latest_event_are_refused_online(redis: Redis)
     assert online_features(stored.state, 1000).loc["u", "orders_total"] == 1
     with pytest.raises(StoreError, match="is before the user's latest event day 1000"):
         online_features(stored.state, 999)
+
+
+async def _online_equals_offline(
+    store: FeatureStore, events: list, user: str, as_of: int
+) -> pd.Series:
+    online = await store.features(user, as_of)
+    assert online is not None
+    offline = features_at(as_frame(events), as_of, late_after_days=RETENTION_DAYS)
+    pd.testing.assert_frame_equal(online, offline.loc[[user]], check_dtype=False)
+    return online.loc[user]
+
+
+# Mutation F12 (RETENTION_DAYS = max(WINDOWS) - 1): the retention must cover the longest
+# window; the online/offline comparisons use the same constant, so they cannot see it.
+async def test_an_order_364_days_before_the_as_of_day_counts_in_the_365_day_window_online(
+    redis: Redis,
+) -> None:
+    store = FeatureStore(redis)
+    old = _ev("a", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY)
+    new = _ev("b", "purchase", "u", "o2", 500, 1364 * MS_PER_DAY)
+    for ev in (old, new):
+        await store.apply([ev], group="g", progress={}, now_ms=1)
+    f = await store.features("u", 1364)
+    assert f is not None
+    assert f.loc["u", "orders_365d"] == 2 and f.loc["u", "revenue_365d"] == 15.0
+    assert f.loc["u", "orders_90d"] == 1
+    f = await store.features("u", 1365)  # a day later the old order has left the window
+    assert f is not None and f.loc["u", "orders_365d"] == 1
+
+
+# Mutation R1 (too-late checked before dedup): a copy of an event, in the same batch that moved
+# the event's own day out of the window, is a duplicate, not dead-lettered as too late.
+async def test_a_copy_in_the_batch_that_moved_its_day_out_of_the_window_is_a_duplicate(
+    redis: Redis,
+) -> None:
+    store = FeatureStore(redis)
+    x = _ev("x", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY)
+    y = _ev("y", "purchase", "u", "o2", 500, (1000 + RETENTION_DAYS) * MS_PER_DAY)
+    res = await store.apply([x, y, x], group="g", progress={}, now_ms=1)
+    assert (res.applied, res.duplicates, res.too_late) == (2, 1, [])
+    f = await store.features("u")
+    assert f is not None and f.loc["u", "orders_total"] == 2
+
+
+# Mutation R11 (the oldest kept day is not lowered by an older day arriving out of order):
+# that day's bucket and dedup id would then outlive the window.
+async def test_an_older_day_arriving_out_of_order_is_dropped_when_it_leaves_the_window(
+    redis: Redis,
+) -> None:
+    store = FeatureStore(redis)
+    for eid, day in (("a", 1100), ("b", 1000), ("c", 1000 + RETENTION_DAYS)):
+        ev = _ev(eid, "purchase", "u", f"o-{eid}", 100, day * MS_PER_DAY)
+        await store.apply([ev], group="g", progress={}, now_ms=1)
+    state = decode_hash(await redis.hgetall(store.user_key("u")))
+    assert sorted(state["days"]) == [1100, 1000 + RETENTION_DAYS]
+    assert sorted(state["dedup"]) == ["a", "c"]
+    assert state["oldest_day"] == 1100
+    assert state["orders"] == 3 and state["purchase_days"] == 3
+
+
+# Mutation R20 (the purchase flag sent to Lua from the sign of cents): a refund of 0.00 is no
+# order and no purchase day.
+async def test_a_refund_of_nothing_is_not_an_order_online_as_offline(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    events = [
+        _ev("p", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY),
+        _ev("r", "refund", "u", "o1", 0, 1001 * MS_PER_DAY + 5),
+    ]
+    await store.apply(events, group="g", progress={}, now_ms=1)
+    f = await _online_equals_offline(store, events, "u", 1001)
+    assert f["orders_total"] == 1 and f["purchase_days"] == 1
+    assert f["last_order_at"] == "1972-09-27T00:00:00Z"
+
+
+# Mutation R21 (the batch's event clock taken from its last event, not its largest time).
+async def test_the_event_clock_is_the_largest_time_in_a_batch_whatever_its_order(
+    redis: Redis,
+) -> None:
+    store = FeatureStore(redis)
+    later = _ev("a", "purchase", "u", "o1", 1, 2000 * MS_PER_DAY)
+    earlier = _ev("b", "purchase", "v", "o2", 1, 1000 * MS_PER_DAY)
+    await store.apply([later, earlier], group="g", progress={"orders:0": 1}, now_ms=1)
+    assert await store.event_clock_ms("g") == 2000 * MS_PER_DAY
+
+
+# Mutation R22 (updated_ms read from another header field): "features updated at" is the
+# wall clock of the last change, and a batch that changes nothing leaves it.
+async def test_the_state_records_when_it_last_changed(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    ev = _ev("a", "purchase", "u", "o1", 100, 1000 * MS_PER_DAY)
+    await store.apply([ev], group="g", progress={}, now_ms=1_700_000_000_123)
+    await store.apply([ev], group="g", progress={}, now_ms=1_700_000_999_000)  # a duplicate
+    stored = await store.read_state("u")
+    assert stored is not None and stored.updated_ms == 1_700_000_000_123
+
+
+# Mutation R24 (progress() returns the event_clock field as if it were a partition).
+async def test_progress_lists_partitions_only_not_the_event_clock(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    ev = _ev("a", "purchase", "u", "o1", 100, 1000 * MS_PER_DAY)
+    await store.apply([ev], group="g", progress={"orders:0": 5}, now_ms=1)
+    assert await store.progress("g") == {"orders:0": 5}
+    assert await store.event_clock_ms("g") == 1000 * MS_PER_DAY
+
+
+# Mutation R27 (every id used as its own hash tag): an id with "}" would give an empty or cut
+# tag, and then the user's keys under different prefixes (state, scores, alerts) would land in
+# different Redis Cluster slots.
+@pytest.mark.parametrize("uid", ["}", "}0{x}", "a}b", "{x}"])
+def test_a_user_id_with_a_closing_brace_keeps_all_its_keys_in_one_slot(uid: str) -> None:
+    slots = {key_slot(user_key(prefix, uid).encode()) for prefix in ("clv", "score", "alert:x")}
+    assert len(slots) == 1
+    assert user_key("clv", uid) != user_key("clv", uid + "}")
+
+
+# Defect 1 (avg_repeat_value), online: refunds dated before the first purchase day, a first
+# purchase day that moves earlier when an older purchase arrives late, and a refund on the
+# first day, in every batching: online equals offline, and the hand-checked value.
+@pytest.mark.parametrize("batch", [1, 2, 6])
+async def test_refunds_dated_before_the_first_purchase_are_no_repeat_revenue_online_as_offline(
+    redis: Redis, batch: int
+) -> None:
+    store = FeatureStore(redis)
+    events = [
+        _ev("r0", "refund", "u", "o0", -700, 95 * MS_PER_DAY),  # before any purchase
+        _ev("p2", "purchase", "u", "o2", 2000, 110 * MS_PER_DAY),
+        _ev("p3", "purchase", "u", "o3", 3000, 120 * MS_PER_DAY),
+        _ev("r1", "refund", "u", "o9", -1000, 100 * MS_PER_DAY),  # before the first purchase
+        _ev("p1", "purchase", "u", "o1", 4000, 105 * MS_PER_DAY),  # now the first purchase
+        _ev("r2", "refund", "u", "o1", -500, 105 * MS_PER_DAY + 1),  # on the first day
+    ]
+    for i in range(0, len(events), batch):
+        await store.apply(events[i : i + batch], group="g", progress={}, now_ms=1)
+    f = await _online_equals_offline(store, events, "u", 120)
+    assert f["frequency"] == 2 and f["revenue_total"] == 68.0
+    assert f["avg_repeat_value"] == 25.0  # (20 + 30) / 2: no refund is on a repeat day
