@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.structs import ConsumerRecord
 
 # Header names of a dead letter; the value and key are the original message's, byte for byte.
@@ -15,6 +16,12 @@ DETAIL = "clv-detail"
 SOURCE_TOPIC = "clv-source-topic"
 SOURCE_PARTITION = "clv-source-partition"
 SOURCE_OFFSET = "clv-source-offset"
+# Set (to the original value's size in bytes) on a dead letter sent without the value, which
+# was too large for the dead-letter topic; the value stays at the source offset.
+VALUE_OMITTED = "clv-value-omitted"
+
+# Refused for its size: by the producer before sending, or by the broker.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,32 +32,55 @@ class Rejected:
 
 
 class DeadLetters:
-    """Publishes rejected messages and waits until the broker has them all."""
+    """Publishes rejected messages and waits until the broker has them all.
+
+    A dead letter carries the original bytes. One too large for the dead-letter topic (a broker
+    whose ``max.message.bytes`` for it is below the orders topic's) is sent again without its
+    value, marked ``clv-value-omitted``, rather than stopping the consumer on it at every
+    restart: its reason and source (topic, partition, offset) still say where the bytes are.
+    """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
         self._producer = producer
         self._topic = topic
 
     async def publish(self, rejected: Sequence[Rejected]) -> None:
-        futures = []
-        for r in rejected:
-            m = r.record
-            headers = [
-                (REASON, r.reason.encode()),
-                (DETAIL, r.detail[:1000].encode("utf-8", "replace")),
-                (SOURCE_TOPIC, m.topic.encode()),
-                (SOURCE_PARTITION, str(m.partition).encode()),
-                (SOURCE_OFFSET, str(m.offset).encode()),
-            ]
-            futures.append(
-                await self._producer.send(self._topic, value=m.value, key=m.key, headers=headers)
-            )
-        if futures:
-            await asyncio.gather(*futures)
+        acks = [await self._send(r, whole=True) for r in rejected]
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        refused = [
+            r for r, res in zip(rejected, results, strict=True) if isinstance(res, _TOO_LARGE)
+        ]
+        for res in results:
+            if isinstance(res, BaseException) and not isinstance(res, _TOO_LARGE):
+                raise res
+        if refused:
+            await asyncio.gather(*[await self._send(r, whole=False) for r in refused])
+
+    async def _send(self, r: Rejected, *, whole: bool) -> asyncio.Future[object]:
+        m = r.record
+        headers = [
+            (REASON, r.reason.encode()),
+            (DETAIL, r.detail[:1000].encode("utf-8", "replace")),
+            (SOURCE_TOPIC, m.topic.encode()),
+            (SOURCE_PARTITION, str(m.partition).encode()),
+            (SOURCE_OFFSET, str(m.offset).encode()),
+        ]
+        if whole:
+            try:
+                return await self._producer.send(
+                    self._topic, value=m.value, key=m.key, headers=headers
+                )
+            except _TOO_LARGE as exc:  # larger than a request may be: refused before sending
+                future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                future.set_exception(exc)
+                return future
+        headers.append((VALUE_OMITTED, str(len(m.value or b"")).encode()))
+        return await self._producer.send(self._topic, value=None, key=m.key, headers=headers)
 
 
 def describe(record: ConsumerRecord[bytes, bytes]) -> dict[str, object]:
-    """A dead letter as a dict (for tools and tests): reason, detail, source, original bytes."""
+    """A dead letter as a dict (for tools and tests): reason, detail, source, original bytes (or
+    ``value_omitted``: their size, when they were too large to send)."""
     h = {k: v.decode() for k, v in (record.headers or ())}
     return {
         "reason": h.get(REASON),
@@ -60,4 +90,5 @@ def describe(record: ConsumerRecord[bytes, bytes]) -> dict[str, object]:
         "offset": int(h[SOURCE_OFFSET]) if SOURCE_OFFSET in h else None,
         "value": record.value,
         "key": record.key,
+        "value_omitted": int(h[VALUE_OMITTED]) if VALUE_OMITTED in h else None,
     }

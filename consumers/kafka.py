@@ -40,6 +40,10 @@ def validate_record(
         raise InvalidEvent("invalid_value", f"unexpected: {exc!r}"[:500]) from exc
 
 
+#: The most a consumer fetches in one response, and so the largest message it can be handed.
+FETCH_MAX_BYTES = 64 * 1024 * 1024
+
+
 def make_consumer(
     settings: Settings, group_id: str, *topics: str, **overrides: object
 ) -> AIOKafkaConsumer:
@@ -50,7 +54,7 @@ def make_consumer(
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
-        "fetch_max_bytes": 64 * 1024 * 1024,
+        "fetch_max_bytes": FETCH_MAX_BYTES,
         "client_id": f"clv-{group_id}",
     }
     opts.update(overrides)
@@ -59,10 +63,13 @@ def make_consumer(
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     # acks=all; no idempotent producer (not every Kafka-protocol broker supports it): consumers
-    # deduplicate by event id instead.
+    # deduplicate by event id instead. Any message a consumer can fetch must fit in a request:
+    # a dead letter carries the original bytes (aiokafka's default, 1 MiB, refused a larger
+    # orders message client-side, which stopped the feature consumer on every restart).
     opts: dict[str, object] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "acks": "all",
+        "max_request_size": FETCH_MAX_BYTES + 1024 * 1024,  # room for the dead letter's headers
         "linger_ms": 5,
         "max_batch_size": 512 * 1024,
         "client_id": "clv-producer",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from clv.local_stack import LocalProcess
 from clv.replay import publish
@@ -126,3 +127,54 @@ async def test_the_log_is_partitioned_by_event_date(settings: Settings) -> None:
     one_user = events[0].user_id
     mine = read_events(settings.event_log_dir, user_id=one_user)
     assert set(mine["event_id"]) == {e.event_id for e in events if e.user_id == one_user}
+
+
+async def _buffered(consumer: AIOKafkaConsumer, ends: dict[object, int]) -> None:
+    """Until the archiver has been handed (and so buffered) every record of the topic."""
+    while len(consumer.assignment()) < len(ends) or [
+        tp for tp, end in ends.items() if await consumer.position(tp) < end
+    ]:
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_the_buffer_is_flushed_and_committed_when_the_archiver_stops(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path, how: str
+) -> None:
+    # Mutations: the flush after the loop (stop) or in the CancelledError handler (cancel) is
+    # dropped: the buffered events are neither written nor committed at shutdown (a restart
+    # reads them again, but `clv up` stopping leaves the log behind the topic).
+    s = unique_settings(
+        broker.address,
+        redis_server.address,
+        event_log_dir=tmp_path / "events",
+        archive_flush_events=10**6,  # neither flush condition is met while it runs
+        archive_flush_seconds=24 * 3600,
+    )
+    await ensure_topics(s)
+    events = messy_events(6, users=5, per_user=5)
+    await publish(s, [event_message(e) for e in events])
+    ends = await end_offsets(s, s.orders_topic)
+    stop = asyncio.Event()
+    consumer = make_consumer(s, s.archiver_group, s.orders_topic)
+    await consumer.start()
+    archiver = Archiver(s, consumer, s.event_log_dir)
+    task = asyncio.create_task(archiver.run(stop))
+    try:
+        await asyncio.wait_for(_buffered(consumer, ends), timeout=60)
+        assert archiver.written == 0  # all of it is still in the buffer
+        if how == "stop":
+            stop.set()
+            await task
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        done = await committed(s, s.archiver_group, s.orders_topic)
+        await consumer.stop()
+    assert archiver.written == len(events)
+    assert {tp: c or 0 for tp, c in done.items()} == ends  # an empty partition has none
+    assert len(read_events(s.event_log_dir, dedupe=False)) == len(events)

@@ -11,31 +11,34 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from clv.errors import StoreError
+from clv.local_stack import LocalProcess
 from clv.replay import publish
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, describe
-from consumers.feature_consumer import FeatureConsumer
+from consumers.feature_consumer import FeatureConsumer, run_feature_consumer
 from consumers.kafka import (
     committed,
+    end_offsets,
     make_consumer,
     make_producer,
     read_topic,
     wait_committed,
 )
 from feature_store.events import ValidEvent
-from feature_store.features import RETENTION_DAYS
+from feature_store.features import RETENTION_DAYS, ms_to_iso
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import BAD, as_frame, messy_events
 
-from .kafka_helpers import event_message
+from .kafka_helpers import event_message, unique_settings
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +250,186 @@ async def test_sigkill_mid_stream_then_restart_changes_no_feature(settings: Sett
     finally:
         await redis.aclose()
     await _assert_online_equals_offline(settings, events)
+
+
+MS_PER_DAY = 86_400_000
+
+
+async def test_the_consumer_records_its_progress_event_clock_and_update_time(
+    settings: Settings,
+) -> None:
+    # Mutations (feature_consumer.py): the progress is a batch's first offset, not its last;
+    # the apply records under another group than the consumer's (CLV_CLOCK=event then reads
+    # no clock); the users' "updated at" is not the wall-clock time of the apply (0, or in
+    # microseconds).
+    events = messy_events(12, users=20, per_user=10)
+    await publish(settings, [event_message(e) for e in events])
+    before = time.time_ns() // 1_000_000
+    await _run_group(settings, 1)
+    after = time.time_ns() // 1_000_000
+    ends = await end_offsets(settings, settings.orders_topic)
+    redis = connect(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        group = settings.consumer_group
+        # The last applied offset of every partition with records: one short of its end.
+        assert await store.progress(group) == {
+            f"{tp.topic}:{tp.partition}": end - 1 for tp, end in ends.items() if end
+        }
+        assert await store.event_clock_ms(group) == max(e.ts_ms for e in events)
+        for user in {e.user_id for e in events}:
+            stored = await store.read_state(user)
+            assert stored is not None and before <= stored.updated_ms <= after, user
+    finally:
+        await redis.aclose()
+
+
+def _order(event_id: str, ts_ms: int, **changes: object) -> bytes:
+    body = {
+        "event_id": event_id,
+        "type": "purchase",
+        "user_id": event_id,  # a user of its own
+        "order_id": event_id,
+        "amount": 5.0,
+        "ts": ms_to_iso(ts_ms),
+        "currency": "EUR",
+        **changes,
+    }
+    return json.dumps(body).encode()
+
+
+async def test_the_consumer_validates_by_its_settings_and_by_when_a_message_was_produced(
+    settings: Settings,
+) -> None:
+    # Mutations (kafka.py, validate_record): the size cap, the future tolerance or the
+    # currency of the settings not passed on (the defaults judge instead); the future-time
+    # clock is the wall clock instead of the record's own timestamp (a replay of old messages
+    # would then accept what the archiver, reading them when produced, refused).
+    s = settings.model_copy(
+        update={"max_event_bytes": 1024, "future_tolerance_seconds": 3600, "currency": "EUR"}
+    )
+    now = time.time_ns() // 1_000_000
+    messages = [
+        ("ok", _order("ok", now - MS_PER_DAY), None),
+        ("big", _order("big", now - MS_PER_DAY, note="x" * 2000), None),  # under the default cap
+        ("ahead", _order("ahead", now + 2 * 3_600_000), None),  # under the default tolerance
+        ("usd", _order("usd", now - MS_PER_DAY, currency="USD"), None),  # the default currency
+        # Produced 30 days ago, dated 10 days after that: ahead of its own clock, though
+        # behind the wall clock now.
+        ("replayed", _order("replayed", now - 20 * MS_PER_DAY), now - 30 * MS_PER_DAY),
+    ]
+    producer = make_producer(s)
+    await producer.start()
+    try:
+        for key, value, produced_at in messages:
+            await (
+                await producer.send(
+                    s.orders_topic, key=key.encode(), value=value, timestamp_ms=produced_at
+                )
+            )
+    finally:
+        await producer.stop()
+    await _run_group(s, 1)
+    letters = [describe(r) for r in await read_topic(s, s.dlq_topic)]
+    reasons = {json.loads(d["value"])["event_id"]: d["reason"] for d in letters}  # type: ignore[arg-type]
+    assert reasons == {
+        "big": "too_large",
+        "ahead": "future_timestamp",
+        "usd": "unsupported_currency",
+        "replayed": "future_timestamp",
+    }
+    redis = connect(s.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=s.key_prefix)
+        assert [u for u, *_ in messages if await store.read_state(u)] == ["ok"]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_message_larger_than_a_default_producer_request_is_dead_lettered(
+    settings: Settings,
+) -> None:
+    # Defect (kafka.py, make_producer): the dead-letter producer kept aiokafka's 1 MiB request
+    # limit, so a 2 MiB orders message (another team's producer allows it, the broker took it)
+    # could not be dead-lettered: MessageSizeTooLargeError stopped the consumer, uncommitted,
+    # and every restart stopped on the same message.
+    big = b'{"pad":"' + b"x" * (2 * 1024 * 1024) + b'"}'
+    good = messy_events(5, users=1, per_user=1)[0]
+    producer = make_producer(settings, max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    try:
+        await (await producer.send(settings.orders_topic, key=good.user_id.encode(), value=big))
+        key, value = event_message(good)
+        await (await producer.send(settings.orders_topic, key=key, value=value))
+    finally:
+        await producer.stop()
+    async with Group(settings) as group:
+        await group.join()
+        worker = group.tasks[0]
+        waiter = asyncio.create_task(wait_committed(settings, settings.consumer_group))
+        try:
+            await asyncio.wait([waiter, worker], return_when=asyncio.FIRST_COMPLETED)
+            if worker.done():
+                group.tasks.clear()  # its failure is the finding, not a teardown error
+                pytest.fail(f"the consumer stopped: {worker.exception()!r}")
+            await waiter
+        finally:
+            waiter.cancel()
+    letters = [describe(r) for r in await read_topic(settings, settings.dlq_topic)]
+    assert [(d["reason"], d["value"]) for d in letters] == [("too_large", big)]
+    redis = connect(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        assert await store.read_state(good.user_id) is not None  # the message after it counted
+    finally:
+        await redis.aclose()
+
+
+async def test_clv_consume_on_a_fresh_broker_creates_the_topics_it_needs(
+    broker: LocalProcess, redis_server: LocalProcess
+) -> None:
+    # Mutation: run_feature_consumer no longer calls ensure_topics: the orders topic is then
+    # whatever the broker auto-creates (if anything) and the dead-letter topic does not exist.
+    s = unique_settings(broker.address, redis_server.address)  # no topics made
+    stop = asyncio.Event()
+    stop.set()  # start, then stop at once
+    stats = await run_feature_consumer(s, stop)
+    assert stats.batches == 0
+    orders = await end_offsets(s, s.orders_topic)
+    assert sorted(tp.partition for tp in orders) == list(range(s.orders_partitions))
+    assert [tp.partition for tp in await end_offsets(s, s.dlq_topic)] == [0]
+
+
+async def test_a_dead_letter_too_large_for_the_topic_is_sent_without_its_value(
+    settings: Settings,
+) -> None:
+    # A broker whose limit for the dead-letter topic is below the orders topic's refuses a
+    # large letter; here the producer's own request limit refuses it. It is sent again
+    # without its value, marked with its size, instead of stopping the consumer at every
+    # restart; the letters that fit keep their bytes.
+    from aiokafka.structs import ConsumerRecord
+
+    from consumers.dead_letters import DeadLetters, Rejected
+
+    def rejected(offset: int, value: bytes) -> Rejected:
+        rec = ConsumerRecord(
+            settings.orders_topic, 0, offset, 0, 0, b"u1", value, None, 2, len(value), ()
+        )
+        return Rejected(rec, "too_large", f"{len(value)} bytes > limit")
+
+    small, big = b'{"pad":"x"}', b'{"pad":"' + b"x" * 10_000 + b'"}'
+    producer = make_producer(settings, max_request_size=4096)
+    await producer.start()
+    try:
+        await DeadLetters(producer, settings.dlq_topic).publish(
+            [rejected(7, small), rejected(8, big)]
+        )
+    finally:
+        await producer.stop()
+    letters = {
+        d["offset"]: d for d in map(describe, await read_topic(settings, settings.dlq_topic))
+    }
+    assert letters[7]["value"] == small and letters[7]["value_omitted"] is None
+    assert letters[8]["value"] is None and letters[8]["value_omitted"] == len(big)
+    assert letters[8]["reason"] == "too_large" and letters[8]["topic"] == settings.orders_topic
+    assert letters[8]["detail"] == f"{len(big)} bytes > limit" and letters[8]["key"] == b"u1"

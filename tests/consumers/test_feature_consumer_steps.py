@@ -14,11 +14,19 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import CommitFailedError, GroupAuthorizationFailedError, RequestTimedOutError
+from aiokafka.errors import (
+    CommitFailedError,
+    GroupAuthorizationFailedError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RequestTimedOutError,
+)
 from aiokafka.structs import ConsumerRecord
 
+import consumers.kafka
+from clv.errors import StoreError
 from clv.settings import Settings
-from consumers.dead_letters import Rejected
+from consumers.dead_letters import DeadLetters, Rejected
 from consumers.feature_consumer import FeatureConsumer
 from feature_store.events import ValidEvent
 from feature_store.redis_store import ApplyResult
@@ -159,3 +167,134 @@ async def test_a_commit_the_client_gives_up_on_stops_the_consumer() -> None:
         await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
     assert kafka.committed == {}
     assert [step for step, _ in steps.log].count("commit") == 1  # nothing after it
+
+
+class FailingStore(FakeStore):
+    """As FakeStore, but a batch holding an event whose id starts with "fail" fails (Redis gone)."""
+
+    async def apply(
+        self, events: list[ValidEvent], *, group: str, progress: dict[str, int], now_ms: int
+    ) -> ApplyResult:
+        result = await super().apply(events, group=group, progress=progress, now_ms=now_ms)
+        if any(e.event_id.startswith("fail") for e in events):
+            raise StoreError("applying a batch failed: connection refused")
+        return result
+
+
+async def test_a_failed_batch_leaves_the_batch_fetched_after_it_uncommitted() -> None:
+    # Mutation: run() no longer awaits the batch in flight before starting the next one
+    # (feature_consumer.py, "await in_flight" in the loop): the second batch's commit then
+    # covers the first, failed one, whose events are lost.
+    steps = Steps()
+    kafka = FakeKafka(steps, [[record(0, event("fail-1"))], [record(1, event("e2"))]])
+    kafka.stop_when_committed = 2  # what a consumer that went on would commit
+    worker = consumer(steps, kafka)
+    worker._store = FailingStore(steps)  # type: ignore[assignment]
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(worker.run(steps.stop), timeout=30)
+    assert kafka.committed == {}
+    assert [step for step, _ in steps.log] == ["apply"]  # the next batch was not applied either
+
+
+class StopWhenDrained(FakeKafka):
+    """Hands out its batches, then sets ``stop`` (as a signal would) while the last is in hand."""
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+        if self.batches:
+            return {TP: self.batches.pop(0)}
+        self.steps.stop.set()
+        return {}
+
+
+async def test_stop_finishes_and_commits_the_batch_in_hand_before_run_returns() -> None:
+    # Mutation: run()'s finally no longer awaits the batch in flight: run returns with the last
+    # batch applied (or not) but uncommitted, and the process exits under it.
+    steps = Steps()
+    kafka = StopWhenDrained(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
+    worker = consumer(steps, kafka)
+
+    async def run_to_the_end() -> None:
+        await worker.run(steps.stop)
+        steps.log.append(("run returned", None))  # before anything else gets to run
+
+    await asyncio.wait_for(run_to_the_end(), timeout=30)
+    assert steps.log[-2:] == [("commit", {TP: 2}), ("run returned", None)]
+    assert kafka.committed == {TP: 2}
+
+
+async def test_an_unexpected_error_in_validation_dead_letters_the_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Mutation: validate_record (kafka.py) re-raises unexpected exceptions instead of turning
+    # them into an "invalid_value" rejection: one odd message would stop the consumer for good.
+    real = consumers.kafka.validate
+
+    def validate(raw: bytes | None, **kw: Any) -> ValidEvent:
+        if raw and b"boom" in raw:
+            raise OverflowError("date value out of range")  # a bug in a corner of validation
+        return real(raw, **kw)
+
+    monkeypatch.setattr(consumers.kafka, "validate", validate)
+    steps = Steps()
+    kafka = FakeKafka(steps, [[record(0, event("boom")), record(1, event("e1"))]])
+    kafka.stop_when_committed = 2
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    assert steps.log == [
+        ("dead letters", [(0, "invalid_value")]),
+        ("apply", ["e1"]),
+        ("commit", {TP: 2}),
+    ]
+
+
+class UnacknowledgingProducer:
+    """Takes every message; the broker then refuses them (as after its request timeout)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None]] = []
+
+    async def send(self, topic: str, **kw: Any) -> asyncio.Future[None]:
+        self.sent.append((topic, kw.get("value")))
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack.set_exception(KafkaTimeoutError())
+        return ack
+
+
+async def test_dead_letters_publish_fails_when_the_broker_does_not_acknowledge() -> None:
+    # Mutation: DeadLetters.publish no longer waits for the acknowledgements (asyncio.gather
+    # dropped): the consumer would then commit past messages the DLQ never got.
+    producer = UnacknowledgingProducer()
+    letters = DeadLetters(producer, "orders.dlq")
+    with pytest.raises(KafkaTimeoutError):
+        await letters.publish([Rejected(record(7, b"{not json"), "not_json", "bad")])
+    assert producer.sent == [("orders.dlq", b"{not json")]
+
+
+class SizeLimitedBroker:
+    """A producer whose broker refuses (as MESSAGE_TOO_LARGE) any value over ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: list[tuple[bytes | None, dict[str, bytes]]] = []
+
+    async def send(self, topic: str, **kw: Any) -> asyncio.Future[None]:
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        value = kw.get("value")
+        if value is not None and len(value) > self.limit:
+            ack.set_exception(MessageSizeTooLargeError())
+        else:
+            self.kept.append((value, dict(kw["headers"])))
+            ack.set_result(None)
+        return ack
+
+
+async def test_a_dead_letter_the_broker_refuses_for_its_size_is_kept_without_its_value() -> None:
+    broker = SizeLimitedBroker(limit=100)
+    big = b"{" + b"x" * 500
+    await DeadLetters(broker, "orders.dlq").publish(  # type: ignore[arg-type]
+        [Rejected(record(1, big), "not_json", "bad"), Rejected(record(2, b"{"), "not_json", "bad")]
+    )
+    assert [(value, h.get("clv-value-omitted")) for value, h in broker.kept] == [
+        (b"{", None),  # fits: its bytes, as always
+        (None, b"501"),  # refused: sent again without them, with their size
+    ]
+    assert broker.kept[1][1]["clv-source-offset"] == b"1"

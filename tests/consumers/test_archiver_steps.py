@@ -1,0 +1,103 @@
+"""Gap tests from a mutation review of consumers/archiver.py: its commits after a rebalance and
+after a refused commit. Fakes on purpose (as test_feature_consumer_steps.py): a commit refused on
+demand is a fault the real broker does not produce. Drop into tests/consumers/ as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.errors import IllegalStateError, RequestTimedOutError
+from aiokafka.structs import ConsumerRecord
+
+from clv.settings import Settings
+from consumers.archiver import Archiver
+from feature_store.event_log import read_events
+
+from .test_feature_consumer_steps import event
+
+P0, P1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
+
+
+def record(tp: TopicPartition, offset: int, event_id: str) -> ConsumerRecord[bytes, bytes]:
+    value = event(event_id)
+    return ConsumerRecord(
+        tp.topic, tp.partition, offset, 0, 0, b"u1", value, None, 2, len(value), ()
+    )
+
+
+class FakeConsumer:
+    """Hands out its batches (a ``None`` revokes P1, as a rebalance would), then stops the run.
+    A commit of a partition it does not own is refused as aiokafka refuses it."""
+
+    def __init__(self, stop: asyncio.Event, batches: list[Any]) -> None:
+        self.stop, self.batches = stop, list(batches)
+        self.assigned = {P0, P1}
+        self.committed: dict[TopicPartition, int] = {}
+        self.failures: list[Exception] = []  # raised by the next commits, in turn
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+        await asyncio.sleep(0)
+        while self.batches and self.batches[0] is None:
+            self.batches.pop(0)
+            self.assigned = {P0}
+        if not self.batches:
+            self.stop.set()
+            return {}
+        batch: list[ConsumerRecord[bytes, bytes]] = self.batches.pop(0)
+        out: dict[TopicPartition, Any] = {}
+        for r in batch:
+            out.setdefault(TopicPartition(r.topic, r.partition), []).append(r)
+        return out
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        for tp in offsets:
+            if tp not in self.assigned:
+                raise IllegalStateError(f"Partition {tp} is not assigned")
+        self.committed.update(offsets)
+
+
+def _archiver(tmp_path: Path, consumer: FakeConsumer) -> Archiver:
+    s = Settings(event_log_dir=tmp_path, archive_flush_events=1)  # a flush per batch
+    return Archiver(s, consumer, tmp_path)
+
+
+async def test_after_a_rebalance_the_archiver_commits_only_what_it_still_owns(
+    tmp_path: Path,
+) -> None:
+    # Mutation: flush() no longer clears the offsets it committed: after a rebalance every
+    # commit names the revoked partition too, is refused whole, and the archiver commits
+    # nothing more until a restart (which re-writes everything since).
+    stop = asyncio.Event()
+    kafka = FakeConsumer(
+        stop,
+        [
+            [record(P0, 0, "a"), record(P1, 0, "b")],
+            None,  # P1 goes to another member
+            [record(P0, 1, "c")],
+            [record(P0, 2, "d")],
+        ],
+    )
+    archiver = _archiver(tmp_path, kafka)
+    await asyncio.wait_for(archiver.run(stop), timeout=30)
+    assert kafka.committed == {P0: 3, P1: 1}
+    assert sorted(read_events(tmp_path)["event_id"]) == ["a", "b", "c", "d"]
+
+
+async def test_a_refused_archiver_commit_is_made_good_by_the_next_one(tmp_path: Path) -> None:
+    # Mutation: a commit refused with a KafkaError other than a rebalance is no longer logged
+    # and passed over: it stops the archiver (and with it `clv up`) over offsets that the next
+    # flush commits anyway; the events were written, readers drop the repeats.
+    stop = asyncio.Event()
+    kafka = FakeConsumer(stop, [[record(P0, 0, "a")], [record(P0, 1, "b")]])
+    kafka.failures = [RequestTimedOutError()]
+    archiver = _archiver(tmp_path, kafka)
+    await asyncio.wait_for(archiver.run(stop), timeout=30)
+    assert kafka.committed == {P0: 2}
+    assert archiver.written == 2
+    assert sorted(read_events(tmp_path)["event_id"]) == ["a", "b"]
