@@ -53,8 +53,17 @@ class DeadLetters:
         for res in results:
             if isinstance(res, BaseException) and not isinstance(res, _TOO_LARGE):
                 raise res
-        if refused:
-            await asyncio.gather(*[await self._send(r, whole=False) for r in refused])
+        for r in refused:
+            # The broker refuses a whole record batch: letters batched with a too-large one
+            # were refused with it. Each is tried again alone, and sent without its value only
+            # if it is still refused (a letter refused alone is too large itself).
+            if len(refused) > 1:
+                try:
+                    await (await self._send(r, whole=True))
+                    continue
+                except _TOO_LARGE:
+                    pass
+            await (await self._send(r, whole=False))
 
     async def _send(self, r: Rejected, *, whole: bool) -> asyncio.Future[object]:
         m = r.record
@@ -75,7 +84,9 @@ class DeadLetters:
                 future.set_exception(exc)
                 return future
         headers.append((VALUE_OMITTED, str(len(m.value or b"")).encode()))
-        return await self._producer.send(self._topic, value=None, key=m.key, headers=headers)
+        # Kafka needs a key or a value: a key-less message keeps an empty value instead.
+        value = None if m.key is not None else b""
+        return await self._producer.send(self._topic, value=value, key=m.key, headers=headers)
 
 
 def describe(record: ConsumerRecord[bytes, bytes]) -> dict[str, object]:

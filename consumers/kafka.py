@@ -40,7 +40,8 @@ def validate_record(
         raise InvalidEvent("invalid_value", f"unexpected: {exc!r}"[:500]) from exc
 
 
-#: The most a consumer fetches in one response, and so the largest message it can be handed.
+#: The most a consumer asks for in one fetch response. (A broker still returns a larger first
+#: record batch whole; a dead letter for such a message may then be sent without its value.)
 FETCH_MAX_BYTES = 64 * 1024 * 1024
 
 

@@ -596,6 +596,7 @@ async def train_in_subprocess(
     proc = await asyncio.create_subprocess_exec(
         *args,
         env=_child_env(settings),
+        stdin=asyncio.subprocess.DEVNULL,  # out of the terminal's reach, input too
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         process_group=0,

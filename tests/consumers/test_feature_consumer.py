@@ -411,9 +411,9 @@ async def test_a_dead_letter_too_large_for_the_topic_is_sent_without_its_value(
 
     from consumers.dead_letters import DeadLetters, Rejected
 
-    def rejected(offset: int, value: bytes) -> Rejected:
+    def rejected(offset: int, value: bytes, key: bytes | None = b"u1") -> Rejected:
         rec = ConsumerRecord(
-            settings.orders_topic, 0, offset, 0, 0, b"u1", value, None, 2, len(value), ()
+            settings.orders_topic, 0, offset, 0, 0, key, value, None, 2, len(value), ()
         )
         return Rejected(rec, "too_large", f"{len(value)} bytes > limit")
 
@@ -422,7 +422,7 @@ async def test_a_dead_letter_too_large_for_the_topic_is_sent_without_its_value(
     await producer.start()
     try:
         await DeadLetters(producer, settings.dlq_topic).publish(
-            [rejected(7, small), rejected(8, big)]
+            [rejected(7, small), rejected(8, big), rejected(9, big, key=None)]
         )
     finally:
         await producer.stop()
@@ -433,3 +433,6 @@ async def test_a_dead_letter_too_large_for_the_topic_is_sent_without_its_value(
     assert letters[8]["value"] is None and letters[8]["value_omitted"] == len(big)
     assert letters[8]["reason"] == "too_large" and letters[8]["topic"] == settings.orders_topic
     assert letters[8]["detail"] == f"{len(big)} bytes > limit" and letters[8]["key"] == b"u1"
+    # Kafka needs a key or a value: a message that came without a key keeps an empty value.
+    assert letters[9]["value"] == b"" and letters[9]["value_omitted"] == len(big)
+    assert letters[9]["key"] is None

@@ -269,32 +269,60 @@ async def test_dead_letters_publish_fails_when_the_broker_does_not_acknowledge()
     assert producer.sent == [("orders.dlq", b"{not json")]
 
 
-class SizeLimitedBroker:
-    """A producer whose broker refuses (as MESSAGE_TOO_LARGE) any value over ``limit`` bytes."""
+class BatchingBroker:
+    """aiokafka against a broker whose ``max.message.bytes`` for the topic is ``limit``: sends
+    not yet awaited share one record batch (up to ``max_batch_size``, as the accumulator fills
+    it), and a batch over the limit is refused whole (MESSAGE_TOO_LARGE fails every message's
+    future in it: aiokafka's ``batch.failure``)."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, max_batch_size: int = 512 * 1024) -> None:
+        self.limit, self.max_batch_size = limit, max_batch_size
+        self.open: list[tuple[asyncio.Future[None], bytes | None, dict[str, bytes]]] = []
         self.kept: list[tuple[bytes | None, dict[str, bytes]]] = []
 
+    @staticmethod
+    def _size(value: bytes | None) -> int:
+        return len(value or b"")
+
     async def send(self, topic: str, **kw: Any) -> asyncio.Future[None]:
-        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
         value = kw.get("value")
-        if value is not None and len(value) > self.limit:
-            ack.set_exception(MessageSizeTooLargeError())
-        else:
-            self.kept.append((value, dict(kw["headers"])))
-            ack.set_result(None)
+        size = sum(self._size(v) for _, v, _ in self.open)
+        if self.open and size + self._size(value) > self.max_batch_size:
+            self._flush()
+        if not self.open:
+            loop.call_later(0.005, self._flush)  # linger_ms
+        ack: asyncio.Future[None] = loop.create_future()
+        self.open.append((ack, value, dict(kw["headers"])))
         return ack
 
+    def _flush(self) -> None:
+        batch, self.open = self.open, []
+        if not batch:
+            return
+        if sum(self._size(v) for _, v, _ in batch) > self.limit:
+            for ack, _, _ in batch:
+                if not ack.done():
+                    ack.set_exception(MessageSizeTooLargeError())
+            return
+        for ack, value, headers in batch:
+            self.kept.append((value, headers))
+            if not ack.done():
+                ack.set_result(None)
 
-async def test_a_dead_letter_the_broker_refuses_for_its_size_is_kept_without_its_value() -> None:
-    broker = SizeLimitedBroker(limit=100)
-    big = b"{" + b"x" * 500
+
+async def test_a_letter_the_broker_refuses_for_its_size_is_kept_without_its_value_alone() -> None:
+    # The broker refuses a record batch whole, so the letters batched with a too-large one
+    # fail with it: each is tried again alone, and only the one refused alone loses its value
+    # (sent again without it, with its size).
+    broker = BatchingBroker(limit=300)
+    small1, small2, big = b"{" + b"a" * 99, b"{" + b"b" * 99, b"{" + b"c" * 999
     await DeadLetters(broker, "orders.dlq").publish(  # type: ignore[arg-type]
-        [Rejected(record(1, big), "not_json", "bad"), Rejected(record(2, b"{"), "not_json", "bad")]
+        [
+            Rejected(record(1, small1), "too_large", "big"),
+            Rejected(record(2, big), "too_large", "big"),
+            Rejected(record(3, small2), "too_large", "big"),
+        ]
     )
-    assert [(value, h.get("clv-value-omitted")) for value, h in broker.kept] == [
-        (b"{", None),  # fits: its bytes, as always
-        (None, b"501"),  # refused: sent again without them, with their size
-    ]
-    assert broker.kept[1][1]["clv-source-offset"] == b"1"
+    got = {h["clv-source-offset"]: (v, h.get("clv-value-omitted")) for v, h in broker.kept}
+    assert got == {b"1": (small1, None), b"2": (None, b"1000"), b"3": (small2, None)}

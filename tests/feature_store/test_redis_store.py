@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pandas as pd
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from feature_store.events import ValidEvent
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at, too_late_mask
 from feature_store.redis_store import FeatureStore, decode_hash, user_key
@@ -309,3 +312,64 @@ async def test_refunds_dated_before_the_first_purchase_are_no_repeat_revenue_onl
     f = await _online_equals_offline(store, events, "u", 120)
     assert f["frequency"] == 2 and f["revenue_total"] == 68.0
     assert f["avg_repeat_value"] == 25.0  # (20 + 30) / 2: no refund is on a repeat day
+
+
+def _early_refunds_and_late_purchases(seed: int, users: int = 25) -> list[ValidEvent]:
+    """Random users' events with refunds dated anywhere (also before any purchase), older
+    purchases arriving late (the first purchase day moving earlier), copies, in any order."""
+    rng = random.Random(seed)
+    base = 20_000 * MS_PER_DAY
+    out = []
+    for u in range(users):
+        uid = f"u{u}"
+        span = rng.choice([30, 200, 500, 900])
+        evs = []
+        for k in range(rng.randint(1, 25)):
+            ts = base + rng.randint(0, span * MS_PER_DAY)
+            r = rng.random()
+            if r < 0.35:  # a refund, anywhere (also before any purchase)
+                evs.append(_ev(f"r{k}", "refund", uid, f"x{k}", -rng.randint(0, 9000), ts))
+            else:
+                evs.append(_ev(f"p{k}", "purchase", uid, f"o{k}", rng.randint(0, 9000), ts))
+        mode = rng.random()
+        if mode < 0.3:
+            rng.shuffle(evs)  # fully out of order
+        elif mode < 0.6:
+            evs.sort(key=lambda e: -e.ts_ms)  # newest first: the first day keeps moving earlier
+        else:
+            evs.sort(key=lambda e: e.ts_ms)
+            for i in range(len(evs) - 1):
+                if rng.random() < 0.3:
+                    evs[i], evs[i + 1] = evs[i + 1], evs[i]
+        evs += [e for e in evs if rng.random() < 0.15]  # redelivered copies
+        out.append(evs)
+    # interleave users, keeping each user's order
+    merged = []
+    while any(out):
+        lst = rng.choice([o for o in out if o])
+        merged.append(lst.pop(0))
+    return merged
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("batch", [1, 11, 1000])
+async def test_random_online_equals_offline_with_early_refunds_and_late_purchases(
+    redis: Redis, seed: int, batch: int
+) -> None:
+    await redis.flushdb()
+    store = FeatureStore(redis)
+    events = _early_refunds_and_late_purchases(seed)
+    for i in range(0, len(events), batch):
+        await store.apply(events[i : i + batch], group="g", progress={}, now_ms=1)
+    frame = as_frame(events)
+    latest = int(frame["day"].max())
+    for as_of in (latest, latest + 200):
+        offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS).sort_index()
+        for u in offline.index:
+            online = await store.features(u, as_of)
+            assert online is not None
+            pd.testing.assert_frame_equal(
+                online.astype(object).where(online.notna(), None),
+                offline.loc[[u]].astype(object).where(offline.loc[[u]].notna(), None),
+                check_dtype=False,
+            )
