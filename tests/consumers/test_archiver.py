@@ -141,7 +141,7 @@ async def _buffered(consumer: AIOKafkaConsumer, ends: dict[object, int]) -> None
 async def test_the_buffer_is_flushed_and_committed_when_the_archiver_stops(
     broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path, how: str
 ) -> None:
-    # Mutations: the flush after the loop (stop) or in the CancelledError handler (cancel) is
+    # Fails if the flush after the loop (stop) or in the CancelledError handler (cancel) is
     # dropped: the buffered events are neither written nor committed at shutdown (a restart
     # reads them again, but `clv up` stopping leaves the log behind the topic).
     s = unique_settings(

@@ -1,7 +1,6 @@
-"""Gap tests from a mutation review of consumers/archiver.py: its commits after a rebalance and
-after a refused commit. Fakes on purpose (as test_feature_consumer_steps.py): a commit refused on
-demand is a fault the real broker does not produce. Drop into tests/consumers/ as is.
-"""
+"""The archiver's commits after a rebalance and after a refused commit. Fakes on purpose (as
+test_feature_consumer_steps.py): a commit refused on demand is a fault the real broker does not
+produce."""
 
 from __future__ import annotations
 
@@ -70,7 +69,7 @@ def _archiver(tmp_path: Path, consumer: FakeConsumer) -> Archiver:
 async def test_after_a_rebalance_the_archiver_commits_only_what_it_still_owns(
     tmp_path: Path,
 ) -> None:
-    # Mutation: flush() no longer clears the offsets it committed: after a rebalance every
+    # Fails if flush() no longer clears the offsets it committed: after a rebalance every
     # commit names the revoked partition too, is refused whole, and the archiver commits
     # nothing more until a restart (which re-writes everything since).
     stop = asyncio.Event()
@@ -90,7 +89,7 @@ async def test_after_a_rebalance_the_archiver_commits_only_what_it_still_owns(
 
 
 async def test_a_refused_archiver_commit_is_made_good_by_the_next_one(tmp_path: Path) -> None:
-    # Mutation: a commit refused with a KafkaError other than a rebalance is no longer logged
+    # Fails if a commit refused with a KafkaError other than a rebalance is no longer logged
     # and passed over: it stops the archiver (and with it `clv up`) over offsets that the next
     # flush commits anyway; the events were written, readers drop the repeats.
     stop = asyncio.Event()

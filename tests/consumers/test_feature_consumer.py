@@ -258,7 +258,7 @@ MS_PER_DAY = 86_400_000
 async def test_the_consumer_records_its_progress_event_clock_and_update_time(
     settings: Settings,
 ) -> None:
-    # Mutations (feature_consumer.py): the progress is a batch's first offset, not its last;
+    # Fails if (feature_consumer.py) the progress is a batch's first offset, not its last;
     # the apply records under another group than the consumer's (CLV_CLOCK=event then reads
     # no clock); the users' "updated at" is not the wall-clock time of the apply (0, or in
     # microseconds).
@@ -301,10 +301,10 @@ def _order(event_id: str, ts_ms: int, **changes: object) -> bytes:
 async def test_the_consumer_validates_by_its_settings_and_by_when_a_message_was_produced(
     settings: Settings,
 ) -> None:
-    # Mutations (kafka.py, validate_record): the size cap, the future tolerance or the
-    # currency of the settings not passed on (the defaults judge instead); the future-time
-    # clock is the wall clock instead of the record's own timestamp (a replay of old messages
-    # would then accept what the archiver, reading them when produced, refused).
+    # Fails if (kafka.py, validate_record) the size cap, the future tolerance or the
+    # currency of the settings are not passed on (the defaults judge instead), or if the
+    # future-time clock is the wall clock instead of the record's own timestamp (a replay of
+    # old messages would then accept what the archiver, reading them when produced, refused).
     s = settings.model_copy(
         update={"max_event_bytes": 1024, "future_tolerance_seconds": 3600, "currency": "EUR"}
     )
@@ -349,7 +349,7 @@ async def test_the_consumer_validates_by_its_settings_and_by_when_a_message_was_
 async def test_a_message_larger_than_a_default_producer_request_is_dead_lettered(
     settings: Settings,
 ) -> None:
-    # Defect (kafka.py, make_producer): the dead-letter producer kept aiokafka's 1 MiB request
+    # Was a defect (kafka.py, make_producer): the dead-letter producer kept aiokafka's 1 MiB request
     # limit, so a 2 MiB orders message (another team's producer allows it, the broker took it)
     # could not be dead-lettered: MessageSizeTooLargeError stopped the consumer, uncommitted,
     # and every restart stopped on the same message.
@@ -388,7 +388,7 @@ async def test_a_message_larger_than_a_default_producer_request_is_dead_lettered
 async def test_clv_consume_on_a_fresh_broker_creates_the_topics_it_needs(
     broker: LocalProcess, redis_server: LocalProcess
 ) -> None:
-    # Mutation: run_feature_consumer no longer calls ensure_topics: the orders topic is then
+    # Fails if run_feature_consumer no longer calls ensure_topics: the orders topic is then
     # whatever the broker auto-creates (if anything) and the dead-letter topic does not exist.
     s = unique_settings(broker.address, redis_server.address)  # no topics made
     stop = asyncio.Event()

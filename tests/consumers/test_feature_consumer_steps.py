@@ -182,7 +182,7 @@ class FailingStore(FakeStore):
 
 
 async def test_a_failed_batch_leaves_the_batch_fetched_after_it_uncommitted() -> None:
-    # Mutation: run() no longer awaits the batch in flight before starting the next one
+    # Fails if run() no longer awaits the batch in flight before starting the next one
     # (feature_consumer.py, "await in_flight" in the loop): the second batch's commit then
     # covers the first, failed one, whose events are lost.
     steps = Steps()
@@ -207,7 +207,7 @@ class StopWhenDrained(FakeKafka):
 
 
 async def test_stop_finishes_and_commits_the_batch_in_hand_before_run_returns() -> None:
-    # Mutation: run()'s finally no longer awaits the batch in flight: run returns with the last
+    # Fails if run()'s finally no longer awaits the batch in flight: run returns with the last
     # batch applied (or not) but uncommitted, and the process exits under it.
     steps = Steps()
     kafka = StopWhenDrained(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
@@ -225,7 +225,7 @@ async def test_stop_finishes_and_commits_the_batch_in_hand_before_run_returns() 
 async def test_an_unexpected_error_in_validation_dead_letters_the_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Mutation: validate_record (kafka.py) re-raises unexpected exceptions instead of turning
+    # Fails if validate_record (kafka.py) re-raises unexpected exceptions instead of turning
     # them into an "invalid_value" rejection: one odd message would stop the consumer for good.
     real = consumers.kafka.validate
 
@@ -260,7 +260,7 @@ class UnacknowledgingProducer:
 
 
 async def test_dead_letters_publish_fails_when_the_broker_does_not_acknowledge() -> None:
-    # Mutation: DeadLetters.publish no longer waits for the acknowledgements (asyncio.gather
+    # Fails if DeadLetters.publish no longer waits for the acknowledgements (asyncio.gather
     # dropped): the consumer would then commit past messages the DLQ never got.
     producer = UnacknowledgingProducer()
     letters = DeadLetters(producer, "orders.dlq")

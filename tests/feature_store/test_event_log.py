@@ -55,7 +55,7 @@ def _log(root: Path, dates: list[str], kind: str = "purchase") -> None:
     )
 
 
-# Mutations L1 (start day exclusive) and L2 (end day exclusive).
+# Fails if the start day or the end day of a range is exclusive.
 def test_a_day_range_reads_exactly_the_partitions_of_its_days_both_ends_included(
     tmp_path: Path,
 ) -> None:
@@ -69,7 +69,7 @@ def test_a_day_range_reads_exactly_the_partitions_of_its_days_both_ends_included
     assert list(read_events(tmp_path, end, end)["day"]) == [end]
 
 
-# Mutation L6 (the type check removed): a log holding another kind of event is refused, it
+# Fails if the type check is removed: a log holding another kind of event is refused, it
 # would otherwise count as revenue without an order.
 def test_a_log_holding_events_of_another_type_is_refused(tmp_path: Path) -> None:
     _log(tmp_path, ["2024-01-01"], kind="exchange")
@@ -77,7 +77,7 @@ def test_a_log_holding_events_of_another_type_is_refused(tmp_path: Path) -> None
         read_events(tmp_path)
 
 
-# Mutation L11 (the null check of the required columns removed): a Parquet part that is not
+# Fails if the null check of the required columns is removed: a Parquet part that is not
 # an event-log file is refused by name.
 def test_a_part_file_without_the_event_columns_is_refused_by_name(tmp_path: Path) -> None:
     _log(tmp_path, ["2024-01-01"])

@@ -186,7 +186,7 @@ def test_a_record_is_judged_by_its_own_timestamp_not_the_time_it_is_read() -> No
     assert validate_record(written_later, Settings(), wall_ms=NOW_MS + 10 * day).ts_ms > NOW_MS
 
 
-# Mutations E4 (amounts_in_range: amount < MAX_AMOUNT), E6 (decoder: gt=0), E7 (decoder: lt=1e9).
+# Fails if amounts_in_range takes amount < MAX_AMOUNT, or the decoder gt=0 or lt=1e9.
 def test_amounts_of_zero_and_of_exactly_a_billion_are_accepted_online_and_by_the_file_rules() -> (
     None
 ):
@@ -202,14 +202,14 @@ def test_amounts_of_zero_and_of_exactly_a_billion_are_accepted_online_and_by_the
     assert err.value.reason == "invalid_value"
 
 
-# Mutation E8 (_epoch_ms: t <= _EPOCH refused): the first instant of 1970 is a valid time.
+# Fails if _epoch_ms refuses t <= _EPOCH: the first instant of 1970 is a valid time.
 def test_the_first_instant_of_1970_is_accepted() -> None:
     for ts in ("1970-01-01T00:00:00Z", "1970-01-01", "1970-01-01T01:00:00+01:00"):
         ev = validate(json.dumps({**GOOD, "ts": ts}).encode(), now_ms=NOW_MS)
         assert (ev.ts_ms, ev.day) == (0, 0)
 
 
-# Mutation E12 (currency compared case-insensitively): "usd" is not an ISO 4217 code.
+# Fails if the currency is compared case-insensitively: "usd" is not an ISO 4217 code.
 def test_a_lower_case_currency_code_is_not_the_deployments_currency() -> None:
     with pytest.raises(InvalidEvent) as err:
         validate(json.dumps({**GOOD, "currency": "usd"}).encode(), now_ms=NOW_MS)
@@ -219,7 +219,7 @@ def test_a_lower_case_currency_code_is_not_the_deployments_currency() -> None:
     )
 
 
-# Mutation E14 (day = ts rounded to the nearest day instead of its UTC date).
+# Fails if day is ts rounded to the nearest day instead of its UTC date.
 @pytest.mark.parametrize(
     ("ts", "date"),
     [
@@ -235,7 +235,7 @@ def test_an_events_day_is_its_utc_date_late_in_the_day_and_across_an_offset(
     assert validate(json.dumps({**GOOD, "ts": ts}).encode(), now_ms=NOW_MS).day == day_number(date)
 
 
-# Mutation E20 (too_large when len(raw) >= max_bytes): the cap itself is allowed.
+# Fails if too_large is raised when len(raw) >= max_bytes: the cap itself is allowed.
 def test_a_message_of_exactly_the_size_cap_is_accepted_and_one_byte_more_is_not() -> None:
     base = json.dumps({**GOOD, "pad": ""}).encode()
     raw = json.dumps({**GOOD, "pad": "x" * (1024 - len(base))}).encode()

@@ -98,7 +98,7 @@ def test_the_offline_too_late_edge_is_the_retention_to_the_day() -> None:
     assert f["orders_total"] == 2  # the one the online state rejects is left out
 
 
-# Mutation F4 (frequency = purchase_days - 1, not clamped at 0).
+# Fails if frequency = purchase_days - 1 is not clamped at 0.
 def test_a_user_with_only_refunds_has_no_purchase_days_and_a_frequency_of_zero() -> None:
     ev = _orders(
         [("2024-01-01T10:00:00Z", "refund", 5.0, ""), ("2024-01-03T10:00:00Z", "refund", 1.0, "")]
@@ -110,7 +110,7 @@ def test_a_user_with_only_refunds_has_no_purchase_days_and_a_frequency_of_zero()
     assert f["first_order_at"] is None and f["last_order_at"] is None
 
 
-# Mutation F9 (iso_times always formats whole seconds): milliseconds are kept, exactly.
+# Fails if iso_times always formats whole seconds: milliseconds are kept, exactly.
 def test_order_times_keep_their_milliseconds_and_whole_seconds_have_none() -> None:
     ev = _orders(
         [
@@ -123,14 +123,14 @@ def test_order_times_keep_their_milliseconds_and_whole_seconds_have_none() -> No
     assert f["last_order_at"] == "2024-01-05T10:00:00Z"
 
 
-# Mutation F10 (iso_times: ms > 0): a purchase at epoch millisecond 0 is a purchase.
+# Fails if iso_times formats only ms > 0: a purchase at epoch millisecond 0 is a purchase.
 def test_an_order_at_the_first_instant_of_1970_has_an_order_time() -> None:
     assert ms_to_iso(0) == "1970-01-01T00:00:00Z"
     f = features_at(_orders([("1970-01-01T00:00:00Z", "purchase", 1.0, "")]), 0).loc["u"]
     assert f["first_order_at"] == f["last_order_at"] == "1970-01-01T00:00:00Z"
 
 
-# Mutations F11 (to_cents truncates) and O2 (offline signed_cents truncates): 0.29 * 100 is
+# Fails if to_cents or the offline signed_cents truncates: 0.29 * 100 is
 # 28.999999999999996 and 1.15 * 100 is 114.99999999999999 in binary floating point.
 def test_an_amount_whose_hundredfold_falls_just_below_a_cent_rounds_to_it_online_and_offline() -> (
     None
@@ -143,7 +143,7 @@ def test_an_amount_whose_hundredfold_falls_just_below_a_cent_rounds_to_it_online
         assert list(ev["cents"]) == [cents, -cents]
 
 
-# Defect 1 (avg_repeat_value): a refund dated before the user's first purchase day is no
+# Was a defect (avg_repeat_value): a refund dated before the user's first purchase day is no
 # repeat purchase day's revenue (contract: "mean revenue of the repeat purchase days"; README:
 # "net revenue after the first purchase day ... divided by the repeat purchase days"). The
 # unfixed code subtracts it from the repeat revenue (20.0 here).

@@ -188,7 +188,7 @@ async def _online_equals_offline(
     return online.loc[user]
 
 
-# Mutation F12 (RETENTION_DAYS = max(WINDOWS) - 1): the retention must cover the longest
+# Fails if RETENTION_DAYS = max(WINDOWS) - 1: the retention must cover the longest
 # window; the online/offline comparisons use the same constant, so they cannot see it.
 async def test_an_order_364_days_before_the_as_of_day_counts_in_the_365_day_window_online(
     redis: Redis,
@@ -206,7 +206,7 @@ async def test_an_order_364_days_before_the_as_of_day_counts_in_the_365_day_wind
     assert f is not None and f.loc["u", "orders_365d"] == 1
 
 
-# Mutation R1 (too-late checked before dedup): a copy of an event, in the same batch that moved
+# Fails if too-late is checked before dedup: a copy of an event, in the same batch that moved
 # the event's own day out of the window, is a duplicate, not dead-lettered as too late.
 async def test_a_copy_in_the_batch_that_moved_its_day_out_of_the_window_is_a_duplicate(
     redis: Redis,
@@ -220,7 +220,7 @@ async def test_a_copy_in_the_batch_that_moved_its_day_out_of_the_window_is_a_dup
     assert f is not None and f.loc["u", "orders_total"] == 2
 
 
-# Mutation R11 (the oldest kept day is not lowered by an older day arriving out of order):
+# Fails if the oldest kept day is not lowered by an older day arriving out of order:
 # that day's bucket and dedup id would then outlive the window.
 async def test_an_older_day_arriving_out_of_order_is_dropped_when_it_leaves_the_window(
     redis: Redis,
@@ -236,7 +236,7 @@ async def test_an_older_day_arriving_out_of_order_is_dropped_when_it_leaves_the_
     assert state["orders"] == 3 and state["purchase_days"] == 3
 
 
-# Mutation R20 (the purchase flag sent to Lua from the sign of cents): a refund of 0.00 is no
+# Fails if the purchase flag sent to Lua comes from the sign of cents: a refund of 0.00 is no
 # order and no purchase day.
 async def test_a_refund_of_nothing_is_not_an_order_online_as_offline(redis: Redis) -> None:
     store = FeatureStore(redis)
@@ -250,7 +250,7 @@ async def test_a_refund_of_nothing_is_not_an_order_online_as_offline(redis: Redi
     assert f["last_order_at"] == "1972-09-27T00:00:00Z"
 
 
-# Mutation R21 (the batch's event clock taken from its last event, not its largest time).
+# Fails if the batch's event clock is taken from its last event, not its largest time.
 async def test_the_event_clock_is_the_largest_time_in_a_batch_whatever_its_order(
     redis: Redis,
 ) -> None:
@@ -261,7 +261,7 @@ async def test_the_event_clock_is_the_largest_time_in_a_batch_whatever_its_order
     assert await store.event_clock_ms("g") == 2000 * MS_PER_DAY
 
 
-# Mutation R22 (updated_ms read from another header field): "features updated at" is the
+# Fails if updated_ms is read from another header field: "features updated at" is the
 # wall clock of the last change, and a batch that changes nothing leaves it.
 async def test_the_state_records_when_it_last_changed(redis: Redis) -> None:
     store = FeatureStore(redis)
@@ -272,7 +272,7 @@ async def test_the_state_records_when_it_last_changed(redis: Redis) -> None:
     assert stored is not None and stored.updated_ms == 1_700_000_000_123
 
 
-# Mutation R24 (progress() returns the event_clock field as if it were a partition).
+# Fails if progress() returns the event_clock field as if it were a partition.
 async def test_progress_lists_partitions_only_not_the_event_clock(redis: Redis) -> None:
     store = FeatureStore(redis)
     ev = _ev("a", "purchase", "u", "o1", 100, 1000 * MS_PER_DAY)
@@ -281,7 +281,7 @@ async def test_progress_lists_partitions_only_not_the_event_clock(redis: Redis) 
     assert await store.event_clock_ms("g") == 1000 * MS_PER_DAY
 
 
-# Mutation R27 (every id used as its own hash tag): an id with "}" would give an empty or cut
+# Fails if every id is used as its own hash tag: an id with "}" would give an empty or cut
 # tag, and then the user's keys under different prefixes (state, scores, alerts) would land in
 # different Redis Cluster slots.
 @pytest.mark.parametrize("uid", ["}", "}0{x}", "a}b", "{x}"])
@@ -291,7 +291,7 @@ def test_a_user_id_with_a_closing_brace_keeps_all_its_keys_in_one_slot(uid: str)
     assert user_key("clv", uid) != user_key("clv", uid + "}")
 
 
-# Defect 1 (avg_repeat_value), online: refunds dated before the first purchase day, a first
+# Was a defect (avg_repeat_value), online: refunds dated before the first purchase day, a first
 # purchase day that moves earlier when an older purchase arrives late, and a refund on the
 # first day, in every batching: online equals offline, and the hand-checked value.
 @pytest.mark.parametrize("batch", [1, 2, 6])
