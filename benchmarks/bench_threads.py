@@ -1,14 +1,18 @@
 """HistGradientBoosting's OpenMP threads, idle and busy: the same fits with one thread and with
-the default (every core), timed in one run with the cores otherwise idle, then while one busy
-process per core holds the CPU.
+the default (every core), timed in one run with no busy process of ours, then while one busy
+process per core holds the CPU. Each condition alternates the two settings ``--rounds`` times
+(drift hits both alike) and reports the median and range; the load average is printed with each,
+as "idle" is only as idle as the shared machine is.
 
 ``python -m benchmarks.bench_threads``: prints the times and their ratios (the reason
 :mod:`training.threads` gives ``clv train`` and ``clv backtest`` one thread by default)."""
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -34,29 +38,47 @@ def _timed(threads: str | None) -> float:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if threads:
         env["OMP_NUM_THREADS"] = threads
-    out = subprocess.run([sys.executable, "-c", FITS], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FITS], env=env, capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
 
 
-def main() -> None:
-    cores = os.cpu_count() or 1
-    idle_one, idle_default = _timed("1"), _timed(None)
-    print(f"3 HistGradientBoosting fits, {cores} cores otherwise idle:")
+def _alternated(rounds: int) -> tuple[list[float], list[float]]:
+    one: list[float] = []
+    default: list[float] = []
+    for i in range(rounds):  # ABBA order: neither setting always runs first
+        for threads in ("1", None) if i % 2 == 0 else (None, "1"):
+            (one if threads else default).append(_timed(threads))
+    return one, default
+
+
+def _report(title: str, one: list[float], default: list[float]) -> None:
+    m1, md = statistics.median(one), statistics.median(default)
+    print(f"{title} ({', '.join(f'{x:.2f}' for x in os.getloadavg())} load average):")
     print(
-        f"one thread {idle_one:.2f}s, default threads {idle_default:.2f}s: "
-        f"ratio {idle_default / idle_one:.2f}"
+        f"one thread {m1:.2f}s ({min(one):.2f}-{max(one):.2f}), default threads {md:.2f}s "
+        f"({min(default):.2f}-{max(default):.2f}), {len(one)} rounds: ratio of medians "
+        f"{md / m1:.2f}"
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    rounds = ap.parse_args().rounds
+    cores = len(os.sched_getaffinity(0))  # what OpenMP's default uses, not the host's count
+    _report(f"3 HistGradientBoosting fits, {cores} cores, no busy process", *_alternated(rounds))
     hogs = [mp.Process(target=_spin, daemon=True) for _ in range(cores)]
     for h in hogs:
         h.start()
     time.sleep(1)
     try:
-        one, default = _timed("1"), _timed(None)
+        busy = _alternated(rounds)
     finally:
         for h in hogs:
             h.terminate()
-    print(f"3 HistGradientBoosting fits with {len(hogs)} busy processes on {cores} cores:")
-    print(f"one thread {one:.2f}s, default threads {default:.2f}s: ratio {default / one:.2f}")
+    _report(f"3 HistGradientBoosting fits with {len(hogs)} busy processes on {cores} cores", *busy)
 
 
 if __name__ == "__main__":
