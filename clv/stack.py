@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from aiokafka import AIOKafkaConsumer
@@ -27,6 +28,29 @@ from clv.local_stack import (
 from clv.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _StoppedWhileStarting(Exception):
+    """Ctrl-C (``stop``) arrived before the stack was up."""
+
+
+async def _unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
+    """``step``'s result, or, when ``stop`` is set first, ``step`` cancelled and
+    :class:`_StoppedWhileStarting`: a connect or health wait can take a minute (a server that
+    accepts but does not answer), and Ctrl-C must not wait for it."""
+    task = asyncio.ensure_future(step)
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise _StoppedWhileStarting
+    return task.result()
 
 
 def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list[str]:
@@ -88,9 +112,16 @@ async def wait_healthy(
         except Exception as exc:  # not up yet; said if it never comes up
             waiting = f"Redis at {_where(running.settings.redis_url)} does not answer: {exc}"
         else:
-            if all(c.assignment() for c in running.consumers):
+            idle = sum(1 for c in running.consumers if not c.assignment())
+            if not idle:
                 return
-            waiting = "the feature consumers were given no partitions of the orders topic"
+            waiting = (
+                "the feature consumers were given no partitions of the orders topic"
+                if idle == len(running.consumers)
+                else f"{idle} of {len(running.consumers)} feature consumers were given no "
+                "partition of the orders topic (a group puts no more consumers to work than "
+                "the topic has partitions: fewer --consumers, or more partitions)"
+            )
         if say is not None and loop.time() >= next_say:
             say(f"waiting for the stack ({loop.time() - start:.0f}s): {waiting}")
             next_say = loop.time() + 15
@@ -136,10 +167,10 @@ async def run_stack(
         # Starting servers polls their ports with sleeps: keep that off the event loop.
         for line in await asyncio.to_thread(ensure_servers, settings, stack, workdir):
             say(f"started {line}")
-        await ensure_topics(settings)
+        await _unless_stopped(stop, ensure_topics(settings))
         async with contextlib.AsyncExitStack() as clients:
             groups = [settings.consumer_group] * consumers + [settings.archiver_group]
-            opened = await open_clients(clients, settings, groups)
+            opened = await _unless_stopped(stop, open_clients(clients, settings, groups))
             redis, producer, kafka_consumers = opened.redis, opened.producer, opened.consumers
             *feature_consumers, archive_consumer = kafka_consumers
             running = Running(settings, redis, consumers=list(feature_consumers))
@@ -157,7 +188,7 @@ async def run_stack(
                     asyncio.create_task(retrain_forever(settings, retrain_every_s))
                 )
             try:
-                await wait_healthy(running, say=say)
+                await _unless_stopped(stop, wait_healthy(running, say=say))
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
                     f"redis={_where(settings.redis_url)} "
@@ -179,6 +210,8 @@ async def run_stack(
         ]
         if failed:
             raise StackError(f"a component of the stack failed: {failed[0]!r}") from failed[0]
+    except _StoppedWhileStarting:
+        say("stopped before the stack was up")
     finally:
         await asyncio.to_thread(stack.stop)
 

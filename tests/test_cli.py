@@ -584,3 +584,17 @@ async def test_features_default_to_the_users_latest_day_and_say_when_a_date_prec
         "features": None,
         "note": "no events on or before this date in the event log",
     }
+
+
+@pytest.mark.parametrize("text", ["19971231", "1997-W01-3", "1997W013"])
+def test_a_date_option_is_yyyy_mm_dd_only(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--cutoff, --as-of and --start say YYYY-MM-DD, as the orders files' dates are: Python's
+    fromisoformat alone would also take the basic and week forms (a CSV's ts is refused
+    in them), so a typo could pass as some other day."""
+    from clv.commands import parse_date
+
+    assert parse_date("1997-12-31", "--cutoff") == dt.date(1997, 12, 31)
+    with pytest.raises(typer.Exit) as info:
+        parse_date(text, "--cutoff")
+    assert info.value.exit_code == 2
+    assert capsys.readouterr().err == f"clv: error: --cutoff {text!r} is not a date (YYYY-MM-DD)\n"

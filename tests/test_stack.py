@@ -148,12 +148,20 @@ async def test_a_stack_whose_consumers_get_no_partitions_says_so(redis: Redis) -
 
     never = _Consumer(polls=10**9)
     with pytest.raises(StackError) as info:
-        await wait_healthy(Running(Settings(), redis, consumers=[_Consumer(), never]), timeout=1)  # type: ignore[list-item]
+        await wait_healthy(Running(Settings(), redis, consumers=[never]), timeout=1)  # type: ignore[list-item]
     assert str(info.value) == (
         "the stack was not healthy within 1s: "
         "the feature consumers were given no partitions of the orders topic"
     )
     assert never.asked > 1  # asked again and again, not once
+    # Some consumers at work and some idle: more consumers than the topic has partitions.
+    with pytest.raises(StackError) as info:
+        await wait_healthy(Running(Settings(), redis, consumers=[_Consumer(), never]), timeout=1)  # type: ignore[list-item]
+    assert str(info.value) == (
+        "the stack was not healthy within 1s: 1 of 2 feature consumers were given no partition "
+        "of the orders topic (a group puts no more consumers to work than the topic has "
+        "partitions: fewer --consumers, or more partitions)"
+    )
 
 
 async def test_a_component_that_fails_while_starting_ends_the_wait(redis: Redis) -> None:
@@ -464,3 +472,43 @@ async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named
         "a component of the stack failed: RuntimeError('the model directory vanished')"
     )
     assert any(line.startswith("clv is up") for line in said)
+
+
+@pytest.mark.parametrize("silent", ["kafka", "redis"])
+async def test_ctrl_c_while_the_stack_starts_stops_it_at_once(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    silent: str,
+) -> None:
+    # A server that accepts connections but never answers (a port taken by something else, a
+    # hung broker) keeps the start waiting for up to a minute: Ctrl-C must end that wait, not
+    # be ignored until the client's or the health check's timeout.
+    import socket
+
+    from clv.stack import run_stack
+    from tests.consumers.kafka_helpers import unique_settings
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(64)  # accepted by the kernel, never answered
+        address = f"127.0.0.1:{mute.getsockname()[1]}"
+        settings = unique_settings(
+            address if silent == "kafka" else broker.address,
+            f"redis://{address}/0" if silent == "redis" else redis_server.address,
+            event_log_dir=tmp_path / "events",
+            model_dir=tmp_path / "models",
+        )
+        said: list[str] = []
+        stop = asyncio.Event()
+        run = asyncio.create_task(
+            run_stack(
+                settings, stop, workdir=tmp_path / ".clv", retrain_every_s=None, say=said.append
+            )
+        )
+        await asyncio.sleep(2)
+        assert not run.done(), said
+        stop.set()  # what Ctrl-C does
+        await asyncio.wait_for(run, 20)  # not the 40 s client timeout or the 60 s health wait
+    assert not any(line.startswith("clv is up") for line in said), said
+    assert said[-1] == "stopped before the stack was up", said

@@ -206,6 +206,11 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
         raise DatasetError(longer or f"unreadable CSV: {str(exc).strip()}") from None
     except pd.errors.EmptyDataError as exc:
         raise DatasetError(f"unreadable CSV: {exc}") from exc
+    names = next((r for r in csv.reader(io.StringIO(text)) if r), [])
+    used = (*REQUIRED_CSV_COLUMNS, "type", "event_id", "currency")
+    if twice := [c for c in used if names.count(c) > 1]:
+        # pandas would read the first and rename the others (amount.1): refuse, not guess
+        raise DatasetError(f"the CSV header names {', '.join(twice)} more than once")
     missing = [c for c in REQUIRED_CSV_COLUMNS if c not in table.columns]
     if missing:
         looks_cdnow = _looks_like_cdnow(text)

@@ -676,8 +676,19 @@ async def retrain_forever(
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.train [--force] [--again] [--quiet] [--candidates=a,b]``: one run,
     one line."""
+    from training.models.candidates import CANDIDATES
+
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
+    candidates = names[0].split(",") if names else None
+    if candidates is not None and (unknown := [n for n in candidates if n not in CANDIDATES]):
+        # bad input: one line and exit 2 before the log is read, not a KeyError's traceback
+        print(
+            f"error: unknown candidate(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(CANDIDATES)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         with sigterm_unwinds():  # the parent terminates a cancelled run: clean up on the way out
             result = train(
@@ -685,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress="--quiet" not in args,
                 force="--force" in args,
                 again="--again" in args,
-                candidates=names[0].split(",") if names else None,
+                candidates=candidates,
             )
     except ClvError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -110,6 +110,8 @@ BAD_CSV = [
     ("user_id,order_id,ts,amount,type\nu,o,2024-01-01,1,gift\n", "purchase or refund"),
     ("user_id,order_id,ts,amount,currency\nu,o,2024-01-01,1,EUR\n", "deployment's USD"),
     ("user_id,order_id,ts,amount\n", "the CSV has a header but no orders"),
+    ("user_id,order_id,ts,amount,amount\nu,o,2024-01-01,1,99\n", "names amount more than once"),
+    ("user_id,order_id,ts,amount,user_id\nu,o,2024-01-01,1,v\n", "names user_id more than"),
     (
         "user_id;order_id;ts;amount\nu;o;2024-01-01;1\n",
         "(the header has ';': fields must be separated by commas)",

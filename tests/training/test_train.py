@@ -1052,3 +1052,27 @@ def test_a_training_child_gets_the_settings_built_in_code_over_the_environment(
     settings = settings_for(tmp_path)
     env = _child_env(settings)
     assert env["CLV_MODEL_DIR"] == str(settings.model_dir)
+
+
+@pytest.mark.parametrize("given", ["nope", "bgnbd_gg,nope", ""])
+def test_the_training_child_refuses_unknown_candidates_in_one_line(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    given: str,
+) -> None:
+    """``python -m training.train --candidates=...`` with a name no candidate has is bad input:
+    one line and exit 2, before the event log is read, not a KeyError's traceback."""
+    from training.train import main
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    monkeypatch.setenv("CLV_EVENT_LOG_DIR", str(settings.event_log_dir))
+    monkeypatch.setenv("CLV_MODEL_DIR", str(settings.model_dir))
+    assert main(["--quiet", f"--candidates={given}"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: unknown candidate(s) ")
+    assert "bgnbd_gg" in out.err  # the known ones are named
+    assert len(out.err.strip().splitlines()) == 1
+    assert not settings.model_dir.exists()
