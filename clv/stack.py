@@ -40,11 +40,7 @@ async def _unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
     :class:`_StoppedWhileStarting`: a connect or health wait can take a minute (a server that
     accepts but does not answer), and Ctrl-C must not wait for it."""
     task = asyncio.ensure_future(step)
-    waiter = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
+    await _stop_or_first_done(stop, [task])
     if not task.done():
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -218,11 +214,16 @@ async def run_stack(
 
 async def _until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[object]]) -> None:
     """Return when ``stop`` is set or any component ends (a component ends only by failing)."""
+    await _stop_or_first_done(stop, tasks)
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.error("stopping the stack: a component failed: %r", t.exception())
+
+
+async def _stop_or_first_done(stop: asyncio.Event, tasks: list[asyncio.Task[T]]) -> None:
+    """Return when ``stop`` is set or any of ``tasks`` is done."""
     waiter = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            log.error("stopping the stack: a component failed: %r", t.exception())

@@ -25,8 +25,10 @@ from clv.local_stack import (
     redis_host_port,
     start_redis,
 )
-from clv.stack import Running
+from clv.settings import Settings
+from clv.stack import Running, ensure_servers, run_stack, wait_healthy
 from feature_store.redis_client import connect
+from tests.consumers.kafka_helpers import unique_settings
 from tests.processes import children
 
 pytestmark = pytest.mark.integration
@@ -93,10 +95,6 @@ def test_up_starts_local_servers_and_stops_them_on_ctrl_c(tmp_path: Path, sig: i
 
 
 async def test_a_stack_that_never_gets_healthy_says_what_it_waited_for() -> None:
-    from clv.errors import StackError
-    from clv.settings import Settings
-    from clv.stack import Running, wait_healthy
-    from feature_store.redis_client import connect
 
     port = free_port()  # nobody there; a password in the user part and in the query
     settings = Settings(redis_url=f"redis://u:secret@127.0.0.1:{port}/0?password=secret")
@@ -133,8 +131,6 @@ class _Consumer:
 async def test_the_stack_is_healthy_once_redis_answers_and_every_consumer_has_partitions(
     redis: Redis,
 ) -> None:
-    from clv.settings import Settings
-    from clv.stack import Running, wait_healthy
 
     ready, late = _Consumer(), _Consumer(polls=3)
     await wait_healthy(Running(Settings(), redis, consumers=[ready, late]), timeout=60)  # type: ignore[list-item]
@@ -142,9 +138,6 @@ async def test_the_stack_is_healthy_once_redis_answers_and_every_consumer_has_pa
 
 
 async def test_a_stack_whose_consumers_get_no_partitions_says_so(redis: Redis) -> None:
-    from clv.errors import StackError
-    from clv.settings import Settings
-    from clv.stack import Running, wait_healthy
 
     never = _Consumer(polls=10**9)
     with pytest.raises(StackError) as info:
@@ -165,9 +158,6 @@ async def test_a_stack_whose_consumers_get_no_partitions_says_so(redis: Redis) -
 
 
 async def test_a_component_that_fails_while_starting_ends_the_wait(redis: Redis) -> None:
-    from clv.errors import StackError
-    from clv.settings import Settings
-    from clv.stack import Running, wait_healthy
 
     async def fails() -> None:
         raise RuntimeError("the orders topic has no partitions")
@@ -205,9 +195,8 @@ async def test_up_on_running_servers_starts_none_and_runs_then_stops_retraining(
     # archiver writes the log; retraining runs at the interval asked for and is cancelled at stop.
     import training.train as train_module
     from clv.replay import publish
-    from clv.stack import run_stack
     from feature_store.event_log import log_files
-    from tests.consumers.kafka_helpers import event_message, unique_settings
+    from tests.consumers.kafka_helpers import event_message
     from tests.feature_store.streams import messy_events
 
     retraining: list[object] = []
@@ -330,8 +319,6 @@ def test_server_addresses_are_read_as_the_clients_read_them() -> None:
 
 
 def test_servers_are_started_only_for_local_addresses(tmp_path: Path) -> None:
-    from clv.settings import Settings
-    from clv.stack import ensure_servers
 
     # Nothing listens there, but they are not this machine: clv must not start a server of
     # its own on 127.0.0.1 in their place.
@@ -368,8 +355,6 @@ def test_a_server_that_exits_while_starting_is_said_to_have_exited(tmp_path: Pat
 def test_no_plain_local_redis_is_started_for_a_cluster_or_tls_address(
     redis_url: str, tmp_path: Path
 ) -> None:
-    from clv.settings import Settings
-    from clv.stack import ensure_servers
 
     # a plain, unencrypted redis-server there would only make the clients fail later, and
     # misleadingly ("started redis-server", then a cluster or TLS error)
@@ -386,8 +371,6 @@ def test_no_plain_local_redis_is_started_for_a_cluster_or_tls_address(
 async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
     broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
 ) -> None:
-    from clv.stack import run_stack
-    from tests.consumers.kafka_helpers import unique_settings
 
     host, port = redis_host_port(redis_server.address)
     settings = unique_settings(
@@ -433,9 +416,6 @@ async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named
     # `clv up` (no on_ready): it runs until stopped, or until a component ends, which only a
     # failure does; then it stops the rest and raises, so that the command exits 1.
     import training.train as train_module
-    from clv.errors import StackError
-    from clv.stack import run_stack
-    from tests.consumers.kafka_helpers import unique_settings
 
     up = asyncio.Event()
 
@@ -485,9 +465,6 @@ async def test_ctrl_c_while_the_stack_starts_stops_it_at_once(
     # hung broker) keeps the start waiting for up to a minute: Ctrl-C must end that wait, not
     # be ignored until the client's or the health check's timeout.
     import socket
-
-    from clv.stack import run_stack
-    from tests.consumers.kafka_helpers import unique_settings
 
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))

@@ -676,18 +676,15 @@ async def retrain_forever(
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.train [--force] [--again] [--quiet] [--candidates=a,b]``: one run,
     one line."""
-    from training.models.candidates import CANDIDATES
+    from training.models.candidates import make_candidates
 
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     candidates = names[0].split(",") if names else None
-    if candidates is not None and (unknown := [n for n in candidates if n not in CANDIDATES]):
-        # bad input: one line and exit 2 before the log is read, not a KeyError's traceback
-        print(
-            f"error: unknown candidate(s) {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join(CANDIDATES)}",
-            file=sys.stderr,
-        )
+    try:
+        make_candidates(candidates)  # unknown names: bad input, said before the log is read
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         with sigterm_unwinds():  # the parent terminates a cancelled run: clean up on the way out

@@ -39,7 +39,9 @@ def make_candidates(names: list[str] | None = None) -> dict[str, CLVModel]:
     chosen = list(CANDIDATES) if names is None else names
     unknown = [n for n in chosen if n not in CANDIDATES]
     if unknown:
-        raise KeyError(f"unknown candidate(s): {', '.join(unknown)}")
+        raise ValueError(
+            f"unknown candidate(s) {', '.join(map(repr, unknown))}; known: {', '.join(CANDIDATES)}"
+        )
     models = {n: CANDIDATES[n]() for n in chosen}
     for n, m in models.items():
         m.name = n
