@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-ingest bench-train model-quality lint clean
+.PHONY: install test demo bench-ingest bench-apply bench-train model-quality lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ demo: install
 
 bench-ingest: install
 	$(BIN)/python -m benchmarks.bench_ingest
+
+bench-apply: install
+	$(BIN)/python -m benchmarks.bench_apply $(ARGS)
 
 bench-train: install
 	$(BIN)/python -m benchmarks.bench_train

@@ -135,27 +135,43 @@ async def ceiling(settings: Settings, total: int, decode: str = "msgspec") -> tu
     return t1 - t0, t1 - (first or t0)
 
 
-async def feature_consumer(settings: Settings, total: int) -> tuple[float, float, FeatureConsumer]:
+class Busy(msgspec.Struct):
+    """Where the consumer's window went: this process's CPU time (the consumer's Python:
+    fetching, validation, encoding, the clients) and Redis's time in the apply script."""
+
+    window_s: float
+    python_cpu_s: float
+    redis_script_s: float
+
+
+async def feature_consumer(
+    settings: Settings, total: int
+) -> tuple[float, float, FeatureConsumer, Busy]:
     redis = connect(settings.redis_url)
+    await redis.config_resetstat()
     producer = make_producer(settings)
     await producer.start()
     kc = make_consumer(settings, settings.consumer_group, settings.orders_topic)
     stop = asyncio.Event()
     first: float | None = None  # the return of the first non-empty fetch, as in ceiling()
+    cpu_first = 0.0
     last_commit = 0.0  # the end of the consumer's work: its last commit's return
+    cpu_last = 0.0
     fetch, commit = kc.getmany, kc.commit
 
     async def timed_fetch(*a: Any, **kw: Any) -> Any:
-        nonlocal first
+        nonlocal first, cpu_first
         batch = await fetch(*a, **kw)
         if first is None and batch:
             first = time.perf_counter()
+            cpu_first = time.process_time()
         return batch
 
     async def timed_commit(*a: Any, **kw: Any) -> None:
-        nonlocal last_commit
+        nonlocal last_commit, cpu_last
         await commit(*a, **kw)
         last_commit = time.perf_counter()
+        cpu_last = time.process_time()
 
     kc.getmany, kc.commit = timed_fetch, timed_commit
     t0 = time.perf_counter()
@@ -181,13 +197,16 @@ async def feature_consumer(settings: Settings, total: int) -> tuple[float, float
                 if all(commits[tp] == positions[tp] for tp in parts):
                     break
         t1 = last_commit  # not this poll's wake-up nor the checks' round trips
+        stats = await redis.info("commandstats")
+        script_us = sum(v["usec"] for k, v in stats.items() if k.startswith("cmdstat_eval"))
     finally:
         stop.set()
         await task
         await kc.stop()
         await producer.stop()
         await redis.aclose()
-    return t1 - t0, t1 - (first or t0), worker
+    busy = Busy(t1 - (first or t0), cpu_last - cpu_first, script_us / 1e6)
+    return t1 - t0, t1 - (first or t0), worker, busy
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -243,6 +262,13 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"{'events/s (from start)':24}{ceil_start:>14,.0f}{feat_start:>14,.0f}"
             f"{feat_start / ceil_start:>8.3f}"
+        )
+        busy = f[3]
+        print(
+            f"consumer's window {busy.window_s:.2f} s: its Python busy "
+            f"{busy.python_cpu_s / busy.window_s:.0%} (CPU {busy.python_cpu_s:.2f} s), Redis in "
+            f"the apply script {busy.redis_script_s / busy.window_s:.0%} "
+            f"({busy.redis_script_s / st.batches * 1e3 if st.batches else 0:.1f} ms a batch)"
         )
         print(
             f"redis memory: {mem / max(users, 1):,.0f} bytes per user ({users:,} users, "

@@ -149,7 +149,7 @@ async def run_stack(
     from consumers.archiver import Archiver
     from consumers.dead_letters import DeadLetters
     from consumers.feature_consumer import FeatureConsumer, open_clients
-    from consumers.kafka import ensure_topics
+    from consumers.kafka import ensure_topics, partition_count
     from feature_store.redis_store import FeatureStore
     from training.registry import ModelRegistry
     from training.train import retrain_forever
@@ -164,6 +164,16 @@ async def run_stack(
         for line in await asyncio.to_thread(ensure_servers, settings, stack, workdir):
             say(f"started {line}")
         await _unless_stopped(stop, ensure_topics(settings))
+        topic = settings.orders_topic
+        parts = await _unless_stopped(stop, partition_count(settings, topic))
+        if consumers > parts:
+            # A group gives each partition to one consumer: the rest would idle, and the wait
+            # for every consumer to get work would run out only after a minute.
+            raise StackError(
+                f"--consumers {consumers} is more than the {parts} partitions of {topic}: a "
+                f"consumer group puts at most one consumer on a partition; run {parts} or "
+                "fewer, or give the topic more partitions"
+            )
         async with contextlib.AsyncExitStack() as clients:
             groups = [settings.consumer_group] * consumers + [settings.archiver_group]
             opened = await _unless_stopped(stop, open_clients(clients, settings, groups))

@@ -25,12 +25,15 @@ from consumers.dead_letters import DeadLetters, Rejected
 from consumers.kafka import ensure_topics, make_consumer, make_producer, validate_record
 from feature_store.events import ValidEvent
 from feature_store.redis_client import connect
-from feature_store.redis_store import AnyRedis, FeatureStore
+from feature_store.redis_store import AnyRedis, ApplyResult, FeatureStore
 
 log = logging.getLogger(__name__)
 
 EVENTS = Counter("clv_consumer_events", "Order events seen by the feature consumer", ["outcome"])
 BATCHES = Counter("clv_consumer_batches", "Batches applied by the feature consumer")
+
+
+_YIELD_EVERY = 256  # messages validated between yields to the event loop (~0.7 ms)
 
 
 @dataclass
@@ -75,37 +78,61 @@ class FeatureConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the batches in hand are finished and committed first.
 
-        Two batches are in flight: while Redis applies one (on its own core), the next one is
-        fetched and validated here. Applies and commits still happen strictly in order.
+        Three stages overlap: while Redis applies one batch (on its own core), the next one is
+        fetched and validated here and the one before is settled (its too-late events
+        dead-lettered, its offsets committed). Redis waits only for the next batch's request,
+        not for the broker's commit round trip. Applies happen strictly in order, and so do
+        commits, each after its own batch's apply.
         """
-        in_flight: asyncio.Task[None] | None = None
+        applying: asyncio.Task[tuple[_Batch, ApplyResult]] | None = None
+        settling: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 batch = await self._consumer.getmany(
                     timeout_ms=200, max_records=self._settings.consume_batch
                 )
-                if in_flight is not None and in_flight.done():
-                    # A failed batch (Redis gone) stops the consumer now, not when the next
-                    # batch arrives, which on a quiet topic may be never; it is not committed.
-                    done, in_flight = in_flight, None
-                    done.result()
+                # A failure (Redis gone, a commit refused) stops the consumer now, not when the
+                # next batch arrives, which on a quiet topic may be never; it is not committed.
+                if applying is not None and applying.done():
+                    done, applying = applying, None
+                    settling = self._settle_later(done.result(), settling)
+                if settling is not None and settling.done():
+                    settling.result()
+                    settling = None
                 if not batch:
                     continue
-                prepared = self._prepare(batch)
-                if in_flight is not None:
-                    await in_flight
-                in_flight = asyncio.create_task(self._finish(prepared))
+                prepared = await self._prepare(batch)
+                if applying is not None:
+                    done, applying = applying, None
+                    settling = self._settle_later(await done, settling)
+                applying = asyncio.create_task(self._apply(prepared))
+                await asyncio.sleep(0)  # it sends its request before the next fetch is parsed
         finally:
-            if in_flight is not None:
-                await in_flight
+            try:
+                if applying is not None:
+                    settling = self._settle_later(await applying, settling)
+            finally:
+                if settling is not None:
+                    await settling
 
-    def _prepare(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> _Batch:
+    async def _prepare(
+        self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> _Batch:
+        """Validate a fetched batch. It yields to the event loop every ``_YIELD_EVERY``
+        messages: the apply in flight needs the loop to start (a fetch served from the client's
+        buffer returns without yielding), to write out its request (a few hundred KiB, more
+        than a socket takes at once) and to read Redis's reply, and the commit needs it too; a
+        batch validated in one go held all of them up by its whole validation time."""
         s = self._settings
         out = _Batch()
         good, sources, bad = out.good, out.sources, out.bad
         now_ms = time.time_ns() // 1_000_000
+        n = 0
         for tp, records in batch.items():
             for rec in records:
+                n += 1
+                if n % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
                 try:
                     good.append(validate_record(rec, s, now_ms))
                     sources.append(rec)
@@ -117,15 +144,29 @@ class FeatureConsumer:
         out.now_ms = now_ms
         return out
 
-    async def _finish(self, b: _Batch) -> None:
+    async def _apply(self, b: _Batch) -> tuple[_Batch, ApplyResult]:
         s = self._settings
         # Dead letters first: once the batch's progress is recorded nothing may be left to do
-        # but the commit.
+        # but the commit (and the dead letters of what the state refused as too late).
         if b.bad:
             await self._dlq.publish(b.bad)
         result = await self._store.apply(
             b.good, group=s.consumer_group, progress=b.progress, now_ms=b.now_ms
         )
+        return b, result
+
+    def _settle_later(
+        self, applied: tuple[_Batch, ApplyResult], previous: asyncio.Task[None] | None
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(self._settle(*applied, previous))
+
+    async def _settle(
+        self, b: _Batch, result: ApplyResult, previous: asyncio.Task[None] | None
+    ) -> None:
+        """Dead-letter what the state refused as too late, then commit, after the batch
+        before: a failure there fails this batch too, so nothing after it is committed."""
+        if previous is not None:
+            await previous
         if result.too_late:
             late = [
                 Rejected(

@@ -109,6 +109,16 @@ async def _partitions(c: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
 
 
+async def partition_count(settings: Settings, topic: str) -> int:
+    """How many partitions ``topic`` has (0 when it does not exist)."""
+    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await c.start()
+    try:
+        return len(await _partitions(c, topic))
+    finally:
+        await c.stop()
+
+
 async def end_offsets(
     settings: Settings, topic: str, timeout: float = 30
 ) -> dict[TopicPartition, int]:

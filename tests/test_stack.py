@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from clv.local_stack import (
 )
 from clv.settings import Settings
 from clv.stack import Running, ensure_servers, run_stack, wait_healthy
+from consumers.kafka import ensure_topics
 from feature_store.redis_client import connect
 from tests.consumers.kafka_helpers import unique_settings
 from tests.processes import children
@@ -368,6 +370,28 @@ def test_no_plain_local_redis_is_started_for_a_cluster_or_tls_address(
         stack.stop()
 
 
+async def _up_with(
+    settings: Settings,
+    tmp_path: Path,
+    consumers: int,
+    on_ready: Callable[[Running], Awaitable[None]],
+    say: Callable[[str], None],
+) -> None:
+    """run_stack without retraining, stopped once ``on_ready`` returns."""
+    await asyncio.wait_for(
+        run_stack(
+            settings,
+            asyncio.Event(),
+            workdir=tmp_path / ".clv",
+            consumers=consumers,
+            retrain_every_s=None,
+            on_ready=on_ready,
+            say=say,
+        ),
+        120,
+    )
+
+
 async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
     broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
 ) -> None:
@@ -385,18 +409,7 @@ async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
         seen.append(running)
 
     said: list[str] = []
-    await asyncio.wait_for(
-        run_stack(
-            settings,
-            asyncio.Event(),
-            workdir=tmp_path / ".clv",
-            consumers=3,
-            retrain_every_s=None,
-            on_ready=on_ready,
-            say=said.append,
-        ),
-        120,
-    )
+    await _up_with(settings, tmp_path, 3, on_ready, said.append)
     [running] = seen
     assert len(running.consumers) == 3
     assert all(c.assignment() for c in running.consumers)  # healthy means every one has some
@@ -405,6 +418,30 @@ async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
     [up] = [line for line in said if line.startswith("clv is up")]
     assert "consumers=3 " in up and f"redis={host}:{port}/0 " in up
     assert all("s3cret" not in line for line in said)
+
+
+async def test_up_refuses_more_consumers_than_the_orders_topic_has_partitions(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    # Fails if the count is not checked before the consumers start: the stack then waited a
+    # minute for the idle ones to get partitions and failed with "not healthy".
+    settings = unique_settings(
+        broker.address, redis_server.address, event_log_dir=tmp_path / "events"
+    )
+    await ensure_topics(settings, partitions=2)  # an existing topic: its own count counts
+    ready: list[Running] = []
+
+    async def on_ready(running: Running) -> None:
+        ready.append(running)
+
+    with pytest.raises(StackError) as err:
+        await _up_with(settings, tmp_path, 3, on_ready, lambda _: None)
+    assert str(err.value) == (
+        f"--consumers 3 is more than the 2 partitions of {settings.orders_topic}: a consumer "
+        "group puts at most one consumer on a partition; run 2 or fewer, or give the topic "
+        "more partitions"
+    )
+    assert ready == []
 
 
 async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named(

@@ -222,7 +222,8 @@ def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
 
 @pytest.mark.slow
 async def test_sigkill_mid_stream_then_restart_changes_no_feature(settings: Settings) -> None:
-    events = messy_events(44, users=400, per_user=60)
+    # Big enough that three restarts (each a process start and a group join) cannot finish it.
+    events = messy_events(44, users=1200, per_user=60)
     await publish(settings, _interleave(events, [m for m, _ in BAD[:5]], 4))
     redis = connect(settings.redis_url)
     store = FeatureStore(redis, prefix=settings.key_prefix)
@@ -232,12 +233,12 @@ async def test_sigkill_mid_stream_then_restart_changes_no_feature(settings: Sett
         while kills < 3:
             proc = _consume_process(settings)
             # Kill once progress has moved (mid-stream), at a random moment of a batch.
-            for _ in range(600):
-                await asyncio.sleep(0.05)
+            for _ in range(3000):
+                await asyncio.sleep(0.01)
                 done = sum((await store.progress(settings.consumer_group)).values())
-                if done > last_seen + 200:
+                if done > last_seen + 100:
                     break
-            await asyncio.sleep(random.random() * 0.2)
+            await asyncio.sleep(random.random() * 0.1)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1

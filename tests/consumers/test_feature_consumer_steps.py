@@ -23,6 +23,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord
 
+import consumers.feature_consumer
 import consumers.kafka
 from clv.errors import StoreError
 from clv.settings import Settings
@@ -182,9 +183,9 @@ class FailingStore(FakeStore):
 
 
 async def test_a_failed_batch_leaves_the_batch_fetched_after_it_uncommitted() -> None:
-    # Fails if run() no longer awaits the batch in flight before starting the next one
-    # (feature_consumer.py, "await in_flight" in the loop): the second batch's commit then
-    # covers the first, failed one, whose events are lost.
+    # Fails if run() no longer awaits the apply in flight before starting the next one, or
+    # commits a batch whose apply failed: the second batch's commit then covers the first,
+    # failed one, whose events are lost.
     steps = Steps()
     kafka = FakeKafka(steps, [[record(0, event("fail-1"))], [record(1, event("e2"))]])
     kafka.stop_when_committed = 2  # what a consumer that went on would commit
@@ -194,6 +195,73 @@ async def test_a_failed_batch_leaves_the_batch_fetched_after_it_uncommitted() ->
         await asyncio.wait_for(worker.run(steps.stop), timeout=30)
     assert kafka.committed == {}
     assert [step for step, _ in steps.log] == ["apply"]  # the next batch was not applied either
+
+
+async def test_redis_applies_a_batch_while_the_next_one_is_validated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fails if validation keeps the event loop to itself: a fetch served from aiokafka's
+    # buffer returns without yielding (as FakeKafka's does), so the apply in flight then
+    # started, wrote its request and read its reply only after the whole next batch was
+    # validated, and Redis and the consumer took turns instead of working together.
+    real = consumers.feature_consumer.validate_record
+
+    def validate_record(rec: ConsumerRecord[bytes, bytes], *a: Any) -> ValidEvent:
+        steps.log.append(("validate", rec.offset))
+        return real(rec, *a)
+
+    monkeypatch.setattr(consumers.feature_consumer, "validate_record", validate_record)
+    steps = Steps()
+    second = [record(i, event(f"e{i}")) for i in range(1, 1001)]
+    kafka = FakeKafka(steps, [[record(0, event("e0"))], second])
+    kafka.stop_when_committed = 1001
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    first_apply = steps.log.index(("apply", ["e0"]))
+    last_validation = steps.log.index(("validate", 1000))
+    assert first_apply < last_validation, "the first batch's apply waited for the second's checks"
+
+
+class GatedKafka(FakeKafka):
+    """Its first commit does not return until ``gate`` is opened."""
+
+    def __init__(self, steps: Steps, batches: list[list[ConsumerRecord[bytes, bytes]]]) -> None:
+        super().__init__(steps, batches)
+        self.gate = asyncio.Event()
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        first = not any(step == "commit" for step, _ in self.steps.log)
+        await super().commit(offsets)
+        if first:
+            await self.gate.wait()
+        self.steps.log.append(("commit returned", dict(offsets)))
+
+
+async def test_a_slow_commit_holds_up_no_apply_and_commits_stay_in_order() -> None:
+    # Fails if a batch's commit round trip sits between its apply and the next batch's (Redis
+    # then idles through it: the second apply never comes, the gate never opens and the run
+    # times out), or if a batch is committed before the batch ahead of it.
+    steps = Steps()
+    kafka = GatedKafka(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
+    kafka.stop_when_committed = 2
+
+    class OpeningStore(FakeStore):
+        async def apply(self, events: list[ValidEvent], **kw: Any) -> ApplyResult:
+            result = await super().apply(events, **kw)
+            if events[0].event_id == "e2":
+                kafka.gate.set()
+            return result
+
+    worker = consumer(steps, kafka)
+    worker._store = OpeningStore(steps)  # type: ignore[assignment]
+    await asyncio.wait_for(worker.run(steps.stop), timeout=10)
+    assert steps.log == [
+        ("apply", ["e1"]),
+        ("commit", {TP: 1}),
+        ("apply", ["e2"]),
+        ("commit returned", {TP: 1}),
+        ("commit", {TP: 2}),
+        ("commit returned", {TP: 2}),
+    ]
 
 
 class StopWhenDrained(FakeKafka):
