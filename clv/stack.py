@@ -149,7 +149,7 @@ async def run_stack(
     from consumers.archiver import Archiver
     from consumers.dead_letters import DeadLetters
     from consumers.feature_consumer import FeatureConsumer, open_clients
-    from consumers.kafka import ensure_topics, partition_count
+    from consumers.kafka import ensure_topics, topic_partitions
     from feature_store.redis_store import FeatureStore
     from training.registry import ModelRegistry
     from training.train import retrain_forever
@@ -165,7 +165,7 @@ async def run_stack(
             say(f"started {line}")
         await _unless_stopped(stop, ensure_topics(settings))
         topic = settings.orders_topic
-        parts = await _unless_stopped(stop, partition_count(settings, topic))
+        parts = len(await _unless_stopped(stop, topic_partitions(settings, topic)))
         if consumers > parts:
             # A group gives each partition to one consumer: the rest would idle, and the wait
             # for every consumer to get work would run out only after a minute.

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -34,6 +36,7 @@ BATCHES = Counter("clv_consumer_batches", "Batches applied by the feature consum
 
 
 _YIELD_EVERY = 256  # messages validated between yields to the event loop (~0.7 ms)
+_UNSETTLED = 3  # batches between submission to the store and their commit, at most
 
 
 @dataclass
@@ -78,51 +81,54 @@ class FeatureConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the batches in hand are finished and committed first.
 
-        Three stages overlap: while Redis applies one batch (on its own core), the next one is
-        fetched and validated here and the one before is settled (its too-late events
-        dead-lettered, its offsets committed). Redis waits only for the next batch's request,
-        not for the broker's commit round trip. Applies happen strictly in order, and so do
-        commits, each after its own batch's apply.
+        Per batch, in order: validate it, dead-letter its bad messages, and submit its apply to
+        the store, which queues it behind the batches before it (on a single Redis the request
+        is in Redis's hands while Redis runs the one before, so Redis never waits for this
+        loop); then, in a task of its own once its apply is answered, settle it: dead-letter
+        what the state refused as too late, and commit, after the batch before it is settled.
+        Up to ``_UNSETTLED`` batches are between submission and commit; meanwhile the next
+        one is fetched and validated. A failure (Redis gone, a commit refused) ends the run and
+        commits nothing after the batch that failed.
         """
-        applying: asyncio.Task[tuple[_Batch, ApplyResult]] | None = None
-        settling: asyncio.Task[None] | None = None
+        unsettled: deque[asyncio.Task[None]] = deque()
         try:
             while not stop.is_set():
                 batch = await self._consumer.getmany(
                     timeout_ms=200, max_records=self._settings.consume_batch
                 )
-                # A failure (Redis gone, a commit refused) stops the consumer now, not when the
-                # next batch arrives, which on a quiet topic may be never; it is not committed.
-                if applying is not None and applying.done():
-                    done, applying = applying, None
-                    settling = self._settle_later(done.result(), settling)
-                if settling is not None and settling.done():
-                    settling.result()
-                    settling = None
+                # A failure stops the consumer now, not when the next batch arrives, which on a
+                # quiet topic may be never.
+                while unsettled and unsettled[0].done():
+                    unsettled.popleft().result()
                 if not batch:
                     continue
                 prepared = await self._prepare(batch)
-                if applying is not None:
-                    done, applying = applying, None
-                    settling = self._settle_later(await done, settling)
-                applying = asyncio.create_task(self._apply(prepared))
-                await asyncio.sleep(0)  # it sends its request before the next fetch is parsed
+                while len(unsettled) >= _UNSETTLED:
+                    await unsettled.popleft()
+                # Dead letters first: once the batch's progress is recorded nothing may be
+                # left to do but the commit (and the dead letters of what the state refused).
+                if prepared.bad:
+                    await self._dlq.publish(prepared.bad)
+                s = self._settings
+                applied = await self._store.submit(
+                    prepared.good,
+                    group=s.consumer_group,
+                    progress=prepared.progress,
+                    now_ms=prepared.now_ms,
+                )
+                previous = unsettled[-1] if unsettled else None
+                unsettled.append(asyncio.create_task(self._settle(prepared, applied, previous)))
         finally:
-            try:
-                if applying is not None:
-                    settling = self._settle_later(await applying, settling)
-            finally:
-                if settling is not None:
-                    await settling
+            if unsettled:
+                await unsettled[-1]  # and through it every one before
 
     async def _prepare(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> _Batch:
         """Validate a fetched batch. It yields to the event loop every ``_YIELD_EVERY``
-        messages: the apply in flight needs the loop to start (a fetch served from the client's
-        buffer returns without yielding), to write out its request (a few hundred KiB, more
-        than a socket takes at once) and to read Redis's reply, and the commit needs it too; a
-        batch validated in one go held all of them up by its whole validation time."""
+        messages, so that the replies of the applies in flight are read and their batches
+        settled meanwhile (a batch validated in one go held them up by its whole validation
+        time)."""
         s = self._settings
         out = _Batch()
         good, sources, bad = out.good, out.sources, out.bad
@@ -144,29 +150,20 @@ class FeatureConsumer:
         out.now_ms = now_ms
         return out
 
-    async def _apply(self, b: _Batch) -> tuple[_Batch, ApplyResult]:
-        s = self._settings
-        # Dead letters first: once the batch's progress is recorded nothing may be left to do
-        # but the commit (and the dead letters of what the state refused as too late).
-        if b.bad:
-            await self._dlq.publish(b.bad)
-        result = await self._store.apply(
-            b.good, group=s.consumer_group, progress=b.progress, now_ms=b.now_ms
-        )
-        return b, result
-
-    def _settle_later(
-        self, applied: tuple[_Batch, ApplyResult], previous: asyncio.Task[None] | None
-    ) -> asyncio.Task[None]:
-        return asyncio.create_task(self._settle(*applied, previous))
-
     async def _settle(
-        self, b: _Batch, result: ApplyResult, previous: asyncio.Task[None] | None
+        self,
+        b: _Batch,
+        applied: Awaitable[ApplyResult],
+        previous: asyncio.Task[None] | None,
     ) -> None:
-        """Dead-letter what the state refused as too late, then commit, after the batch
-        before: a failure there fails this batch too, so nothing after it is committed."""
-        if previous is not None:
-            await previous
+        """Once the batch's apply is answered and the batch before is settled: dead-letter what
+        the state refused as too late, then commit. A failure of the batch before fails this
+        one too, so nothing after a failed batch is committed."""
+        try:
+            result = await applied
+        finally:
+            if previous is not None:
+                await previous
         if result.too_late:
             late = [
                 Rejected(

@@ -104,19 +104,38 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
 # Inspection helpers (``clv demo``, tests): each uses a short-lived consumer of its own.
 
 
-async def _partitions(c: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    await c.topics()  # refreshes the metadata, so the topic's partitions are known
-    return [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+_UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
 
 
-async def partition_count(settings: Settings, topic: str) -> int:
-    """How many partitions ``topic`` has (0 when it does not exist)."""
-    c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await c.start()
+async def topic_partitions(
+    settings: Settings, topic: str, timeout: float = 30
+) -> list[TopicPartition]:
+    """The partitions of ``topic`` (none when the broker does not know it), from a Metadata
+    request naming it. Not from a consumer's metadata: its bootstrap asks for an empty topic
+    list, which from Metadata v1 on means no topic at all, and ``topics()`` does not update it,
+    so on Apache Kafka a consumer without a subscription knows no partition. A topic just
+    created may have no leader yet: it is asked again until ``timeout``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     try:
-        return len(await _partitions(c, topic))
+        await admin.start()
+        # Named only once known to exist: a broker may create a topic a Metadata request names
+        # (tansu does; Apache Kafka with auto.create.topics.enable).
+        if topic not in await admin.list_topics():
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            [described] = await admin.describe_topics([topic])
+            code, parts = described["error_code"], described["partitions"]
+            if code == _UNKNOWN_TOPIC:
+                return []
+            if code == 0 and parts and all(p["error_code"] == 0 for p in parts):
+                return [TopicPartition(topic, n) for n in sorted(p["partition"] for p in parts)]
+            if loop.time() > deadline:
+                raise TimeoutError(f"{topic} not described within {timeout:g}s (error {code})")
+            await asyncio.sleep(0.2)
     finally:
-        await c.stop()
+        await admin.close()
 
 
 async def end_offsets(
@@ -129,6 +148,9 @@ async def end_offsets(
     first offset of a partition's last record batch plus one, short of the end whenever that
     batch holds several records (found when a test's "whole topic committed" came early).
     """
+    tps = await topic_partitions(settings, topic, timeout)
+    if not tps:
+        return {}
     c = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
@@ -136,9 +158,6 @@ async def end_offsets(
     )
     await c.start()
     try:
-        tps = await _partitions(c, topic)
-        if not tps:
-            return {}
         listed = await c.end_offsets(tps)
         c.assign(tps)
         for tp in tps:
@@ -205,8 +224,8 @@ async def _read_commits(
 
 async def committed(settings: Settings, group: str, topic: str) -> dict[TopicPartition, int | None]:
     """A group's committed offsets, read with a manually assigned consumer of that group."""
+    tps = await topic_partitions(settings, topic)
     async with _group_member(settings, group) as c:
-        tps = await _partitions(c, topic)
         c.assign(tps)
         return await _read_commits(c, tps)
 

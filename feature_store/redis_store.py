@@ -6,13 +6,20 @@ keeps for a user (state, scores, alert state) lives in one slot.
 A batch is applied by one Lua script (``lua/apply_batch.lua``) that deduplicates by event id,
 updates the state and records the consumer's progress together: a crash either applied all of
 the batch or none of it, and a redelivered event changes nothing.
+
+On a single Redis the batches' script calls are pipelined (:class:`_OrderedCalls`): each is
+written as soon as it is submitted, on one connection, so Redis has the next batch's request in
+hand when it finishes one and runs them in the order submitted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -22,6 +29,8 @@ import numpy as np
 import pandas as pd
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
 
 from clv.errors import StoreError
 from feature_store.events import ValidEvent
@@ -56,6 +65,96 @@ class ApplyResult:
     too_late: list[int]  # indexes into the applied sequence, rejected as too late
 
 
+class _OrderedCalls:
+    """``EVALSHA`` calls on one connection, each written when made and answered in that order.
+
+    Redis runs a connection's requests in the order it receives them, so the calls run in the
+    order they were made, and the next one waits in Redis's input buffer, not in this client,
+    while Redis runs the one before. The connection is taken from the client's pool while calls
+    are outstanding and given back when none are; the script is loaded each time it is taken
+    (a ``SCRIPT FLUSH`` while idle costs nothing). A call answered with an error fails alone; a
+    connection that fails fails every call outstanding on it (whether Redis ran them is
+    unknown: the caller retries the batches, which deduplication makes safe).
+    """
+
+    def __init__(self, redis: Redis, script: str) -> None:
+        self._pool = redis.connection_pool
+        self._script = script
+        self._sha = ""
+        self._conn: AbstractConnection | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # one request's bytes at a time
+
+    async def call(self, keys: list[str], args: list[bytes | int]) -> asyncio.Future[Any]:
+        """Write the call; the future is its answer."""
+        async with self._writing:
+            if self._conn is None:
+                conn = await self._pool.get_connection()
+                try:
+                    await conn.send_command("SCRIPT", "LOAD", self._script, check_health=False)
+                    sha = await conn.read_response()
+                except BaseException:
+                    await conn.disconnect()
+                    await self._pool.release(conn)
+                    raise
+                self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+                self._conn = conn
+            answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._waiting.append(answer)
+            try:
+                await self._conn.send_command(
+                    "EVALSHA", self._sha, len(keys), *keys, *args, check_health=False
+                )
+            except BaseException as exc:  # half a request may be on the wire
+                await self._broken(exc)
+                raise
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read())
+            return answer
+
+    async def _read(self) -> None:
+        """Answer the outstanding calls in order; give the connection back when none is left."""
+        while True:
+            while self._waiting:
+                conn = self._conn
+                assert conn is not None
+                try:
+                    reply: Any = await conn.read_response()
+                except ResponseError as exc:  # this call's own error (NOSCRIPT too): it alone
+                    reply = exc
+                except BaseException as exc:  # the connection: every call outstanding on it
+                    await self._broken(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    return
+                answer = self._waiting.popleft()
+                if not answer.done():
+                    if isinstance(reply, Exception):
+                        answer.set_exception(reply)
+                    else:
+                        answer.set_result(reply)
+            async with self._writing:
+                if self._waiting:
+                    continue  # a call was written while this one waited for the lock
+                if self._conn is not None:
+                    conn, self._conn = self._conn, None
+                    await self._pool.release(conn)
+                return
+
+    async def _broken(self, exc: BaseException) -> None:
+        while self._waiting:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(
+                    exc if isinstance(exc, Exception) else ConnectionError("cancelled")
+                )
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.disconnect()
+            await self._pool.release(conn)
+
+
 class FeatureStore:
     """Reads and writes per-user feature state in Redis (or Redis Cluster)."""
 
@@ -67,6 +166,8 @@ class FeatureStore:
         self._retention = retention_days
         self._script = redis.register_script(_SCRIPT)
         self._cluster = isinstance(redis, RedisCluster)
+        self._ordered = None if isinstance(redis, RedisCluster) else _OrderedCalls(redis, _SCRIPT)
+        self._last: asyncio.Task[ApplyResult] | None = None  # Redis Cluster: the last submitted
 
     # -- keys ---------------------------------------------------------------------------------
     def user_key(self, user_id: str) -> str:
@@ -85,20 +186,63 @@ class FeatureStore:
         now_ms: int,
     ) -> ApplyResult:
         """Apply ``events`` (in arrival order) and record ``progress`` (``"topic:partition" ->
-        offset``) atomically.
+        offset``) atomically: :meth:`submit`, then its answer."""
+        return await (await self.submit(events, group=group, progress=progress, now_ms=now_ms))
 
-        On a single Redis this is one script call; on Redis Cluster one call per hash slot (each
-        atomic), then the progress: per-event deduplication keeps a retried batch from counting
-        twice either way. Events dated at or before the user's latest event day minus the
-        retention come back (as indexes) in ``too_late``, unapplied: the caller dead-letters them.
+    async def submit(
+        self,
+        events: Sequence[ValidEvent],
+        *,
+        group: str,
+        progress: dict[str, int],
+        now_ms: int,
+    ) -> Awaitable[ApplyResult]:
+        """Queue the apply of ``events`` (in arrival order) with ``progress`` behind the batches
+        submitted before it, and return its pending result. Batches are applied in the order
+        submitted; the caller may submit the next before this one's result is in.
+
+        On a single Redis a batch is one script call; on Redis Cluster one call per hash slot
+        (each atomic), then the progress: per-event deduplication keeps a retried batch from
+        counting twice either way. Events dated at or before the user's latest event day minus
+        the retention come back (as indexes) in ``too_late``, unapplied: the caller dead-letters
+        them.
         """
         clock = max((e.ts_ms for e in events), default=-1)
-        if not self._cluster:
-            keys, payload = self._encode(events)
-            a, d, late = await self._run(
-                [self.progress_key(group), *keys], payload, progress, now_ms, clock=clock
+        if self._ordered is None:
+            previous, self._last = self._last, None
+            task = asyncio.create_task(
+                self._apply_cluster(events, group, progress, now_ms, clock, previous)
             )
-            return ApplyResult(a, d, late)
+            self._last = task
+            return task
+        keys, payload = self._encode(events)
+        args = self._args(payload, progress, now_ms, clock)
+        try:
+            answer = await self._ordered.call([self.progress_key(group), *keys], args)
+        except Exception as exc:
+            raise StoreError(f"applying a batch failed: {exc}") from exc
+        return self._result(answer)
+
+    @staticmethod
+    async def _result(answer: Awaitable[Any]) -> ApplyResult:
+        try:
+            res = await answer
+        except Exception as exc:  # redis errors carry the script's message
+            raise StoreError(f"applying a batch failed: {exc}") from exc
+        return ApplyResult(int(res[0]), int(res[1]), [int(i) for i in res[2]])
+
+    async def _apply_cluster(
+        self,
+        events: Sequence[ValidEvent],
+        group: str,
+        progress: dict[str, int],
+        now_ms: int,
+        clock: int,
+        previous: asyncio.Task[ApplyResult] | None,
+    ) -> ApplyResult:
+        if previous is not None:
+            with contextlib.suppress(Exception):  # its failure is its own caller's to see
+                await previous
         by_slot: dict[int, list[int]] = {}  # slot -> positions in ``events``, in order
         for i, ev in enumerate(events):
             slot = self._redis.keyslot(self.user_key(ev.user_id))  # type: ignore[union-attr]
@@ -136,6 +280,11 @@ class FeatureStore:
         keys = [user_key(prefix, uid) for uid in index]
         return keys, _pack(rows)
 
+    def _args(
+        self, payload: bytes, progress: dict[str, int], now_ms: int, clock: int
+    ) -> list[bytes | int]:
+        return [payload, _pack(list(progress.items())), now_ms, self._retention, clock]
+
     async def _run(
         self,
         keys: list[str],
@@ -145,13 +294,7 @@ class FeatureStore:
         *,
         clock: int,
     ) -> tuple[int, int, list[int]]:
-        args: list[bytes | int] = [
-            payload,
-            _pack(list(progress.items())),
-            now_ms,
-            self._retention,
-            clock,
-        ]
+        args = self._args(payload, progress, now_ms, clock)
         try:
             res = await self._script(keys=keys, args=args)
         except Exception as exc:  # redis errors carry the script's message

@@ -423,8 +423,9 @@ async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
 async def test_up_refuses_more_consumers_than_the_orders_topic_has_partitions(
     broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
 ) -> None:
-    # Fails if the count is not checked before the consumers start: the stack then waited a
-    # minute for the idle ones to get partitions and failed with "not healthy".
+    # Fails if the count is not checked against the topic itself (an existing topic may have
+    # fewer partitions than CLV_ORDERS_PARTITIONS): the stack then waited a minute for the idle
+    # consumers to get partitions and failed with "not healthy".
     settings = unique_settings(
         broker.address, redis_server.address, event_log_dir=tmp_path / "events"
     )

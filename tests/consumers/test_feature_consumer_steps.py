@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -85,15 +87,19 @@ class FakeKafka:
 
 
 class FakeStore:
-    """Applies everything; events whose id starts with "late" are refused as too late."""
+    """Applies everything; events whose id starts with "late" are refused as too late. A batch
+    is logged as applied when submitted; its answer comes from :meth:`answer`."""
 
     def __init__(self, steps: Steps) -> None:
         self.steps = steps
 
-    async def apply(
+    async def submit(
         self, events: list[ValidEvent], *, group: str, progress: dict[str, int], now_ms: int
-    ) -> ApplyResult:
+    ) -> Awaitable[ApplyResult]:
         self.steps.log.append(("apply", [e.event_id for e in events]))
+        return self.answer(events)
+
+    async def answer(self, events: list[ValidEvent]) -> ApplyResult:
         late = [i for i, e in enumerate(events) if e.event_id.startswith("late")]
         return ApplyResult(applied=len(events) - len(late), duplicates=0, too_late=late)
 
@@ -173,19 +179,17 @@ async def test_a_commit_the_client_gives_up_on_stops_the_consumer() -> None:
 class FailingStore(FakeStore):
     """As FakeStore, but a batch holding an event whose id starts with "fail" fails (Redis gone)."""
 
-    async def apply(
-        self, events: list[ValidEvent], *, group: str, progress: dict[str, int], now_ms: int
-    ) -> ApplyResult:
-        result = await super().apply(events, group=group, progress=progress, now_ms=now_ms)
+    async def answer(self, events: list[ValidEvent]) -> ApplyResult:
+        result = await super().answer(events)
         if any(e.event_id.startswith("fail") for e in events):
             raise StoreError("applying a batch failed: connection refused")
         return result
 
 
 async def test_a_failed_batch_leaves_the_batch_fetched_after_it_uncommitted() -> None:
-    # Fails if run() no longer awaits the apply in flight before starting the next one, or
-    # commits a batch whose apply failed: the second batch's commit then covers the first,
-    # failed one, whose events are lost.
+    # Fails if a batch is committed although its apply, or the apply of a batch before it,
+    # failed: the second batch's commit covers the first, failed one, whose events are lost.
+    # (The second may have been applied already: its events count once on redelivery.)
     steps = Steps()
     kafka = FakeKafka(steps, [[record(0, event("fail-1"))], [record(1, event("e2"))]])
     kafka.stop_when_committed = 2  # what a consumer that went on would commit
@@ -194,31 +198,68 @@ async def test_a_failed_batch_leaves_the_batch_fetched_after_it_uncommitted() ->
     with pytest.raises(StoreError):
         await asyncio.wait_for(worker.run(steps.stop), timeout=30)
     assert kafka.committed == {}
-    assert [step for step, _ in steps.log] == ["apply"]  # the next batch was not applied either
+    assert "commit" not in [step for step, _ in steps.log]
 
 
-async def test_redis_applies_a_batch_while_the_next_one_is_validated(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Fails if validation keeps the event loop to itself: a fetch served from aiokafka's
-    # buffer returns without yielding (as FakeKafka's does), so the apply in flight then
-    # started, wrote its request and read its reply only after the whole next batch was
-    # validated, and Redis and the consumer took turns instead of working together.
-    real = consumers.feature_consumer.validate_record
+class HeldStore(FakeStore):
+    """As FakeStore, but no answer comes before ``release`` is set."""
 
-    def validate_record(rec: ConsumerRecord[bytes, bytes], *a: Any) -> ValidEvent:
-        steps.log.append(("validate", rec.offset))
-        return real(rec, *a)
+    def __init__(self, steps: Steps) -> None:
+        super().__init__(steps)
+        self.release = asyncio.Event()
 
-    monkeypatch.setattr(consumers.feature_consumer, "validate_record", validate_record)
+    async def answer(self, events: list[ValidEvent]) -> ApplyResult:
+        await self.release.wait()
+        return await super().answer(events)
+
+
+async def test_the_next_batch_is_submitted_before_the_answer_to_the_one_before() -> None:
+    # Fails if the consumer waits for a batch's apply to be answered before it submits the
+    # next: Redis then idles between batches while this process reads the answer, settles
+    # and sends the next request (the answers here wait for the second submission: the run
+    # would hang and time out).
     steps = Steps()
-    second = [record(i, event(f"e{i}")) for i in range(1, 1001)]
-    kafka = FakeKafka(steps, [[record(0, event("e0"))], second])
-    kafka.stop_when_committed = 1001
-    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
-    first_apply = steps.log.index(("apply", ["e0"]))
-    last_validation = steps.log.index(("validate", 1000))
-    assert first_apply < last_validation, "the first batch's apply waited for the second's checks"
+    kafka = FakeKafka(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
+    kafka.stop_when_committed = 2
+    store = HeldStore(steps)
+
+    class ReleasingStore(HeldStore):
+        async def submit(self, events: list[ValidEvent], **kw: Any) -> Awaitable[ApplyResult]:
+            answer = await super().submit(events, **kw)
+            if events[0].event_id == "e2":
+                self.release.set()
+            return answer
+
+    worker = consumer(steps, kafka)
+    worker._store = store = ReleasingStore(steps)  # type: ignore[assignment]
+    await asyncio.wait_for(worker.run(steps.stop), timeout=10)
+    assert steps.log == [
+        ("apply", ["e1"]),
+        ("apply", ["e2"]),
+        ("commit", {TP: 1}),
+        ("commit", {TP: 2}),
+    ]
+    assert store.release.is_set()
+
+
+async def test_at_most_three_batches_wait_between_submission_and_commit() -> None:
+    # Fails if the consumer keeps fetching and submitting while the batches before are
+    # unanswered: uncommitted batches (and the memory they hold) then grow without bound.
+    steps = Steps()
+    kafka = FakeKafka(steps, [[record(i, event(f"e{i}"))] for i in range(5)])
+    kafka.stop_when_committed = 5
+    worker = consumer(steps, kafka)
+    worker._store = store = HeldStore(steps)  # type: ignore[assignment]
+    run = asyncio.create_task(worker.run(steps.stop))
+    while len(kafka.batches) > 1:  # the fourth batch fetched (and held by the bound)
+        await asyncio.sleep(0.01)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert [e for e in steps.log if e[0] == "apply"] == [("apply", [f"e{i}"]) for i in range(3)]
+    assert len(kafka.batches) == 1  # nothing more fetched meanwhile
+    store.release.set()
+    await asyncio.wait_for(run, timeout=10)
+    assert [e for e in steps.log if e[0] == "commit"] == [("commit", {TP: i + 1}) for i in range(5)]
 
 
 class GatedKafka(FakeKafka):
@@ -245,27 +286,141 @@ async def test_a_slow_commit_holds_up_no_apply_and_commits_stay_in_order() -> No
     kafka.stop_when_committed = 2
 
     class OpeningStore(FakeStore):
-        async def apply(self, events: list[ValidEvent], **kw: Any) -> ApplyResult:
-            result = await super().apply(events, **kw)
+        async def submit(self, events: list[ValidEvent], **kw: Any) -> Awaitable[ApplyResult]:
+            answer = await super().submit(events, **kw)
             if events[0].event_id == "e2":
                 kafka.gate.set()
-            return result
+            return answer
 
     worker = consumer(steps, kafka)
     worker._store = OpeningStore(steps)  # type: ignore[assignment]
     await asyncio.wait_for(worker.run(steps.stop), timeout=10)
-    assert steps.log == [
-        ("apply", ["e1"]),
+    log = steps.log
+    assert log.index(("apply", ["e2"])) < log.index(("commit returned", {TP: 1}))
+    assert [entry for entry in log if entry[0] != "apply"] == [
         ("commit", {TP: 1}),
-        ("apply", ["e2"]),
         ("commit returned", {TP: 1}),
         ("commit", {TP: 2}),
         ("commit returned", {TP: 2}),
     ]
 
 
+def batches(n: int) -> list[list[Any]]:
+    return [[record(i, event(f"e{i}"))] for i in range(n)]
+
+
+def applies(steps: Steps) -> int:
+    return sum(1 for step, _ in steps.log if step == "apply")
+
+
+class TrickleKafka(FakeKafka):
+    """A steady trickle: every fetch waits a little (as getmany's long poll does) and then
+    returns one more message; ``stop`` is set once ``n`` batches were handed out."""
+
+    def __init__(self, steps: Steps, n: int) -> None:
+        super().__init__(steps, batches(n))
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+        await asyncio.sleep(0.001)
+        if self.batches:
+            got = {TP: self.batches.pop(0)}
+            if not self.batches:
+                self.steps.stop.set()
+            return got
+        return {}
+
+
+async def test_a_refused_commit_stops_the_consumer_while_batches_keep_coming() -> None:
+    # Fails if a failed settle can hide behind the next one (chained onto it before anything
+    # looks at it): the commit of the first batch is refused (an error no retry mends), and a
+    # consumer that does not stop applies every batch that comes (here 100; in production,
+    # until the topic goes quiet), committing none.
+    steps = Steps()
+    kafka = TrickleKafka(steps, 100)
+    kafka.failures, kafka.error = 1, GroupAuthorizationFailedError()
+    with pytest.raises(GroupAuthorizationFailedError):
+        await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    assert kafka.committed == {}
+    assert applies(steps) <= 3, f"{applies(steps)} batches applied after the refused commit"
+
+
+async def test_a_refused_commit_stops_the_consumer_on_a_fast_backlog() -> None:
+    # As above, with fetches served from the client's buffer (no wait at all).
+    steps = Steps()
+    kafka = FakeKafka(steps, batches(100))
+    kafka.failures, kafka.error = 1, GroupAuthorizationFailedError()
+    with pytest.raises(GroupAuthorizationFailedError):
+        await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    assert kafka.committed == {}
+    assert applies(steps) <= 3, f"{applies(steps)} batches applied after the refused commit"
+
+
+class StallingKafka(FakeKafka):
+    """Its first commit hangs (the group coordinator unreachable: aiokafka retries a commit
+    for as long as it takes) until ``release`` is called; fetches go on (partition leaders)."""
+
+    def __init__(self, steps: Steps, n: int) -> None:
+        super().__init__(steps, batches(n))
+        self.gate = asyncio.Event()
+        self.stop_when_committed = n
+
+    def release(self) -> None:
+        self.steps.log.append(("released", None))
+        self.gate.set()
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        first = not any(step == "commit" for step, _ in self.steps.log)
+        await super().commit(offsets)
+        if first:
+            await self.gate.wait()
+
+
+async def test_a_stalled_commit_holds_up_the_pipeline_instead_of_piling_batches_up() -> None:
+    # Fails if, while a commit hangs (aiokafka retries it for as long as it takes), the
+    # consumer keeps applying batches and holding each one (its records and events) in a
+    # settle task that waits for the one before: all 200 applied and held, uncommitted.
+    steps = Steps()
+    kafka = StallingKafka(steps, 200)
+    asyncio.get_running_loop().call_later(0.3, kafka.release)
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    released = steps.log.index(("released", None))
+    held = sum(1 for step, _ in steps.log[:released] if step == "apply")
+    assert held <= 3, f"{held} batches applied while the first commit hung"
+    assert kafka.committed == {TP: 200}
+
+
+async def test_commits_stay_in_batch_order_and_each_follows_its_apply_under_random_delays() -> None:
+    # Fails if commits can overtake each other or an apply's answer: random apply and
+    # commit times, order kept.
+    rnd = random.Random(7)
+
+    class SlowStore(FakeStore):
+        async def answer(self, events: list[ValidEvent]) -> ApplyResult:
+            await asyncio.sleep(rnd.random() * 0.003)
+            return await super().answer(events)
+
+    class SlowKafka(FakeKafka):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            await asyncio.sleep(rnd.random() * 0.006)
+            await super().commit(offsets)
+
+    steps = Steps()
+    kafka = SlowKafka(steps, batches(60))
+    kafka.stop_when_committed = 60
+    worker = consumer(steps, kafka)
+    worker._store = SlowStore(steps)  # type: ignore[assignment]
+    await asyncio.wait_for(worker.run(steps.stop), timeout=30)
+    order = [(s, v) for s, v in steps.log if s in ("apply", "commit")]
+    applied = [int(v[0][1:]) for s, v in order if s == "apply"]
+    committed = [v[TP] - 1 for s, v in order if s == "commit"]
+    assert applied == list(range(60)) and committed == list(range(60))
+    for i in range(60):
+        assert order.index(("apply", [f"e{i}"])) < order.index(("commit", {TP: i + 1}))
+
+
 class StopWhenDrained(FakeKafka):
-    """Hands out its batches, then sets ``stop`` (as a signal would) while the last is in hand."""
+    """Hands out its batches, then sets ``stop`` (as a signal would) while the last is in hand.
+    Its commits take a few event-loop turns, so that several batches are still unsettled."""
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
         if self.batches:
@@ -273,10 +428,16 @@ class StopWhenDrained(FakeKafka):
         self.steps.stop.set()
         return {}
 
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)
+        await super().commit(offsets)
+
 
 async def test_stop_finishes_and_commits_the_batch_in_hand_before_run_returns() -> None:
-    # Fails if run()'s finally no longer awaits the batch in flight: run returns with the last
-    # batch applied (or not) but uncommitted, and the process exits under it.
+    # Fails if run()'s finally no longer awaits every batch in flight (the last settled is
+    # the last committed): run returns with a batch applied (or not) but uncommitted, and
+    # the process exits under it.
     steps = Steps()
     kafka = StopWhenDrained(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
     worker = consumer(steps, kafka)
