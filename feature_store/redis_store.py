@@ -159,14 +159,19 @@ class FeatureStore:
     """Reads and writes per-user feature state in Redis (or Redis Cluster)."""
 
     def __init__(
-        self, redis: AnyRedis, *, prefix: str = "clv", retention_days: int = RETENTION_DAYS
+        self,
+        redis: AnyRedis,
+        *,
+        prefix: str = "clv",
+        retention_days: int = RETENTION_DAYS,
+        script: str = _SCRIPT,  # the apply script (``make bench-apply`` compares variants)
     ):
         self._redis = redis
         self._prefix = prefix
         self._retention = retention_days
-        self._script = redis.register_script(_SCRIPT)
+        self._script = redis.register_script(script)
         self._cluster = isinstance(redis, RedisCluster)
-        self._ordered = None if isinstance(redis, RedisCluster) else _OrderedCalls(redis, _SCRIPT)
+        self._ordered = None if isinstance(redis, RedisCluster) else _OrderedCalls(redis, script)
         self._last: asyncio.Task[ApplyResult] | None = None  # Redis Cluster: the last submitted
 
     # -- keys ---------------------------------------------------------------------------------
