@@ -120,7 +120,15 @@ class FeatureConsumer:
                 unsettled.append(asyncio.create_task(self._settle(prepared, applied, previous)))
         finally:
             if unsettled:
-                await unsettled[-1]  # and through it every one before
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled: the batches in hand are still awaited, but their failure (which
+                    # the cancellation may have caused itself: a write cut short fails every
+                    # call outstanding on its connection) does not replace the cancellation.
+                    with contextlib.suppress(Exception):
+                        await unsettled[-1]
+                else:
+                    await unsettled[-1]  # and through it every one before
 
     async def _prepare(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]

@@ -65,94 +65,130 @@ class ApplyResult:
     too_late: list[int]  # indexes into the applied sequence, rejected as too late
 
 
+class _Held:
+    """A connection taken from the pool for pipelined calls, with the calls outstanding on it.
+
+    It goes back to the pool once nobody uses it: ``users`` counts the writer sending on it
+    (under the lock) and its reader task. Dead (a send or a read failed, or was cancelled: a
+    request may be half written, a reply half read) it is disconnected before it goes back,
+    and no call is written on it again.
+    """
+
+    __slots__ = ("conn", "dead", "reader", "users", "waiting")
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        self.conn = conn
+        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.reader: asyncio.Task[None] | None = None
+        self.users = 0
+        self.dead = False
+
+
 class _OrderedCalls:
-    """``EVALSHA`` calls on one connection, each written when made and answered in that order.
+    """``EVAL`` calls on one connection, each written when made and answered in that order.
 
     Redis runs a connection's requests in the order it receives them, so the calls run in the
     order they were made, and the next one waits in Redis's input buffer, not in this client,
     while Redis runs the one before. The connection is taken from the client's pool while calls
-    are outstanding and given back when none are; the script is loaded each time it is taken
-    (a ``SCRIPT FLUSH`` while idle costs nothing). A call answered with an error fails alone; a
-    connection that fails fails every call outstanding on it (whether Redis ran them is
-    unknown: the caller retries the batches, which deduplication makes safe).
+    are outstanding and given back when none are. Each call carries the script itself (a few
+    KiB against a batch's hundreds), so that a ``SCRIPT FLUSH`` while calls are outstanding
+    fails none of them (an ``EVALSHA`` written before a reload could not be sent again in
+    order). A call answered with an error fails alone; a connection that fails fails every call
+    outstanding on it (whether Redis ran them is unknown: the caller retries the batches, which
+    deduplication makes safe), and no task of this object touches it once it is back in the
+    pool.
     """
 
     def __init__(self, redis: Redis, script: str) -> None:
         self._pool = redis.connection_pool
         self._script = script
-        self._sha = ""
-        self._conn: AbstractConnection | None = None
-        self._waiting: deque[asyncio.Future[Any]] = deque()
-        self._reader: asyncio.Task[None] | None = None
+        self._held: _Held | None = None  # the connection new calls are written on
         self._writing = asyncio.Lock()  # one request's bytes at a time
 
     async def call(self, keys: list[str], args: list[bytes | int]) -> asyncio.Future[Any]:
         """Write the call; the future is its answer."""
         async with self._writing:
-            if self._conn is None:
-                conn = await self._pool.get_connection()
-                try:
-                    await conn.send_command("SCRIPT", "LOAD", self._script, check_health=False)
-                    sha = await conn.read_response()
-                except BaseException:
-                    await conn.disconnect()
-                    await self._pool.release(conn)
-                    raise
-                self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
-                self._conn = conn
+            held = self._held
+            if held is None:
+                held = self._held = _Held(await self._pool.get_connection())
+            held.users += 1
             answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._waiting.append(answer)
+            held.waiting.append(answer)
             try:
-                await self._conn.send_command(
-                    "EVALSHA", self._sha, len(keys), *keys, *args, check_health=False
-                )
-            except BaseException as exc:  # half a request may be on the wire
-                await self._broken(exc)
-                raise
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read())
+                try:
+                    await held.conn.send_command(
+                        "EVAL", self._script, len(keys), *keys, *args, check_health=False
+                    )
+                except BaseException as exc:  # half a request may be on the wire
+                    answer.cancel()  # the caller gets ``exc``, not the future
+                    if not answer.cancelled():
+                        answer.exception()  # failed by the reader already: seen here
+                    self._kill(held, exc)
+                    raise
+                if held.reader is None:
+                    held.users += 1
+                    held.reader = asyncio.create_task(self._read(held))
+            finally:
+                await self._leave(held)
             return answer
 
-    async def _read(self) -> None:
-        """Answer the outstanding calls in order; give the connection back when none is left."""
-        while True:
-            while self._waiting:
-                conn = self._conn
-                assert conn is not None
-                try:
-                    reply: Any = await conn.read_response()
-                except ResponseError as exc:  # this call's own error (NOSCRIPT too): it alone
-                    reply = exc
-                except BaseException as exc:  # the connection: every call outstanding on it
-                    await self._broken(exc)
-                    if not isinstance(exc, Exception):
-                        raise
+    async def _read(self, held: _Held) -> None:
+        """Answer the calls outstanding on ``held`` in order; give it back when none is left."""
+        try:
+            while True:
+                while held.waiting:
+                    try:
+                        reply: Any = await held.conn.read_response()
+                    except ResponseError as exc:  # this call's own error: it alone
+                        reply = exc
+                    answer = held.waiting.popleft()
+                    if not answer.done():
+                        if isinstance(reply, Exception):
+                            answer.set_exception(reply)
+                        else:
+                            answer.set_result(reply)
+                async with self._writing:
+                    if held.waiting:
+                        continue  # a call was written while this one waited for the lock
+                    if self._held is held:
+                        self._held = None  # the next call takes a connection again
                     return
-                answer = self._waiting.popleft()
-                if not answer.done():
-                    if isinstance(reply, Exception):
-                        answer.set_exception(reply)
-                    else:
-                        answer.set_result(reply)
-            async with self._writing:
-                if self._waiting:
-                    continue  # a call was written while this one waited for the lock
-                if self._conn is not None:
-                    conn, self._conn = self._conn, None
-                    await self._pool.release(conn)
-                return
+        except BaseException as exc:  # the connection: every call outstanding on it
+            self._kill(held, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            await self._leave(held)
 
-    async def _broken(self, exc: BaseException) -> None:
-        while self._waiting:
-            answer = self._waiting.popleft()
+    def _kill(self, held: _Held, exc: BaseException) -> None:
+        """Fail every call outstanding on ``held`` and write none on it again; its reader
+        (unless that is who calls) is cancelled, so that it lets go of the connection now and
+        not when the old socket's end comes through."""
+        if held.dead:
+            return
+        held.dead = True
+        if self._held is held:
+            self._held = None
+        error = exc if isinstance(exc, Exception) else ConnectionError("a call was cancelled")
+        while held.waiting:
+            answer = held.waiting.popleft()
             if not answer.done():
-                answer.set_exception(
-                    exc if isinstance(exc, Exception) else ConnectionError("cancelled")
-                )
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await conn.disconnect()
-            await self._pool.release(conn)
+                answer.set_exception(error)
+        reader = held.reader
+        if reader is not None and reader is not asyncio.current_task() and not reader.done():
+            reader.cancel()
+
+    async def _leave(self, held: _Held) -> None:
+        held.users -= 1
+        if held.users == 0:
+            # Shielded: a second cancellation of the task leaving must not leak the connection.
+            await asyncio.shield(self._give_back(held))
+
+    async def _give_back(self, held: _Held) -> None:
+        if held.dead:
+            with contextlib.suppress(Exception):
+                await held.conn.disconnect(nowait=True)
+        await self._pool.release(held.conn)
 
 
 class FeatureStore:
@@ -246,8 +282,11 @@ class FeatureStore:
         previous: asyncio.Task[ApplyResult] | None,
     ) -> ApplyResult:
         if previous is not None:
-            with contextlib.suppress(Exception):  # its failure is its own caller's to see
-                await previous
+            # Its failure, or its caller's cancellation, is its caller's to see, not this one's
+            # (``await previous`` would cancel this batch with it).
+            await asyncio.wait([previous])
+            if not previous.cancelled():
+                previous.exception()  # seen here too: no "never retrieved" if its caller left
         by_slot: dict[int, list[int]] = {}  # slot -> positions in ``events``, in order
         for i, ev in enumerate(events):
             slot = self._redis.keyslot(self.user_key(ev.user_id))  # type: ignore[union-attr]
