@@ -101,7 +101,7 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
         await admin.close()
 
 
-# Inspection helpers (``clv demo``, tests): each uses a short-lived consumer of its own.
+# Inspection helpers (`clv up`, `clv demo`, tests): each uses short-lived clients of its own.
 
 
 _UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
