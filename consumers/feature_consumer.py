@@ -104,7 +104,10 @@ class FeatureConsumer:
                     continue
                 prepared = await self._prepare(batch)
                 while len(unsettled) >= _UNSETTLED:
-                    await unsettled.popleft()
+                    # Shielded: cancelled here, this loop must not cancel the oldest settle
+                    # task, which may not have run yet (its batch's pending result would then
+                    # never be awaited); the next one awaits it, and ``finally`` the last.
+                    await asyncio.shield(unsettled.popleft())
                 # Dead letters first: once the batch's progress is recorded nothing may be
                 # left to do but the commit (and the dead letters of what the state refused).
                 if prepared.bad:

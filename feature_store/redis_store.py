@@ -74,12 +74,13 @@ class _Held:
     and no call is written on it again.
     """
 
-    __slots__ = ("conn", "dead", "reader", "users", "waiting")
+    __slots__ = ("conn", "dead", "reader", "reading", "users", "waiting")
 
     def __init__(self, conn: AbstractConnection) -> None:
         self.conn = conn
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.reader: asyncio.Task[None] | None = None
+        self.reading = False  # the reader has run: cancelling it now runs its ``finally``
         self.users = 0
         self.dead = False
 
@@ -129,12 +130,20 @@ class _OrderedCalls:
                     held.users += 1
                     held.reader = asyncio.create_task(self._read(held))
             finally:
-                await self._leave(held)
+                try:
+                    await self._leave(held)
+                except BaseException:  # cancelled while giving the dead connection back
+                    if not answer.cancel() and not answer.cancelled():
+                        answer.exception()  # failed with the connection: nobody gets it now
+                    raise
             return answer
 
     async def _read(self, held: _Held) -> None:
         """Answer the calls outstanding on ``held`` in order; give it back when none is left."""
+        held.reading = True
         try:
+            if held.dead:  # killed before this task first ran: nothing to read
+                return
             while True:
                 while held.waiting:
                     try:
@@ -175,7 +184,14 @@ class _OrderedCalls:
             if not answer.done():
                 answer.set_exception(error)
         reader = held.reader
-        if reader is not None and reader is not asyncio.current_task() and not reader.done():
+        # A reader that has not run yet is left to run: cancelled now, its coroutine would be
+        # closed before its ``try``, and its ``finally`` (giving the connection back) never run.
+        if (
+            reader is not None
+            and held.reading
+            and reader is not asyncio.current_task()
+            and not reader.done()
+        ):
             reader.cancel()
 
     async def _leave(self, held: _Held) -> None:

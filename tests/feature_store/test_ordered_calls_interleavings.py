@@ -324,3 +324,75 @@ async def test_random_cancellations_never_shift_an_answer_or_leak(redis: Redis) 
         await _settle_loop()
     assert [c.get("message") for c in seen] == []
     assert _in_use(redis) == 0
+
+
+# ARGV[3] == "1": keeps Redis busy ARGV[2] ms, then answers an error reply that redis-py maps
+# to a *connection* error (LOADING -> BusyLoadingError): the reader dies on it, the socket is
+# closed by redis-py, while the next call's big request is still being flushed.
+LOADING = """
+local function now() local t = redis.call('TIME') return t[1] * 1000 + t[2] / 1000 end
+if ARGV[3] == '1' then
+  local start = now()
+  while now() - start < tonumber(ARGV[2]) do end
+  return redis.error_reply('LOADING pretend the dataset is loading')
+end
+return {#ARGV[1], tonumber(ARGV[3])}
+"""
+
+
+async def test_a_reader_cancelled_before_its_first_step_still_gives_the_connection_back(
+    redis: Redis,
+) -> None:
+    # Fails if _kill cancels a reader task that has not run yet: asyncio then throws
+    # CancelledError into the coroutine before its ``try`` is entered, its ``finally: _leave``
+    # never runs, ``held.users`` stays at 1 and the connection never goes back to the pool.
+    # Here: a call (its reader created, not yet run), then at once (no await that yields in
+    # between) a call whose write fails before any byte is written (an argument hiredis
+    # cannot pack).
+    calls = _OrderedCalls(redis, SLOW)
+    with loop_errors() as seen:
+        first = await calls.call([], [b"", 0, 1])
+        with pytest.raises(TypeError):
+            await calls.call([], [None])  # type: ignore[list-item]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(first, timeout=10)
+        await _settle_loop()
+    assert [c.get("message") for c in seen] == []
+    assert _in_use(redis) == 0, "the connection of the killed held never went back"
+
+
+async def test_a_writer_cancelled_while_it_gives_back_leaves_no_answer_unretrieved(
+    redis: Redis,
+) -> None:
+    # Fails if a call whose request went out whole, but whose connection's reader died
+    # meanwhile (its answer already failed by _kill), is cancelled while _leave awaits the
+    # shielded _give_back: call() then raises CancelledError and drops ``answer``, failed and
+    # never handed to anyone ("Future exception was never retrieved").
+    calls = _OrderedCalls(redis, LOADING)
+    orig = calls._give_back
+    writer: asyncio.Task[Any] | None = None
+
+    async def give_back(held: Any) -> None:
+        # The cancellation lands while the shielded give-back runs (a wait_for timing out
+        # then, say); made deterministic here.
+        if writer is not None and asyncio.current_task() is not writer and not writer.done():
+            writer.cancel()
+        await orig(held)
+
+    calls._give_back = give_back  # type: ignore[method-assign]
+    with loop_errors() as seen:
+        first = await calls.call([], [b"", 300, 1])
+        writer = asyncio.create_task(calls.call([], [BIG, 0, 2]))
+        await asyncio.sleep(0.1)
+        assert not writer.done(), "the big write should be waiting for Redis"
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(first, timeout=10)
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(writer, timeout=20)
+        outcome = "cancelled" if writer.cancelled() else repr(writer.exception())
+        writer = None
+        await _settle_loop()
+        gc.collect()
+    assert outcome == "cancelled", f"setup: the writer should end cancelled, got {outcome}"
+    assert [c.get("message") for c in seen] == []
+    assert _in_use(redis) == 0
