@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_ingest import make_stream
+from benchmarks.bench_ingest import make_stream, seconds_in_scripts
 from clv.local_stack import free_port, start_redis
 from feature_store.events import ValidEvent, validate
 from feature_store.redis_client import connect
@@ -52,9 +52,7 @@ async def apply_all(
                 now_ms=NOW_MS,
             )
         seconds = time.perf_counter() - t0
-        stats = await redis.info("commandstats")
-        in_script = sum(v["usec"] for k, v in stats.items() if k.startswith("cmdstat_eval"))
-        return seconds, in_script / 1e6
+        return seconds, await seconds_in_scripts(redis)
     finally:
         await redis.aclose()
 

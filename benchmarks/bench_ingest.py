@@ -135,6 +135,12 @@ async def ceiling(settings: Settings, total: int, decode: str = "msgspec") -> tu
     return t1 - t0, t1 - (first or t0)
 
 
+async def seconds_in_scripts(redis: Any) -> float:
+    """Redis's time inside scripts (EVAL, EVALSHA) since its stats were last reset."""
+    stats = await redis.info("commandstats")
+    return sum(v["usec"] for k, v in stats.items() if k.startswith("cmdstat_eval")) / 1e6
+
+
 class Busy(msgspec.Struct):
     """Where the consumer's window went: this process's CPU time (the consumer's Python:
     fetching, validation, encoding, the clients) and Redis's time in the apply script."""
@@ -197,15 +203,14 @@ async def feature_consumer(
                 if all(commits[tp] == positions[tp] for tp in parts):
                     break
         t1 = last_commit  # not this poll's wake-up nor the checks' round trips
-        stats = await redis.info("commandstats")
-        script_us = sum(v["usec"] for k, v in stats.items() if k.startswith("cmdstat_eval"))
+        script_s = await seconds_in_scripts(redis)
     finally:
         stop.set()
         await task
         await kc.stop()
         await producer.stop()
         await redis.aclose()
-    busy = Busy(t1 - (first or t0), cpu_last - cpu_first, script_us / 1e6)
+    busy = Busy(t1 - (first or t0), cpu_last - cpu_first, script_s)
     return t1 - t0, t1 - (first or t0), worker, busy
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord
 
 from clv.errors import InvalidEvent
@@ -104,9 +104,6 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
 # Inspection helpers (`clv up`, `clv demo`, tests): each uses short-lived clients of its own.
 
 
-_UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
-
-
 async def topic_partitions(
     settings: Settings, topic: str, timeout: float = 30
 ) -> list[TopicPartition]:
@@ -127,7 +124,7 @@ async def topic_partitions(
         while True:
             [described] = await admin.describe_topics([topic])
             code, parts = described["error_code"], described["partitions"]
-            if code == _UNKNOWN_TOPIC:
+            if code == UnknownTopicOrPartitionError.errno:
                 return []
             if code == 0 and parts and all(p["error_code"] == 0 for p in parts):
                 return [TopicPartition(topic, n) for n in sorted(p["partition"] for p in parts)]

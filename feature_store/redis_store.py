@@ -222,7 +222,6 @@ class FeatureStore:
         self._prefix = prefix
         self._retention = retention_days
         self._script = redis.register_script(script)
-        self._cluster = isinstance(redis, RedisCluster)
         self._ordered = None if isinstance(redis, RedisCluster) else _OrderedCalls(redis, script)
         self._last: asyncio.Task[ApplyResult] | None = None  # Redis Cluster: the last submitted
 
@@ -266,12 +265,10 @@ class FeatureStore:
         """
         clock = max((e.ts_ms for e in events), default=-1)
         if self._ordered is None:
-            previous, self._last = self._last, None
-            task = asyncio.create_task(
-                self._apply_cluster(events, group, progress, now_ms, clock, previous)
+            self._last = asyncio.create_task(
+                self._apply_cluster(events, group, progress, now_ms, clock, self._last)
             )
-            self._last = task
-            return task
+            return self._last
         keys, payload = self._encode(events)
         args = self._args(payload, progress, now_ms, clock)
         try:
@@ -282,6 +279,7 @@ class FeatureStore:
 
     @staticmethod
     async def _result(answer: Awaitable[Any]) -> ApplyResult:
+        """The script's answer, or a StoreError carrying Redis's message."""
         try:
             res = await answer
         except Exception as exc:  # redis errors carry the script's message
@@ -311,10 +309,10 @@ class FeatureStore:
         for positions in by_slot.values():
             keys, payload = self._encode(events[i] for i in positions)
             # No progress in a slot's call, so KEYS[1] goes unused: a same-slot stand-in.
-            a, d, late = await self._run([keys[0], *keys], payload, {}, now_ms, clock=-1)
-            result.applied += a
-            result.duplicates += d
-            result.too_late.extend(positions[i] for i in late)
+            part = await self._run([keys[0], *keys], payload, {}, now_ms, clock=-1)
+            result.applied += part.applied
+            result.duplicates += part.duplicates
+            result.too_late.extend(positions[i] for i in part.too_late)
         result.too_late.sort()  # arrival order, as from a single Redis
         if progress:
             await self._run(
@@ -353,13 +351,9 @@ class FeatureStore:
         now_ms: int,
         *,
         clock: int,
-    ) -> tuple[int, int, list[int]]:
+    ) -> ApplyResult:
         args = self._args(payload, progress, now_ms, clock)
-        try:
-            res = await self._script(keys=keys, args=args)
-        except Exception as exc:  # redis errors carry the script's message
-            raise StoreError(f"applying a batch failed: {exc}") from exc
-        return int(res[0]), int(res[1]), [int(i) for i in res[2]]
+        return await self._result(self._script(keys=keys, args=args))
 
     async def delete_user(self, user_id: str) -> bool:
         return bool(await self._redis.delete(self.user_key(user_id)))

@@ -92,11 +92,15 @@ class FakeStore:
 
     def __init__(self, steps: Steps) -> None:
         self.steps = steps
+        self.on_submit: dict[str, asyncio.Event] = {}  # set when a batch starting with the id
+        # (the key) is submitted
 
     async def submit(
         self, events: list[ValidEvent], *, group: str, progress: dict[str, int], now_ms: int
     ) -> Awaitable[ApplyResult]:
         self.steps.log.append(("apply", [e.event_id for e in events]))
+        if events and events[0].event_id in self.on_submit:
+            self.on_submit[events[0].event_id].set()
         return self.answer(events)
 
     async def answer(self, events: list[ValidEvent]) -> ApplyResult:
@@ -221,17 +225,9 @@ async def test_the_next_batch_is_submitted_before_the_answer_to_the_one_before()
     steps = Steps()
     kafka = FakeKafka(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
     kafka.stop_when_committed = 2
-    store = HeldStore(steps)
-
-    class ReleasingStore(HeldStore):
-        async def submit(self, events: list[ValidEvent], **kw: Any) -> Awaitable[ApplyResult]:
-            answer = await super().submit(events, **kw)
-            if events[0].event_id == "e2":
-                self.release.set()
-            return answer
-
     worker = consumer(steps, kafka)
-    worker._store = store = ReleasingStore(steps)  # type: ignore[assignment]
+    worker._store = store = HeldStore(steps)  # type: ignore[assignment]
+    store.on_submit["e2"] = store.release
     await asyncio.wait_for(worker.run(steps.stop), timeout=10)
     assert steps.log == [
         ("apply", ["e1"]),
@@ -285,15 +281,8 @@ async def test_a_slow_commit_holds_up_no_apply_and_commits_stay_in_order() -> No
     kafka = GatedKafka(steps, [[record(0, event("e1"))], [record(1, event("e2"))]])
     kafka.stop_when_committed = 2
 
-    class OpeningStore(FakeStore):
-        async def submit(self, events: list[ValidEvent], **kw: Any) -> Awaitable[ApplyResult]:
-            answer = await super().submit(events, **kw)
-            if events[0].event_id == "e2":
-                kafka.gate.set()
-            return answer
-
     worker = consumer(steps, kafka)
-    worker._store = OpeningStore(steps)  # type: ignore[assignment]
+    worker._store.on_submit["e2"] = kafka.gate  # type: ignore[attr-defined]
     await asyncio.wait_for(worker.run(steps.stop), timeout=10)
     log = steps.log
     assert log.index(("apply", ["e2"])) < log.index(("commit returned", {TP: 1}))

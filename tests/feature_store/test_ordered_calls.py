@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from clv.errors import StoreError
-from clv.local_stack import free_port, start_redis
+from clv.local_stack import LocalProcess
 from feature_store.features import RETENTION_DAYS
-from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
 from .streams import MS_PER_DAY, _ev
@@ -82,36 +80,29 @@ async def test_a_script_cache_flushed_between_batches_is_loaded_again(redis: Red
 
 
 async def test_a_lost_connection_fails_every_call_outstanding_and_the_next_one(
-    tmp_path: Path,
+    own_redis: tuple[LocalProcess, Redis],
 ) -> None:
     # Fails if calls outstanding on a connection that dies are left waiting (the consumer would
     # hang instead of stopping), or answered with what a later call gets, or if the dead
     # connection is used again.
-    server = start_redis(free_port(), tmp_path / "redis")
-    client = connect(server.address)
-    try:
-        store = FeatureStore(client)
-        await store.apply([_purchase("a", "ua", DAY0)], group="g", progress={}, now_ms=1)  # type: ignore[list-item]
-        # A first batch that keeps Redis busy for a while (some 10^5 events), then two more:
-        # the server dies while all three are outstanding.
-        big = [_purchase(f"big-{i}", f"u{i}", DAY0) for i in range(100_000)]
-        pending = [await store.submit(big, group="g", progress={}, now_ms=1)]  # type: ignore[arg-type]
-        for i in range(2):
-            pending.append(
-                await store.submit(
-                    [_purchase(f"e{i}", "ua", DAY0)], group="g", progress={}, now_ms=1
-                )  # type: ignore[list-item]
-            )
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait()
-        for answer in pending:
-            with pytest.raises(StoreError, match="applying a batch failed"):
-                await asyncio.wait_for(answer, timeout=60)
+    server, client = own_redis
+    store = FeatureStore(client)
+    await store.apply([_purchase("a", "ua", DAY0)], group="g", progress={}, now_ms=1)  # type: ignore[list-item]
+    # A first batch that keeps Redis busy for a while (some 10^5 events), then two more:
+    # the server dies while all three are outstanding.
+    big = [_purchase(f"big-{i}", f"u{i}", DAY0) for i in range(100_000)]
+    pending = [await store.submit(big, group="g", progress={}, now_ms=1)]  # type: ignore[arg-type]
+    for i in range(2):
+        pending.append(
+            await store.submit([_purchase(f"e{i}", "ua", DAY0)], group="g", progress={}, now_ms=1)  # type: ignore[list-item]
+        )
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    for answer in pending:
         with pytest.raises(StoreError, match="applying a batch failed"):
-            await asyncio.wait_for(
-                store.apply([_purchase("z", "ua", DAY0)], group="g", progress={}, now_ms=1),  # type: ignore[list-item]
-                timeout=60,
-            )
-    finally:
-        await client.aclose()
-        server.stop()
+            await asyncio.wait_for(answer, timeout=60)
+    with pytest.raises(StoreError, match="applying a batch failed"):
+        await asyncio.wait_for(
+            store.apply([_purchase("z", "ua", DAY0)], group="g", progress={}, now_ms=1),  # type: ignore[list-item]
+            timeout=60,
+        )

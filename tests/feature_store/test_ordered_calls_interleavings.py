@@ -9,14 +9,12 @@ import contextlib
 import gc
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from clv.local_stack import free_port, start_redis
-from feature_store.redis_client import connect
+from clv.local_stack import LocalProcess
 from feature_store.redis_store import FeatureStore, _OrderedCalls
 
 from .streams import MS_PER_DAY, _ev
@@ -129,26 +127,21 @@ async def test_another_user_of_the_pool_is_not_disconnected_by_a_stale_reader(
 
 
 async def test_aclose_with_calls_outstanding_fails_them_and_leaks_nothing(
-    tmp_path: Path,
+    own_redis: tuple[LocalProcess, Redis],
 ) -> None:
     # Fails if redis.aclose() while calls are outstanding leaves them waiting, or keeps the
     # connection out of the pool.
-    server = start_redis(free_port(), tmp_path / "redis")
-    client = connect(server.address)
-    try:
-        calls = _OrderedCalls(client, SLOW)  # type: ignore[arg-type]
-        with loop_errors() as seen:
-            pending = [await calls.call([], [b"", 500, i]) for i in range(3)]
-            await client.aclose()
-            for answer in pending:
-                with pytest.raises(Exception):  # noqa: B017
-                    await asyncio.wait_for(answer, timeout=20)
-            await _settle_loop()
-        assert [c.get("message") for c in seen] == []
-        assert _in_use(client) == 0
-    finally:
+    _, client = own_redis
+    calls = _OrderedCalls(client, SLOW)  # type: ignore[arg-type]
+    with loop_errors() as seen:
+        pending = [await calls.call([], [b"", 500, i]) for i in range(3)]
         await client.aclose()
-        server.stop()
+        for answer in pending:
+            with pytest.raises(Exception):  # noqa: B017
+                await asyncio.wait_for(answer, timeout=20)
+        await _settle_loop()
+    assert [c.get("message") for c in seen] == []
+    assert _in_use(client) == 0
 
 
 async def test_bursts_errors_and_cancelled_waiters_leak_no_connection(redis: Redis) -> None:
