@@ -1,7 +1,8 @@
 """Local stack processes: a ``redis-server`` and a Kafka-protocol broker (``tansu``).
 
 Used by ``clv up``/``clv demo`` when the configured addresses have nothing running, and by the
-test fixtures. Each server runs as a child process that is terminated on exit.
+test fixtures. Each server runs as a child process that is terminated on exit, and that the kernel
+ends if clv is killed outright (:mod:`clv.orphans`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from clv.errors import StackError
+from clv.orphans import die_with_parent
 
 
 def free_port() -> int:
@@ -113,6 +115,7 @@ def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         process_group=0,  # out of the terminal's Ctrl-C: stopped by us, after the consumers
+        preexec_fn=die_with_parent(),  # and not outliving a clv that was killed outright
     )
     wait_port("127.0.0.1", port, proc, "redis-server")
     return LocalProcess("redis", proc, f"redis://127.0.0.1:{port}/0", log)
@@ -141,6 +144,7 @@ def start_broker(port: int, workdir: Path) -> LocalProcess:
             stderr=subprocess.STDOUT,
             env=env,
             process_group=0,  # as redis-server's
+            preexec_fn=die_with_parent(),
         )
     wait_port("127.0.0.1", port, proc, "Kafka broker (tansu)")
     return LocalProcess("kafka", proc, f"127.0.0.1:{port}", log)

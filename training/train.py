@@ -33,6 +33,7 @@ import pandas as pd
 
 from clv.errors import ClvError, Terminated
 from clv.files import sigterm_unwinds
+from clv.orphans import die_with_parent
 from clv.settings import Settings
 from training import threads
 from training.registry import (
@@ -600,6 +601,7 @@ async def train_in_subprocess(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         process_group=0,
+        preexec_fn=die_with_parent(),  # a clv killed outright takes its training run along
     )
     try:
         out, err = await proc.communicate()
