@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
@@ -19,9 +20,13 @@ SOURCE_OFFSET = "clv-source-offset"
 # Set (to the original value's size in bytes) on a dead letter sent without the value, which
 # was too large for the dead-letter topic; the value stays at the source offset.
 VALUE_OMITTED = "clv-value-omitted"
+# Likewise the key's size, on a letter that was still too large without its value.
+KEY_OMITTED = "clv-key-omitted"
 
 # Refused for its size: by the producer before sending, or by the broker.
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# What a letter carries of the original message: all of it, its key, or neither.
+_Shape = Literal["whole", "no_value", "bare"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,7 @@ class DeadLetters:
     whose ``max.message.bytes`` for it is below the orders topic's) is sent again without its
     value, marked ``clv-value-omitted``, rather than stopping the consumer on it at every
     restart: its reason and source (topic, partition, offset) still say where the bytes are.
+    A key too large even then is left out as well (``clv-key-omitted``).
     """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
@@ -45,7 +51,7 @@ class DeadLetters:
         self._topic = topic
 
     async def publish(self, rejected: Sequence[Rejected]) -> None:
-        acks = [await self._send(r, whole=True) for r in rejected]
+        acks = [await self._send(r, "whole") for r in rejected]
         results = await asyncio.gather(*acks, return_exceptions=True)
         refused = [
             r for r, res in zip(rejected, results, strict=True) if isinstance(res, _TOO_LARGE)
@@ -53,19 +59,20 @@ class DeadLetters:
         for res in results:
             if isinstance(res, BaseException) and not isinstance(res, _TOO_LARGE):
                 raise res
+        # The broker refuses a whole record batch: letters batched with a too-large one were
+        # refused with it. Each is tried again alone first; one refused alone is too large
+        # itself, and is sent without its value, then (a key above the limit) without its key.
+        smaller: tuple[_Shape, ...] = ("no_value", "bare")
         for r in refused:
-            # The broker refuses a whole record batch: letters batched with a too-large one
-            # were refused with it. Each is tried again alone, and sent without its value only
-            # if it is still refused (a letter refused alone is too large itself).
-            if len(refused) > 1:
+            for shape in ("whole", *smaller) if len(refused) > 1 else smaller:
                 try:
-                    await (await self._send(r, whole=True))
-                    continue
+                    await (await self._send(r, shape))
+                    break
                 except _TOO_LARGE:
-                    pass
-            await (await self._send(r, whole=False))
+                    if shape == "bare":
+                        raise
 
-    async def _send(self, r: Rejected, *, whole: bool) -> asyncio.Future[object]:
+    async def _send(self, r: Rejected, shape: _Shape) -> asyncio.Future[object]:
         m = r.record
         headers = [
             (REASON, r.reason.encode()),
@@ -74,24 +81,26 @@ class DeadLetters:
             (SOURCE_PARTITION, str(m.partition).encode()),
             (SOURCE_OFFSET, str(m.offset).encode()),
         ]
-        if whole:
-            try:
-                return await self._producer.send(
-                    self._topic, value=m.value, key=m.key, headers=headers
-                )
-            except _TOO_LARGE as exc:  # larger than a request may be: refused before sending
-                future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-                future.set_exception(exc)
-                return future
-        headers.append((VALUE_OMITTED, str(len(m.value or b"")).encode()))
-        # Kafka needs a key or a value: a key-less message keeps an empty value instead.
-        value = None if m.key is not None else b""
-        return await self._producer.send(self._topic, value=value, key=m.key, headers=headers)
+        value, key = m.value, m.key
+        if shape != "whole":
+            headers.append((VALUE_OMITTED, str(len(m.value or b"")).encode()))
+            value = None
+        if shape == "bare":
+            headers.append((KEY_OMITTED, str(len(m.key or b"")).encode()))
+            key = None
+        if key is None and value is None:
+            value = b""  # Kafka needs a key or a value
+        try:
+            return await self._producer.send(self._topic, value=value, key=key, headers=headers)
+        except _TOO_LARGE as exc:  # larger than a request may be: refused before sending
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            return future
 
 
 def describe(record: ConsumerRecord[bytes, bytes]) -> dict[str, object]:
     """A dead letter as a dict (for tools and tests): reason, detail, source, original bytes (or
-    ``value_omitted``: their size, when they were too large to send)."""
+    ``value_omitted`` / ``key_omitted``: their sizes, when they were too large to send)."""
     h = {k: v.decode() for k, v in (record.headers or ())}
     return {
         "reason": h.get(REASON),
@@ -102,4 +111,5 @@ def describe(record: ConsumerRecord[bytes, bytes]) -> dict[str, object]:
         "value": record.value,
         "key": record.key,
         "value_omitted": int(h[VALUE_OMITTED]) if VALUE_OMITTED in h else None,
+        "key_omitted": int(h[KEY_OMITTED]) if KEY_OMITTED in h else None,
     }

@@ -423,7 +423,12 @@ async def test_a_dead_letter_too_large_for_the_topic_is_sent_without_its_value(
     await producer.start()
     try:
         await DeadLetters(producer, settings.dlq_topic).publish(
-            [rejected(7, small), rejected(8, big), rejected(9, big, key=None)]
+            [
+                rejected(7, small),
+                rejected(8, big),
+                rejected(9, big, key=None),
+                rejected(10, small, key=b"k" * 10_000),
+            ]
         )
     finally:
         await producer.stop()
@@ -436,4 +441,10 @@ async def test_a_dead_letter_too_large_for_the_topic_is_sent_without_its_value(
     assert letters[8]["detail"] == f"{len(big)} bytes > limit" and letters[8]["key"] == b"u1"
     # Kafka needs a key or a value: a message that came without a key keeps an empty value.
     assert letters[9]["value"] == b"" and letters[9]["value_omitted"] == len(big)
-    assert letters[9]["key"] is None
+    assert letters[9]["key"] is None and letters[9]["key_omitted"] is None
+    # A key too large even without the value is left out too, with its size (fails if such a
+    # letter is not sent at all: the consumer would stop on it at every restart).
+    assert letters[10]["key"] is None and letters[10]["key_omitted"] == 10_000
+    assert letters[10]["value"] == b"" and letters[10]["value_omitted"] == len(small)
+    assert letters[10]["reason"] == "too_large" and letters[10]["offset"] == 10
+    assert letters[8]["key_omitted"] is None
