@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +28,9 @@ KEY_OMITTED = "clv-key-omitted"
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 # What a letter carries of the original message: all of it, its key, or neither.
 _Shape = Literal["whole", "no_value", "bare"]
+_SHAPES: tuple[_Shape, ...] = ("whole", "no_value", "bare")
+# The publishing turn of each producer (see DeadLetters.__init__).
+_TURNS: weakref.WeakKeyDictionary[object, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +53,16 @@ class DeadLetters:
     def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
         self._producer = producer
         self._topic = topic
+        # One publish at a time per producer: the broker refuses a record batch whole, and a
+        # letter batched with another publish's too-large one (another consumer's, or a settle
+        # task's) would be taken for too large itself.
+        self._turn = _TURNS.setdefault(producer, asyncio.Lock())
 
     async def publish(self, rejected: Sequence[Rejected]) -> None:
+        async with self._turn:
+            await self._publish(rejected)
+
+    async def _publish(self, rejected: Sequence[Rejected]) -> None:
         acks = [await self._send(r, "whole") for r in rejected]
         results = await asyncio.gather(*acks, return_exceptions=True)
         refused = [
@@ -59,17 +71,16 @@ class DeadLetters:
         for res in results:
             if isinstance(res, BaseException) and not isinstance(res, _TOO_LARGE):
                 raise res
-        # The broker refuses a whole record batch: letters batched with a too-large one were
-        # refused with it. Each is tried again alone first; one refused alone is too large
-        # itself, and is sent without its value, then (a key above the limit) without its key.
-        smaller: tuple[_Shape, ...] = ("no_value", "bare")
+        # Letters batched with a too-large one were refused with it: each is tried again
+        # alone; one refused alone is too large itself, and is sent without its value, then (a
+        # key above the limit) without its key. Refused even then, the publish fails.
         for r in refused:
-            for shape in ("whole", *smaller) if len(refused) > 1 else smaller:
+            for shape in _SHAPES:
                 try:
                     await (await self._send(r, shape))
                     break
                 except _TOO_LARGE:
-                    if shape == "bare":
+                    if shape == _SHAPES[-1]:
                         raise
 
     async def _send(self, r: Rejected, shape: _Shape) -> asyncio.Future[object]:

@@ -490,40 +490,36 @@ async def test_dead_letters_publish_fails_when_the_broker_does_not_acknowledge()
 class BatchingBroker:
     """aiokafka against a broker whose ``max.message.bytes`` for the topic is ``limit``: sends
     not yet awaited share one record batch (up to ``max_batch_size``, as the accumulator fills
-    it), and a batch over the limit is refused whole (MESSAGE_TOO_LARGE fails every message's
-    future in it: aiokafka's ``batch.failure``)."""
+    it), and a batch over the limit (keys and values) is refused whole (MESSAGE_TOO_LARGE fails
+    every message's future in it: aiokafka's ``batch.failure``)."""
 
     def __init__(self, limit: int, max_batch_size: int = 512 * 1024) -> None:
         self.limit, self.max_batch_size = limit, max_batch_size
-        self.open: list[tuple[asyncio.Future[None], bytes | None, dict[str, bytes]]] = []
+        self.open: list[tuple[asyncio.Future[None], int, bytes | None, dict[str, bytes]]] = []
         self.kept: list[tuple[bytes | None, dict[str, bytes]]] = []
-
-    @staticmethod
-    def _size(value: bytes | None) -> int:
-        return len(value or b"")
 
     async def send(self, topic: str, **kw: Any) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         value = kw.get("value")
-        size = sum(self._size(v) for _, v, _ in self.open)
-        if self.open and size + self._size(value) > self.max_batch_size:
+        size = len(kw.get("key") or b"") + len(value or b"")
+        if self.open and sum(n for _, n, _, _ in self.open) + size > self.max_batch_size:
             self._flush()
         if not self.open:
             loop.call_later(0.005, self._flush)  # linger_ms
         ack: asyncio.Future[None] = loop.create_future()
-        self.open.append((ack, value, dict(kw["headers"])))
+        self.open.append((ack, size, value, dict(kw["headers"])))
         return ack
 
     def _flush(self) -> None:
         batch, self.open = self.open, []
         if not batch:
             return
-        if sum(self._size(v) for _, v, _ in batch) > self.limit:
-            for ack, _, _ in batch:
+        if sum(n for _, n, _, _ in batch) > self.limit:
+            for ack, _, _, _ in batch:
                 if not ack.done():
                     ack.set_exception(MessageSizeTooLargeError())
             return
-        for ack, value, headers in batch:
+        for ack, _, value, headers in batch:
             self.kept.append((value, headers))
             if not ack.done():
                 ack.set_result(None)
@@ -544,3 +540,70 @@ async def test_a_letter_the_broker_refuses_for_its_size_is_kept_without_its_valu
     )
     got = {h["clv-source-offset"]: (v, h.get("clv-value-omitted")) for v, h in broker.kept}
     assert got == {b"1": (small1, None), b"2": (None, b"1000"), b"3": (small2, None)}
+
+
+def keyed(offset: int, value: bytes, key: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("orders", 0, offset, 0, 0, key, value, None, 2, len(value), ())
+
+
+async def test_a_small_letter_batched_with_another_publishs_large_one_keeps_its_bytes() -> None:
+    # Two publishes on one producer (consumers of one clv up, or a consumer and its settle
+    # task): fails if they may share a record batch, where the small letter is refused with
+    # the large one and taken for too large itself (kept without its value, or bare).
+    broker = BatchingBroker(limit=300)
+    small, big1, big2 = b"{" + b"a" * 99, b"{" + b"c" * 999, b"{" + b"d" * 999
+    x, y = DeadLetters(broker, "orders.dlq"), DeadLetters(broker, "orders.dlq")  # type: ignore[arg-type]
+    await asyncio.gather(
+        x.publish([Rejected(record(1, small), "invalid", "x")]),
+        y.publish(
+            [Rejected(record(2, big1), "too_large", "y"), Rejected(record(3, big2), "t", "y")]
+        ),
+    )
+    got = {h["clv-source-offset"]: (v, h) for v, h in broker.kept}
+    assert got[b"1"][0] == small
+    assert "clv-value-omitted" not in got[b"1"][1] and "clv-key-omitted" not in got[b"1"][1]
+    assert {got[b"2"][1]["clv-value-omitted"], got[b"3"][1]["clv-value-omitted"]} == {b"1000"}
+
+
+async def test_another_publishs_letter_with_a_large_key_fails_no_small_letter() -> None:
+    # Fails if publishes may share a batch: the small letter's retries meet the other
+    # letter's, and its publish raises, which would stop the consumer.
+    broker = BatchingBroker(limit=300)
+    small = b"{" + b"a" * 99
+    x, y = DeadLetters(broker, "orders.dlq"), DeadLetters(broker, "orders.dlq")  # type: ignore[arg-type]
+    await asyncio.gather(
+        x.publish([Rejected(record(1, small), "invalid", "x")]),
+        y.publish(
+            [
+                Rejected(keyed(2, b"{}", b"k" * 1000), "too_large", "y"),
+                Rejected(record(3, b"{}"), "invalid", "y"),
+            ]
+        ),
+    )
+    got = {h["clv-source-offset"]: (v, h) for v, h in broker.kept}
+    assert got[b"1"][0] == small and got[b"3"][0] == b"{}"
+    assert got[b"2"][1]["clv-key-omitted"] == b"1000"  # too large even without its value
+
+
+class RefusingProducer:
+    """Refuses every letter for its size (headers alone above the topic's limit)."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, topic: str, **kw: Any) -> asyncio.Future[None]:
+        self.sent.append(kw)
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack.set_exception(MessageSizeTooLargeError())
+        return ack
+
+
+async def test_a_letter_refused_in_every_shape_fails_the_publish() -> None:
+    # Fails if the last refusal is swallowed: the letter would be lost and its offset committed.
+    producer = RefusingProducer()
+    with pytest.raises(MessageSizeTooLargeError):
+        await DeadLetters(producer, "orders.dlq").publish(  # type: ignore[arg-type]
+            [Rejected(record(1, b"{}"), "invalid", "x")]
+        )
+    shapes = [("clv-value-omitted" in dict(kw["headers"]), kw["key"]) for kw in producer.sent]
+    assert shapes == [(False, b"u1"), (False, b"u1"), (True, b"u1"), (True, None)]
