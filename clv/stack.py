@@ -26,27 +26,10 @@ from clv.local_stack import (
     start_redis,
 )
 from clv.settings import Settings
+from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class _StoppedWhileStarting(Exception):
-    """Ctrl-C (``stop``) arrived before the stack was up."""
-
-
-async def _unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
-    """``step``'s result, or, when ``stop`` is set first, ``step`` cancelled and
-    :class:`_StoppedWhileStarting`: a connect or health wait can take a minute (a server that
-    accepts but does not answer), and Ctrl-C must not wait for it."""
-    task = asyncio.ensure_future(step)
-    await _stop_or_first_done(stop, [task])
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise _StoppedWhileStarting
-    return task.result()
 
 
 def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list[str]:
@@ -163,9 +146,9 @@ async def run_stack(
         # Starting servers polls their ports with sleeps: keep that off the event loop.
         for line in await asyncio.to_thread(ensure_servers, settings, stack, workdir):
             say(f"started {line}")
-        await _unless_stopped(stop, ensure_topics(settings))
+        await unless_stopped(stop, ensure_topics(settings))
         topic = settings.orders_topic
-        parts = len(await _unless_stopped(stop, topic_partitions(settings, topic)))
+        parts = len(await unless_stopped(stop, topic_partitions(settings, topic)))
         if consumers > parts:
             # A group gives each partition to one consumer: the rest would idle, and the wait
             # for every consumer to get work would run out only after a minute.
@@ -176,7 +159,7 @@ async def run_stack(
             )
         async with contextlib.AsyncExitStack() as clients:
             groups = [settings.consumer_group] * consumers + [settings.archiver_group]
-            opened = await _unless_stopped(stop, open_clients(clients, settings, groups))
+            opened = await unless_stopped(stop, open_clients(clients, settings, groups))
             redis, producer, kafka_consumers = opened.redis, opened.producer, opened.consumers
             *feature_consumers, archive_consumer = kafka_consumers
             running = Running(settings, redis, consumers=list(feature_consumers))
@@ -194,7 +177,7 @@ async def run_stack(
                     asyncio.create_task(retrain_forever(settings, retrain_every_s))
                 )
             try:
-                await _unless_stopped(stop, wait_healthy(running, say=say))
+                await unless_stopped(stop, wait_healthy(running, say=say))
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
                     f"redis={_where(settings.redis_url)} "
@@ -216,7 +199,7 @@ async def run_stack(
         ]
         if failed:
             raise StackError(f"a component of the stack failed: {failed[0]!r}") from failed[0]
-    except _StoppedWhileStarting:
+    except StoppedWhileStarting:
         say("stopped before the stack was up")
     finally:
         await asyncio.to_thread(stack.stop)
@@ -224,16 +207,7 @@ async def run_stack(
 
 async def _until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[object]]) -> None:
     """Return when ``stop`` is set or any component ends (a component ends only by failing)."""
-    await _stop_or_first_done(stop, tasks)
+    await stop_or_first_done(stop, tasks)
     for t in tasks:
         if t.done() and not t.cancelled() and t.exception() is not None:
             log.error("stopping the stack: a component failed: %r", t.exception())
-
-
-async def _stop_or_first_done(stop: asyncio.Event, tasks: list[asyncio.Task[T]]) -> None:
-    """Return when ``stop`` is set or any of ``tasks`` is done."""
-    waiter = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()

@@ -22,6 +22,7 @@ from prometheus_client import Counter
 from clv.errors import InvalidEvent
 from clv.files import check_usable_dir
 from clv.settings import Settings
+from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.kafka import ensure_topics, make_consumer, validate_record
 from feature_store.event_log import ARRIVAL_COLUMNS, write_events
 from feature_store.offline import EVENT_COLUMNS
@@ -111,12 +112,19 @@ _COLUMNS = (*EVENT_COLUMNS, *ARRIVAL_COLUMNS)
 async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     """Entry point: archive until ``stop``; returns the number of events written."""
     check_usable_dir(settings.event_log_dir, "the event log", "CLV_EVENT_LOG_DIR")
-    await ensure_topics(settings)
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
-    await consumer.start()
-    archiver = Archiver(settings, consumer, settings.event_log_dir)
     try:
+
+        async def start() -> None:
+            await ensure_topics(settings)
+            await consumer.start()
+
+        try:
+            await unless_stopped(stop, start())
+        except StoppedWhileStarting:
+            return 0
+        archiver = Archiver(settings, consumer, settings.event_log_dir)
         await archiver.run(stop)
     finally:
-        await consumer.stop()
+        await consumer.stop()  # also after a failed or cancelled start
     return archiver.written

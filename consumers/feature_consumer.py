@@ -23,6 +23,7 @@ from prometheus_client import Counter
 
 from clv.errors import InvalidEvent
 from clv.settings import Settings
+from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.dead_letters import DeadLetters, Rejected
 from consumers.kafka import ensure_topics, make_consumer, make_producer, validate_record
 from feature_store.events import ValidEvent
@@ -233,14 +234,17 @@ async def open_clients(
 
     redis = connect(settings.redis_url)
     resources.push_async_callback(redis.aclose)
+    # Each client is closed also when its start fails or is cancelled (a stop while a
+    # consumer waits for the group to assign partitions): the group member it joined as is
+    # left, and its background tasks end.
     producer = make_producer(settings)
-    await producer.start()
     resources.push_async_callback(producer.stop)
+    await producer.start()
     consumers = []
     for group in groups:
         consumer = make_consumer(settings, group, settings.orders_topic)
-        await consumer.start()
         resources.push_async_callback(consumer.stop)
+        await consumer.start()
         consumers.append(consumer)
     return Clients(redis, producer, consumers)
 
@@ -248,9 +252,16 @@ async def open_clients(
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
 
-    await ensure_topics(settings)
     async with contextlib.AsyncExitStack() as resources:
-        clients = await open_clients(resources, settings, [settings.consumer_group])
+
+        async def start() -> Clients:
+            await ensure_topics(settings)
+            return await open_clients(resources, settings, [settings.consumer_group])
+
+        try:
+            clients = await unless_stopped(stop, start())
+        except StoppedWhileStarting:
+            return ConsumerStats()
         worker = FeatureConsumer(
             settings,
             clients.consumers[0],

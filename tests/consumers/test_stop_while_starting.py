@@ -1,0 +1,86 @@
+"""A stop asked for while a service is still starting ends it at once.
+
+Starting can wait a long time: a broker that accepts but does not answer, or a consumer group
+whose rebalance waits on a member that died (``AIOKafkaConsumer.start`` returns only once the
+group has assigned partitions). ``clv consume`` and ``clv archive`` used to act on SIGTERM only
+once consuming, so a stop while starting went unheard until the wait ran out, or for good."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from clv.local_stack import LocalProcess
+from clv.settings import Settings
+from consumers.archiver import run_archiver
+from consumers.feature_consumer import ConsumerStats, run_feature_consumer
+
+from .kafka_helpers import unique_settings
+
+
+class SilentBroker:
+    """Accepts connections and never answers; ``reached`` is set once a client connected."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        self.reached.set()
+        await reader.read()  # until the client goes
+
+
+@pytest.fixture
+async def silent_broker() -> AsyncIterator[tuple[SilentBroker, str]]:
+    broker = SilentBroker()
+    server = await asyncio.start_server(broker._hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield broker, f"127.0.0.1:{port}"
+    finally:
+        for w in broker.writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def _stopped_while_starting(
+    broker: SilentBroker, run: Callable[[asyncio.Event], Awaitable[object]]
+) -> object:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop))
+    await asyncio.wait_for(broker.reached.wait(), 60)  # it is waiting for the broker now
+    assert not task.done()
+    stop.set()
+    # Fails if the start is not raced with stop: it waits for the broker's answer (aiokafka's
+    # 40 s request timeout, then an error) or for an assignment that never comes.
+    done, _ = await asyncio.wait({task}, timeout=30)
+    if not done:
+        task.cancel()
+    assert done, "the stop asked for while starting was not acted on"
+    return task.result()
+
+
+async def test_clv_consume_stopped_while_starting_ends_at_once(
+    silent_broker: tuple[SilentBroker, str], redis_server: LocalProcess
+) -> None:
+    broker, address = silent_broker
+    settings = unique_settings(address, redis_server.address)
+    stats = await _stopped_while_starting(broker, lambda stop: run_feature_consumer(settings, stop))
+    assert stats == ConsumerStats()  # nothing consumed, nothing raised
+
+
+async def test_clv_archive_stopped_while_starting_ends_at_once(
+    silent_broker: tuple[SilentBroker, str], redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    broker, address = silent_broker
+    settings: Settings = unique_settings(
+        address, redis_server.address, event_log_dir=tmp_path / "events"
+    )
+    written = await _stopped_while_starting(broker, lambda stop: run_archiver(settings, stop))
+    assert written == 0
+    assert not any((tmp_path / "events").rglob("*.parquet"))
