@@ -20,6 +20,15 @@ from pathlib import Path
 from clv.errors import ClvError, Terminated
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (files renamed or created in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def missing_dirs(path: Path) -> list[Path]:
     """``path`` and its ancestors that do not exist yet, deepest first (a dangling symlink
     exists); ``missing[-1].parent`` is then the nearest existing ancestor."""

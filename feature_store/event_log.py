@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clv.errors import ClvError
+from clv.files import fsync_dir
 from feature_store.events import MAX_AMOUNT, amounts_in_range, valid_user_id
 from feature_store.features import day_date, day_number, ms_to_iso
 from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY, signed_cents
@@ -52,7 +53,8 @@ REQUIRED_COLUMNS = ("event_id", "type", "user_id", "ts_ms", "day", "cents")
 
 
 def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
-    """Append ``events`` (columns :data:`EVENT_COLUMNS`) to the log; returns the files written."""
+    """Append ``events`` (columns :data:`EVENT_COLUMNS`) to the log, durably (each part and its
+    name are on disk when this returns); returns the files written."""
     if events.empty:
         return []
     root = Path(root)
@@ -67,16 +69,28 @@ def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
     bounds = np.flatnonzero(np.diff(days)) + 1
     starts = np.concatenate(([0], bounds))
     ends = np.concatenate((bounds, [len(days)]))
+    new_folders = False
     for start, end in zip(starts, ends, strict=True):
         part = frame.iloc[start:end]
         folder = root / f"date={day_date(int(days[start])).isoformat()}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            new_folders = True
         name = f"part-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{name}.tmp"
         table = pa.Table.from_pandas(part, schema=SCHEMA, preserve_index=False)
-        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "wb") as out:
+            pq.write_table(table, out, compression="zstd")
+            out.flush()
+            os.fsync(out.fileno())  # the bytes on disk before the name points at them
         os.replace(tmp, folder / name)
         written.append(folder / name)
+    # The renames (and new date folders) on disk too: the caller commits these events' offsets
+    # next, and a crash of the machine must not take back a part the commit has moved past.
+    for folder in sorted({w.parent for w in written}):
+        fsync_dir(folder)
+    if new_folders:
+        fsync_dir(root)
     return written
 
 

@@ -55,7 +55,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from clv.errors import ClvError, ModelError, one_line
-from clv.files import check_usable_dir, keep_staging, replaced_atomically, staging_dir
+from clv.files import (
+    check_usable_dir,
+    fsync_dir,
+    keep_staging,
+    replaced_atomically,
+    staging_dir,
+)
 from feature_store.features import FEATURE_NAMES, day_date
 from training.models.base import CLVModel
 
@@ -253,14 +259,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes) -> None:
     with path.open("wb") as f:
         f.write(data)
@@ -387,9 +385,9 @@ class ModelRegistry:
             with staging_dir(self.root, STAGING_PREFIX) as stage:
                 _write_file(stage / MODEL_FILE, blob)
                 _write_file(stage / METADATA_FILE, json.dumps(body, indent=2).encode() + b"\n")
-                _fsync_dir(stage)
+                fsync_dir(stage)
                 keep_staging(stage, self.root / version)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
         log.info("registered model %s (%s)", version, body["model_name"])
         return version
 
@@ -583,7 +581,7 @@ class ModelRegistry:
         }
         with replaced_atomically(self.pointer_path, follow_links=False) as staged:
             _write_file(staged, json.dumps(pointer, indent=2).encode() + b"\n")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _record(self, decision: Decision) -> None:
         with _own_file(self.root / HISTORY_FILE) as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -85,3 +86,39 @@ def test_a_part_file_without_the_event_columns_is_refused_by_name(tmp_path: Path
     pq.write_table(pa.table({"event_id": ["x"], "user_id": ["u"], "amount": [1.0]}), foreign)
     with pytest.raises(EventLogError, match=r"part-foreign\.parquet is not an event-log file"):
         read_events(tmp_path)
+
+
+def test_a_part_and_its_name_are_on_disk_before_write_events_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The archiver commits the events' offsets right after write_events: a part whose bytes
+    # or name were still only in the page cache would be lost for good by a machine crash (a
+    # renamed file can even come back empty, and one empty part stops every read of the log).
+    steps: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(src: object, dst: object) -> None:
+        steps.append(("replace", str(dst)))
+        replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    root = tmp_path / "events"
+    root.mkdir()
+    _log(root, ["1997-01-01", "1997-01-02", "1997-01-02"])
+    files = log_files(root)
+    assert len(files) == 2
+    for f in files:
+        renamed = steps.index(("replace", str(f)))
+        tmp = str(f.parent / f".{f.name}.tmp")
+        # Fails without the file's fsync before its rename, or the folder's after it.
+        assert ("fsync", tmp) in steps[:renamed]
+        assert ("fsync", str(f.parent)) in steps[renamed:]
+    assert steps[-1] == ("fsync", str(root))  # the new date folders' names too
+    steps.clear()
+    _log(root, ["1997-01-02"])  # an existing folder: the root is left alone
+    assert ("fsync", str(root)) not in steps and steps[-1][1].endswith("date=1997-01-02")
