@@ -21,7 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clv.errors import ClvError
-from clv.files import fsync_dir
+from clv.files import fsync_dir, missing_dirs
 from feature_store.events import MAX_AMOUNT, amounts_in_range, valid_user_id
 from feature_store.features import day_date, day_number, ms_to_iso
 from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY, signed_cents
@@ -52,9 +52,12 @@ ARRIVAL_COLUMNS = ("partition", "offset")
 REQUIRED_COLUMNS = ("event_id", "type", "user_id", "ts_ms", "day", "cents")
 
 
-def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
-    """Append ``events`` (columns :data:`EVENT_COLUMNS`) to the log, durably (each part and its
-    name are on disk when this returns); returns the files written."""
+def write_events(root: Path, events: pd.DataFrame, *, durable: bool = True) -> list[Path]:
+    """Append ``events`` (columns :data:`EVENT_COLUMNS`) to the log; returns the files written.
+
+    ``durable``: each part, its name and the folders leading to it are on disk when this
+    returns (the archiver commits the events' offsets next; a crash of the machine must not
+    take back a part the commit has moved past). Off for a log written to a scratch folder."""
     if events.empty:
         return []
     root = Path(root)
@@ -69,28 +72,30 @@ def write_events(root: Path, events: pd.DataFrame) -> list[Path]:
     bounds = np.flatnonzero(np.diff(days)) + 1
     starts = np.concatenate(([0], bounds))
     ends = np.concatenate((bounds, [len(days)]))
-    new_folders = False
+    made = missing_dirs(root)  # created below, by the first date folder's mkdir
     for start, end in zip(starts, ends, strict=True):
         part = frame.iloc[start:end]
         folder = root / f"date={day_date(int(days[start])).isoformat()}"
-        if not folder.is_dir():
-            folder.mkdir(parents=True, exist_ok=True)
-            new_folders = True
+        folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{uuid.uuid4().hex}.parquet"
         tmp = folder / f".{name}.tmp"
         table = pa.Table.from_pandas(part, schema=SCHEMA, preserve_index=False)
         with open(tmp, "wb") as out:
             pq.write_table(table, out, compression="zstd")
-            out.flush()
-            os.fsync(out.fileno())  # the bytes on disk before the name points at them
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())  # the bytes on disk before the name points at them
         os.replace(tmp, folder / name)
         written.append(folder / name)
-    # The renames (and new date folders) on disk too: the caller commits these events' offsets
-    # next, and a crash of the machine must not take back a part the commit has moved past.
-    for folder in sorted({w.parent for w in written}):
-        fsync_dir(folder)
-    if new_folders:
+    if durable:
+        # The names: the parts in their date folders, the date folders in the root (every
+        # call: a folder made by an earlier call that failed, or by another archiver, may not
+        # be on disk yet), and the folders made above the root in their parents.
+        for folder in sorted({w.parent for w in written}):
+            fsync_dir(folder)
         fsync_dir(root)
+        for folder in made:  # the root and its ancestors this call made, deepest first
+            fsync_dir(folder.parent)
     return written
 
 

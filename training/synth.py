@@ -349,7 +349,7 @@ def write_log(log: SynthLog, root: Path, progress: Progress | None = None) -> in
             files = 0
             for lo in range(0, total, chunk):
                 part = events_frame(_slice(log, lo, min(lo + chunk, total)))
-                files += len(write_events(staging, part))
+                files += len(write_events(staging, part, durable=False))
                 if progress:
                     progress("write event log", min(lo + chunk, total), total)
             for folder in staged(staging):

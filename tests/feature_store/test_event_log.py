@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 from pathlib import Path
 
@@ -119,6 +120,71 @@ def test_a_part_and_its_name_are_on_disk_before_write_events_returns(
         assert ("fsync", tmp) in steps[:renamed]
         assert ("fsync", str(f.parent)) in steps[renamed:]
     assert steps[-1] == ("fsync", str(root))  # the new date folders' names too
-    steps.clear()
-    _log(root, ["1997-01-02"])  # an existing folder: the root is left alone
-    assert ("fsync", str(root)) not in steps and steps[-1][1].endswith("date=1997-01-02")
+    assert str(tmp_path) not in [path for _, path in steps]  # the root was there already
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recorded(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    return synced
+
+
+def test_a_log_folder_made_by_write_events_is_on_disk_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The archiver's first flush makes CLV_EVENT_LOG_DIR (nothing makes it before), and commits
+    # right after: fails if the new folders' own names are left to the page cache.
+    synced = _fsyncs(monkeypatch)
+    root = tmp_path / "data" / "events"
+    _log(root, ["1997-01-01"])
+    assert {str(root), str(root.parent), str(tmp_path)} <= set(synced)
+
+
+def test_a_date_folder_left_by_a_failed_write_is_put_on_disk_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed flush (EIO) commits nothing and the events come again; fails if the folder the
+    # failed call made is then taken as already on disk.
+    root = tmp_path / "events"
+    root.mkdir()
+    fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        _log(root, ["1997-01-01"])
+    assert (root / "date=1997-01-01").is_dir()
+    monkeypatch.setattr(os, "fsync", fsync)
+    synced = _fsyncs(monkeypatch)
+    _log(root, ["1997-01-01"])
+    assert str(root) in synced
+
+
+def test_a_scratch_log_is_written_without_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # clv synth writes to a staging folder it moves into place: fsync would buy it nothing.
+    synced = _fsyncs(monkeypatch)
+    write_events(
+        tmp_path,
+        events_from_orders(
+            pd.DataFrame(
+                {
+                    "user_id": ["u"],
+                    "order_id": ["o"],
+                    "ts": ["1997-01-01T12:00:00Z"],
+                    "amount": [1.0],
+                }
+            )
+        ),
+        durable=False,
+    )
+    assert synced == [] and len(log_files(tmp_path)) == 1

@@ -205,8 +205,8 @@ def test_a_failed_event_log_write_leaves_no_partial_log(
     log = generate(SynthConfig(users=300, orders=2_000, seed=6, days=60))
     real = event_log.write_events
 
-    def fill_up(root, frame):  # type: ignore[no-untyped-def]
-        real(root, frame[: len(frame) // 2])  # some partitions land, then the disk is full
+    def fill_up(root, frame, **kw):  # type: ignore[no-untyped-def]
+        real(root, frame[: len(frame) // 2], **kw)  # some partitions land, then the disk is full
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(event_log, "write_events", fill_up)
