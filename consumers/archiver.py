@@ -23,7 +23,7 @@ from clv.errors import InvalidEvent
 from clv.files import check_usable_dir
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
-from consumers.kafka import ensure_topics, make_consumer, validate_record
+from consumers.kafka import ensure_topics, make_consumer, stop_consumer, validate_record
 from feature_store.event_log import ARRIVAL_COLUMNS, write_events
 from feature_store.offline import EVENT_COLUMNS
 
@@ -126,5 +126,5 @@ async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
         archiver = Archiver(settings, consumer, settings.event_log_dir)
         await archiver.run(stop)
     finally:
-        await consumer.stop()  # also after a failed or cancelled start
+        await stop_consumer(consumer)  # also after a failed or cancelled start
     return archiver.written

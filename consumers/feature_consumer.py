@@ -25,7 +25,13 @@ from clv.errors import InvalidEvent
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.dead_letters import DeadLetters, Rejected
-from consumers.kafka import ensure_topics, make_consumer, make_producer, validate_record
+from consumers.kafka import (
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    stop_consumer,
+    validate_record,
+)
 from feature_store.events import ValidEvent
 from feature_store.redis_client import connect
 from feature_store.redis_store import AnyRedis, ApplyResult, FeatureStore
@@ -243,7 +249,7 @@ async def open_clients(
     consumers = []
     for group in groups:
         consumer = make_consumer(settings, group, settings.orders_topic)
-        resources.push_async_callback(consumer.stop)
+        resources.push_async_callback(stop_consumer, consumer)
         await consumer.start()
         consumers.append(consumer)
     return Clients(redis, producer, consumers)

@@ -62,6 +62,25 @@ def make_consumer(
     return AIOKafkaConsumer(*topics, **opts)
 
 
+#: How long closing a consumer may take before it is left to the process's end (see
+#: :func:`stop_consumer`).
+CONSUMER_CLOSE_S = 10.0
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Close ``consumer``, or give up after :data:`CONSUMER_CLOSE_S` with a warning.
+
+    A consumer closed while it joins its group first waits for the broker's JoinGroup answer,
+    which a rebalance can hold for minutes (a member that died is waited for up to the
+    rebalance timeout); a process asked to stop must not wait for it. A consumer that joined
+    closes well within the bound: offsets are committed by then, leaving the group is one
+    request."""
+    try:
+        await asyncio.wait_for(consumer.stop(), CONSUMER_CLOSE_S)
+    except TimeoutError:
+        log.warning("a Kafka consumer did not close within %.0fs; leaving it", CONSUMER_CLOSE_S)
+
+
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     # acks=all; no idempotent producer (not every Kafka-protocol broker supports it): consumers
     # deduplicate by event id instead. Any message a consumer can fetch must fit in a request:

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+import consumers.feature_consumer
 from clv.errors import StoreError
 from clv.local_stack import LocalProcess
 from clv.replay import publish
@@ -387,14 +388,21 @@ async def test_a_message_larger_than_a_default_producer_request_is_dead_lettered
 
 
 async def test_clv_consume_on_a_fresh_broker_creates_the_topics_it_needs(
-    broker: LocalProcess, redis_server: LocalProcess
+    broker: LocalProcess, redis_server: LocalProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fails if run_feature_consumer no longer calls ensure_topics: the orders topic is then
-    # whatever the broker auto-creates (if anything) and the dead-letter topic does not exist.
+    # whatever the broker auto-creates (if anything) and the dead-letter topic does not exist
+    # (and the stop below never comes: the wait runs out).
     s = unique_settings(broker.address, redis_server.address)  # no topics made
     stop = asyncio.Event()
-    stop.set()  # start, then stop at once
-    stats = await run_feature_consumer(s, stop)
+    made = consumers.feature_consumer.ensure_topics
+
+    async def then_stop(settings: Settings) -> None:
+        await made(settings)
+        stop.set()  # a stop as soon as the topics are there, before consuming
+
+    monkeypatch.setattr(consumers.feature_consumer, "ensure_topics", then_stop)
+    stats = await asyncio.wait_for(run_feature_consumer(s, stop), 60)
     assert stats.batches == 0
     orders = await end_offsets(s, s.orders_topic)
     assert sorted(tp.partition for tp in orders) == list(range(s.orders_partitions))

@@ -12,7 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.protocol.group import JoinGroupRequest
 
+import consumers.kafka
 from clv.local_stack import LocalProcess
 from clv.settings import Settings
 from consumers.archiver import run_archiver
@@ -84,3 +87,54 @@ async def test_clv_archive_stopped_while_starting_ends_at_once(
     written = await _stopped_while_starting(broker, lambda stop: run_archiver(settings, stop))
     assert written == 0
     assert not any((tmp_path / "events").rglob("*.parquet"))
+
+
+@pytest.fixture
+def held_join(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The broker's JoinGroup answer held for good, as a rebalance waiting on a member that died
+    holds it (up to the rebalance timeout); set once a consumer sent its JoinGroup."""
+    joining = asyncio.Event()
+    send = GroupCoordinator._send_req
+
+    async def held(self: GroupCoordinator, request: object) -> object:
+        if isinstance(request, JoinGroupRequest):
+            joining.set()
+            await asyncio.Event().wait()
+        return await send(self, request)
+
+    monkeypatch.setattr(GroupCoordinator, "_send_req", held)
+    monkeypatch.setattr(consumers.kafka, "CONSUMER_CLOSE_S", 0.5)  # the bound, kept short here
+    return joining
+
+
+async def _stopped_while_joining(
+    joining: asyncio.Event, run: Callable[[asyncio.Event], Awaitable[object]]
+) -> object:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(stop))
+    await asyncio.wait_for(joining.wait(), 60)  # AIOKafkaConsumer.start waits for the join now
+    assert not task.done()
+    stop.set()
+    # Fails if closing the consumer waits for the JoinGroup answer: here it never comes.
+    done, _ = await asyncio.wait({task}, timeout=30)
+    if not done:
+        task.cancel()
+    assert done, "the stop asked for while joining the group was not acted on"
+    return task.result()
+
+
+async def test_clv_consume_stopped_while_joining_its_group_ends(
+    broker: LocalProcess, redis_server: LocalProcess, held_join: asyncio.Event
+) -> None:
+    settings = unique_settings(broker.address, redis_server.address)
+    stats = await _stopped_while_joining(
+        held_join, lambda stop: run_feature_consumer(settings, stop)
+    )
+    assert stats == ConsumerStats()
+
+
+async def test_clv_archive_stopped_while_joining_its_group_ends(
+    broker: LocalProcess, redis_server: LocalProcess, held_join: asyncio.Event, tmp_path: Path
+) -> None:
+    settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path)
+    assert await _stopped_while_joining(held_join, lambda stop: run_archiver(settings, stop)) == 0
