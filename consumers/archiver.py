@@ -24,7 +24,7 @@ from clv.files import check_usable_dir
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.kafka import ensure_topics, make_consumer, stop_consumer, validate_record
-from feature_store.event_log import ARRIVAL_COLUMNS, write_events
+from feature_store.event_log import ARRIVAL_COLUMNS, remove_stale_parts, write_events
 from feature_store.offline import EVENT_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class Archiver:
         buffer is left as it is: its records were not committed, so a restart reads them again
         (a second write here could fail the same way and hide the first error)."""
         s = self._settings
+        removed = await asyncio.to_thread(remove_stale_parts, self._root)
+        if removed:
+            log.info("removed %d temporary parts left by archivers killed mid-write", removed)
         try:
             while not stop.is_set():
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=s.consume_batch)

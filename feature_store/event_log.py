@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -97,6 +98,26 @@ def write_events(root: Path, events: pd.DataFrame, *, durable: bool = True) -> l
         for folder in made:  # the root and its ancestors this call made, deepest first
             fsync_dir(folder.parent)
     return written
+
+
+#: A part still being written is younger than this; an older temporary part was left by a
+#: writer killed mid-write.
+STALE_PART_SECONDS = 3600.0
+
+
+def remove_stale_parts(root: Path, older_than_s: float = STALE_PART_SECONDS) -> int:
+    """Delete the temporary parts that writers killed mid-write left behind (readers skip them;
+    they only take disk); returns how many."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for tmp in Path(root).glob("date=*/.part-*.parquet.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # another archiver removed it meanwhile
+            continue
+    return removed
 
 
 def _partition_day(folder: Path) -> int | None:

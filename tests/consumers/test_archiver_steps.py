@@ -5,6 +5,7 @@ produce."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,15 @@ async def test_a_refused_archiver_commit_is_made_good_by_the_next_one(tmp_path: 
     assert kafka.committed == {P0: 2}
     assert archiver.written == 2
     assert sorted(read_events(tmp_path)["event_id"]) == ["a", "b"]
+
+
+async def test_the_archiver_removes_temporary_parts_left_by_a_killed_one(tmp_path: Path) -> None:
+    # Fails if Archiver.run no longer clears them: every archiver killed mid-write leaves one.
+    left = tmp_path / "date=1997-01-01" / ".part-dead.parquet.tmp"
+    left.parent.mkdir()
+    left.write_bytes(b"PAR1")
+    os.utime(left, (0, 0))
+    stop = asyncio.Event()
+    await _archiver(tmp_path, FakeConsumer(stop, [[record(P0, 0, "a")]])).run(stop)
+    assert not left.exists()
+    assert len(read_events(tmp_path)) == 1

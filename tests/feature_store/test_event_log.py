@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from feature_store.event_log import EventLogError, log_files, read_events, write_events
+from feature_store.event_log import (
+    EventLogError,
+    log_files,
+    read_events,
+    remove_stale_parts,
+    write_events,
+)
 from feature_store.features import day_number
 from feature_store.offline import events_from_orders, features_at
 
@@ -188,3 +195,19 @@ def test_a_scratch_log_is_written_without_fsync(
         durable=False,
     )
     assert synced == [] and len(log_files(tmp_path)) == 1
+
+
+def test_temporary_parts_left_by_a_killed_writer_are_removed_once_stale(tmp_path: Path) -> None:
+    # An archiver killed mid-write leaves its temporary part; readers skip it, but each kill
+    # adds one. Fails if a stale one stays, or if one still being written (young) is removed.
+    _log(tmp_path, ["1997-01-01"])
+    folder = tmp_path / "date=1997-01-01"
+    stale, young = folder / ".part-a.parquet.tmp", folder / ".part-b.parquet.tmp"
+    for tmp in (stale, young):
+        tmp.write_bytes(b"PAR1")
+    hour_ago = time.time() - 3601
+    os.utime(stale, (hour_ago, hour_ago))
+    assert remove_stale_parts(tmp_path) == 1
+    assert not stale.exists() and young.exists()
+    assert len(log_files(tmp_path)) == 1  # the log itself untouched
+    assert remove_stale_parts(tmp_path / "missing") == 0
