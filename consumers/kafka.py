@@ -78,7 +78,9 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     try:
         await asyncio.wait_for(consumer.stop(), CONSUMER_CLOSE_S)
     except TimeoutError:
-        log.warning("a Kafka consumer did not close within %.0fs; leaving it", CONSUMER_CLOSE_S)
+        # Left half-closed (its connections end with the process): the commands that call this
+        # end right after. It never sent LeaveGroup, so the group waits its session timeout.
+        log.warning("a Kafka consumer did not close within %ss; leaving it", CONSUMER_CLOSE_S)
 
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:

@@ -10,6 +10,7 @@ does, so the log stays effectively-once for every caller.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import time
 import uuid
@@ -26,6 +27,8 @@ from clv.files import fsync_dir, missing_dirs
 from feature_store.events import MAX_AMOUNT, amounts_in_range, valid_user_id
 from feature_store.features import day_date, day_number, ms_to_iso
 from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY, signed_cents
+
+log = logging.getLogger(__name__)
 
 
 class EventLogError(ClvError):
@@ -91,11 +94,13 @@ def write_events(root: Path, events: pd.DataFrame, *, durable: bool = True) -> l
     if durable:
         # The names: the parts in their date folders, the date folders in the root (every
         # call: a folder made by an earlier call that failed, or by another archiver, may not
-        # be on disk yet), and the folders made above the root in their parents.
+        # be on disk yet).
         for folder in sorted({w.parent for w in written}):
             fsync_dir(folder)
         fsync_dir(root)
-        for folder in made:  # the root and its ancestors this call made, deepest first
+        # The root in its parent every call too (made by an earlier call that failed, or by
+        # another archiver, it may not be on disk yet), and the ancestors this call made.
+        for folder in dict.fromkeys([root, *made]):
             fsync_dir(folder.parent)
     return written
 
@@ -112,11 +117,13 @@ def remove_stale_parts(root: Path, older_than_s: float = STALE_PART_SECONDS) -> 
     removed = 0
     for tmp in Path(root).glob("date=*/.part-*.parquet.tmp"):
         try:
-            if tmp.stat().st_mtime < cutoff:
+            if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
                 tmp.unlink()
                 removed += 1
         except FileNotFoundError:  # another archiver removed it meanwhile
             continue
+        except OSError as exc:  # housekeeping: never a reason to stop archiving
+            log.warning("cannot remove the stale temporary part %s: %s", tmp, exc)
     return removed
 
 

@@ -126,8 +126,10 @@ def test_a_part_and_its_name_are_on_disk_before_write_events_returns(
         # Fails without the file's fsync before its rename, or the folder's after it.
         assert ("fsync", tmp) in steps[:renamed]
         assert ("fsync", str(f.parent)) in steps[renamed:]
-    assert steps[-1] == ("fsync", str(root))  # the new date folders' names too
-    assert str(tmp_path) not in [path for _, path in steps]  # the root was there already
+    # Then the date folders' names in the root, and the root's in its parent: fails if the
+    # root is taken as on disk because it existed (made by a write that failed, or by
+    # another archiver, it may not be).
+    assert steps[-2:] == [("fsync", str(root)), ("fsync", str(tmp_path))]
 
 
 def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -175,6 +177,24 @@ def test_a_date_folder_left_by_a_failed_write_is_put_on_disk_by_the_next(
     assert str(root) in synced
 
 
+def test_a_log_folder_left_by_a_failed_first_write_is_put_on_disk_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "data" / "events"
+    fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        _log(root, ["1997-01-01"])  # made the folders, put none on disk
+    monkeypatch.setattr(os, "fsync", fsync)
+    synced = _fsyncs(monkeypatch)
+    _log(root, ["1997-01-01"])
+    assert str(root.parent) in synced
+
+
 def test_a_scratch_log_is_written_without_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -211,3 +231,27 @@ def test_temporary_parts_left_by_a_killed_writer_are_removed_once_stale(tmp_path
     assert not stale.exists() and young.exists()
     assert len(log_files(tmp_path)) == 1  # the log itself untouched
     assert remove_stale_parts(tmp_path / "missing") == 0
+
+
+def test_what_the_stale_part_cleanup_cannot_remove_is_left_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Housekeeping must never stop the archiver, which runs it at every start: fails if a
+    # folder named like a part, or a part it may not remove, raises.
+    folder = tmp_path / "date=1997-01-01"
+    named_like_one, locked = folder / ".part-d.parquet.tmp", folder / ".part-l.parquet.tmp"
+    named_like_one.mkdir(parents=True)
+    locked.write_bytes(b"PAR1")
+    for path in (named_like_one, locked):
+        os.utime(path, (0, 0))
+    unlink = Path.unlink
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        if self == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert remove_stale_parts(tmp_path) == 0
+    assert named_like_one.is_dir() and locked.exists()
+    assert "cannot remove the stale temporary part" in caplog.text and str(locked) in caplog.text
