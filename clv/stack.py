@@ -8,7 +8,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from aiokafka import AIOKafkaConsumer
@@ -29,7 +28,6 @@ from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list[str]:

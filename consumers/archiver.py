@@ -116,18 +116,13 @@ async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     """Entry point: archive until ``stop``; returns the number of events written."""
     check_usable_dir(settings.event_log_dir, "the event log", "CLV_EVENT_LOG_DIR")
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
-    try:
-
-        async def start() -> None:
-            await ensure_topics(settings)
-            await consumer.start()
-
-        try:
-            await unless_stopped(stop, start())
-        except StoppedWhileStarting:
-            return 0
-        archiver = Archiver(settings, consumer, settings.event_log_dir)
+    archiver = Archiver(settings, consumer, settings.event_log_dir)
+    try:  # a stop while starting (the group join can wait minutes) ends it here
+        await unless_stopped(stop, ensure_topics(settings))
+        await unless_stopped(stop, consumer.start())
         await archiver.run(stop)
+    except StoppedWhileStarting:
+        pass
     finally:
         await stop_consumer(consumer)  # also after a failed or cancelled start
     return archiver.written

@@ -259,13 +259,11 @@ async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> Consu
     """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
 
     async with contextlib.AsyncExitStack() as resources:
-
-        async def start() -> Clients:
-            await ensure_topics(settings)
-            return await open_clients(resources, settings, [settings.consumer_group])
-
-        try:
-            clients = await unless_stopped(stop, start())
+        try:  # a stop while starting (the group join can wait minutes) ends it here
+            await unless_stopped(stop, ensure_topics(settings))
+            clients = await unless_stopped(
+                stop, open_clients(resources, settings, [settings.consumer_group])
+            )
         except StoppedWhileStarting:
             return ConsumerStats()
         worker = FeatureConsumer(

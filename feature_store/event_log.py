@@ -92,15 +92,13 @@ def write_events(root: Path, events: pd.DataFrame, *, durable: bool = True) -> l
         os.replace(tmp, folder / name)
         written.append(folder / name)
     if durable:
-        # The names: the parts in their date folders, the date folders in the root (every
-        # call: a folder made by an earlier call that failed, or by another archiver, may not
-        # be on disk yet).
+        # The names: the parts in their date folders, then each folder in its parent, up to
+        # the root's: every call, since a folder made by an earlier call that failed, or by
+        # another archiver, may not be on disk yet; above the root, the folders this call made.
         for folder in sorted({w.parent for w in written}):
             fsync_dir(folder)
         fsync_dir(root)
-        # The root in its parent every call too (made by an earlier call that failed, or by
-        # another archiver, it may not be on disk yet), and the ancestors this call made.
-        for folder in dict.fromkeys([root, *made]):
+        for folder in made or [root]:  # made is deepest first: the root, when it was missing
             fsync_dir(folder.parent)
     return written
 

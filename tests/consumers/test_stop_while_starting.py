@@ -51,20 +51,20 @@ async def silent_broker() -> AsyncIterator[tuple[SilentBroker, str]]:
         await server.wait_closed()
 
 
-async def _stopped_while_starting(
-    broker: SilentBroker, run: Callable[[asyncio.Event], Awaitable[object]]
+async def _stopped_while_waiting(
+    waiting: asyncio.Event, run: Callable[[asyncio.Event], Awaitable[object]], what: str
 ) -> object:
+    """Run ``run(stop)``, set ``stop`` once ``waiting`` says it waits, and return its result;
+    fails if it does not end once stopped."""
     stop = asyncio.Event()
     task = asyncio.create_task(run(stop))
-    await asyncio.wait_for(broker.reached.wait(), 60)  # it is waiting for the broker now
+    await asyncio.wait_for(waiting.wait(), 60)
     assert not task.done()
     stop.set()
-    # Fails if the start is not raced with stop: it waits for the broker's answer (aiokafka's
-    # 40 s request timeout, then an error) or for an assignment that never comes.
     done, _ = await asyncio.wait({task}, timeout=30)
     if not done:
         task.cancel()
-    assert done, "the stop asked for while starting was not acted on"
+    assert done, f"the stop asked for while {what} was not acted on"
     return task.result()
 
 
@@ -73,7 +73,13 @@ async def test_clv_consume_stopped_while_starting_ends_at_once(
 ) -> None:
     broker, address = silent_broker
     settings = unique_settings(address, redis_server.address)
-    stats = await _stopped_while_starting(broker, lambda stop: run_feature_consumer(settings, stop))
+    stats = await _stopped_while_waiting(
+        # Fails if the start is not raced with stop: it waits for the broker's answer
+        # (aiokafka's 40 s request timeout, then an error).
+        broker.reached,
+        lambda stop: run_feature_consumer(settings, stop),
+        "starting",
+    )
     assert stats == ConsumerStats()  # nothing consumed, nothing raised
 
 
@@ -84,7 +90,9 @@ async def test_clv_archive_stopped_while_starting_ends_at_once(
     settings: Settings = unique_settings(
         address, redis_server.address, event_log_dir=tmp_path / "events"
     )
-    written = await _stopped_while_starting(broker, lambda stop: run_archiver(settings, stop))
+    written = await _stopped_while_waiting(
+        broker.reached, lambda stop: run_archiver(settings, stop), "starting"
+    )
     assert written == 0
     assert not any((tmp_path / "events").rglob("*.parquet"))
 
@@ -107,28 +115,15 @@ def held_join(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     return joining
 
 
-async def _stopped_while_joining(
-    joining: asyncio.Event, run: Callable[[asyncio.Event], Awaitable[object]]
-) -> object:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run(stop))
-    await asyncio.wait_for(joining.wait(), 60)  # AIOKafkaConsumer.start waits for the join now
-    assert not task.done()
-    stop.set()
-    # Fails if closing the consumer waits for the JoinGroup answer: here it never comes.
-    done, _ = await asyncio.wait({task}, timeout=30)
-    if not done:
-        task.cancel()
-    assert done, "the stop asked for while joining the group was not acted on"
-    return task.result()
-
-
 async def test_clv_consume_stopped_while_joining_its_group_ends(
     broker: LocalProcess, redis_server: LocalProcess, held_join: asyncio.Event
 ) -> None:
     settings = unique_settings(broker.address, redis_server.address)
-    stats = await _stopped_while_joining(
-        held_join, lambda stop: run_feature_consumer(settings, stop)
+    stats = await _stopped_while_waiting(
+        # Fails if closing the consumer waits for the JoinGroup answer: here it never comes.
+        held_join,
+        lambda stop: run_feature_consumer(settings, stop),
+        "joining the group",
     )
     assert stats == ConsumerStats()
 
@@ -137,4 +132,5 @@ async def test_clv_archive_stopped_while_joining_its_group_ends(
     broker: LocalProcess, redis_server: LocalProcess, held_join: asyncio.Event, tmp_path: Path
 ) -> None:
     settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path)
-    assert await _stopped_while_joining(held_join, lambda stop: run_archiver(settings, stop)) == 0
+    run = lambda stop: run_archiver(settings, stop)  # noqa: E731
+    assert await _stopped_while_waiting(held_join, run, "joining the group") == 0
