@@ -327,10 +327,10 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
     """A new folder named ``prefix*`` inside ``parent`` (which must exist), owned by this run
     (the lock of its :data:`OWNER_FILE`) for as long as the block runs, and removed with
-    whatever is left in it when the block ends (:func:`keep_staging`, or moving its
-    :func:`staged` entries away, is how a caller keeps them). Ownership tells live staging from
-    folders abandoned by a hard kill;
-    those are removed first (:func:`remove_abandoned`), so they neither pile up nor make a
+    whatever is left in it when the block ends: a caller keeps what it wants by moving its
+    :func:`staged` entries away (a folder made inside it, not the staging folder itself, whose
+    mode is mkdtemp's 0700). Ownership tells live staging from folders abandoned by a hard
+    kill; those are removed first (:func:`remove_abandoned`), so they neither pile up nor make a
     directory look in use."""
     remove_abandoned(parent, prefix)
     for _ in range(_MAKE_ATTEMPTS):
@@ -357,11 +357,3 @@ def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
 def staged(folder: Path) -> list[Path]:
     """What a run wrote into its staging ``folder`` (not the owner file), sorted by name."""
     return sorted(p for p in folder.iterdir() if p.name != OWNER_FILE)
-
-
-def keep_staging(folder: Path, dest: Path) -> None:
-    """Rename the staging ``folder`` (inside a :func:`staging_dir` block) to ``dest``, without
-    its owner file. The file goes first: until the rename a sweep takes the folder for one
-    being made (no owner file, young), and the lock held on the file keeps it claimed."""
-    (folder / OWNER_FILE).unlink()
-    os.rename(folder, dest)

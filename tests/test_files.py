@@ -13,7 +13,6 @@ from clv import files
 from clv.errors import ClvError
 from clv.files import (
     OWNER_FILE,
-    keep_staging,
     remove_abandoned,
     replaceable,
     replaced_atomically,
@@ -299,15 +298,15 @@ def test_a_new_staging_folder_clears_abandoned_ones(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # removed with what is left in it
 
 
-def test_a_staging_folder_moved_away_is_kept(tmp_path: Path) -> None:
+def test_a_folder_made_in_staging_and_moved_away_is_kept(tmp_path: Path) -> None:
     with staging_dir(tmp_path, ".staging-") as stage:
-        (stage / "model.pkl").write_bytes(b"x")
-        assert staged(stage) == [stage / "model.pkl"]  # what the run wrote, not its owner file
-        keep_staging(stage, tmp_path / "v1")
-        assert remove_abandoned(tmp_path, ".staging-") == []
+        (stage / "v1").mkdir()
+        (stage / "v1" / "model.pkl").write_bytes(b"x")
+        assert staged(stage) == [stage / "v1"]  # what the run wrote, not its owner file
+        os.rename(stage / "v1", tmp_path / "v1")
+        assert remove_abandoned(tmp_path, ".staging-") == []  # still owned while it runs
     assert (tmp_path / "v1" / "model.pkl").read_bytes() == b"x"
-    assert [p.name for p in (tmp_path / "v1").iterdir()] == ["model.pkl"]  # no owner file
-    assert remove_abandoned(tmp_path, ".staging-") == []
+    assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # the staging folder is gone
 
 
 def test_a_folder_without_an_owner_file_is_removed_only_once_old(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ from clv.errors import ClvError, ModelError, one_line
 from clv.files import (
     check_usable_dir,
     fsync_dir,
-    keep_staging,
+    missing_dirs,
     replaced_atomically,
     staging_dir,
 )
@@ -332,8 +332,9 @@ class ModelRegistry:
         """Before any work that ends in :meth:`register` and :meth:`offer`: this process can
         write in the directory (or, when it does not exist yet, make it: it is made only when
         a model is registered, so a run that fails first leaves nothing behind), and the
-        pointer, history and lock are files where they exist, so a run that could not promote
-        leaves no orphan version."""
+        pointer, history and lock are files where they exist (the history and lock not links,
+        which are never written through), so a run that could not promote leaves no orphan
+        version, nor a champion it could not record."""
         try:
             check_usable_dir(self.root, "model directory")
         except ClvError as exc:
@@ -342,6 +343,8 @@ class ModelRegistry:
             path = self.root / name
             if not path.is_symlink() and path.exists() and not path.is_file():
                 raise ModelError(f"model directory {self.root}: {name} is not a regular file")
+            if name != POINTER_FILE and path.is_symlink():  # never written through (_own_file)
+                raise ModelError(f"{path} is a symbolic link, not the registry's file")
 
     def register(
         self,
@@ -360,6 +363,7 @@ class ModelRegistry:
         blob = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
         digest = _sha256(blob)
         created = _utc_now()
+        made = missing_dirs(self.root)  # made by the lock: on disk with the first version
         with self._lock():
             version = f"{created:%Y%m%dT%H%M%SZ}-{digest[:6]}"
             if (self.root / version).exists():  # same model, same second: salt the short hash
@@ -383,11 +387,19 @@ class ModelRegistry:
             }
             body["metadata_sha256"] = _sha256(_canonical(body))
             with staging_dir(self.root, STAGING_PREFIX) as stage:
-                _write_file(stage / MODEL_FILE, blob)
-                _write_file(stage / METADATA_FILE, json.dumps(body, indent=2).encode() + b"\n")
-                fsync_dir(stage)
-                keep_staging(stage, self.root / version)
+                # made as any folder is, so the umask sets its mode (the staging folder's is
+                # 0700): a service running as another user must be able to read it
+                folder = stage / version
+                folder.mkdir()
+                _write_file(folder / MODEL_FILE, blob)
+                _write_file(folder / METADATA_FILE, json.dumps(body, indent=2).encode() + b"\n")
+                fsync_dir(folder)
+                os.rename(folder, self.root / version)
                 fsync_dir(self.root)
+                # the registry's own name too, every time: made by an earlier run that failed
+                # or by another trainer, it may not be on disk yet (as the event log does)
+                for folder in made or [self.root]:  # deepest first: the root, when it was missing
+                    fsync_dir(folder.parent)
         log.info("registered model %s (%s)", version, body["model_name"])
         return version
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from clv.errors import ClvError, Terminated
-from clv.files import sigterm_unwinds
+from clv.files import interruptions_deferred, sigterm_unwinds
 from clv.orphans import die_with_parent
 from clv.settings import Settings
 from training import threads
@@ -468,7 +468,9 @@ def train(
         for line in final_warnings:
             say(f"final fit warned: {line}")
         del ds
-    with clock.phase("register"):
+    # The version's rename and the decision on it are one step: a run stopped between them
+    # would leave a version registered that no decision names (and no later run recognises).
+    with clock.phase("register"), interruptions_deferred():
         registry = ModelRegistry(settings.model_dir)
         validation = _validation(selection, fingerprint)
         candidate_table = _candidate_table(selection)
@@ -697,8 +699,11 @@ def main(argv: list[str] | None = None) -> int:
                 again="--again" in args,
                 candidates=candidates,
             )
-    except ClvError as exc:
+    except (ClvError, OSError) as exc:  # OSError: a full disk, a registry it may not write
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: not enough memory to train on this event log", file=sys.stderr)
         return 1
     except Terminated:
         print("error: terminated", file=sys.stderr)

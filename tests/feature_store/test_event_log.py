@@ -22,6 +22,7 @@ from feature_store.event_log import (
 )
 from feature_store.features import day_number
 from feature_store.offline import events_from_orders, features_at
+from tests.fsyncs import recorded_fsyncs
 
 
 def test_an_event_id_is_deduplicated_within_a_user_not_across_users(tmp_path: Path) -> None:
@@ -132,24 +133,12 @@ def test_a_part_and_its_name_are_on_disk_before_write_events_returns(
     assert steps[-2:] == [("fsync", str(root)), ("fsync", str(tmp_path))]
 
 
-def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    synced: list[str] = []
-    fsync = os.fsync
-
-    def recorded(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recorded)
-    return synced
-
-
 def test_a_log_folder_made_by_write_events_is_on_disk_in_its_parent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The archiver's first flush makes CLV_EVENT_LOG_DIR (nothing makes it before), and commits
     # right after: fails if the new folders' own names are left to the page cache.
-    synced = _fsyncs(monkeypatch)
+    synced = recorded_fsyncs(monkeypatch)
     root = tmp_path / "data" / "events"
     _log(root, ["1997-01-01"])
     assert {str(root), str(root.parent), str(tmp_path)} <= set(synced)
@@ -172,7 +161,7 @@ def test_a_date_folder_left_by_a_failed_write_is_put_on_disk_by_the_next(
         _log(root, ["1997-01-01"])
     assert (root / "date=1997-01-01").is_dir()
     monkeypatch.setattr(os, "fsync", fsync)
-    synced = _fsyncs(monkeypatch)
+    synced = recorded_fsyncs(monkeypatch)
     _log(root, ["1997-01-01"])
     assert str(root) in synced
 
@@ -190,7 +179,7 @@ def test_a_log_folder_left_by_a_failed_first_write_is_put_on_disk_by_the_next(
     with pytest.raises(OSError):
         _log(root, ["1997-01-01"])  # made the folders, put none on disk
     monkeypatch.setattr(os, "fsync", fsync)
-    synced = _fsyncs(monkeypatch)
+    synced = recorded_fsyncs(monkeypatch)
     _log(root, ["1997-01-01"])
     assert str(root.parent) in synced
 
@@ -199,7 +188,7 @@ def test_a_scratch_log_is_written_without_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # clv synth writes to a staging folder it moves into place: fsync would buy it nothing.
-    synced = _fsyncs(monkeypatch)
+    synced = recorded_fsyncs(monkeypatch)
     write_events(
         tmp_path,
         events_from_orders(

@@ -17,6 +17,7 @@ import pytest
 
 from clv.errors import ModelError
 from feature_store.features import FEATURE_NAMES
+from tests.fsyncs import recorded_fsyncs
 from training.models.naive import HistoricalRate
 from training.registry import (
     HISTORY_FILE,
@@ -686,3 +687,29 @@ def test_an_artifact_that_is_no_clv_model_is_refused(reg: ModelRegistry) -> None
     )
     with pytest.raises(ModelError, match="not a CLVModel"):
         reg.load(v)
+
+
+def test_a_version_folder_is_readable_as_the_umask_allows(reg: ModelRegistry) -> None:
+    """The service may run as another user than the trainer (the registry must be writable by
+    the trainer only, not readable by it only): a version folder gets the mode of any folder
+    made under the umask, as its files and the pointer do. Fails if the staging folder's mode
+    (0700, from mkdtemp) is kept: another user can read CHAMPION but no model."""
+    old = os.umask(0o022)
+    try:
+        v = register(reg, 1.0)
+    finally:
+        os.umask(old)
+    assert (reg.root / v).stat().st_mode & 0o777 == 0o755
+    assert (reg.root / v / MODEL_FILE).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_model_directory_made_by_the_first_registration_is_on_disk_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLV_MODEL_DIR (default ./models) and any missing parents are made by the first
+    registration. Fails if their own names are left to the page cache: a crash after `clv train`
+    said "promoted to champion" could take the whole registry, pointer and all, back."""
+    synced = recorded_fsyncs(monkeypatch)
+    reg = ModelRegistry(tmp_path / "data" / "models")
+    reg.offer(register(reg, 1.0))
+    assert {str(reg.root), str(reg.root.parent), str(tmp_path)} <= set(synced)

@@ -1076,3 +1076,96 @@ def test_the_training_child_refuses_unknown_candidates_in_one_line(
     assert "bgnbd_gg" in out.err  # the known ones are named
     assert len(out.err.strip().splitlines()) == 1
     assert not settings.model_dir.exists()
+
+
+def test_a_link_in_place_of_the_promotion_history_is_refused_before_training(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    """The registry never writes its history through a link, so a run with one there cannot
+    record its decision. Fails if that is found only after training: the run then registers
+    its version, moves the champion pointer to it, and ends in an error all the same."""
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    settings.model_dir.mkdir()
+    (tmp_path / "audit.jsonl").write_text("")
+    (settings.model_dir / "promotions.jsonl").symlink_to(tmp_path / "audit.jsonl")
+    with pytest.raises(TrainingError, match=r"promotions\.jsonl is a symbolic link"):
+        train(settings, progress=False, candidates=FAST)
+    registry = ModelRegistry(settings.model_dir)
+    assert registry.versions() == [] and registry.champion_version() is None
+
+
+_TERMINATED_WHILE_DECIDING = """
+import os, signal, sys
+from training.registry import ModelRegistry
+from training.train import main
+
+decide = ModelRegistry._decide
+
+def terminated_while_deciding(self, *args, **kw):  # as `clv up` cancelling the run there
+    os.kill(os.getpid(), signal.SIGTERM)
+    return decide(self, *args, **kw)
+
+ModelRegistry._decide = terminated_while_deciding
+sys.exit(main(["--quiet", "--candidates=naive_rate,bgnbd_gg"]))
+"""
+
+
+def test_a_run_terminated_after_registering_still_decides_on_its_version(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    """The version's rename and its promotion decision are one step: a SIGTERM arriving
+    between them (the champion is loaded and re-scored there, seconds at scale) lets the
+    decision finish, then ends the run (143). Fails if the run stops in between: its version
+    stays registered but never offered, an orphan that no decision names and that the next
+    run will not recognise, where the README promises "registers nothing" or "complete"."""
+    import subprocess
+    import sys
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    done = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_WHILE_DECIDING],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],  # this checkout's packages
+    )
+    assert done.returncode == 143, done.stderr
+    registry = ModelRegistry(settings.model_dir)
+    [version] = registry.versions()
+    assert registry.champion_version() == version  # the first model, decided and promoted
+    history = (settings.model_dir / "promotions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["version"] for line in history] == [version]
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (MemoryError(), "not enough memory"),
+    ],
+)
+def test_the_training_child_says_a_failure_of_the_machine_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: BaseException,
+    said: str,
+) -> None:
+    """As `clv train` does: a full disk or an unwritable registry met mid-run, or too little
+    memory, is one line and exit 1 in the stack's log. Fails if the child lets it escape as a
+    traceback (which `clv up` then logs, cut to its last 2,000 characters, every retraining)."""
+    import training.train as train_module
+
+    def fails(*_a: object, **_kw: object) -> None:
+        raise error
+
+    monkeypatch.setattr(train_module, "train", fails)
+    monkeypatch.setenv("CLV_EVENT_LOG_DIR", str(tmp_path / "events"))
+    monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "models"))
+    assert train_module.main(["--quiet"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and said in out.err
+    assert len(out.err.strip().splitlines()) == 1
