@@ -160,6 +160,8 @@ def replay(
 
     from clv.replay import encode_rows, load_events, publish
 
+    if rate is not None and not math.isfinite(rate):  # (nan is refused by the option's min)
+        raise fail(f"--rate must be a finite number of events per second, not {rate}")
     settings = load_settings()
     if fmt == "auto":
         fmt = "cdnow" if "cdnow" in file.name.lower() else "csv"
@@ -169,6 +171,8 @@ def replay(
         messages = encode_rows(load_events(file, fmt, settings.currency))
     except ClvError as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # a file it may not read, an I/O error: as `clv backtest` says them
+        raise fail(str(exc), 1) from None
 
     async def main(stop: asyncio.Event) -> int:
         from consumers.kafka import ensure_topics

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(64 * 1024, ge=256)
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")  # ISO 4217
     future_tolerance_seconds: int = Field(86_400, ge=0)
-    orders_partitions: int = Field(8, ge=1)
+    orders_partitions: int = Field(8, ge=1, le=2**31 - 1)  # Kafka counts them in an int32
     consume_batch: int = Field(5000, ge=1)
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)
@@ -101,6 +101,8 @@ class Settings(BaseSettings):
         if parsed.scheme in ("redis", "rediss"):
             if not parsed.hostname:
                 raise ValueError(f"{v!r} names no host")
+            if parsed.port == 0:  # redis-py would take it for no port and use 6379
+                raise ValueError(f"{v!r}: port 0 is not a port (1 to 65535)")
             db = parsed.path.strip("/")
             if db and not db.isdigit():
                 raise ValueError(f"{v!r}: the database {db!r} is not a number")

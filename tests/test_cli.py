@@ -598,3 +598,44 @@ def test_a_date_option_is_yyyy_mm_dd_only(text: str, capsys: pytest.CaptureFixtu
         parse_date(text, "--cutoff")
     assert info.value.exit_code == 2
     assert capsys.readouterr().err == f"clv: error: --cutoff {text!r} is not a date (YYYY-MM-DD)\n"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rate", ["inf", "1e400"])
+async def test_replay_refuses_an_infinite_rate_in_one_line_before_making_a_topic(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path, rate: str
+) -> None:
+    # Fails if `clv replay --rate inf` gets past the option check: the topics are made, then
+    # the chunk size int(inf // 10) raises a ValueError, printed as a traceback (exit 1).
+    from consumers.kafka import topic_partitions
+
+    settings = unique_settings(broker.address, redis_server.address)
+    orders = tmp_path / "orders.csv"
+    orders.write_text("user_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n")
+    out = clv(settings, "replay", str(orders), "--rate", rate)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("clv: error: --rate") and len(out.stderr.splitlines()) == 1
+    assert await topic_partitions(settings, settings.orders_topic, timeout=0) == []
+
+
+def test_replay_of_an_orders_file_it_may_not_read_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Fails if `clv replay` lets the OSError of reading its file through (a file of another
+    # user's, mode 600; an I/O error): a traceback instead of one line. Simulated, as the
+    # tests may run as root, who may read any file.
+    from clv.cli import main
+
+    orders = tmp_path / "orders.csv"
+    orders.write_text("user_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n")
+    read_bytes = Path.read_bytes
+
+    def refused(self: Path) -> bytes:
+        if self == orders:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    monkeypatch.setenv("CLV_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    assert main(["replay", str(orders)]) == 1
+    assert capsys.readouterr().err == f"clv: error: [Errno 13] Permission denied: '{orders}'\n"

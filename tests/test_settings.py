@@ -100,6 +100,7 @@ def test_settings_are_read_from_clv_variables(monkeypatch: pytest.MonkeyPatch) -
         {"api_port": 65535},
         {"kafka_bootstrap": "a:1,b:65535"},
         {"orders_topic": "x" * 249},
+        {"orders_partitions": 2**31 - 1},
     ],
 )
 def test_the_bounds_themselves_are_accepted(changes: dict[str, object]) -> None:
@@ -115,6 +116,13 @@ def test_the_bounds_themselves_are_accepted(changes: dict[str, object]) -> None:
         ({"api_port": 0}, "greater than or equal to 1"),
         ({"api_port": 65536}, "less than or equal to 65535"),
         ({"kafka_bootstrap": "a:0"}, "port 1 to 65535"),
+        # Fails if port 0 in CLV_REDIS_URL is taken: redis-py (and `clv up`) read it as "no
+        # port" and use 6379, another server than the one named.
+        ({"redis_url": "redis://127.0.0.1:0/0"}, "port 0 is not a port"),
+        ({"redis_url": "redis+cluster://node-1:0"}, "port 0 is not a port"),
+        # Fails if more partitions than Kafka's int32 count are taken: clv up / consume /
+        # archive / replay then die in topic creation with a traceback.
+        ({"orders_partitions": 2**31}, "less than or equal to 2147483647"),
         ({"orders_topic": "."}, "is not a Kafka topic name"),
         ({"clock": "utc"}, "'wall' or 'event'"),
         ({"model_dir": ""}, "must be a directory path, not empty"),
