@@ -9,6 +9,9 @@ Layout::
                                       ``metadata_sha256`` inside the file hashes its body)
     <root>/promotions.jsonl           one line per promotion decision (audit trail)
 
+Old versions are removed by :meth:`ModelRegistry.prune` (``CLV_MODEL_KEEP``): the champion and
+the newest versions stay, so hourly retraining does not fill the disk.
+
 A version is ``<UTC time>-<short hash of the model file>``, e.g. ``20261128T100000Z-3f2a1c``.
 Versions are staged in a hidden directory and renamed into place, so a reader never sees half
 a version; the pointer is written to a temporary file and ``os.replace``-d over the old one.
@@ -47,6 +50,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -74,6 +78,8 @@ POINTER_FILE = "CHAMPION"
 HISTORY_FILE = "promotions.jsonl"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"  # a version being written; renamed to its name when complete
+REMOVING_PREFIX = ".removing-"  # a version being removed: renamed out of the versions first
+UNOFFERED_GRACE = dt.timedelta(days=1)  # a version not offered yet may be another run's
 MAX_METADATA_BYTES = 4 << 20
 VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6,16}")
 
@@ -617,6 +623,37 @@ class ModelRegistry:
             decision.reason,
         )
         return decision
+
+    def prune(self, keep: int) -> list[str]:
+        """Remove old versions, keeping the champion and the ``keep`` newest; returns the
+        versions removed. A version not offered yet is kept for a day whatever its rank: it may
+        be another trainer's, registered and about to be offered. Each goes in one rename out
+        of the versions (a reader sees it whole or not at all), then is deleted; what a run
+        killed in between left is deleted by the next prune."""
+        if keep < 1:
+            raise ValueError(f"keep at least the newest version, not {keep}")
+        if not self.root.is_dir():
+            return []
+        removed: list[str] = []
+        with self._lock():
+            try:
+                champion = self.champion_version()
+            except ModelError:
+                champion = None
+            offered = self._offered()
+            young = f"{_utc_now() - UNOFFERED_GRACE:%Y%m%dT%H%M%SZ}"
+            for version in self.versions()[:-keep]:
+                if version == champion or (version not in offered and version > young):
+                    continue
+                os.rename(self.root / version, self.root / f"{REMOVING_PREFIX}{version}")
+                removed.append(version)
+            if removed:
+                fsync_dir(self.root)
+            for left in self.root.glob(f"{REMOVING_PREFIX}*"):
+                shutil.rmtree(left, ignore_errors=True)
+        if removed:
+            log.info("removed %d old model version(s): %s", len(removed), ", ".join(removed))
+        return removed
 
     def _decide(
         self, version: str, val: Validation, evaluate: Evaluate | None, force: bool

@@ -503,6 +503,10 @@ def train(
         decision = registry.offer(
             version, evaluate=_champion_evaluator(work, selection), force=force
         )
+        try:
+            registry.prune(settings.model_keep)
+        except OSError as exc:  # the run's outcome stands; the next run prunes again
+            log.warning("could not remove old model versions: %s", exc)
     result = TrainResult(
         version=version,
         promoted=decision.promoted,

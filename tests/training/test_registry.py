@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -713,3 +714,56 @@ def test_a_model_directory_made_by_the_first_registration_is_on_disk_in_its_pare
     reg = ModelRegistry(tmp_path / "data" / "models")
     reg.offer(register(reg, 1.0))
     assert {str(reg.root), str(reg.root.parent), str(tmp_path)} <= set(synced)
+
+
+def test_prune_keeps_the_champion_and_the_newest_versions(
+    reg: ModelRegistry, minutes: list[dt.datetime]
+) -> None:
+    champion = register(reg, 100.0, min_age=1)
+    reg.offer(champion)
+    losers = [register(reg, 120.0, min_age=age) for age in range(2, 7)]
+    for v in losers:
+        assert not reg.offer(v).promoted
+    # Fails if old versions stay (hourly retraining fills the disk), if the champion goes with
+    # them because it is old, or if more than the newest go.
+    assert reg.prune(2) == losers[:3]
+    assert reg.versions() == [champion, *losers[3:]]
+    assert reg.load_champion().version == champion
+    assert [p.name for p in reg.root.iterdir() if p.name.startswith(".removing-")] == []
+    assert reg.prune(2) == []  # nothing more to remove
+    with pytest.raises(ValueError, match="keep at least the newest"):
+        reg.prune(0)
+
+
+def test_prune_leaves_a_version_not_offered_yet_for_a_day(
+    reg: ModelRegistry, minutes: list[dt.datetime]
+) -> None:
+    first = register(reg, 100.0, min_age=1)
+    reg.offer(first)
+    anothers = register(reg, 90.0, min_age=2)  # another trainer's, about to be offered
+    newest = register(reg, 120.0, min_age=3)
+    reg.offer(newest)
+    # Fails if a version that was registered but not yet offered is removed: the other
+    # trainer's offer would then find no version.
+    assert reg.prune(1) == []
+    assert reg.offer(anothers).promoted
+    old = register(reg, 130.0, min_age=4)  # never offered: a run killed before its decision
+    reg.offer(register(reg, 140.0, min_age=5))
+    minutes[0] += dt.timedelta(days=1)
+    # A day later it is no other run's any more: removed with the old ones (not the champion).
+    assert reg.prune(1) == [first, newest, old]
+    assert reg.champion_version() == anothers
+
+
+def test_a_version_half_removed_by_a_killed_prune_is_no_version_and_goes_next_time(
+    reg: ModelRegistry, minutes: list[dt.datetime]
+) -> None:
+    v = register(reg, 100.0)
+    reg.offer(v)
+    half = reg.root / ".removing-20261129T100000Z-abcdef"  # renamed out, then killed
+    (half / "deeper").mkdir(parents=True)
+    (half / "deeper" / MODEL_FILE).write_bytes(b"x")
+    assert reg.versions() == [v]  # out of the versions from its rename on
+    # Fails if what a killed prune left is never deleted.
+    assert reg.prune(5) == []
+    assert not half.exists()

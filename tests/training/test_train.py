@@ -1169,3 +1169,19 @@ def test_the_training_child_says_a_failure_of_the_machine_in_one_line(
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("error: ") and said in out.err
     assert len(out.err.strip().splitlines()) == 1
+
+
+def test_a_run_removes_old_versions_beyond_clv_model_keep(
+    tmp_path: Path, events: pd.DataFrame, minutes: list[dt.datetime]
+) -> None:
+    """Fails if `clv train` (and so `clv up`'s hourly retraining) leaves every version it ever
+    made: CLV_MODEL_KEEP=1 keeps the champion and the newest version only."""
+    settings = settings_for(tmp_path).model_copy(update={"model_keep": 1})
+    write_events(settings.event_log_dir, events)
+    first = train(settings, progress=False, candidates=FAST)
+    again = train(settings, progress=False, again=True, candidates=FAST)
+    assert not again.promoted
+    registry = ModelRegistry(settings.model_dir)
+    assert registry.versions() == [first.version, again.version]  # the champion, the newest
+    forced = train(settings, progress=False, force=True, candidates=FAST)
+    assert registry.versions() == [forced.version] == [registry.champion_version()]
