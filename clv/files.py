@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from clv.errors import ClvError, Terminated
@@ -38,6 +38,17 @@ def missing_dirs(path: Path) -> list[Path]:
             break
         missing.append(d)
     return missing
+
+
+def fsync_names(root: Path, made: list[Path]) -> None:
+    """Make ``root``'s own name durable in its parent, and the names of the folders ``made``
+    (:func:`missing_dirs`, deepest first) in theirs: every write, since a folder made by an
+    earlier write that failed, or by another process, may not be on disk yet. A parent this
+    process may pass through but not read (a 0711 home folder) cannot be opened to fsync and
+    is skipped: its folder was there before, made by someone who may."""
+    for folder in made or [root]:
+        with suppress(PermissionError):
+            fsync_dir(folder.parent)
 
 
 def check_usable_dir(path: Path, what: str, setting: str | None = None) -> None:

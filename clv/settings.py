@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)
     key_prefix: str = "clv"
-    model_keep: int = Field(20, ge=1)  # model versions kept besides the champion (newest first)
+    model_keep: int = Field(20, ge=1)  # the newest model versions kept, and the champion
 
     @field_validator("model_dir", "event_log_dir", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from clv.errors import ClvError
-from clv.files import fsync_dir, missing_dirs
+from clv.files import fsync_dir, fsync_names, missing_dirs
 from feature_store.events import MAX_AMOUNT, amounts_in_range, valid_user_id
 from feature_store.features import day_date, day_number, ms_to_iso
 from feature_store.offline import EVENT_COLUMNS, MS_PER_DAY, signed_cents
@@ -98,8 +98,7 @@ def write_events(root: Path, events: pd.DataFrame, *, durable: bool = True) -> l
         for folder in sorted({w.parent for w in written}):
             fsync_dir(folder)
         fsync_dir(root)
-        for folder in made or [root]:  # made is deepest first: the root, when it was missing
-            fsync_dir(folder.parent)
+        fsync_names(root, made)
     return written
 
 

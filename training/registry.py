@@ -62,6 +62,7 @@ from clv.errors import ClvError, ModelError, one_line
 from clv.files import (
     check_usable_dir,
     fsync_dir,
+    fsync_names,
     missing_dirs,
     replaced_atomically,
     staging_dir,
@@ -402,10 +403,7 @@ class ModelRegistry:
                 fsync_dir(folder)
                 os.rename(folder, self.root / version)
                 fsync_dir(self.root)
-                # the registry's own name too, every time: made by an earlier run that failed
-                # or by another trainer, it may not be on disk yet (as the event log does)
-                for folder in made or [self.root]:  # deepest first: the root, when it was missing
-                    fsync_dir(folder.parent)
+                fsync_names(self.root, made)  # the registry's own name too (as the event log)
         log.info("registered model %s (%s)", version, body["model_name"])
         return version
 
@@ -587,7 +585,12 @@ class ModelRegistry:
                 f"champion pointer {self.pointer_path} holds no hash of the champion's "
                 "metadata: promote a model again (`clv train --force`)"
             )
-        return self.load(str(pointer["version"]), expect_metadata_sha256=file_sha)
+        try:
+            return self.load(str(pointer["version"]), expect_metadata_sha256=file_sha)
+        except ModelError:
+            if self._pointer() == pointer:  # still the champion: it is what is broken
+                raise
+            return self.load_champion()  # replaced, its version maybe pruned, while we read it
 
     def _write_pointer(self, version: str, decision: Decision) -> None:
         meta_raw = _read_regular(self.root / version / METADATA_FILE, MAX_METADATA_BYTES)
@@ -645,7 +648,11 @@ class ModelRegistry:
             for version in self.versions()[:-keep]:
                 if version == champion or (version not in offered and version > young):
                     continue
-                os.rename(self.root / version, self.root / f"{REMOVING_PREFIX}{version}")
+                try:
+                    os.rename(self.root / version, self.root / f"{REMOVING_PREFIX}{version}")
+                except OSError as exc:  # left where it is; the others still go
+                    log.warning("could not remove old model version %s: %s", version, exc)
+                    continue
                 removed.append(version)
             if removed:
                 fsync_dir(self.root)

@@ -22,7 +22,7 @@ from feature_store.event_log import (
 )
 from feature_store.features import day_number
 from feature_store.offline import events_from_orders, features_at
-from tests.fsyncs import recorded_fsyncs
+from tests.fsyncs import recorded_fsyncs, unreadable_folder
 
 
 def test_an_event_id_is_deduplicated_within_a_user_not_across_users(tmp_path: Path) -> None:
@@ -142,6 +142,19 @@ def test_a_log_folder_made_by_write_events_is_on_disk_in_its_parent(
     root = tmp_path / "data" / "events"
     _log(root, ["1997-01-01"])
     assert {str(root), str(root.parent), str(tmp_path)} <= set(synced)
+
+
+def test_a_parent_the_archiver_may_pass_but_not_read_does_not_fail_its_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"  # say /home/alice, mode 0711, and the log the service's own
+    root = home / "events"
+    root.mkdir(parents=True)
+    unreadable_folder(monkeypatch, home)
+    # Fails if every write must open the log's parent to fsync it: the archiver then fails
+    # every flush and commits nothing, for good.
+    _log(root, ["1997-01-01"])
+    assert len(log_files(root)) == 1
 
 
 def test_a_date_folder_left_by_a_failed_write_is_put_on_disk_by_the_next(

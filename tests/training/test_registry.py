@@ -18,7 +18,7 @@ import pytest
 
 from clv.errors import ModelError
 from feature_store.features import FEATURE_NAMES
-from tests.fsyncs import recorded_fsyncs
+from tests.fsyncs import recorded_fsyncs, unreadable_folder
 from training.models.naive import HistoricalRate
 from training.registry import (
     HISTORY_FILE,
@@ -767,3 +767,69 @@ def test_a_version_half_removed_by_a_killed_prune_is_no_version_and_goes_next_ti
     # Fails if what a killed prune left is never deleted.
     assert reg.prune(5) == []
     assert not half.exists()
+
+
+def test_a_version_that_cannot_be_renamed_does_not_stop_every_later_prune(
+    reg: ModelRegistry, minutes: list[dt.datetime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stuck = register(reg, 100.0, min_age=1)  # oldest: say, made by root in a sticky folder
+    reg.offer(stuck)
+    champion = register(reg, 90.0, min_age=2)
+    reg.offer(champion)
+    old = [register(reg, 120.0, min_age=age) for age in range(3, 6)]
+    for v in old:
+        reg.offer(v)
+    real_rename = os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if Path(str(src)).name == stuck:
+            raise PermissionError(1, "Operation not permitted", str(src))
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename)
+    for _ in range(3):  # every later run (clv train warns and goes on)
+        try:
+            reg.prune(1)
+        except OSError:
+            pass
+    # Fails if one version that cannot be renamed ends every prune before the others go (the
+    # registry grows without bound again) and before what was renamed out is deleted.
+    assert reg.versions() == [stuck, champion, old[-1]]
+    assert [p.name for p in reg.root.iterdir() if p.name.startswith(".removing-")] == []
+
+
+def test_a_reader_that_read_the_pointer_just_before_a_promotion_loads_a_champion(
+    reg: ModelRegistry, minutes: list[dt.datetime]
+) -> None:
+    old = register(reg, 100.0, min_age=1)
+    reg.offer(old)
+    reg.offer(register(reg, 120.0, min_age=2))  # a loser: the old champion is not the newest
+    new = register(reg, 90.0, min_age=3)
+    reader = ModelRegistry(reg.root)  # a service polling the champion, in another process
+    read_pointer = reader._pointer
+
+    def pointer_then_a_trainer_runs() -> dict[str, object] | None:
+        pointer = read_pointer()
+        if pointer is not None and pointer["version"] == old:
+            assert reg.offer(new).promoted  # clv train: promotes, then prunes
+            assert old in reg.prune(1)
+        return pointer
+
+    reader._pointer = pointer_then_a_trainer_runs  # type: ignore[method-assign]
+    # Fails if a reader that read CHAMPION just before a promotion finds the version it names
+    # pruned and gets an error instead of a champion (before prune it loaded the old one).
+    assert reader.load_champion().version in (old, new)
+
+
+def test_a_parent_the_trainer_may_pass_but_not_read_does_not_fail_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"  # say /home/alice, mode 0711, and the models the service's own
+    reg = ModelRegistry(home / "models")
+    reg.root.mkdir(parents=True)
+    unreadable_folder(monkeypatch, home)
+    reg.check_writable()
+    # Fails if registering needs to open the registry's parent (it did not before the parent
+    # fsync came in): every run then fails after its version is in place, with no decision.
+    v = register(reg, 100.0)
+    assert reg.offer(v).promoted and reg.versions() == [v]
