@@ -165,8 +165,8 @@ async def _train_and_score(
             soft_wrap=True,
         )
     console.rule("training from the event log (time-split selection of the champion)")
-    # The demo leaves out the two slowest candidates (random forest, exact gradient boosting);
-    # `clv train` compares all of them.
+    # The demo leaves out the two slowest candidates (random forest, exact gradient boosting)
+    # and ridge, the weakest; `clv train` compares all of them.
     result = await asyncio.to_thread(
         train, settings, progress=True, candidates=list(DEMO_CANDIDATES)
     )

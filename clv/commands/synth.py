@@ -105,7 +105,9 @@ def synth(
     out = output_path(out_arg, "--out", file=as_csv)
     if not as_csv and out.exists():
         if not out.is_dir():
-            raise fail(f"--out {out} is a file: give FILE.csv for an orders CSV, else a directory")
+            raise fail(
+                f"--out {out} is not a directory: give FILE.csv for an orders CSV, else a directory"
+            )
         if all(p.name.startswith(SYNTH_STAGING) for p in out.iterdir()):
             remove_abandoned(out, SYNTH_STAGING)  # an earlier run's, cut short by a hard kill
         if any(out.iterdir()):
