@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
 
+    # Kafka's TLS and SASL (the contract: "Kafka SASL ... in their own variables").
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = Field(None, repr=False)
+    kafka_ssl_cafile: Path | None = None  # the CA bundle to trust (default: the system's)
+
     # Ingestion knobs (not in the contract's table; documented in README "Settings").
     max_event_bytes: int = Field(64 * 1024, ge=256)
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")  # ISO 4217
@@ -139,6 +146,34 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"CLV_CONSUMER_GROUP and CLV_ARCHIVER_GROUP are both {self.consumer_group!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Self:
+        """SASL needs its user and password, and they mean nothing without it (a protocol
+        left at PLAINTEXT would send no credentials, and fail only at the broker); a CA file
+        is read when the clients are made, so a wrong path is said at startup."""
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        given = self.kafka_sasl_username is not None or self.kafka_sasl_password is not None
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"CLV_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "CLV_KAFKA_SASL_USERNAME and CLV_KAFKA_SASL_PASSWORD"
+            )
+        if given and not sasl:
+            raise ValueError(
+                "CLV_KAFKA_SASL_USERNAME/PASSWORD are set but CLV_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: set it to SASL_SSL or SASL_PLAINTEXT"
+            )
+        cafile = self.kafka_ssl_cafile
+        if cafile is not None:
+            if not self.kafka_security_protocol.endswith("SSL"):
+                raise ValueError(
+                    "CLV_KAFKA_SSL_CAFILE is set but CLV_KAFKA_SECURITY_PROTOCOL is "
+                    f"{self.kafka_security_protocol}: set it to SSL or SASL_SSL"
+                )
+            if not cafile.is_file():
+                raise ValueError(f"CLV_KAFKA_SSL_CAFILE {str(cafile)!r} is not a file")
         return self
 
     def as_env(self) -> dict[str, str]:

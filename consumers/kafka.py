@@ -6,10 +6,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord
 
 from clv.errors import InvalidEvent
@@ -45,12 +47,30 @@ def validate_record(
 FETCH_MAX_BYTES = 64 * 1024 * 1024
 
 
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """What every client of the deployment's Kafka is given: its servers and, where the
+    broker asks for them, TLS (``CLV_KAFKA_SSL_CAFILE``, else the system's CAs) and SASL."""
+    protocol = settings.kafka_security_protocol
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": protocol,
+    }
+    if protocol.endswith("SSL"):
+        cafile = settings.kafka_ssl_cafile
+        opts["ssl_context"] = create_ssl_context(cafile=str(cafile) if cafile else None)
+    if protocol.startswith("SASL_"):
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        opts["sasl_plain_password"] = settings.kafka_sasl_password
+    return opts
+
+
 def make_consumer(
     settings: Settings, group_id: str, *topics: str, **overrides: object
 ) -> AIOKafkaConsumer:
     """A consumer that never auto-commits: offsets are committed after the state is written."""
     opts: dict[str, object] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection_options(settings),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -89,7 +109,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     # a dead letter carries the original bytes (aiokafka's default, 1 MiB, refused a larger
     # orders message client-side, which stopped the feature consumer on every restart).
     opts: dict[str, object] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection_options(settings),
         "acks": "all",
         "max_request_size": FETCH_MAX_BYTES + 1024 * 1024,  # room for the dead letter's headers
         "linger_ms": 5,
@@ -103,7 +123,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
 async def ensure_topics(settings: Settings, partitions: int | None = None) -> None:
     """Create the orders, DLQ and alerts topics when missing (idempotent)."""
     parts = partitions or settings.orders_partitions
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection_options(settings))
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -133,7 +153,7 @@ async def topic_partitions(
     list, which from Metadata v1 on means no topic at all, and ``topics()`` does not update it,
     so on Apache Kafka a consumer without a subscription knows no partition. A topic just
     created may have no leader yet: it is asked again until ``timeout``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection_options(settings))
     try:
         await admin.start()
         # Named only once known to exist: a broker may create a topic a Metadata request names
@@ -170,7 +190,7 @@ async def end_offsets(
     if not tps:
         return {}
     c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **connection_options(settings),
         enable_auto_commit=False,
         fetch_max_wait_ms=20,  # a fetch at the end answers at once with the watermark
     )
@@ -197,7 +217,7 @@ async def read_topic(
     """Every record of ``topic`` from the beginning to its current end."""
     ends = await end_offsets(settings, topic, timeout)
     c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **connection_options(settings),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
@@ -223,9 +243,7 @@ async def read_topic(
 async def _group_member(settings: Settings, group: str) -> AsyncIterator[AIOKafkaConsumer]:
     """A consumer of ``group`` that never joins it: partitions are assigned by hand, so it can
     read the group's commits without triggering a rebalance."""
-    c = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
-    )
+    c = AIOKafkaConsumer(**connection_options(settings), group_id=group, enable_auto_commit=False)
     await c.start()
     try:
         yield c

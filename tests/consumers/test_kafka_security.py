@@ -1,0 +1,107 @@
+"""Kafka's TLS and SASL settings reach every client clv makes (no broker here speaks them: the
+clients are recorded, not started)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import certifi
+import pytest
+
+import consumers.kafka as kafka
+from clv.settings import Settings
+
+SASL_SSL = {
+    "kafka_security_protocol": "SASL_SSL",
+    "kafka_sasl_mechanism": "SCRAM-SHA-512",
+    "kafka_sasl_username": "clv",
+    "kafka_sasl_password": "s3cret",
+    "kafka_ssl_cafile": Path(certifi.where()),
+}
+
+
+class Refused(Exception):
+    pass
+
+
+def _recorded(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every Kafka client kafka.py makes, as the keyword arguments it was given."""
+    made: list[dict[str, Any]] = []
+
+    class Client:
+        def __init__(self, *_topics: str, **kwargs: Any) -> None:
+            made.append(kwargs)
+
+        async def start(self) -> None:
+            raise Refused
+
+        async def close(self) -> None:
+            pass
+
+    for name in ("AIOKafkaConsumer", "AIOKafkaProducer", "AIOKafkaAdminClient"):
+        monkeypatch.setattr(kafka, name, Client)
+    return made
+
+
+async def test_every_client_gets_tls_and_sasl(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _recorded(monkeypatch)
+    settings = Settings(**SASL_SSL)  # type: ignore[arg-type]
+    kafka.make_consumer(settings, "g", "orders")
+    kafka.make_producer(settings)
+    with pytest.raises(Refused):
+        await kafka.ensure_topics(settings)
+    with pytest.raises(Refused):
+        await kafka.topic_partitions(settings, "orders")
+    # Fails if a client is made without them: against a broker that requires TLS and SASL,
+    # that client (the topics' admin, say) could not connect.
+    assert len(made) == 4
+    for kwargs in made:
+        assert kwargs["security_protocol"] == "SASL_SSL"
+        assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert (kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == ("clv", "s3cret")
+        context = kwargs["ssl_context"]
+        assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+        assert context.get_ca_certs()  # the bundle named was loaded
+
+
+async def test_plaintext_clients_get_no_tls_or_sasl(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _recorded(monkeypatch)
+    kafka.make_producer(Settings())
+    [kwargs] = made
+    assert kwargs["security_protocol"] == "PLAINTEXT"
+    assert not {"ssl_context", "sasl_mechanism", "sasl_plain_username"} & kwargs.keys()
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"kafka_security_protocol": "SASL_SSL"}, "needs CLV_KAFKA_SASL_USERNAME"),
+        (
+            {"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_username": "clv"},
+            "needs CLV_KAFKA_SASL_USERNAME and CLV_KAFKA_SASL_PASSWORD",
+        ),
+        ({"kafka_sasl_username": "clv", "kafka_sasl_password": "x"}, "set it to SASL_SSL"),
+        ({"kafka_ssl_cafile": Path(certifi.where())}, "set it to SSL or SASL_SSL"),
+        (
+            {"kafka_security_protocol": "SSL", "kafka_ssl_cafile": Path("/no/such/ca.pem")},
+            "is not a file",
+        ),
+        ({"kafka_security_protocol": "TLS"}, "'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or"),
+    ],
+)
+def test_kafka_security_settings_that_cannot_work_are_refused(
+    changes: dict[str, object], says: str
+) -> None:
+    # Fails if a setting that could only fail at the broker (no credentials sent, a CA file
+    # not there) is taken at startup.
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        Settings(**changes)  # type: ignore[arg-type]
+    assert says in str(info.value)
+
+
+def test_the_sasl_password_is_not_in_the_settings_repr() -> None:
+    assert "s3cret" not in repr(Settings(**SASL_SSL))  # type: ignore[arg-type]
