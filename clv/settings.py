@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")  # ISO 4217
     future_tolerance_seconds: int = Field(86_400, ge=0)
     orders_partitions: int = Field(8, ge=1, le=2**31 - 1)  # Kafka counts them in an int32
+    topic_replication: int = Field(1, ge=1, le=2**15 - 1)  # copies of each partition (int16)
     consume_batch: int = Field(5000, ge=1)
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)

@@ -127,10 +127,11 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
     try:
         await admin.start()
         existing = set(await admin.list_topics())
+        copies = settings.topic_replication
         wanted = [
-            NewTopic(settings.orders_topic, num_partitions=parts, replication_factor=1),
-            NewTopic(settings.dlq_topic, num_partitions=1, replication_factor=1),
-            NewTopic(settings.alerts_topic, num_partitions=parts, replication_factor=1),
+            NewTopic(settings.orders_topic, num_partitions=parts, replication_factor=copies),
+            NewTopic(settings.dlq_topic, num_partitions=1, replication_factor=copies),
+            NewTopic(settings.alerts_topic, num_partitions=parts, replication_factor=copies),
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:

@@ -102,6 +102,7 @@ def test_settings_are_read_from_clv_variables(monkeypatch: pytest.MonkeyPatch) -
         {"orders_topic": "x" * 249},
         {"orders_partitions": 2**31 - 1},
         {"model_keep": 1},
+        {"topic_replication": 32767},
     ],
 )
 def test_the_bounds_themselves_are_accepted(changes: dict[str, object]) -> None:
@@ -126,6 +127,8 @@ def test_the_bounds_themselves_are_accepted(changes: dict[str, object]) -> None:
         ({"orders_partitions": 2**31}, "less than or equal to 2147483647"),
         ({"orders_topic": "."}, "is not a Kafka topic name"),
         ({"model_keep": 0}, "greater than or equal to 1"),
+        ({"topic_replication": 0}, "greater than or equal to 1"),
+        ({"topic_replication": 32768}, "less than or equal to 32767"),
         ({"clock": "utc"}, "'wall' or 'event'"),
         ({"model_dir": ""}, "must be a directory path, not empty"),
         ({"event_log_dir": " "}, "must be a directory path, not empty"),

@@ -1,5 +1,5 @@
-"""Kafka's TLS and SASL settings reach every client clv makes (no broker here speaks them: the
-clients are recorded, not started)."""
+"""What clv asks of Kafka, recorded rather than sent: the TLS and SASL settings reach every client
+it makes (no broker here speaks them), and the topics it creates have the replication asked for."""
 
 from __future__ import annotations
 
@@ -26,8 +26,12 @@ class Refused(Exception):
     pass
 
 
-def _recorded(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Every Kafka client kafka.py makes, as the keyword arguments it was given."""
+def _recorded(
+    monkeypatch: pytest.MonkeyPatch, created: list[Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every Kafka client kafka.py makes, as the keyword arguments it was given. Each refuses
+    to start, unless ``created`` is given: then an admin client starts, knows no topic, and
+    puts there the topics it is asked to create."""
     made: list[dict[str, Any]] = []
 
     class Client:
@@ -35,7 +39,15 @@ def _recorded(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
             made.append(kwargs)
 
         async def start(self) -> None:
-            raise Refused
+            if created is None:
+                raise Refused
+
+        async def list_topics(self) -> list[str]:
+            return []
+
+        async def create_topics(self, topics: list[Any]) -> None:
+            assert created is not None
+            created.extend(topics)
 
         async def close(self) -> None:
             pass
@@ -105,3 +117,18 @@ def test_kafka_security_settings_that_cannot_work_are_refused(
 
 def test_the_sasl_password_is_not_in_the_settings_repr() -> None:
     assert "s3cret" not in repr(Settings(**SASL_SSL))  # type: ignore[arg-type]
+
+
+async def test_topics_are_created_with_the_replication_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created: list[Any] = []
+    _recorded(monkeypatch, created)
+    await kafka.ensure_topics(Settings(topic_replication=3))
+    # Fails if the replication factor is fixed at 1: on a cluster of brokers, each partition
+    # would live on one broker, and its loss would take the events with it.
+    assert {(t.name, t.replication_factor) for t in created} == {
+        ("orders", 3),
+        ("orders.dlq", 3),
+        ("churn-alerts", 3),
+    }
