@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
+    metrics_port: int | None = Field(None, ge=1, le=65535)  # /metrics of consume/archive/up
 
     # Kafka's TLS and SASL (the contract: "Kafka SASL ... in their own variables").
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

@@ -131,6 +131,7 @@ async def run_stack(
     from consumers.dead_letters import DeadLetters
     from consumers.feature_consumer import FeatureConsumer, open_clients
     from consumers.kafka import ensure_topics, topic_partitions
+    from consumers.metrics import metrics_served
     from feature_store.redis_store import FeatureStore
     from training.registry import ModelRegistry
     from training.train import retrain_forever
@@ -140,7 +141,9 @@ async def run_stack(
     if retrain_every_s:
         ModelRegistry(settings.model_dir).check_writable()
     stack = LocalStack()
+    metrics = contextlib.ExitStack()
     try:
+        metrics.enter_context(metrics_served(settings))  # a port in use: at once, as a setting
         # Starting servers polls their ports with sleeps: keep that off the event loop.
         for line in await asyncio.to_thread(ensure_servers, settings, stack, workdir):
             say(f"started {line}")
@@ -200,6 +203,7 @@ async def run_stack(
     except StoppedWhileStarting:
         say("stopped before the stack was up")
     finally:
+        metrics.close()
         await asyncio.to_thread(stack.stop)
 
 

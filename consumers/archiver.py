@@ -24,6 +24,7 @@ from clv.files import check_usable_dir
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.kafka import ensure_topics, make_consumer, stop_consumer, validate_record
+from consumers.metrics import metrics_served, record_commit
 from feature_store.event_log import ARRIVAL_COLUMNS, remove_stale_parts, write_events
 from feature_store.offline import EVENT_COLUMNS
 
@@ -102,6 +103,8 @@ class Archiver:
             log.warning(
                 "archiver commit failed (events will be re-written, then deduplicated): %s", exc
             )
+        else:
+            record_commit(self._consumer, self._settings.archiver_group, self._pending)
         self.written += len(frame)
         ARCHIVED.inc(len(frame))
         self._rows = {c: [] for c in _COLUMNS}
@@ -117,12 +120,13 @@ async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     check_usable_dir(settings.event_log_dir, "the event log", "CLV_EVENT_LOG_DIR")
     consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
     archiver = Archiver(settings, consumer, settings.event_log_dir)
-    try:  # a stop while starting (the group join can wait minutes) ends it here
-        await unless_stopped(stop, ensure_topics(settings))
-        await unless_stopped(stop, consumer.start())
-        await archiver.run(stop)
-    except StoppedWhileStarting:
-        pass
-    finally:
-        await stop_consumer(consumer)  # also after a failed or cancelled start
+    with metrics_served(settings):
+        try:  # a stop while starting (the group join can wait minutes) ends it here
+            await unless_stopped(stop, ensure_topics(settings))
+            await unless_stopped(stop, consumer.start())
+            await archiver.run(stop)
+        except StoppedWhileStarting:
+            pass
+        finally:
+            await stop_consumer(consumer)  # also after a failed or cancelled start
     return archiver.written

@@ -32,6 +32,7 @@ from consumers.kafka import (
     stop_consumer,
     validate_record,
 )
+from consumers.metrics import metrics_served, record_commit
 from feature_store.events import ValidEvent
 from feature_store.redis_client import connect
 from feature_store.redis_store import AnyRedis, ApplyResult, FeatureStore
@@ -221,6 +222,8 @@ class FeatureConsumer:
         except KafkaError as exc:
             log.error("offset commit refused, stopping this consumer: %s", exc)
             raise
+        else:
+            record_commit(self._consumer, self._settings.consumer_group, commits)
 
 
 @dataclass
@@ -258,6 +261,11 @@ async def open_clients(
 async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     """Entry point of ``clv consume``: build the clients, consume until ``stop``, close all."""
 
+    with metrics_served(settings):
+        return await _run_feature_consumer(settings, stop)
+
+
+async def _run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     async with contextlib.AsyncExitStack() as resources:
         try:  # a stop while starting (the group join can wait minutes) ends it here
             await unless_stopped(stop, ensure_topics(settings))

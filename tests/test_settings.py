@@ -128,6 +128,8 @@ def test_the_bounds_themselves_are_accepted(changes: dict[str, object]) -> None:
         ({"orders_topic": "."}, "is not a Kafka topic name"),
         ({"model_keep": 0}, "greater than or equal to 1"),
         ({"topic_replication": 0}, "greater than or equal to 1"),
+        ({"metrics_port": 0}, "greater than or equal to 1"),
+        ({"metrics_port": 65536}, "less than or equal to 65535"),
         ({"topic_replication": 32768}, "less than or equal to 32767"),
         ({"clock": "utc"}, "'wall' or 'event'"),
         ({"model_dir": ""}, "must be a directory path, not empty"),

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -40,13 +41,14 @@ pytestmark = pytest.mark.integration
     "sig", [signal.SIGINT, signal.SIGHUP, signal.SIGKILL], ids=["ctrl-c", "hangup", "killed"]
 )
 def test_up_starts_local_servers_that_end_with_it(tmp_path: Path, sig: int) -> None:
-    redis_port, kafka_port = free_port(), free_port()
+    redis_port, kafka_port, metrics_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
     env.update(
         CLV_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         CLV_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
         CLV_EVENT_LOG_DIR=str(tmp_path / "events"),
         CLV_MODEL_DIR=str(tmp_path / "models"),
+        CLV_METRICS_PORT=str(metrics_port),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "clv", "up", "--retrain-every", "0"],
@@ -73,6 +75,9 @@ def test_up_starts_local_servers_that_end_with_it(tmp_path: Path, sig: int) -> N
         assert any("started redis-server" in line for line in lines)
         assert any("started Kafka-protocol broker" in line for line in lines)
         assert port_open("127.0.0.1", redis_port) and port_open("127.0.0.1", kafka_port)
+        # Fails if clv up does not serve the stream processes' metrics at CLV_METRICS_PORT.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as answer:
+            assert "clv_consumer_batches_total" in answer.read().decode()
         # A terminal's Ctrl-C (or its closing) goes to the whole foreground group: the servers
         # must not take it, or they die before the consumers finish and commit (or outlive a
         # clv that a hangup killed).
