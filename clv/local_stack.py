@@ -121,7 +121,9 @@ def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
     return LocalProcess("redis", proc, f"redis://127.0.0.1:{port}/0", log)
 
 
-def start_broker(port: int, workdir: Path) -> LocalProcess:
+def start_broker(port: int, workdir: Path, advertised: str | None = None) -> LocalProcess:
+    """tansu on 127.0.0.1:``port``; ``advertised`` (host:port) is the address its metadata
+    gives clients, when they reach it through something else (a test's TLS proxy)."""
     refuse_taken(port, "the Kafka broker (tansu)")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,7 @@ def start_broker(port: int, workdir: Path) -> LocalProcess:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                f"tcp://{advertised}" if advertised else url,
                 "--storage-engine",
                 "memory://tansu/",
             ],

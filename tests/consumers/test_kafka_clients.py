@@ -7,8 +7,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-import certifi
 import pytest
+import trustme
 
 import consumers.kafka as kafka
 from clv.settings import Settings
@@ -18,8 +18,15 @@ SASL_SSL = {
     "kafka_sasl_mechanism": "SCRAM-SHA-512",
     "kafka_sasl_username": "clv",
     "kafka_sasl_password": "s3cret",
-    "kafka_ssl_cafile": Path(certifi.where()),
 }
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA certificate, as CLV_KAFKA_SSL_CAFILE names one."""
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
 
 
 class Refused(Exception):
@@ -57,9 +64,11 @@ def _recorded(
     return made
 
 
-async def test_every_client_gets_tls_and_sasl(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_every_client_gets_tls_and_sasl(
+    monkeypatch: pytest.MonkeyPatch, ca_file: Path
+) -> None:
     made = _recorded(monkeypatch)
-    settings = Settings(**SASL_SSL)  # type: ignore[arg-type]
+    settings = Settings(**SASL_SSL, kafka_ssl_cafile=ca_file)  # type: ignore[arg-type]
     kafka.make_consumer(settings, "g", "orders")
     kafka.make_producer(settings)
     with pytest.raises(Refused):
@@ -95,7 +104,7 @@ async def test_plaintext_clients_get_no_tls_or_sasl(monkeypatch: pytest.MonkeyPa
             "needs CLV_KAFKA_SASL_USERNAME and CLV_KAFKA_SASL_PASSWORD",
         ),
         ({"kafka_sasl_username": "clv", "kafka_sasl_password": "x"}, "set it to SASL_SSL"),
-        ({"kafka_ssl_cafile": Path(certifi.where())}, "set it to SSL or SASL_SSL"),
+        ({"kafka_ssl_cafile": "CA"}, "set it to SSL or SASL_SSL"),
         (
             {"kafka_security_protocol": "SSL", "kafka_ssl_cafile": Path("/no/such/ca.pem")},
             "is not a file",
@@ -104,12 +113,13 @@ async def test_plaintext_clients_get_no_tls_or_sasl(monkeypatch: pytest.MonkeyPa
     ],
 )
 def test_kafka_security_settings_that_cannot_work_are_refused(
-    changes: dict[str, object], says: str
+    changes: dict[str, object], says: str, ca_file: Path
 ) -> None:
     # Fails if a setting that could only fail at the broker (no credentials sent, a CA file
     # not there) is taken at startup.
     from pydantic import ValidationError
 
+    changes = {k: ca_file if v == "CA" else v for k, v in changes.items()}  # a real CA file
     with pytest.raises(ValidationError) as info:
         Settings(**changes)  # type: ignore[arg-type]
     assert says in str(info.value)
