@@ -13,50 +13,77 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import REGISTRY, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from clv.errors import ClvError
 from clv.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LAG = Gauge(
-    "clv_consumer_lag",
-    "Records of a partition after its last commit by the group (its end offset, as the last "
-    "fetch saw it, minus the committed offset)",
-    ["group", "topic", "partition"],
-)
 LAST_COMMIT = Gauge(
     "clv_consumer_last_commit_timestamp_seconds",
     "When the group's offsets were last committed by this process (Unix time)",
     ["group"],
 )
 
-#: The partitions each consumer set a lag for, so a partition it lost in a rebalance stops
-#: being reported by it (its new owner reports it).
-_REPORTED: weakref.WeakKeyDictionary[AIOKafkaConsumer, set[TopicPartition]] = (
-    weakref.WeakKeyDictionary()
-)
+
+@dataclass
+class _Watched:
+    group: str
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+#: The consumers whose commits were recorded, with what they committed. Read at each scrape,
+#: so a partition a consumer lost in a rebalance is not reported by it from then on, whether
+#: or not it commits again, and one its sibling in this process took is reported by that one.
+_WATCHED: weakref.WeakKeyDictionary[AIOKafkaConsumer, _Watched] = weakref.WeakKeyDictionary()
 
 
 def record_commit(
     consumer: AIOKafkaConsumer, group: str, commits: Mapping[TopicPartition, int]
 ) -> None:
-    """After ``commits`` were committed for ``group``: each partition's lag, and the time."""
-    for tp, offset in commits.items():
-        end = consumer.highwater(tp)
-        if end is not None:
-            LAG.labels(group, tp.topic, str(tp.partition)).set(max(end - offset, 0))
-    reported = _REPORTED.setdefault(consumer, set())
-    reported.update(commits)
-    assigned = consumer.assignment()
-    for tp in reported - assigned:  # revoked: no longer this process's to report
-        with contextlib.suppress(KeyError):
-            LAG.remove(group, tp.topic, str(tp.partition))
-    reported &= assigned
+    """After ``commits`` were committed for ``group`` by ``consumer``. Only notes them (the lag
+    is worked out when scraped): nothing here can fail a commit that went through."""
+    watched = _WATCHED.setdefault(consumer, _Watched(group))
+    watched.committed.update(commits)
     LAST_COMMIT.labels(group).set_to_current_time()
+
+
+class _LagCollector(Collector):
+    """``clv_consumer_lag``: for each partition a consumer here holds and has committed, its
+    end as the consumer's last fetch saw it minus the committed offset."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        lag = GaugeMetricFamily(
+            "clv_consumer_lag",
+            "Records of a partition after its last commit by the group (its end offset, as "
+            "the last fetch saw it, minus the committed offset)",
+            labels=["group", "topic", "partition"],
+        )
+        for consumer, watched in list(_WATCHED.items()):
+            try:  # the scrape runs in the server's thread: the consumer may change meanwhile
+                held = list(consumer.assignment())
+            except Exception:  # a consumer closing: it reports nothing
+                continue
+            for tp in held:
+                committed = watched.committed.get(tp)
+                try:
+                    end = consumer.highwater(tp)
+                except Exception:  # revoked since: its new owner reports it
+                    continue
+                if committed is not None and end is not None:
+                    lag.add_metric(
+                        [watched.group, tp.topic, str(tp.partition)], max(end - committed, 0)
+                    )
+        yield lag
+
+
+REGISTRY.register(_LagCollector())
 
 
 @contextlib.contextmanager

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from clv.errors import ClvError
 from clv.local_stack import LocalProcess, free_port
 from clv.replay import publish
 from clv.settings import Settings
-from consumers.archiver import run_archiver
-from consumers.feature_consumer import run_feature_consumer
+from consumers.archiver import Archiver, run_archiver
+from consumers.feature_consumer import FeatureConsumer, run_feature_consumer
 from consumers.kafka import end_offsets, wait_committed
-from consumers.metrics import LAG, metrics_served, record_commit
+from consumers.metrics import metrics_served, record_commit
 from tests.feature_store.streams import messy_events
 
 from .kafka_helpers import event_message, unique_settings
@@ -46,7 +48,7 @@ def _lags(samples: dict[Any, float], group: str) -> dict[int, float]:
 @pytest.mark.integration
 @pytest.mark.parametrize("which", ["consume", "archive"])
 async def test_a_stream_process_serves_its_lag_and_last_commit(
-    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Any, which: str
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path, which: str
 ) -> None:
     port = free_port()
     settings = unique_settings(
@@ -91,11 +93,9 @@ class _Consumer:
 
 
 def _gauge(group: str, tp: TopicPartition) -> float | None:
-    for metric in LAG.collect():
-        for s in metric.samples:
-            if s.labels == {"group": group, "topic": tp.topic, "partition": str(tp.partition)}:
-                return s.value
-    return None
+    """The lag a scrape of this process would report for ``tp`` of ``group``."""
+    labels = {"group": group, "topic": tp.topic, "partition": str(tp.partition)}
+    return REGISTRY.get_sample_value("clv_consumer_lag", labels)
 
 
 def test_lag_is_the_end_after_the_commit_and_a_lost_partition_is_forgotten() -> None:
@@ -104,11 +104,57 @@ def test_lag_is_the_end_after_the_commit_and_a_lost_partition_is_forgotten() -> 
     record_commit(consumer, "g-lag", {p0: 100, p1: 50})  # type: ignore[arg-type]
     # Fails if the lag is not the records after the committed offset.
     assert (_gauge("g-lag", p0), _gauge("g-lag", p1)) == (20, 0)
+    consumer.ends[p0] = 130  # fetched further, not committed yet
+    assert _gauge("g-lag", p0) == 30
     consumer.assigned = {p0}  # p1 went to another process in a rebalance
-    record_commit(consumer, "g-lag", {p0: 120})  # type: ignore[arg-type]
-    # Fails if a partition this process lost keeps its last lag here (its new owner reports
-    # it: two processes would report one partition, one of them stale).
-    assert (_gauge("g-lag", p0), _gauge("g-lag", p1)) == (0, None)
+    # Fails if a partition this process lost keeps its last lag here until the consumer
+    # commits again (never, if what it still holds is quiet): two processes would report one
+    # partition, one of them stale.
+    assert (_gauge("g-lag", p0), _gauge("g-lag", p1)) == (30, None)
+
+
+def test_a_partition_moved_to_a_sibling_consumer_is_reported_by_it() -> None:
+    # clv up --consumers N runs N consumers of one group in one process, and a rebalance
+    # (another member joining the group) can move a partition from one of them to another.
+    p0, p1 = TopicPartition("t-sib", 0), TopicPartition("t-sib", 1)
+    a, b = _Consumer({p0: 10, p1: 10}), _Consumer({})
+    record_commit(a, "g-sib", {p0: 10, p1: 10})  # type: ignore[arg-type]
+    a.assigned, b.assigned, b.ends = {p0}, {p1}, {p1: 25}  # p1 went from a to b
+    record_commit(b, "g-sib", {p1: 20})  # type: ignore[arg-type]
+    record_commit(a, "g-sib", {p0: 10})  # type: ignore[arg-type]
+    # Fails if the one that lost it removes, or still reports, the lag its sibling reports.
+    assert (_gauge("g-sib", p0), _gauge("g-sib", p1)) == (0, 5)
+
+
+@pytest.mark.parametrize("which", ["consume", "archive"])
+async def test_a_commit_that_outlives_its_partition_does_not_stop_the_consumer(
+    tmp_path: Path, which: str
+) -> None:
+    # A real (unstarted) aiokafka consumer: its highwater() asserts the partition is assigned.
+    # A commit the client retried (a coordinator moving, say) can go through under the
+    # generation of a rebalance that meanwhile gave the partition to another member.
+    consumer = AIOKafkaConsumer("orders-gone", group_id="g-gone", bootstrap_servers="127.0.0.1:1")
+    tp = TopicPartition("orders-gone", 0)
+    consumer._subscription.assign_from_subscribed({tp})
+
+    async def commit(offsets: Any) -> None:
+        consumer._subscription.assign_from_subscribed(set())  # the rebalance, mid-commit
+
+    consumer.commit = commit  # type: ignore[method-assign]
+    settings = Settings(event_log_dir=tmp_path)
+    try:
+        # Fails if recording a commit that went through can raise: the commit path would stop
+        # the feature consumer (and so clv up) or the archiver over a metric.
+        if which == "consume":
+            worker = FeatureConsumer(settings, consumer, None, None)  # type: ignore[arg-type]
+            await worker._commit({tp: 10})
+        else:
+            archiver = Archiver(settings, consumer, tmp_path)
+            archiver._pending = {tp: 10}
+            await archiver.flush()
+        assert _gauge("g-gone", tp) is None
+    finally:
+        await consumer.stop()
 
 
 def test_no_metrics_port_serves_nothing_and_a_port_in_use_is_an_error_at_once() -> None:
