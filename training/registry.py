@@ -489,23 +489,52 @@ class ModelRegistry:
             return meta
         return None
 
-    def _offered(self) -> set[str]:
-        """Versions with a decision in the history, and the champion."""
-        found: set[str] = set()
+    def _history(self) -> list[dict[str, Any]]:
+        """The recorded decisions, oldest first (a torn last line, from a run killed while it
+        wrote it, is no decision)."""
         path = self.root / HISTORY_FILE
+        found: list[dict[str, Any]] = []
         if path.is_file():
             for line in path.read_text(errors="replace").splitlines():
                 try:
-                    version = json.loads(line).get("version")
-                except (ValueError, AttributeError):
-                    continue  # a torn last line: that decision was not recorded
-                if isinstance(version, str):
-                    found.add(version)
+                    decision = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(decision, dict) and isinstance(decision.get("version"), str):
+                    found.append(decision)
+        return found
+
+    def _offered(self) -> set[str]:
+        """Versions with a decision in the history, and the champion."""
+        found = {d["version"] for d in self._history()}
         try:
             champion = self.champion_version()
         except ModelError:
             champion = None
         return found | ({champion} if champion else set())
+
+    def _record_lost_promotion(self) -> None:
+        """Under the lock: a run killed outright (SIGKILL, a crash) after moving the pointer and
+        before recording its decision left a champion that no line of the history promotes.
+        Record it now, from the pointer, so that the history names every champion."""
+        try:
+            pointer = self._pointer()
+        except ModelError:
+            return  # a broken pointer: the next decision replaces it, and says why
+        if pointer is None:
+            return
+        version = str(pointer["version"])
+        if any(d["version"] == version and d.get("promoted") for d in self._history()):
+            return
+        self._record(
+            Decision(
+                version,
+                True,
+                "recorded afterwards: the run that promoted it stopped before recording it "
+                f"(its reason, from the pointer: {pointer.get('reason')})",
+                decided_at=str(pointer.get("promoted_at") or _utc_now().isoformat()),
+            )
+        )
 
     def _verified(
         self, version: str, expect_metadata_sha256: str | None = None
@@ -613,6 +642,7 @@ class ModelRegistry:
     ) -> Decision:
         """Promote ``version`` if it beats the champion (see the module docstring's rule)."""
         with self._lock():
+            self._record_lost_promotion()
             meta = self.metadata(version)
             val = Validation.from_json(meta["validation"])
             decision = self._decide(version, val, evaluate, force)
@@ -658,6 +688,10 @@ class ModelRegistry:
                 fsync_dir(self.root)
             for left in self.root.glob(f"{REMOVING_PREFIX}*"):
                 shutil.rmtree(left, ignore_errors=True)
+            # A pointer being written by a run killed outright (pointers are written under
+            # this lock, so none is being written now).
+            for left in self.root.glob(f".{POINTER_FILE}.*.tmp"):
+                left.unlink(missing_ok=True)
         if removed:
             log.info("removed %d old model version(s): %s", len(removed), ", ".join(removed))
         return removed

@@ -684,18 +684,20 @@ async def retrain_forever(
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.train [--force] [--again] [--quiet] [--candidates=a,b]``: one run,
     one line."""
-    from training.models.candidates import make_candidates
-
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     candidates = names[0].split(",") if names else None
     try:
-        make_candidates(candidates)  # unknown names: bad input, said before the log is read
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        with sigterm_unwinds():  # the parent terminates a cancelled run: clean up on the way out
+        # The parent terminates a cancelled run: clean up on the way out (and a run terminated
+        # while it imports the models exits 143, as any other).
+        with sigterm_unwinds():
+            from training.models.candidates import make_candidates
+
+            try:
+                make_candidates(candidates)  # unknown names: bad input, before the log is read
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             result = train(
                 Settings(),
                 progress="--quiet" not in args,

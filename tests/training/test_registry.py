@@ -833,3 +833,31 @@ def test_a_parent_the_trainer_may_pass_but_not_read_does_not_fail_registration(
     # fsync came in): every run then fails after its version is in place, with no decision.
     v = register(reg, 100.0)
     assert reg.offer(v).promoted and reg.versions() == [v]
+
+
+def test_a_champion_whose_run_was_killed_before_recording_it_is_recorded_by_the_next(
+    reg: ModelRegistry, minutes: list[dt.datetime]
+) -> None:
+    from training.registry import Decision
+
+    first = register(reg, 100.0, min_age=1)
+    reg.offer(first)
+    killed = register(reg, 90.0, min_age=2)
+    # A run killed outright between moving the pointer and writing its decision:
+    reg._write_pointer(killed, Decision(killed, True, "mae 90 vs champion 100: better"))
+    (reg.root / f".{POINTER_FILE}.0123456789abcdef.tmp").write_text("{")  # and one mid-write
+    reg.offer(register(reg, 95.0, min_age=3))
+    history = [json.loads(line) for line in (reg.root / HISTORY_FILE).read_text().splitlines()]
+    # Fails if the history never names that champion's promotion (the audit trail would skip
+    # a model that served), or names it twice.
+    promoted = [d["version"] for d in history if d["promoted"]]
+    assert promoted == [first, killed]
+    assert "stopped before recording it" in history[1]["reason"]
+    assert "mae 90 vs champion 100" in history[1]["reason"]
+    reg.offer(register(reg, 99.0, min_age=4))
+    assert [d["version"] for d in map(json.loads, (reg.root / HISTORY_FILE).open())].count(
+        killed
+    ) == 1
+    # Fails if a pointer file left half-written by a killed run is never removed.
+    reg.prune(10)
+    assert not list(reg.root.glob(f".{POINTER_FILE}.*.tmp"))

@@ -1185,3 +1185,39 @@ def test_a_run_removes_old_versions_beyond_clv_model_keep(
     assert registry.versions() == [first.version, again.version]  # the champion, the newest
     forced = train(settings, progress=False, force=True, candidates=FAST)
     assert registry.versions() == [forced.version] == [registry.champion_version()]
+
+
+_TERMINATED_WHILE_IMPORTING_MODELS = """
+import os, signal, sys
+import training.models.candidates as candidates
+from training.train import main
+
+make = candidates.make_candidates
+
+def terminated_meanwhile(*args, **kw):  # as `clv up` cancelling a run that just started
+    os.kill(os.getpid(), signal.SIGTERM)
+    return make(*args, **kw)
+
+candidates.make_candidates = terminated_meanwhile
+sys.exit(main(["--quiet"]))
+"""
+
+
+def test_a_training_child_terminated_while_it_starts_exits_143(tmp_path: Path) -> None:
+    """Fails if a SIGTERM while the child imports its models kills it outright (-15), where
+    a run terminated later exits 143 after cleaning up: one exit code for one cause."""
+    import subprocess
+    import sys
+
+    settings = settings_for(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_WHILE_IMPORTING_MODELS],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],  # this checkout's packages
+    )
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "error: terminated"
+    assert not settings.model_dir.exists()
