@@ -7,6 +7,8 @@ import datetime as dt
 import json
 import os
 import signal
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -1095,6 +1097,19 @@ def test_a_link_in_place_of_the_promotion_history_is_refused_before_training(
     assert registry.versions() == [] and registry.champion_version() is None
 
 
+def _run_child(script: str, settings: Settings) -> subprocess.CompletedProcess[str]:
+    """``script`` in a Python of its own with ``settings`` (a training child, as `clv up` runs
+    one), on this checkout's packages."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
 _TERMINATED_WHILE_DECIDING = """
 import os, signal, sys
 from training.registry import ModelRegistry
@@ -1119,19 +1134,9 @@ def test_a_run_terminated_after_registering_still_decides_on_its_version(
     decision finish, then ends the run (143). Fails if the run stops in between: its version
     stays registered but never offered, an orphan that no decision names and that the next
     run will not recognise, where the README promises "registers nothing" or "complete"."""
-    import subprocess
-    import sys
-
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
-    done = subprocess.run(
-        [sys.executable, "-c", _TERMINATED_WHILE_DECIDING],
-        env={**os.environ, **settings.as_env()},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],  # this checkout's packages
-    )
+    done = _run_child(_TERMINATED_WHILE_DECIDING, settings)
     assert done.returncode == 143, done.stderr
     registry = ModelRegistry(settings.model_dir)
     [version] = registry.versions()
@@ -1206,18 +1211,8 @@ sys.exit(main(["--quiet"]))
 def test_a_training_child_terminated_while_it_starts_exits_143(tmp_path: Path) -> None:
     """Fails if a SIGTERM while the child imports its models kills it outright (-15), where
     a run terminated later exits 143 after cleaning up: one exit code for one cause."""
-    import subprocess
-    import sys
-
     settings = settings_for(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", _TERMINATED_WHILE_IMPORTING_MODELS],
-        env={**os.environ, **settings.as_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[2],  # this checkout's packages
-    )
+    done = _run_child(_TERMINATED_WHILE_IMPORTING_MODELS, settings)
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip() == "error: terminated"
     assert not settings.model_dir.exists()
