@@ -24,7 +24,7 @@ from clv.files import check_usable_dir
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.kafka import ensure_topics, make_consumer, stop_consumer, validate_record
-from consumers.metrics import metrics_served, record_commit
+from consumers.metrics import metrics_served, record_commit, record_fetch
 from feature_store.event_log import ARRIVAL_COLUMNS, remove_stale_parts, write_events
 from feature_store.offline import EVENT_COLUMNS
 
@@ -54,6 +54,7 @@ class Archiver:
         try:
             while not stop.is_set():
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=s.consume_batch)
+                record_fetch(self._consumer, s.archiver_group, batch)
                 self._buffer(batch)
                 full = len(self._rows["event_id"]) >= s.archive_flush_events
                 old = time.monotonic() - self._since >= s.archive_flush_seconds

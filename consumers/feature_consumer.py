@@ -32,7 +32,7 @@ from consumers.kafka import (
     stop_consumer,
     validate_record,
 )
-from consumers.metrics import metrics_served, record_commit
+from consumers.metrics import metrics_served, record_commit, record_fetch
 from feature_store.events import ValidEvent
 from feature_store.redis_client import connect
 from feature_store.redis_store import AnyRedis, ApplyResult, FeatureStore
@@ -110,6 +110,7 @@ class FeatureConsumer:
                     unsettled.popleft().result()
                 if not batch:
                     continue
+                record_fetch(self._consumer, self._settings.consumer_group, batch)
                 prepared = await self._prepare(batch)
                 while len(unsettled) >= _UNSETTLED:
                     # Shielded: cancelled here, this loop must not cancel the oldest settle

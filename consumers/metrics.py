@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -44,6 +45,24 @@ class _Watched:
 _WATCHED: weakref.WeakKeyDictionary[AIOKafkaConsumer, _Watched] = weakref.WeakKeyDictionary()
 
 
+def record_fetch(
+    consumer: AIOKafkaConsumer,
+    group: str,
+    batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]],
+) -> None:
+    """After a fetch: a partition first fetched by ``consumer`` since it was assigned counts
+    its lag from the first record's offset, which is where the group's last commit left it,
+    so a consumer stuck before its first commit (a Redis that hangs) shows its backlog. What
+    it no longer holds is forgotten, so a partition it gets back starts afresh."""
+    watched = _WATCHED.setdefault(consumer, _Watched(group))
+    held = consumer.assignment()
+    for tp in [tp for tp in watched.committed if tp not in held]:
+        del watched.committed[tp]
+    for tp, records in batch.items():
+        if records and tp not in watched.committed:
+            watched.committed[tp] = records[0].offset
+
+
 def record_commit(
     consumer: AIOKafkaConsumer, group: str, commits: Mapping[TopicPartition, int]
 ) -> None:
@@ -55,8 +74,8 @@ def record_commit(
 
 
 class _LagCollector(Collector):
-    """``clv_consumer_lag``: for each partition a consumer here holds and has committed, its
-    end as the consumer's last fetch saw it minus the committed offset."""
+    """``clv_consumer_lag``: for each partition a consumer here holds and has fetched from or
+    committed, its end as the consumer's last fetch saw it minus the group's last commit."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         lag = GaugeMetricFamily(

@@ -4,6 +4,10 @@ CLV_METRICS_PORT, scraped over HTTP from a real consumer on the real broker and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import types
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,13 +18,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from clv.errors import ClvError
-from clv.local_stack import LocalProcess, free_port
+from clv.local_stack import LocalProcess, free_port, start_redis
 from clv.replay import publish
 from clv.settings import Settings
 from consumers.archiver import Archiver, run_archiver
 from consumers.feature_consumer import FeatureConsumer, run_feature_consumer
-from consumers.kafka import end_offsets, wait_committed
-from consumers.metrics import metrics_served, record_commit
+from consumers.kafka import end_offsets, ensure_topics, wait_committed
+from consumers.metrics import metrics_served, record_commit, record_fetch
 from tests.feature_store.streams import messy_events
 
 from .kafka_helpers import event_message, unique_settings
@@ -75,6 +79,58 @@ async def test_a_stream_process_serves_its_lag_and_last_commit(
     # The endpoint goes with the process's work: the port is free again.
     with pytest.raises(OSError):
         await asyncio.to_thread(_scrape, port)
+
+
+@pytest.mark.integration
+async def test_a_consumer_stuck_before_its_first_commit_shows_its_backlog(
+    broker: LocalProcess, tmp_path: Path
+) -> None:
+    redis = start_redis(free_port(), tmp_path / "redis")  # its own: it is frozen below
+    port = free_port()
+    settings = unique_settings(broker.address, redis.address, metrics_port=port)
+    await ensure_topics(settings)
+    await publish(settings, [event_message(e) for e in messy_events(5, users=40, per_user=10)])
+    published = await end_offsets(settings, settings.orders_topic)
+    ends = {tp.partition: end for tp, end in published.items()}
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # a Redis that hangs: no batch applies
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_feature_consumer(settings, stop))
+    try:
+        lags: dict[int, float] = {}
+        for _ in range(120):  # until it has fetched (and so holds) a partition
+            with contextlib.suppress(OSError):
+                lags = _lags(await asyncio.to_thread(_scrape, port), settings.consumer_group)
+            if lags:
+                break
+            await asyncio.sleep(0.5)
+        # Fails if a consumer that fetched but never committed reports no lag: its backlog,
+        # the case an alert on the lag is for, would not show.
+        assert lags and all(lag == ends[p] > 0 for p, lag in lags.items())
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    await wait_committed(settings, settings.consumer_group)
+    after = _lags(await asyncio.to_thread(_scrape, port), settings.consumer_group)
+    assert set(after.values()) == {0}
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    redis.stop()
+
+
+def test_a_partition_fetched_but_not_committed_counts_from_its_first_record() -> None:
+    p0, p1 = TopicPartition("t-fetch", 0), TopicPartition("t-fetch", 1)
+    consumer = _Consumer({p0: 500, p1: 80})
+    record = types.SimpleNamespace
+    record_fetch(consumer, "g-fetch", {p0: [record(offset=300), record(offset=301)]})  # type: ignore[arg-type, dict-item]
+    # Fails if a fetched partition has no lag until its first commit here.
+    assert (_gauge("g-fetch", p0), _gauge("g-fetch", p1)) == (200, None)
+    record_commit(consumer, "g-fetch", {p0: 302})  # type: ignore[arg-type]
+    assert _gauge("g-fetch", p0) == 198
+    consumer.assigned = {p1}  # p0 went to another process, p1 came here
+    record_fetch(consumer, "g-fetch", {p1: [record(offset=70)]})  # type: ignore[arg-type, dict-item]
+    consumer.assigned = {p0, p1}  # p0 back: its first record here starts it afresh
+    record_fetch(consumer, "g-fetch", {p0: [record(offset=450)]})  # type: ignore[arg-type, dict-item]
+    # Fails if a partition that came back keeps the commit this process made before it left.
+    assert (_gauge("g-fetch", p0), _gauge("g-fetch", p1)) == (50, 10)
 
 
 class _Consumer:
