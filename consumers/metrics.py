@@ -39,9 +39,10 @@ class _Watched:
     committed: dict[TopicPartition, int] = field(default_factory=dict)
 
 
-#: The consumers whose commits were recorded, with what they committed. Read at each scrape,
-#: so a partition a consumer lost in a rebalance is not reported by it from then on, whether
-#: or not it commits again, and one its sibling in this process took is reported by that one.
+#: The consumers whose fetches or commits were recorded, with where the group's commit stands
+#: for each partition they hold. Read at each scrape, so a partition a consumer lost in a
+#: rebalance is not reported by it from then on, whether or not it commits again, and one its
+#: sibling in this process took is reported by that one.
 _WATCHED: weakref.WeakKeyDictionary[AIOKafkaConsumer, _Watched] = weakref.WeakKeyDictionary()
 
 
@@ -73,6 +74,17 @@ def record_commit(
     LAST_COMMIT.labels(group).set_to_current_time()
 
 
+def _watched_now() -> list[tuple[AIOKafkaConsumer, _Watched]]:
+    """The watched consumers, read from the scrape's thread while the event loop's may add one
+    (a change during the read makes it start over)."""
+    for _ in range(10):
+        try:
+            return list(_WATCHED.items())
+        except RuntimeError:  # changed size during the read
+            continue
+    return []
+
+
 class _LagCollector(Collector):
     """``clv_consumer_lag``: for each partition a consumer here holds and has fetched from or
     committed, its end as the consumer's last fetch saw it minus the group's last commit."""
@@ -84,7 +96,7 @@ class _LagCollector(Collector):
             "the last fetch saw it, minus the committed offset)",
             labels=["group", "topic", "partition"],
         )
-        for consumer, watched in list(_WATCHED.items()):
+        for consumer, watched in _watched_now():
             try:  # the scrape runs in the server's thread: the consumer may change meanwhile
                 held = list(consumer.assignment())
             except Exception:  # a consumer closing: it reports nothing

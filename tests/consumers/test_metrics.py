@@ -213,6 +213,30 @@ async def test_a_commit_that_outlives_its_partition_does_not_stop_the_consumer(
         await consumer.stop()
 
 
+def test_a_scrape_while_a_consumer_is_added_still_reports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import consumers.metrics as metrics
+
+    tp = TopicPartition("t-race", 0)
+    consumer = _Consumer({tp: 9})
+    record_commit(consumer, "g-race", {tp: 4})  # type: ignore[arg-type]
+    real = metrics._WATCHED
+    reads = []
+
+    class AddedMeanwhile:  # as the event loop's thread adding a consumer during the read
+        def items(self) -> Any:
+            reads.append(1)
+            if len(reads) == 1:
+                raise RuntimeError("dictionary changed size during iteration")
+            return real.items()
+
+    monkeypatch.setattr(metrics, "_WATCHED", AddedMeanwhile())
+    # Fails if the scrape (in the server's thread) errs, or reports nothing, when the watched
+    # consumers change while it reads them.
+    assert _gauge("g-race", tp) == 5
+
+
 def test_no_metrics_port_serves_nothing_and_a_port_in_use_is_an_error_at_once() -> None:
     with metrics_served(Settings()):
         pass  # CLV_METRICS_PORT unset: nothing to serve, nothing bound
