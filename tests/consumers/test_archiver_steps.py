@@ -39,6 +39,9 @@ class FakeConsumer:
         self.committed: dict[TopicPartition, int] = {}
         self.failures: list[Exception] = []  # raised by the next commits, in turn
 
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
         await asyncio.sleep(0)
         while self.batches and self.batches[0] is None:

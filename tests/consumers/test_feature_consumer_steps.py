@@ -70,6 +70,9 @@ class FakeKafka:
         self.committed: dict[TopicPartition, int] = {}
         self.stop_when_committed: int | None = None
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
         if self.batches:
             return {TP: self.batches.pop(0)}
