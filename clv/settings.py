@@ -150,12 +150,22 @@ class Settings(BaseSettings):
             )
         return self
 
+    @property
+    def kafka_tls(self) -> bool:
+        """The Kafka connections are TLS (``SSL``, ``SASL_SSL``)."""
+        return self.kafka_security_protocol.endswith("SSL")
+
+    @property
+    def kafka_sasl(self) -> bool:
+        """The Kafka connections authenticate with SASL (``SASL_PLAINTEXT``, ``SASL_SSL``)."""
+        return self.kafka_security_protocol.startswith("SASL_")
+
     @model_validator(mode="after")
     def _kafka_security(self) -> Self:
         """SASL needs its user and password, and they mean nothing without it (a protocol
         left at PLAINTEXT would send no credentials, and fail only at the broker); a CA file
         is read when the clients are made, so a wrong path is said at startup."""
-        sasl = self.kafka_security_protocol.startswith("SASL_")
+        sasl = self.kafka_sasl
         given = self.kafka_sasl_username is not None or self.kafka_sasl_password is not None
         if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
             raise ValueError(
@@ -169,7 +179,7 @@ class Settings(BaseSettings):
             )
         cafile = self.kafka_ssl_cafile
         if cafile is not None:
-            if not self.kafka_security_protocol.endswith("SSL"):
+            if not self.kafka_tls:
                 raise ValueError(
                     "CLV_KAFKA_SSL_CAFILE is set but CLV_KAFKA_SECURITY_PROTOCOL is "
                     f"{self.kafka_security_protocol}: set it to SSL or SASL_SSL"

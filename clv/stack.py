@@ -42,7 +42,9 @@ def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list
         stack.processes.append(start_redis(port, workdir / "redis"))
         started.append(f"redis-server on {host}:{port}")
     host, port = kafka_host_port(settings.kafka_bootstrap)
-    if not port_open(host, port) and host in ("localhost", "127.0.0.1"):
+    # tansu speaks plaintext only: a TLS or SASL client could not use one started here
+    plain_kafka = settings.kafka_security_protocol == "PLAINTEXT"
+    if plain_kafka and not port_open(host, port) and host in ("localhost", "127.0.0.1"):
         stack.processes.append(start_broker(port, workdir / "kafka"))
         started.append(f"Kafka-protocol broker (tansu, in-memory) on {host}:{port}")
     return started

@@ -108,9 +108,10 @@ class FeatureConsumer:
                 # quiet topic may be never.
                 while unsettled and unsettled[0].done():
                     unsettled.popleft().result()
+                # Every poll, as the archiver's: an empty one still forgets what was revoked
+                record_fetch(self._consumer, self._settings.consumer_group, batch)
                 if not batch:
                     continue
-                record_fetch(self._consumer, self._settings.consumer_group, batch)
                 prepared = await self._prepare(batch)
                 while len(unsettled) >= _UNSETTLED:
                     # Shielded: cancelled here, this loop must not cancel the oldest settle

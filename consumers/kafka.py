@@ -10,11 +10,16 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    InvalidReplicationFactorError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord
 
-from clv.errors import InvalidEvent
+from clv.errors import ClvError, InvalidEvent
 from clv.settings import Settings
 from feature_store.events import ValidEvent, event_clock, validate
 
@@ -55,10 +60,10 @@ def connection_options(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.kafka_bootstrap,
         "security_protocol": protocol,
     }
-    if protocol.endswith("SSL"):
+    if settings.kafka_tls:
         cafile = settings.kafka_ssl_cafile
         opts["ssl_context"] = create_ssl_context(cafile=str(cafile) if cafile else None)
-    if protocol.startswith("SASL_"):
+    if settings.kafka_sasl:
         opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
         opts["sasl_plain_username"] = settings.kafka_sasl_username
         opts["sasl_plain_password"] = settings.kafka_sasl_password
@@ -135,10 +140,16 @@ async def ensure_topics(settings: Settings, partitions: int | None = None) -> No
         ]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
-            try:
-                await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
+            # aiokafka returns the broker's answer per topic and raises for none of them: a
+            # topic the broker refused (more copies than brokers, say) would go unsaid.
+            answer = await admin.create_topics(missing)
+            for topic, code, *message in answer.topic_errors:
+                if code in (0, TopicAlreadyExistsError.errno):  # made, or by another process
+                    continue
+                why = (message[0] if message else None) or for_code(code).__name__
+                if code == InvalidReplicationFactorError.errno:
+                    why += f" (CLV_TOPIC_REPLICATION={copies}: at most the number of brokers)"
+                raise ClvError(f"the broker refused to create the topic {topic}: {why}")
     finally:
         await admin.close()
 

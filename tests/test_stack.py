@@ -537,3 +537,18 @@ async def test_ctrl_c_while_the_stack_starts_stops_it_at_once(
         await asyncio.wait_for(run, 20)  # not the 40 s client timeout or the 60 s health wait
     assert not any(line.startswith("clv is up") for line in said), said
     assert said[-1] == "stopped before the stack was up", said
+
+
+def test_up_starts_no_plaintext_broker_for_tls_or_sasl_clients(tmp_path: Path) -> None:
+    # Fails if clv up starts tansu (plaintext only) where CLV_KAFKA_SECURITY_PROTOCOL asks for
+    # TLS: every client would then fail its handshake with a broker clv itself started.
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url="rediss://127.0.0.1:6390/0",  # not a plain address: no redis-server either
+        kafka_security_protocol="SSL",
+    )
+    stack = LocalStack()
+    try:
+        assert ensure_servers(settings, stack, tmp_path) == []
+    finally:
+        stack.stop()

@@ -504,13 +504,17 @@ class ModelRegistry:
                     found.append(decision)
         return found
 
+    def _champion_or_none(self) -> str | None:
+        """The champion's version; ``None`` also when the pointer is unreadable."""
+        try:
+            return self.champion_version()
+        except ModelError:
+            return None
+
     def _offered(self) -> set[str]:
         """Versions with a decision in the history, and the champion."""
         found = {d["version"] for d in self._history()}
-        try:
-            champion = self.champion_version()
-        except ModelError:
-            champion = None
+        champion = self._champion_or_none()
         return found | ({champion} if champion else set())
 
     def _record_lost_promotion(self) -> None:
@@ -669,10 +673,7 @@ class ModelRegistry:
             return []
         removed: list[str] = []
         with self._lock():
-            try:
-                champion = self.champion_version()
-            except ModelError:
-                champion = None
+            champion = self._champion_or_none()
             offered = self._offered()
             young = f"{_utc_now() - UNOFFERED_GRACE:%Y%m%dT%H%M%SZ}"
             for version in self.versions()[:-keep]:

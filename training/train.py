@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from clv.errors import ClvError, Terminated
 from clv.files import interruptions_deferred, sigterm_unwinds
@@ -698,8 +699,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+            try:
+                settings = Settings()
+            except ValidationError as exc:  # its text holds the input: a password, say
+                raise ClvError(f"bad settings: {exc.errors()[0]['msg']}") from None
             result = train(
-                Settings(),
+                settings,
                 progress="--quiet" not in args,
                 force="--force" in args,
                 again="--again" in args,

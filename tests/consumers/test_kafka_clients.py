@@ -4,13 +4,16 @@ it makes (no broker here speaks them), and the topics it creates have the replic
 from __future__ import annotations
 
 import ssl
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from aiokafka import TopicPartition
 
 import consumers.kafka as kafka
+from clv.errors import ClvError
 from clv.settings import Settings
 
 SASL_SSL = {
@@ -34,7 +37,9 @@ class Refused(Exception):
 
 
 def _recorded(
-    monkeypatch: pytest.MonkeyPatch, created: list[Any] | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    created: list[Any] | None = None,
+    refuse: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Every Kafka client kafka.py makes, as the keyword arguments it was given. Each refuses
     to start, unless ``created`` is given: then an admin client starts, knows no topic, and
@@ -52,9 +57,13 @@ def _recorded(
         async def list_topics(self) -> list[str]:
             return []
 
-        async def create_topics(self, topics: list[Any]) -> None:
+        async def create_topics(self, topics: list[Any]) -> Any:
             assert created is not None
             created.extend(topics)
+            codes = refuse or {}
+            return types.SimpleNamespace(
+                topic_errors=[(t.name, codes.get(t.name, 0), None) for t in topics]
+            )
 
         async def close(self) -> None:
             pass
@@ -75,9 +84,26 @@ async def test_every_client_gets_tls_and_sasl(
         await kafka.ensure_topics(settings)
     with pytest.raises(Refused):
         await kafka.topic_partitions(settings, "orders")
+    # The inspection clients `clv demo` uses (end offsets, reading a topic, a group's commits)
+    tp = TopicPartition("orders", 0)
+
+    async def one_partition(*_a: Any, **_kw: Any) -> list[TopicPartition]:
+        return [tp]
+
+    async def ends(*_a: Any, **_kw: Any) -> dict[TopicPartition, int]:
+        return {tp: 1}
+
+    monkeypatch.setattr(kafka, "topic_partitions", one_partition)
+    with pytest.raises(Refused):
+        await kafka.end_offsets(settings, "orders")
+    monkeypatch.setattr(kafka, "end_offsets", ends)
+    with pytest.raises(Refused):
+        await kafka.read_topic(settings, "orders.dlq")
+    with pytest.raises(Refused):
+        await kafka.wait_committed(settings, "g")
     # Fails if a client is made without them: against a broker that requires TLS and SASL,
     # that client (the topics' admin, say) could not connect.
-    assert len(made) == 4
+    assert len(made) == 7
     for kwargs in made:
         assert kwargs["security_protocol"] == "SASL_SSL"
         assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
@@ -142,3 +168,14 @@ async def test_topics_are_created_with_the_replication_asked_for(
         ("orders.dlq", 3),
         ("churn-alerts", 3),
     }
+
+
+async def test_a_topic_the_broker_refuses_to_create_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fails if the broker's per-topic answer is ignored (aiokafka raises for none): with
+    # CLV_TOPIC_REPLICATION above the brokers' count Apache Kafka creates nothing, and every
+    # command then waits on topics that do not exist instead of saying why.
+    _recorded(monkeypatch, [], refuse={"orders": 38, "orders.dlq": 36})
+    with pytest.raises(ClvError, match=r"topic orders: .*CLV_TOPIC_REPLICATION=3"):
+        await kafka.ensure_topics(Settings(topic_replication=3))

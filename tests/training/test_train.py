@@ -1209,10 +1209,27 @@ sys.exit(main(["--quiet"]))
 
 
 def test_a_training_child_terminated_while_it_starts_exits_143(tmp_path: Path) -> None:
-    """Fails if a SIGTERM while the child imports its models kills it outright (-15), where
-    a run terminated later exits 143 after cleaning up: one exit code for one cause."""
+    """Fails if a SIGTERM while the child makes its candidates (the models' import, at its
+    start) kills it outright (-15), where a run terminated later exits 143 after cleaning up.
+    (One during the interpreter's own start and `training.train`'s module imports still
+    kills it: nothing has begun then.)"""
     settings = settings_for(tmp_path)
     done = _run_child(_TERMINATED_WHILE_IMPORTING_MODELS, settings)
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip() == "error: terminated"
     assert not settings.model_dir.exists()
+
+
+def test_the_training_child_never_prints_a_secret_of_a_bad_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Fails if pydantic's own text is printed (a traceback): it quotes the settings' input,
+    # CLV_KAFKA_SASL_PASSWORD included, into the stack's log.
+    import training.train as train_module
+
+    monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("CLV_KAFKA_SASL_USERNAME", "clv")
+    monkeypatch.setenv("CLV_KAFKA_SASL_PASSWORD", "s3cret")
+    assert train_module.main(["--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "SASL_SSL" in err and len(err.strip().splitlines()) == 1
