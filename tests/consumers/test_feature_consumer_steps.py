@@ -610,3 +610,27 @@ async def test_a_letter_refused_in_every_shape_fails_the_publish() -> None:
         )
     shapes = [("clv-value-omitted" in dict(kw["headers"]), kw["key"]) for kw in producer.sent]
     assert shapes == [(False, b"u1"), (False, b"u1"), (True, b"u1"), (True, None)]
+
+
+class QuietKafka(FakeKafka):
+    """Nothing to fetch: every poll is empty; ``stop`` is set after a few."""
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+        self.polls = getattr(self, "polls", 0) + 1
+        if self.polls == 3:
+            self.steps.stop.set()
+        await asyncio.sleep(0)
+        return {}
+
+
+async def test_an_empty_poll_forgets_for_the_lag_a_partition_the_consumer_lost() -> None:
+    import consumers.metrics as metrics
+
+    steps = Steps()
+    kafka = QuietKafka(steps, [])
+    gone = TopicPartition(TP.topic, TP.partition + 1)  # committed here, then revoked
+    metrics.record_commit(kafka, "clv-features", {gone: 40})  # type: ignore[arg-type]
+    await asyncio.wait_for(consumer(steps, kafka).run(steps.stop), timeout=30)
+    # Fails if only a poll that fetched records forgets what the consumer no longer holds: a
+    # quiet consumer that gets the partition back would count its lag from this old commit.
+    assert gone not in metrics._WATCHED[kafka].committed  # type: ignore[index]
