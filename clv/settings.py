@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -191,3 +191,13 @@ class Settings(BaseSettings):
     def as_env(self) -> dict[str, str]:
         """These settings as the ``CLV_`` variables that rebuild them in a child process."""
         return {f"CLV_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}
+
+
+def settings_error(exc: ValidationError) -> str:
+    """A bad setting in one line naming its variable: never pydantic's own text, which quotes
+    the input (a password in CLV_KAFKA_SASL_PASSWORD or CLV_REDIS_URL included)."""
+    first = exc.errors()[0]
+    why = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a rule across settings: the message names them
+        return f"bad settings: {why}"
+    return f"bad setting CLV_{str(first['loc'][0]).upper()}: {why}"

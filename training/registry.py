@@ -674,7 +674,7 @@ class ModelRegistry:
         removed: list[str] = []
         with self._lock():
             champion = self._champion_or_none()
-            offered = self._offered()
+            offered = {d["version"] for d in self._history()}  # the champion is kept anyway
             young = f"{_utc_now() - UNOFFERED_GRACE:%Y%m%dT%H%M%SZ}"
             for version in self.versions()[:-keep]:
                 if version == champion or (version not in offered and version > young):

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from clv.errors import ClvError, Terminated
 from clv.files import interruptions_deferred, sigterm_unwinds
 from clv.orphans import die_with_parent
-from clv.settings import Settings
+from clv.settings import Settings, settings_error
 from training import threads
 from training.registry import (
     ChampionScore,
@@ -701,8 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             try:
                 settings = Settings()
-            except ValidationError as exc:  # its text holds the input: a password, say
-                raise ClvError(f"bad settings: {exc.errors()[0]['msg']}") from None
+            except ValidationError as exc:
+                raise ClvError(settings_error(exc)) from None
             result = train(
                 settings,
                 progress="--quiet" not in args,

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from clv.errors import ClvError
 from clv.files import loops, replaceable
-from clv.settings import Settings
+from clv.settings import Settings, settings_error
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -30,11 +30,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        why = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # a rule across settings: the message names them
-            raise fail(f"bad settings: {why}") from None
-        raise fail(f"bad setting CLV_{str(first['loc'][0]).upper()}: {why}") from None
+        raise fail(settings_error(exc)) from None
 
 
 @overload
