@@ -29,6 +29,11 @@ class StoreError(ClvError):
     """The feature store could not apply or read state."""
 
 
+class StoreUnavailable(StoreError):
+    """Redis is away for now (down, restarting, not answering, loading its data, a replica in a
+    failover), not refusing the request itself: the same request may succeed later."""
+
+
 class ModelError(ClvError):
     """A model artifact is missing, corrupt, or does not match what the caller expects."""
 

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     orders_partitions: int = Field(8, ge=1, le=2**31 - 1)  # Kafka counts them in an int32
     topic_replication: int = Field(1, ge=1, le=2**15 - 1)  # copies of each partition (int16)
     consume_batch: int = Field(5000, ge=1)
+    # How long a feature consumer keeps retrying a Redis that is away (down, restarting, not
+    # answering, a failover) before it stops; 0 stops it at the first failure, inf never.
+    redis_outage_seconds: float = Field(300.0, ge=0)
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)
     key_prefix: str = "clv"

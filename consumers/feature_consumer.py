@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -21,7 +22,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
-from clv.errors import InvalidEvent
+from clv.errors import InvalidEvent, StoreUnavailable
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.dead_letters import DeadLetters, Rejected
@@ -41,10 +42,14 @@ log = logging.getLogger(__name__)
 
 EVENTS = Counter("clv_consumer_events", "Order events seen by the feature consumer", ["outcome"])
 BATCHES = Counter("clv_consumer_batches", "Batches applied by the feature consumer")
+REDIS_RETRIES = Counter(
+    "clv_consumer_redis_retries", "Times a feature consumer went back to its commits, Redis away"
+)
 
 
 _YIELD_EVERY = 256  # messages validated between yields to the event loop (~0.7 ms)
 _UNSETTLED = 3  # batches between submission to the store and their commit, at most
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0  # waits before going on after Redis went away
 
 
 @dataclass
@@ -55,6 +60,7 @@ class ConsumerStats:
     too_late: int = 0
     batches: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    redis_retries: int = 0  # times it went back to its commits, Redis away
 
 
 @dataclass
@@ -85,8 +91,65 @@ class FeatureConsumer:
         self._store = store
         self._dlq = dead_letters
         self.stats = ConsumerStats()
+        self._applied_at = -math.inf  # monotonic time of the last batch applied
+        self._failing_since: float | None = None  # of the current Redis outage
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, riding out a Redis that is away for a while.
+
+        When an apply fails because Redis is away (:class:`StoreUnavailable`: down, restarting,
+        not answering, a failover), nothing after the last committed batch was committed; the
+        consumer waits (1 s, doubling up to 30 s, or until ``stop``), moves the partitions it
+        holds back to the group's commits and goes on from there; what had reached Redis
+        counts once, by the events' dedup. Redis away for ``CLV_REDIS_OUTAGE_SECONDS`` since the
+        last batch that applied stops it with the error, as any other failure does at once.
+        """
+        s = self._settings
+        delay = _RETRY_FIRST_S
+        while True:
+            try:
+                await self._consume(stop)
+                return
+            except StoreUnavailable as exc:
+                now = time.monotonic()
+                if self._failing_since is None or self._failing_since < self._applied_at:
+                    self._failing_since, delay = now, _RETRY_FIRST_S  # a new outage
+                away = now - self._failing_since
+                if away >= s.redis_outage_seconds:
+                    raise
+                REDIS_RETRIES.inc()
+                self.stats.redis_retries += 1
+                log.warning(
+                    "Redis is away (%s); retrying from the last commit in %gs "
+                    "(away %.0fs of CLV_REDIS_OUTAGE_SECONDS=%g)",
+                    exc,
+                    delay,
+                    away,
+                    s.redis_outage_seconds,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            await self._rewind()
+            delay = min(delay * 2, _RETRY_MAX_S)
+
+    async def _rewind(self) -> None:
+        """Move the partitions held to the group's last commits (the first offset for one
+        never committed: ``auto_offset_reset="earliest"``, as a restart would), dropping
+        what was fetched past them."""
+        consumer = self._consumer
+        for tp in consumer.assignment():
+            offset = await consumer.committed(tp)
+            try:
+                if offset is None:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, offset)
+            except IllegalStateError:  # revoked meanwhile: its new owner starts at the commit
+                continue
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the batches in hand are finished and committed first.
 
         Per batch, in order: validate it, dead-letter its bad messages, and submit its apply to
@@ -185,6 +248,7 @@ class FeatureConsumer:
         finally:
             if previous is not None:
                 await previous
+        self._applied_at = time.monotonic()  # Redis is back, if it was away
         if result.too_late:
             late = [
                 Rejected(
@@ -274,6 +338,9 @@ async def _run_feature_consumer(settings: Settings, stop: asyncio.Event) -> Cons
             clients = await unless_stopped(
                 stop, open_clients(resources, settings, [settings.consumer_group])
             )
+            # A Redis missing at the start is a setting to fix, said at once; one that goes
+            # away later is waited for (``FeatureConsumer.run``).
+            await unless_stopped(stop, clients.redis.ping())
         except StoppedWhileStarting:
             return ConsumerStats()
         worker = FeatureConsumer(

@@ -20,10 +20,11 @@ from feature_store.features import ms_to_iso, to_cents
 MAX_ID = 128
 MAX_AMOUNT = 1e9
 
-# RFC 3339 date-time with a zone, or a bare date (read as midnight UTC).
+# RFC 3339 date-time with a zone, or a bare date (read as midnight UTC). Any number of
+# fraction digits, as RFC 3339 allows; every reader keeps the whole milliseconds.
 RFC3339 = re.compile(  # ASCII digits only (and a little faster than \d)
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    r"(?:[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?(?:[Zz]|[+-][0-9]{2}:[0-9]{2}))?"
+    r"(?:[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2}))?"
 )
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -145,8 +146,10 @@ def validate(
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise InvalidEvent("not_json", str(exc)) from None
+    except RecursionError:  # arrays or objects nested thousands deep, in any field
+        raise InvalidEvent("invalid_value", "JSON nested too deeply") from None
     # ts is checked against RFC 3339 as text: msgspec's own datetime decoding also takes
-    # forms RFC 3339 does not ("+0100", more than 9 fraction digits), which the file loaders
+    # forms RFC 3339 does not ("+0100", a 2-digit year), which the file loaders
     # and the event log refuse, and every reader must accept the same events.
     ts_ms = parse_ts(ev.ts)
     uid = ev.user_id

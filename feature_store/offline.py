@@ -97,14 +97,17 @@ def build_state(
     ``as_of_day`` into the state the feature definition reads.
 
     With ``late_after_days`` (the online path's retention), rows are taken in arrival order and
-    the ones the online state rejects as too late are left out, so the result equals Redis.
-    By default every event counts (event-time truth, what training wants).
+    the ones the online state rejects as too late are left out, so the result equals Redis for
+    any ``as_of_day`` on or after the user's latest event; only the events dated by
+    ``as_of_day`` decide what is late. By default every event counts (event-time truth, what
+    training wants).
     """
-    ev = events
+    # Only what is dated by ``as_of_day`` decides, the late rule too: an event dated later
+    # must not make an earlier one late (training, at that cutoff, counts it).
+    ev = events[events["day"].to_numpy() <= as_of_day]
     if late_after_days is not None and len(ev):
         ev = ev[~too_late_mask(ev, late_after_days)]
     ev = ev.drop_duplicates(["user_id", "event_id"], keep="first")
-    ev = ev[ev["day"].to_numpy() <= as_of_day]
     codes, uniques = pd.factorize(ev["user_id"], sort=True)
     n = len(uniques)
     codes = codes.astype(np.int64)

@@ -30,9 +30,16 @@ import pandas as pd
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from clv.errors import StoreError
+from clv.errors import StoreError, StoreUnavailable
 from feature_store.events import ValidEvent
 from feature_store.features import RETENTION_DAYS, UserState, compute_features
 
@@ -40,6 +47,27 @@ _SCRIPT = files("feature_store").joinpath("lua/apply_batch.lua").read_text()
 _pack = msgspec.msgpack.Encoder().encode
 
 AnyRedis = Redis | RedisCluster
+
+#: What says Redis is away for now rather than refusing the request: no connection, no answer
+#: within the socket timeout, still loading its data (``BusyLoadingError`` is a connection
+#: error), a replica not yet promoted in a failover (``READONLY``), a cluster without a
+#: master for a slot. ``ConnectionError`` (the builtin) is how a call outstanding on a
+#: connection that failed under another call is failed.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    ClusterDownError,
+    TryAgainError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _apply_failed(exc: BaseException) -> StoreError:
+    """The error a failed apply raises: :class:`StoreUnavailable` when Redis is away."""
+    kind = StoreUnavailable if isinstance(exc, UNAVAILABLE) else StoreError
+    return kind(f"applying a batch failed: {exc}")
 
 
 def user_key(prefix: str, user_id: str) -> str:
@@ -274,7 +302,7 @@ class FeatureStore:
         try:
             answer = await self._ordered.call([self.progress_key(group), *keys], args)
         except Exception as exc:
-            raise StoreError(f"applying a batch failed: {exc}") from exc
+            raise _apply_failed(exc) from exc
         return self._result(answer)
 
     @staticmethod
@@ -283,7 +311,7 @@ class FeatureStore:
         try:
             res = await answer
         except Exception as exc:  # redis errors carry the script's message
-            raise StoreError(f"applying a batch failed: {exc}") from exc
+            raise _apply_failed(exc) from exc
         return ApplyResult(int(res[0]), int(res[1]), [int(i) for i in res[2]])
 
     async def _apply_cluster(

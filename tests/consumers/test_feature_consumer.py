@@ -12,14 +12,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 import consumers.feature_consumer
-from clv.errors import StoreError
-from clv.local_stack import LocalProcess
+from clv.errors import StoreUnavailable
+from clv.local_stack import LocalProcess, free_port, start_redis
 from clv.replay import publish
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, describe
@@ -192,23 +193,104 @@ async def test_two_consumers_with_a_rebalance_mid_stream(settings: Settings) -> 
     await _assert_online_equals_offline(settings, events)
 
 
-async def test_redis_gone_stops_the_consumer_at_once_and_commits_nothing(
-    settings: Settings,
+@pytest.mark.parametrize("allowance", [0, 2])
+async def test_redis_gone_for_good_stops_the_consumer_and_commits_nothing(
+    settings: Settings, allowance: float
 ) -> None:
     # One batch and then a quiet topic: the failed write must end the consumer itself, not
-    # wait for a next batch that never comes (it used to stall, silent, until stopped).
+    # wait for a next batch that never comes (it used to stall, silent, until stopped): at
+    # once with no allowance, after retrying with one.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"  # nothing listens once closed
-    gone = settings.model_copy(update={"redis_url": closed})
+    gone = settings.model_copy(update={"redis_url": closed, "redis_outage_seconds": allowance})
     await publish(settings, [event_message(e) for e in messy_events(6, users=5, per_user=4)])
     async with Group(gone) as group:
-        await group.join()
-        with pytest.raises(StoreError, match=r"applying a batch failed: .*connect"):
+        worker = await group.join()
+        with pytest.raises(StoreUnavailable, match=r"applying a batch failed: .*connect"):
             await asyncio.wait_for(asyncio.shield(group.tasks[0]), timeout=120)
         group.tasks.clear()  # its failure is the point, not a teardown error
+    # Fails if an allowance is not used to retry, or if none is not at once.
+    assert (worker.stats.redis_retries > 0) == (allowance > 0)
     commits = await committed(settings, settings.consumer_group, settings.orders_topic)
     assert commits and all(c is None for c in commits.values()), commits
+
+
+async def _role_is(address: str, role: str) -> None:
+    """Wait until the Redis at ``address`` has ``role`` ("master" or "slave", connected)."""
+    client = connect(address)
+    try:
+        for _ in range(600):
+            info = await client.info("replication")
+            if info["role"] == role and info.get("master_link_status", "up") == "up":
+                if role == "slave" or info.get("connected_slaves", 0) > 0:
+                    return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{address} did not become {role}: {info}")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("outage", ["frozen", "restarted", "failover"])
+async def test_the_consumer_rides_out_a_redis_outage_mid_stream(
+    broker: LocalProcess, tmp_path: Path, outage: str
+) -> None:
+    # A Redis of its own, persisted as docker-compose runs it, so a restart keeps the state.
+    port = free_port()
+    redis = start_redis(port, tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    servers = [redis]
+    if outage == "failover":  # and a replica to hand the writes to, and back
+        servers.append(
+            start_redis(free_port(), tmp_path / "replica", "--replicaof", "127.0.0.1", str(port))
+        )
+        await _role_is(servers[1].address, "slave")
+        await _role_is(redis.address, "master")
+    url = f"{redis.address}?socket_timeout=1"  # a frozen Redis is noticed in a second
+    settings = unique_settings(broker.address, url, redis_outage_seconds=120)
+    events = messy_events(12, users=300, per_user=30)
+    messages = _interleave(events, [m for m, _ in BAD[:3]], 5)
+    half = len(messages) // 2
+    admin = connect(redis.address)
+    try:
+        async with Group(settings) as group:
+            worker = await group.join()
+            await publish(settings, messages[:half])
+            while worker.stats.batches == 0:
+                await asyncio.sleep(0.05)
+            if outage == "frozen":
+                os.kill(redis.proc.pid, signal.SIGSTOP)
+            elif outage == "restarted":
+                redis.stop()
+            else:  # the replica takes over (after catching up): this one answers READONLY
+                replica_port = servers[1].address.rsplit(":", 1)[1].split("/")[0]
+                await admin.execute_command("FAILOVER", "TO", "127.0.0.1", replica_port)
+                await _role_is(redis.address, "slave")
+            await publish(settings, messages[half:])  # arrives while Redis is away
+            for _ in range(1200):
+                if worker.stats.redis_retries > 0 or group.tasks[0].done():
+                    break
+                await asyncio.sleep(0.05)
+            if outage == "frozen":
+                os.kill(redis.proc.pid, signal.SIGCONT)
+            elif outage == "restarted":
+                redis = servers[0] = start_redis(port, tmp_path / "redis", "--appendonly", "yes")
+            else:  # and hands them back
+                other = connect(servers[1].address)
+                await other.execute_command("FAILOVER", "TO", "127.0.0.1", str(port))
+                await other.aclose()
+                await _role_is(redis.address, "master")
+            # Fails if the consumer stops when Redis goes away instead of waiting for it.
+            assert worker.stats.redis_retries > 0 and not group.tasks[0].done()
+            await wait_committed(settings, settings.consumer_group)
+        # Nothing lost and nothing counted twice: the batches that failed were applied again.
+        assert worker.stats.rejected == 3
+        await _assert_online_equals_offline(settings, events)
+    finally:
+        await admin.aclose()
+        for server in servers:
+            if server.proc.poll() is None:
+                os.kill(server.proc.pid, signal.SIGCONT)
+            server.stop()
 
 
 def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
@@ -219,6 +301,24 @@ def _consume_process(settings: Settings) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+async def test_clv_consume_without_a_redis_says_so_at_once(settings: Settings) -> None:
+    # Fails if `clv consume` starts without checking Redis: on a quiet topic it would run on
+    # and say nothing, and with events it would wait CLV_REDIS_OUTAGE_SECONDS for a Redis
+    # that was never there.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    proc = _consume_process(settings.model_copy(update={"redis_url": closed}))
+    try:
+        _, err = await asyncio.to_thread(proc.communicate, timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 1, err
+    assert len(lines) == 1 and "Redis at CLV_REDIS_URL" in lines[0], lines
 
 
 @pytest.mark.slow

@@ -22,9 +22,11 @@ from clv.local_stack import LocalProcess, free_port, start_redis
 from clv.replay import publish
 from clv.settings import Settings
 from consumers.archiver import Archiver, run_archiver
-from consumers.feature_consumer import FeatureConsumer, run_feature_consumer
+from consumers.dead_letters import DeadLetters
+from consumers.feature_consumer import FeatureConsumer, open_clients, run_feature_consumer
 from consumers.kafka import end_offsets, ensure_topics, wait_committed
 from consumers.metrics import metrics_served, record_commit, record_fetch
+from feature_store.redis_store import FeatureStore
 from tests.feature_store.streams import messy_events
 
 from .kafka_helpers import event_message, unique_settings
@@ -92,27 +94,40 @@ async def test_a_consumer_stuck_before_its_first_commit_shows_its_backlog(
     await publish(settings, [event_message(e) for e in messy_events(5, users=40, per_user=10)])
     published = await end_offsets(settings, settings.orders_topic)
     ends = {tp.partition: end for tp, end in published.items()}
-    os.kill(redis.proc.pid, signal.SIGSTOP)  # a Redis that hangs: no batch applies
     stop = asyncio.Event()
-    task = asyncio.create_task(run_feature_consumer(settings, stop))
-    try:
-        lags: dict[int, float] = {}
-        for _ in range(120):  # until it has fetched (and so holds) a partition
-            with contextlib.suppress(OSError):
-                lags = _lags(await asyncio.to_thread(_scrape, port), settings.consumer_group)
-            if lags:
-                break
-            await asyncio.sleep(0.5)
-        # Fails if a consumer that fetched but never committed reports no lag: its backlog,
-        # the case an alert on the lag is for, would not show.
-        assert lags and all(lag == ends[p] > 0 for p, lag in lags.items())
-    finally:
-        os.kill(redis.proc.pid, signal.SIGCONT)
-    await wait_committed(settings, settings.consumer_group)
-    after = _lags(await asyncio.to_thread(_scrape, port), settings.consumer_group)
-    assert set(after.values()) == {0}
-    stop.set()
-    await asyncio.wait_for(task, 60)
+    async with contextlib.AsyncExitStack() as resources:
+        # Built here rather than by `clv consume`, which refuses a Redis that does not answer
+        # at its start: this one hangs once the consumer runs.
+        clients = await open_clients(resources, settings, [settings.consumer_group])
+        worker = FeatureConsumer(
+            settings,
+            clients.consumers[0],
+            FeatureStore(clients.redis, prefix=settings.key_prefix),
+            DeadLetters(clients.producer, settings.dlq_topic),
+        )
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # a Redis that hangs: no batch applies
+        with metrics_served(settings):
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                lags: dict[int, float] = {}
+                for _ in range(120):  # until it has fetched (and so holds) a partition
+                    with contextlib.suppress(OSError):
+                        lags = _lags(
+                            await asyncio.to_thread(_scrape, port), settings.consumer_group
+                        )
+                    if lags:
+                        break
+                    await asyncio.sleep(0.5)
+                # Fails if a consumer that fetched but never committed reports no lag: its
+                # backlog, the case an alert on the lag is for, would not show.
+                assert lags and all(lag == ends[p] > 0 for p, lag in lags.items())
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+            await wait_committed(settings, settings.consumer_group)
+            after = _lags(await asyncio.to_thread(_scrape, port), settings.consumer_group)
+            assert set(after.values()) == {0}
+            stop.set()
+            await asyncio.wait_for(task, 60)
     redis.stop()
 
 

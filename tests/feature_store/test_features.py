@@ -98,6 +98,21 @@ def test_the_offline_too_late_edge_is_the_retention_to_the_day() -> None:
     assert f["orders_total"] == 2  # the one the online state rejects is left out
 
 
+def test_an_event_dated_after_the_as_of_day_makes_no_earlier_one_late() -> None:
+    # A purchase on day 1000 that arrived after one on day 1400 is too late online, but at
+    # day 1010 the later one is not there yet: a lookup as of then counts it, as training at
+    # that cutoff does. Fails if the late rule is applied before the as-of day's cut.
+    newer = _ev("b", "purchase", "u", "o2", 500, 1400 * MS_PER_DAY)
+    older = _ev("a", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY)
+    frame = as_frame([newer, older])  # arrival order
+    before = features_at(frame, 1010, late_after_days=RETENTION_DAYS)
+    pd.testing.assert_frame_equal(before, features_at(frame, 1010))
+    assert before.loc["u", "orders_total"] == 1
+    # From the later one's day on, the state's view again: the older one is left out.
+    after = features_at(frame, 1400, late_after_days=RETENTION_DAYS).loc["u"]
+    assert after["orders_total"] == 1 and after["revenue_total"] == 5.0
+
+
 # Fails if frequency = purchase_days - 1 is not clamped at 0.
 def test_a_user_with_only_refunds_has_no_purchase_days_and_a_frequency_of_zero() -> None:
     ev = _orders(

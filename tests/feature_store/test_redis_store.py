@@ -12,6 +12,7 @@ from redis.crc import key_slot
 from feature_store.events import ValidEvent
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at, too_late_mask
+from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore, decode_hash, user_key
 
 from .streams import MS_PER_DAY, _ev, as_frame, messy_events
@@ -371,3 +372,51 @@ async def test_random_online_equals_offline_with_early_refunds_and_late_purchase
 
 def _nulls_as_none(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
+
+
+@pytest.mark.parametrize(
+    ("url", "timeouts"),
+    [
+        ("redis://127.0.0.1:1/0", (10.0, 5.0)),
+        ("unix:///tmp/no.sock", (10.0, 5.0)),
+        ("redis://127.0.0.1:1/0?socket_timeout=30", (30.0, 5.0)),
+        ("redis://127.0.0.1:1/0?socket_connect_timeout=2", (10.0, 2.0)),
+    ],
+)
+def test_every_redis_client_waits_a_bounded_time_unless_the_url_says_otherwise(
+    url: str, timeouts: tuple[float, float]
+) -> None:
+    # Fails if a connection may wait forever (redis-py before 8.0 did by default: a Redis that
+    # hangs without closing would hold a consumer silently, and no retry would start), or only
+    # redis-py 8's 5 s for an answer, which a snapshot's fork can outlast.
+    conn = connect(url).connection_pool.make_connection()  # type: ignore[union-attr]
+    assert (conn.socket_timeout, conn.socket_connect_timeout) == timeouts
+
+
+def test_a_redis_cluster_client_waits_a_bounded_time_too() -> None:
+    client = connect("redis+cluster://127.0.0.1:1?socket_connect_timeout=2")
+    kwargs = client.nodes_manager.connection_kwargs  # type: ignore[union-attr]
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (10.0, 2.0)
+
+
+def test_a_redis_that_is_away_is_told_apart_from_one_that_refuses_the_batch() -> None:
+    from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from clv.errors import StoreError, StoreUnavailable
+    from feature_store.redis_store import _apply_failed
+
+    away = [
+        RedisConnectionError("refused"),
+        RedisTimeoutError("no answer"),
+        BusyLoadingError("loading"),
+        ReadOnlyError("replica"),
+        ConnectionError("a call was cancelled"),
+    ]
+    # Fails if an outage stops the consumer (not retried), or if a refusal that no wait mends
+    # (the script's own error, out of memory) is retried for minutes.
+    assert all(isinstance(_apply_failed(e), StoreUnavailable) for e in away)
+    for refused in (ResponseError("ERR user_script:1: bad"), ResponseError("OOM command")):
+        failed = _apply_failed(refused)
+        assert isinstance(failed, StoreError) and not isinstance(failed, StoreUnavailable)
