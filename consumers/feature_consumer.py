@@ -50,6 +50,7 @@ REDIS_RETRIES = Counter(
 _YIELD_EVERY = 256  # messages validated between yields to the event loop (~0.7 ms)
 _UNSETTLED = 3  # batches between submission to the store and their commit, at most
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0  # waits before going on after Redis went away
+_QUIET_S = 60.0  # a try that ran this long before failing starts a new outage
 
 
 @dataclass
@@ -92,7 +93,8 @@ class FeatureConsumer:
         self._dlq = dead_letters
         self.stats = ConsumerStats()
         self._applied_at = -math.inf  # monotonic time of the last batch applied
-        self._failing_since: float | None = None  # of the current Redis outage
+        # Per partition, the last offset dead-lettered as bad: a rewind does not send it again.
+        self._lettered: dict[TopicPartition, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, riding out a Redis that is away for a while.
@@ -101,20 +103,28 @@ class FeatureConsumer:
         not answering, a failover), nothing after the last committed batch was committed; the
         consumer waits (1 s, doubling up to 30 s, or until ``stop``), moves the partitions it
         holds back to the group's commits and goes on from there; what had reached Redis
-        counts once, by the events' dedup. Redis away for ``CLV_REDIS_OUTAGE_SECONDS`` since the
-        last batch that applied stops it with the error, as any other failure does at once.
+        counts once, by the events' dedup. An outage runs from its first failure until a batch
+        applies, or until a try runs :data:`_QUIET_S` without failing; one that lasts
+        ``CLV_REDIS_OUTAGE_SECONDS`` stops the consumer with the error, as any other failure
+        does at once.
         """
         s = self._settings
         delay = _RETRY_FIRST_S
+        failing_since: float | None = None
         while True:
+            began = time.monotonic()
             try:
                 await self._consume(stop)
                 return
             except StoreUnavailable as exc:
                 now = time.monotonic()
-                if self._failing_since is None or self._failing_since < self._applied_at:
-                    self._failing_since, delay = now, _RETRY_FIRST_S  # a new outage
-                away = now - self._failing_since
+                if (
+                    failing_since is None
+                    or failing_since < self._applied_at
+                    or now - began >= _QUIET_S
+                ):
+                    failing_since, delay = now, _RETRY_FIRST_S  # a new outage
+                away = now - failing_since
                 if away >= s.redis_outage_seconds:
                     raise
                 REDIS_RETRIES.inc()
@@ -129,9 +139,10 @@ class FeatureConsumer:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
-            if stop.is_set():
+            try:  # the group coordinator may be slow to answer: a stop does not wait for it
+                await unless_stopped(stop, self._rewind())
+            except StoppedWhileStarting:
                 return
-            await self._rewind()
             delay = min(delay * 2, _RETRY_MAX_S)
 
     async def _rewind(self) -> None:
@@ -162,6 +173,9 @@ class FeatureConsumer:
         commits nothing after the batch that failed.
         """
         unsettled: deque[asyncio.Task[None]] = deque()
+        # Where the batches submitted since this try began ended, per partition: each next
+        # batch is applied only after them (the first after a rewind starts at the commits).
+        submitted: dict[str, int] = {}
         try:
             while not stop.is_set():
                 batch = await self._consumer.getmany(
@@ -183,15 +197,16 @@ class FeatureConsumer:
                     await asyncio.shield(unsettled.popleft())
                 # Dead letters first: once the batch's progress is recorded nothing may be
                 # left to do but the commit (and the dead letters of what the state refused).
-                if prepared.bad:
-                    await self._dlq.publish(prepared.bad)
+                await self._dead_letter(prepared.bad)
                 s = self._settings
                 applied = await self._store.submit(
                     prepared.good,
                     group=s.consumer_group,
                     progress=prepared.progress,
                     now_ms=prepared.now_ms,
+                    after={p: submitted[p] for p in prepared.progress if p in submitted},
                 )
+                submitted.update(prepared.progress)
                 previous = unsettled[-1] if unsettled else None
                 unsettled.append(asyncio.create_task(self._settle(prepared, applied, previous)))
         finally:
@@ -205,6 +220,17 @@ class FeatureConsumer:
                         await unsettled[-1]
                 else:
                     await unsettled[-1]  # and through it every one before
+
+    async def _dead_letter(self, bad: list[Rejected]) -> None:
+        """Publish the bad messages of a batch, but none already sent from this process (a
+        batch fetched again after a rewind holds the same ones)."""
+        fresh = [r for r in bad if r.record.offset > self._lettered.get(_partition(r.record), -1)]
+        if not fresh:
+            return
+        await self._dlq.publish(fresh)
+        for r in fresh:
+            tp = _partition(r.record)
+            self._lettered[tp] = max(self._lettered.get(tp, -1), r.record.offset)
 
     async def _prepare(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -290,6 +316,10 @@ class FeatureConsumer:
             raise
         else:
             record_commit(self._consumer, self._settings.consumer_group, commits)
+
+
+def _partition(record: ConsumerRecord[bytes, bytes]) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
 
 
 @dataclass

@@ -102,12 +102,18 @@ def build_state(
     ``as_of_day`` decide what is late. By default every event counts (event-time truth, what
     training wants).
     """
-    # Only what is dated by ``as_of_day`` decides, the late rule too: an event dated later
-    # must not make an earlier one late (training, at that cutoff, counts it).
-    ev = events[events["day"].to_numpy() <= as_of_day]
+    ev = events
+    by_then = ev["day"].to_numpy() <= as_of_day
     if late_after_days is not None and len(ev):
-        ev = ev[~too_late_mask(ev, late_after_days)]
-    ev = ev.drop_duplicates(["user_id", "event_id"], keep="first")
+        # Only what is dated by ``as_of_day`` decides what is late: an event dated later must
+        # not make an earlier one late (training, at that cutoff, counts it).
+        late = np.zeros(len(ev), dtype=bool)
+        late[by_then] = too_late_mask(ev[by_then], late_after_days)
+        ev, by_then = ev[~late], by_then[~late]
+    # First copy wins before the cut: a copy dated after ``as_of_day`` that came first makes
+    # the event a later one (a label at this cutoff, not a feature).
+    first = ~ev.duplicated(["user_id", "event_id"], keep="first").to_numpy()
+    ev = ev[first & by_then]
     codes, uniques = pd.factorize(ev["user_id"], sort=True)
     n = len(uniques)
     codes = codes.astype(np.int64)

@@ -31,9 +31,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
-    ClusterDownError,
+    AuthenticationError,
+    AuthorizationError,
+    ClusterCrossSlotError,
+    ClusterError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -48,25 +53,50 @@ _pack = msgspec.msgpack.Encoder().encode
 
 AnyRedis = Redis | RedisCluster
 
-#: What says Redis is away for now rather than refusing the request: no connection, no answer
-#: within the socket timeout, still loading its data (``BusyLoadingError`` is a connection
-#: error), a replica not yet promoted in a failover (``READONLY``), a cluster without a
-#: master for a slot. ``ConnectionError`` (the builtin) is how a call outstanding on a
-#: connection that failed under another call is failed.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ReadOnlyError,
-    ClusterDownError,
-    TryAgainError,
-    ConnectionError,
-    TimeoutError,
+#: Error replies that say Redis is away for now, by their code (redis-py keeps the code in the
+#: message of the replies it has no class for). ``CLVORDER`` is the apply script's own: the
+#: batch before was not applied.
+_AWAY_REPLIES = (
+    "BUSY ",
+    "LOADING",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "CLVORDER",
 )
+
+
+def redis_away(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis is away for now rather than refusing the request: no
+    connection, no answer within the socket timeout, still loading its data, busy with another
+    script, a replica not yet promoted in a failover (``READONLY``), a cluster slot without a
+    master, or a batch refused because the one before it failed for one of these. Refused
+    credentials are not (a retry would not mend them). ``ConnectionError`` (the builtin) is how
+    a call outstanding on a connection that failed under another call is failed."""
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return False
+    if isinstance(
+        exc,
+        RedisConnectionError
+        | RedisTimeoutError
+        | ConnectionError
+        | TimeoutError
+        | ReadOnlyError
+        | TryAgainError
+        | SlotNotCoveredError,
+    ):
+        return True
+    if isinstance(exc, ClusterError):  # down, master down, redirections run out ("TTL")
+        return not isinstance(exc, ClusterCrossSlotError)
+    if isinstance(exc, RedisClusterException):  # no node answers, or a slot has no master
+        return any(text in str(exc) for text in ("cannot be connected", "not covered"))
+    return isinstance(exc, ResponseError) and str(exc).startswith(_AWAY_REPLIES)
 
 
 def _apply_failed(exc: BaseException) -> StoreError:
     """The error a failed apply raises: :class:`StoreUnavailable` when Redis is away."""
-    kind = StoreUnavailable if isinstance(exc, UNAVAILABLE) else StoreError
+    kind = StoreUnavailable if redis_away(exc) else StoreError
     return kind(f"applying a batch failed: {exc}")
 
 
@@ -268,10 +298,14 @@ class FeatureStore:
         group: str,
         progress: dict[str, int],
         now_ms: int,
+        after: dict[str, int] | None = None,
     ) -> ApplyResult:
         """Apply ``events`` (in arrival order) and record ``progress`` (``"topic:partition" ->
         offset``) atomically: :meth:`submit`, then its answer."""
-        return await (await self.submit(events, group=group, progress=progress, now_ms=now_ms))
+        pending = await self.submit(
+            events, group=group, progress=progress, now_ms=now_ms, after=after
+        )
+        return await pending
 
     async def submit(
         self,
@@ -280,10 +314,17 @@ class FeatureStore:
         group: str,
         progress: dict[str, int],
         now_ms: int,
+        after: dict[str, int] | None = None,
     ) -> Awaitable[ApplyResult]:
         """Queue the apply of ``events`` (in arrival order) with ``progress`` behind the batches
         submitted before it, and return its pending result. Batches are applied in the order
         submitted; the caller may submit the next before this one's result is in.
+
+        ``after`` (``"topic:partition" -> offset``): where the batches submitted before this one
+        ended. When the recorded progress is short of any of them, one of those was not applied
+        (Redis refused it while away, and was back by this one), and this batch is refused
+        with it, unapplied (:class:`StoreUnavailable`): no batch is applied ahead of one before
+        it, which would make the earlier one's events late against the later one's.
 
         On a single Redis a batch is one script call; on Redis Cluster one call per hash slot
         (each atomic), then the progress: per-event deduplication keeps a retried batch from
@@ -294,11 +335,13 @@ class FeatureStore:
         clock = max((e.ts_ms for e in events), default=-1)
         if self._ordered is None:
             self._last = asyncio.create_task(
-                self._apply_cluster(events, group, progress, now_ms, clock, self._last)
+                self._apply_cluster(events, group, progress, now_ms, clock, self._last, after)
             )
             return self._last
         keys, payload = self._encode(events)
         args = self._args(payload, progress, now_ms, clock)
+        if after:
+            args.append(_pack(list(after.items())))
         try:
             answer = await self._ordered.call([self.progress_key(group), *keys], args)
         except Exception as exc:
@@ -322,6 +365,7 @@ class FeatureStore:
         now_ms: int,
         clock: int,
         previous: asyncio.Task[ApplyResult] | None,
+        after: dict[str, int] | None,
     ) -> ApplyResult:
         if previous is not None:
             # Its failure, or its caller's cancellation, is its caller's to see, not this one's
@@ -329,6 +373,18 @@ class FeatureStore:
             await asyncio.wait([previous])
             if not previous.cancelled():
                 previous.exception()  # seen here too: no "never retrieved" if its caller left
+        if after:  # as the script's check on a single Redis (the batch before has finished)
+            fields = list(after)
+            try:
+                stored = await self._redis.hmget(self.progress_key(group), fields)
+            except Exception as exc:
+                raise _apply_failed(exc) from exc
+            for field, value in zip(fields, stored, strict=True):
+                if int(value if value is not None else -1) < after[field]:
+                    raise StoreUnavailable(
+                        f"applying a batch failed: CLVORDER the batch before this one on "
+                        f"{field} (to offset {after[field]}) was not applied"
+                    )
         by_slot: dict[int, list[int]] = {}  # slot -> positions in ``events``, in order
         for i, ev in enumerate(events):
             slot = self._redis.keyslot(self.user_key(ev.user_id))  # type: ignore[union-attr]

@@ -10,6 +10,11 @@
 -- ARGV[4]       retention in days: the longest window
 -- ARGV[5]       largest event time (ms) in the batch: the progress hash keeps the maximum as
 --               "event_clock" ("now" when CLV_CLOCK=event); -1 for none
+-- ARGV[6]       (optional) msgpack array of {field, offset}: where the batch submitted before
+--               this one on each partition ended. If the progress hash is short of one, that
+--               batch was not applied (refused while Redis was away, and Redis back in time for
+--               this one): this batch is refused too, before any write, with a CLVORDER error,
+--               so that no batch is ever applied ahead of one before it
 --
 -- A user's hash: "h" = one 60-byte little-endian record {orders, net cents, purchase days, first
 -- purchase ms, last purchase ms, first purchase day, net cents dated on or before it, latest event day,
@@ -23,6 +28,17 @@
 -- can see them any more. An event dated that far back (relative to the user's latest event
 -- when it arrives) is "too late" and rejected, so a dropped dedup entry can never let an event
 -- count twice. Returns {applied, duplicates, too_late_indexes (0-based)}.
+
+if ARGV[6] then
+  local expected = cmsgpack.unpack(ARGV[6])
+  for i = 1, #expected do
+    local field, off = expected[i][1], expected[i][2]
+    if tonumber(redis.call('HGET', KEYS[1], field) or '-1') < off then
+      return redis.error_reply('CLVORDER the batch before this one on ' .. field ..
+        ' (to offset ' .. off .. ') was not applied')
+    end
+  end
+end
 
 local events = cmsgpack.unpack(ARGV[1])
 local progress = cmsgpack.unpack(ARGV[2])

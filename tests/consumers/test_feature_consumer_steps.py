@@ -27,7 +27,7 @@ from aiokafka.structs import ConsumerRecord
 
 import consumers.feature_consumer
 import consumers.kafka
-from clv.errors import StoreError
+from clv.errors import StoreError, StoreUnavailable
 from clv.settings import Settings
 from consumers.dead_letters import DeadLetters, Rejected
 from consumers.feature_consumer import FeatureConsumer
@@ -97,11 +97,19 @@ class FakeStore:
         self.steps = steps
         self.on_submit: dict[str, asyncio.Event] = {}  # set when a batch starting with the id
         # (the key) is submitted
+        self.afters: list[dict[str, int] | None] = []  # each batch's ``after``
 
     async def submit(
-        self, events: list[ValidEvent], *, group: str, progress: dict[str, int], now_ms: int
+        self,
+        events: list[ValidEvent],
+        *,
+        group: str,
+        progress: dict[str, int],
+        now_ms: int,
+        after: dict[str, int] | None = None,
     ) -> Awaitable[ApplyResult]:
         self.steps.log.append(("apply", [e.event_id for e in events]))
+        self.afters.append(after)
         if events and events[0].event_id in self.on_submit:
             self.on_submit[events[0].event_id].set()
         return self.answer(events)
@@ -634,3 +642,133 @@ async def test_an_empty_poll_forgets_for_the_lag_a_partition_the_consumer_lost()
     # Fails if only a poll that fetched records forgets what the consumer no longer holds: a
     # quiet consumer that gets the partition back would count its lag from this old commit.
     assert gone not in metrics._WATCHED[kafka].committed  # type: ignore[index]
+
+
+class RewindKafka:
+    """A partition of ``records`` with a position: what the retry after a Redis outage uses of
+    a consumer (the group's commit, seek, the position moving with each fetch)."""
+
+    def __init__(self, records: list[ConsumerRecord[bytes, bytes]], batch: int) -> None:
+        self.records, self.batch = records, batch
+        self.position = 0
+        self.commits: dict[TopicPartition, int] = {}
+        self.seeks: list[int] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+        await asyncio.sleep(0.001)
+        got = self.records[self.position : self.position + self.batch]
+        self.position += len(got)
+        return {TP: got} if got else {}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.update(offsets)
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.commits.get(tp)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append(offset)
+        self.position = offset
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.seek(tp, 0)
+
+
+class AwayStore(FakeStore):
+    """Redis away for the batches that hold an event whose id is in ``away`` (once each)."""
+
+    def __init__(self, steps: Steps, away: set[str]) -> None:
+        super().__init__(steps)
+        self.away = away
+
+    async def answer(self, events: list[ValidEvent]) -> ApplyResult:
+        hit = {e.event_id for e in events} & self.away
+        if hit:
+            self.away -= hit
+            raise StoreUnavailable("applying a batch failed: Connection refused")
+        return await super().answer(events)
+
+
+async def test_redis_away_goes_back_to_the_commit_and_sends_no_dead_letter_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumers.feature_consumer, "_RETRY_FIRST_S", 0.01)
+    steps = Steps()
+    records = [record(0, event("e0")), record(1, event("e1")), record(2, event("e2"))]
+    records += [record(3, event("e3")), record(4, b"{bad"), record(5, event("e5"))]
+    kafka = RewindKafka(records, batch=3)
+    store = AwayStore(steps, away={"e3"})  # the second batch finds Redis away, once
+    worker = FeatureConsumer(Settings(), kafka, store, FakeDeadLetters(steps))  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run(steps.stop))
+    for _ in range(3000):
+        if kafka.commits.get(TP) == 6:
+            break
+        await asyncio.sleep(0.001)
+    steps.stop.set()
+    await asyncio.wait_for(task, 30)
+    # Fails if the consumer stops on the outage, goes on from its fetch position (the failed
+    # batch's events lost), or sends the bad message again with every batch fetched anew.
+    assert worker.stats.redis_retries == 1 and kafka.seeks == [3] and kafka.commits == {TP: 6}
+    applies = [ids for step, ids in steps.log if step == "apply"]
+    assert applies == [["e0", "e1", "e2"], ["e3", "e5"], ["e3", "e5"]]
+    assert [entry for entry in steps.log if entry[0] == "dead letters"] == [
+        ("dead letters", [(4, "not_json")])
+    ]
+    # Each batch is applied only after the one before it on its partition, except the first
+    # after going back to the commit (which starts a new chain).
+    assert store.afters == [{}, {"orders:0": 2}, {}]
+
+
+async def test_an_outage_is_timed_from_its_own_start_not_an_earlier_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis away once, then a long stretch without failures (this consumer applied nothing:
+    # its partitions were quiet), then away again. Fails if the second outage inherits the
+    # first's start and stops the consumer at its first failure.
+    monkeypatch.setattr(consumers.feature_consumer, "_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(consumers.feature_consumer, "_QUIET_S", 0.2)
+    stop = asyncio.Event()
+    tries = 0
+
+    async def consume(_: asyncio.Event) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 2:
+            await asyncio.sleep(0.6)  # runs well past the allowance without failing
+        if tries == 3:
+            stop.set()
+            return
+        raise StoreUnavailable("applying a batch failed: Connection refused")
+
+    worker = FeatureConsumer(Settings(redis_outage_seconds=0.5), RewindKafka([], 1), None, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(worker, "_consume", consume)
+    await asyncio.wait_for(worker.run(stop), 30)
+    assert tries == 3 and worker.stats.redis_retries == 2
+
+
+async def test_a_stop_does_not_wait_for_a_rewind_the_broker_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumers.feature_consumer, "_RETRY_FIRST_S", 0.01)
+    asked = asyncio.Event()
+
+    class Unanswered(RewindKafka):
+        async def committed(self, tp: TopicPartition) -> int | None:
+            asked.set()
+            await asyncio.Event().wait()  # the coordinator never answers
+            return None
+
+    async def consume(_: asyncio.Event) -> None:
+        raise StoreUnavailable("applying a batch failed: Connection refused")
+
+    stop = asyncio.Event()
+    worker = FeatureConsumer(Settings(), Unanswered([], 1), None, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(worker, "_consume", consume)
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.wait_for(asyncio.shield(asked.wait()), 30)
+    stop.set()
+    # Fails if SIGTERM (which sets stop) waits on the group coordinator.
+    await asyncio.wait_for(task, 30)

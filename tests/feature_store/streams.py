@@ -7,8 +7,10 @@ import json
 import random
 
 import pandas as pd
+import pytest
 
 from feature_store.events import ValidEvent
+from feature_store.redis_store import FeatureStore
 
 MS_PER_DAY = 86_400_000
 
@@ -155,3 +157,27 @@ BAD: list[tuple[bytes | None, str]] = [
     ),
     (_with(ts="1969-12-31T23:59:59.9999Z"), "bad_timestamp"),
 ]
+
+
+def purchase(i: int, day: int, user: str = "u") -> ValidEvent:
+    """Purchase ``e<i>`` of one cent-less dollar by ``user`` on ``day``."""
+    return _ev(f"e{i}", "purchase", user, f"o{i}", 100, day * MS_PER_DAY)
+
+
+async def check_a_batch_after_one_not_applied_is_refused(store: FeatureStore) -> None:
+    """The order guard, on a single Redis or a cluster: a batch whose predecessor (to offset
+    20) never reached Redis is refused with nothing written; after one that did, it applies."""
+    from clv.errors import StoreUnavailable
+
+    await store.apply([purchase(1, 20_000)], group="g", progress={"t:0": 10}, now_ms=0)
+    with pytest.raises(StoreUnavailable, match="CLVORDER"):
+        await store.apply(
+            [purchase(2, 20_400)], group="g", progress={"t:0": 30}, now_ms=0, after={"t:0": 20}
+        )
+    assert await store.progress("g") == {"t:0": 10}  # nothing written
+    state = await store.read_state("u")
+    assert state is not None and int(state.state.orders_total[0]) == 1
+    result = await store.apply(
+        [purchase(2, 20_400)], group="g", progress={"t:0": 30}, now_ms=0, after={"t:0": 10}
+    )
+    assert result.applied == 1

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from clv.errors import StoreUnavailable
 from clv.local_stack import LocalProcess, free_port, port_open, start_redis
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
-from .streams import MS_PER_DAY, _ev, as_frame, messy_events
+from .streams import (
+    MS_PER_DAY,
+    _ev,
+    as_frame,
+    check_a_batch_after_one_not_applied_is_refused,
+    messy_events,
+    purchase,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +126,46 @@ async def test_too_late_positions_are_those_of_a_single_redis(
     )
     assert single.too_late == clustered.too_late == [2, 5]
     assert (single.applied, single.duplicates) == (clustered.applied, clustered.duplicates)
+
+
+async def test_a_batch_is_refused_on_a_cluster_when_the_one_before_it_was_not_applied(
+    cluster_client: RedisCluster,
+) -> None:
+    # Fails if the cluster path applies a batch after one that never reached Redis.
+    store = FeatureStore(cluster_client, prefix="clorder")
+    await check_a_batch_after_one_not_applied_is_refused(store)
+
+
+async def test_a_cluster_slot_without_a_master_is_redis_away_not_a_refusal(
+    tmp_path: Path,
+) -> None:
+    # Fails if the cluster client's errors for a slot nobody serves (redis-py retries and
+    # then raises its own cluster errors) stop the consumer instead of being waited out.
+    port = cluster_port()
+    node = start_redis(
+        port,
+        tmp_path,
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        str(tmp_path / "nodes.conf"),
+    )
+    admin = Redis(port=port)  # the node itself, not as a cluster client
+    try:
+        await admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        for _ in range(100):
+            if (await admin.execute_command("CLUSTER", "INFO")).startswith(b"cluster_state:ok"):
+                break
+            await asyncio.sleep(0.1)
+        client = connect(f"redis+cluster://127.0.0.1:{port}")
+        assert isinstance(client, RedisCluster)
+        store = FeatureStore(client, prefix="away")
+        await store.apply([purchase(0, 19_000, "other")], group="g", progress={}, now_ms=0)
+        slot = client.keyslot(store.user_key("u"))
+        await admin.execute_command("CLUSTER", "DELSLOTS", slot)
+        with pytest.raises(StoreUnavailable):
+            await store.apply([purchase(1, 20_000)], group="g", progress={}, now_ms=0)
+        await client.aclose()
+        await admin.aclose()
+    finally:
+        node.stop()

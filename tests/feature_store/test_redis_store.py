@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from clv.local_stack import LocalProcess, free_port, start_redis
 from feature_store.events import ValidEvent
 from feature_store.features import RETENTION_DAYS
 from feature_store.offline import features_at, too_late_mask
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore, decode_hash, user_key
 
-from .streams import MS_PER_DAY, _ev, as_frame, messy_events
+from .streams import (
+    MS_PER_DAY,
+    _ev,
+    as_frame,
+    check_a_batch_after_one_not_applied_is_refused,
+    messy_events,
+    purchase,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -400,7 +410,18 @@ def test_a_redis_cluster_client_waits_a_bounded_time_too() -> None:
 
 
 def test_a_redis_that_is_away_is_told_apart_from_one_that_refuses_the_batch() -> None:
-    from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+    from redis.exceptions import (
+        AuthenticationError,
+        BusyLoadingError,
+        ClusterCrossSlotError,
+        ClusterDownError,
+        ClusterError,
+        MasterDownError,
+        ReadOnlyError,
+        RedisClusterException,
+        ResponseError,
+        TryAgainError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -413,10 +434,62 @@ def test_a_redis_that_is_away_is_told_apart_from_one_that_refuses_the_batch() ->
         BusyLoadingError("loading"),
         ReadOnlyError("replica"),
         ConnectionError("a call was cancelled"),
+        ResponseError("BUSY Redis is busy running a script"),
+        ResponseError("NOREPLICAS Not enough good replicas to write."),
+        ResponseError("CLVORDER the batch before this one on t:0 (to offset 9) was not applied"),
+        ClusterDownError("The cluster is down"),
+        MasterDownError("no master"),
+        TryAgainError("migrating"),
+        ClusterError("TTL exhausted."),
+        RedisClusterException("Redis Cluster cannot be connected. Please provide at least one"),
+        RedisClusterException("All slots are not covered after query all startup_nodes."),
     ]
     # Fails if an outage stops the consumer (not retried), or if a refusal that no wait mends
-    # (the script's own error, out of memory) is retried for minutes.
-    assert all(isinstance(_apply_failed(e), StoreUnavailable) for e in away)
-    for refused in (ResponseError("ERR user_script:1: bad"), ResponseError("OOM command")):
-        failed = _apply_failed(refused)
-        assert isinstance(failed, StoreError) and not isinstance(failed, StoreUnavailable)
+    # (the script's own error, out of memory, wrong credentials) is retried for minutes.
+    refused = [
+        ResponseError("ERR user_script:1: bad"),
+        ResponseError("OOM command not allowed"),
+        AuthenticationError("invalid username-password pair"),
+        ClusterCrossSlotError("Keys in request don't hash to the same slot"),
+        RedisClusterException("No way to dispatch this command to Redis Cluster."),
+    ]
+    assert [type(_apply_failed(e)) for e in away] == [StoreUnavailable] * len(away)
+    assert [type(_apply_failed(e)) for e in refused] == [StoreError] * len(refused)
+
+
+async def test_a_batch_is_refused_unapplied_when_the_one_before_it_was_not_applied(
+    redis: Redis,
+) -> None:
+    # Fails if a batch whose predecessor never reached Redis is applied anyway.
+    await check_a_batch_after_one_not_applied_is_refused(FeatureStore(redis, prefix="order"))
+
+
+async def test_a_replica_promoted_between_two_pipelined_batches_applies_neither_ahead(
+    own_redis: tuple[LocalProcess, Redis], tmp_path: Path
+) -> None:
+    # The failover case: batch N reaches a replica (READONLY), the replica is promoted before
+    # N+1 arrives. Fails if N+1 is applied: retried, N's event would then be too late against
+    # N+1's (a year and more later), dead-lettered, and online would differ from offline.
+    from clv.errors import StoreUnavailable
+
+    _, client = own_redis
+    primary = start_redis(free_port(), tmp_path / "primary")
+    try:
+        where = urlparse(primary.address)
+        await client.execute_command("REPLICAOF", where.hostname, where.port)
+        store = FeatureStore(client, prefix="promo")
+        n, n1 = [purchase(1, 20_000)], [purchase(2, 20_000 + RETENTION_DAYS + 5)]
+        first = await store.submit(n, group="g", progress={"t:0": 0}, now_ms=0)
+        with pytest.raises(StoreUnavailable):
+            await first
+        await client.execute_command("REPLICAOF", "NO", "ONE")
+        second = await store.submit(n1, group="g", progress={"t:0": 1}, now_ms=0, after={"t:0": 0})
+        with pytest.raises(StoreUnavailable, match="CLVORDER"):
+            await second
+        # The retry, as the consumer makes it: from the commit, in order.
+        await store.apply(n, group="g", progress={"t:0": 0}, now_ms=0)
+        assert (await store.apply(n1, group="g", progress={"t:0": 1}, now_ms=0)).too_late == []
+        state = await store.read_state("u")
+        assert state is not None and int(state.state.orders_total[0]) == 2
+    finally:
+        primary.stop()
