@@ -93,8 +93,9 @@ class FeatureConsumer:
         self._dlq = dead_letters
         self.stats = ConsumerStats()
         self._applied_at = -math.inf  # monotonic time of the last batch applied
-        # Per partition, the last offset dead-lettered as bad: a rewind does not send it again.
-        self._lettered: dict[TopicPartition, int] = {}
+        # Per partition, the offsets dead-lettered as bad and not committed yet: a batch
+        # fetched again after a rewind does not send them again.
+        self._lettered: dict[TopicPartition, set[int]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, riding out a Redis that is away for a while.
@@ -150,6 +151,7 @@ class FeatureConsumer:
         never committed: ``auto_offset_reset="earliest"``, as a restart would), dropping
         what was fetched past them."""
         consumer = self._consumer
+        commits: dict[TopicPartition, int] = {}
         for tp in consumer.assignment():
             offset = await consumer.committed(tp)
             try:
@@ -157,8 +159,33 @@ class FeatureConsumer:
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, offset)
+                    commits[tp] = offset
             except IllegalStateError:  # revoked meanwhile: its new owner starts at the commit
                 continue
+        await self._check_nothing_lost(commits)
+
+    async def _check_nothing_lost(self, commits: dict[TopicPartition, int]) -> None:
+        """Say so, loudly, when Redis came back without writes it had acknowledged (a replica
+        promoted before it had them, a restart without persistence): its recorded progress is
+        short of what the group committed, and the events in between are not in the state
+        (re-consuming the topic from the start mends it: deduplication keeps that exact). A
+        Redis still away is not asked."""
+        try:
+            progress = await self._store.progress(self._settings.consumer_group)
+        except Exception:  # still away: the next try will tell
+            return
+        for tp, end in commits.items():
+            have = progress.get(f"{tp.topic}:{tp.partition}", -1)
+            if have < end - 1:
+                log.error(
+                    "Redis lost acknowledged writes: it holds %s:%s up to offset %s, but the "
+                    "group committed up to %s; the events in between are missing from the "
+                    "online state (reset the group's offsets to the start to apply them again)",
+                    tp.topic,
+                    tp.partition,
+                    have,
+                    end - 1,
+                )
 
     async def _consume(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the batches in hand are finished and committed first.
@@ -222,15 +249,16 @@ class FeatureConsumer:
                     await unsettled[-1]  # and through it every one before
 
     async def _dead_letter(self, bad: list[Rejected]) -> None:
-        """Publish the bad messages of a batch, but none already sent from this process (a
-        batch fetched again after a rewind holds the same ones)."""
-        fresh = [r for r in bad if r.record.offset > self._lettered.get(_partition(r.record), -1)]
+        """Publish the bad messages of a batch, but none this process sent before and has not
+        committed past (a batch fetched again after a rewind holds the same ones; a message
+        is judged again there, and may be judged otherwise: the clock moved)."""
+        sent = self._lettered
+        fresh = [r for r in bad if r.record.offset not in sent.get(_partition(r.record), ())]
         if not fresh:
             return
         await self._dlq.publish(fresh)
         for r in fresh:
-            tp = _partition(r.record)
-            self._lettered[tp] = max(self._lettered.get(tp, -1), r.record.offset)
+            sent.setdefault(_partition(r.record), set()).add(r.record.offset)
 
     async def _prepare(
         self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -316,6 +344,9 @@ class FeatureConsumer:
             raise
         else:
             record_commit(self._consumer, self._settings.consumer_group, commits)
+            for tp, end in commits.items():  # what is committed is never fetched again here
+                if sent := self._lettered.get(tp):
+                    sent.difference_update([o for o in sent if o < end])
 
 
 def _partition(record: ConsumerRecord[bytes, bytes]) -> TopicPartition:

@@ -81,12 +81,35 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
 
 
 def too_late_mask(events: pd.DataFrame, late_after_days: int) -> np.ndarray:
-    """Rows (in arrival order) dated at or before their user's latest earlier event day minus
-    ``late_after_days``: the events the online state rejects as too late."""
-    day = events["day"].astype(np.int64).reset_index(drop=True)
-    users = events["user_id"].to_numpy()
-    prev_max = day.groupby(users, sort=False).cummax().groupby(users, sort=False).shift(1)
-    return (day <= prev_max - late_after_days).to_numpy()
+    """Rows (in arrival order) the online state rejects as too late: dated at or before their
+    user's latest applied event day minus ``late_after_days``. Decided as the apply script
+    does, one row at a time: a copy of an applied event whose dedup entry is still kept is a
+    duplicate (not late, and its day moves nothing, even when it differs); an entry dated at
+    or before the cut is gone, so such a copy is judged afresh (the script drops entries at the
+    end of a batch, so a copy in the same batch is a duplicate there: not counted either way);
+    a late row is not applied; an applied row moves its user's latest day."""
+    late = np.zeros(len(events), dtype=bool)
+    latest: dict[str, int] = {}
+    kept: dict[tuple[str, str], int] = {}  # the dedup entries: applied copy's day
+    rows = zip(
+        events["user_id"].tolist(),
+        events["event_id"].tolist(),
+        events["day"].tolist(),
+        strict=True,
+    )
+    for i, (user, event_id, day) in enumerate(rows):
+        last = latest.get(user)
+        cut = None if last is None else last - late_after_days
+        entry = kept.get((user, event_id))
+        if entry is not None and (cut is None or entry > cut):
+            continue  # a duplicate
+        if cut is not None and day <= cut:
+            late[i] = True
+            continue
+        kept[(user, event_id)] = day
+        if last is None or day > last:
+            latest[user] = day
+    return late
 
 
 def build_state(

@@ -9,8 +9,11 @@ against the real broker and Redis.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import random
+import time
+import types
 from collections.abc import Awaitable
 from typing import Any
 
@@ -677,6 +680,19 @@ class RewindKafka:
         self.seek(tp, 0)
 
 
+async def _run_until_committed(
+    worker: FeatureConsumer, kafka: RewindKafka, steps: Steps, end: int
+) -> None:
+    """Run ``worker`` until the partition is committed up to ``end`` (or 3 s); then stop it."""
+    task = asyncio.create_task(worker.run(steps.stop))
+    for _ in range(3000):
+        if kafka.commits.get(TP) == end:
+            break
+        await asyncio.sleep(0.001)
+    steps.stop.set()
+    await asyncio.wait_for(task, 30)
+
+
 class AwayStore(FakeStore):
     """Redis away for the batches that hold an event whose id is in ``away`` (once each)."""
 
@@ -702,13 +718,7 @@ async def test_redis_away_goes_back_to_the_commit_and_sends_no_dead_letter_twice
     kafka = RewindKafka(records, batch=3)
     store = AwayStore(steps, away={"e3"})  # the second batch finds Redis away, once
     worker = FeatureConsumer(Settings(), kafka, store, FakeDeadLetters(steps))  # type: ignore[arg-type]
-    task = asyncio.create_task(worker.run(steps.stop))
-    for _ in range(3000):
-        if kafka.commits.get(TP) == 6:
-            break
-        await asyncio.sleep(0.001)
-    steps.stop.set()
-    await asyncio.wait_for(task, 30)
+    await _run_until_committed(worker, kafka, steps, 6)
     # Fails if the consumer stops on the outage, goes on from its fetch position (the failed
     # batch's events lost), or sends the bad message again with every batch fetched anew.
     assert worker.stats.redis_retries == 1 and kafka.seeks == [3] and kafka.commits == {TP: 6}
@@ -772,3 +782,60 @@ async def test_a_stop_does_not_wait_for_a_rewind_the_broker_does_not_answer(
     stop.set()
     # Fails if SIGTERM (which sets stop) waits on the group coordinator.
     await asyncio.wait_for(task, 30)
+
+
+async def test_a_message_judged_bad_only_on_the_retry_is_still_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wall clock steps back (NTP) while Redis is away: an event dated a second ago was
+    # good on the first try and is in the future on the retry. Fails if the consumer skips
+    # it as "already dead-lettered" because a later offset was: neither applied nor sent.
+    monkeypatch.setattr(consumers.feature_consumer, "_RETRY_FIRST_S", 0.01)
+    settings = Settings()
+    now_ns = time.time_ns()
+    shift = 0
+    clock = types.SimpleNamespace(monotonic=time.monotonic, time_ns=lambda: now_ns + shift)
+    monkeypatch.setattr(consumers.feature_consumer, "time", clock)
+    when = dt.datetime.fromtimestamp(now_ns / 1e9 - 1, dt.UTC).isoformat()
+    good = json.dumps({**json.loads(event("e1")), "ts": when}).encode()
+
+    class AwayOnce(FakeStore):
+        async def answer(self, events: list[ValidEvent]) -> ApplyResult:
+            nonlocal shift
+            if shift == 0:
+                shift = -(settings.future_tolerance_seconds + 60) * 10**9
+                raise StoreUnavailable("applying a batch failed: Connection refused")
+            return await super().answer(events)
+
+    steps = Steps()
+    kafka = RewindKafka([record(0, good), record(1, b"{bad")], batch=2)
+    worker = FeatureConsumer(settings, kafka, AwayOnce(steps), FakeDeadLetters(steps))  # type: ignore[arg-type]
+    await _run_until_committed(worker, kafka, steps, 2)
+    assert kafka.commits == {TP: 2}
+    assert [entry for entry in steps.log if entry[0] == "dead letters"] == [
+        ("dead letters", [(1, "not_json")]),
+        ("dead letters", [(0, "future_timestamp")]),
+    ]
+
+
+async def test_a_redis_back_without_writes_it_had_acknowledged_is_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis restarted without persistence while away: its progress is gone, the group's
+    # commit says offsets 0-2 were applied. Fails if the consumer goes on without a word
+    # (those events are silently missing from the state).
+    monkeypatch.setattr(consumers.feature_consumer, "_RETRY_FIRST_S", 0.01)
+
+    class Forgetful(AwayStore):
+        async def progress(self, group: str) -> dict[str, int]:
+            return {}
+
+    steps = Steps()
+    records = [record(i, event(f"e{i}")) for i in range(6)]
+    kafka = RewindKafka(records, batch=3)
+    store = Forgetful(steps, away={"e3"})
+    worker = FeatureConsumer(Settings(), kafka, store, FakeDeadLetters(steps))  # type: ignore[arg-type]
+    await _run_until_committed(worker, kafka, steps, 6)
+    lost = [r for r in caplog.records if "lost acknowledged writes" in r.getMessage()]
+    assert len(lost) == 1 and "up to offset -1" in lost[0].getMessage()
+    assert "committed up to 2" in lost[0].getMessage()

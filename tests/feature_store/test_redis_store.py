@@ -50,8 +50,9 @@ async def test_online_equals_offline_under_duplicates_reordering_and_late_events
         late.extend(events[i + j] for j in res.too_late)
     assert late, "the stream should hold events later than the retention"
     frame = as_frame(events)
-    # Every rejection is one the offline rule makes too; the rule may flag more: copies of
-    # events still in the dedup set count online as duplicates (neither counts them).
+    # Every rejection is one the offline rule makes too; the rule may flag more: the script
+    # drops a user's old dedup entries at the end of a batch, so a copy later in the same
+    # batch counts online as a duplicate (neither counts it).
     flagged = frame[too_late_mask(frame, RETENTION_DAYS)]
     assert {(e.user_id, e.event_id) for e in late} <= set(
         zip(flagged.user_id, flagged.event_id, strict=True)
@@ -61,6 +62,26 @@ async def test_online_equals_offline_under_duplicates_reordering_and_late_events
         offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS).sort_index()
         online = await _online(store, list(offline.index), as_of)
         pd.testing.assert_frame_equal(online, offline, check_dtype=False)
+
+
+async def test_a_copy_dated_otherwise_moves_no_latest_day_online_or_offline(
+    redis: Redis,
+) -> None:
+    # A second copy of e1, dated past the retention, is a duplicate online: the user's latest
+    # day stays put, and e2, dated ten days after e1, applies. Fails if the offline rule lets
+    # the copy's day move the latest day (it then took e2 for late: 1 order against 2).
+    store = FeatureStore(redis, prefix="copyday")
+    day = 20_000
+    events = [purchase(1, day), purchase(1, day + RETENTION_DAYS + 50), purchase(2, day + 10)]
+    for e in events:
+        await store.apply([e], group="g", progress={}, now_ms=1)
+    frame = as_frame(events)
+    assert not too_late_mask(frame, RETENTION_DAYS).any()
+    for as_of in (day + RETENTION_DAYS + 50, day + RETENTION_DAYS + 60):
+        offline = features_at(frame, as_of, late_after_days=RETENTION_DAYS)
+        pd.testing.assert_frame_equal(
+            await _online(store, ["u"], as_of), offline, check_dtype=False
+        )
 
 
 async def test_redelivered_batch_changes_nothing(redis: Redis) -> None:
