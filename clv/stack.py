@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from aiokafka import AIOKafkaConsumer
@@ -28,6 +29,8 @@ from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list[str]:
@@ -162,7 +165,17 @@ async def run_stack(
             )
         async with contextlib.AsyncExitStack() as clients:
             groups = [settings.consumer_group] * consumers + [settings.archiver_group]
-            opened = await unless_stopped(stop, open_clients(clients, settings, groups))
+            # A consumer's start returns only once its group has given it partitions: a group
+            # held for members that left can keep that up for minutes, so it is said.
+            joining = (
+                f"the consumer groups {settings.consumer_group} and {settings.archiver_group} "
+                "have not given their consumers partitions yet (a broker that outlived an "
+                "earlier stack may hold a group for members that left; a new group name or a "
+                "broker restart ends that)"
+            )
+            opened = await unless_stopped(
+                stop, said_while(open_clients(clients, settings, groups), say, joining)
+            )
             redis, producer, kafka_consumers = opened.redis, opened.producer, opened.consumers
             *feature_consumers, archive_consumer = kafka_consumers
             running = Running(settings, redis, consumers=list(feature_consumers))
@@ -207,6 +220,30 @@ async def run_stack(
     finally:
         metrics.close()
         await asyncio.to_thread(stack.stop)
+
+
+#: When a slow start step is first said, and how often after.
+SAY_AFTER_S, SAY_EVERY_S = 5.0, 15.0
+
+
+async def said_while(step: Awaitable[T], say: Callable[[str], None], what: str) -> T:
+    """``step``'s result; while it takes longer than :data:`SAY_AFTER_S`, ``what`` is said
+    every :data:`SAY_EVERY_S` with the time waited (slow is not hung)."""
+    task = asyncio.ensure_future(step)
+    loop = asyncio.get_running_loop()
+    start, wait = loop.time(), SAY_AFTER_S
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                return task.result()
+            say(f"waiting for the stack ({loop.time() - start:.0f}s): {what}")
+            wait = SAY_EVERY_S
+    finally:
+        if not task.done():  # cancelled: the step with it
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[object]]) -> None:

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -400,6 +401,38 @@ async def _up_with(
         ),
         120,
     )
+
+
+async def test_a_group_that_is_slow_to_give_partitions_is_said_while_the_stack_waits(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A consumer's start returns only once its group gives it partitions; a group held for
+    # members that left (tansu after two members left in turn) kept `clv up` silent for as
+    # long as that lasted. Fails if nothing is said while the consumers join.
+    import clv.stack
+    import consumers.feature_consumer
+
+    real = consumers.feature_consumer.open_clients
+
+    async def slow(*args: Any) -> Any:
+        await asyncio.sleep(1.0)  # the group holds the join
+        return await real(*args)
+
+    monkeypatch.setattr(consumers.feature_consumer, "open_clients", slow)
+    monkeypatch.setattr(clv.stack, "SAY_AFTER_S", 0.2)
+    settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "e")
+
+    async def on_ready(running: Running) -> None:
+        return None
+
+    said: list[str] = []
+    await _up_with(settings, tmp_path, 1, on_ready, said.append)
+    waited = [line for line in said if "have not given their consumers partitions" in line]
+    assert waited and settings.consumer_group in waited[0], said
+    assert said.index(waited[0]) < next(i for i, x in enumerate(said) if x.startswith("clv is up"))
 
 
 async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
