@@ -1,5 +1,5 @@
 import sys
 
-from clv.cli import main
+from clv._start import main
 
 sys.exit(main())

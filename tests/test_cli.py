@@ -639,3 +639,32 @@ def test_replay_of_an_orders_file_it_may_not_read_is_one_line(
     monkeypatch.setenv("CLV_KAFKA_BOOTSTRAP", "127.0.0.1:1")
     assert main(["replay", str(orders)]) == 1
     assert capsys.readouterr().err == f"clv: error: [Errno 13] Permission denied: '{orders}'\n"
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [
+        (signal.SIGINT, 130, "clv: interrupted"),
+        (signal.SIGTERM, 143, "clv: terminated"),
+    ],
+)
+def test_a_signal_while_python_imports_clv_ends_it_in_one_line(
+    tmp_path: Path, sig: int, code: int, line: str
+) -> None:
+    # Fails if Ctrl-C in the first half second (Python still importing pandas and the rest)
+    # prints a KeyboardInterrupt traceback, or SIGTERM there ends it by the bare signal (-15).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "features", "u1"],
+        env={**os.environ, "CLV_REDIS_URL": "redis://127.0.0.1:1/0"},
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    for _ in range(2000):  # until it is importing: pydantic comes before pandas
+        if proc.poll() is not None or "pydantic_core" in maps.read_text():
+            break
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.strip()) == (code, line)
