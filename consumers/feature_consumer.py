@@ -96,6 +96,7 @@ class FeatureConsumer:
         # Per partition, the offsets dead-lettered as bad and not committed yet: a batch
         # fetched again after a rewind does not send them again.
         self._lettered: dict[TopicPartition, set[int]] = {}
+        self._checked: set[TopicPartition] = set()  # held, and checked against Redis's progress
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, riding out a Redis that is away for a while.
@@ -164,6 +165,20 @@ class FeatureConsumer:
                 continue
         await self._check_nothing_lost(commits)
 
+    async def _commits_of(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's commits for ``partitions`` (none for a partition never committed, or when
+        the coordinator cannot say: the check they are for only warns)."""
+        commits: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            try:
+                offset = await self._consumer.committed(tp)
+            except KafkaError as exc:
+                log.warning("could not read the group's commit of %s: %s", tp, exc)
+                continue
+            if offset is not None:
+                commits[tp] = offset
+        return commits
+
     async def _check_nothing_lost(self, commits: dict[TopicPartition, int]) -> None:
         """Say so, loudly, when Redis came back without writes it had acknowledged (a replica
         promoted before it had them, a restart without persistence): its recorded progress is
@@ -214,6 +229,13 @@ class FeatureConsumer:
                     unsettled.popleft().result()
                 # Every poll, as the archiver's: an empty one still forgets what was revoked
                 record_fetch(self._consumer, self._settings.consumer_group, batch)
+                # Before any batch of a partition just assigned here: does Redis hold what
+                # the group committed (it may have come back empty while no one consumed)?
+                held = self._consumer.assignment()
+                if held != self._checked:
+                    new, self._checked = held - self._checked, set(held)
+                    if new:
+                        await self._check_nothing_lost(await self._commits_of(new))
                 if not batch:
                     continue
                 prepared = await self._prepare(batch)

@@ -127,8 +127,11 @@ def compute_features(state: UserState, as_of_day: int | np.ndarray) -> pd.DataFr
     )
     frame = pd.DataFrame(cols, index=pd.Index(state.user_id, name="user_id"))
     frame = frame[list(FEATURE_NAMES)]
-    frame["first_order_at"] = iso_times(state.first_ts_ms)
-    frame["last_order_at"] = iso_times(state.last_ts_ms)
+    # Object columns, None where there is no purchase, however many users (pandas would make
+    # a mix of strings and None a string column with NaN: one user's frame and many users'
+    # would then say "no purchase" differently).
+    for name, ms in (("first_order_at", state.first_ts_ms), ("last_order_at", state.last_ts_ms)):
+        frame[name] = pd.Series(iso_times(ms), index=frame.index, dtype=object)
     return frame
 
 

@@ -52,4 +52,4 @@ async def test_a_consumer_cancelled_mid_write_ends_cancelled() -> None:
     run.cancel()
     done, _ = await asyncio.wait([run], timeout=10)
     assert done and run.cancelled(), f"ended with {run.exception()!r}"
-    assert kafka.committed == {}
+    assert kafka.commits == {}

@@ -173,3 +173,17 @@ def test_a_refund_dated_before_the_first_purchase_is_no_repeat_days_revenue() ->
     f = features_at(ev, day_number(dt.date(2024, 1, 21))).loc["u"]
     assert f["revenue_total"] == 40.0 and f["frequency"] == 1
     assert f["avg_repeat_value"] == 30.0
+
+
+def test_no_purchase_is_none_in_a_frame_of_many_users_as_in_a_frame_of_one() -> None:
+    # Fails if pandas turns the timestamp column of a mixed frame into strings with NaN: the
+    # online (one user) and offline (many users) frames would then differ for a refund-only
+    # user, and NaN is not JSON.
+    events = [
+        _ev("a", "purchase", "u1", "o1", 100, 20_000 * MS_PER_DAY),
+        _ev("b", "refund", "u2", "o2", -100, 20_000 * MS_PER_DAY),
+    ]
+    many = features_at(as_frame(events), 20_001)
+    one = features_at(as_frame(events[1:]), 20_001)
+    assert many.loc["u2", "first_order_at"] is None and many.loc["u2", "last_order_at"] is None
+    pd.testing.assert_frame_equal(many.loc[["u2"]], one)
