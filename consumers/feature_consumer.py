@@ -128,7 +128,12 @@ class FeatureConsumer:
                     failing_since, delay = now, _RETRY_FIRST_S  # a new outage
                 away = now - failing_since
                 if away >= s.redis_outage_seconds:
-                    raise
+                    if not self.stats.redis_retries:
+                        raise  # no allowance: the error as it came
+                    raise StoreUnavailable(
+                        f"Redis away {away:.0f}s, the CLV_REDIS_OUTAGE_SECONDS allowed "
+                        f"({s.redis_outage_seconds:g}); last: {exc}"
+                    ) from exc
                 REDIS_RETRIES.inc()
                 self.stats.redis_retries += 1
                 log.warning(

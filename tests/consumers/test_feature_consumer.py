@@ -207,11 +207,13 @@ async def test_redis_gone_for_good_stops_the_consumer_and_commits_nothing(
     await publish(settings, [event_message(e) for e in messy_events(6, users=5, per_user=4)])
     async with Group(gone) as group:
         worker = await group.join()
-        with pytest.raises(StoreUnavailable, match=r"applying a batch failed: .*connect"):
+        with pytest.raises(StoreUnavailable, match=r"applying a batch failed: .*connect") as err:
             await asyncio.wait_for(asyncio.shield(group.tasks[0]), timeout=120)
         group.tasks.clear()  # its failure is the point, not a teardown error
-    # Fails if an allowance is not used to retry, or if none is not at once.
+    # Fails if an allowance is not used to retry, or if none is not at once; the error says
+    # the allowance ran out, not only the last failure.
     assert (worker.stats.redis_retries > 0) == (allowance > 0)
+    assert ("CLV_REDIS_OUTAGE_SECONDS allowed (2)" in str(err.value)) == (allowance > 0)
     commits = await committed(settings, settings.consumer_group, settings.orders_topic)
     assert commits and all(c is None for c in commits.values()), commits
 
