@@ -169,9 +169,9 @@ async def run_stack(
             # held for members that left can keep that up for minutes, so it is said.
             joining = (
                 f"the consumer groups {settings.consumer_group} and {settings.archiver_group} "
-                "have not given their consumers partitions yet (a broker that outlived an "
-                "earlier stack may hold a group for members that left; a new group name or a "
-                "broker restart ends that)"
+                "have not given their consumers partitions yet (a join takes seconds; a group "
+                "held for members that left can take minutes: a new group name or a broker "
+                "restart ends that)"
             )
             opened = await unless_stopped(
                 stop, said_while(open_clients(clients, settings, groups), say, joining)
@@ -222,8 +222,9 @@ async def run_stack(
         await asyncio.to_thread(stack.stop)
 
 
-#: When a slow start step is first said, and how often after.
-SAY_AFTER_S, SAY_EVERY_S = 5.0, 15.0
+#: When a slow start step is first said, and how often after (a group join on the local
+#: broker takes about five seconds: said only when it takes longer than a join should).
+SAY_AFTER_S, SAY_EVERY_S = 15.0, 15.0
 
 
 async def said_while(step: Awaitable[T], say: Callable[[str], None], what: str) -> T:
