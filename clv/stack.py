@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: When a slow start step is first said, and how often after (a group join on the local
+#: broker outlasted 5 s in each `clv demo` run: said only when it takes longer than that).
+SAY_AFTER_S, SAY_EVERY_S = 15.0, 15.0
+
 
 def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list[str]:
     """Start a local redis-server / broker on the configured address where nothing listens."""
@@ -78,7 +82,8 @@ async def wait_healthy(
     say_after: float = 5,
 ) -> None:
     """Redis answers and every feature consumer holds partitions. ``say`` hears what is awaited
-    once the wait passes ``say_after`` seconds, and every 15 s after (slow is not hung)."""
+    once the wait passes ``say_after`` seconds, and every :data:`SAY_EVERY_S` after (slow is
+    not hung)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     deadline, next_say = start + timeout, start + say_after
@@ -106,7 +111,7 @@ async def wait_healthy(
             )
         if say is not None and loop.time() >= next_say:
             say(f"waiting for the stack ({loop.time() - start:.0f}s): {waiting}")
-            next_say = loop.time() + 15
+            next_say = loop.time() + SAY_EVERY_S
         await asyncio.sleep(0.2)
     raise StackError(f"the stack was not healthy within {timeout:.0f}s: {waiting}")
 
@@ -220,11 +225,6 @@ async def run_stack(
     finally:
         metrics.close()
         await asyncio.to_thread(stack.stop)
-
-
-#: When a slow start step is first said, and how often after (a group join on the local
-#: broker takes about five seconds: said only when it takes longer than a join should).
-SAY_AFTER_S, SAY_EVERY_S = 15.0, 15.0
 
 
 async def said_while(step: Awaitable[T], say: Callable[[str], None], what: str) -> T:

@@ -96,7 +96,8 @@ class FeatureConsumer:
         # Per partition, the offsets dead-lettered as bad and not committed yet: a batch
         # fetched again after a rewind does not send them again.
         self._lettered: dict[TopicPartition, set[int]] = {}
-        self._checked: set[TopicPartition] = set()  # held, and checked against Redis's progress
+        # Held, and checked against Redis's progress since assigned or since the last outage.
+        self._checked: set[TopicPartition] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, riding out a Redis that is away for a while.
@@ -128,7 +129,7 @@ class FeatureConsumer:
                     failing_since, delay = now, _RETRY_FIRST_S  # a new outage
                 away = now - failing_since
                 if away >= s.redis_outage_seconds:
-                    if not self.stats.redis_retries:
+                    if not s.redis_outage_seconds:
                         raise  # no allowance: the error as it came
                     raise StoreUnavailable(
                         f"Redis away {away:.0f}s, the CLV_REDIS_OUTAGE_SECONDS allowed "
@@ -157,7 +158,6 @@ class FeatureConsumer:
         never committed: ``auto_offset_reset="earliest"``, as a restart would), dropping
         what was fetched past them."""
         consumer = self._consumer
-        commits: dict[TopicPartition, int] = {}
         for tp in consumer.assignment():
             offset = await consumer.committed(tp)
             try:
@@ -165,10 +165,9 @@ class FeatureConsumer:
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, offset)
-                    commits[tp] = offset
             except IllegalStateError:  # revoked meanwhile: its new owner starts at the commit
                 continue
-        await self._check_nothing_lost(commits)
+        self._checked.clear()  # Redis is back: checked again before the next batch
 
     async def _commits_of(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
         """The group's commits for ``partitions`` (none for a partition never committed, or when
@@ -234,8 +233,8 @@ class FeatureConsumer:
                     unsettled.popleft().result()
                 # Every poll, as the archiver's: an empty one still forgets what was revoked
                 record_fetch(self._consumer, self._settings.consumer_group, batch)
-                # Before any batch of a partition just assigned here: does Redis hold what
-                # the group committed (it may have come back empty while no one consumed)?
+                # Before any batch of a partition just assigned here, or after an outage:
+                # does Redis hold what the group committed (it may have come back empty)?
                 held = self._consumer.assignment()
                 if held != self._checked:
                     new, self._checked = held - self._checked, set(held)
@@ -372,8 +371,8 @@ class FeatureConsumer:
         else:
             record_commit(self._consumer, self._settings.consumer_group, commits)
             for tp, end in commits.items():  # what is committed is never fetched again here
-                if sent := self._lettered.get(tp):
-                    sent.difference_update([o for o in sent if o < end])
+                if tp in self._lettered:
+                    self._lettered[tp] = {o for o in self._lettered[tp] if o >= end}
 
 
 def _partition(record: ConsumerRecord[bytes, bytes]) -> TopicPartition:

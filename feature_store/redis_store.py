@@ -381,9 +381,11 @@ class FeatureStore:
                 raise _apply_failed(exc) from exc
             for field, value in zip(fields, stored, strict=True):
                 if int(value if value is not None else -1) < after[field]:
-                    raise StoreUnavailable(
-                        f"applying a batch failed: CLVORDER the batch before this one on "
-                        f"{field} (to offset {after[field]}) was not applied"
+                    raise _apply_failed(  # the script's own refusal, word for word
+                        ResponseError(
+                            f"CLVORDER the batch before this one on {field} "
+                            f"(to offset {after[field]}) was not applied"
+                        )
                     )
         by_slot: dict[int, list[int]] = {}  # slot -> positions in ``events``, in order
         for i, ev in enumerate(events):
