@@ -585,6 +585,11 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+#: How a training child is started: ``training/__main__.py`` imports this module with a SIGTERM
+#: during the imports ending the child as one later does (exit 143, not the bare signal).
+TRAINING_CHILD = ("-m", "training")
+
+
 async def train_in_subprocess(
     settings: Settings, *, force: bool = False, candidates: list[str] | None = None
 ) -> int:
@@ -596,7 +601,7 @@ async def train_in_subprocess(
     or hangup goes to the whole foreground group, and a child that took it would die of a
     ``KeyboardInterrupt`` and be logged as a failed run while ``clv up`` stops; the parent
     cancels, and so terminates, the run instead."""
-    args = [sys.executable, "-m", "training.train", "--quiet"]
+    args = [sys.executable, *TRAINING_CHILD, "--quiet"]
     if force:
         args.append("--force")
     if candidates:
@@ -683,14 +688,15 @@ async def retrain_forever(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.train [--force] [--again] [--quiet] [--candidates=a,b]``: one run,
-    one line."""
+    """``python -m training [--force] [--again] [--quiet] [--candidates=a,b]``: one run, one
+    line (``python -m training.train`` runs it too, without the guard of ``training/__main__``)."""
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     candidates = names[0].split(",") if names else None
     try:
         # The parent terminates a cancelled run: clean up on the way out (and a run terminated
-        # while it imports the models exits 143, as any other).
+        # while it imports the models exits 143, as any other, and as one terminated while
+        # Python imports this module does under ``training/__main__``).
         with sigterm_unwinds():
             from training.models.candidates import make_candidates
 

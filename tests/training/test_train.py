@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from training.registry import ModelRegistry
 from training.synth import SynthConfig, events_frame, generate
 from training.threads import THREAD_VARS
 from training.train import (
+    TRAINING_CHILD,
     TrainingError,
     _child_env,
     choose_horizon,
@@ -1211,12 +1213,34 @@ sys.exit(main(["--quiet"]))
 def test_a_training_child_terminated_while_it_starts_exits_143(tmp_path: Path) -> None:
     """Fails if a SIGTERM while the child makes its candidates (the models' import, at its
     start) kills it outright (-15), where a run terminated later exits 143 after cleaning up.
-    (One during the interpreter's own start and `training.train`'s module imports still
-    kills it: nothing has begun then.)"""
+    (One during `training.train`'s own imports: the test below.)"""
     settings = settings_for(tmp_path)
     done = _run_child(_TERMINATED_WHILE_IMPORTING_MODELS, settings)
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip() == "error: terminated"
+    assert not settings.model_dir.exists()
+
+
+def test_a_training_child_terminated_while_python_imports_it_exits_143(tmp_path: Path) -> None:
+    # Fails if the child, started as the stack starts it, dies of the bare signal (-15) when
+    # the SIGTERM (clv up cancelling a run that has just started) comes while Python imports
+    # training.train: pandas, scikit-learn and the rest take most of a second to import.
+    settings = settings_for(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, *TRAINING_CHILD, "--quiet"],
+        env={**os.environ, **settings.as_env()},
+        cwd=Path(__file__).resolve().parents[2],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    for _ in range(5000):  # until it is importing: numpy comes before pandas and the rest
+        if proc.poll() is not None or "_multiarray_umath" in maps.read_text():
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.strip()) == (143, "error: terminated")
     assert not settings.model_dir.exists()
 
 
