@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-from clv.errors import ClvError
+from clv.errors import ClvError, ModelError
 from clv.files import interruptions_deferred, replaced_atomically, staging_dir
 from feature_store.features import day_date, day_number
 from training import threads
@@ -26,7 +26,13 @@ from training.models.base import PREDICTION_COLUMNS, CLVModel
 from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
 from training.progress import Progress, heartbeat, quiet, resolve
 from training.report import decile_plot, gain_plot, tracking_plot, write_html
-from training.selection import Selection, evaluate, final_training_set, select_champion
+from training.selection import (
+    Selection,
+    evaluate,
+    fallback_order,
+    final_training_set,
+    select_champion,
+)
 
 T = TypeVar("T")
 
@@ -147,14 +153,17 @@ def backtest_events(
     preds: dict[str, pd.DataFrame] = {}
     errors: dict[str, str] = {}
     table = {}
-    for name, model in models.items():
+
+    def final_fit(name: str) -> None:
+        """Fit ``name`` on the cutoff's snapshot and forecast: into ``preds``, or ``errors``."""
+        model = models.setdefault(name, make_candidates([name])[name])
         supervised = name not in UNSUPERVISED and len(supervised_ds) > 0
         ds = supervised_ds if supervised else unsup_ds
         if not supervised and name not in UNSUPERVISED:
             errors[name] = (
                 "too little history before the cutoff for a model that learns from labels"
             )
-            continue
+            return
         rows = len(ds) if supervised else len(ds.current)
         progress(f"final fit: {name} on {rows:,} rows")
         with heartbeat(progress, f"fitting {name} for the final fit"):
@@ -171,15 +180,33 @@ def backtest_events(
         if name not in p:
             progress(f"final fit: {name} failed: {scores[name].error}")
             errors[name] = str(scores[name].error)
-            continue
+            return
         preds[name] = p[name]
         if actual is not None:
             table[name] = scores[name].metrics
-    if selection.champion not in preds:
-        raise DatasetError(
-            f"the champion {selection.champion} could not be fitted: "
-            f"{errors.get(selection.champion, 'unknown error')}"
-        )
+
+    for name in models:
+        final_fit(name)
+    if (failed := selection.champion) not in preds:
+        # Selected on the inner cutoff, it may not fit on the cutoff's own snapshot (a refund
+        # after the inner cutoff can leave Gamma-Gamma too few repeat buyers): the first
+        # label-free candidate of the selection that can forecast takes its place, as in a
+        # selection without validation.
+        why = errors.get(failed, "unknown error")
+        for name in fallback_order(list(selection.scores)):
+            if name == failed or name in errors or name not in selection.scores:
+                continue
+            if name not in preds:
+                final_fit(name)
+            if name in preds:
+                selection.champion = name
+                selection.reason += (
+                    f"; the final fit of {failed} failed ({why}), so {name} forecasts"
+                )
+                progress(f"final fit: {failed} failed, {name} forecasts instead")
+                break
+        else:
+            raise ModelError(f"the champion {failed} could not be fitted: {why}")
     result = BacktestResult(
         cutoff_day=cutoff_day,
         horizon_days=horizon_days,

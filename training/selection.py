@@ -415,6 +415,12 @@ def _skipped_scores(skipped: dict[str, str]) -> dict[str, CandidateScore]:
     return {n: CandidateScore(n, {}, 0.0, f"not fitted: {why}") for n, why in skipped.items()}
 
 
+def fallback_order(names: list[str]) -> list[str]:
+    """The label-free models a forecast falls back to, in turn, when the one chosen cannot
+    forecast: the reference, then the other label-free candidates among ``names``."""
+    return [REFERENCE, *(n for n in names if n in UNSUPERVISED and n != REFERENCE)]
+
+
 def _unvalidated(
     events: pd.DataFrame, cutoff_day: int, horizon_days: int, names: list[str], plan: WindowPlan
 ) -> Selection:
@@ -424,7 +430,7 @@ def _unvalidated(
     ds = _unlabelled(events, cutoff_day, horizon_days)
     why = "no history before the cutoff to validate on"
     failures = []
-    for name in [REFERENCE, *(n for n in names if n in UNSUPERVISED and n != REFERENCE)]:
+    for name in fallback_order(names):
         try:  # a forecast, not only a fit: BG/NBD+GG refuses non-finite values at predict
             with recorded_warnings() as warned:
                 make_candidates([name])[name].fit(ds).predict(ds.current, horizon_days)

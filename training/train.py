@@ -299,6 +299,36 @@ def _check_forecasts(model: Any, ds: Any) -> None:
         raise TrainingError(f"the final fit cannot forecast: {exc}") from exc
 
 
+def _label_free_fallback(
+    selection: Any, events: pd.DataFrame, cutoff: int, horizon: int, exc: Exception, say: Say
+) -> tuple[Any, list[str]]:
+    """The challenger was selected on the inner cutoff and its final fit failed on the
+    cutoff's snapshot (a refund after the inner cutoff can leave Gamma-Gamma too few repeat
+    buyers): the first label-free model that can forecast takes its place, as in a selection
+    without validation; ``selection`` is updated to name it."""
+    from clv.errors import one_line
+    from training.models.candidates import make_candidates
+    from training.selection import fallback_order, final_training_set, recorded_warnings
+
+    failed, why = selection.champion, one_line(exc)
+    ds = final_training_set(events, cutoff, horizon, selection.plan, supervised=False)
+    for name in fallback_order(list(selection.scores)):
+        if name == failed or name not in selection.scores:  # only the candidates asked for
+            continue
+        model = make_candidates([name])[name]
+        try:
+            with recorded_warnings() as warned:
+                model.fit(ds)
+                _check_forecasts(model, ds)
+        except (ClvError, ValueError, ArithmeticError):
+            continue
+        say(f"final fit of {failed} failed ({why}): {name} takes its place")
+        selection.champion = name
+        selection.reason += f"; the final fit of {failed} failed ({why}), so {name} forecasts"
+        return model, warned
+    raise exc
+
+
 def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
     """Scores a stored champion on the challenger's validation window, with the same metric."""
     from training.datasets import purchasers_at
@@ -463,9 +493,14 @@ def train(
         rows = f" ({len(ds):,} labelled rows)" if len(ds) else ""
         say(f"final fit of {selection.champion} on all {fit_users:,} buyers{rows}")
         doing = f"fitting {selection.champion} for the final fit"
-        with recorded_warnings() as final_warnings, heartbeat(say, doing):
-            model.fit(ds)
-            _check_forecasts(model, ds)
+        try:
+            with recorded_warnings() as final_warnings, heartbeat(say, doing):
+                model.fit(ds)
+                _check_forecasts(model, ds)
+        except (ClvError, ValueError, ArithmeticError) as exc:
+            model, final_warnings = _label_free_fallback(
+                selection, events, cutoff, horizon, exc, say
+            )
         for line in final_warnings:
             say(f"final fit warned: {line}")
         del ds

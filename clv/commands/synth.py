@@ -103,6 +103,8 @@ def synth(
             f"not a {suffix} file"
         )
     out = output_path(out_arg, "--out", file=as_csv)
+    if as_csv and (out.exists() or out.is_symlink()):  # it may hold real orders: never replaced
+        raise fail(f"--out {out} exists: synth does not replace a file; give a new name")
     if not as_csv and out.exists():
         if not out.is_dir():
             raise fail(

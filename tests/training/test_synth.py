@@ -378,3 +378,21 @@ def test_seasonality_profile() -> None:
     rush = g[(month == 12) & (dom >= 5) & (dom <= 15)].mean()
     assert january > 1.25 * summer  # the broad winter peak alone (no rush in January)
     assert rush > 1.15 * january
+
+
+def test_the_cli_never_replaces_an_existing_orders_file(tmp_path: Path) -> None:
+    # Fails if `clv synth --out FILE.csv` replaces a file that is there (a user's real orders,
+    # say) as it refuses a folder that is not empty: one line, exit 2, the file as it was.
+    from typer.testing import CliRunner
+
+    real = tmp_path / "orders.csv"
+    text = "user_id,order_id,ts,amount\nreal-customer,o-1,2024-03-01T10:00:00Z,99.00\n"
+    real.write_text(text)
+    link = tmp_path / "link.csv"
+    link.symlink_to(tmp_path / "nowhere.csv")
+    for out in (real, link):
+        args = ["synth", "--users", "5", "--orders", "10", "--out", str(out), "-q"]
+        result = CliRunner().invoke(_synth_app(), args)
+        assert result.exit_code == 2, result.output
+        assert "exists" in result.output and "Traceback" not in result.output
+    assert real.read_text() == text and not (tmp_path / "nowhere.csv").exists()
