@@ -64,7 +64,7 @@ def _report(title: str, one: list[float], default: list[float]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the first paragraph
     ap.add_argument("--rounds", type=int, default=3)
     rounds = ap.parse_args().rounds
     cores = len(os.sched_getaffinity(0))  # what OpenMP's default uses, not the host's count

@@ -119,9 +119,9 @@ _COLUMNS = (*EVENT_COLUMNS, *ARRIVAL_COLUMNS)
 async def run_archiver(settings: Settings, stop: asyncio.Event) -> int:
     """Entry point: archive until ``stop``; returns the number of events written."""
     check_usable_dir(settings.event_log_dir, "the event log", "CLV_EVENT_LOG_DIR")
-    consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
-    archiver = Archiver(settings, consumer, settings.event_log_dir)
-    with metrics_served(settings):
+    with metrics_served(settings):  # first: a port in use ends it before a client is made
+        consumer = make_consumer(settings, settings.archiver_group, settings.orders_topic)
+        archiver = Archiver(settings, consumer, settings.event_log_dir)
         try:  # a stop while starting (the group join can wait minutes) ends it here
             await unless_stopped(stop, ensure_topics(settings))
             await unless_stopped(stop, consumer.start())

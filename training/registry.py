@@ -343,7 +343,7 @@ class ModelRegistry:
         which are never written through), so a run that could not promote leaves no orphan
         version, nor a champion it could not record."""
         try:
-            check_usable_dir(self.root, "model directory")
+            check_usable_dir(self.root, "the model directory", "CLV_MODEL_DIR")
         except ClvError as exc:
             raise ModelError(str(exc)) from None
         for name in (POINTER_FILE, HISTORY_FILE, LOCK_FILE):

@@ -263,3 +263,19 @@ def test_no_metrics_port_serves_nothing_and_a_port_in_use_is_an_error_at_once() 
             metrics_served(Settings(metrics_port=port)),
         ):
             pass
+
+
+async def test_a_metrics_port_in_use_ends_the_archiver_before_it_makes_a_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if the archiver makes its Kafka consumer before it binds the port: the error then
+    # left a consumer never closed ("Unclosed AIOKafkaConsumer" after the one-line error).
+    import consumers.archiver as archiver_module
+
+    made: list[object] = []
+    monkeypatch.setattr(archiver_module, "make_consumer", lambda *a, **k: made.append(a))
+    port = free_port()
+    settings = Settings(metrics_port=port, event_log_dir=tmp_path / "log")
+    with metrics_served(settings), pytest.raises(ClvError, match="cannot serve metrics"):
+        await run_archiver(settings, asyncio.Event())
+    assert made == []

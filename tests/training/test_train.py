@@ -433,7 +433,9 @@ def test_a_model_dir_that_cannot_be_made_is_refused_before_training(tmp_path: Pa
     (tmp_path / "events").mkdir()
     (tmp_path / "file").write_text("")
     settings = Settings(event_log_dir=tmp_path / "events", model_dir=tmp_path / "file" / "m")
-    with pytest.raises(TrainingError, match=r"file/m cannot be used: .*file is not a directory"):
+    with pytest.raises(
+        TrainingError, match=r"file/m \(CLV_MODEL_DIR\) cannot be used: .*file is not a dir"
+    ):
         train(settings, progress=False)
 
 
