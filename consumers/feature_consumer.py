@@ -104,12 +104,12 @@ class FeatureConsumer:
 
         When an apply fails because Redis is away (:class:`StoreUnavailable`: down, restarting,
         not answering, a failover), nothing after the last committed batch was committed; the
-        consumer waits (1 s, doubling up to 30 s, or until ``stop``), moves the partitions it
-        holds back to the group's commits and goes on from there; what had reached Redis
-        counts once, by the events' dedup. An outage runs from its first failure until a batch
-        applies, or until a try runs :data:`_QUIET_S` without failing; one that lasts
-        ``CLV_REDIS_OUTAGE_SECONDS`` stops the consumer with the error, as any other failure
-        does at once.
+        consumer waits (1 s, doubling up to 30 s, no later than the allowance's end, or until
+        ``stop``), moves the partitions it holds back to the group's commits and goes on from
+        there; what had reached Redis counts once, by the events' dedup. An outage runs from
+        its first failure until a batch applies, or until a try runs :data:`_QUIET_S` without
+        failing; one that lasts ``CLV_REDIS_OUTAGE_SECONDS`` stops the consumer with the error,
+        as any other failure does at once.
         """
         s = self._settings
         delay = _RETRY_FIRST_S
@@ -137,16 +137,18 @@ class FeatureConsumer:
                     ) from exc
                 REDIS_RETRIES.inc()
                 self.stats.redis_retries += 1
+                # The last try comes when the allowance ends, not up to a backoff step later.
+                wait = min(delay, s.redis_outage_seconds - away)
                 log.warning(
                     "Redis is away (%s); retrying from the last commit in %gs "
                     "(away %.0fs of CLV_REDIS_OUTAGE_SECONDS=%g)",
                     exc,
-                    delay,
+                    wait,
                     away,
                     s.redis_outage_seconds,
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+                await asyncio.wait_for(stop.wait(), wait)
             try:  # the group coordinator may be slow to answer: a stop does not wait for it
                 await unless_stopped(stop, self._rewind())
             except StoppedWhileStarting:

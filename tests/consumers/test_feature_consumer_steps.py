@@ -762,6 +762,42 @@ async def test_an_outage_is_timed_from_its_own_start_not_an_earlier_ones(
     assert tries == 3 and worker.stats.redis_retries == 2
 
 
+async def test_the_last_try_of_an_outage_comes_when_the_allowance_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Redis stays away; a clock of our own moves by each wait. Fails if the consumer waits a
+    # whole backoff step past the allowance (1, 2, then 4 s with 5 s allowed: it stopped 7 s
+    # in, up to 30 s late at the default) instead of trying once more when it ends.
+    now = 0.0
+    waits: list[float] = []
+
+    async def wait_for(aw: Awaitable[Any], timeout: float) -> None:
+        nonlocal now
+        asyncio.ensure_future(aw).cancel()
+        waits.append(timeout)
+        now += timeout
+        raise TimeoutError
+
+    monkeypatch.setattr(consumers.feature_consumer, "_RETRY_FIRST_S", 1.0)
+    monkeypatch.setattr(
+        consumers.feature_consumer, "time", types.SimpleNamespace(monotonic=lambda: now)
+    )
+    monkeypatch.setattr(
+        consumers.feature_consumer,
+        "asyncio",
+        types.SimpleNamespace(**{**vars(asyncio), "wait_for": wait_for}),
+    )
+
+    async def consume(_: asyncio.Event) -> None:
+        raise StoreUnavailable("applying a batch failed: Connection refused")
+
+    worker = FeatureConsumer(Settings(redis_outage_seconds=5), RewindKafka([], 1), None, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(worker, "_consume", consume)
+    with pytest.raises(StoreUnavailable, match=r"Redis away 5s, the CLV_REDIS_OUTAGE_SECONDS"):
+        await worker.run(asyncio.Event())
+    assert waits == [1.0, 2.0, 2.0] and worker.stats.redis_retries == 3
+
+
 async def test_a_stop_does_not_wait_for_a_rewind_the_broker_does_not_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
