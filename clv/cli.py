@@ -52,11 +52,17 @@ def _options(
     """clv: streaming customer lifetime value."""
 
 
+#: The packages whose INFO lines a long-running command shows: where it serves metrics, each
+#: retraining's outcome, a model registered or pruned. The Kafka client's own stay out.
+OWN_LOGGERS = ("clv", "consumers", "feature_store", "training")
+
+
 def run_async(
     main: Callable[[asyncio.Event], Awaitable[T]],
     *,
     one_shot: bool = False,
     starts_stack: bool = False,
+    service: bool = False,
 ) -> T:
     """Run ``main(stop)`` with SIGINT/SIGTERM/SIGHUP setting ``stop`` (a clean shutdown, not a
     kill).
@@ -65,10 +71,15 @@ def run_async(
     ``demo``) are not told that ``clv up`` would start one.
 
     ``one_shot`` commands (not services) end in one line: the Kafka client's own log lines (it
-    logs a failed connection before raising it) are left out, and the error says it all."""
+    logs a failed connection before raising it) are left out, and the error says it all.
+    ``service`` commands (``up``, ``consume``, ``archive``, ``train --every``) also log what
+    clv's own code says at INFO (:data:`OWN_LOGGERS`)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if one_shot:
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    if service:
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
 
     async def runner() -> T:
         stop = asyncio.Event()
@@ -115,6 +126,7 @@ def up(
             settings, stop, consumers=consumers, retrain_every_s=retrain_every or None
         ),
         starts_stack=True,
+        service=True,
     )
 
 
@@ -135,7 +147,7 @@ def consume() -> None:
     from consumers.feature_consumer import run_feature_consumer
 
     settings = load_settings()
-    stats = run_async(lambda stop: run_feature_consumer(settings, stop))
+    stats = run_async(lambda stop: run_feature_consumer(settings, stop), service=True)
     typer.echo(json.dumps(stats.__dict__), err=True)
 
 
@@ -145,7 +157,7 @@ def archive() -> None:
     from consumers.archiver import run_archiver
 
     settings = load_settings()
-    n = run_async(lambda stop: run_archiver(settings, stop))
+    n = run_async(lambda stop: run_archiver(settings, stop), service=True)
     typer.echo(f"archived {n} events", err=True)
 
 

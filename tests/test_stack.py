@@ -76,6 +76,9 @@ def test_up_starts_local_servers_that_end_with_it(tmp_path: Path, sig: int) -> N
         assert any("started redis-server" in line for line in lines)
         assert any("started Kafka-protocol broker" in line for line in lines)
         assert port_open("127.0.0.1", redis_port) and port_open("127.0.0.1", kafka_port)
+        # Fails if clv up drops its own INFO lines (where it serves metrics; each retraining's
+        # outcome), as the root logger's WARNING level did.
+        assert any(f"metrics at http://127.0.0.1:{metrics_port}/metrics" in x for x in lines)
         # Fails if clv up does not serve the stream processes' metrics at CLV_METRICS_PORT.
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as answer:
             assert "clv_consumer_batches_total" in answer.read().decode()

@@ -722,6 +722,18 @@ async def retrain_forever(
         await asyncio.sleep(interval_s if has_champion else min(interval_s, 60.0))
 
 
+async def retrain_until(settings: Settings, interval_s: float, stop: asyncio.Event) -> None:
+    """``clv train --every``: :func:`retrain_forever` until ``stop`` is set. A run in progress
+    is terminated: it registers nothing, or first finishes the decision it is making."""
+    from clv.stopping import stop_or_first_done
+
+    task = asyncio.create_task(retrain_forever(settings, interval_s))
+    await stop_or_first_done(stop, [task])
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # a failure of its own (it logs a run's) is the command's error
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m training [--force] [--again] [--quiet] [--candidates=a,b]``: one run, one
     line (``python -m training.train`` runs it too, without the guard of ``training/__main__``)."""

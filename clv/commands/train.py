@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated
 
 import typer
@@ -25,6 +26,15 @@ def train(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    every: Annotated[
+        float | None,
+        typer.Option(
+            "--every",
+            metavar="SECONDS",
+            help="keep running: train now and every SECONDS until SIGTERM/Ctrl-C, each run in "
+            "a child process and skipped when the event log has not changed (as clv up does)",
+        ),
+    ] = None,
 ) -> None:
     """Train from CLV_EVENT_LOG_DIR, register the model, promote it only if it wins.
 
@@ -38,6 +48,9 @@ def train(
     from training.progress import StderrProgress
     from training.train import train as run_training
 
+    if every is not None:
+        _train_every(every, force=force, again=again, as_json=as_json, quiet=quiet)
+        return
     settings = load_settings()
     progress = False if quiet else StderrProgress("train", t0=STARTED)
     try:
@@ -70,3 +83,26 @@ def train(
         )
     else:
         typer.echo(result.summary())
+
+
+def _train_every(every: float, *, force: bool, again: bool, as_json: bool, quiet: bool) -> None:
+    """``clv train --every SECONDS``: periodic retraining on its own, for a deployment whose
+    consumers and archiver run elsewhere (``docker-compose.yml``'s trainer). Each outcome is a
+    log line (none with ``-q`` but failures)."""
+    from clv.cli import run_async
+    from training.registry import ModelRegistry
+    from training.train import retrain_until
+
+    if not 1 <= every < math.inf:  # (nan too; 1e-9 would spin)
+        raise fail(f"--every must be 1 second or more, not {every}")
+    given = [
+        name for name, on in (("--force", force), ("--again", again), ("--json", as_json)) if on
+    ]
+    if given:
+        raise fail(f"--every takes no {', '.join(given)}: each run is decided on validation")
+    settings = load_settings()
+    try:  # a model directory it cannot write: said now, not at the first run's end
+        ModelRegistry(settings.model_dir).check_writable()
+    except ClvError as exc:
+        raise fail(str(exc), 1) from None
+    run_async(lambda stop: retrain_until(settings, every, stop), service=not quiet)

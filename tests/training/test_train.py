@@ -1259,3 +1259,63 @@ def test_the_training_child_never_prints_a_secret_of_a_bad_setting(
     assert train_module.main(["--quiet"]) == 1
     err = capsys.readouterr().err
     assert "s3cret" not in err and "SASL_SSL" in err and len(err.strip().splitlines()) == 1
+
+
+def test_clv_train_every_trains_at_once_skips_an_unchanged_log_and_stops_cleanly(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    # `clv train --every SECONDS`: docker-compose.yml's trainer. Fails if it trains only once
+    # (the trainer ran once and exited: no periodic retraining in production), hides each
+    # run's outcome (a service's INFO lines were dropped: clv up said nothing of its
+    # retraining), or a SIGTERM does not end it cleanly.
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "train", "--every", "1"],
+        env={**os.environ, **settings.as_env()},
+        cwd=Path(__file__).resolve().parents[2],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "retraining skipped: no new events" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    said = "".join(lines) + rest
+    assert proc.returncode == 0, said
+    assert "retraining: model" in said and "promoted to champion" in said
+    assert "Traceback" not in said
+    registry = ModelRegistry(settings.model_dir)
+    assert registry.versions() == [registry.champion_version()]  # one run, then skipped
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [
+        (["--every", "0"], 2, "--every must be 1 second or more, not 0.0"),
+        (["--every", "nan"], 2, "--every must be 1 second or more, not nan"),
+        (["--every", "inf"], 2, "--every must be 1 second or more, not inf"),
+        (["--every", "60", "--json", "--force"], 2, "--every takes no --force, --json"),
+        (["--every", "60"], 1, "(CLV_MODEL_DIR) cannot be used"),
+    ],
+)
+def test_clv_train_every_refuses_what_it_cannot_do_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, said: str
+) -> None:
+    # Fails if a bad --every, options that mean nothing with it, or a model directory it
+    # cannot write (a file here) start the loop instead of ending at once in one line.
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("CLV_EVENT_LOG_DIR", str(tmp_path / "events"))
+    monkeypatch.setenv("CLV_MODEL_DIR", str(tmp_path / "a_file"))
+    app = typer.Typer()
+    app.command()(train_command)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], result.stderr
