@@ -40,9 +40,11 @@ def guarded(module: str, said: Said) -> Callable[[], int]:
         if handler in (signal.SIG_DFL, signal.default_int_handler):
             replaced[sig] = handler
             signal.signal(sig, while_importing)
-    entry: Callable[[], int] = importlib.import_module(module).main
-    for sig, handler in replaced.items():
-        signal.signal(sig, handler)
+    try:
+        entry: Callable[[], int] = importlib.import_module(module).main
+    finally:  # also when the import fails: a caller that goes on must not keep os._exit
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
     return entry
 
 

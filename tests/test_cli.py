@@ -673,3 +673,64 @@ def test_a_signal_while_python_imports_clv_ends_it_in_one_line(
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert (proc.returncode, err.strip()) == (code, line)
+
+
+def _entry_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A module ``name`` whose import notes the SIGTERM handler in force, with a ``main``."""
+    (tmp_path / f"{name}.py").write_text(
+        "import signal\nDURING = signal.getsignal(signal.SIGTERM)\n"
+        "def main() -> int:\n    return 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_the_import_guard_gives_back_the_handlers_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if clv._start.guarded leaves its mid-import handler in place once the module is
+    # imported: a SIGTERM later in the command would then os._exit(143) past its cleanup.
+    import importlib
+
+    from clv._start import guarded
+
+    _entry_module(tmp_path, monkeypatch, "guarded_entry")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    said = {signal.SIGINT: (b"x\n", 130), signal.SIGTERM: (b"x\n", 143)}
+    assert guarded("guarded_entry", said)() == 7
+    assert importlib.import_module("guarded_entry").DURING not in (signal.SIG_DFL, None)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_the_import_guard_leaves_an_ignored_signal_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if clv._start.guarded replaces a signal the process was started with ignored
+    # (nohup): a SIGTERM during the imports would then end a run that was to ignore it.
+    import importlib
+
+    from clv._start import guarded
+
+    _entry_module(tmp_path, monkeypatch, "guarded_ignored")
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert guarded("guarded_ignored", {signal.SIGTERM: (b"x\n", 143)})() == 7
+        assert importlib.import_module("guarded_ignored").DURING == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_import_guard_gives_back_the_handlers_when_the_import_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if a module whose import raises leaves clv._start.guarded's handler in place: a
+    # caller that handles the error and goes on would be ended by a later SIGTERM with
+    # os._exit, past its own cleanup.
+    from clv._start import guarded
+
+    (tmp_path / "guarded_broken.py").write_text("raise RuntimeError('broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="broken"):
+        guarded("guarded_broken", {signal.SIGTERM: (b"x\n", 143)})
+    assert signal.getsignal(signal.SIGTERM) == before

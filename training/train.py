@@ -275,6 +275,12 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
         return window
     if ref is None or ref.error:
         window = replace(window, metric="rmse", higher_is_better=HIGHER_IS_BETTER["rmse"])
+    elif score.missed:
+        # A label-free model that took the place of a champion whose final fit failed, though
+        # the selection refused it for the targets it missed: it ranks below the reference, as
+        # a stored champion that misses them does (_champion_evaluator), so it is promoted only
+        # where there is no champion to keep.
+        return replace(window, score=float("-inf"))
     return replace(window, score=_score_on(score, window.metric))
 
 
