@@ -512,3 +512,29 @@ def test_the_closest_total_is_the_champion_when_it_ties_for_it() -> None:
     assert closest_total(bias, "bgnbd_gg") == "bgnbd_gg"
     assert closest_total(bias, "x") == "hybrid_btyd_features"
     assert closest_total(bias.drop("hybrid_btyd_features"), "x") == "bgnbd_gg"
+
+
+def test_the_report_names_the_commit_its_code_ran_from(tmp_path: Path) -> None:
+    # Fails if the model-quality header cannot say which code made its figures: the commit,
+    # whether tracked files differed from it, or that there is no git checkout to ask.
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert quality.source_revision(tmp_path) == "not a git checkout"
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert quality.source_revision(tmp_path) == f"commit {head}"
+    (tmp_path / "new.md").write_text("untracked: the run's own output\n")
+    assert quality.source_revision(tmp_path) == f"commit {head}"
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert quality.source_revision(tmp_path) == f"commit {head} with uncommitted changes"
