@@ -2,10 +2,11 @@
 
 Python spends about 0.6 s importing clv (typer, aiokafka, redis, pydantic, pandas: 0.61 s
 cumulative for ``clv.cli`` by ``python -X importtime``) before :func:`clv.cli.main` handles
-signals. A Ctrl-C or SIGTERM in that window ends the command as it would a moment later, with
-one line and exit 130 or 143, not a traceback or a bare signal exit; nothing has started by
-then. A signal the command was started with ignored (``nohup``) stays ignored. The stack's
-training child starts the same way (``training/__main__.py``).
+signals. A Ctrl-C or SIGTERM in that window ends the command with one line and exit 130 or
+143, as it ends a command interrupted in its work, not a traceback or a bare signal exit;
+nothing has started by then. (A service stopped once it runs, ``clv up`` or ``consume``, exits
+0 instead: a clean stop.) A signal the command was started with ignored (``nohup``) stays
+ignored. The stack's training child starts the same way (``training/__main__.py``).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def _options(
 
 
 #: The packages whose INFO lines a long-running command shows: where it serves metrics, each
-#: retraining's outcome, a model registered or pruned. The Kafka client's own stay out.
+#: retraining's outcome. The Kafka client's own stay out.
 OWN_LOGGERS = ("clv", "consumers", "feature_store", "training")
 
 

@@ -668,10 +668,13 @@ async def train_in_subprocess(
                 proc.kill()
             await proc.wait()
         raise
-    text = (out or err).decode(errors="replace").strip()
+    said, warned = (b.decode(errors="replace").strip() for b in (out, err))
     if proc.returncode == 0:
-        log.info("retraining: %s", text)
+        log.info("retraining: %s", said)
+        if warned:  # a run that succeeded may still have warned (an old version left, say)
+            log.warning("retraining warned: %s", warned[-2000:])
     else:
+        text = said or warned
         log.warning("retraining failed (exit %s): %s", proc.returncode, text[-2000:])
     return int(proc.returncode or 0)
 
@@ -683,7 +686,8 @@ def log_signature(root: Path) -> str:
 
     digest = hashlib.sha256()
     for part in log_files(root):
-        digest.update(f"{part.parent.name}/{part.name}:{part.stat().st_size}\n".encode())
+        # os.fsencode: a name that is not UTF-8 (its bytes kept as surrogates) is a name too
+        digest.update(os.fsencode(f"{part.parent.name}/{part.name}:{part.stat().st_size}\n"))
     return digest.hexdigest()
 
 
@@ -704,14 +708,18 @@ async def retrain_forever(
     while True:
         try:
             signature: str | None = await asyncio.to_thread(log_signature, settings.event_log_dir)
-        except OSError as exc:  # a log it may not read (yet): the stack runs on, it tries again
+        except (OSError, ValueError) as exc:  # a log it may not read: it tries again later
             log.warning("retraining cannot read the event log: %s", exc)
             signature = None
         if signature is None:
             pass
         elif signature == nothing:  # a new stack: the archiver has written nothing yet
             log.info(
-                "retraining waits: the event log %s holds no events yet", settings.event_log_dir
+                "retraining waits: the event log %s %s",
+                settings.event_log_dir,
+                "holds no events yet"
+                if settings.event_log_dir.is_dir()
+                else "does not exist yet (CLV_EVENT_LOG_DIR; the archiver makes it)",
             )
         elif signature != trained_on:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -992,6 +993,71 @@ async def test_retraining_outlives_an_event_log_it_cannot_read(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_the_log_signature_takes_a_file_name_that_is_not_utf8(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    # Fails if a part file named in bytes that are not UTF-8 raises out of log_signature (a
+    # UnicodeEncodeError ended clv train --every with a traceback, at every restart).
+    root = tmp_path / "events"
+    write_events(root, events)
+    before = log_signature(root)
+    folder = next(p for p in root.iterdir() if p.is_dir())
+    name = os.fsencode(folder) + b"/part-\xff.parquet"
+    os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644))
+    after = log_signature(root)
+    assert len(after) == 64 and after != before
+
+
+async def test_a_training_run_that_succeeds_but_warns_is_not_silent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stand-in interpreter for the child: its outcome on stdout, a warning on stderr, exit 0.
+    # Fails if a run that succeeded drops what it warned (an old version it could not prune:
+    # clv train -q says so, clv up's and train --every's retraining said nothing).
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/sh\necho 'model v1 (naive_rate) kept: the champion is v0'\n"
+        "echo 'could not remove old model version v-old' >&2\n"
+    )
+    python.chmod(0o755)
+    caplog.set_level(logging.INFO, logger="training.train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "executable", str(python))
+        assert await train_in_subprocess(settings_for(tmp_path)) == 0
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "training.train"]
+    assert (logging.INFO, "retraining: model v1 (naive_rate) kept: the champion is v0") in said
+    assert (logging.WARNING, "retraining warned: could not remove old model version v-old") in said
+
+
+async def test_retraining_says_when_the_event_log_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fails if a CLV_EVENT_LOG_DIR that does not exist (a typo, or an archiver yet to write)
+    # reads as a log that holds no events, every interval, whatever the setting says.
+    import training.train as train_module
+
+    settings = settings_for(tmp_path)
+
+    class MakesTheLog(_Sleeps):  # the archiver's first flush, during the first wait
+        async def sleep(self, seconds: float) -> None:
+            settings.event_log_dir.mkdir(exist_ok=True)
+            await super().sleep(seconds)
+
+    sleeps = MakesTheLog()
+    monkeypatch.setattr(train_module, "asyncio", sleeps)
+    caplog.set_level(logging.INFO, logger="training.train")
+    task = asyncio.create_task(retrain_forever(settings, 3600))
+    try:
+        await _loop_until(task, lambda: len(sleeps.asked) >= 2)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    waits = [r.getMessage() for r in caplog.records if "retraining waits" in r.getMessage()]
+    assert waits[0].endswith("does not exist yet (CLV_EVENT_LOG_DIR; the archiver makes it)")
+    assert waits[1].endswith("holds no events yet")
 
 
 async def test_a_training_child_that_fails_returns_its_exit_code(tmp_path: Path) -> None:
