@@ -741,11 +741,18 @@ async def retrain_until(settings: Settings, interval_s: float, stop: asyncio.Eve
     is terminated: it registers nothing, or first finishes the decision it is making."""
     from clv.stopping import stop_or_first_done
 
+    log.info(
+        "retraining every %gs from the event log %s into %s",
+        interval_s,
+        settings.event_log_dir,
+        settings.model_dir,
+    )
     task = asyncio.create_task(retrain_forever(settings, interval_s))
     await stop_or_first_done(stop, [task])
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task  # a failure of its own (it logs a run's) is the command's error
+    log.info("retraining stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

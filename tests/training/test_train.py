@@ -1357,6 +1357,9 @@ def test_clv_train_every_trains_at_once_skips_an_unchanged_log_and_stops_cleanly
     assert proc.returncode == 0, said
     assert "retraining: model" in said and "promoted to champion" in said
     assert "Traceback" not in said
+    # Fails if an operator's log does not say when the trainer started, on what, and stopped.
+    assert f"retraining every 1s from the event log {settings.event_log_dir} into" in said
+    assert said.rstrip().endswith("retraining stopped")
     registry = ModelRegistry(settings.model_dir)
     assert registry.versions() == [registry.champion_version()]  # one run, then skipped
 
