@@ -26,13 +26,7 @@ from training.models.base import PREDICTION_COLUMNS, CLVModel
 from training.models.candidates import REFERENCE, UNSUPERVISED, make_candidates
 from training.progress import Progress, heartbeat, quiet, resolve
 from training.report import decile_plot, gain_plot, tracking_plot, write_html
-from training.selection import (
-    Selection,
-    evaluate,
-    fallback_order,
-    final_training_set,
-    select_champion,
-)
+from training.selection import Selection, evaluate, final_training_set, select_champion
 
 T = TypeVar("T")
 
@@ -193,16 +187,11 @@ def backtest_events(
         # label-free candidate of the selection that can forecast takes its place, as in a
         # selection without validation.
         why = errors.get(failed, "unknown error")
-        for name in fallback_order(list(selection.scores)):
-            if name == failed or name in errors or name not in selection.scores:
-                continue
-            if name not in preds:
+        for name in selection.fallbacks():
+            if name not in preds and name not in errors:
                 final_fit(name)
             if name in preds:
-                selection.champion = name
-                selection.reason += (
-                    f"; the final fit of {failed} failed ({why}), so {name} forecasts"
-                )
+                selection.fall_back(name, why)
                 progress(f"final fit: {failed} failed, {name} forecasts instead")
                 break
         else:

@@ -149,6 +149,18 @@ class Selection:
     val_actual: np.ndarray | None = field(default=None, repr=False)
     val_predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
+    def fallbacks(self) -> list[str]:
+        """The label-free candidates of this selection that may stand in, in turn, for a
+        champion whose final fit failed (:func:`fallback_order`, the champion left out)."""
+        return [
+            n for n in fallback_order(list(self.scores)) if n in self.scores and n != self.champion
+        ]
+
+    def fall_back(self, name: str, why: str) -> None:
+        """``name`` forecasts in place of the champion, whose final fit failed for ``why``."""
+        self.reason += f"; the final fit of {self.champion} failed ({why}), so {name} forecasts"
+        self.champion = name
+
     def table(self) -> pd.DataFrame:
         rows = {
             n: {

@@ -314,13 +314,11 @@ def _label_free_fallback(
     without validation; ``selection`` is updated to name it."""
     from clv.errors import one_line
     from training.models.candidates import make_candidates
-    from training.selection import fallback_order, final_training_set, recorded_warnings
+    from training.selection import final_training_set, recorded_warnings
 
     failed, why = selection.champion, one_line(exc)
     ds = final_training_set(events, cutoff, horizon, selection.plan, supervised=False)
-    for name in fallback_order(list(selection.scores)):
-        if name == failed or name not in selection.scores:  # only the candidates asked for
-            continue
+    for name in selection.fallbacks():  # only the candidates asked for
         model = make_candidates([name])[name]
         try:
             with recorded_warnings() as warned:
@@ -329,8 +327,7 @@ def _label_free_fallback(
         except (ClvError, ValueError, ArithmeticError):
             continue
         say(f"final fit of {failed} failed ({why}): {name} takes its place")
-        selection.champion = name
-        selection.reason += f"; the final fit of {failed} failed ({why}), so {name} forecasts"
+        selection.fall_back(name, why)
         return model, warned
     raise exc
 

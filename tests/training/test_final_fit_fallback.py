@@ -137,6 +137,20 @@ def _train(tmp_path: Path, orders: str, candidates: list[str]) -> TrainResult:
 ALL_THREE = ["ridge", "naive_rate", "bgnbd_gg"]
 
 
+def _train_when_ridge_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bgnbd_gg: type | None = None
+) -> TrainResult:
+    """clv train over :data:`ALL_THREE` with ridge chosen and unable to fit, and ``bgnbd_gg``
+    (when given) standing in for the reference."""
+    import training.selection
+
+    monkeypatch.setitem(CANDIDATES, "ridge", _CannotFit)
+    if bgnbd_gg is not None:
+        monkeypatch.setitem(CANDIDATES, "bgnbd_gg", bgnbd_gg)
+    _chosen(monkeypatch, training.selection, "ridge")
+    return _train(tmp_path, ORDERS_WITHOUT_THE_REFUND, ALL_THREE)
+
+
 def test_a_failed_champion_gives_way_to_the_reference_first_in_backtest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,11 +173,7 @@ def test_a_failed_champion_gives_way_to_the_reference_first_in_train(
 ) -> None:
     # Fails if clv train takes the label-free models in another order than fallback_order's
     # (the naive rate registered where BG/NBD+GG, first in that order, forecasts).
-    import training.selection
-
-    monkeypatch.setitem(CANDIDATES, "ridge", _CannotFit)
-    _chosen(monkeypatch, training.selection, "ridge")
-    result = _train(tmp_path, ORDERS_WITHOUT_THE_REFUND, ALL_THREE)
+    result = _train_when_ridge_fails(tmp_path, monkeypatch)
     assert result.model_name == "bgnbd_gg"
     assert "final fit of ridge failed (this model cannot be fitted here)" in result.selection_reason
 
@@ -174,12 +184,7 @@ def test_a_fallback_that_cannot_forecast_is_passed_over_for_the_next(
     # Fails if clv train registers a fallback whose fit succeeds but whose forecast fails (it
     # would serve no customer), or gives up at the first fallback that fails instead of
     # trying the next one.
-    import training.selection
-
-    monkeypatch.setitem(CANDIDATES, "ridge", _CannotFit)
-    monkeypatch.setitem(CANDIDATES, "bgnbd_gg", _CannotForecast)
-    _chosen(monkeypatch, training.selection, "ridge")
-    result = _train(tmp_path, ORDERS_WITHOUT_THE_REFUND, ALL_THREE)
+    result = _train_when_ridge_fails(tmp_path, monkeypatch, _CannotForecast)
     assert result.model_name == "naive_rate"
     model = ModelRegistry(tmp_path / "models").load(result.version).model
     assert type(model) is HistoricalRate
@@ -207,12 +212,7 @@ def test_the_fallbacks_own_fit_warnings_are_kept_with_it(
 ) -> None:
     # Fails if the version registered in the failed champion's place is stored without what its
     # own final fit warned (the metadata's final_fit_warnings would describe no fit).
-    import training.selection
-
-    monkeypatch.setitem(CANDIDATES, "ridge", _CannotFit)
-    monkeypatch.setitem(CANDIDATES, "bgnbd_gg", _WarnsWhenFitted)
-    _chosen(monkeypatch, training.selection, "ridge")
-    result = _train(tmp_path, ORDERS_WITHOUT_THE_REFUND, ALL_THREE)
+    result = _train_when_ridge_fails(tmp_path, monkeypatch, _WarnsWhenFitted)
     assert result.model_name == "bgnbd_gg"
     meta = ModelRegistry(tmp_path / "models").metadata(result.version)
     assert any("a note from this fit" in w for w in meta["extra"]["final_fit_warnings"])
