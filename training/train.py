@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -408,7 +409,8 @@ def train(
     When a champion exists and a registered version was trained on the same events with the
     same :func:`training_inputs`, nothing is trained: the result describes that version, with
     ``skipped`` set (training is deterministic, so a rerun would register a copy). ``again``
-    or ``force`` trains anyway.
+    or ``force`` trains anyway. Runs on one event log take turns (:func:`runs_take_turns`):
+    one started while another trains waits for it, then reads the log as it then is.
 
     ``progress``: a callable for the progress lines, or whether to print them on stderr. Raises
     :class:`TrainingError` when the log holds no purchase to learn from. The numeric
@@ -416,12 +418,8 @@ def train(
     (:mod:`training.threads`).
     """
     threads.one_thread_unless_set()  # in the thread that fits: OpenMP's limit is per thread
-    from feature_store.event_log import log_dir_problem, read_events
-    from feature_store.features import day_date
-    from training.datasets import DatasetError, check_times, history_days
-    from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
-    from training.progress import heartbeat, resolve
-    from training.selection import final_training_set, recorded_warnings, select_champion
+    from feature_store.event_log import log_dir_problem
+    from training.progress import resolve
 
     t0 = time.perf_counter()
     root = settings.event_log_dir
@@ -430,7 +428,60 @@ def train(
     _check_model_dir(settings.model_dir)  # before any work, not after it
     say: Say = resolve(progress, "train")
     clock = _Clock(say, on_phase)
+    with runs_take_turns(root, say):
+        return _train(
+            settings,
+            say,
+            clock,
+            t0,
+            force=force,
+            again=again,
+            max_users=max_users,
+            candidates=candidates,
+        )
 
+
+@contextlib.contextmanager
+def runs_take_turns(root: Path, say: Say) -> Iterator[None]:
+    """Training runs on one event log take turns: each holds an exclusive ``flock`` on the
+    log's folder (opened read-only, so a trainer that may only read the log can take it and no
+    file is made) from reading the log to its decision. A run that starts while another holds
+    it says so and waits; it then reads the log as the other left it and, when nothing was
+    added, trains nothing (the other run's version stands for those events), so two trainers
+    on one registry (``clv up`` beside ``clv train``, say) do not register twin versions. The
+    kernel drops the lock of a run that dies, however it dies."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another training run on the event log {root} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a SIGTERM meanwhile ends the wait (143)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _train(
+    settings: Settings,
+    say: Say,
+    clock: _Clock,
+    t0: float,
+    *,
+    force: bool,
+    again: bool,
+    max_users: int,
+    candidates: list[str] | None,
+) -> TrainResult:
+    """:func:`train`'s run, its turn on the event log taken."""
+    from feature_store.event_log import read_events
+    from feature_store.features import day_date
+    from training.datasets import DatasetError, check_times, history_days
+    from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
+    from training.progress import heartbeat
+    from training.selection import final_training_set, recorded_warnings, select_champion
+
+    root = settings.event_log_dir
     say(f"reading the event log at {root}")
     with clock.phase("read event log"):
         raw = read_events(root, currency=settings.currency)
@@ -691,7 +742,8 @@ def log_signature(root: Path) -> str:
 async def retrain_forever(
     settings: Settings, interval_s: float, *, candidates: list[str] | None = None
 ) -> None:
-    """Train now and then every ``interval_s`` seconds, each run in a child process.
+    """Train now and then every ``interval_s`` seconds (counted from each run's start), each
+    run in a child process.
 
     A run is skipped when the event log's files have not changed since the last successful one
     (no stream of identical versions); after a restart, the child itself trains nothing when
@@ -703,6 +755,7 @@ async def retrain_forever(
     trained_on: str | None = None
     nothing = hashlib.sha256().hexdigest()  # the signature of a log with no file yet
     while True:
+        started = time.monotonic()
         try:
             signature: str | None = await asyncio.to_thread(log_signature, settings.event_log_dir)
         except (OSError, ValueError) as exc:  # a log it may not read: it tries again later
@@ -730,7 +783,11 @@ async def retrain_forever(
             has_champion = registry.champion_version() is not None
         except (ClvError, OSError):
             has_champion = False
-        await asyncio.sleep(interval_s if has_champion else min(interval_s, 60.0))
+        # Runs start on a fixed grid (every interval from the first, not an interval after the
+        # end of the last, which would drift by each run's length); a run that outlasts the
+        # interval moves the next start to the grid's next point, not to at once.
+        period = interval_s if has_champion else min(interval_s, 60.0)
+        await asyncio.sleep(period - (time.monotonic() - started) % period)
 
 
 async def retrain_until(settings: Settings, interval_s: float, stop: asyncio.Event) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -905,6 +906,20 @@ class _Sleeps:
         await asyncio.sleep(0)
 
 
+class _StoppedClock:
+    """Stands in for ``time`` inside training.train: a monotonic clock that moves only when a
+    test moves it (``now``), so a run's length is what the test says it was."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 async def _loop_until(task: asyncio.Task[None], done: object) -> None:
     for _ in range(3000):  # a bound, not a timing: each turn is one yield to the loop
         if done() or task.done():  # type: ignore[operator]
@@ -932,6 +947,7 @@ async def test_retraining_retries_a_failed_run_and_keeps_its_schedule(
 
     sleeps = _Sleeps()
     monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "time", _StoppedClock())  # runs take no time here
     monkeypatch.setattr(train_module, "train_in_subprocess", child)
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
@@ -951,6 +967,97 @@ async def test_retraining_retries_a_failed_run_and_keeps_its_schedule(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_retraining_runs_start_on_a_fixed_grid_whatever_a_run_lasts(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`clv train --every 3600` starts a run every hour, not an hour after the last run ended
+    (which drifts by each run's length), and a run that outlasts the hour moves the next start
+    to the grid's next point rather than starting one at once. Fails if the interval is
+    counted from a run's end: the sleeps are then 3600 whatever the runs lasted."""
+    import training.train as train_module
+
+    clock = _StoppedClock()
+    lasts = [100.0, 3700.0, 0.0]  # seconds each run takes, on the test's clock
+
+    async def child(settings: Settings, **_: object) -> int:
+        clock.now += lasts.pop(0) if lasts else 0.0
+        write_events(settings.event_log_dir, events.iloc[:1])  # a change: the next one runs
+        return 0
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    monkeypatch.setattr(ModelRegistry, "champion_version", lambda self: "v1")
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    task = asyncio.create_task(retrain_forever(settings, 3600))
+    try:
+        await _loop_until(task, lambda: len(sleeps.asked) >= 3)
+        # 100 s run: 3500 s to the next start; 3700 s run: past one start, 3500 s to the
+        # next point of the grid; an instant run: the whole interval
+        assert sleeps.asked[:3] == [3500.0, 3500.0, 3600.0]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+_WAITS_ITS_TURN = """
+import sys
+from training.train import main
+sys.exit(main(["--candidates=naive_rate,bgnbd_gg"]))
+"""
+
+
+def test_training_runs_on_one_event_log_take_turns(
+    tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started while another trains on the same event log (`clv train` beside `clv up`'s
+    retraining) waits for it, says so, and then trains nothing on the events the other trained
+    on: one version, not twins. Fails without the turn: the second run trains at once beside
+    the lock's holder and registers a second version of the same events."""
+    import fcntl
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    assert train(settings, progress=False, candidates=FAST).promoted  # a champion
+    [first] = ModelRegistry(settings.model_dir).versions()
+    write_events(settings.event_log_dir, synth_events(seed=12, start=dt.date(2024, 6, 1)))
+    holder = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another run's turn, as the kernel sees it
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", _WAITS_ITS_TURN],
+        env={**os.environ, **settings.as_env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert waiter.stderr is not None
+        said = ""
+        for line in waiter.stderr:  # it says it waits, then waits: it ends no line after that
+            said += line
+            if "waiting for another training run" in line:
+                break
+        assert "waiting for another training run on the event log" in said, said
+        assert waiter.poll() is None  # still waiting: it read nothing
+        # Meanwhile the holder trains on the new events and registers their version (in this
+        # process, whose turn the held lock already is).
+        import training.train as train_module
+
+        monkeypatch.setattr(train_module, "runs_take_turns", lambda *_: contextlib.nullcontext())
+        mine = train(settings, progress=False, candidates=FAST)
+        assert ModelRegistry(settings.model_dir).versions() == sorted([first, mine.version])
+    finally:
+        os.close(holder)
+    out, err = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, said + err
+    assert "nothing to train" in out, out  # the holder's version stands for these events
+    assert ModelRegistry(settings.model_dir).versions() == sorted([first, mine.version])
 
 
 async def test_retraining_outlives_an_event_log_it_cannot_read(
