@@ -457,6 +457,8 @@ def runs_take_turns(root: Path, say: Say) -> Iterator[None]:
         except BlockingIOError:
             say(f"waiting for another training run on the event log {root} to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)  # a SIGTERM meanwhile ends the wait (143)
+        except OSError as exc:  # a file system without locks (some network mounts): train
+            log.warning("training runs on %s cannot take turns (%s)", root, exc.strerror)
         yield
     finally:
         os.close(fd)  # releases the lock

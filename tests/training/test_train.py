@@ -1060,6 +1060,36 @@ def test_training_runs_on_one_event_log_take_turns(
     assert ModelRegistry(settings.model_dir).versions() == sorted([first, mine.version])
 
 
+def test_an_event_log_on_a_file_system_without_locks_still_trains(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Some network mounts refuse flock (ENOLCK): runs then train without taking turns, with a
+    warning. Fails if the refusal ends the run: no model could ever be trained there."""
+    import errno
+
+    import training.train as train_module
+
+    def refused(fd: int, how: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    import fcntl
+
+    # only the turn's flock (the registry's own lock is on the model directory's disk)
+    monkeypatch.setattr(
+        train_module,
+        "fcntl",
+        types.SimpleNamespace(flock=refused, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB),
+    )
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        assert train(settings, progress=False, candidates=FAST).promoted
+    assert "cannot take turns" in caplog.text
+
+
 async def test_retraining_outlives_an_event_log_it_cannot_read(
     tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
