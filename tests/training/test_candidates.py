@@ -16,6 +16,7 @@ from sklearn.model_selection import GridSearchCV
 import training.models.regressors as regressors
 from clv.errors import ModelError
 from feature_store.features import FEATURE_NAMES, day_number
+from feature_store.offline import events_from_orders, features_at
 from training.datasets import build_training_set
 from training.models.base import PREDICTION_COLUMNS, TrainingSet, prediction_frame
 from training.models.candidates import CANDIDATES, make_candidates
@@ -64,6 +65,27 @@ def test_every_candidate_fits_predicts_and_round_trips_the_registry(
     pd.testing.assert_frame_equal(loaded.model.predict(customers, 365), long)
 
 
+@pytest.mark.parametrize("name", list(CANDIDATES))
+def test_a_user_with_no_purchase_on_record_is_forecast_nothing_by_every_candidate(
+    name: str, stacked: TrainingSet
+) -> None:
+    """A refund of an order the stream never carried (made before it began) makes a user whose
+    features have no purchase day. The models learnt from buyers only: left to them, BG/NBD+GG
+    gave such a user more than a real first-time buyer, with p_alive 1, and the Tweedie GLM
+    thousands, which would top any ranking. Fails if any candidate forecasts them anything."""
+    refund = pd.DataFrame(
+        [{"user_id": "r", "order_id": "o", "ts": "1997-09-20T10:00:00Z", "amount": 30.0}]
+    ).assign(type="refund", event_id="refund-o")
+    no_buyer = features_at(events_from_orders(refund), CUTOFF)
+    assert no_buyer.loc["r", "purchase_days"] == 0 and no_buyer.loc["r", "revenue_total"] < 0
+    customers = stacked.current
+    both = pd.concat([customers.head(50), no_buyer[customers.columns]])
+    model = make_candidates([name])[name].fit(stacked)
+    pred = model.predict(both, 91)
+    assert pred.loc["r"].tolist() == [0.0, 0.0, 0.0]
+    pd.testing.assert_frame_equal(pred.drop(index="r"), model.predict(customers.head(50), 91))
+
+
 class _SpySearch(GridSearchCV):
     """The grid search as used, keeping the splits it was handed."""
 
@@ -106,6 +128,11 @@ def test_the_naive_rate_is_spend_per_day_of_age_over_the_horizon() -> None:
     np.testing.assert_allclose(pred["p_alive"], 1.0)
 
 
+def _buyers(ids: list[str]) -> pd.DataFrame:
+    """Features of customers with one purchase day each (what prediction_frame reads)."""
+    return pd.DataFrame({"purchase_days": [1] * len(ids)}, index=ids)
+
+
 @pytest.mark.parametrize("column", [0, 1, 2])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_prediction_frame_refuses_a_non_finite_number_in_any_column(
@@ -115,12 +142,12 @@ def test_prediction_frame_refuses_a_non_finite_number_in_any_column(
     cols[column] = cols[column].copy()
     cols[column][1] = bad
     with pytest.raises(ModelError, match="not finite for 1 of 2"):
-        prediction_frame(pd.Index(["a", "b"]), *cols)
+        prediction_frame(_buyers(["a", "b"]), *cols)
 
 
 def test_prediction_frame_clips_to_the_forecasts_range() -> None:
     out = prediction_frame(
-        pd.Index(["a", "b"]), np.array([-3.0, 5.0]), np.array([-0.1, 2.0]), np.array([-0.2, 1.3])
+        _buyers(["a", "b"]), np.array([-3.0, 5.0]), np.array([-0.1, 2.0]), np.array([-0.2, 1.3])
     )
     assert list(out.columns) == ["predicted_value", "expected_orders", "p_alive"]
     np.testing.assert_allclose(out.to_numpy(), [[0.0, 0.0, 0.0], [5.0, 2.0, 1.0]])

@@ -128,13 +128,24 @@ def numeric_features(features: pd.DataFrame) -> pd.DataFrame:
 
 
 def prediction_frame(
-    index: pd.Index, value: np.ndarray, orders: np.ndarray, p_alive: np.ndarray
+    features: pd.DataFrame, value: np.ndarray, orders: np.ndarray, p_alive: np.ndarray
 ) -> pd.DataFrame:
-    """The standard ``predict`` output: non-negative, ``p_alive`` within [0, 1]. A non-finite
-    number is a numerical failure of the model and raises :class:`ModelError`: passed on as a
-    forecast of zero it would look like a customer with no value."""
+    """The standard ``predict`` output, indexed like ``features``: non-negative, ``p_alive``
+    within [0, 1]. A non-finite number is a numerical failure of the model and raises
+    :class:`ModelError`: passed on as a forecast of zero it would look like a customer with no
+    value.
+
+    A user with no purchase on record (``purchase_days`` 0: so far only a refund, of an order
+    made before the stream began or not delivered yet) is no customer to the models, which are
+    fitted on buyers only: what they made of such a row was an extrapolation (a positive value
+    with ``p_alive`` 1 from BG/NBD+GG, one of thousands from the Tweedie GLM, above any real
+    first-time buyer's). Every model forecasts nothing for them: value 0, no orders,
+    ``p_alive`` 0. Their first purchase makes them customers."""
     cols = {"predicted_value": value, "expected_orders": orders, "p_alive": p_alive}
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+    arrays = {k: np.array(v, dtype=np.float64) for k, v in cols.items()}  # copies: set below
+    no_purchase = features["purchase_days"].to_numpy(dtype=np.float64) <= 0
+    for a in arrays.values():
+        a[no_purchase] = 0.0
     for name, a in arrays.items():
         if not np.isfinite(a).all():
             bad = int((~np.isfinite(a)).sum())
@@ -145,5 +156,5 @@ def prediction_frame(
             "expected_orders": np.maximum(arrays["expected_orders"], 0.0),
             "p_alive": np.clip(arrays["p_alive"], 0.0, 1.0),
         },
-        index=index,
+        index=features.index,
     )

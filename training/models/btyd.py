@@ -377,4 +377,4 @@ class BGNBDGammaGamma(CLVModel):
     def predict(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
         c = self.components(features, horizon_days)
         value = c["expected_orders"].to_numpy() * c["expected_spend"].to_numpy()
-        return prediction_frame(features.index, value, c["expected_orders"], c["p_alive"])
+        return prediction_frame(features, value, c["expected_orders"], c["p_alive"])

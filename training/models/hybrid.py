@@ -150,7 +150,7 @@ class BTYDFeatureBoost(CLVModel):
         value = self.level_ * value * horizon_days / self.horizon_days_
         c = self.btyd_.components(features, horizon_days)
         orders = value / np.maximum(c["expected_spend"].to_numpy(), 1e-9)
-        return prediction_frame(features.index, value, orders, c["p_alive"])
+        return prediction_frame(features, value, orders, c["p_alive"])
 
 
 class BTYDResidualBoost(CLVModel):
@@ -212,4 +212,4 @@ class BTYDResidualBoost(CLVModel):
         ratio = self.level_ * np.exp((1.0 - self.shrink) * np.log(np.maximum(ratio, 1e-9)))
         value = block["btyd_value"].to_numpy() * ratio
         orders = block["btyd_orders"].to_numpy() * ratio
-        return prediction_frame(features.index, value, orders, block["btyd_p_alive"])
+        return prediction_frame(features, value, orders, block["btyd_p_alive"])

@@ -31,4 +31,4 @@ class HistoricalRate(CLVModel):
         span = np.maximum(f["age_days"].to_numpy() + 1.0, float(self.min_age_days))
         value = f["revenue_total"].to_numpy() / span * horizon_days
         orders = f["purchase_days"].to_numpy() / span * horizon_days
-        return prediction_frame(features.index, value, orders, np.ones(len(f)))
+        return prediction_frame(features, value, orders, np.ones(len(f)))

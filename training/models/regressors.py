@@ -128,7 +128,7 @@ class SklearnCLV(CLVModel):
         alive = p_alive_from(getattr(self, "alive_params_", None), features)
         if alive is None:  # no BG/NBD fit (or an artifact from before it)
             alive = 1.0 - np.exp(-orders)
-        return prediction_frame(features.index, value, orders, alive)
+        return prediction_frame(features, value, orders, alive)
 
     def get_params(self) -> dict[str, Any]:
         return {
