@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     clock: Literal["wall", "event"] = "wall"
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = None
+    api_key: str | None = Field(None, repr=False)  # a secret: never in a repr or a log
     metrics_port: int | None = Field(None, ge=1, le=65535)  # /metrics of consume/archive/up
 
     # Kafka's TLS and SASL (the contract: "Kafka SASL ... in their own variables").
@@ -85,6 +85,19 @@ class Settings(BaseSettings):
         """An empty variable is a mistake, not the current directory."""
         if isinstance(v, str) and not v.strip():
             raise ValueError("must be a directory path, not empty")
+        return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _api_key(cls, v: object) -> object:
+        """An empty ``CLV_API_KEY`` (compose's ``${CLV_API_KEY:-}``) is no key: unset, as the
+        contract's default. A key with spaces around it is a pasting mistake: no HTTP header
+        could carry it (they are trimmed), so every admin call would be refused."""
+        if isinstance(v, str):
+            if not v:
+                return None
+            if v != v.strip():
+                raise ValueError("has spaces or line breaks around it; no request could send it")
         return v
 
     @field_validator("kafka_bootstrap")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from clv.settings import Settings
+from clv.settings import Settings, settings_error
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,22 @@ def test_just_past_the_bounds_is_refused(changes: dict[str, object], says: str) 
     with pytest.raises(ValidationError) as info:
         Settings(**changes)  # type: ignore[arg-type]
     assert says in str(info.value)
+
+
+# Fails if an empty CLV_API_KEY counts as a key (compose's `${CLV_API_KEY:-}` would then ask
+# every admin call for an empty token), if a key with spaces around it is taken (no header can
+# carry it), or if the key shows in the settings' repr (it is a secret, as the SASL password).
+def test_the_api_key_empty_is_unset_padded_is_refused_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CLV_API_KEY", "")
+    assert Settings().api_key is None
+    for padded in (" k3y", "k3y\n", "   "):
+        monkeypatch.setenv("CLV_API_KEY", padded)
+        with pytest.raises(ValidationError) as err:
+            Settings()
+        said = settings_error(err.value)
+        assert said.startswith("bad setting CLV_API_KEY: has spaces") and "k3y" not in said
+    monkeypatch.setenv("CLV_API_KEY", "s3cr3t-key")
+    s = Settings()
+    assert s.api_key == "s3cr3t-key" and "s3cr3t-key" not in repr(s)
