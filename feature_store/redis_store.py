@@ -441,9 +441,6 @@ class FeatureStore:
         args = self._args(payload, progress, now_ms, clock)
         return await self._result(self._script(keys=keys, args=args))
 
-    async def delete_user(self, user_id: str) -> bool:
-        return bool(await self._redis.delete(self.user_key(user_id)))
-
     # -- reads --------------------------------------------------------------------------------
     async def progress(self, group: str) -> dict[str, int]:
         """Last applied offset per ``"topic:partition"``."""
