@@ -23,7 +23,13 @@ from clv.errors import InvalidEvent
 from clv.files import check_usable_dir
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
-from consumers.kafka import ensure_topics, make_consumer, stop_consumer, validate_record
+from consumers.kafka import (
+    COMMIT_ON_STOP_S,
+    ensure_topics,
+    make_consumer,
+    stop_consumer,
+    validate_record,
+)
 from consumers.metrics import metrics_served, record_commit, record_fetch
 from feature_store.event_log import ARRIVAL_COLUMNS, remove_stale_parts, write_events
 from feature_store.offline import EVENT_COLUMNS
@@ -62,10 +68,10 @@ class Archiver:
                     await self.flush()
         except asyncio.CancelledError:
             if self._pending:
-                await self.flush()
+                await self.flush(commit_within=COMMIT_ON_STOP_S)
             raise
         if self._pending:
-            await self.flush()
+            await self.flush(commit_within=COMMIT_ON_STOP_S)
 
     def _buffer(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         s = self._settings
@@ -94,12 +100,20 @@ class Archiver:
             if records:
                 self._pending[tp] = records[-1].offset + 1
 
-    async def flush(self) -> None:
+    async def flush(self, *, commit_within: float | None = None) -> None:
+        """Write the buffer as a part, then commit its offsets. ``commit_within``: a stopping
+        archiver's bound on the commit (:data:`~consumers.kafka.COMMIT_ON_STOP_S`)."""
         frame = pd.DataFrame(self._rows)
         # Parquet writing is blocking file I/O: keep it off the event loop.
         await asyncio.to_thread(write_events, self._root, frame)
         try:
-            await self._consumer.commit(self._pending)
+            await asyncio.wait_for(self._consumer.commit(self._pending), commit_within)
+        except TimeoutError:
+            log.warning(
+                "archiver stopping without its last commit (not answered within %gs): the "
+                "events will be re-written after the restart, then deduplicated",
+                commit_within,
+            )
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             log.warning(
                 "archiver commit failed (events will be re-written, then deduplicated): %s", exc

@@ -27,6 +27,7 @@ from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.dead_letters import DeadLetters, Rejected
 from consumers.kafka import (
+    COMMIT_ON_STOP_S,
     ensure_topics,
     make_consumer,
     make_producer,
@@ -273,6 +274,8 @@ class FeatureConsumer:
                     # call outstanding on its connection) does not replace the cancellation.
                     with contextlib.suppress(Exception):
                         await unsettled[-1]
+                elif stop.is_set():
+                    await _settle_before_stopping(unsettled)
                 else:
                     await unsettled[-1]  # and through it every one before
 
@@ -375,6 +378,28 @@ class FeatureConsumer:
             for tp, end in commits.items():  # what is committed is never fetched again here
                 if tp in self._lettered:
                     self._lettered[tp] = {o for o in self._lettered[tp] if o >= end}
+
+
+async def _settle_before_stopping(unsettled: deque[asyncio.Task[None]]) -> None:
+    """Asked to stop: settle the batches in hand (the last one's task awaits every one before),
+    but for at most :data:`COMMIT_ON_STOP_S`. Their applies are Redis's already; what can
+    hang is the commit, which the client retries for as long as the group coordinator does not
+    answer (a broker away, a group stuck in a rebalance), and a stop must not wait for that.
+    What is left is left uncommitted: the group delivers it again and the events' dedup
+    absorbs it, as after a crash. A failure within the bound is raised, as without a stop."""
+    last = unsettled[-1]
+    try:
+        await asyncio.wait_for(asyncio.shield(last), COMMIT_ON_STOP_S)
+    except TimeoutError:
+        log.warning(
+            "stopping without committing the last %d batch(es): the commit did not finish "
+            "within %gs; the group will deliver them again, and deduplication absorbs them",
+            sum(not t.done() for t in unsettled),
+            COMMIT_ON_STOP_S,
+        )
+        for t in unsettled:
+            t.cancel()
+        await asyncio.gather(*unsettled, return_exceptions=True)
 
 
 def _partition(record: ConsumerRecord[bytes, bytes]) -> TopicPartition:

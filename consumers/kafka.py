@@ -91,6 +91,12 @@ def make_consumer(
 #: :func:`stop_consumer`).
 CONSUMER_CLOSE_S = 10.0
 
+#: How long a consumer asked to stop waits for its last commit. The client retries a commit for
+#: as long as the group coordinator does not answer (a broker away, a group stuck in a
+#: rebalance); after this, what was not committed is delivered again after the restart and
+#: deduplicated, as after a crash.
+COMMIT_ON_STOP_S = 10.0
+
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     """Close ``consumer``, or give up after :data:`CONSUMER_CLOSE_S` with a warning.

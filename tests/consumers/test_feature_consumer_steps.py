@@ -457,6 +457,32 @@ async def test_stop_finishes_and_commits_the_batch_in_hand_before_run_returns() 
     assert kafka.commits == {TP: 2}
 
 
+async def test_a_stop_leaves_a_commit_the_coordinator_does_not_answer_uncommitted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fails if a SIGTERM (which sets stop) waits on the commit for as long as the group
+    # coordinator does not answer (the client retries it without end: a broker away, a group
+    # stuck in a rebalance): `clv consume` then never exits, and compose kills it. After the
+    # bound the batch is left uncommitted, to be delivered again and deduplicated.
+    monkeypatch.setattr(consumers.feature_consumer, "COMMIT_ON_STOP_S", 0.05)
+    committing = asyncio.Event()
+
+    class Unanswered(FakeKafka):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            committing.set()
+            await asyncio.Event().wait()  # the coordinator never answers
+
+    steps = Steps()
+    kafka = Unanswered(steps, [[record(0, event("e1"))]])
+    worker = consumer(steps, kafka)
+    run = asyncio.create_task(worker.run(steps.stop))
+    await asyncio.wait_for(committing.wait(), timeout=30)
+    steps.stop.set()
+    await asyncio.wait_for(run, timeout=30)  # returns, and not with an error
+    assert ("apply", ["e1"]) in steps.log and kafka.commits == {}
+    assert "stopping without committing the last 1 batch(es)" in caplog.text
+
+
 async def test_an_unexpected_error_in_validation_dead_letters_the_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
