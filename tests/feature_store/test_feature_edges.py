@@ -1,0 +1,168 @@
+"""Edges of the one feature definition that a mutation review found unpinned: each test fails
+under a plausible change of the code that every other test let pass (rounding, day 0, integer
+types, half cents, the window's cut day, refunds without ids, re-dated copies, zero amounts)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pandas as pd
+from redis.asyncio import Redis
+
+from feature_store.events import validate
+from feature_store.features import RETENTION_DAYS, day_number, features_record
+from feature_store.offline import events_from_orders, features_at, too_late_mask
+from feature_store.redis_store import FeatureStore, decode_hash
+from training.datasets import load_orders
+
+from .streams import GOOD, MS_PER_DAY, _ev, as_frame
+
+
+def _orders(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
+    return events_from_orders(
+        pd.DataFrame(
+            [
+                {
+                    "user_id": "u",
+                    "order_id": f"o{i}",
+                    "ts": ts,
+                    "amount": amt,
+                    "type": kind,
+                    "event_id": f"{kind}-{i}",
+                }
+                for i, (ts, kind, amt) in enumerate(rows)
+            ]
+        )
+    )
+
+
+# Fails if avg_repeat_value is truncated to the cent instead of rounded to the nearest.
+def test_avg_repeat_value_rounds_to_the_nearest_cent() -> None:
+    ev = _orders(
+        [
+            ("2024-01-01T10:00:00Z", "purchase", 10.00),
+            ("2024-01-02T10:00:00Z", "purchase", 3.00),
+            ("2024-01-03T10:00:00Z", "purchase", 3.00),
+            ("2024-01-04T10:00:00Z", "purchase", 4.01),
+        ]
+    )
+    f = features_at(ev, day_number(dt.date(2024, 1, 4))).loc["u"]
+    assert f["frequency"] == 3
+    assert f["avg_repeat_value"] == 3.34  # 10.01 / 3 = 3.3366…, floor would give 3.33
+
+
+# Fails if day 0 (1970-01-01) is taken for "no purchase": recency and age would be 0.
+def test_a_first_purchase_on_1970_01_01_has_an_age_and_a_recency() -> None:
+    ev = _orders(
+        [("1970-01-01T00:00:00Z", "purchase", 1.0), ("1970-01-06T00:00:00Z", "purchase", 1.0)]
+    )
+    f = features_at(ev, 10).loc["u"]
+    assert f["recency_days"] == 5 and f["age_days"] == 10
+
+
+# Fails if an integer feature reaches a record (what `clv features` prints) as a float: 91.0.
+def test_integer_features_are_integers_in_a_record() -> None:
+    ev = _orders(
+        [("2024-01-01T10:00:00Z", "purchase", 1.0), ("2024-01-05T10:00:00Z", "purchase", 1.0)]
+    )
+    rec = features_record(features_at(ev, day_number(dt.date(2024, 1, 10))), "u")
+    for name in (
+        "orders_total",
+        "orders_7d",
+        "purchase_days",
+        "frequency",
+        "recency_days",
+        "age_days",
+    ):
+        assert type(rec[name]) is int, name
+    assert '"age_days": 9' in json.dumps(rec)
+
+
+# Fails if the offline path rounds exact half cents otherwise than validation does online
+# (half to even: 0.125 -> 12 cents): offline would then be a cent off online.
+def test_exact_half_cents_round_half_to_even_online_and_offline() -> None:
+    for amount, cents in ((0.125, 12), (0.375, 38), (0.625, 62)):
+        assert (
+            validate(json.dumps({**GOOD, "amount": amount}).encode(), now_ms=1 << 42).cents == cents
+        )
+        ev = _orders([("2024-01-01", "purchase", amount), ("2024-01-02", "refund", amount)])
+        assert list(ev["cents"]) == [cents, -cents]
+
+
+# Fails if offline's too-late rule and the online one part at the window's cut day: a copy
+# arriving after the batch that moved its original's day out of the window is too late in both.
+async def test_a_copy_after_its_day_left_the_window_is_too_late_online_and_offline(
+    redis: Redis,
+) -> None:
+    x = _ev("x", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY)
+    y = _ev("y", "purchase", "u", "o2", 500, (1000 + RETENTION_DAYS) * MS_PER_DAY)
+    store = FeatureStore(redis, prefix="copylate")
+    results = [await store.apply([e], group="g", progress={}, now_ms=1) for e in (x, y, x)]
+    assert results[2].too_late == [0]
+    assert list(too_late_mask(as_frame([x, y, x]), RETENTION_DAYS)) == [False, False, True]
+
+
+# Fails if, in an orders file without event ids, two equal partial refunds of one order made at
+# different times get one derived id and count once.
+def test_two_equal_partial_refunds_at_different_times_both_count(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text(
+        "user_id,order_id,ts,amount,type\n"
+        "u1,o1,2024-01-01T10:00:00Z,100,purchase\n"
+        "u1,o1,2024-01-05T10:00:00Z,10,refund\n"
+        "u1,o1,2024-02-05T10:00:00Z,10,refund\n"
+    )
+    assert load_orders(path, "csv")["cents"].sum() == 8000
+
+
+# Fails if a copy dated otherwise re-dates the original's dedup entry (HSET for HSETNX): the
+# entry then leaves with the copy's earlier day while the original's day is still in the
+# window, and a later redelivery of the original counts twice.
+async def test_a_copy_dated_earlier_does_not_let_the_original_count_twice(redis: Redis) -> None:
+    store = FeatureStore(redis, prefix="copyearly")
+    e1 = _ev("e1", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY)
+    e0 = _ev("e0", "purchase", "u", "o0", 100, 700 * MS_PER_DAY)
+    e1_copy = _ev("e1", "purchase", "u", "o1", 1000, 600 * MS_PER_DAY)
+    e2 = _ev("e2", "purchase", "u", "o2", 10, 1066 * MS_PER_DAY)
+    events = [e1, e0, e1_copy, e2, e1]
+    for e in events:
+        await store.apply([e], group="g", progress={}, now_ms=1)
+    online = await store.features("u", 1066)
+    assert online is not None and online.loc["u", "orders_total"] == 3
+    offline = features_at(as_frame(events), 1066, late_after_days=RETENTION_DAYS)
+    pd.testing.assert_frame_equal(online, offline.loc[["u"]], check_dtype=False)
+
+
+# Fails if a day holding only a zero-amount refund keeps its dedup id past the window (memory
+# that is never freed).
+async def test_a_zero_refund_only_day_leaves_the_window_on_time(redis: Redis) -> None:
+    store = FeatureStore(redis, prefix="zeroref")
+    evs = [
+        _ev("p900", "purchase", "u", "o1", 100, 900 * MS_PER_DAY),
+        _ev("r1000", "refund", "u", "o1", 0, 1000 * MS_PER_DAY),
+        _ev("p1100", "purchase", "u", "o2", 100, 1100 * MS_PER_DAY),
+        _ev("p1265", "purchase", "u", "o3", 100, 1265 * MS_PER_DAY),
+        _ev("p1366", "purchase", "u", "o4", 100, 1366 * MS_PER_DAY),
+    ]
+    for e in evs:
+        await store.apply([e], group="g", progress={}, now_ms=1)
+    state = decode_hash(await redis.hgetall(store.user_key("u")))
+    assert "r1000" not in state["dedup"]
+    assert min(state["dedup"].values()) > state["latest_day"] - RETENTION_DAYS
+
+
+# Fails if online a purchase is told by its amount's sign: a free order (0.00) would be no
+# order and no purchase day online while offline counts it.
+async def test_a_free_purchase_is_an_order_online_as_offline(redis: Redis) -> None:
+    store = FeatureStore(redis, prefix="free")
+    events = [_ev("p", "purchase", "u", "o1", 0, 1000 * MS_PER_DAY)]
+    await store.apply(events, group="g", progress={}, now_ms=1)
+    online = await store.features("u", 1000)
+    assert online is not None
+    f = online.loc["u"]
+    assert f["orders_total"] == 1 and f["purchase_days"] == 1
+    assert f["first_order_at"] == "1972-09-27T00:00:00Z"
+    offline = features_at(as_frame(events), 1000, late_after_days=RETENTION_DAYS)
+    pd.testing.assert_frame_equal(online, offline.loc[["u"]], check_dtype=False)
