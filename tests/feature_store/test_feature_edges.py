@@ -13,39 +13,22 @@ from redis.asyncio import Redis
 
 from feature_store.events import validate
 from feature_store.features import RETENTION_DAYS, day_number, features_record
-from feature_store.offline import events_from_orders, features_at, too_late_mask
+from feature_store.offline import features_at, too_late_mask
 from feature_store.redis_store import FeatureStore, decode_hash
 from training.datasets import load_orders
 
 from .streams import GOOD, MS_PER_DAY, _ev, as_frame
-
-
-def _orders(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
-    return events_from_orders(
-        pd.DataFrame(
-            [
-                {
-                    "user_id": "u",
-                    "order_id": f"o{i}",
-                    "ts": ts,
-                    "amount": amt,
-                    "type": kind,
-                    "event_id": f"{kind}-{i}",
-                }
-                for i, (ts, kind, amt) in enumerate(rows)
-            ]
-        )
-    )
+from .test_features import _orders
 
 
 # Fails if avg_repeat_value is truncated to the cent instead of rounded to the nearest.
 def test_avg_repeat_value_rounds_to_the_nearest_cent() -> None:
     ev = _orders(
         [
-            ("2024-01-01T10:00:00Z", "purchase", 10.00),
-            ("2024-01-02T10:00:00Z", "purchase", 3.00),
-            ("2024-01-03T10:00:00Z", "purchase", 3.00),
-            ("2024-01-04T10:00:00Z", "purchase", 4.01),
+            ("2024-01-01T10:00:00Z", "purchase", 10.00, ""),
+            ("2024-01-02T10:00:00Z", "purchase", 3.00, ""),
+            ("2024-01-03T10:00:00Z", "purchase", 3.00, ""),
+            ("2024-01-04T10:00:00Z", "purchase", 4.01, ""),
         ]
     )
     f = features_at(ev, day_number(dt.date(2024, 1, 4))).loc["u"]
@@ -56,7 +39,10 @@ def test_avg_repeat_value_rounds_to_the_nearest_cent() -> None:
 # Fails if day 0 (1970-01-01) is taken for "no purchase": recency and age would be 0.
 def test_a_first_purchase_on_1970_01_01_has_an_age_and_a_recency() -> None:
     ev = _orders(
-        [("1970-01-01T00:00:00Z", "purchase", 1.0), ("1970-01-06T00:00:00Z", "purchase", 1.0)]
+        [
+            ("1970-01-01T00:00:00Z", "purchase", 1.0, ""),
+            ("1970-01-06T00:00:00Z", "purchase", 1.0, ""),
+        ]
     )
     f = features_at(ev, 10).loc["u"]
     assert f["recency_days"] == 5 and f["age_days"] == 10
@@ -65,7 +51,10 @@ def test_a_first_purchase_on_1970_01_01_has_an_age_and_a_recency() -> None:
 # Fails if an integer feature reaches a record (what `clv features` prints) as a float: 91.0.
 def test_integer_features_are_integers_in_a_record() -> None:
     ev = _orders(
-        [("2024-01-01T10:00:00Z", "purchase", 1.0), ("2024-01-05T10:00:00Z", "purchase", 1.0)]
+        [
+            ("2024-01-01T10:00:00Z", "purchase", 1.0, ""),
+            ("2024-01-05T10:00:00Z", "purchase", 1.0, ""),
+        ]
     )
     rec = features_record(features_at(ev, day_number(dt.date(2024, 1, 10))), "u")
     for name in (
@@ -87,7 +76,7 @@ def test_exact_half_cents_round_half_to_even_online_and_offline() -> None:
         assert (
             validate(json.dumps({**GOOD, "amount": amount}).encode(), now_ms=1 << 42).cents == cents
         )
-        ev = _orders([("2024-01-01", "purchase", amount), ("2024-01-02", "refund", amount)])
+        ev = _orders([("2024-01-01", "purchase", amount, ""), ("2024-01-02", "refund", amount, "")])
         assert list(ev["cents"]) == [cents, -cents]
 
 
