@@ -1115,6 +1115,7 @@ async def test_retraining_outlives_an_event_log_it_cannot_read(
 
     sleeps = _Sleeps()
     monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "time", _StoppedClock())  # runs take no time here
     monkeypatch.setattr(train_module, "log_signature", signature)
     monkeypatch.setattr(train_module, "train_in_subprocess", child)
     monkeypatch.setattr(ModelRegistry, "champion_version", unreadable_registry)
