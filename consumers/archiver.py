@@ -25,6 +25,7 @@ from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.kafka import (
     COMMIT_ON_STOP_S,
+    commit_unless_stopping,
     ensure_topics,
     make_consumer,
     stop_consumer,
@@ -65,13 +66,15 @@ class Archiver:
                 full = len(self._rows["event_id"]) >= s.archive_flush_events
                 old = time.monotonic() - self._since >= s.archive_flush_seconds
                 if self._pending and (full or old):
-                    await self.flush()
+                    await self.flush(stop)
         except asyncio.CancelledError:
             if self._pending:
-                await self.flush(commit_within=COMMIT_ON_STOP_S)
+                stopped = asyncio.Event()  # cancelled outright: bounded as after a stop
+                stopped.set()
+                await self.flush(stopped)
             raise
         if self._pending:
-            await self.flush(commit_within=COMMIT_ON_STOP_S)
+            await self.flush(stop)
 
     def _buffer(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         s = self._settings
@@ -100,26 +103,30 @@ class Archiver:
             if records:
                 self._pending[tp] = records[-1].offset + 1
 
-    async def flush(self, *, commit_within: float | None = None) -> None:
-        """Write the buffer as a part, then commit its offsets. ``commit_within``: a stopping
-        archiver's bound on the commit (:data:`~consumers.kafka.COMMIT_ON_STOP_S`)."""
+    async def flush(self, stop: asyncio.Event | None = None) -> None:
+        """Write the buffer as a part, then commit its offsets; once ``stop`` is set the commit
+        is waited for at most :data:`~consumers.kafka.COMMIT_ON_STOP_S`
+        (:func:`~consumers.kafka.commit_unless_stopping`)."""
         frame = pd.DataFrame(self._rows)
         # Parquet writing is blocking file I/O: keep it off the event loop.
         await asyncio.to_thread(write_events, self._root, frame)
         try:
-            await asyncio.wait_for(self._consumer.commit(self._pending), commit_within)
-        except TimeoutError:
-            log.warning(
-                "archiver stopping without its last commit (not answered within %gs): the "
-                "events will be re-written after the restart, then deduplicated",
-                commit_within,
+            committed = await commit_unless_stopping(
+                self._consumer, self._pending, stop or asyncio.Event()
             )
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             log.warning(
                 "archiver commit failed (events will be re-written, then deduplicated): %s", exc
             )
         else:
-            record_commit(self._consumer, self._settings.archiver_group, self._pending)
+            if committed:
+                record_commit(self._consumer, self._settings.archiver_group, self._pending)
+            else:
+                log.warning(
+                    "archiver stopping without its last commit (not answered within %gs): the "
+                    "events will be re-written after the restart, then deduplicated",
+                    COMMIT_ON_STOP_S,
+                )
         self.written += len(frame)
         ARCHIVED.inc(len(frame))
         self._rows = {c: [] for c in _COLUMNS}

@@ -24,13 +24,14 @@ from prometheus_client import Counter
 
 from clv.errors import InvalidEvent, StoreUnavailable
 from clv.settings import Settings
-from clv.stopping import StoppedWhileStarting, unless_stopped
+from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
 from consumers.dead_letters import DeadLetters, Rejected
 from consumers.kafka import (
     COMMIT_ON_STOP_S,
     ensure_topics,
     make_consumer,
     make_producer,
+    outcome_ignored,
     stop_consumer,
     validate_record,
 )
@@ -247,10 +248,15 @@ class FeatureConsumer:
                     continue
                 prepared = await self._prepare(batch)
                 while len(unsettled) >= _UNSETTLED:
-                    # Shielded: cancelled here, this loop must not cancel the oldest settle
-                    # task, which may not have run yet (its batch's pending result would then
-                    # never be awaited); the next one awaits it, and ``finally`` the last.
-                    await asyncio.shield(unsettled.popleft())
+                    # Waited for, never cancelled here (cancelled, this loop must not cancel the
+                    # oldest settle task, which may not have run yet: its batch's pending result
+                    # would never be awaited). A stop asked for meanwhile does not wait for it
+                    # (its commit may hang): ``finally`` settles what is in hand, within a bound;
+                    # this batch, not submitted, is fetched again after the restart.
+                    await stop_or_first_done(stop, [unsettled[0]])
+                    if not unsettled[0].done():
+                        return
+                    unsettled.popleft().result()
                 # Dead letters first: once the batch's progress is recorded nothing may be
                 # left to do but the commit (and the dead letters of what the state refused).
                 await self._dead_letter(prepared.bad)
@@ -268,16 +274,10 @@ class FeatureConsumer:
         finally:
             if unsettled:
                 task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # Cancelled: the batches in hand are still awaited, but their failure (which
-                    # the cancellation may have caused itself: a write cut short fails every
-                    # call outstanding on its connection) does not replace the cancellation.
-                    with contextlib.suppress(Exception):
-                        await unsettled[-1]
-                elif stop.is_set():
-                    await _settle_before_stopping(unsettled)
-                else:
-                    await unsettled[-1]  # and through it every one before
+                # Cancelled: the batches in hand are still awaited, but their failure (which the
+                # cancellation may have caused itself: a write cut short fails every call
+                # outstanding on its connection) does not replace the cancellation.
+                await _settle_in_hand(unsettled, quiet=task is not None and task.cancelling() > 0)
 
     async def _dead_letter(self, bad: list[Rejected]) -> None:
         """Publish the bad messages of a batch, but none this process sent before and has not
@@ -380,17 +380,19 @@ class FeatureConsumer:
                     self._lettered[tp] = {o for o in self._lettered[tp] if o >= end}
 
 
-async def _settle_before_stopping(unsettled: deque[asyncio.Task[None]]) -> None:
-    """Asked to stop: settle the batches in hand (the last one's task awaits every one before),
-    but for at most :data:`COMMIT_ON_STOP_S`. Their applies are Redis's already; what can
-    hang is the commit, which the client retries for as long as the group coordinator does not
-    answer (a broker away, a group stuck in a rebalance), and a stop must not wait for that.
-    What is left is left uncommitted: the group delivers it again and the events' dedup
-    absorbs it, as after a crash. A failure within the bound is raised, as without a stop."""
+async def _settle_in_hand(unsettled: deque[asyncio.Task[None]], *, quiet: bool) -> None:
+    """Settle the batches in hand as the consumer stops (asked to, cancelled, or failed): the
+    last one's task awaits every one before, for at most :data:`COMMIT_ON_STOP_S`. Their applies
+    are Redis's already; what can hang is the commit, which the client retries for as long as
+    the group coordinator does not answer (a broker away, a group stuck in a rebalance), and a
+    stop must not wait for that. What is not settled by then is left running on its own (its
+    outcome retrieved, never raised; cancelling it would cut the client's commit in two and
+    leave its inner request failing unobserved) and uncommitted: the group delivers it again
+    and the events' dedup absorbs it, as after a crash. A failure within the bound is raised,
+    unless ``quiet``."""
     last = unsettled[-1]
-    try:
-        await asyncio.wait_for(asyncio.shield(last), COMMIT_ON_STOP_S)
-    except TimeoutError:
+    await asyncio.wait({last}, timeout=COMMIT_ON_STOP_S)
+    if not last.done():
         log.warning(
             "stopping without committing the last %d batch(es): the commit did not finish "
             "within %gs; the group will deliver them again, and deduplication absorbs them",
@@ -398,8 +400,13 @@ async def _settle_before_stopping(unsettled: deque[asyncio.Task[None]]) -> None:
             COMMIT_ON_STOP_S,
         )
         for t in unsettled:
-            t.cancel()
-        await asyncio.gather(*unsettled, return_exceptions=True)
+            t.add_done_callback(outcome_ignored)
+        return
+    if quiet:
+        with contextlib.suppress(Exception):
+            last.result()
+    else:
+        last.result()
 
 
 def _partition(record: ConsumerRecord[bytes, bytes]) -> TopicPartition:

@@ -21,6 +21,7 @@ from aiokafka.structs import ConsumerRecord
 
 from clv.errors import ClvError, InvalidEvent
 from clv.settings import Settings
+from clv.stopping import stop_or_first_done
 from feature_store.events import ValidEvent, event_clock, validate
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,39 @@ CONSUMER_CLOSE_S = 10.0
 #: rebalance); after this, what was not committed is delivered again after the restart and
 #: deduplicated, as after a crash.
 COMMIT_ON_STOP_S = 10.0
+
+
+def outcome_ignored(task: asyncio.Future[Any]) -> None:
+    """A done callback for a task left to finish on its own: its outcome is retrieved, so that
+    asyncio does not log its failure as never retrieved (the caller has said what it left)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def commit_unless_stopping(
+    consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], stop: asyncio.Event
+) -> bool:
+    """Commit ``offsets``; ``False`` when it was left unfinished because ``stop`` was set.
+
+    The client retries a commit for as long as the group coordinator does not answer (a broker
+    away, a group stuck in a rebalance). Once ``stop`` is set (before or during the commit) the
+    commit gets :data:`COMMIT_ON_STOP_S` more; then it is left running on its own, its outcome
+    retrieved, not cancelled (cancelling cuts the client's commit in two, and its inner request
+    then fails unobserved). The offsets stay uncommitted: the group delivers them again. The
+    commit's own error is raised."""
+    commit = asyncio.ensure_future(consumer.commit(offsets))
+    try:
+        await stop_or_first_done(stop, [commit])
+        if not commit.done():
+            await asyncio.wait({commit}, timeout=COMMIT_ON_STOP_S)
+    except asyncio.CancelledError:
+        commit.add_done_callback(outcome_ignored)
+        raise
+    if not commit.done():
+        commit.add_done_callback(outcome_ignored)
+        return False
+    commit.result()
+    return True
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:

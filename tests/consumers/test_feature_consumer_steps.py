@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import json
 import random
 import time
@@ -22,6 +23,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
     GroupAuthorizationFailedError,
+    KafkaConnectionError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     RequestTimedOutError,
@@ -457,30 +459,62 @@ async def test_stop_finishes_and_commits_the_batch_in_hand_before_run_returns() 
     assert kafka.commits == {TP: 2}
 
 
+class _Unanswered(FakeKafka):
+    """Commits that the group coordinator does not answer until ``answer`` is set, and then
+    with a connection error (the client closed under them)."""
+
+    def __init__(self, steps: Steps, batches: list[list[ConsumerRecord[bytes, bytes]]]) -> None:
+        super().__init__(steps, batches)
+        self.committing, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.steps.log.append(("commit", dict(offsets)))
+        self.committing.set()
+        await asyncio.shield(self._request())  # as aiokafka's commit: its request is shielded
+
+    async def _request(self) -> None:
+        await self.answer.wait()
+        raise KafkaConnectionError("the client was closed")
+
+
+@pytest.mark.parametrize("batches", [1, 10])
 async def test_a_stop_leaves_a_commit_the_coordinator_does_not_answer_uncommitted(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    batches: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Fails if a SIGTERM (which sets stop) waits on the commit for as long as the group
     # coordinator does not answer (the client retries it without end: a broker away, a group
-    # stuck in a rebalance): `clv consume` then never exits, and compose kills it. After the
-    # bound the batch is left uncommitted, to be delivered again and deduplicated.
+    # stuck in a rebalance): `clv consume` then never exits, and compose kills it. With 10
+    # batches the loop also has its three unsettled batches in hand and waits for the oldest
+    # before submitting more: a stop must end that wait too. After the bound the batches are
+    # left uncommitted, to be delivered again and deduplicated; the commits left running end
+    # later without asyncio logging their failure as never retrieved.
     monkeypatch.setattr(consumers.feature_consumer, "COMMIT_ON_STOP_S", 0.05)
-    committing = asyncio.Event()
-
-    class Unanswered(FakeKafka):
-        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-            committing.set()
-            await asyncio.Event().wait()  # the coordinator never answers
-
     steps = Steps()
-    kafka = Unanswered(steps, [[record(0, event("e1"))]])
+    kafka = _Unanswered(steps, [[record(i, event(f"e{i}"))] for i in range(batches)])
     worker = consumer(steps, kafka)
     run = asyncio.create_task(worker.run(steps.stop))
-    await asyncio.wait_for(committing.wait(), timeout=30)
+    await asyncio.wait_for(kafka.committing.wait(), timeout=30)
+    in_hand = min(batches, 3)
+    for _ in range(3000):  # a bound, not a timing: each turn is one yield to the loop
+        if sum(step == "apply" for step, _ in steps.log) >= in_hand:
+            break
+        await asyncio.sleep(0.001)
     steps.stop.set()
-    await asyncio.wait_for(run, timeout=30)  # returns, and not with an error
-    assert ("apply", ["e1"]) in steps.log and kafka.commits == {}
-    assert "stopping without committing the last 1 batch(es)" in caplog.text
+    done, _ = await asyncio.wait({run}, timeout=30)  # a bound for a hang, not a timing
+    if not done:  # end the hang first: a cancelled run would wait on the commits too
+        kafka.answer.set()
+        run.cancel()
+        await asyncio.wait({run}, timeout=5)
+        pytest.fail("the consumer was still running 30 s after it was asked to stop")
+    run.result()  # returned, and not with an error
+    applied = [ids for step, ids in steps.log if step == "apply"]
+    assert applied == [[f"e{i}"] for i in range(in_hand)] and kafka.commits == {}
+    assert f"stopping without committing the last {in_hand} batch(es)" in caplog.text
+    kafka.answer.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 async def test_an_unexpected_error_in_validation_dead_letters_the_message(
