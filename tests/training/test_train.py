@@ -8,9 +8,11 @@ import datetime as dt
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -1027,7 +1029,9 @@ def test_training_runs_on_one_event_log_take_turns(
     [first] = ModelRegistry(settings.model_dir).versions()
     write_events(settings.event_log_dir, synth_events(seed=12, start=dt.date(2024, 6, 1)))
     holder = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(holder, fcntl.LOCK_EX)  # another run's turn, as the kernel sees it
+    # another run's turn, as the kernel sees it (not blocking: a turn the run above left held
+    # fails here instead of hanging)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     waiter = subprocess.Popen(
         [sys.executable, "-c", _WAITS_ITS_TURN],
         env={**os.environ, **settings.as_env()},
@@ -1036,13 +1040,16 @@ def test_training_runs_on_one_event_log_take_turns(
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
+    lines: queue.Queue[str] = queue.Queue()
+    assert waiter.stderr is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in waiter.stderr], daemon=True).start()
     try:
-        assert waiter.stderr is not None
         said = ""
-        for line in waiter.stderr:  # it says it waits, then waits: it ends no line after that
-            said += line
-            if "waiting for another training run" in line:
-                break
+        while "waiting for another training run" not in said:
+            try:  # a bound for a hang (a run that never says it waits), not a timing
+                said += lines.get(timeout=120)
+            except queue.Empty:
+                pytest.fail(f"the second run never said it waits: {said}")
         assert "waiting for another training run on the event log" in said, said
         assert waiter.poll() is None  # still waiting: it read nothing
         # Meanwhile the holder trains on the new events and registers their version (in this
@@ -1054,10 +1061,42 @@ def test_training_runs_on_one_event_log_take_turns(
         assert ModelRegistry(settings.model_dir).versions() == sorted([first, mine.version])
     finally:
         os.close(holder)
-    out, err = waiter.communicate(timeout=300)
-    assert waiter.returncode == 0, said + err
+        if waiter.poll() is None and sys.exc_info()[0] is not None:
+            waiter.kill()
+    assert waiter.stdout is not None
+    out = waiter.stdout.read()
+    assert waiter.wait(timeout=300) == 0, said
     assert "nothing to train" in out, out  # the holder's version stands for these events
     assert ModelRegistry(settings.model_dir).versions() == sorted([first, mine.version])
+
+
+def test_a_run_holds_its_turn_from_reading_the_log_to_its_decision(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    """Fails if a run lets its turn go before it has decided on its version (taken and
+    released at once, or dropped before registering): a second trainer could then read the
+    same log meanwhile and register a twin. Probed from another handle in every phase."""
+    import fcntl
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    held: dict[str, bool] = {}
+
+    def probe(phase: str) -> None:
+        if not phase:
+            return
+        fd = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held[phase] = False
+        except BlockingIOError:
+            held[phase] = True
+        finally:
+            os.close(fd)
+
+    train(settings, progress=False, candidates=FAST, on_phase=probe)
+    assert set(held) >= {"read event log", "select", "final fit", "register"}, held
+    assert all(held.values()), held
 
 
 def test_an_event_log_on_a_file_system_without_locks_still_trains(
