@@ -120,26 +120,35 @@ async def test_the_archiver_removes_temporary_parts_left_by_a_killed_one(tmp_pat
     assert len(read_events(tmp_path)) == 1
 
 
-@pytest.mark.parametrize("flush_events", [1, 10])
+@pytest.mark.parametrize("how", ["stopped mid-flush", "stopped", "cancelled"])
 async def test_a_stopping_archiver_does_not_wait_on_a_commit_the_coordinator_does_not_answer(
-    flush_events: int,
+    how: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Fails if a stopping archiver waits on a commit for as long as the group coordinator does
     # not answer (the client retries without end): `clv archive` then never exits on SIGTERM.
-    # With 1 event per flush the commit hangs in a flush of the running loop and the stop comes
-    # during it; with 10 the stop's own last flush commits. Either way the part is written
-    # and the offsets are left uncommitted (re-written after the restart, deduplicated), and
-    # the commit left running ends later without asyncio logging its failure as never
-    # retrieved.
+    # "stopped mid-flush": one event per flush, the commit hangs in a flush of the running loop
+    # and the stop comes during it; "stopped": the stop's own last flush commits; "cancelled":
+    # the task is cancelled outright and flushes on its way out. Each time the part is written,
+    # the offsets are left uncommitted (re-written after the restart, deduplicated) and not
+    # recorded as committed for the lag, and the commit left running ends later without
+    # asyncio logging its failure as never retrieved.
+    import consumers.archiver
     import consumers.kafka
 
     monkeypatch.setattr(consumers.kafka, "COMMIT_ON_STOP_S", 0.05)
-    committing, answer = asyncio.Event(), asyncio.Event()
+    recorded: list[object] = []
+    monkeypatch.setattr(consumers.archiver, "record_commit", lambda *a: recorded.append(a))
+    fetched, committing, answer = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     class Unanswered(FakeConsumer):
+        async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
+            out = await super().getmany(timeout_ms, max_records)
+            fetched.set()
+            return out
+
         async def commit(self, offsets: dict[TopicPartition, int]) -> None:
             committing.set()
             await asyncio.shield(self._request())  # as aiokafka's commit: the request shielded
@@ -149,18 +158,24 @@ async def test_a_stopping_archiver_does_not_wait_on_a_commit_the_coordinator_doe
             raise KafkaConnectionError("the client was closed")
 
     stop = asyncio.Event()
-    kafka = Unanswered(stop, [[record(P0, 0, "e1")]])
+    # cancelled: the fake's own event, so that running out of batches is no stop
+    kafka = Unanswered(asyncio.Event() if how == "cancelled" else stop, [[record(P0, 0, "e1")]])
+    flush_events = 1 if how == "stopped mid-flush" else 10
     s = Settings(event_log_dir=tmp_path, archive_flush_events=flush_events)
     run = asyncio.create_task(Archiver(s, kafka, tmp_path).run(stop))
-    await asyncio.wait_for(committing.wait(), timeout=30)
-    stop.set()
+    if how == "cancelled":
+        await asyncio.wait_for(fetched.wait(), timeout=30)
+        run.cancel()
+    else:
+        await asyncio.wait_for(committing.wait(), timeout=30)
+        stop.set()
     done, _ = await asyncio.wait({run}, timeout=30)  # a bound for a hang, not a timing
     if not done:
         answer.set()
-        pytest.fail("the archiver was still running 30 s after it was asked to stop")
-    run.result()
+        pytest.fail(f"the archiver was still running 30 s after it was {how}")
+    assert run.cancelled() if how == "cancelled" else run.result() is None
     assert list(read_events(tmp_path)["event_id"]) == ["e1"]
-    assert kafka.committed == {}
+    assert kafka.committed == {} and recorded == []
     assert "archiver stopping without its last commit" in caplog.text
     answer.set()
     for _ in range(20):
