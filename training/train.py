@@ -464,6 +464,24 @@ def runs_take_turns(root: Path, say: Say) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def turn_taken(root: Path) -> bool:
+    """Whether another training run holds its turn on the event log at ``root`` now (a glance:
+    it may end a moment later; ``False`` when the log cannot be locked or opened)."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases it, when it was taken
+    return False
+
+
 def _train(
     settings: Settings,
     say: Say,
@@ -774,6 +792,11 @@ async def retrain_forever(
                 else "does not exist yet (CLV_EVENT_LOG_DIR; the archiver makes it)",
             )
         elif signature != trained_on:
+            if turn_taken(settings.event_log_dir):  # its child (quiet) will wait: say so here
+                log.info(
+                    "retraining waits its turn: another training run is on the event log %s",
+                    settings.event_log_dir,
+                )
             try:
                 if await train_in_subprocess(settings, candidates=candidates) == 0:
                     trained_on = signature

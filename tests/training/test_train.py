@@ -1099,6 +1099,45 @@ def test_a_run_holds_its_turn_from_reading_the_log_to_its_decision(
     assert all(held.values()), held
 
 
+async def test_periodic_retraining_says_when_its_run_waits_for_another(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`clv up`'s training child runs quiet: while it waits for another trainer's run, the
+    stack's log must say why nothing happens. Fails if it stays silent until the outcome."""
+    import fcntl
+
+    import training.train as train_module
+
+    runs: list[object] = []
+
+    async def child(settings: Settings, **kwargs: object) -> int:
+        runs.append(kwargs)
+        return 0
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "time", _StoppedClock())
+    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    holder = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another trainer's turn
+    task = asyncio.create_task(retrain_forever(settings, 3600))
+    try:
+        with caplog.at_level(logging.INFO, logger="training.train"):
+            await _loop_until(task, lambda: len(runs) >= 1)
+        assert runs and "retraining waits its turn: another training run is on" in caplog.text
+    finally:
+        os.close(holder)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert not train_module.turn_taken(settings.event_log_dir)  # released: nobody holds it
+
+
 def test_an_event_log_on_a_file_system_without_locks_still_trains(
     tmp_path: Path,
     events: pd.DataFrame,
