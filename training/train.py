@@ -450,36 +450,44 @@ def runs_take_turns(root: Path, say: Say) -> Iterator[None]:
     added, trains nothing (the other run's version stands for those events), so two trainers
     on one registry (``clv up`` beside ``clv train``, say) do not register twin versions. The
     kernel drops the lock of a run that dies, however it dies."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+    with _log_folder(root) as fd:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another training run on the event log {root} to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a SIGTERM meanwhile ends the wait (143)
+            if not _take_turn_now(fd):
+                say(f"waiting for another training run on the event log {root} to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a SIGTERM meanwhile ends the wait (143)
         except OSError as exc:  # a file system without locks (some network mounts): train
             log.warning("training runs on %s cannot take turns (%s)", root, exc.strerror)
         yield
+
+
+@contextlib.contextmanager
+def _log_folder(root: Path) -> Iterator[int]:
+    """The event log's folder, open read-only: what a turn locks (closing it releases one)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)
+
+
+def _take_turn_now(fd: int) -> bool:
+    """Take the turn on the folder ``fd`` if no other run holds it; ``False`` when one does.
+    An ``OSError`` other than that (a file system without locks) is raised."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def turn_taken(root: Path) -> bool:
     """Whether another training run holds its turn on the event log at ``root`` now (a glance:
     it may end a moment later; ``False`` when the log cannot be locked or opened)."""
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        with _log_folder(root) as fd:
+            return not _take_turn_now(fd)  # taken here, it is released as the folder closes
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # releases it, when it was taken
-    return False
 
 
 def _train(

@@ -71,7 +71,7 @@ def test_a_user_with_no_purchase_on_record_is_forecast_nothing_by_every_candidat
 ) -> None:
     """A refund of an order the stream never carried (made before it began) makes a user whose
     features have no purchase day. The models learnt from buyers only: left to them, BG/NBD+GG
-    gave such a user more than a real first-time buyer, with p_alive 1, and the Tweedie GLM
+    gave such a user what it gives a customer who bought that day, with p_alive 1, the Tweedie GLM
     thousands, which would top any ranking. Fails if any candidate forecasts them anything."""
     refund = pd.DataFrame(
         [{"user_id": "r", "order_id": "o", "ts": "1997-09-20T10:00:00Z", "amount": 30.0}]

@@ -45,6 +45,7 @@ from training.train import (
     sample_users,
     train,
     train_in_subprocess,
+    turn_taken,
 )
 
 FAST = ["naive_rate", "bgnbd_gg"]  # label-free candidates: seconds, not minutes
@@ -1076,23 +1077,14 @@ def test_a_run_holds_its_turn_from_reading_the_log_to_its_decision(
     """Fails if a run lets its turn go before it has decided on its version (taken and
     released at once, or dropped before registering): a second trainer could then read the
     same log meanwhile and register a twin. Probed from another handle in every phase."""
-    import fcntl
 
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
     held: dict[str, bool] = {}
 
     def probe(phase: str) -> None:
-        if not phase:
-            return
-        fd = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held[phase] = False
-        except BlockingIOError:
-            held[phase] = True
-        finally:
-            os.close(fd)
+        if phase:
+            held[phase] = turn_taken(settings.event_log_dir)
 
     train(settings, progress=False, candidates=FAST, on_phase=probe)
     assert set(held) >= {"read event log", "select", "final fit", "register"}, held
@@ -1135,7 +1127,7 @@ async def test_periodic_retraining_says_when_its_run_waits_for_another(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert not train_module.turn_taken(settings.event_log_dir)  # released: nobody holds it
+    assert not turn_taken(settings.event_log_dir)  # released: nobody holds it
 
 
 def test_an_event_log_on_a_file_system_without_locks_still_trains(

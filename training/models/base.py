@@ -138,9 +138,9 @@ def prediction_frame(
     A user with no purchase on record (``purchase_days`` 0: so far only a refund, of an order
     made before the stream began or not delivered yet) is no customer to the models, which are
     fitted on buyers only: what they made of such a row was an extrapolation (a positive value
-    with ``p_alive`` 1 from BG/NBD+GG, one of thousands from the Tweedie GLM, above any real
-    first-time buyer's). Every model forecasts nothing for them: value 0, no orders,
-    ``p_alive`` 0. Their first purchase makes them customers."""
+    with ``p_alive`` 1 from BG/NBD+GG, one of thousands from the Tweedie GLM: README). Every
+    model forecasts nothing for them: value 0, no orders, ``p_alive`` 0. Their first purchase
+    makes them customers."""
     cols = {"predicted_value": value, "expected_orders": orders, "p_alive": p_alive}
     arrays = {k: np.array(v, dtype=np.float64) for k, v in cols.items()}  # copies: set below
     no_purchase = features["purchase_days"].to_numpy(dtype=np.float64) <= 0
