@@ -138,7 +138,10 @@ def demo(
     from clv.demo import run_demo
 
     settings = load_settings()
-    run_async(lambda stop: run_demo(settings, stop, keep_running=keep_running), starts_stack=True)
+    if not run_async(
+        lambda stop: run_demo(settings, stop, keep_running=keep_running), starts_stack=True
+    ):
+        raise typer.Exit(130)  # stopped before it finished: `clv: interrupted`, as train's
 
 
 @app.command()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from clv.errors import ClvError
 from clv.replay import encode_rows, load_events, publish
 from clv.settings import Settings
 from clv.stack import Running, run_stack
@@ -48,15 +49,22 @@ BAD_MESSAGES: list[tuple[bytes, bytes]] = [
 ]
 
 
-async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: bool = False) -> None:
+async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: bool = False) -> bool:
+    """Whether the demo ran to its end (a stop before it, a Ctrl-C, ends it at any step)."""
     from training.registry import ModelRegistry
 
     # CDNOW is history: "now" is the latest event time, not today's date.
     settings = settings.model_copy(update={"clock": "event"})
     ModelRegistry(settings.model_dir).check_writable()  # it trains at the end: know it now
+    finished: list[bool] = []  # one element once the show has run to its end
 
     async def show(running: Running) -> None:
-        await _show(settings, running)
+        try:
+            await _show(settings, running)
+        except asyncio.CancelledError:  # a Ctrl-C (or a failed component) ends the stack
+            console.print("[yellow]stopped before the demo finished[/yellow]")
+            raise
+        finished.append(True)
         # CDNOW ended in 1998: by the wall clock every window is empty, so the event clock
         hint = (
             "[bold]CLV_CLOCK=event .venv/bin/clv features 00001[/bold] (as of the data's last "
@@ -73,6 +81,7 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
             )
 
     await run_stack(settings, stop, on_ready=show, retrain_every_s=None, say=console.print)
+    return bool(finished)
 
 
 async def _show(settings: Settings, running: Running) -> None:
@@ -136,6 +145,22 @@ async def _show(settings: Settings, running: Running) -> None:
     await _train_and_score(settings, online, events)
 
 
+async def train_champion(settings: Settings) -> None:
+    """Train from the event log (as ``clv train`` does, on :data:`DEMO_CANDIDATES`), in a
+    child process as ``clv up`` retrains: cancelled (a Ctrl-C), it ends at once, in a fit or
+    while it waits for another run's turn on the log; a run in a thread went on after the demo
+    had stopped, and could register a model then. Its progress and its one line, as
+    ``clv train`` prints them, go to this terminal."""
+    from training.train import run_training_child
+
+    console.rule("training from the event log (time-split selection of the champion)")
+    # The demo leaves out the two slowest candidates (random forest, exact gradient boosting)
+    # and ridge, the weakest; `clv train` compares all of them.
+    code, _, _ = await run_training_child(settings, candidates=list(DEMO_CANDIDATES), quiet=False)
+    if code != 0:  # the child has said why, on stderr
+        raise ClvError(f"training from the event log {settings.event_log_dir} failed (exit {code})")
+
+
 def events_not_replayed(event_log_dir: Path, replayed: pd.DataFrame) -> int:
     """How many events of the log are not among ``replayed`` (by user and event id): what an
     earlier ``clv replay`` into a kept demo stack left there, which training reads too."""
@@ -152,7 +177,6 @@ async def _train_and_score(
     """Train from the event log the archiver wrote, then score the users whose online
     features (read from Redis above) are ``online``; ``replayed``: the events the demo sent."""
     from training.registry import load_champion
-    from training.train import train
 
     await wait_committed(settings, settings.archiver_group, timeout=900)
     others = await asyncio.to_thread(events_not_replayed, settings.event_log_dir, replayed)
@@ -164,13 +188,7 @@ async def _train_and_score(
             "starts the demo afresh[/yellow]",
             soft_wrap=True,
         )
-    console.rule("training from the event log (time-split selection of the champion)")
-    # The demo leaves out the two slowest candidates (random forest, exact gradient boosting)
-    # and ridge, the weakest; `clv train` compares all of them.
-    result = await asyncio.to_thread(
-        train, settings, progress=True, candidates=list(DEMO_CANDIDATES)
-    )
-    console.print(result.summary(), soft_wrap=True)  # one line, as clv train prints it
+    await train_champion(settings)
     champion = await asyncio.to_thread(load_champion, settings.model_dir)
     horizon = champion.horizon_days
     pred = champion.model.predict(online[list(FEATURE_NAMES)], horizon)

@@ -205,7 +205,7 @@ async def run_stack(
                     f"event log={settings.event_log_dir}"
                 )
                 if on_ready is not None:
-                    await on_ready(running)
+                    await _ready_unless_stopped(stop, on_ready(running), running.tasks)
                 else:
                     await _until_stopped_or_failed(stop, running.tasks)
             finally:
@@ -245,6 +245,25 @@ async def said_while(step: Awaitable[T], say: Callable[[str], None], what: str) 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _ready_unless_stopped(
+    stop: asyncio.Event, ready: Awaitable[None], tasks: list[asyncio.Task[object]]
+) -> None:
+    """Run ``ready`` (what runs on the stack once it is up: the demo's replay, its wait for the
+    consumers' commits, its training) until it ends, ``stop`` is set or a component fails;
+    in the last two cases it is cancelled. It may be waiting on the components (for commits a
+    stopped or failed consumer will never make), so it cannot be left to finish."""
+    task = asyncio.ensure_future(ready)
+    try:
+        await stop_or_first_done(stop, [task, *tasks])
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if not task.cancelled():
+        task.result()  # its own failure is the command's
 
 
 async def _until_stopped_or_failed(stop: asyncio.Event, tasks: list[asyncio.Task[object]]) -> None:

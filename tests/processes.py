@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -15,4 +16,19 @@ def children(pid: int) -> list[int]:
             continue  # ended meanwhile
         if int(fields[1]) == pid:  # after the name: state, ppid, ...
             found.append(int(stat.parent.name))
+    return found
+
+
+def flocks_on(path: Path) -> list[tuple[int, bool]]:
+    """The ``flock`` locks on ``path`` in /proc/locks: (pid, waiting) for each holder, and for
+    each process blocked waiting for it (``waiting`` True)."""
+    st = path.stat()
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    found = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        waiting = fields[1] == "->"  # "1: -> FLOCK ADVISORY WRITE pid maj:min:ino 0 EOF"
+        kind, _advisory, _mode, pid, file = fields[2 if waiting else 1 :][:5]
+        if kind == "FLOCK" and file == where:
+            found.append((int(pid), waiting))
     return found

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from clv.local_stack import LocalProcess
 from clv.settings import Settings
 from feature_store.event_log import write_events
 from feature_store.offline import events_from_orders
+from tests.processes import flocks_on
 
 
 def _orders(users: list[str], ids: list[str]) -> pd.DataFrame:
@@ -42,6 +45,39 @@ def test_events_the_demo_did_not_replay_are_counted(tmp_path: Path) -> None:
     # a hand replay: a new user, and a known id under another user
     write_events(tmp_path, _orders(["c", "b"], ["3", "1"]))
     assert events_not_replayed(tmp_path, replayed) == 2
+
+
+async def test_a_stopped_demo_leaves_no_training_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if the demo trains in a thread: cancelled (a Ctrl-C) while its run waited for
+    # another run's turn on the event log (or fitted), the thread went on, took the turn once
+    # it was free and trained after the demo had stopped.
+    from training.registry import ModelRegistry
+
+    monkeypatch.setattr(demo, "console", Console(file=io.StringIO()))
+    settings = Settings(event_log_dir=tmp_path / "events", model_dir=tmp_path / "models")
+    write_events(settings.event_log_dir, _orders(["a", "b"], ["1", "2"]))
+    holder = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another training run's turn
+        task = asyncio.create_task(demo.train_champion(settings))
+        for _ in range(1200):  # a bound, not a timing: the run starts, then waits for the turn
+            if task.done() or any(waits for _, waits in flocks_on(settings.event_log_dir)):
+                break
+            await asyncio.sleep(0.1)
+        assert not task.done() and any(w for _, w in flocks_on(settings.event_log_dir))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=30)
+        if not done:
+            pytest.fail("the demo's training still ran 30 s after it was cancelled")
+    finally:
+        os.close(holder)  # the other run ends
+    assert task.cancelled()
+    for _ in range(20):  # for two seconds: nothing takes the turn the other run left
+        assert flocks_on(settings.event_log_dir) == []
+        await asyncio.sleep(0.1)
+    assert ModelRegistry(settings.model_dir).versions() == []
 
 
 def _on_the_sample(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> io.StringIO:
@@ -83,7 +119,7 @@ async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_train
 
     out = _on_the_sample(monkeypatch, data_dir, tmp_path)
     settings = _settings(broker, redis_server, tmp_path)
-    await asyncio.wait_for(demo.run_demo(settings, asyncio.Event()), 600)
+    assert await asyncio.wait_for(demo.run_demo(settings, asyncio.Event()), 600) is True
     said = out.getvalue()
     assert "published and applied 6,922 messages" in said  # 6,919 orders + 3 broken ones
     assert "online features == offline features (same code over the file): True" in said
@@ -134,7 +170,7 @@ async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_
             assert not run.done(), out.getvalue()  # it waits for the stop
     finally:
         stop.set()
-    await asyncio.wait_for(run, 120)
+    assert await asyncio.wait_for(run, 120) is True  # ran to its end, then waited
     said = out.getvalue()
     assert "online features == offline features (same code over the file): False" in said
     assert "also holds 1 event the demo did not replay" in said

@@ -38,10 +38,10 @@ from tests.processes import children
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize(
-    "sig", [signal.SIGINT, signal.SIGHUP, signal.SIGKILL], ids=["ctrl-c", "hangup", "killed"]
-)
-def test_up_starts_local_servers_that_end_with_it(tmp_path: Path, sig: int) -> None:
+def _clv_on_free_ports(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int, int, int]:
+    """``clv ARGS`` in a session of its own (like a terminal's foreground job), with Redis, the
+    broker and the metrics on free local ports (so it starts its own servers), its folders
+    under ``tmp_path``, its stdout and stderr one pipe; and the three ports."""
     redis_port, kafka_port, metrics_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
     env.update(
@@ -52,13 +52,23 @@ def test_up_starts_local_servers_that_end_with_it(tmp_path: Path, sig: int) -> N
         CLV_METRICS_PORT=str(metrics_port),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clv", "up", "--retrain-every", "0"],
+        [sys.executable, "-m", "clv", *args],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,  # a group of its own, like a terminal's foreground job
+        start_new_session=True,
+    )
+    return proc, redis_port, kafka_port, metrics_port
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGHUP, signal.SIGKILL], ids=["ctrl-c", "hangup", "killed"]
+)
+def test_up_starts_local_servers_that_end_with_it(tmp_path: Path, sig: int) -> None:
+    proc, redis_port, kafka_port, metrics_port = _clv_on_free_ports(
+        tmp_path, "up", "--retrain-every", "0"
     )
     lines: list[str] = []
     pids: list[int] = []
@@ -406,6 +416,40 @@ async def _up_with(
     )
 
 
+def test_ctrl_c_mid_demo_stops_it_with_exit_130(tmp_path: Path) -> None:
+    # Fails if the demo waits on, after a Ctrl-C during its replay (it waited up to 15 minutes
+    # for commits from the consumers the Ctrl-C had stopped, and a second Ctrl-C did nothing),
+    # or ends with exit 0 as if it had run to its end.
+    proc, redis_port, kafka_port, _ = _clv_on_free_ports(tmp_path, "demo")
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends with the process, if it never replays
+            lines.append(line)
+            if "replaying CDNOW" in line:
+                break
+        assert any("replaying CDNOW" in line for line in lines), "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        try:
+            code = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("clv demo still ran 90 s after a Ctrl-C during its replay")
+        rest = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 130, "".join(lines) + rest
+    assert "stopped before the demo finished" in rest and "clv: interrupted" in rest, rest
+    assert "Traceback" not in rest, rest
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    for _ in range(50):  # its servers are stopped with it
+        if not (port_open("127.0.0.1", redis_port) or port_open("127.0.0.1", kafka_port)):
+            break
+        time.sleep(0.1)
+    assert not port_open("127.0.0.1", redis_port) and not port_open("127.0.0.1", kafka_port)
+
+
 async def test_a_group_that_is_slow_to_give_partitions_is_said_while_the_stack_waits(
     broker: LocalProcess,
     redis_server: LocalProcess,
@@ -491,14 +535,25 @@ async def test_up_refuses_more_consumers_than_the_orders_topic_has_partitions(
     assert ready == []
 
 
+async def _ended(run: asyncio.Task[None], what: str, within_s: float = 60) -> None:
+    """``run`` ended within ``within_s`` (a bound, so that the test fails instead of hanging)."""
+    done, _ = await asyncio.wait({run}, timeout=within_s)
+    if not done:
+        pytest.fail(f"the stack still ran {within_s:g} s after {what}")
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["up", "demo"])
 async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named(
     broker: LocalProcess,
     redis_server: LocalProcess,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    waiting: bool,
 ) -> None:
     # `clv up` (no on_ready): it runs until stopped, or until a component ends, which only a
-    # failure does; then it stops the rest and raises, so that the command exits 1.
+    # failure does; then it stops the rest and raises, so that the command exits 1. The same
+    # while on_ready runs (`clv demo`): what it waits for may never come once a component has
+    # failed. Fails (demo) if on_ready is awaited whatever the components do.
     import training.train as train_module
 
     up = asyncio.Event()
@@ -506,6 +561,9 @@ async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named
     async def retrain_forever(_settings: object, _interval_s: float, **_: object) -> None:
         await up.wait()  # fails once the stack is up and running, not while it starts
         raise RuntimeError("the model directory vanished")
+
+    async def on_ready(_running: Running) -> None:
+        await asyncio.Event().wait()  # the demo waiting on the components
 
     said: list[str] = []
 
@@ -523,19 +581,74 @@ async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named
     )
     stop = asyncio.Event()
     run = asyncio.create_task(
-        run_stack(settings, stop, workdir=tmp_path / ".clv", retrain_every_s=60.0, say=say)
+        run_stack(
+            settings,
+            stop,
+            workdir=tmp_path / ".clv",
+            retrain_every_s=60.0,
+            on_ready=on_ready if waiting else None,
+            say=say,
+        )
     )
     try:
-        # the failure comes before healthy or after: either way it ends the stack
-        with pytest.raises(StackError) as info:
-            await asyncio.wait_for(asyncio.shield(run), 120)  # ended by the failure alone
+        await _ended(run, "the failure", within_s=120)  # ended by the failure alone
     finally:
         stop.set()  # (a hung stack is ended here, so that a failure leaves nothing running)
+        run.cancel()
         await asyncio.gather(run, return_exceptions=True)
+    # the failure comes before healthy or after: either way it ends the stack
+    with pytest.raises(StackError) as info:
+        run.result()
     assert str(info.value) == (
         "a component of the stack failed: RuntimeError('the model directory vanished')"
     )
     assert any(line.startswith("clv is up") for line in said)
+
+
+async def test_a_stop_ends_what_runs_on_the_stack_once_it_is_up(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    # `clv demo` waits on the stack once it is up (the consumers' commits of its replay, its
+    # training). Fails if on_ready is awaited whatever the stop: a Ctrl-C stopped the consumers
+    # and left the demo waiting, for up to 15 minutes, for commits they would never make.
+    settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "e")
+    stop = asyncio.Event()
+    seen: list[Running] = []
+    cancelled: list[bool] = []
+
+    async def on_ready(running: Running) -> None:
+        seen.append(running)
+        try:
+            await asyncio.Event().wait()  # what stopped consumers never bring
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    run = asyncio.create_task(
+        run_stack(
+            settings,
+            stop,
+            workdir=tmp_path / ".clv",
+            retrain_every_s=None,
+            on_ready=on_ready,
+            say=lambda _: None,
+        )
+    )
+    try:
+        for _ in range(1200):  # a bound, not a timing: until the stack is up
+            if seen or run.done():
+                break
+            await asyncio.sleep(0.1)
+        assert seen, "the stack never got up"
+        stop.set()  # what Ctrl-C does
+        await _ended(run, "the stop")
+    finally:
+        stop.set()
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    run.result()  # a stop is no failure
+    assert cancelled == [True]
+    assert all(t.done() for t in seen[0].tasks)  # the consumers and the archiver stopped
 
 
 @pytest.mark.parametrize("silent", ["kafka", "redis"])

@@ -710,25 +710,53 @@ TRAINING_CHILD = ("-m", "training")
 async def train_in_subprocess(
     settings: Settings, *, force: bool = False, candidates: list[str] | None = None
 ) -> int:
+    """One quiet training run in a child process (:func:`run_training_child`), its outcome
+    logged as the stack's retraining; returns its exit code."""
+    code, said, warned = await run_training_child(
+        settings, force=force, candidates=candidates, quiet=True
+    )
+    if code == 0:
+        log.info("retraining: %s", said)
+        if warned:  # a run that succeeded may still have warned (an old version left, say)
+            log.warning("retraining warned: %s", warned[-2000:])
+    else:
+        text = said or warned
+        log.warning("retraining failed (exit %s): %s", code, text[-2000:])
+    return code
+
+
+async def run_training_child(
+    settings: Settings,
+    *,
+    force: bool = False,
+    candidates: list[str] | None = None,
+    quiet: bool = True,
+) -> tuple[int, str, str]:
     """One training run in a child process (its CPU and memory never touch the caller's event
-    loop); returns its exit code. Cancelling terminates the child (or, while it is still being
-    started, asyncio kills it).
+    loop): its exit code, and what it printed on stdout and stderr when ``quiet`` (otherwise its
+    progress and outcome go to this process's stdout and stderr as they come, and both strings
+    are empty). Cancelling terminates the child (or, while it is still being started, asyncio
+    kills it): a run waiting for another's turn or in the middle of a fit ends at once, where a
+    run in a thread could not be stopped.
 
     The child runs in a process group of its own, as the local servers do: a terminal's Ctrl-C
     or hangup goes to the whole foreground group, and a child that took it would die of a
     ``KeyboardInterrupt`` and be logged as a failed run while ``clv up`` stops; the parent
     cancels, and so terminates, the run instead."""
-    args = [sys.executable, *TRAINING_CHILD, "--quiet"]
+    args = [sys.executable, *TRAINING_CHILD]
+    if quiet:
+        args.append("--quiet")
     if force:
         args.append("--force")
     if candidates:
         args.append("--candidates=" + ",".join(candidates))
+    output = asyncio.subprocess.PIPE if quiet else None
     proc = await asyncio.create_subprocess_exec(
         *args,
         env=_child_env(settings),
         stdin=asyncio.subprocess.DEVNULL,  # out of the terminal's reach, input too
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=output,
+        stderr=output,
         process_group=0,
         preexec_fn=die_with_parent(),  # a clv killed outright takes its training run along
     )
@@ -744,15 +772,8 @@ async def train_in_subprocess(
                 proc.kill()
             await proc.wait()
         raise
-    said, warned = (b.decode(errors="replace").strip() for b in (out, err))
-    if proc.returncode == 0:
-        log.info("retraining: %s", said)
-        if warned:  # a run that succeeded may still have warned (an old version left, say)
-            log.warning("retraining warned: %s", warned[-2000:])
-    else:
-        text = said or warned
-        log.warning("retraining failed (exit %s): %s", proc.returncode, text[-2000:])
-    return int(proc.returncode or 0)
+    said, warned = (b.decode(errors="replace").strip() for b in (out or b"", err or b""))
+    return int(proc.returncode or 0), said, warned
 
 
 def log_signature(root: Path) -> str:
