@@ -63,9 +63,10 @@ def run_async(
     one_shot: bool = False,
     starts_stack: bool = False,
     service: bool = False,
+    received: list[int] | None = None,
 ) -> T:
     """Run ``main(stop)`` with SIGINT/SIGTERM/SIGHUP setting ``stop`` (a clean shutdown, not a
-    kill).
+    kill); each signal that came is appended to ``received``.
 
     A server that cannot be reached is named by its setting; ``starts_stack`` commands (``up``,
     ``demo``) are not told that ``clv up`` would start one.
@@ -87,7 +88,7 @@ def run_async(
         # SIGHUP too: a closed terminal stops the stack and the servers it started (they run
         # in a process group of their own, out of the terminal's reach)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _stopping, stop, sig, received)
         return await main(stop)
 
     try:
@@ -106,6 +107,12 @@ def run_async(
         raise fail(f"cannot reach a server: {exc}", 1) from None
     except OSError as exc:  # a file or directory, not a server
         raise fail(str(exc), 1) from None
+
+
+def _stopping(stop: asyncio.Event, sig: int, received: list[int] | None) -> None:
+    if received is not None:
+        received.append(sig)
+    stop.set()
 
 
 @app.command()
@@ -138,10 +145,19 @@ def demo(
     from clv.demo import run_demo
 
     settings = load_settings()
-    if not run_async(
-        lambda stop: run_demo(settings, stop, keep_running=keep_running), starts_stack=True
-    ):
-        raise typer.Exit(130)  # stopped before it finished: `clv: interrupted`, as train's
+    received: list[int] = []
+    finished = run_async(
+        lambda stop: run_demo(settings, stop, keep_running=keep_running),
+        starts_stack=True,
+        received=received,
+    )
+    if not finished:  # stopped before its end: said and exited as train's and backtest's stops
+        if received[:1] == [signal.SIGINT]:
+            raise typer.Exit(130)  # `clv: interrupted`
+        if received[:1] == [signal.SIGHUP]:
+            typer.echo("clv: hung up", err=True)
+            raise typer.Exit(129)
+        raise Terminated  # `clv: terminated`, 143
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -150,14 +151,27 @@ async def train_champion(settings: Settings) -> None:
     child process as ``clv up`` retrains: cancelled (a Ctrl-C), it ends at once, in a fit or
     while it waits for another run's turn on the log; a run in a thread went on after the demo
     had stopped, and could register a model then. Its progress and its one line, as
-    ``clv train`` prints them, go to this terminal."""
+    ``clv train`` prints them, are printed here as they come."""
     from training.train import run_training_child
 
     console.rule("training from the event log (time-split selection of the champion)")
+
+    def relay(line: str) -> None:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+
     # The demo leaves out the two slowest candidates (random forest, exact gradient boosting)
     # and ridge, the weakest; `clv train` compares all of them.
-    code, _, _ = await run_training_child(settings, candidates=list(DEMO_CANDIDATES), quiet=False)
-    if code != 0:  # the child has said why, on stderr
+    code, _, _ = await run_training_child(settings, candidates=list(DEMO_CANDIDATES), relay=relay)
+    if code < 0:  # nothing said: the OOM killer, a kill -9
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a signal Python has no name for
+            name = f"signal {-code}"
+        raise ClvError(
+            f"training from the event log {settings.event_log_dir} was killed by {name}"
+            + (" (out of memory?)" if -code == signal.SIGKILL else "")
+        )
+    if code != 0:  # it said why, above
         raise ClvError(f"training from the event log {settings.event_log_dir} failed (exit {code})")
 
 

@@ -26,7 +26,12 @@ from clv.local_stack import (
     start_redis,
 )
 from clv.settings import Settings
-from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
+from clv.stopping import (
+    StoppedWhileStarting,
+    cancel_and_wait,
+    stop_or_first_done,
+    unless_stopped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +247,7 @@ async def said_while(step: Awaitable[T], say: Callable[[str], None], what: str) 
             wait = SAY_EVERY_S
     finally:
         if not task.done():  # cancelled: the step with it
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 async def _ready_unless_stopped(
@@ -259,9 +262,7 @@ async def _ready_unless_stopped(
         await stop_or_first_done(stop, [task, *tasks])
     finally:
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
     if not task.cancelled():
         task.result()  # its own failure is the command's
 

@@ -9,7 +9,6 @@ must not wait for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -35,8 +34,18 @@ async def unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
     task = asyncio.ensure_future(step)
     await stop_or_first_done(stop, [task])
     if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         raise StoppedWhileStarting
     return task.result()
+
+
+async def cancel_and_wait(task: asyncio.Future[T]) -> None:
+    """Cancel ``task`` and wait until it has ended (its clean-up done). A cancellation of the
+    caller that comes meanwhile is passed on, not taken for the task's own."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise

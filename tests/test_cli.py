@@ -734,3 +734,41 @@ def test_the_import_guard_gives_back_the_handlers_when_the_import_fails(
     with pytest.raises(RuntimeError, match="broken"):
         guarded("guarded_broken", {signal.SIGTERM: (b"x\n", 143)})
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [
+        (None, 0, ""),
+        (signal.SIGINT, 130, "clv: interrupted"),
+        (signal.SIGTERM, 143, "clv: terminated"),
+        (signal.SIGHUP, 129, "clv: hung up"),
+    ],
+    ids=["finished", "ctrl-c", "sigterm", "hangup"],
+)
+def test_a_demo_stopped_before_its_end_exits_as_the_signal_says(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    sig: int | None,
+    code: int,
+    line: str,
+) -> None:
+    # Fails if a demo cut short exits 0, as one that ran to its end (or one that ran to its end
+    # does not), or if a SIGTERM (timeout, docker stop) or a hangup reads as a Ctrl-C.
+    import asyncio
+
+    import clv.demo
+    from clv.cli import main
+
+    async def run_demo(_settings: object, stop: asyncio.Event, **_: object) -> bool:
+        if sig is None:
+            return True
+        os.kill(os.getpid(), sig)  # through clv's own handlers, as from a terminal or a kill
+        await stop.wait()
+        return False
+
+    monkeypatch.setattr(clv.demo, "run_demo", run_demo)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == code
+    assert capsys.readouterr().err.strip() == line

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +67,10 @@ async def test_a_stopped_demo_leaves_no_training_behind(
             if task.done() or any(waits for _, waits in flocks_on(settings.event_log_dir)):
                 break
             await asyncio.sleep(0.1)
-        assert not task.done() and any(w for _, w in flocks_on(settings.event_log_dir))
+        assert not task.done()
+        [waiter] = [pid for pid, waits in flocks_on(settings.event_log_dir) if waits]
+        # a child, in a process group of its own: a terminal's Ctrl-C reaches the demo alone
+        assert waiter != os.getpid() and os.getpgid(waiter) == waiter
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=30)
         if not done:
@@ -78,6 +82,36 @@ async def test_a_stopped_demo_leaves_no_training_behind(
         assert flocks_on(settings.event_log_dir) == []
         await asyncio.sleep(0.1)
     assert ModelRegistry(settings.model_dir).versions() == []
+
+
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [
+        ("echo 'error: the event log holds no purchase' >&2; exit 1", "failed (exit 1)"),
+        ("kill -9 $$", "was killed by SIGKILL (out of memory?)"),
+    ],
+    ids=["fails", "killed"],
+)
+async def test_a_demo_training_run_that_fails_is_an_error_that_says_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, says: str
+) -> None:
+    # A stand-in interpreter for the training child. Fails if the demo takes a failed run for
+    # a trained model (and goes on to a champion that is not there or is an old one), or
+    # reports a run the kernel killed as "exit -9".
+    from clv.errors import ClvError
+
+    out = io.StringIO()
+    monkeypatch.setattr(demo, "console", Console(file=out, width=132))
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\n{script}\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    settings = Settings(event_log_dir=tmp_path / "events", model_dir=tmp_path / "models")
+    with pytest.raises(ClvError) as info:
+        await demo.train_champion(settings)
+    assert str(info.value) == f"training from the event log {settings.event_log_dir} {says}"
+    if "exit 1" in says:  # what the run said is shown
+        assert "error: the event log holds no purchase" in out.getvalue()
 
 
 def _on_the_sample(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> io.StringIO:
@@ -132,6 +166,8 @@ async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_train
     assert len(ModelRegistry(settings.model_dir).versions()) == 1
     assert not [r for r in caplog.records if r.getMessage().startswith("retraining")]
     assert "champion " in said
+    # the training child's progress and its one line, printed by the demo as they came
+    assert "[train " in said and "promoted to champion: first model" in said
 
 
 @pytest.mark.integration

@@ -542,6 +542,23 @@ async def _ended(run: asyncio.Task[None], what: str, within_s: float = 60) -> No
         pytest.fail(f"the stack still ran {within_s:g} s after {what}")
 
 
+async def test_what_runs_on_the_stack_failing_ends_the_stack_with_its_error(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    # Fails if on_ready's own failure (the demo's training failed) is dropped: the command
+    # then exits 0 as if the demo had run.
+    settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "e")
+    seen: list[Running] = []
+
+    async def on_ready(running: Running) -> None:
+        seen.append(running)
+        raise RuntimeError("training from the event log failed")
+
+    with pytest.raises(RuntimeError, match="training from the event log failed"):
+        await _up_with(settings, tmp_path, 1, on_ready, lambda _: None)
+    assert all(t.done() for t in seen[0].tasks)  # the consumers and the archiver stopped
+
+
 @pytest.mark.parametrize("waiting", [False, True], ids=["up", "demo"])
 async def test_a_component_that_fails_while_running_stops_the_stack_and_is_named(
     broker: LocalProcess,
@@ -610,7 +627,8 @@ async def test_a_stop_ends_what_runs_on_the_stack_once_it_is_up(
 ) -> None:
     # `clv demo` waits on the stack once it is up (the consumers' commits of its replay, its
     # training). Fails if on_ready is awaited whatever the stop: a Ctrl-C stopped the consumers
-    # and left the demo waiting, for up to 15 minutes, for commits they would never make.
+    # and left the demo waiting, for up to 15 minutes, for commits they would never make. And
+    # if its clean-up (the demo's: terminating its training run) is not waited for.
     settings = unique_settings(broker.address, redis_server.address, event_log_dir=tmp_path / "e")
     stop = asyncio.Event()
     seen: list[Running] = []
@@ -621,6 +639,7 @@ async def test_a_stop_ends_what_runs_on_the_stack_once_it_is_up(
         try:
             await asyncio.Event().wait()  # what stopped consumers never bring
         except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # a clean-up that takes a while
             cancelled.append(True)
             raise
 

@@ -712,9 +712,7 @@ async def train_in_subprocess(
 ) -> int:
     """One quiet training run in a child process (:func:`run_training_child`), its outcome
     logged as the stack's retraining; returns its exit code."""
-    code, said, warned = await run_training_child(
-        settings, force=force, candidates=candidates, quiet=True
-    )
+    code, said, warned = await run_training_child(settings, force=force, candidates=candidates)
     if code == 0:
         log.info("retraining: %s", said)
         if warned:  # a run that succeeded may still have warned (an old version left, say)
@@ -730,38 +728,48 @@ async def run_training_child(
     *,
     force: bool = False,
     candidates: list[str] | None = None,
-    quiet: bool = True,
+    relay: Callable[[str], None] | None = None,
 ) -> tuple[int, str, str]:
     """One training run in a child process (its CPU and memory never touch the caller's event
-    loop): its exit code, and what it printed on stdout and stderr when ``quiet`` (otherwise its
-    progress and outcome go to this process's stdout and stderr as they come, and both strings
-    are empty). Cancelling terminates the child (or, while it is still being started, asyncio
-    kills it): a run waiting for another's turn or in the middle of a fit ends at once, where a
-    run in a thread could not be stopped.
+    loop): its exit code (negative: the signal that killed it) and what it printed on stdout
+    and stderr. Quiet unless ``relay`` is given: then it reports its progress too, and each
+    line, of either stream, is handed to ``relay`` as it comes (``clv demo`` prints them).
+    Cancelling terminates the child (or, while it is still being started, asyncio kills it): a
+    run waiting for another's turn or in the middle of a fit ends at once, where a run in a
+    thread could not be stopped; what it says as it ends is not relayed.
 
     The child runs in a process group of its own, as the local servers do: a terminal's Ctrl-C
     or hangup goes to the whole foreground group, and a child that took it would die of a
     ``KeyboardInterrupt`` and be logged as a failed run while ``clv up`` stops; the parent
-    cancels, and so terminates, the run instead."""
+    cancels, and so terminates, the run instead. Its output always comes through pipes: a
+    background group writing to the terminal is stopped by SIGTTOU where the terminal has
+    ``tostop`` set."""
     args = [sys.executable, *TRAINING_CHILD]
-    if quiet:
+    if relay is None:
         args.append("--quiet")
     if force:
         args.append("--force")
     if candidates:
         args.append("--candidates=" + ",".join(candidates))
-    output = asyncio.subprocess.PIPE if quiet else None
     proc = await asyncio.create_subprocess_exec(
         *args,
         env=_child_env(settings),
         stdin=asyncio.subprocess.DEVNULL,  # out of the terminal's reach, input too
-        stdout=output,
-        stderr=output,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=1 << 20,  # the longest line relayed (a traceback's)
         process_group=0,
         preexec_fn=die_with_parent(),  # a clv killed outright takes its training run along
     )
     try:
-        out, err = await proc.communicate()
+        if relay is None:
+            out, err = await proc.communicate()
+        else:
+            assert proc.stdout is not None and proc.stderr is not None
+            out, err = await asyncio.gather(
+                _relayed(proc.stdout, relay), _relayed(proc.stderr, relay)
+            )
+            await proc.wait()
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
@@ -772,8 +780,17 @@ async def run_training_child(
                 proc.kill()
             await proc.wait()
         raise
-    said, warned = (b.decode(errors="replace").strip() for b in (out or b"", err or b""))
+    said, warned = (b.decode(errors="replace").strip() for b in (out, err))
     return int(proc.returncode or 0), said, warned
+
+
+async def _relayed(stream: asyncio.StreamReader, relay: Callable[[str], None]) -> bytes:
+    """Everything ``stream`` gives until its end, each line handed to ``relay`` as it comes."""
+    lines = []
+    while line := await stream.readline():
+        lines.append(line)
+        relay(line.decode(errors="replace").rstrip("\n"))
+    return b"".join(lines)
 
 
 def log_signature(root: Path) -> str:

@@ -1596,3 +1596,60 @@ def test_clv_train_every_refuses_what_it_cannot_do_in_one_line(
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0], result.stderr
+
+
+def test_a_relayed_training_run_is_not_stopped_by_a_terminal_with_tostop(tmp_path: Path) -> None:
+    # Fails if the child of a relayed run (clv demo's) writes to the terminal itself: in a
+    # process group of its own it is a background writer, which a terminal with `stty tostop`
+    # stops (SIGTTOU), and the demo hung at its training for good.
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[3] |= termios.TOSTOP
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+
+    def on_the_terminal() -> None:  # the session's controlling terminal, as a login's
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    program = (
+        "import asyncio, sys\n"
+        "from clv.settings import Settings\n"
+        "from training.train import run_training_child\n"
+        "settings = Settings(event_log_dir=sys.argv[1], model_dir=sys.argv[2])\n"
+        "code, _, _ = asyncio.run(run_training_child(settings, relay=print))\n"
+        "print('exit', code)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, str(tmp_path / "no-log"), str(tmp_path / "models")],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        preexec_fn=on_the_terminal,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    os.close(slave)
+    said = b""
+    try:
+        for _ in range(1200):  # a bound (120 s), not a timing
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    said += os.read(master, 4096)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+            elif proc.poll() is not None:
+                break
+        else:
+            pytest.fail(f"the run still ran after 120 s: {said.decode(errors='replace')}")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = said.decode(errors="replace")
+    assert "does not exist" in text and "exit 1" in text, text
