@@ -88,9 +88,14 @@ def run_async(
         # SIGHUP too: a closed terminal stops the stack and the servers it started (they run
         # in a process group of their own, out of the terminal's reach)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig == signal.SIGHUP and handlers[sig] == signal.SIG_IGN:
+                continue  # `nohup clv up`: a hangup is to be ignored, not a stop
             loop.add_signal_handler(sig, _stopping, stop, sig, received)
         return await main(stop)
 
+    handlers = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         return asyncio.run(runner())
     except ClvError as exc:
@@ -107,12 +112,31 @@ def run_async(
         raise fail(f"cannot reach a server: {exc}", 1) from None
     except OSError as exc:  # a file or directory, not a server
         raise fail(str(exc), 1) from None
+    finally:
+        # asyncio.run's end set them to the default, so a second signal in the teardown killed
+        # the process by the signal, with no word: those in force before come back (main's
+        # unwinding: `clv: terminated`, 143; Ctrl-C: `clv: interrupted`, 130)
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _stopping(stop: asyncio.Event, sig: int, received: list[int] | None) -> None:
     if received is not None:
         received.append(sig)
     stop.set()
+
+
+def stopped_by(received: list[int]) -> BaseException:
+    """What ends a one-shot command that a signal stopped before its end, by the first signal
+    in ``received`` (as :func:`run_async` fills it): exit 130 and ``clv: interrupted`` for a
+    Ctrl-C, 129 and ``clv: hung up`` for a hangup, 143 and ``clv: terminated`` for SIGTERM."""
+    if received[:1] == [signal.SIGINT]:
+        return typer.Exit(130)  # main says `clv: interrupted`
+    if received[:1] == [signal.SIGHUP]:
+        typer.echo("clv: hung up", err=True)
+        return typer.Exit(129)
+    return Terminated()  # main says `clv: terminated`, 143
 
 
 @app.command()
@@ -152,12 +176,7 @@ def demo(
         received=received,
     )
     if not finished:  # stopped before its end: said and exited as train's and backtest's stops
-        if received[:1] == [signal.SIGINT]:
-            raise typer.Exit(130)  # `clv: interrupted`
-        if received[:1] == [signal.SIGHUP]:
-            typer.echo("clv: hung up", err=True)
-            raise typer.Exit(129)
-        raise Terminated  # `clv: terminated`, 143
+        raise stopped_by(received)
 
 
 @app.command()
@@ -206,16 +225,32 @@ def replay(
         raise fail(str(exc), 1) from None
 
     async def main(stop: asyncio.Event) -> int:
+        from clv.stopping import StoppedWhileStarting, unless_stopped
         from consumers.kafka import ensure_topics
 
-        await ensure_topics(settings)
+        try:
+            await unless_stopped(stop, ensure_topics(settings))
+        except StoppedWhileStarting:
+            return 0
         with Progress(transient=True) as bar:
             task = bar.add_task(f"replaying {file.name}", total=len(messages))
             return await publish(
-                settings, messages, rate=rate, progress=lambda n: bar.advance(task, n)
+                settings,
+                messages,
+                rate=rate,
+                progress=lambda n: bar.advance(task, n),
+                stop=stop,
             )
 
-    sent = run_async(main, one_shot=True)
+    received: list[int] = []
+    sent = run_async(main, one_shot=True, received=received)
+    if sent < len(messages):  # a stop: the first `sent` orders of the file went, in time order
+        typer.echo(
+            f"stopped after publishing {sent} of {len(messages)} order events to "
+            f"{settings.orders_topic} (the first {sent} of the file in time order)",
+            err=True,
+        )
+        raise stopped_by(received)
     typer.echo(f"published {sent} order events to {settings.orders_topic}")
 
 
@@ -226,6 +261,7 @@ def features(
 ) -> None:
     """Print a user's features as JSON, read from Redis (earlier dates: from the event log)."""
     from clv.lookup import lookup_features
+    from clv.stopping import StoppedWhileStarting
 
     settings = load_settings()
     day = parse_date(as_of, "--as-of")
@@ -236,7 +272,17 @@ def features(
         or any(c.isspace() for c in user_id)
     ):
         raise fail("user id must be 1 to 128 printable characters without white space")
-    result = run_async(lambda stop: lookup_features(settings, user_id, day), one_shot=True)
+
+    async def main(stop: asyncio.Event) -> dict[str, object] | None:
+        from clv.stopping import unless_stopped
+
+        return await unless_stopped(stop, lookup_features(settings, user_id, day))
+
+    received: list[int] = []
+    try:
+        result = run_async(main, one_shot=True, received=received)
+    except StoppedWhileStarting:  # a Redis slow to answer, a long read of the event log
+        raise stopped_by(received) from None
     if result is None:
         raise fail(f"unknown user {user_id!r}", 1)
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,9 +50,12 @@ async def publish(
     *,
     rate: float | None = None,
     progress: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
     """Send ``messages`` to the orders topic, at most ``rate`` per second when given; returns
-    the number sent once the broker has acknowledged all of them."""
+    the number sent once the broker has acknowledged all of them. When ``stop`` is set, it
+    ends after the chunk in hand (acknowledged): the number sent is then a prefix of
+    ``messages``, from which a later replay can resume."""
     from consumers.kafka import make_producer
 
     producer = make_producer(settings)
@@ -61,6 +65,8 @@ async def publish(
     chunk = 2000 if rate is None else max(1, min(2000, int(rate // 10) or 1))
     try:
         for i in range(0, len(messages), chunk):
+            if stop is not None and stop.is_set():
+                break
             futures = [
                 await producer.send(settings.orders_topic, key=k, value=v)
                 for k, v in messages[i : i + chunk]
@@ -71,8 +77,11 @@ async def publish(
                 progress(len(futures))
             if rate:
                 ahead = sent / rate - (time.monotonic() - start)
-                if ahead > 0:
+                if ahead > 0 and stop is None:
                     await asyncio.sleep(ahead)
+                elif ahead > 0 and stop is not None:  # a wait that a stop ends
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), ahead)
     finally:
         await producer.stop()
     return sent

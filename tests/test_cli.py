@@ -772,3 +772,123 @@ def test_a_demo_stopped_before_its_end_exits_as_the_signal_says(
     monkeypatch.chdir(tmp_path)
     assert main(["demo"]) == code
     assert capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("sig", "code", "line"), [(signal.SIGINT, 130, "clv: interrupted")])
+async def test_a_replay_stopped_while_it_publishes_ends_and_says_how_far_it_got(
+    broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path, sig: int, code: int, line: str
+) -> None:
+    # Fails if clv replay goes on publishing after a Ctrl-C (it ignored every signal until the
+    # file was out: at --rate 10, hours), or does not say how much of the file went.
+    import asyncio
+
+    from consumers.kafka import end_offsets, read_topic
+
+    settings = unique_settings(broker.address, redis_server.address)
+    orders = tmp_path / "orders.csv"
+    rows = [f"u{i % 50},o{i},2024-01-01T10:00:{i % 60:02d}Z,1.00" for i in range(3000)]
+    orders.write_text("user_id,order_id,ts,amount\n" + "\n".join(rows) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "clv", "replay", str(orders), "--rate", "100"),  # 30 s in all
+        env=_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):  # a bound, not a timing: until some orders are on the topic
+            await asyncio.sleep(0.1)
+            if proc.returncode is not None:
+                break
+            try:
+                if sum((await end_offsets(settings, settings.orders_topic, 5)).values()):
+                    break
+            except Exception:  # the topic is not made yet
+                continue
+        proc.send_signal(sig)
+        try:
+            said_out, said_err = await asyncio.wait_for(proc.communicate(), 60)
+        except TimeoutError:
+            pytest.fail("clv replay still published 60 s after the signal")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    out, err = said_out.decode(), said_err.decode()
+    assert proc.returncode == code, err
+    said = err.strip().splitlines()
+    assert said[-1] == line, err
+    sent = len(await read_topic(settings, settings.orders_topic))
+    assert 0 < sent < 3000
+    assert said[-2] == (
+        f"stopped after publishing {sent} of 3000 order events to {settings.orders_topic} "
+        f"(the first {sent} of the file in time order)"
+    ), err
+    assert out.strip() == ""  # no "published ..." line
+
+
+@pytest.mark.parametrize(("sig", "code", "line"), [(signal.SIGINT, 130, "clv: interrupted")])
+def test_features_stopped_while_redis_does_not_answer_end_at_once(
+    tmp_path: Path, sig: int, code: int, line: str
+) -> None:
+    # Fails if clv features ignores a Ctrl-C while it waits for Redis: it waited out the
+    # client's timeout (10 s; longer when the URL sets one) and said it could not reach Redis.
+    import socket
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # accepted by the kernel, never answered
+        mute.settimeout(60)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+        env["CLV_REDIS_URL"] = f"redis://127.0.0.1:{mute.getsockname()[1]}/0?socket_timeout=300"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clv", "features", "u1"],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = mute.accept()  # clv has connected and waits for an answer
+            with conn:
+                proc.send_signal(sig)
+                try:
+                    _, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pytest.fail("clv features still waited 60 s after the signal")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (proc.returncode, err.strip()) == (code, line)
+
+
+def test_a_hangup_ignored_at_start_stays_ignored_and_handlers_come_back() -> None:
+    # Fails if `nohup clv up` stops when its terminal hangs up (run_async listened to SIGHUP
+    # whatever the start said), or if run_async leaves SIGTERM at the default once it ends (a
+    # second SIGTERM in the teardown killed the process by the signal, with no word).
+    import asyncio
+
+    from clv.cli import run_async
+
+    def custom(_signum: int, _frame: object) -> None:
+        return None
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, custom)
+    try:
+
+        async def main(stop: asyncio.Event) -> None:
+            os.kill(os.getpid(), signal.SIGHUP)  # handled before the next line runs
+            os.kill(os.getpid(), signal.SIGTERM)
+            await stop.wait()
+
+        received: list[int] = []
+        run_async(main, received=received)
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is custom
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
