@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -295,11 +296,33 @@ app.command("synth")(synth)
 
 def main(argv: list[str] | None = None) -> int:
     """The console entry: usage errors (a missing option, a value of the wrong type, an unknown
-    command) are one line on stderr and exit 2, like every other bad input, not a usage panel."""
+    command) are one line on stderr and exit 2, like every other bad input, not a usage panel.
+    A hangup (a closed terminal, a dropped ssh session) ends a command as SIGTERM does, with
+    its cleanup, and says ``clv: hung up`` (exit 129), unless it was to be ignored (``nohup``)."""
+    hung_up: list[bool] = []
+
+    def hangup(_signum: int, _frame: object) -> None:
+        hung_up.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)  # unwound as a SIGTERM is: staging removed
+
+    previous = signal.getsignal(signal.SIGHUP)
+    if previous != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, hangup)
+    try:
+        return _main(argv, hung_up)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+
+
+def _main(argv: list[str] | None, hung_up: list[bool]) -> int:
     try:
         with sigterm_unwinds():  # a terminated run cleans up as an interrupted one does
             code = app(args=argv, prog_name="clv", standalone_mode=False)
     except Terminated:
+        if hung_up:
+            typer.echo("clv: hung up", err=True)
+            return 129
         typer.echo("clv: terminated", err=True)
         return 143
     except typer.Abort:

@@ -456,10 +456,18 @@ def test_bad_input_exits_2_and_a_failure_while_running_1(tmp_path: Path) -> None
         assert out.stderr.strip().startswith("clv: error:") and "Traceback" not in out.stderr
 
 
-def test_an_interrupted_backtest_exits_130_and_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "code", "says"),
+    [(signal.SIGINT, 130, "clv: interrupted"), (signal.SIGHUP, 129, "clv: hung up")],
+    ids=["ctrl-c", "hangup"],
+)
+def test_an_interrupted_backtest_exits_130_and_leaves_nothing_behind(
+    tmp_path: Path, sig: int, code: int, says: str
+) -> None:
     """Ctrl-C (SIGINT) mid-run: exit 130, no traceback, the staged output and made folders gone.
     (typer turns KeyboardInterrupt into Exit(130) itself; clv says so in one line, as it says
-    "clv: terminated" for SIGTERM.)"""
+    "clv: terminated" for SIGTERM.) A hangup (a dropped ssh session) the same, exit 129: fails
+    if it ends the run by the signal, its staging and made folders left behind."""
     out = tmp_path / "new" / "p.csv"
     proc = subprocess.Popen(
         [sys.executable, "-m", "clv", "backtest", "--format", "cdnow", "--orders", str(SAMPLE),
@@ -472,13 +480,13 @@ def test_an_interrupted_backtest_exits_130_and_leaves_nothing_behind(tmp_path: P
     assert proc.stderr is not None
     for line in proc.stderr:
         if "validation: fitting" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     err = proc.stderr.read()
     proc.wait(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert err.strip().splitlines()[-1] == "clv: interrupted", err
+    assert err.strip().splitlines()[-1] == says, err
     assert list(tmp_path.iterdir()) == []
 
 
