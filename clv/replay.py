@@ -58,6 +58,7 @@ async def publish(
     ``messages``, from which a later replay can resume."""
     from consumers.kafka import make_producer
 
+    stop = stop or asyncio.Event()  # (never set: no stop asked for)
     producer = make_producer(settings)
     await producer.start()
     sent = 0
@@ -65,7 +66,7 @@ async def publish(
     chunk = 2000 if rate is None else max(1, min(2000, int(rate // 10) or 1))
     try:
         for i in range(0, len(messages), chunk):
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 break
             futures = [
                 await producer.send(settings.orders_topic, key=k, value=v)
@@ -77,9 +78,7 @@ async def publish(
                 progress(len(futures))
             if rate:
                 ahead = sent / rate - (time.monotonic() - start)
-                if ahead > 0 and stop is None:
-                    await asyncio.sleep(ahead)
-                elif ahead > 0 and stop is not None:  # a wait that a stop ends
+                if ahead > 0:  # a wait that a stop ends
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), ahead)
     finally:
