@@ -262,6 +262,7 @@ def features(
 ) -> None:
     """Print a user's features as JSON, read from Redis (earlier dates: from the event log)."""
     from clv.lookup import lookup_features
+    from clv.stopping import StoppedWhileStarting
 
     settings = load_settings()
     day = parse_date(as_of, "--as-of")
@@ -273,7 +274,16 @@ def features(
     ):
         raise fail("user id must be 1 to 128 printable characters without white space")
 
-    result = run_async(lambda stop: lookup_features(settings, user_id, day), one_shot=True)
+    async def main(stop: asyncio.Event) -> dict[str, object] | None:
+        from clv.stopping import unless_stopped
+
+        return await unless_stopped(stop, lookup_features(settings, user_id, day))
+
+    received: list[int] = []
+    try:
+        result = run_async(main, one_shot=True, received=received)
+    except StoppedWhileStarting:  # a Redis slow to answer, a long read of the event log
+        raise stopped_by(received) from None
     if result is None:
         raise fail(f"unknown user {user_id!r}", 1)
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -10,6 +11,19 @@ from redis.asyncio import Redis
 
 from clv.local_stack import LocalProcess, free_port, start_broker, start_redis
 from feature_store.redis_client import connect
+
+
+@pytest.fixture(autouse=True)
+def hangup_by_default() -> Iterator[None]:
+    """Each test, and every process it starts, with SIGHUP at its default: the suite run under
+    ``nohup`` inherits it ignored, and clv keeps an ignored hangup ignored (``nohup clv up``),
+    so every test of what a hangup does failed or waited for good. Between tests it stays as
+    the suite found it."""
+    found = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, found)
 
 
 @pytest.fixture(scope="session")

@@ -773,7 +773,7 @@ def test_a_demo_stopped_before_its_end_exits_as_the_signal_says(
         if sig is None:
             return True
         os.kill(os.getpid(), sig)  # through clv's own handlers, as from a terminal or a kill
-        await stop.wait()
+        await asyncio.wait_for(stop.wait(), 60)  # else a TimeoutError, not the exit expected
         return False
 
     monkeypatch.setattr(clv.demo, "run_demo", run_demo)
@@ -833,6 +833,51 @@ async def test_a_replay_stopped_while_it_publishes_ends_and_says_how_far_it_got(
         f"(the first {sent} of the file in time order)"
     ), err
     assert out.strip() == ""  # no "published ..." line
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [
+        (signal.SIGINT, 130, "clv: interrupted"),
+        (signal.SIGTERM, 143, "clv: terminated"),
+        (signal.SIGHUP, 129, "clv: hung up"),
+    ],
+)
+def test_features_stopped_while_redis_does_not_answer_ends(
+    tmp_path: Path, sig: int, code: int, line: str
+) -> None:
+    # Fails if clv features ignores a Ctrl-C while it waits for Redis: it waited out the
+    # client's timeout (10 s; longer when the URL sets one) and said it could not reach Redis.
+    # Also if the stop cancels the look-up only once: Python 3.11's wait_for, which redis-py
+    # sends through, lost that cancellation under load (clv.stopping.RECANCEL_AFTER_S).
+    import socket
+
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)  # accepted by the kernel, never answered
+        mute.settimeout(60)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+        env["CLV_REDIS_URL"] = f"redis://127.0.0.1:{mute.getsockname()[1]}/0?socket_timeout=300"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clv", "features", "u1"],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = mute.accept()  # clv has connected and waits for an answer
+            with conn:
+                proc.send_signal(sig)
+                try:
+                    _, err = proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pytest.fail("clv features still waited 60 s after the signal")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert (proc.returncode, err.strip()) == (code, line)
 
 
 def test_a_hangup_ignored_at_start_stays_ignored_and_handlers_come_back() -> None:

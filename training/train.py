@@ -864,7 +864,7 @@ async def retrain_forever(
 async def retrain_until(settings: Settings, interval_s: float, stop: asyncio.Event) -> None:
     """``clv train --every``: :func:`retrain_forever` until ``stop`` is set. A run in progress
     is terminated: it registers nothing, or first finishes the decision it is making."""
-    from clv.stopping import stop_or_first_done
+    from clv.stopping import cancel_and_wait, stop_or_first_done
 
     log.info(
         "retraining every %gs from the event log %s into %s",
@@ -874,9 +874,9 @@ async def retrain_until(settings: Settings, interval_s: float, stop: asyncio.Eve
     )
     task = asyncio.create_task(retrain_forever(settings, interval_s))
     await stop_or_first_done(stop, [task])
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task  # a failure of its own (it logs a run's) is the command's error
+    # a failure of its own (it logs a run's) is the command's error; a cancellation of this
+    # command's task is passed on, not taken for the trainer's
+    await cancel_and_wait(task)
     log.info("retraining stopped")
 
 

@@ -1653,3 +1653,32 @@ def test_a_relayed_training_run_is_not_stopped_by_a_terminal_with_tostop(tmp_pat
         proc.wait()
     text = said.decode(errors="replace")
     assert "does not exist" in text and "exit 1" in text, text
+
+
+async def test_retrain_until_passes_on_a_cancellation_of_its_own_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if retrain_until takes a cancellation of the command's own task, come while the
+    # trainer it stops cleans up, for the trainer's and returns as if stopped normally.
+    import training.train as train_module
+    from training.train import retrain_until
+
+    cleaning = asyncio.Event()
+
+    async def trainer(settings: Settings, interval_s: float) -> None:  # the fake is the point
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.5)  # terminating a run in progress takes a while
+            raise
+
+    monkeypatch.setattr(train_module, "retrain_forever", trainer)
+    stop = asyncio.Event()
+    task = asyncio.create_task(retrain_until(settings_for(tmp_path), 3600, stop))
+    await asyncio.sleep(0)
+    stop.set()
+    await asyncio.wait_for(cleaning.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
