@@ -6,9 +6,11 @@ import _thread
 import errno
 import fcntl
 import os
+import re
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -252,22 +254,64 @@ def replaced_atomically(path: Path, *, follow_links: bool = True) -> Iterator[Pa
     block ends without an error, removed when it raises, with the folders made for it. The
     unique name (created exclusively) means no existing file (the input being read, another
     writer's staging file) can be clobbered on the way; it is created like any file, so the
-    umask sets its mode. What is replaced is :func:`replaceable`'s answer for ``path``."""
+    umask sets its mode. What is replaced is :func:`replaceable`'s answer for ``path``.
+
+    The staging file is locked (``flock``) for as long as the block runs, so the ones that a
+    hard kill left beside ``path`` are told from live writers' and removed first
+    (:func:`remove_abandoned_staged`). On NFS, where ``flock`` is a POSIX lock that closing
+    any descriptor of the file drops, a live write older than :data:`STAGED_GRACE_S` into
+    the same path by another run could be taken for abandoned."""
     path = replaceable(path, follow_links=follow_links)
     made = missing_dirs(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    created = False
+    remove_abandoned_staged(path)
+    staged = path.with_name(f".{path.name}.{secrets.token_hex(STAGED_TOKEN_BYTES)}.tmp")
+    fd: int | None = None
     try:
-        os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        created = True
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours until it ends, however it ends (kill -9)
         yield staged
         staged.replace(path)
         made = []
     finally:
-        if created:
+        if fd is not None:
             staged.unlink(missing_ok=True)
+            os.close(fd)
         remove_empty(made)
+
+
+STAGED_TOKEN_BYTES = 8
+#: A staging file younger than this is left alone even when unlocked: it may be one a writer
+#: has just created and not yet locked.
+STAGED_GRACE_S = 60.0
+
+
+def remove_abandoned_staged(path: Path) -> list[Path]:
+    """Remove the staging files of :func:`replaced_atomically` for ``path`` that no live
+    process holds (those a hard kill or a power cut left): older than
+    :data:`STAGED_GRACE_S` and not locked. Returns the ones removed."""
+    name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * STAGED_TOKEN_BYTES}}}\.tmp")
+    removed: list[Path] = []
+    try:
+        found = [p for p in path.parent.iterdir() if name.fullmatch(p.name)]
+    except OSError:
+        return removed
+    for left in found:
+        try:
+            info = left.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime <= STAGED_GRACE_S:
+            continue
+        fd = _lock_file(left, create=False)
+        if fd is None:
+            continue  # a live writer's, or gone already
+        try:
+            left.unlink(missing_ok=True)
+            removed.append(left)
+        finally:
+            os.close(fd)
+    return removed
 
 
 OWNER_FILE = ".owner"  # inside a staging folder: locked by the run writing it, as long as it runs
@@ -277,21 +321,26 @@ _MAKE_ATTEMPTS = 100
 
 
 def _lock_owner(folder: Path, *, create: bool) -> int | None:
-    """A descriptor of ``folder``'s owner file holding its exclusive lock, or None when another
-    process holds the lock or the file (or folder) is gone. The lock lives as long as the
+    """:func:`_lock_file` for ``folder``'s :data:`OWNER_FILE`."""
+    return _lock_file(folder / OWNER_FILE, create=create)
+
+
+def _lock_file(path: Path, *, create: bool) -> int | None:
+    """A descriptor of the file ``path`` holding its exclusive lock, or None when another
+    process holds the lock or the file (or its folder) is gone. The lock lives as long as the
     process that took it: the kernel drops it when the process ends, however it ends (``kill
     -9`` included). A regular file, since NFS shares locks on files between hosts and not on
     directories. Any other error (no locks on this file system, no descriptors left) raises:
-    a folder that cannot be locked is neither claimed nor removed."""
+    a file that cannot be locked is neither claimed nor removed."""
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(folder / OWNER_FILE, flags, 0o600)
+        fd = os.open(path, flags, 0o600)
     except (FileNotFoundError, PermissionError):  # gone, or another user's: not ours to judge
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.fstat(fd).st_nlink == 0:  # removed by a sweep between our open and our lock
-            raise FileNotFoundError(errno.ENOENT, "staging folder removed", str(folder))
+            raise FileNotFoundError(errno.ENOENT, "removed by a sweep", str(path))
     except OSError as exc:
         os.close(fd)
         if isinstance(exc, FileNotFoundError) or exc.errno in _BUSY:

@@ -258,9 +258,10 @@ with staging_dir(Path(sys.argv[1]), ".staging.") as d:
 """
 
 
-def _holder(parent: Path) -> tuple[subprocess.Popen[str], Path]:
+def _holder(parent: Path, script: str = _HOLD) -> tuple[subprocess.Popen[str], Path]:
+    """A process running ``script`` on ``parent`` until killed, and the path it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(parent)],
+        [sys.executable, "-c", script, str(parent)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -427,3 +428,56 @@ def test_a_process_open_file_is_refused_by_a_path_with_dot_dot_or_a_linked_folde
         ):
             with pytest.raises(ClvError, match="standard output"):
                 replaceable(path)
+
+
+_WRITE = (
+    "import sys; from pathlib import Path; from clv.files import replaced_atomically\n"
+    "with replaced_atomically(Path(sys.argv[1])) as f:\n"
+    "    f.write_text('half of it'); print(f, flush=True); sys.stdin.read()\n"
+)
+
+
+def _aged(path: Path, seconds: float = 2 * files.STAGED_GRACE_S) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_killed_writers_staging_file_is_removed_by_the_next_write_and_a_live_ones_kept(
+    tmp_path: Path,
+) -> None:
+    # Fails if a staging file that `kill -9` left beside the output (clv synth --out FILE,
+    # clv backtest --out) stays for good, or if a live writer's is taken for one.
+    out = tmp_path / "pred.csv"
+    proc, held = _holder(out, _WRITE)
+    try:
+        assert held.parent == tmp_path and held.read_text() == "half of it"
+        _aged(held)  # a long write: old, but its writer is alive and holds the lock
+        with replaced_atomically(out) as mine:
+            mine.write_text("whole")
+            assert held.exists()
+        assert out.read_text() == "whole" and held.exists()
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs, the staging file stays behind
+        proc.wait()
+    _aged(held)
+    others = [tmp_path / ".pred.csv.tmp", tmp_path / ".other.csv.0123456789abcdef.tmp"]
+    for other in others:  # not a staging file of pred.csv: never touched
+        other.write_text("x")
+        _aged(other)
+    with replaced_atomically(out) as mine:
+        mine.write_text("again")
+    assert not held.exists() and out.read_text() == "again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["pred.csv", *(o.name for o in others)]
+    )
+
+
+def test_an_unlocked_staging_file_is_left_alone_while_young(tmp_path: Path) -> None:
+    # Fails if the sweep removes a staging file in the instant between its writer's create
+    # and lock (young and unlocked): that writer would lose its file.
+    out = tmp_path / "pred.csv"
+    young = tmp_path / ".pred.csv.0123456789abcdef.tmp"
+    young.write_text("just made")
+    assert files.remove_abandoned_staged(out) == []
+    _aged(young)
+    assert files.remove_abandoned_staged(out) == [young] and not young.exists()
