@@ -89,8 +89,11 @@ def run_async(
         # SIGHUP too: a closed terminal stops the stack and the servers it started (they run
         # in a process group of their own, out of the terminal's reach)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            if sig == signal.SIGHUP and handlers[sig] == signal.SIG_IGN:
-                continue  # `nohup clv up`: a hangup is to be ignored, not a stop
+            if handlers[sig] == signal.SIG_IGN:
+                # ignored at the start, it stays ignored: `nohup clv up` (a hangup), `clv up &`
+                # from a script (a shell without job control starts it with SIGINT ignored, so
+                # that the script's Ctrl-C does not reach its background commands)
+                continue
             loop.add_signal_handler(sig, _stopping, stop, sig, received)
         return await main(stop)
 

@@ -269,14 +269,20 @@ def replaced_atomically(path: Path, *, follow_links: bool = True) -> Iterator[Pa
     fd: int | None = None
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # ours until it ends, however it ends (kill -9)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours until it ends, however it ends (kill -9)
+        except OSError:
+            pass  # a file system without locks: written unlocked, and no sweep removes it
         yield staged
         staged.replace(path)
         made = []
     finally:
         if fd is not None:
-            staged.unlink(missing_ok=True)
-            os.close(fd)
+            try:
+                with suppress(OSError):  # left for the next run's sweep; the error in hand is
+                    staged.unlink(missing_ok=True)  # what the caller needs to hear
+            finally:
+                os.close(fd)
         remove_empty(made)
 
 
@@ -289,7 +295,9 @@ STAGED_GRACE_S = 60.0
 def remove_abandoned_staged(path: Path) -> list[Path]:
     """Remove the staging files of :func:`replaced_atomically` for ``path`` that no live
     process holds (those a hard kill or a power cut left): older than
-    :data:`STAGED_GRACE_S` and not locked. Returns the ones removed."""
+    :data:`STAGED_GRACE_S` and not locked. Returns the ones removed. One that cannot be
+    locked or removed (another user's in a sticky folder, a file system without locks) is left
+    where it is: the sweep never fails the write it comes before."""
     name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{{2 * STAGED_TOKEN_BYTES}}}\.tmp")
     removed: list[Path] = []
     try:
@@ -303,12 +311,17 @@ def remove_abandoned_staged(path: Path) -> list[Path]:
             continue
         if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime <= STAGED_GRACE_S:
             continue
-        fd = _lock_file(left, create=False)
+        try:
+            fd = _lock_file(left, create=False)
+        except OSError:  # no locks here, a folder swapped in: not ours to judge
+            continue
         if fd is None:
             continue  # a live writer's, or gone already
         try:
             left.unlink(missing_ok=True)
             removed.append(left)
+        except OSError:
+            continue
         finally:
             os.close(fd)
     return removed

@@ -59,8 +59,10 @@ async def cancel_and_wait(task: asyncio.Future[T], *, again_after: float | None 
         if again_after is not None:
             while not (await asyncio.wait({task}, timeout=again_after))[0]:
                 task.cancel()
-        await task
+        await task  # its own failure, also one in its clean-up, is the caller's
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
+            if not task.done():  # as a plain `await task` passes the caller's on to it
+                task.cancel()
             raise

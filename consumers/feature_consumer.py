@@ -187,6 +187,9 @@ class FeatureConsumer:
                 commits[tp] = offset
         return commits
 
+    async def _check_partitions(self, partitions: set[TopicPartition]) -> None:
+        await self._check_nothing_lost(await self._commits_of(partitions))
+
     async def _check_nothing_lost(self, commits: dict[TopicPartition, int]) -> None:
         """Say so, loudly, when Redis came back without writes it had acknowledged (a replica
         promoted before it had them, a restart without persistence): its recorded progress is
@@ -243,7 +246,12 @@ class FeatureConsumer:
                 if held != self._checked:
                     new, self._checked = held - self._checked, set(held)
                     if new:
-                        await self._check_nothing_lost(await self._commits_of(new))
+                        # It only warns: a Redis or a coordinator that does not answer it must
+                        # not hold a stop up (it waited out the Redis URL's socket_timeout).
+                        try:
+                            await unless_stopped(stop, self._check_partitions(new))
+                        except StoppedWhileStarting:
+                            return
                 if not batch:
                     continue
                 prepared = await self._prepare(batch)

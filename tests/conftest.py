@@ -13,17 +13,28 @@ from clv.local_stack import LocalProcess, free_port, start_broker, start_redis
 from feature_store.redis_client import connect
 
 
+def _ignored_in_the_suite(_signum: int, _frame: object) -> None:
+    """Stands in for an ignore the suite was started with: the suite itself stays immune, but
+    not as SIG_IGN, which the processes a test starts would inherit."""
+
+
 @pytest.fixture(autouse=True)
-def hangup_by_default() -> Iterator[None]:
-    """Each test, and every process it starts, with SIGHUP at its default: the suite run under
-    ``nohup`` inherits it ignored, and clv keeps an ignored hangup ignored (``nohup clv up``),
-    so every test of what a hangup does failed or waited for good. Between tests it stays as
-    the suite found it."""
-    found = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+def signals_not_ignored() -> Iterator[None]:
+    """Each test, and every process it starts, with Ctrl-C and a hangup not ignored. A suite
+    started under ``nohup`` inherits SIGHUP ignored, and one started in the background by a
+    shell without job control (``make test &`` in a script) SIGINT; clv keeps a signal ignored
+    at its start ignored, as Python does SIGINT, so every test of what a Ctrl-C or a hangup
+    does failed or waited for good. A handler that does nothing takes the ignore's place for
+    the test (a process started by exec gets the default), and the ignore comes back after."""
+    found = {}
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            found[sig] = signal.signal(sig, _ignored_in_the_suite)
     try:
         yield
     finally:
-        signal.signal(signal.SIGHUP, found)
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

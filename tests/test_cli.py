@@ -880,10 +880,13 @@ def test_features_stopped_while_redis_does_not_answer_ends(
     assert (proc.returncode, err.strip()) == (code, line)
 
 
-def test_a_hangup_ignored_at_start_stays_ignored_and_handlers_come_back() -> None:
-    # Fails if `nohup clv up` stops when its terminal hangs up (run_async listened to SIGHUP
-    # whatever the start said), or if run_async leaves SIGTERM at the default once it ends (a
-    # second SIGTERM in the teardown killed the process by the signal, with no word).
+@pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT], ids=["hangup", "interrupt"])
+def test_a_signal_ignored_at_start_stays_ignored_and_handlers_come_back(ignored: int) -> None:
+    # Fails if `nohup clv up` stops when its terminal hangs up, or `clv up &` from a script
+    # (started with SIGINT ignored by a shell without job control) on the script's Ctrl-C:
+    # run_async listened to the signal whatever the start said. Also if run_async leaves
+    # SIGTERM at the default once it ends (a second SIGTERM in the teardown killed the process
+    # by the signal, with no word).
     import asyncio
 
     from clv.cli import run_async
@@ -891,13 +894,13 @@ def test_a_hangup_ignored_at_start_stays_ignored_and_handlers_come_back() -> Non
     def custom(_signum: int, _frame: object) -> None:
         return None
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    before = {s: signal.getsignal(s) for s in (ignored, signal.SIGTERM)}
+    signal.signal(ignored, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, custom)
     try:
 
         async def main(stop: asyncio.Event) -> None:
-            os.kill(os.getpid(), signal.SIGHUP)  # handled before the next line runs
+            os.kill(os.getpid(), ignored)  # handled before the next line runs
             os.kill(os.getpid(), signal.SIGTERM)
             await stop.wait()
 
@@ -905,7 +908,7 @@ def test_a_hangup_ignored_at_start_stays_ignored_and_handlers_come_back() -> Non
         run_async(main, received=received)
         assert received == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGTERM) is custom
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(ignored) == signal.SIG_IGN
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)

@@ -481,3 +481,67 @@ def test_an_unlocked_staging_file_is_left_alone_while_young(tmp_path: Path) -> N
     assert files.remove_abandoned_staged(out) == []
     _aged(young)
     assert files.remove_abandoned_staged(out) == [young] and not young.exists()
+
+
+def test_only_old_staging_files_of_that_very_path_are_swept(tmp_path: Path) -> None:
+    # Fails if the sweep takes what only looks like a staging file of pred.csv: a user's
+    # .pred.csv.backup.tmp, another output's (.predXcsv.<hex>.tmp), a name that goes on past
+    # .tmp, or a folder or link of that name (a folder made the write fail; a link would be
+    # followed to its target).
+    out = tmp_path / "pred.csv"
+    token = "0123456789abcdef"
+    kept = [
+        tmp_path / ".pred.csv.backup.tmp",
+        tmp_path / ".predXcsv.0123456789abcdef.tmp",
+        tmp_path / f".pred.csv.{token}.tmp.keep",
+        tmp_path / f".pred.csv.{token[:-1]}.tmp",
+    ]
+    for path in kept:
+        path.write_text("x")
+    folder = tmp_path / ".pred.csv.fedcba9876543210.tmp"
+    folder.mkdir()
+    target = tmp_path / "target.txt"
+    target.write_text("linked")
+    link = tmp_path / ".pred.csv.00000000ffffffff.tmp"
+    link.symlink_to(target)
+    for path in [*kept, folder, target]:
+        _aged(path)
+    os.utime(link, (time.time() - 600, time.time() - 600), follow_symlinks=False)
+    with replaced_atomically(out) as staged_file:
+        staged_file.write_text("whole")
+    assert out.read_text() == "whole"
+    assert all(p.exists() for p in kept) and folder.is_dir() and link.is_symlink()
+    assert target.read_text() == "linked"
+
+
+@pytest.mark.parametrize("fails", ["unlink", "lock"])
+def test_a_staging_file_the_sweep_cannot_handle_does_not_fail_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    # Fails if the sweep raises: another user's leftover in a sticky folder (locked, then not
+    # removable: EPERM) or a file system without locks failed every write of that output.
+    import fcntl
+
+    out = tmp_path / "pred.csv"
+    left = tmp_path / ".pred.csv.0123456789abcdef.tmp"
+    left.write_text("half")
+    _aged(left)
+    if fails == "unlink":
+        real_unlink = Path.unlink
+
+        def unlink(self: Path, missing_ok: bool = False) -> None:
+            if self == left:
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+            real_unlink(self, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", unlink)
+    else:
+
+        def flock(fd: int, op: int) -> None:
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(fcntl, "flock", flock)
+    with replaced_atomically(out) as staged_file:
+        staged_file.write_text("whole")
+    assert out.read_text() == "whole" and left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [left.name, "pred.csv"]

@@ -688,7 +688,10 @@ async def test_ctrl_c_while_the_stack_starts_stops_it_at_once(
         address = f"127.0.0.1:{mute.getsockname()[1]}"
         settings = unique_settings(
             address if silent == "kafka" else broker.address,
-            f"redis://{address}/0" if silent == "redis" else redis_server.address,
+            # a timeout longer than the bound below: the stop, not the client, must end it
+            f"redis://{address}/0?socket_timeout=300"
+            if silent == "redis"
+            else redis_server.address,
             event_log_dir=tmp_path / "events",
             model_dir=tmp_path / "models",
         )
@@ -699,10 +702,17 @@ async def test_ctrl_c_while_the_stack_starts_stops_it_at_once(
                 settings, stop, workdir=tmp_path / ".clv", retrain_every_s=None, say=said.append
             )
         )
-        await asyncio.sleep(2)
+        # Redis: long enough for the consumers to have joined their group, were the stack to
+        # come up without an answer from Redis (it did, and then a stop waited for one)
+        for _ in range(150 if silent == "redis" else 20):
+            if run.done() or any(line.startswith("clv is up") for line in said):
+                break
+            await asyncio.sleep(0.1)
         assert not run.done(), said
         stop.set()  # what Ctrl-C does
-        await asyncio.wait_for(run, 20)  # not the 40 s client timeout or the 60 s health wait
+        # not the 40 s client timeout, the 60 s health wait or Redis's socket_timeout (the
+        # consumers' check of their new partitions waited it out, ignoring the stop)
+        await asyncio.wait_for(run, 20)
     assert not any(line.startswith("clv is up") for line in said), said
     assert said[-1] == "stopped before the stack was up", said
 

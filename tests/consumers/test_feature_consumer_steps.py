@@ -883,6 +883,32 @@ async def test_a_stop_does_not_wait_for_a_rewind_the_broker_does_not_answer(
     await asyncio.wait_for(task, 30)
 
 
+async def test_a_stop_does_not_wait_for_a_redis_that_does_not_answer_the_partition_check() -> None:
+    # Fails if the check of newly assigned partitions against Redis's progress holds a stop up:
+    # against a Redis that accepts but never answers, `clv up` ignored Ctrl-C and SIGTERM
+    # until the Redis URL's socket_timeout ran out (300 s in the audit that found it).
+    steps = Steps()
+    asked = asyncio.Event()
+
+    class Unanswered(FakeStore):
+        async def progress(self, group: str) -> dict[str, int]:
+            asked.set()
+            await asyncio.Event().wait()  # Redis never answers
+            return {}
+
+    worker = FeatureConsumer(
+        Settings(),
+        FakeKafka(steps, []),  # type: ignore[arg-type]
+        Unanswered(steps),  # type: ignore[arg-type]
+        FakeDeadLetters(steps),  # type: ignore[arg-type]
+    )
+    task = asyncio.create_task(worker.run(steps.stop))
+    await asyncio.wait_for(asyncio.shield(asked.wait()), 30)
+    steps.stop.set()
+    await asyncio.wait_for(task, 30)
+    assert steps.log == []  # nothing applied or committed
+
+
 async def test_a_message_judged_bad_only_on_the_retry_is_still_dead_lettered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1655,30 +1655,49 @@ def test_a_relayed_training_run_is_not_stopped_by_a_terminal_with_tostop(tmp_pat
     assert "does not exist" in text and "exit 1" in text, text
 
 
+def _stopped_retraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleaning: asyncio.Event, ended: list[bool]
+) -> asyncio.Task[None]:
+    """``retrain_until`` with a stand-in trainer (the fake is the point) whose clean-up, once
+    cancelled, takes a while (terminating its training child and waiting for its end): sets
+    ``cleaning`` when it begins and appends to ``ended`` when it is done. Stopped at once."""
+    import training.train as train_module
+    from training.train import retrain_until
+
+    async def trainer(settings: Settings, interval_s: float) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0.5)
+            ended.append(True)
+            raise
+
+    monkeypatch.setattr(train_module, "retrain_forever", trainer)
+    stop = asyncio.Event()
+    stop.set()
+    return asyncio.create_task(retrain_until(settings_for(tmp_path), 3600, stop))
+
+
 async def test_retrain_until_passes_on_a_cancellation_of_its_own_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Fails if retrain_until takes a cancellation of the command's own task, come while the
     # trainer it stops cleans up, for the trainer's and returns as if stopped normally.
-    import training.train as train_module
-    from training.train import retrain_until
-
     cleaning = asyncio.Event()
-
-    async def trainer(settings: Settings, interval_s: float) -> None:  # the fake is the point
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cleaning.set()
-            await asyncio.sleep(0.5)  # terminating a run in progress takes a while
-            raise
-
-    monkeypatch.setattr(train_module, "retrain_forever", trainer)
-    stop = asyncio.Event()
-    task = asyncio.create_task(retrain_until(settings_for(tmp_path), 3600, stop))
-    await asyncio.sleep(0)
-    stop.set()
+    task = _stopped_retraining(tmp_path, monkeypatch, cleaning, [])
     await asyncio.wait_for(cleaning.wait(), 30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 30)
+
+
+async def test_retrain_until_waits_for_the_trainer_to_end_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if retrain_until cuts the trainer's clean-up short (cancelling it again, as
+    # unless_stopped does a starting step): the training child it terminates and waits for
+    # would be left running, and could register a model after `clv train --every` ended.
+    ended: list[bool] = []
+    await asyncio.wait_for(_stopped_retraining(tmp_path, monkeypatch, asyncio.Event(), ended), 30)
+    assert ended == [True]
