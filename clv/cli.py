@@ -285,7 +285,7 @@ def features(
     received: list[int] = []
     try:
         result = run_async(main, one_shot=True, received=received)
-    except StoppedWhileStarting:  # a Redis slow to answer, a long read of the event log
+    except StoppedWhileStarting:  # a Redis slow to answer (a read of the event log ends first)
         raise stopped_by(received) from None
     if result is None:
         raise fail(f"unknown user {user_id!r}", 1)

@@ -187,9 +187,6 @@ async def run_stack(
                 stop, said_while(open_clients(clients, settings, groups), say, joining)
             )
             redis, producer, kafka_consumers = opened.redis, opened.producer, opened.consumers
-            # As `clv consume`: a Redis that cannot be reached at the start is a setting to fix,
-            # said at once (one that goes away later is ridden out by the consumers)
-            await unless_stopped(stop, redis.ping())
             *feature_consumers, archive_consumer = kafka_consumers
             running = Running(settings, redis, consumers=list(feature_consumers))
             store = FeatureStore(redis, prefix=settings.key_prefix)

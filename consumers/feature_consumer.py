@@ -187,15 +187,13 @@ class FeatureConsumer:
                 commits[tp] = offset
         return commits
 
-    async def _check_partitions(self, partitions: set[TopicPartition]) -> None:
-        await self._check_nothing_lost(await self._commits_of(partitions))
-
-    async def _check_nothing_lost(self, commits: dict[TopicPartition, int]) -> None:
+    async def _check_nothing_lost(self, partitions: set[TopicPartition]) -> None:
         """Say so, loudly, when Redis came back without writes it had acknowledged (a replica
         promoted before it had them, a restart without persistence): its recorded progress is
         short of what the group committed, and the events in between are not in the state
         (re-consuming the topic from the start mends it: deduplication keeps that exact). A
         Redis still away is not asked."""
+        commits = await self._commits_of(partitions)
         try:
             progress = await self._store.progress(self._settings.consumer_group)
         except Exception:  # still away: the next try will tell
@@ -249,7 +247,7 @@ class FeatureConsumer:
                         # It only warns: a Redis or a coordinator that does not answer it must
                         # not hold a stop up (it waited out the Redis URL's socket_timeout).
                         try:
-                            await unless_stopped(stop, self._check_partitions(new))
+                            await unless_stopped(stop, self._check_nothing_lost(new))
                         except StoppedWhileStarting:
                             return
                 if not batch:
