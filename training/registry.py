@@ -31,8 +31,10 @@ window is its stored score when it validated on that very window, otherwise the 
 ``evaluate`` callback's: it scores the champion's artifact on the challenger's window, or, when
 that artifact was fitted on part of the window's outcomes, the champion's recipe refitted
 before the window (a :class:`ChampionScore`; a tie then promotes the challenger, the same
-recipe on newer data). Other ties keep the champion; the first model always promotes; ``force``
-promotes unconditionally; a champion that can no longer be loaded, or that ``evaluate``
+recipe on newer data). Other ties keep the champion. A challenger whose data ends before the
+champion's (an older copy of the log, a run that read the log long before it decided) never
+replaces it: its window says nothing of the newer data. The first model always promotes;
+``force`` promotes unconditionally; a champion that can no longer be loaded, or that ``evaluate``
 cannot score on the window (it could not serve either), is replaced.
 """
 
@@ -352,6 +354,11 @@ class ModelRegistry:
                 raise ModelError(f"model directory {self.root}: {name} is not a regular file")
             if name != POINTER_FILE and path.is_symlink():  # never written through (_own_file)
                 raise ModelError(f"{path} is a symbolic link, not the registry's file")
+            if name != POINTER_FILE and path.is_file():  # the pointer is replaced, not written
+                try:
+                    _own_file(path).close()  # opened to append, nothing written
+                except OSError as exc:
+                    raise ModelError(f"{path} cannot be written: {exc.strerror}") from None
 
     def register(
         self,
@@ -637,9 +644,13 @@ class ModelRegistry:
             _write_file(staged, json.dumps(pointer, indent=2).encode() + b"\n")
         fsync_dir(self.root)
 
-    def _record(self, decision: Decision) -> None:
+    def _record(self, decision: Decision, history: IO[str] | None = None) -> None:
+        line = json.dumps(decision.to_json(), allow_nan=False) + "\n"
+        if history is not None:
+            history.write(line)
+            return
         with _own_file(self.root / HISTORY_FILE) as f:
-            f.write(json.dumps(decision.to_json(), allow_nan=False) + "\n")
+            f.write(line)
 
     def offer(
         self, version: str, *, evaluate: Evaluate | None = None, force: bool = False
@@ -649,10 +660,16 @@ class ModelRegistry:
             self._record_lost_promotion()
             meta = self.metadata(version)
             val = Validation.from_json(meta["validation"])
-            decision = self._decide(version, val, evaluate, force)
-            if decision.promoted:
-                self._write_pointer(version, decision)
-            self._record(decision)
+            cutoff_day = int(meta["data_window"]["cutoff_day"])
+            decision = self._decide(version, val, evaluate, force, cutoff_day)
+            # The history is opened before the pointer moves: a history this run cannot write
+            # fails the offer with the champion unchanged, not after it moved. (A write that
+            # fails after the move, a full disk, is recorded by the next offer, from the
+            # pointer: _record_lost_promotion.)
+            with _own_file(self.root / HISTORY_FILE) as history:
+                if decision.promoted:
+                    self._write_pointer(version, decision)
+                self._record(decision, history)
         log.info(
             "model %s %s: %s",
             version,
@@ -698,7 +715,12 @@ class ModelRegistry:
         return removed
 
     def _decide(
-        self, version: str, val: Validation, evaluate: Evaluate | None, force: bool
+        self,
+        version: str,
+        val: Validation,
+        evaluate: Evaluate | None,
+        force: bool,
+        cutoff_day: int,
     ) -> Decision:
         common: dict[str, Any] = {"metric": val.metric, "challenger_score": val.score}
         try:
@@ -720,6 +742,19 @@ class ModelRegistry:
                 version,
                 True,
                 f"champion {current} cannot be loaded ({exc})",
+                champion_version=current,
+                **common,
+            )
+        champ_cutoff_day = int(champion.metadata["data_window"]["cutoff_day"])
+        if cutoff_day < champ_cutoff_day:
+            # An older copy of the log, or a run that read the log long before it decided:
+            # the comparison on its window would say nothing of data it never saw.
+            return Decision(
+                version,
+                False,
+                f"trained on data up to {day_date(cutoff_day)}, before the champion's "
+                f"{day_date(champ_cutoff_day)}: a model of older data does not replace one of "
+                "newer data (clv train --force promotes it anyway)",
                 champion_version=current,
                 **common,
             )

@@ -117,6 +117,67 @@ def test_force_promotes_a_worse_model(reg: ModelRegistry) -> None:
     assert reg.champion_version() == worse
 
 
+def test_a_model_of_older_data_never_replaces_one_of_newer_data(reg: ModelRegistry) -> None:
+    champion = register(reg, 100.0, min_age=1)
+    reg.offer(champion)
+    older = dataclasses.replace(WINDOW, last_event_day=9640, cutoff_day=9640)
+    stale = reg.register(
+        HistoricalRate(min_age_days=2),
+        data_window=older,
+        validation=validation(50.0, train_end_day=9440),  # far better on its own window
+        candidates={},
+        data_fingerprint="e" * 64,
+    )
+    # An older copy of the log (or a trainer that read the log long before it decided): its
+    # window says nothing of the two months it never saw, however well it scores there.
+    d = reg.offer(stale, evaluate=lambda c, v: ChampionScore(90.0, "recipe", ties_promote=True))
+    # Fails if the stale fit wins (it did: "a tie: the newer fit wins" or "better").
+    assert not d.promoted and reg.champion_version() == champion
+    assert "up to 1996-05-24, before the champion's 1996-07-23" in d.reason
+    assert "--force" in d.reason
+    assert reg.offer(stale, force=True).promoted  # the way to roll back on purpose
+    newer = dataclasses.replace(WINDOW, last_event_day=9760, cutoff_day=9760)
+    fresh = reg.register(
+        HistoricalRate(min_age_days=3),
+        data_window=newer,
+        validation=validation(80.0, train_end_day=9560),
+        candidates={},
+        data_fingerprint="d" * 64,
+    )
+    assert reg.offer(fresh, evaluate=lambda c, v: 90.0).promoted
+
+
+def test_a_history_it_cannot_write_fails_the_offer_before_the_champion_moves(
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.registry as registry
+
+    first = register(reg, 100.0, min_age=1)
+    reg.offer(first)
+    own_file = registry._own_file
+
+    def history_refused(path: Path) -> object:
+        if path.name == HISTORY_FILE:  # say another user's file, mode 0644
+            raise PermissionError(13, "Permission denied", str(path))
+        return own_file(path)
+
+    monkeypatch.setattr(registry, "_own_file", history_refused)
+    # Fails if the check before any work lets the run train for its whole length first.
+    with pytest.raises(ModelError, match=f"{HISTORY_FILE} cannot be written: Permission denied"):
+        reg.check_writable()
+    better = register(reg, 90.0, min_age=2)
+    with pytest.raises(PermissionError):
+        reg.offer(better)
+    # Fails if the pointer moved before the decision could be recorded (the run then said it
+    # failed while its model served, with no line of the history promoting it).
+    assert reg.champion_version() == first
+    monkeypatch.setattr(registry, "_own_file", own_file)
+    reg.check_writable()
+    assert reg.offer(better).promoted
+    history = [json.loads(line) for line in (reg.root / HISTORY_FILE).read_text().splitlines()]
+    assert [(d["version"], d["promoted"]) for d in history] == [(first, True), (better, True)]
+
+
 def test_other_window_rescores_the_champion(reg: ModelRegistry) -> None:
     v1 = register(reg, 100.0, min_age=1, train_end_day=9400)
     reg.offer(v1)
