@@ -136,7 +136,8 @@ COLUMN_MEANINGS: dict[str, str] = {
     "missed": "validation only: the targets it missed, with both figures",
     "score": "validation only: the composite, the sum of the relative gains over BG/NBD+GG "
     "(Gini, level-adjusted decile MAPE, RMSE, MAE) less a penalty for bias beyond the limit; "
-    "BG/NBD+GG scores 0, the best qualifying candidate above 0 wins",
+    "BG/NBD+GG scores 0, the best qualifying candidate above 0 wins; empty for a candidate "
+    "without figures",
     "seconds": "validation only: time to fit and predict",
     "error": "validation only: why the candidate has no figures",
 }

@@ -168,7 +168,7 @@ class Selection:
                 # the reference is the yardstick: it neither qualifies nor misses
                 "qualifies": "reference" if n == REFERENCE else s.qualifies,
                 "missed": "; ".join(s.missed),
-                "score": s.score,
+                "score": s.score if math.isfinite(s.score) else math.nan,  # no figures: empty
                 "seconds": s.seconds,
                 "error": s.error or "",
             }

@@ -207,6 +207,10 @@ def test_no_revenue_in_the_labels_is_a_one_line_reason(tmp_path) -> None:  # typ
     for name in ("hgb_poisson", "hybrid_btyd_residual"):
         error = sel.scores[name].error or ""
         assert "no revenue in the label windows" in error and "\n" not in error, error
+    # The report's table: a candidate without figures has an empty score, not -inf.
+    scores = sel.table()["score"].astype(float)
+    assert scores[["hgb_poisson", "hybrid_btyd_residual"]].isna().all()
+    assert not np.isinf(scores).any(), scores
 
 
 def test_one_line_keeps_the_cause_of_a_multi_line_message() -> None:
