@@ -13,6 +13,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
+from feature_store.redis_client import check_url
+
 #: The longest horizon a forecast may ask for (ten years).
 MAX_HORIZON_DAYS = 3650
 #: Kafka's rule for topic names (``Topic.validate`` in Apache Kafka); the local broker is laxer.
@@ -132,6 +134,10 @@ class Settings(BaseSettings):
             db = parsed.path.strip("/")
             if db and not db.isdigit():
                 raise ValueError(f"{v!r}: the database {db!r} is not a number")
+        try:
+            check_url(v)  # its options, as redis-py reads them: an unknown one failed late
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
         return v
 
     @field_validator("orders_topic", "alerts_topic", "dlq_topic")

@@ -13,8 +13,9 @@ closing held a consumer until it answered); ``?socket_timeout=`` and
 
 from __future__ import annotations
 
+import re
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 import hiredis
 from redis.asyncio import Connection, Redis
@@ -35,12 +36,48 @@ class HiredisPackConnection(Connection):
         return [hiredis.pack_command(args)]
 
 
+#: How ``?cluster=`` may be spelled (redis-py's own spellings of a boolean).
+_YES, _NO = ("true", "yes", "1"), ("false", "no", "0", "")
+
+
+def cluster_mode(url: str) -> tuple[bool, str]:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://``, or ``?cluster=`` true), and
+    the URL redis-py is given: ``redis://``, without the ``cluster`` parameter. Raises
+    ValueError for a ``cluster`` value that is neither true nor false."""
+    parsed = urlparse(url)
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    flags = [v.lower() for k, v in query if k == "cluster"]
+    for flag in flags:
+        if flag not in _YES + _NO:
+            raise ValueError(f"cluster={flag!r} is neither true nor false")
+    cluster = parsed.scheme == "redis+cluster" or any(f in _YES for f in flags)
+    if not flags:
+        return cluster, url.replace("redis+cluster://", "redis://", 1) if cluster else url
+    base = url.split("?", 1)[0].replace("redis+cluster://", "redis://", 1)
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    return cluster, f"{base}?{rest}" if rest else base
+
+
 def connect(url: str) -> Redis | RedisCluster:
     """A client for ``url``; nothing is connected until the first command."""
-    parsed = urlparse(url)
-    if parsed.scheme == "redis+cluster" or parse_qs(parsed.query).get("cluster") == ["true"]:
-        plain = url.replace("redis+cluster://", "redis://", 1).replace("cluster=true", "")
-        return RedisCluster.from_url(plain.rstrip("?&"), **TIMEOUTS)
-    if parsed.scheme == "redis":
-        return Redis.from_url(url, connection_class=HiredisPackConnection, **TIMEOUTS)
-    return Redis.from_url(url, **TIMEOUTS)
+    cluster, plain = cluster_mode(url)
+    if cluster:
+        return RedisCluster.from_url(plain, **TIMEOUTS)
+    if urlparse(plain).scheme == "redis":
+        return Redis.from_url(plain, connection_class=HiredisPackConnection, **TIMEOUTS)
+    return Redis.from_url(plain, **TIMEOUTS)
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError when redis-py would refuse ``url``'s options (a query parameter it does
+    not take, a cluster flag it cannot read) once the first command makes a connection: the
+    client and a connection object are built, nothing is connected."""
+    try:
+        client = connect(url)
+        if isinstance(client, Redis):
+            client.connection_pool.make_connection()
+    except (TypeError, ValueError) as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:  # say it as the user wrote it, not as a constructor's signature
+            raise ValueError(f"redis-py takes no option {unknown[1]!r}") from None
+        raise ValueError(str(exc)) from None

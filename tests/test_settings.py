@@ -23,6 +23,9 @@ from clv.settings import Settings, settings_error
         {"redis_url": "unix:///run/redis.sock"},
         {"redis_url": "redis+cluster://node-1:7000"},
         {"redis_url": "redis://node-1:7000/0?cluster=true"},
+        {"redis_url": "redis://node-1:7000/0?cluster=True&socket_timeout=3"},
+        {"redis_url": "redis://cache:6379/0?cluster=false"},
+        {"redis_url": "unix:///run/redis.sock?db=2&health_check_interval=30"},
         {"orders_topic": "shop.orders_v2-eu", "dlq_topic": "shop.orders.dlq"},
     ],
 )
@@ -45,6 +48,12 @@ def test_what_a_deployment_writes_is_accepted(changes: dict[str, str]) -> None:
         ({"redis_url": "redis://127.0.0.1:abc/0"}, "Port could not be cast"),
         ({"redis_url": "redis://cache:6379/one"}, "the database 'one' is not a number"),
         ({"redis_url": "redis:///0"}, "names no host"),
+        # Fails if an option redis-py does not take passes: every command then died at its
+        # first connection with a traceback (clv up: a Redis that "does not answer" after 60 s).
+        ({"redis_url": "redis://cache:6379/0?foo=bar"}, "redis-py takes no option 'foo'"),
+        ({"redis_url": "unix:///run/redis.sock?foo=1"}, "redis-py takes no option 'foo'"),
+        ({"redis_url": "redis+cluster://node-1:7000?foo=bar"}, "redis-py takes no option 'foo'"),
+        ({"redis_url": "redis://cache:6379/0?cluster=maybe"}, "'maybe' is neither true nor false"),
         ({"orders_topic": ""}, "is not a Kafka topic name"),
         ({"orders_topic": "bad topic!"}, "is not a Kafka topic name"),
         ({"alerts_topic": ".."}, "is not a Kafka topic name"),
