@@ -429,13 +429,18 @@ class Clients:
 
 
 async def open_clients(
-    resources: contextlib.AsyncExitStack, settings: Settings, groups: list[str]
+    resources: contextlib.AsyncExitStack,
+    settings: Settings,
+    groups: list[str],
+    redis: AnyRedis | None = None,
 ) -> Clients:
-    """Redis, a producer and one orders-topic consumer per entry of ``groups``; each is closed
-    by ``resources`` on the way out, also when a later one fails to start."""
+    """Redis (``redis`` when given, registered for closing by the caller), a producer and one
+    orders-topic consumer per entry of ``groups``; each is closed by ``resources`` on the way
+    out, also when a later one fails to start."""
 
-    redis = connect(settings.redis_url)
-    resources.push_async_callback(redis.aclose)
+    if redis is None:
+        redis = connect(settings.redis_url)
+        resources.push_async_callback(redis.aclose)
     # Each client is closed also when its start fails or is cancelled (a stop while a
     # consumer waits for the group to assign partitions): the group member it joined as is
     # left, and its background tasks end.
@@ -461,13 +466,17 @@ async def run_feature_consumer(settings: Settings, stop: asyncio.Event) -> Consu
 async def _run_feature_consumer(settings: Settings, stop: asyncio.Event) -> ConsumerStats:
     async with contextlib.AsyncExitStack() as resources:
         try:  # a stop while starting (the group join can wait minutes) ends it here
+            # A Redis missing at the start is a setting to fix, said at once, and before
+            # anything touches Kafka: a member that joins the group only to leave it rebalances
+            # the running consumers twice. One that goes away later is waited for
+            # (``FeatureConsumer.run``).
+            redis = connect(settings.redis_url)
+            resources.push_async_callback(redis.aclose)
+            await unless_stopped(stop, redis.ping())
             await unless_stopped(stop, ensure_topics(settings))
             clients = await unless_stopped(
-                stop, open_clients(resources, settings, [settings.consumer_group])
+                stop, open_clients(resources, settings, [settings.consumer_group], redis)
             )
-            # A Redis missing at the start is a setting to fix, said at once; one that goes
-            # away later is waited for (``FeatureConsumer.run``).
-            await unless_stopped(stop, clients.redis.ping())
         except StoppedWhileStarting:
             return ConsumerStats()
         worker = FeatureConsumer(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from aiokafka import AIOKafkaConsumer
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import consumers.feature_consumer
 from clv.errors import StoreUnavailable
@@ -325,6 +326,34 @@ async def test_clv_consume_without_a_redis_says_so_at_once(settings: Settings) -
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 1, err
     assert len(lines) == 1 and "Redis at CLV_REDIS_URL" in lines[0], lines
+
+
+async def test_clv_consume_checks_redis_before_it_touches_kafka(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import consumers.feature_consumer as fc
+
+    touched: list[str] = []
+
+    async def ensure_topics(*args: object) -> None:
+        touched.append("ensure_topics")
+
+    def make_consumer(*args: object, **kwargs: object) -> object:
+        touched.append("make_consumer")
+        raise AssertionError("a consumer joined the group")
+
+    monkeypatch.setattr(fc, "ensure_topics", ensure_topics)
+    monkeypatch.setattr(fc, "make_consumer", make_consumer)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    with pytest.raises(RedisConnectionError):
+        await fc._run_feature_consumer(
+            settings.model_copy(update={"redis_url": closed}), asyncio.Event()
+        )
+    # Fails if the group is joined first (it was): a member that joins only to leave again
+    # rebalances the running consumers twice, and the failure came 10 s late.
+    assert touched == []
 
 
 @pytest.mark.slow
