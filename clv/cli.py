@@ -207,18 +207,20 @@ def archive() -> None:
 def replay(
     file: Annotated[Path, typer.Argument(help="orders CSV or CDNOW text file (.gz accepted)")],
     rate: Annotated[float | None, typer.Option(min=0.001, help="events per second")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="csv, cdnow or auto")] = "auto",
+    fmt: Annotated[
+        str, typer.Option("--format", help="csv, cdnow or auto (by the first line)")
+    ] = "auto",
 ) -> None:
     """Publish the orders of FILE (in time order) to the orders topic."""
     from rich.progress import Progress
 
-    from clv.replay import encode_rows, load_events, publish
+    from clv.replay import encode_rows, load_events, publish, sniff_format
 
     if rate is not None and not math.isfinite(rate):  # (nan is refused by the option's min)
         raise fail(f"--rate must be a finite number of events per second, not {rate}")
     settings = load_settings()
-    if fmt == "auto":
-        fmt = "cdnow" if "cdnow" in file.name.lower() else "csv"
+    if fmt == "auto":  # by the content: a header naming user_id, or CDNOW's records
+        fmt = sniff_format(file)
     if fmt not in ("csv", "cdnow"):
         raise fail(f"unknown --format {fmt!r} (csv, cdnow or auto)")
     try:

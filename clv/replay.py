@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,22 @@ import pandas as pd
 from clv.settings import Settings
 from feature_store.events import encode_event
 from feature_store.features import iso_times
+
+
+def sniff_format(path: Path) -> str:
+    """``csv`` when the file's first line (gzipped or not) is a header naming ``user_id``,
+    ``cdnow`` when it is a CDNOW record (4 or 5 fields apart by blanks), else ``csv`` (whose
+    reader then says what header it wants). A file it cannot read is left to the reader."""
+    try:
+        with path.open("rb") as raw:
+            head = raw.read(2)
+        with gzip.open(path, "rb") if head == b"\x1f\x8b" else path.open("rb") as f:
+            first = f.readline(4096).decode("utf-8", errors="replace").strip().lstrip("\ufeff")
+    except (OSError, EOFError):
+        return "csv"
+    if "user_id" in (c.strip().strip('"') for c in first.split(",")):
+        return "csv"
+    return "cdnow" if "," not in first and len(first.split()) in (4, 5) else "csv"
 
 
 def load_events(path: Path, fmt: str, currency: str = "USD") -> pd.DataFrame:

@@ -631,6 +631,30 @@ async def test_replay_refuses_an_infinite_rate_in_one_line_before_making_a_topic
     assert await topic_partitions(settings, settings.orders_topic, timeout=0) == []
 
 
+def test_replay_tells_the_format_by_the_content_not_the_name(tmp_path: Path) -> None:
+    import gzip
+
+    from clv.replay import load_events, sniff_format
+
+    named_cdnow = tmp_path / "cdnow_export.csv"  # an orders CSV, whatever its name says
+    named_cdnow.write_text("\ufeffuser_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n")
+    plain = tmp_path / "orders.txt.gz"  # CDNOW records, gzipped, under a neutral name
+    with gzip.open(plain, "wt") as f:
+        f.write("00001 19970101 1 11.77\n00002 19970112 2 89.00\n")
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('"ts","amount","user_id","order_id"\n2024-01-01,10,u1,o1\n')
+    odd = tmp_path / "odd.txt"
+    odd.write_text("what,is,this\n")
+    # Fails if the name decides (it did: "cdnow" in the name read a CSV as CDNOW, and the
+    # error said to leave out a --format cdnow the user never gave).
+    assert sniff_format(named_cdnow) == "csv" and sniff_format(quoted) == "csv"
+    assert sniff_format(plain) == "cdnow"
+    assert sniff_format(odd) == "csv"  # the CSV reader then says which header it wants
+    assert sniff_format(tmp_path / "missing.csv") == "csv"  # the reader says it is missing
+    assert load_events(named_cdnow, sniff_format(named_cdnow))["user_id"].tolist() == ["u1"]
+    assert len(load_events(plain, sniff_format(plain))) == 2
+
+
 def test_replay_of_an_orders_file_it_may_not_read_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
