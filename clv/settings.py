@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from itertools import combinations
 from pathlib import Path
 from typing import Literal, Self
@@ -208,6 +209,13 @@ class Settings(BaseSettings):
                 )
             if not cafile.is_file():
                 raise ValueError(f"CLV_KAFKA_SSL_CAFILE {str(cafile)!r} is not a file")
+            try:  # read as the Kafka clients will read it (a PEM bundle), once, here
+                ssl.create_default_context(cafile=str(cafile))
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"CLV_KAFKA_SSL_CAFILE {str(cafile)!r} is no CA bundle (PEM) that can be "
+                    f"read: {exc.strerror or exc}"
+                ) from None
         return self
 
     def as_env(self) -> dict[str, str]:

@@ -135,20 +135,29 @@ async def test_plaintext_clients_get_no_tls_or_sasl(monkeypatch: pytest.MonkeyPa
             {"kafka_security_protocol": "SSL", "kafka_ssl_cafile": Path("/no/such/ca.pem")},
             "is not a file",
         ),
+        # Fails if a file that holds no certificate passes: the first client then failed with
+        # OpenSSL's own words, exit 1, not naming the variable.
+        (
+            {"kafka_security_protocol": "SSL", "kafka_ssl_cafile": "NOT_PEM"},
+            "CLV_KAFKA_SSL_CAFILE '{NOT_PEM}' is no CA bundle (PEM) that can be read: ",
+        ),
         ({"kafka_security_protocol": "TLS"}, "'PLAINTEXT', 'SSL', 'SASL_PLAINTEXT' or"),
     ],
 )
 def test_kafka_security_settings_that_cannot_work_are_refused(
-    changes: dict[str, object], says: str, ca_file: Path
+    changes: dict[str, object], says: str, ca_file: Path, tmp_path: Path
 ) -> None:
     # Fails if a setting that could only fail at the broker (no credentials sent, a CA file
     # not there) is taken at startup.
     from pydantic import ValidationError
 
-    changes = {k: ca_file if v == "CA" else v for k, v in changes.items()}  # a real CA file
+    not_pem = tmp_path / "passwd"
+    not_pem.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    files = {"CA": ca_file, "NOT_PEM": not_pem}  # a real CA file, and a file that is none
+    changes = {k: files.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
     with pytest.raises(ValidationError) as info:
         Settings(**changes)  # type: ignore[arg-type]
-    assert says in str(info.value)
+    assert says.replace("{NOT_PEM}", str(not_pem)) in str(info.value)
 
 
 def test_the_sasl_password_is_not_in_the_settings_repr() -> None:
