@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
+from clv.errors import ClvError
 from clv.settings import Settings
 from feature_store.event_log import EventLogError, log_dir_problem, read_events
 from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore, online_features
+
+
+class UnknownThen(ClvError):
+    """The user has no event on or before the date asked for (exit 1, as an unknown user)."""
 
 
 async def now_day(settings: Settings, store: FeatureStore) -> int:
@@ -48,14 +53,14 @@ async def lookup_features(
             )
             frame = features_at(events, day, late_after_days=RETENTION_DAYS)
             source = "event_log"
-            if user_id not in frame.index:
-                return {
-                    "user_id": user_id,
-                    "as_of": day_date(day).isoformat(),
-                    "source": source,
-                    "features": None,
-                    "note": "no events on or before this date in the event log",
-                }
+            if user_id not in frame.index:  # unknown on that day, as an unknown user: an error
+                first = (
+                    f", the first on {day_date(int(events['day'].min()))}" if len(events) else ""
+                )
+                raise UnknownThen(
+                    f"user {user_id!r} has no events on or before {day_date(day)} in the event "
+                    f"log ({len(events):,} after it{first})"
+                )
         return {
             "user_id": user_id,
             "as_of": day_date(day).isoformat(),

@@ -589,14 +589,16 @@ async def test_features_default_to_the_users_latest_day_and_say_when_a_date_prec
     assert now is not None and now["source"] == "redis" and now["as_of"] == ahead.isoformat()
     assert now["features"]["orders_total"] == 2  # type: ignore[index]
 
-    before = await lookup_features(settings, "carol", dt.date(2024, 2, 1))  # before her first
-    assert before == {
-        "user_id": "carol",
-        "as_of": "2024-02-01",
-        "source": "event_log",
-        "features": None,
-        "note": "no events on or before this date in the event log",
-    }
+    # Before her first event she was unknown, and says so as an unknown user does (exit 1, one
+    # line). Fails if it is a success with null features (it was: exit 0, another shape).
+    from clv.lookup import UnknownThen
+
+    with pytest.raises(UnknownThen) as info:
+        await lookup_features(settings, "carol", dt.date(2024, 2, 1))
+    assert str(info.value) == (
+        "user 'carol' has no events on or before 2024-02-01 in the event log "
+        "(2 after it, the first on 2024-03-01)"
+    )
 
 
 @pytest.mark.parametrize("text", ["19971231", "1997-W01-3", "1997W013"])
