@@ -298,6 +298,26 @@ def test_bad_settings_and_unusable_directories_end_in_one_line_before_any_work(
         (closed, ("features", "u1"), 1, "(Redis at CLV_REDIS_URL; `clv up` runs a local stack)"),
         ({}, (*bt, "--cutoff", "2999-01-01"), 2, "--cutoff 2999-01-01 is in the future"),
         ({}, ("backtest", "--orders", str(tmp_path), *bt[3:], "--cutoff", "2024-01-01"), 2, "is a"),
+        # Fails if a file on the way to an output is found only at the write, as "File exists"
+        # (the words of its mkdir), not as what it is.
+        (
+            {},
+            ("synth", "--users", "5", "--orders", "9", "--out", str(a_file / "x.csv")),
+            2,
+            f"--out {a_file / 'x.csv'}: {a_file} is not a directory",
+        ),
+        (
+            {},
+            (*bt[:5], "--out", str(a_file / "d" / "p.csv"), "--cutoff", "2024-01-01"),
+            2,
+            f"{a_file} is not a directory",
+        ),
+        (
+            {},
+            (*bt, "--report", str(a_file / "r"), "--cutoff", "2024-01-01"),
+            2,
+            f"--report {a_file / 'r'}: {a_file} is not a directory",
+        ),
     ]
     base = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
     for env, args, code, says in cases:

@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from clv.errors import ClvError
-from clv.files import loops, replaceable
+from clv.files import loops, missing_dirs, replaceable
 from clv.settings import Settings, settings_error
 
 
@@ -63,9 +63,16 @@ def output_path(text: str, flag: str, *, file: bool = True) -> Path:
     if not file:
         if loops(path):
             raise fail(f"{flag} {path} is (or lies under) a symbolic link that loops")
-        return path
-    try:
-        replaceable(path)
-    except ClvError as exc:
-        raise fail(f"{flag}: {exc}") from None
+    else:
+        try:
+            replaceable(path)
+        except ClvError as exc:
+            raise fail(f"{flag}: {exc}") from None
+    # The folders on the way must be folders: a file among them was only found at the write,
+    # in the words of its mkdir ("File exists"), not as what it is.
+    folder = path.parent if file else path
+    missing = missing_dirs(folder)
+    base = missing[-1].parent if missing else folder
+    if (missing or file) and not base.is_dir():
+        raise fail(f"{flag} {path}: {base} is not a directory")
     return path
