@@ -100,7 +100,10 @@ def backtest(
     out = output_path(out_arg, "--out")
     report = None if report_arg is None else output_path(report_arg, "--report", file=False)
     if not valid_currency(currency):
-        raise fail(f"--currency {currency[:16]!r} is not an ISO 4217 code (three capital letters)")
+        raise fail(
+            f"--currency (default: CLV_CURRENCY) {currency[:16]!r} is not an ISO 4217 code "
+            "(three capital letters)"
+        )
     if not 0 < horizon_days <= MAX_HORIZON_DAYS:
         raise fail(f"--horizon-days must be from 1 to {MAX_HORIZON_DAYS} days")
     if day > dt.datetime.now(dt.UTC).date():
