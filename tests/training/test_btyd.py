@@ -262,33 +262,50 @@ def test_non_finite_forecasts_are_refused_not_zeroed(
         broken.predict(calibration, 273)
 
 
-def test_a_spend_model_without_a_finite_population_mean_refuses_to_forecast(
+def test_a_spend_model_without_a_finite_population_mean_uses_the_repeat_buyers_average(
     fitted: BGNBDGammaGamma, calibration: pd.DataFrame
 ) -> None:
     """With q <= 1 the Gamma-Gamma mean spend of a customer with no repeat purchase is
-    infinite: no forecast (the conditional formula would give a negative spend, clipped to a
-    forecast of zero, for every one-time buyer)."""
-    assert (calibration["frequency"] == 0).any()
+    infinite (spend heavier-tailed than a gamma mix allows). The repeat buyers' average stands
+    in, so the reference and the hybrids still forecast (they refused, and selection lost its
+    yardstick); the conditional formula would have given a negative spend, a forecast of 0."""
+    one_time = calibration["frequency"] == 0
+    assert one_time.any()
     heavy = pickle.loads(pickle.dumps(fitted))
     heavy.gg_ = GammaGammaParams(PUBLISHED_GG["p"], 0.8, PUBLISHED_GG["gamma"])
     assert np.isnan(heavy.gg_.population_mean)
-    with pytest.raises(ModelError, match="non-finite"):
-        heavy.predict(calibration, 273)
+    pred = heavy.components(calibration, 273)
+    repeat = calibration.loc[~one_time, "avg_repeat_value"]
+    assert heavy.spend_fallback_ == pytest.approx(repeat[repeat > 0].mean())
+    assert np.allclose(pred.loc[one_time, "expected_spend"], heavy.spend_fallback_)
+    assert np.isfinite(pred.to_numpy()).all() and (pred["expected_spend"] > 0).any()
 
 
-def test_a_spend_model_with_no_finite_posterior_mean_refuses_repeat_buyers_too(
+def test_a_fit_with_q_at_most_one_says_so_and_forecasts(calibration: pd.DataFrame) -> None:
+    """Per-customer mean spend lognormal with sigma 2.5: the maximum-likelihood q is below 1."""
+    rng = np.random.default_rng(0)
+    feats = calibration.copy()
+    repeat = feats["frequency"] > 0
+    feats.loc[repeat, "avg_repeat_value"] = np.exp(rng.normal(3, 2.5, int(repeat.sum())))
+    with pytest.warns(UserWarning, match=r"Gamma-Gamma q = .* <= 1: .* stands in for it"):
+        model = BGNBDGammaGamma().fit_features(feats)
+    assert model.gg_.q <= 1
+    pred = model.predict(feats, 273)
+    # Fails if the model refuses (it did: "non-finite values for N customers") or zeroes them.
+    assert np.isfinite(pred.to_numpy()).all()
+    assert (pred.loc[~repeat, "predicted_value"] > 0).all()
+
+
+def test_a_repeat_buyer_without_a_finite_posterior_mean_gets_their_own_average(
     fitted: BGNBDGammaGamma, calibration: pd.DataFrame
 ) -> None:
-    """Where p * x + q <= 1 a repeat buyer's posterior mean spend is infinite too; the formula
-    would give a negative spend there, which the forecast would clip to a silent zero."""
+    """Where p * x + q <= 1 a repeat buyer's posterior mean spend is infinite: their own
+    average stands in (the formula would give a negative spend, clipped to a silent zero)."""
     weak = GammaGammaParams(0.1, 0.8, 10.0)
     spend = gg_expected_spend(weak, np.array([1.0, 3.0]), np.array([5.0, 5.0]))
-    assert np.isnan(spend[0]) and spend[1] == pytest.approx(0.1 * (10 + 15) / (0.3 + 0.8 - 1))
-    heavy = pickle.loads(pickle.dumps(fitted))
-    heavy.gg_ = weak
-    repeat = calibration[calibration["frequency"] > 0]  # no one-time buyer: posterior means only
-    with pytest.raises(ModelError, match="non-finite"):
-        heavy.predict(repeat[repeat["frequency"] == 1], 273)
+    assert spend[0] == 5.0 and spend[1] == pytest.approx(0.1 * (10 + 15) / (0.3 + 0.8 - 1))
+    broken = GammaGammaParams(float("nan"), 3.7, 15.0)
+    assert np.isnan(gg_expected_spend(broken, np.array([0.0, 2.0]), np.array([0.0, 5.0]))).all()
 
 
 @pytest.mark.parametrize("x", [1.0, 3.0])

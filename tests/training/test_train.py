@@ -686,13 +686,14 @@ def test_a_final_fit_that_cannot_forecast_is_not_registered(
     fit_gg = btyd.fit_gamma_gamma
     calls = {"n": 0}
 
-    def infinite_mean_spend(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def broken_spend(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         p = fit_gg(*args, **kwargs)
-        # selection's fits are fine; the final fit's Gamma-Gamma gets q < 1 (no finite mean)
-        return btyd.GammaGammaParams(p.p, 0.5, p.gamma) if calls["n"] > 1 else p
+        # selection's fits are fine; the final fit's Gamma-Gamma gets a parameter that is no
+        # number (a numerical failure: its forecast is refused, never zeroed)
+        return btyd.GammaGammaParams(float("nan"), p.q, p.gamma) if calls["n"] > 1 else p
 
-    monkeypatch.setattr(btyd, "fit_gamma_gamma", infinite_mean_spend)
+    monkeypatch.setattr(btyd, "fit_gamma_gamma", broken_spend)
     with pytest.raises(TrainingError, match="final fit cannot forecast"):
         train(settings, progress=False, candidates=["bgnbd_gg"])
     assert not (settings.model_dir / "CHAMPION").exists()

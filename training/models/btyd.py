@@ -12,6 +12,7 @@ repeat purchase days).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Self
 
@@ -273,15 +274,24 @@ def fit_gamma_gamma(
     return GammaGammaParams(float(p), float(q), float(g * scale))
 
 
-def gg_expected_spend(params: GammaGammaParams, x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """E[spend per purchase day | x, m]; the population mean for customers without repeats."""
+def gg_expected_spend(
+    params: GammaGammaParams, x: np.ndarray, m: np.ndarray, fallback: float = float("nan")
+) -> np.ndarray:
+    """E[spend per purchase day | x, m]; the population mean for customers without repeats.
+
+    Where the fit gives no finite mean (``q <= 1``: spend across customers heavier-tailed than
+    a gamma mix allows; then also ``p x + q <= 1`` for a repeat buyer with few purchases), the
+    model has no answer: a customer without repeats gets ``fallback`` (the fit's repeat buyers'
+    average spend, :attr:`BGNBDGammaGamma.spend_fallback_`), a repeat buyer their own average.
+    NaN stays NaN (a corrupted parameter is refused downstream, never zeroed)."""
     p, q, g = params.p, params.q, params.gamma
     x = np.asarray(x, dtype=np.float64)
     m = np.maximum(np.asarray(m, dtype=np.float64), 0.0)
     denom = p * x + q - 1  # the posterior mean is finite only where it is positive
     with np.errstate(divide="ignore", invalid="ignore"):
-        cond = np.where(denom > 0, p * (g + m * x) / denom, np.nan)
-    return np.where(x > 0, cond, params.population_mean)
+        cond = np.where(denom > 0, p * (g + m * x) / denom, np.where(denom <= 0, m, np.nan))
+    population = params.population_mean if q > 1 or np.isnan(q) else fallback
+    return np.where(x > 0, cond, population)
 
 
 def btyd_inputs(features: pd.DataFrame) -> tuple[np.ndarray, ...]:
@@ -353,6 +363,17 @@ class BGNBDGammaGamma(CLVModel):
         x, t_x, T, m = btyd_inputs(features)
         self.bgnbd_, self.loglik_ = bgnbd if bgnbd is not None else fit_bgnbd(x, t_x, T)
         self.gg_ = fit_gamma_gamma(x, m)
+        repeat = m[(x > 0) & (m > 0)]
+        self.spend_fallback_ = float(repeat.mean()) if len(repeat) else float("nan")
+        if not self.gg_.q > 1:
+            warnings.warn(
+                f"Gamma-Gamma q = {self.gg_.q:.3g} <= 1: spend across customers is heavier-"
+                "tailed than the model allows, and its mean spend of a customer without "
+                f"repeat purchases is infinite; the repeat buyers' average, "
+                f"{self.spend_fallback_:.2f}, stands in for it",
+                UserWarning,
+                stacklevel=2,
+            )
         return self
 
     def components(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
@@ -362,7 +383,9 @@ class BGNBDGammaGamma(CLVModel):
             {
                 "expected_orders": bgnbd_expected(self.bgnbd_, horizon_days, x, t_x, T),
                 "p_alive": bgnbd_p_alive(self.bgnbd_, x, t_x, T),
-                "expected_spend": gg_expected_spend(self.gg_, x, m),
+                "expected_spend": gg_expected_spend(
+                    self.gg_, x, m, getattr(self, "spend_fallback_", float("nan"))
+                ),
             },
             index=features.index,
         )
