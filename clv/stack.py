@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
@@ -32,6 +32,7 @@ from clv.stopping import (
     stop_or_first_done,
     unless_stopped,
 )
+from feature_store.redis_client import cluster_mode
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list
 def _plain_redis(url: str) -> bool:
     """A URL a local redis-server would answer: TCP, no TLS, not a cluster (a unix socket has no
     port to start one on; a plain server on a cluster's address would only fail later)."""
-    parsed = urlparse(url)
-    return parsed.scheme == "redis" and parse_qs(parsed.query).get("cluster") != ["true"]
+    return urlparse(url).scheme == "redis" and not cluster_mode(url)[0]
 
 
 @dataclass

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 import hiredis
 from redis.asyncio import Connection, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 #: Seconds to wait for a connection, and for each answer. A batch's script runs for
 #: milliseconds; the answer's wait leaves room for Redis's own stalls (a fork for a snapshot,
@@ -36,7 +37,7 @@ class HiredisPackConnection(Connection):
         return [hiredis.pack_command(args)]
 
 
-#: How ``?cluster=`` may be spelled (redis-py's own spellings of a boolean).
+#: How ``?cluster=`` may be spelled (any case).
 _YES, _NO = ("true", "yes", "1"), ("false", "no", "0", "")
 
 
@@ -47,6 +48,8 @@ def cluster_mode(url: str) -> tuple[bool, str]:
     parsed = urlparse(url)
     query = parse_qsl(parsed.query, keep_blank_values=True)
     flags = [v.lower() for k, v in query if k == "cluster"]
+    if len(flags) > 1:
+        raise ValueError("cluster= is given more than once")
     for flag in flags:
         if flag not in _YES + _NO:
             raise ValueError(f"cluster={flag!r} is neither true nor false")
@@ -76,7 +79,7 @@ def check_url(url: str) -> None:
         client = connect(url)
         if isinstance(client, Redis):
             client.connection_pool.make_connection()
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RedisError, RedisClusterException) as exc:
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
         if unknown:  # say it as the user wrote it, not as a constructor's signature
             raise ValueError(f"redis-py takes no option {unknown[1]!r}") from None

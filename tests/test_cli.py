@@ -675,6 +675,52 @@ def test_replay_tells_the_format_by_the_content_not_the_name(tmp_path: Path) -> 
     assert sniff_format(tmp_path / "missing.csv") == "csv"  # the reader says it is missing
     assert load_events(named_cdnow, sniff_format(named_cdnow))["user_id"].tolist() == ["u1"]
     assert len(load_events(plain, sniff_format(plain))) == 2
+    blank_first = tmp_path / "blank_first.txt"  # the CDNOW reader skips blank lines
+    blank_first.write_text("\n\n00001 19970101 1 11.77\n")
+    tabs = tmp_path / "tabs.tsv"  # a header naming user_id, by tabs: the CSV reader's to refuse
+    tabs.write_text("user_id\torder_id\tts\tamount\nu1\to1\t2024-01-01\t10\n")
+    corrupt = tmp_path / "corrupt.gz"
+    corrupt.write_bytes(gzip.compress(b"00001 19970101 1 11.77\n" * 50)[:30] + b"\xff" * 40)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # never opened: reading a pipe with no writer would block for good
+    assert sniff_format(blank_first) == "cdnow" and sniff_format(tabs) == "csv"
+    assert sniff_format(corrupt) == "csv" and sniff_format(fifo) == "csv"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "code", "says"),
+    [
+        # parsed as CDNOW whatever its name: it gets as far as the broker (closed here)
+        ("orders.csv", "00001 19970101 1 11.77\n", 1, "cannot reach a server"),
+        ("cdnow_export.csv", "user_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n", 1, "reach"),
+        ("fifo", None, 2, "is not a regular file (a pipe or a device)"),
+        ("corrupt.gz", b"\x1f\x8b\x08\x00" + b"\xff" * 40, 2, "is not valid gzip"),
+    ],
+)
+def test_replay_auto_format_from_the_command_line(
+    tmp_path: Path, name: str, content: str | bytes | None, code: int, says: str
+) -> None:
+    # Fails if `clv replay` decides by the name (a CSV named *cdnow* read as CDNOW), or reads
+    # the file before checking it (a pipe blocked it, a corrupt gzip gave a traceback).
+    path = tmp_path / name
+    if content is None:
+        os.mkfifo(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "clv", "replay", str(path)],
+        env={**base, "CLV_KAFKA_BOOTSTRAP": "127.0.0.1:1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == code and len(lines) == 1, out.stderr
+    assert says in lines[0], lines
 
 
 def test_replay_of_an_orders_file_it_may_not_read_is_one_line(

@@ -54,6 +54,11 @@ def test_what_a_deployment_writes_is_accepted(changes: dict[str, str]) -> None:
         ({"redis_url": "unix:///run/redis.sock?foo=1"}, "redis-py takes no option 'foo'"),
         ({"redis_url": "redis+cluster://node-1:7000?foo=bar"}, "redis-py takes no option 'foo'"),
         ({"redis_url": "redis://cache:6379/0?cluster=maybe"}, "'maybe' is neither true nor false"),
+        # Fails if redis-py's own errors escape the check: a traceback at every settings load
+        # (clv train, which never touches Redis, included).
+        ({"redis_url": "redis://cache:6379/0?protocol=9"}, "protocol must be either 2 or 3"),
+        ({"redis_url": "unix:///run/redis.sock?cluster=true"}, "not supported in cluster mode"),
+        ({"redis_url": "redis://c:1?cluster=true&cluster=false"}, "given more than once"),
         ({"orders_topic": ""}, "is not a Kafka topic name"),
         ({"orders_topic": "bad topic!"}, "is not a Kafka topic name"),
         ({"alerts_topic": ".."}, "is not a Kafka topic name"),

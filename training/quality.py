@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -223,7 +224,8 @@ def validation_rows(sel: Selection) -> list[str]:
         out.append(
             f"| {name} | "
             + " | ".join(f"{row[c] * 100:+.1f}%" if c == "bias" else f"{row[c]:.3f}" for c in vcols)
-            + f" | {'yes' if sel.scores[name].qualifies else ''} | {row['score']:+.3f} |"
+            + f" | {'yes' if sel.scores[name].qualifies else ''} | "
+            + (f"{row['score']:+.3f} |" if math.isfinite(row["score"]) else " |")  # none: empty
         )
     return out
 

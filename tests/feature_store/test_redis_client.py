@@ -33,7 +33,12 @@ from feature_store.redis_client import check_url, cluster_mode, connect
     ],
 )
 def test_the_cluster_flag_is_read_and_never_passed_on(url: str, cluster: bool, given: str) -> None:
+    from clv.stack import _plain_redis
+
     assert cluster_mode(url) == (cluster, given)
+    # Fails if `clv up` reads the flag another way (it did: only "cluster=true" was a cluster,
+    # so for "cluster=1" it started a plain redis-server the cluster client could not use).
+    assert _plain_redis(url) == (not cluster and url.startswith("redis://"))
     client = connect(url)
     assert isinstance(client, RedisCluster if cluster else Redis)
     check_url(url)

@@ -279,18 +279,23 @@ def gg_expected_spend(
 ) -> np.ndarray:
     """E[spend per purchase day | x, m]; the population mean for customers without repeats.
 
-    Where the fit gives no finite mean (``q <= 1``: spend across customers heavier-tailed than
-    a gamma mix allows; then also ``p x + q <= 1`` for a repeat buyer with few purchases), the
-    model has no answer: a customer without repeats gets ``fallback`` (the fit's repeat buyers'
-    average spend, :attr:`BGNBDGammaGamma.spend_fallback_`), a repeat buyer their own average.
-    NaN stays NaN (a corrupted parameter is refused downstream, never zeroed)."""
+    The posterior mean ``p (gamma + m x) / (p x + q - 1)`` weighs the customer's average ``m``
+    against the population mean ``p gamma / (q - 1)`` with weight ``q - 1``. Where the fit has
+    ``q <= 1`` (spend across customers heavier-tailed than a gamma mix allows) that mean is
+    infinite and the weight vanishes or turns negative, so the formula would blow up as
+    ``p x + q - 1`` nears 0: a repeat buyer gets its limit at ``q = 1``, ``m + gamma / x``
+    (bounded, continuous as the fit crosses 1), and a customer without repeats ``fallback``
+    (the fit's repeat buyers' average spend, :attr:`BGNBDGammaGamma.spend_fallback_`). A
+    parameter that is no finite number gives NaN, refused downstream, never zeroed."""
     p, q, g = params.p, params.q, params.gamma
     x = np.asarray(x, dtype=np.float64)
     m = np.maximum(np.asarray(m, dtype=np.float64), 0.0)
-    denom = p * x + q - 1  # the posterior mean is finite only where it is positive
+    finite = bool(np.isfinite([p, q, g]).all())
+    q_eff = max(q, 1.0) if finite else float("nan")
+    denom = p * x + q_eff - 1  # > 0 for every repeat buyer of a finite fit (p > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cond = np.where(denom > 0, p * (g + m * x) / denom, np.where(denom <= 0, m, np.nan))
-    population = params.population_mean if q > 1 or np.isnan(q) else fallback
+        cond = np.where(denom > 0, p * (g + m * x) / denom, np.nan)
+    population = params.population_mean if q > 1 or not finite else fallback
     return np.where(x > 0, cond, population)
 
 
