@@ -700,6 +700,34 @@ def test_a_final_fit_that_cannot_forecast_is_not_registered(
     assert ModelRegistry(settings.model_dir).versions() == []
 
 
+def test_spend_too_heavy_tailed_for_gamma_gamma_still_trains_a_reference_that_forecasts(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    """Each user's spend scaled by a lognormal(0, 1.5) factor: Gamma-Gamma's q falls below 1
+    (0.77 on the whole log). Fails if BG/NBD+GG refuses to forecast (it did: "non-finite
+    values"), so that selection loses its yardstick, or if the registered model cannot."""
+    rng = np.random.default_rng(0)
+    users = events["user_id"].unique()
+    factor = events["user_id"].map(
+        dict(zip(users, np.exp(rng.normal(0, 1.5, len(users))), strict=True))
+    )
+    from feature_store.offline import signed_cents
+
+    heavy = events.copy()
+    heavy["amount"] = (heavy["amount"] * factor).round(2).clip(0.01, 1e9)
+    heavy["cents"] = signed_cents(heavy["amount"].to_numpy(), heavy["type"].to_numpy())
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, heavy)
+    result = train(settings, progress=False, candidates=FAST)
+    reference = result.candidates["bgnbd_gg"]
+    assert reference["error"] is None, reference["error"]
+    assert any("Gamma-Gamma q = " in w and "<= 1" in w for w in reference["warnings"])
+    champion = ModelRegistry(settings.model_dir).load_champion()
+    assert champion.version == result.version
+    pred = champion.model.predict(features_at(heavy, result.cutoff_day), champion.horizon_days)
+    assert np.isfinite(pred.to_numpy()).all() and pred["predicted_value"].sum() > 0
+
+
 def test_a_registry_that_cannot_promote_is_refused_before_registering(tmp_path: Path) -> None:
     from training.registry import POINTER_FILE, ModelRegistry
     from training.train import _check_model_dir
