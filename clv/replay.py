@@ -4,47 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from clv.files import orders_file_problem
 from clv.settings import Settings
 from feature_store.events import encode_event
 from feature_store.features import iso_times
-
-
-def sniff_format(path: Path) -> str:
-    """``csv`` when the file's first non-blank line (gzipped or not) is a header naming
-    ``user_id`` (by commas, or by blanks), ``cdnow`` when it is a CDNOW record (4 or 5 fields
-    apart by blanks, no commas), else ``csv`` (whose reader then says which header it wants).
-    Only a regular file is opened; anything else, or a file it cannot read, is left to the
-    reader, which says what is wrong with it."""
-    if orders_file_problem(path):  # a pipe would block the read, a folder cannot be read
-        return "csv"
-    try:
-        with path.open("rb") as raw:
-            head = raw.read(2)
-        with gzip.open(path, "rb") if head == b"\x1f\x8b" else path.open("rb") as f:
-            first = ""
-            for _ in range(100):  # the first non-blank line of the first hundred
-                line = f.readline(4096)
-                if not line:
-                    break
-                first = line.decode("utf-8", errors="replace").strip().lstrip("\ufeff")
-                if first:
-                    break
-    except (OSError, EOFError, zlib.error):
-        return "csv"
-    names = {c.strip().strip('"') for c in first.split(",")} | set(first.split())
-    if "user_id" in names:
-        return "csv"
-    return "cdnow" if "," not in first and len(first.split()) in (4, 5) else "csv"
 
 
 def load_events(path: Path, fmt: str, currency: str = "USD") -> pd.DataFrame:

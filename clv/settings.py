@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
-from feature_store.redis_client import check_url
+from feature_store.redis_client import check_url, cluster_mode
 
 #: The longest horizon a forecast may ask for (ten years).
 MAX_HORIZON_DAYS = 3650
@@ -121,7 +121,10 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url(cls, v: str) -> str:
         """A URL redis-py can use (``redis+cluster://`` is parsed as ``redis://``)."""
-        plain = re.sub(r"^redis\+cluster://", "redis://", v)
+        try:
+            _, plain = cluster_mode(v)  # as the clients read it
+        except ValueError as exc:
+            raise ValueError(f"{v!r}: {exc}") from None
         try:
             parse_url(plain)
         except ValueError as exc:

@@ -46,19 +46,19 @@ def cluster_mode(url: str) -> tuple[bool, str]:
     the URL redis-py is given: ``redis://``, without the ``cluster`` parameter. Raises
     ValueError for a ``cluster`` value that is neither true nor false."""
     parsed = urlparse(url)
+    if parsed.scheme == "redis+cluster":
+        url = "redis" + url[len("redis+cluster") :]
     query = parse_qsl(parsed.query, keep_blank_values=True)
     flags = [v.lower() for k, v in query if k == "cluster"]
+    if not flags:
+        return parsed.scheme == "redis+cluster", url  # the query as written
     if len(flags) > 1:
         raise ValueError("cluster= is given more than once")
-    for flag in flags:
-        if flag not in _YES + _NO:
-            raise ValueError(f"cluster={flag!r} is neither true nor false")
-    cluster = parsed.scheme == "redis+cluster" or any(f in _YES for f in flags)
-    if not flags:
-        return cluster, url.replace("redis+cluster://", "redis://", 1) if cluster else url
-    base = url.split("?", 1)[0].replace("redis+cluster://", "redis://", 1)
+    if flags[0] not in _YES + _NO:
+        raise ValueError(f"cluster={flags[0]!r} is neither true nor false")
     rest = urlencode([(k, v) for k, v in query if k != "cluster"])
-    return cluster, f"{base}?{rest}" if rest else base
+    base = url.split("?", 1)[0]
+    return parsed.scheme == "redis+cluster" or flags[0] in _YES, f"{base}?{rest}" if rest else base
 
 
 def connect(url: str) -> Redis | RedisCluster:

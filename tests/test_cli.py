@@ -656,7 +656,8 @@ async def test_replay_refuses_an_infinite_rate_in_one_line_before_making_a_topic
 def test_replay_tells_the_format_by_the_content_not_the_name(tmp_path: Path) -> None:
     import gzip
 
-    from clv.replay import load_events, sniff_format
+    from clv.replay import load_events
+    from training.datasets import DatasetError, orders_format
 
     named_cdnow = tmp_path / "cdnow_export.csv"  # an orders CSV, whatever its name says
     named_cdnow.write_text("\ufeffuser_id,order_id,ts,amount\nu1,o1,2024-01-01,10\n")
@@ -669,12 +670,17 @@ def test_replay_tells_the_format_by_the_content_not_the_name(tmp_path: Path) -> 
     odd.write_text("what,is,this\n")
     # Fails if the name decides (it did: "cdnow" in the name read a CSV as CDNOW, and the
     # error said to leave out a --format cdnow the user never gave).
-    assert sniff_format(named_cdnow) == "csv" and sniff_format(quoted) == "csv"
-    assert sniff_format(plain) == "cdnow"
-    assert sniff_format(odd) == "csv"  # the CSV reader then says which header it wants
-    assert sniff_format(tmp_path / "missing.csv") == "csv"  # the reader says it is missing
-    assert load_events(named_cdnow, sniff_format(named_cdnow))["user_id"].tolist() == ["u1"]
-    assert len(load_events(plain, sniff_format(plain))) == 2
+    assert orders_format(named_cdnow.read_text("utf-8-sig")) == "csv"
+    assert orders_format(quoted.read_text()) == "csv"
+    assert orders_format(gzip.decompress(plain.read_bytes()).decode()) == "cdnow"
+    assert orders_format(odd.read_text()) == "csv"  # the CSV reader then says which header
+    with pytest.raises(DatasetError, match="CSV lacks column"):
+        load_events(odd, "auto")
+    with pytest.raises(DatasetError, match="orders file not found"):  # the reader says so
+        load_events(tmp_path / "missing.csv", "auto")
+    assert load_events(named_cdnow, "auto")["user_id"].tolist() == ["u1"]
+    assert load_events(quoted, "auto")["user_id"].tolist() == ["u1"]
+    assert len(load_events(plain, "auto")) == 2
     blank_first = tmp_path / "blank_first.txt"  # the CDNOW reader skips blank lines
     blank_first.write_text("\n\n00001 19970101 1 11.77\n")
     tabs = tmp_path / "tabs.tsv"  # a header naming user_id, by tabs: the CSV reader's to refuse
@@ -683,8 +689,16 @@ def test_replay_tells_the_format_by_the_content_not_the_name(tmp_path: Path) -> 
     corrupt.write_bytes(gzip.compress(b"00001 19970101 1 11.77\n" * 50)[:30] + b"\xff" * 40)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # never opened: reading a pipe with no writer would block for good
-    assert sniff_format(blank_first) == "cdnow" and sniff_format(tabs) == "csv"
-    assert sniff_format(corrupt) == "csv" and sniff_format(fifo) == "csv"
+    assert orders_format(blank_first.read_text()) == "cdnow"
+    assert len(load_events(blank_first, "auto")) == 1
+    assert orders_format(tabs.read_text()) == "csv"
+    with pytest.raises(DatasetError, match="CSV lacks column"):
+        load_events(tabs, "auto")
+    # what cannot be read as text is the reader's to refuse, in one line, before any guess
+    with pytest.raises(DatasetError, match="is not valid gzip"):
+        load_events(corrupt, "auto")
+    with pytest.raises(DatasetError, match="is not a regular file"):
+        load_events(fifo, "auto")
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from feature_store.features import FEATURE_NAMES, day_date, day_number
 from feature_store.offline import events_from_orders, features_at
 from training.models.base import TrainingSet
 
-OrdersFormat = Literal["csv", "cdnow"]
+OrdersFormat = Literal["csv", "cdnow", "auto"]
 REQUIRED_CSV_COLUMNS: tuple[str, ...] = ("user_id", "order_id", "ts", "amount")
 
 
@@ -86,6 +86,13 @@ def _looks_like_cdnow(text: str) -> bool:
     if lines and "," not in lines[0] and not any(_is_number(t) for t in lines[0].split()):
         lines = lines[1:]
     return bool(lines) and "," not in lines[0] and all(_is_number(t) for t in lines[0].split())
+
+
+def orders_format(text: str) -> Literal["csv", "cdnow"]:
+    """``auto``'s choice, from the content, never the name: CDNOW when the first records are
+    blank-separated numbers (after a header without commas), else CSV, whose reader says which
+    header it wants."""
+    return "cdnow" if _looks_like_cdnow(text) else "csv"
 
 
 def _cdnow_orders(text: str) -> pd.DataFrame:
@@ -256,15 +263,18 @@ def _csv_orders(text: str, currency: str) -> pd.DataFrame:
 def load_orders(
     path: str | Path, fmt: OrdersFormat = "csv", *, currency: str = "USD"
 ) -> pd.DataFrame:
-    """Read an orders file (CSV or CDNOW text, optionally gzipped) into the event table. A CSV
-    ``currency`` other than ``currency`` (the deployment's) is refused, as online."""
+    """Read an orders file (CSV or CDNOW text, optionally gzipped; ``auto``: told by
+    :func:`orders_format`) into the event table. A CSV ``currency`` other than ``currency``
+    (the deployment's) is refused, as online."""
     text = _read_text(Path(path))
+    if fmt == "auto":
+        fmt = orders_format(text)
     if fmt == "cdnow":
         orders = _cdnow_orders(text)
     elif fmt == "csv":
         orders = _csv_orders(text, currency)
     else:
-        raise DatasetError(f"unknown orders format {fmt!r} (csv or cdnow)")
+        raise DatasetError(f"unknown orders format {fmt!r} (csv, cdnow or auto)")
     try:
         events = events_from_orders(orders)
     except (ValueError, TypeError) as exc:

@@ -309,6 +309,12 @@ def _own_file(path: Path) -> IO[str]:
     return os.fdopen(fd, "a")
 
 
+def _record(history: IO[str], decision: Decision) -> None:
+    """One line of the decision history, written through at once (before the next step)."""
+    history.write(json.dumps(decision.to_json(), allow_nan=False) + "\n")
+    history.flush()
+
+
 class ModelRegistry:
     """Versioned model artifacts under ``root`` plus the champion pointer."""
 
@@ -524,10 +530,10 @@ class ModelRegistry:
         champion = self._champion_or_none()
         return found | ({champion} if champion else set())
 
-    def _record_lost_promotion(self) -> None:
+    def _record_lost_promotion(self, history: IO[str]) -> None:
         """Under the lock: a run killed outright (SIGKILL, a crash) after moving the pointer and
         before recording its decision left a champion that no line of the history promotes.
-        Record it now, from the pointer, so that the history names every champion."""
+        Record it now, from the pointer, into ``history``, so that it names every champion."""
         try:
             pointer = self._pointer()
         except ModelError:
@@ -537,14 +543,15 @@ class ModelRegistry:
         version = str(pointer["version"])
         if any(d["version"] == version and d.get("promoted") for d in self._history()):
             return
-        self._record(
+        _record(
+            history,
             Decision(
                 version,
                 True,
                 "recorded afterwards: the run that promoted it stopped before recording it "
                 f"(its reason, from the pointer: {pointer.get('reason')})",
                 decided_at=str(pointer.get("promoted_at") or _utc_now().isoformat()),
-            )
+            ),
         )
 
     def _verified(
@@ -644,32 +651,22 @@ class ModelRegistry:
             _write_file(staged, json.dumps(pointer, indent=2).encode() + b"\n")
         fsync_dir(self.root)
 
-    def _record(self, decision: Decision, history: IO[str] | None = None) -> None:
-        line = json.dumps(decision.to_json(), allow_nan=False) + "\n"
-        if history is not None:
-            history.write(line)
-            return
-        with _own_file(self.root / HISTORY_FILE) as f:
-            f.write(line)
-
     def offer(
         self, version: str, *, evaluate: Evaluate | None = None, force: bool = False
     ) -> Decision:
         """Promote ``version`` if it beats the champion (see the module docstring's rule)."""
-        with self._lock():
-            self._record_lost_promotion()
+        # The history is opened before anything else: one this run cannot write fails the
+        # offer with the champion unchanged, not after it moved. (A write that fails after the
+        # move, a full disk, is recorded by the next offer, from the pointer.)
+        with self._lock(), _own_file(self.root / HISTORY_FILE) as history:
+            self._record_lost_promotion(history)
             meta = self.metadata(version)
             val = Validation.from_json(meta["validation"])
             cutoff_day = int(meta["data_window"]["cutoff_day"])
             decision = self._decide(version, val, evaluate, force, cutoff_day)
-            # The history is opened before the pointer moves: a history this run cannot write
-            # fails the offer with the champion unchanged, not after it moved. (A write that
-            # fails after the move, a full disk, is recorded by the next offer, from the
-            # pointer: _record_lost_promotion.)
-            with _own_file(self.root / HISTORY_FILE) as history:
-                if decision.promoted:
-                    self._write_pointer(version, decision)
-                self._record(decision, history)
+            if decision.promoted:
+                self._write_pointer(version, decision)
+            _record(history, decision)
         log.info(
             "model %s %s: %s",
             version,
