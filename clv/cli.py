@@ -55,7 +55,7 @@ def _options(
 
 #: The packages whose INFO lines a long-running command shows: where it serves metrics, each
 #: retraining's outcome. The Kafka client's own stay out.
-OWN_LOGGERS = ("clv", "consumers", "feature_store", "training")
+OWN_LOGGERS = ("clv", "consumers", "feature_store", "service", "training")
 
 
 def run_async(
@@ -191,6 +191,24 @@ def consume() -> None:
     settings = load_settings()
     stats = run_async(lambda stop: run_feature_consumer(settings, stop), service=True)
     typer.echo(json.dumps(stats.__dict__), err=True)
+
+
+@app.command()
+def serve() -> None:
+    """Run the HTTP API on CLV_API_HOST:CLV_API_PORT until SIGTERM/Ctrl-C."""
+    from service.server import serve_api
+
+    settings = load_settings()
+    run_async(lambda stop: serve_api(settings, stop), service=True)
+
+
+@app.command()
+def score() -> None:
+    """Run the scorer (scores in Redis, churn-risk alerts) until SIGTERM/Ctrl-C."""
+    from service.scorer import serve_scorer
+
+    settings = load_settings()
+    run_async(lambda stop: serve_scorer(settings, stop), service=True)
 
 
 @app.command()

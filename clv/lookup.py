@@ -1,9 +1,13 @@
-"""Feature look-up for ``clv features``: online state in Redis, the event log for earlier dates."""
+"""Feature look-up: online state in Redis, the event log for dates before the user's latest
+event. ``clv features`` prints it; the API scores it."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from dataclasses import dataclass
+
+import pandas as pd
 
 from clv.errors import ClvError
 from clv.settings import Settings
@@ -18,6 +22,27 @@ class UnknownThen(ClvError):
     """The user has no event on or before the date asked for (exit 1, as an unknown user)."""
 
 
+@dataclass(frozen=True, slots=True)
+class FoundFeatures:
+    """One user's features as of a day: the one-row frame of ``compute_features``."""
+
+    user_id: str
+    day: int
+    frame: pd.DataFrame
+    source: str  # "redis" or "event_log"
+    updated_ms: int | None  # when Redis last changed the state (None: read from the log)
+
+    def record(self) -> dict[str, object]:
+        return {
+            "user_id": self.user_id,
+            "as_of": day_date(self.day).isoformat(),
+            "source": self.source,
+            # when Redis last changed this state: says nothing of features read from the log
+            "features_updated_at": None if self.updated_ms is None else ms_to_iso(self.updated_ms),
+            "features": features_record(self.frame, self.user_id),
+        }
+
+
 async def now_day(settings: Settings, store: FeatureStore) -> int:
     """Today (``CLV_CLOCK=wall``) or the largest event time applied (``CLV_CLOCK=event``)."""
     if settings.clock == "event":
@@ -27,47 +52,48 @@ async def now_day(settings: Settings, store: FeatureStore) -> int:
     return day_number(dt.datetime.now(dt.UTC).date())
 
 
+async def find_features(
+    settings: Settings, store: FeatureStore, user_id: str, as_of: dt.date | None
+) -> FoundFeatures | None:
+    """The user's features as of ``as_of`` (default: now, or the latest event's day when that
+    is later), or ``None`` for a user Redis does not know. Dates before the user's latest event
+    are replayed from the event log; :class:`UnknownThen` when the user had no event by then."""
+    stored = await store.read_state(user_id)
+    if stored is None:
+        return None
+    latest = int(stored.state.latest_day[0])
+    day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
+    if day >= latest:
+        return FoundFeatures(
+            user_id, day, online_features(stored.state, day), "redis", stored.updated_ms
+        )
+    # Point in time before the latest event: replay the user's log in arrival order.
+    if problem := log_dir_problem(settings.event_log_dir):  # not "no events"
+        raise EventLogError(
+            f"{problem}; dates before the user's latest event ({day_date(latest)}) are read from it"
+        )
+    events = await asyncio.to_thread(
+        read_events, settings.event_log_dir, user_id=user_id, arrival_order=True
+    )
+    frame = features_at(events, day, late_after_days=RETENTION_DAYS)
+    if user_id not in frame.index:  # unknown on that day, as an unknown user: an error
+        first = f", the first on {day_date(int(events['day'].min()))}" if len(events) else ""
+        raise UnknownThen(
+            f"user {user_id!r} has no events on or before {day_date(day)} in the event log "
+            f"({len(events):,} after it{first})"
+        )
+    return FoundFeatures(user_id, day, frame.loc[[user_id]], "event_log", None)
+
+
 async def lookup_features(
     settings: Settings, user_id: str, as_of: dt.date | None
 ) -> dict[str, object] | None:
+    """``clv features``: the user's features as JSON-ready values, or ``None`` when unknown."""
     redis = connect(settings.redis_url)
     try:
-        store = FeatureStore(redis, prefix=settings.key_prefix)
-        stored = await store.read_state(user_id)
-        if stored is None:
-            return None
-        latest = int(stored.state.latest_day[0])
-        day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
-        if day >= latest:
-            frame = online_features(stored.state, day)
-            source = "redis"
-        else:
-            # Point in time before the latest event: replay the user's log in arrival order.
-            if problem := log_dir_problem(settings.event_log_dir):  # not "no events"
-                raise EventLogError(
-                    f"{problem}; dates before the user's latest event ({day_date(latest)}) are "
-                    "read from it"
-                )
-            events = await asyncio.to_thread(
-                read_events, settings.event_log_dir, user_id=user_id, arrival_order=True
-            )
-            frame = features_at(events, day, late_after_days=RETENTION_DAYS)
-            source = "event_log"
-            if user_id not in frame.index:  # unknown on that day, as an unknown user: an error
-                first = (
-                    f", the first on {day_date(int(events['day'].min()))}" if len(events) else ""
-                )
-                raise UnknownThen(
-                    f"user {user_id!r} has no events on or before {day_date(day)} in the event "
-                    f"log ({len(events):,} after it{first})"
-                )
-        return {
-            "user_id": user_id,
-            "as_of": day_date(day).isoformat(),
-            "source": source,
-            # when Redis last changed this state: says nothing of features read from the log
-            "features_updated_at": ms_to_iso(stored.updated_ms) if source == "redis" else None,
-            "features": features_record(frame, user_id),
-        }
+        found = await find_features(
+            settings, FeatureStore(redis, prefix=settings.key_prefix), user_id, as_of
+        )
+        return None if found is None else found.record()
     finally:
         await redis.aclose()

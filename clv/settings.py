@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     archive_flush_events: int = Field(50_000, ge=1)
     archive_flush_seconds: float = Field(5.0, gt=0)
     key_prefix: str = "clv"
+    # Scoring and churn-risk alerts (README "Scores and alerts"): an alert when a customer whose
+    # value was in the top ``alert_top_share`` of scored users falls by ``alert_drop_pct``.
+    alert_drop_pct: float = Field(30.0, gt=0, lt=100)
+    alert_top_share: float = Field(0.2, gt=0, le=1)
+    score_batch: int = Field(2000, ge=1)
     model_keep: int = Field(20, ge=1)  # the newest model versions kept, and the champion
 
     @field_validator("model_dir", "event_log_dir", mode="before")

@@ -141,13 +141,16 @@ async def run_stack(
     on_ready: Callable[[Running], Awaitable[None]] | None = None,
     say: Callable[[str], None] = print,
 ) -> None:
-    """Run consumers, archiver and retraining until ``stop``; servers started here are stopped."""
+    """Run consumers, archiver, scorer, API and retraining until ``stop``; servers started
+    here are stopped."""
     from consumers.archiver import Archiver
     from consumers.dead_letters import DeadLetters
     from consumers.feature_consumer import FeatureConsumer, open_clients
     from consumers.kafka import ensure_topics, topic_partitions
     from consumers.metrics import metrics_served
     from feature_store.redis_store import FeatureStore
+    from service.scorer import run_scorer
+    from service.server import bind, serve_api
     from training.registry import ModelRegistry
     from training.train import retrain_forever
 
@@ -159,6 +162,8 @@ async def run_stack(
     metrics = contextlib.ExitStack()
     try:
         metrics.enter_context(metrics_served(settings))  # a port in use: at once, as a setting
+        api_socket = bind(settings)  # the API's address in use: at once too
+        metrics.callback(api_socket.close)
         # Starting servers polls their ports with sleeps: keep that off the event loop.
         for line in await asyncio.to_thread(ensure_servers, settings, stack, workdir):
             say(f"started {line}")
@@ -197,6 +202,8 @@ async def run_stack(
             ]
             archiver = Archiver(settings, archive_consumer, settings.event_log_dir)
             running.tasks.append(asyncio.create_task(archiver.run(stop)))
+            running.tasks.append(asyncio.create_task(run_scorer(settings, stop, redis, producer)))
+            running.tasks.append(asyncio.create_task(serve_api(settings, stop, api_socket)))
             if retrain_every_s:
                 # Runs until cancelled; each training is a child process.
                 running.tasks.append(
@@ -204,10 +211,11 @@ async def run_stack(
                 )
             try:
                 await unless_stopped(stop, wait_healthy(running, say=say))
+                host, port = api_socket.getsockname()[:2]
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
                     f"redis={_where(settings.redis_url)} "
-                    f"event log={settings.event_log_dir}"
+                    f"event log={settings.event_log_dir} API=http://{host}:{port}"
                 )
                 if on_ready is not None:
                     await _ready_unless_stopped(stop, on_ready(running), running.tasks)

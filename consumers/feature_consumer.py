@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
+from redis.exceptions import RedisClusterException, RedisError
 
 from clv.errors import InvalidEvent, StoreUnavailable
 from clv.settings import Settings
@@ -340,6 +341,14 @@ class FeatureConsumer:
             if previous is not None:
                 await previous
         self._applied_at = time.monotonic()  # Redis is back, if it was away
+        if b.good:
+            # Before the commit: a crash between the apply and this mark re-delivers the batch,
+            # and its users are marked then. A mark that fails is left to the scorer's daily
+            # sweep (the features are applied; only their score waits).
+            try:
+                await self._store.mark_changed(e.user_id for e in b.good)
+            except (RedisError, RedisClusterException) as exc:
+                log.warning("the scorer was not told of %d changed events: %s", len(b.good), exc)
         if result.too_late:
             late = [
                 Rejected(

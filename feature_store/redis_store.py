@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import struct
 from collections import deque
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -290,6 +291,53 @@ class FeatureStore:
     def progress_key(self, group: str) -> str:
         return f"{self._prefix}:progress:{{{group}}}"
 
+    def changed_key(self) -> str:
+        """The set of users whose events were applied since the scorer last took them."""
+        return f"{self._prefix}:changed"
+
+    # -- the scorer's side ----------------------------------------------------------------------
+    async def mark_changed(self, user_ids: Iterable[str]) -> None:
+        """Tell the scorer these users' features changed (after their batch is applied)."""
+        users = sorted(set(user_ids))
+        for i in range(0, len(users), 10_000):
+            await self._redis.sadd(self.changed_key(), *users[i : i + 10_000])
+
+    async def take_changed(self, count: int) -> list[str]:
+        """Up to ``count`` users marked changed, taken off the set (scorer replicas share it)."""
+        got = await self._redis.spop(self.changed_key(), count)
+        return sorted(_s(u) for u in got or ())
+
+    async def forget(self, user_id: str) -> bool:
+        """Erase the user's state (features, seen event ids) and change mark; whether Redis
+        knew the user."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.user_key(user_id))
+            pipe.srem(self.changed_key(), user_id)
+            gone, _ = await pipe.execute()
+        return bool(gone)
+
+    async def read_states(self, user_ids: Sequence[str]) -> tuple[UserState, list[int]]:
+        """The stored state of those of ``user_ids`` Redis knows (one pipelined read), and
+        their positions in ``user_ids``."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.hgetall(self.user_key(u))
+            raws = await pipe.execute()
+        known = [i for i, raw in enumerate(raws) if b"h" in raw]
+        return states_from_hashes([(user_ids[i], raws[i]) for i in known]), known
+
+    async def scan_users(self, count: int = 1000) -> AsyncIterator[list[str]]:
+        """Every user with state, in chunks of about ``count`` (SCAN: no blocking of Redis)."""
+        pattern = _glob_escape(f"{self._prefix}:{{") + "*"
+        chunk: list[str] = []
+        async for key in self._redis.scan_iter(match=pattern, count=count):
+            chunk.append(_user_of_key(_s(key), self._prefix))
+            if len(chunk) >= count:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
     # -- writes -------------------------------------------------------------------------------
     async def apply(
         self,
@@ -520,6 +568,31 @@ def decode_hash(raw: dict[bytes, bytes], dedup: bool = True) -> dict[str, Any]:
     if dedup:
         out["dedup"] = seen
     return out
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _user_of_key(key: str, prefix: str) -> str:
+    """The user id of a :func:`user_key`."""
+    rest = key[len(prefix) + 2 :]  # after "<prefix>:{"
+    if rest.startswith("~") and "}:" in rest:  # an id with a "}": its hash is the tag
+        return rest.split("}:", 1)[1]
+    return rest[:-1]
+
+
+def states_from_hashes(items: Sequence[tuple[str, dict[bytes, bytes]]]) -> UserState:
+    """Decode many users' stored hashes into one :class:`UserState` (one row per user)."""
+    ones = [state_from_hash(u, raw) for u, raw in items]
+    names = [f.name for f in dataclasses.fields(UserState)]
+    if not ones:
+        return UserState(
+            **{n: np.zeros(0, dtype=object if n == "user_id" else np.int64) for n in names}
+        )
+    cat = {n: np.concatenate([getattr(o, n) for o in ones]) for n in names if n != "days_user"}
+    cat["days_user"] = np.repeat(np.arange(len(ones)), [len(o.days_day) for o in ones])
+    return UserState(**cat)
 
 
 def state_from_hash(user_id: str, raw: dict[bytes, bytes]) -> UserState:

@@ -50,6 +50,7 @@ def _clv_on_free_ports(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str
         CLV_EVENT_LOG_DIR=str(tmp_path / "events"),
         CLV_MODEL_DIR=str(tmp_path / "models"),
         CLV_METRICS_PORT=str(metrics_port),
+        CLV_API_PORT=str(free_port()),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "clv", *args],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from clv.local_stack import free_port
 from clv.settings import Settings
 from feature_store.events import ValidEvent, encode_event
 from feature_store.features import ms_to_iso
@@ -12,6 +13,7 @@ from feature_store.features import ms_to_iso
 def unique_settings(broker: str, redis_url: str, **extra: object) -> Settings:
     """Settings with topics, group and key prefix of their own (tests share one broker/Redis)."""
     tag = uuid.uuid4().hex[:8]
+    extra.setdefault("api_port", free_port())  # `clv up` serves the API: not on a shared port
     return Settings(
         kafka_bootstrap=broker,
         redis_url=redis_url,

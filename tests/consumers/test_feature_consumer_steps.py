@@ -126,6 +126,10 @@ class FakeStore:
         late = [i for i, e in enumerate(events) if e.event_id.startswith("late")]
         return ApplyResult(applied=len(events) - len(late), duplicates=0, too_late=late)
 
+    async def mark_changed(self, user_ids: object) -> None:
+        """The scorer's change marks: not a step of the order these tests check."""
+        self.marked = [*getattr(self, "marked", []), *user_ids]  # type: ignore[misc]
+
 
 class FakeDeadLetters:
     def __init__(self, steps: Steps, fail: bool = False) -> None:

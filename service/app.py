@@ -1,0 +1,308 @@
+"""The HTTP API (FastAPI): a user's CLV scored by the champion on request, health, metrics.
+
+``GET /users/{user_id}/clv[?as_of=YYYY-MM-DD]`` reads the user's features (Redis; the event log
+for a date before the user's latest event), scores them with the champion over
+``CLV_HORIZON_DAYS`` and answers with the value, expected purchases, ``p_alive``, churn risk,
+segment, model version, features and an explanation (:mod:`service.scoring`). The process holds
+no user state: replicas behind a load balancer answer alike.
+
+Bad input is a 4xx with a JSON body (``{"detail": ...}``): 422 for a malformed user id or date,
+404 for a user with no events (by ``as_of``). A server-side gap is a 503 that says which: no
+champion model yet, Redis not answering, the event log missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hmac
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisClusterException, RedisError
+
+from clv.errors import ModelError
+from clv.lookup import UnknownThen, find_features
+from clv.settings import Settings
+from feature_store.event_log import EventLogError
+from feature_store.events import valid_user_id
+from feature_store.redis_client import connect
+from feature_store.redis_store import FeatureStore
+from service.champion import Champion
+from service.scores import ScoreStore
+from service.scoring import SEGMENTS, score
+
+log = logging.getLogger(__name__)
+
+#: How often the champion pointer is read (one small file).
+RELOAD_POLL_S = 2.0
+#: The most users ``/users/top`` lists at once.
+MAX_TOP = 1000
+#: ``/readyz`` waits this long for Redis before it says not ready.
+READY_TIMEOUT_S = 1.0
+
+REQUESTS = Counter("clv_api_requests", "HTTP requests answered", ["route", "status"])
+LATENCY = Histogram("clv_api_request_duration_seconds", "time to answer a request", ["route"])
+
+
+class Effect(BaseModel):
+    factor: str = Field(description="what about the customer")
+    value: float = Field(description="the factor's value for this customer")
+    effect: float = Field(
+        description="the forecast value less what it would be had this factor been as for a "
+        "customer who just bought, the other features held (currency units)"
+    )
+
+
+class ClvAnswer(BaseModel):
+    user_id: str
+    as_of: dt.date
+    horizon_days: int
+    currency: str
+    clv: float = Field(description="revenue expected in the horizon after as_of")
+    expected_orders: float = Field(description="purchase days expected in the horizon")
+    p_alive: float = Field(description="BG/NBD's probability the customer has not dropped out")
+    churn_risk: float = Field(description="probability of no purchase in the horizon")
+    segment: str = Field(description="prospect, new, active, at_risk or lost")
+    model_version: str
+    scored_at: str
+    features_updated_at: str | None = Field(description="when Redis last changed the features")
+    features_source: str = Field(description="redis, or event_log for a date in the past")
+    features: dict[str, Any]
+    explanation: list[Effect]
+
+
+class RankedUser(BaseModel):
+    user_id: str
+    clv: float
+    expected_orders: float
+    p_alive: float
+    churn_risk: float
+    segment: str
+    model_version: str
+    as_of: str
+    scored_at: str
+
+
+class TopAnswer(BaseModel):
+    segment: str | None
+    limit: int
+    ranked_users: int = Field(description="users in this ranking")
+    users: list[RankedUser]
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _user_id(user_id: str) -> str:
+    if not valid_user_id(user_id):
+        raise HTTPException(422, "user id must be 1 to 128 printable characters, no white space")
+    return user_id
+
+
+def _as_of(
+    as_of: Annotated[str | None, Query(description="YYYY-MM-DD (default: now)")] = None,
+) -> dt.date | None:
+    if as_of is None:
+        return None
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", as_of, flags=re.ASCII):
+            raise ValueError(as_of)
+        return dt.date.fromisoformat(as_of)
+    except ValueError:
+        raise HTTPException(422, f"as_of {as_of!r} is not a date (YYYY-MM-DD)") from None
+
+
+def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
+    """The API for ``settings``; its lifespan opens the Redis client and loads the champion."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        champion = Champion(settings.model_dir)
+        try:
+            await champion.refresh()
+        except ModelError as exc:  # served as 503 until `clv train` promotes one
+            log.warning("no model to serve yet: %s", exc)
+        app.state.redis, app.state.champion = redis, champion
+        app.state.store = FeatureStore(redis, prefix=settings.key_prefix)
+        app.state.scores = ScoreStore(redis, prefix=settings.key_prefix)
+        watch = asyncio.create_task(champion.watch(poll_s))
+        try:
+            yield
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            await redis.aclose()
+
+    app = FastAPI(
+        title="clv",
+        summary="Customer lifetime value, scored from streaming order events.",
+        lifespan=lifespan,
+        responses={422: {"model": Detail}},
+    )
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")  # the template: one series per route
+        REQUESTS.labels(name, str(response.status_code)).inc()
+        LATENCY.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise HTTPException(
+                401,
+                "admin endpoint: send Authorization: Bearer <CLV_API_KEY>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.get(
+        "/users/{user_id}/clv",
+        response_model=ClvAnswer,
+        responses={404: {"model": Detail}, 503: {"model": Detail}},
+    )
+    async def user_clv(
+        request: Request,
+        user_id: Annotated[str, Depends(_user_id)],
+        as_of: Annotated[dt.date | None, Depends(_as_of)],
+    ) -> ClvAnswer:
+        """The user's lifetime value over the next ``CLV_HORIZON_DAYS`` as of ``as_of``."""
+        loaded = request.app.state.champion.loaded
+        if loaded is None:
+            raise HTTPException(
+                503, f"no model to score with: {request.app.state.champion.problem}"
+            )
+        try:
+            found = await find_features(settings, request.app.state.store, user_id, as_of)
+        except UnknownThen as exc:
+            raise HTTPException(404, str(exc)) from None
+        except EventLogError as exc:
+            raise HTTPException(503, str(exc)) from None
+        except (RedisError, RedisClusterException, ConnectionError) as exc:
+            raise HTTPException(503, f"the feature store (Redis) does not answer: {exc}") from None
+        if found is None:
+            raise HTTPException(404, f"unknown user {user_id!r}: no events")
+        s = await asyncio.to_thread(score, loaded, found.frame, settings.horizon_days)
+        record = found.record()
+        return ClvAnswer(
+            user_id=user_id,
+            as_of=dt.date.fromisoformat(str(record["as_of"])),
+            horizon_days=settings.horizon_days,
+            currency=settings.currency,
+            clv=s.clv,
+            expected_orders=s.expected_orders,
+            p_alive=s.p_alive,
+            churn_risk=s.churn_risk,
+            segment=s.segment,
+            model_version=loaded.version,
+            scored_at=_now_iso(),
+            features_updated_at=record["features_updated_at"],
+            features_source=found.source,
+            features=record["features"],
+            explanation=[Effect(**e) for e in s.explanation],
+        )
+
+    @app.get(
+        "/users/top",
+        responses={422: {"model": Detail}},
+    )
+    async def top_users(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=MAX_TOP, description="how many")] = 10,
+        segment: Annotated[
+            str | None, Query(description=f"one of {', '.join(SEGMENTS)} (default: all)")
+        ] = None,
+    ) -> TopAnswer:
+        """The highest-value users (or a segment's) by their latest stored score (the scorer
+        keeps them current: README "Scores and alerts")."""
+        if segment is not None and segment not in SEGMENTS:
+            raise HTTPException(422, f"segment {segment!r} is none of {', '.join(SEGMENTS)}")
+        try:
+            count, users = await request.app.state.scores.top(limit, segment)
+        except (RedisError, RedisClusterException, ConnectionError) as exc:
+            raise HTTPException(503, f"the feature store (Redis) does not answer: {exc}") from None
+        return TopAnswer(segment=segment, limit=limit, ranked_users=count, users=users)
+
+    @app.delete(
+        "/users/{user_id}",
+        status_code=204,
+        dependencies=[Depends(admin)],
+        responses={401: {"model": Detail}, 404: {"model": Detail}, 503: {"model": Detail}},
+    )
+    async def erase_user(request: Request, user_id: Annotated[str, Depends(_user_id)]) -> Response:
+        """Erase the user from the online store: features, seen event ids, scores, rankings and
+        alert state; the user is then unknown. The offline event log is not rewritten
+        (README "Scores and alerts")."""
+        try:
+            known = await request.app.state.store.forget(user_id)
+            scored = await request.app.state.scores.forget(user_id)
+        except (RedisError, RedisClusterException, ConnectionError) as exc:
+            raise HTTPException(503, f"the feature store (Redis) does not answer: {exc}") from None
+        if not known and not scored:
+            raise HTTPException(404, f"unknown user {user_id!r}: nothing to erase")
+        return Response(status_code=204)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "not ready, and why"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Redis answers and a model is loaded."""
+        problems = {}
+        try:
+            await asyncio.wait_for(request.app.state.redis.ping(), READY_TIMEOUT_S)
+        except (TimeoutError, RedisError, RedisClusterException, ConnectionError) as exc:
+            problems["redis"] = f"does not answer: {exc or 'timed out'}"
+        champion = request.app.state.champion
+        if champion.loaded is None:
+            problems["model"] = str(champion.problem)
+        version = None if champion.loaded is None else champion.loaded.version
+        body = {"status": "not ready" if problems else "ready", "model_version": version}
+        return JSONResponse({**body, **problems}, status_code=503 if problems else 200)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format: requests, latency, model reloads (and, under ``clv up``, the
+        consumers' metrics: one registry per process)."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/admin/reload",
+        dependencies=[Depends(admin)],
+        responses={401: {"model": Detail}, 503: {"model": Detail}},
+    )
+    async def reload(request: Request) -> dict[str, object]:
+        """Load the registry's champion now (it is also picked up within seconds by itself)."""
+        champion = request.app.state.champion
+        try:
+            changed = await champion.refresh(force=True)
+        except ModelError as exc:
+            raise HTTPException(503, f"model not reloaded: {exc}") from None
+        return {"model_version": champion.loaded.version, "changed": changed}
+
+    return app

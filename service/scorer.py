@@ -1,0 +1,322 @@
+"""The scorer: every user's score kept current in Redis, and churn-risk alerts on Kafka.
+
+A user is scored again
+
+* when their events were applied: the feature consumers mark the user changed after each
+  batch (:meth:`FeatureStore.mark_changed`), and the scorer takes the marks off a set that
+  scorer replicas share;
+* when the day changes, and when the champion changes: a **sweep** scores every user, because
+  inactivity lowers a customer's value with no event at all. One replica sweeps a given day and
+  model (a lock, and a record of the last sweep, in Redis).
+
+**Alerts.** Each stored score keeps a reference value: the value when the user last bought (or
+when they were first scored, or the champion changed), raised whenever the value rises above
+it. When a customer whose reference is in the top ``CLV_ALERT_TOP_SHARE`` of scored users (by
+value) falls ``CLV_ALERT_DROP_PCT`` percent below it, a ``clv_drop`` alert goes to
+``CLV_ALERTS_TOPIC``, once per drop: its ``alert_id`` is a hash of the user, the model and the
+reference, so a scorer that fails between publishing and recording the alert sends the same id
+again, and the topic's consumers drop the repeat. A purchase, a new champion or a recovery
+above the reference starts a new reference. A new champion moves every value at once; that is
+no customer's doing, so it resets the references instead of alerting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter
+
+from clv.errors import ClvError
+from clv.lookup import now_day
+from clv.settings import Settings
+from feature_store.features import compute_features, day_date
+from feature_store.redis_store import AnyRedis, FeatureStore
+from service.champion import Champion
+from service.scores import ScoreStore
+from service.scoring import score_many
+from training.registry import LoadedModel
+
+log = logging.getLogger(__name__)
+
+SCORED = Counter("clv_scores", "users scored by the scorer", ["trigger"])
+ALERTS = Counter("clv_alerts", "churn-risk alerts published")
+
+#: How long the scorer rests when nothing changed.
+IDLE_S = 0.5
+#: A sweep's lock outlives a scorer that died holding it by at most this.
+SWEEP_LOCK_S = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    user_id: str
+    value: dict[str, object]
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alert_id(user_id: str, model_version: str, ref_last_ms: int, ref_clv: float) -> str:
+    """The same for one drop however often it is computed (see the module docstring)."""
+    key = f"{user_id}\0{model_version}\0{ref_last_ms}\0{ref_clv:.2f}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def next_score(
+    user_id: str,
+    old: Mapping[str, str] | None,
+    new: Mapping[str, object],
+    *,
+    last_order_ms: int,
+    model_version: str,
+    as_of_day: int,
+    valuable_from: float | None,
+    drop_pct: float,
+) -> tuple[dict[str, str], Alert | None]:
+    """The fields to store for ``user_id``'s new score ``new`` (``clv``, ``expected_orders``,
+    ``p_alive``, ``churn_risk``, ``segment``), given the stored ``old``; and the alert to send,
+    if this score is a valuable customer's drop not alerted yet."""
+    clv = float(new["clv"])  # type: ignore[arg-type]
+    fresh = (
+        old is None
+        or old.get("model_version") != model_version
+        or old.get("ref_last_ms") != str(last_order_ms)
+    )
+    if fresh:
+        ref, sent = clv, ""
+    else:
+        assert old is not None
+        ref, sent = float(old["ref_clv"]), old.get("alert_id", "")
+        if clv > ref:  # recovered: a new reference, and a later drop is a new one
+            ref, sent = clv, ""
+    alert = None
+    drop = (ref - clv) / ref * 100 if ref > 0 else 0.0
+    if not sent and valuable_from is not None and ref >= valuable_from and drop >= drop_pct:
+        sent = alert_id(user_id, model_version, last_order_ms, ref)
+        alert = Alert(
+            user_id,
+            {
+                "alert_id": sent,
+                "user_id": user_id,
+                "kind": "clv_drop",
+                "previous_clv": round(ref, 2),
+                "current_clv": round(clv, 2),
+                "drop_pct": round(drop, 1),
+                "p_alive": float(new["p_alive"]),  # type: ignore[arg-type]
+                "segment": str(new["segment"]),
+                "model_version": model_version,
+                "as_of": day_date(as_of_day).isoformat(),
+                "emitted_at": _iso_now(),
+            },
+        )
+    fields = {
+        "clv": f"{clv:.2f}",
+        "expected_orders": str(new["expected_orders"]),
+        "p_alive": str(new["p_alive"]),
+        "churn_risk": str(new["churn_risk"]),
+        "segment": str(new["segment"]),
+        "model_version": model_version,
+        "as_of": day_date(as_of_day).isoformat(),
+        "scored_at": _iso_now(),
+        "ref_clv": f"{ref:.2f}",
+        "ref_last_ms": str(last_order_ms),
+        "alert_id": sent,
+    }
+    return fields, alert
+
+
+class Scorer:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: AnyRedis,
+        champion: Champion,
+        producer: AIOKafkaProducer,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._champion = champion
+        self._producer = producer
+        self.features = FeatureStore(redis, prefix=settings.key_prefix)
+        self.scores = ScoreStore(redis, prefix=settings.key_prefix)
+        self._owner = uuid.uuid4().hex
+
+    @property
+    def _swept_key(self) -> str:
+        return f"{self._settings.key_prefix}:swept"
+
+    @property
+    def _lock_key(self) -> str:
+        return f"{self._settings.key_prefix}:sweep-lock"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Score changed users, and sweep each new day and model, until ``stop``."""
+        said_waiting = False
+        while not stop.is_set():
+            loaded = self._champion.loaded
+            if loaded is None:
+                if not said_waiting:
+                    log.info("scorer waiting for a champion model (`clv train`)")
+                    said_waiting = True
+                await _rest(stop, 1.0)
+                continue
+            took = await self.score_changed(loaded)
+            day = await now_day(self._settings, self.features)
+            if await self._sweep_due(day, loaded.version):
+                await self.sweep(loaded, day, stop)
+            elif not took:
+                await _rest(stop, IDLE_S)
+
+    async def score_changed(self, loaded: LoadedModel) -> int:
+        """Score the users marked changed (one batch); how many were taken."""
+        users = await self.features.take_changed(self._settings.score_batch)
+        if users:
+            day = await now_day(self._settings, self.features)
+            await self.score_users(loaded, users, day, trigger="events")
+        return len(users)
+
+    async def _sweep_due(self, day: int, version: str) -> bool:
+        swept = await self._redis.get(self._swept_key)
+        return swept is None or _text(swept) != f"{day}:{version}"
+
+    async def sweep(self, loaded: LoadedModel, day: int, stop: asyncio.Event) -> int:
+        """Score every user as of ``day`` (changed users in between); how many were scored.
+        Another replica's sweep in progress makes this one a no-op."""
+        got = await self._redis.set(self._lock_key, self._owner, nx=True, ex=SWEEP_LOCK_S)
+        if not got:
+            return 0
+        n = 0
+        try:
+            async for users in self.features.scan_users(self._settings.score_batch):
+                if stop.is_set():
+                    return n  # not recorded as swept: the next run sweeps again
+                n += await self.score_users(loaded, users, day, trigger="sweep")
+                await self.score_changed(loaded)
+            await self._redis.set(self._swept_key, f"{day}:{loaded.version}")
+            log.info("scored %d users as of %s with model %s", n, day_date(day), loaded.version)
+        finally:
+            held = await self._redis.get(self._lock_key)
+            if held is not None and _text(held) == self._owner:
+                await self._redis.delete(self._lock_key)
+        return n
+
+    async def score_users(
+        self, loaded: LoadedModel, users: Sequence[str], day: int, *, trigger: str
+    ) -> int:
+        """Score ``users`` as of ``day`` (or their latest event's day, when later), store the
+        scores and publish the alerts they call for; how many users Redis knew."""
+        state, _ = await self.features.read_states(users)
+        if not len(state):
+            return 0
+        as_of = np.maximum(day, state.latest_day)
+        features = compute_features(state, as_of)
+        horizon = self._settings.horizon_days
+        try:
+            scored = await asyncio.to_thread(score_many, loaded, features, horizon)
+        except ClvError as exc:  # a model that fails on these users: said; the rest go on
+            log.error("model %s could not score %d users: %s", loaded.version, len(users), exc)
+            return 0
+        ids = list(features.index)
+        old = await self.scores.read(ids)
+        valuable_from = await self.scores.value_at_share(self._settings.alert_top_share)
+        rows, alerts = [], []
+        last_ms = state.last_ts_ms
+        for i, user in enumerate(ids):
+            fields, alert = next_score(
+                user,
+                old[i],
+                scored.iloc[i].to_dict(),
+                last_order_ms=int(last_ms[i]),
+                model_version=loaded.version,
+                as_of_day=int(as_of[i]),
+                valuable_from=valuable_from,
+                drop_pct=self._settings.alert_drop_pct,
+            )
+            before = old[i]
+            rows.append((user, fields, None if before is None else before.get("segment")))
+            if alert is not None:
+                alerts.append(alert)
+        await self._publish(alerts)  # before the scores: a failure in between sends them again
+        await self.scores.write(rows)
+        SCORED.labels(trigger).inc(len(rows))
+        return len(rows)
+
+    async def _publish(self, alerts: list[Alert]) -> None:
+        if not alerts:
+            return
+        topic = self._settings.alerts_topic
+        sent = [
+            await self._producer.send(topic, json.dumps(a.value).encode(), key=a.user_id.encode())
+            for a in alerts
+        ]
+        await asyncio.gather(*sent)
+        ALERTS.inc(len(alerts))
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+async def _rest(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def run_scorer(
+    settings: Settings,
+    stop: asyncio.Event,
+    redis: AnyRedis,
+    producer: AIOKafkaProducer,
+    *,
+    poll_s: float = 2.0,
+) -> None:
+    """The scorer with a champion of its own, picked up again whenever the pointer moves."""
+    champion = Champion(settings.model_dir)
+    try:
+        await champion.refresh()
+    except ClvError as exc:
+        log.info("no model to score with yet: %s", exc)
+    watch = asyncio.create_task(champion.watch(poll_s))
+    try:
+        await Scorer(settings, redis, champion, producer).run(stop)
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+
+
+async def serve_scorer(settings: Settings, stop: asyncio.Event) -> None:
+    """``clv score``: the scorer alone, with clients of its own."""
+    from clv.stopping import StoppedWhileStarting, unless_stopped
+    from consumers.kafka import ensure_topics, make_producer
+    from consumers.metrics import metrics_served
+    from feature_store.redis_client import connect
+
+    with metrics_served(settings):
+        redis = connect(settings.redis_url)
+        try:
+            await unless_stopped(stop, redis.ping())
+            await unless_stopped(stop, ensure_topics(settings))
+            producer = make_producer(settings)
+            try:
+                await unless_stopped(stop, producer.start())
+                await run_scorer(settings, stop, redis, producer)
+            finally:
+                await producer.stop()
+        except StoppedWhileStarting:
+            return
+        finally:
+            await redis.aclose()

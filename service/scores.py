@@ -1,0 +1,107 @@
+"""Stored scores: one hash per user in the user's Redis Cluster slot, and the rankings.
+
+``<prefix>:score:{<user>}`` holds the latest score (value, purchases expected, ``p_alive``,
+churn risk, segment, model version, as-of day, when) and the alert state: the reference value a
+drop is measured from and the id of the alert already sent for that drop.
+``<prefix>:top`` ranks every scored user by value; ``<prefix>:top:<segment>`` each segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from feature_store.redis_store import AnyRedis, user_key
+from service.scoring import SEGMENTS
+
+#: What ``/users/top`` and the scorer read back of a stored score.
+PUBLIC_FIELDS = (
+    "clv",
+    "expected_orders",
+    "p_alive",
+    "churn_risk",
+    "segment",
+    "model_version",
+    "as_of",
+    "scored_at",
+)
+STATE_FIELDS = ("ref_clv", "ref_last_ms", "alert_id")
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class ScoreStore:
+    def __init__(self, redis: AnyRedis, *, prefix: str = "clv") -> None:
+        self._redis = redis
+        self._prefix = prefix
+
+    def score_key(self, user_id: str) -> str:
+        return user_key(f"{self._prefix}:score", user_id)
+
+    def top_key(self, segment: str | None = None) -> str:
+        return f"{self._prefix}:top" if segment is None else f"{self._prefix}:top:{segment}"
+
+    async def read(self, user_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """Each user's stored score, ``None`` where there is none."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.hgetall(self.score_key(u))
+            raws = await pipe.execute()
+        return [{_text(k): _text(v) for k, v in raw.items()} or None for raw in raws]
+
+    async def write(self, rows: Sequence[tuple[str, Mapping[str, str], str | None]]) -> None:
+        """``(user, fields, previous segment)`` each: the score, and the rankings."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user, fields, before in rows:
+                pipe.hset(self.score_key(user), mapping={k: v for k, v in fields.items()})
+                value = float(fields["clv"])
+                pipe.zadd(self.top_key(), {user: value})
+                pipe.zadd(self.top_key(fields["segment"]), {user: value})
+                if before is not None and before != fields["segment"]:
+                    pipe.zrem(self.top_key(before), user)
+            await pipe.execute()
+
+    async def value_at_share(self, share: float) -> float | None:
+        """The value a user needs to be in the top ``share`` of scored users (None: no scores)."""
+        n = await self._redis.zcard(self.top_key())
+        if not n:
+            return None
+        rank = max(0, min(n - 1, int(n * share) - 1))
+        got = await self._redis.zrevrange(self.top_key(), rank, rank, withscores=True)
+        return float(got[0][1]) if got else None
+
+    async def top(self, limit: int, segment: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """How many users the ranking holds, and its first ``limit`` with their scores."""
+        key = self.top_key(segment)
+        count = await self._redis.zcard(key)
+        ranked = await self._redis.zrevrange(key, 0, limit - 1)
+        users = [_text(u) for u in ranked]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for u in users:
+                pipe.hmget(self.score_key(u), PUBLIC_FIELDS)
+            values = await pipe.execute()
+        out = []
+        for user, vals in zip(users, values, strict=True):
+            if vals[0] is None:  # erased between the two reads
+                continue
+            row: dict[str, Any] = {"user_id": user}
+            for name, v in zip(PUBLIC_FIELDS, vals, strict=True):
+                text = _text(v)
+                row[name] = (
+                    float(text)
+                    if name in ("clv", "expected_orders", "p_alive", "churn_risk")
+                    else text
+                )
+            out.append(row)
+        return int(count), out
+
+    async def forget(self, user_id: str) -> int:
+        """Remove the user's score and ranking entries; how many keys and entries went."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.score_key(user_id))
+            pipe.zrem(self.top_key(), user_id)
+            for s in SEGMENTS:
+                pipe.zrem(self.top_key(s), user_id)
+            return sum(int(n) for n in await pipe.execute())

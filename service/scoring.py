@@ -1,0 +1,131 @@
+"""One user's score from the champion: value over the horizon, churn risk, segment, and why.
+
+Pure functions over a features frame and a loaded model, so the API, a scorer and the tests
+share them.
+
+* ``churn_risk`` is the probability of **no purchase in the horizon**. BG/NBD's ``p_alive``
+  alone cannot say it: a customer who bought on one day only has ``p_alive`` 1 however long ago
+  that was (README, "Models and training"), so ``1 - p_alive`` would call most customers safe.
+  The models give ``p_alive`` and the purchases expected, ``E[N] = p_alive * m`` with ``m`` the
+  purchases expected of a customer still alive; taking those as Poisson,
+  ``P(no purchase) = (1 - p_alive) + p_alive * exp(-m)``. It rises as a customer stays away
+  (the expected purchases fall), which is what churn looks like.
+* ``segment``: ``prospect`` (no purchase on record, only a refund), ``new`` (one purchase day,
+  first purchase less than :data:`NEW_DAYS` ago), then by churn risk: ``lost``
+  (:data:`LOST_RISK` or more), ``at_risk`` (:data:`AT_RISK` or more), else ``active``.
+* ``explanation``: for each factor, the change in the forecast value had that factor been as
+  for a customer who just bought (``days_since_last_order``: scored as of the last purchase day;
+  ``repeat_purchase_days``: a one-time buyer), the other features held. Each effect is the
+  factor's own counterfactual, so they need not add up to the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training.registry import LoadedModel
+
+NEW_DAYS = 30
+AT_RISK = 0.6
+LOST_RISK = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    clv: float
+    expected_orders: float
+    p_alive: float
+    churn_risk: float
+    segment: str
+    explanation: list[dict[str, object]]
+
+
+def churn_risk(expected_orders: np.ndarray, p_alive: np.ndarray) -> np.ndarray:
+    """Probability of no purchase within the horizon (see the module docstring)."""
+    e = np.asarray(expected_orders, dtype=np.float64)
+    p = np.asarray(p_alive, dtype=np.float64)
+    alive = p > 0
+    m = np.divide(e, p, out=np.zeros_like(e), where=alive)
+    risk = np.where(alive, (1 - p) + p * np.exp(-m), 1.0)
+    return np.clip(risk, 0.0, 1.0)
+
+
+def segments(features: pd.DataFrame, risk: np.ndarray) -> np.ndarray:
+    """Each user's segment (see the module docstring)."""
+    purchase_days = features["purchase_days"].to_numpy()
+    new = (features["frequency"].to_numpy() == 0) & (features["age_days"].to_numpy() < NEW_DAYS)
+    return np.select(
+        [purchase_days <= 0, new, risk >= LOST_RISK, risk >= AT_RISK],
+        ["prospect", "new", "lost", "at_risk"],
+        "active",
+    ).astype(object)
+
+
+SEGMENTS = ("prospect", "new", "active", "at_risk", "lost")
+
+
+def score_many(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
+    """Every user of ``features``: ``clv``, ``expected_orders``, ``p_alive``, ``churn_risk``
+    and ``segment`` (the scorer's batch; no explanation)."""
+    pred = loaded.model.predict(features, horizon_days)
+    risk = churn_risk(pred["expected_orders"].to_numpy(), pred["p_alive"].to_numpy())
+    return pd.DataFrame(
+        {
+            "clv": pred["predicted_value"].to_numpy().round(2),
+            "expected_orders": pred["expected_orders"].to_numpy().round(4),
+            "p_alive": pred["p_alive"].to_numpy().round(4),
+            "churn_risk": risk.round(4),
+            "segment": segments(features, risk),
+        },
+        index=features.index,
+    )
+
+
+def _counterfactuals(row: pd.Series) -> dict[str, tuple[float, dict[str, int | float]]]:
+    """Each factor that applies to this customer: its value, and the features changed to
+    those of a customer who just bought (each of the column's own type)."""
+    out: dict[str, tuple[float, dict[str, int | float]]] = {}
+    if row["purchase_days"] <= 0:
+        return out
+    since_last = float(row["age_days"] - row["recency_days"])
+    if since_last > 0:
+        out["days_since_last_order"] = (since_last, {"age_days": int(row["recency_days"])})
+    if row["frequency"] > 0:
+        out["repeat_purchase_days"] = (
+            float(row["frequency"]),
+            {"frequency": 0, "purchase_days": 1, "recency_days": 0, "avg_repeat_value": 0.0},
+        )
+    return out
+
+
+def score(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -> Score:
+    """Score the one user of ``features`` (a one-row frame of ``compute_features``), with the
+    explanation."""
+    if len(features) != 1:
+        raise ValueError(f"score takes one user's features, not {len(features)} rows")
+    cfs = _counterfactuals(features.iloc[0])
+    # one predict call for the user and every counterfactual (a call costs more than a row)
+    frame = pd.concat([features] * (1 + len(cfs)), ignore_index=True)
+    for i, (_, changes) in enumerate(cfs.values(), start=1):
+        for name, value in changes.items():
+            frame.loc[i, name] = value
+    frame.index = pd.Index([f"#{i}" for i in range(len(frame))], name=features.index.name)
+    scored = score_many(loaded, frame, horizon_days)
+    value = scored["clv"].to_numpy(dtype=np.float64)
+    explanation: list[dict[str, object]] = [
+        {"factor": name, "value": v, "effect": round(float(value[0] - value[i]), 2)}
+        for i, (name, (v, _)) in enumerate(cfs.items(), start=1)
+    ]
+    explanation.sort(key=lambda e: -abs(float(e["effect"])))  # type: ignore[arg-type]
+    first = scored.iloc[0]
+    return Score(
+        clv=float(first["clv"]),
+        expected_orders=float(first["expected_orders"]),
+        p_alive=float(first["p_alive"]),
+        churn_risk=float(first["churn_risk"]),
+        segment=str(first["segment"]),
+        explanation=explanation,
+    )

@@ -1,0 +1,68 @@
+"""Run the API in this process's event loop until ``stop`` (``clv serve``, and ``clv up``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from clv.errors import ClvError
+from clv.settings import Settings
+from service.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: clv's ``stop`` event ends it, as it
+    ends every other component (uvicorn's would swallow a Ctrl-C meant for the whole stack)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(settings: Settings) -> socket.socket:
+    """The listening socket, bound now, so an address in use is one line before any work."""
+    try:
+        return socket.create_server((settings.api_host, settings.api_port), backlog=2048)
+    except OSError as exc:
+        raise ClvError(
+            f"cannot serve the API at {settings.api_host}:{settings.api_port} "
+            f"(CLV_API_HOST, CLV_API_PORT): {exc.strerror or exc}"
+        ) from exc
+
+
+async def serve_api(
+    settings: Settings, stop: asyncio.Event, sock: socket.socket | None = None
+) -> None:
+    """Serve until ``stop`` is set; requests in flight are finished first."""
+    sock = sock or bind(settings)
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    host, port = sock.getsockname()[:2]
+    log.info("API at http://%s:%d (OpenAPI: /docs)", host, port)
+    try:
+        waiting = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:  # it ended by itself: a failed start (its lifespan raised)
+            waiting.cancel()
+            task.result()
+            raise ClvError(f"the API at {host}:{port} stopped: it could not start")
+        log.info("API stopping")
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
