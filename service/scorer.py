@@ -11,8 +11,8 @@ A user is scored again
 
 **Alerts.** Each stored score keeps a reference value: the value when the user last bought (or
 when they were first scored, or the champion changed), raised whenever the value rises above
-it. When a customer whose reference is in the top ``CLV_ALERT_TOP_SHARE`` of scored users (by
-value) falls ``CLV_ALERT_DROP_PCT`` percent below it, a ``clv_drop`` alert goes to
+it. When a customer whose reference was in the top ``CLV_ALERT_TOP_SHARE`` of scored users (by
+value) when it was set falls ``CLV_ALERT_DROP_PCT`` percent below it, a ``clv_drop`` alert goes to
 ``CLV_ALERTS_TOPIC``, once per drop: its ``alert_id`` is a hash of the user, the model and the
 reference, so a scorer that fails between publishing and recording the alert sends the same id
 again, and the topic's consumers drop the repeat. A purchase, a new champion or a recovery
@@ -86,23 +86,26 @@ def next_score(
 ) -> tuple[dict[str, str], Alert | None]:
     """The fields to store for ``user_id``'s new score ``new`` (``clv``, ``expected_orders``,
     ``p_alive``, ``churn_risk``, ``segment``), given the stored ``old``; and the alert to send,
-    if this score is a valuable customer's drop not alerted yet."""
+    if this score is a drop not alerted yet of a customer who was valuable (in the ranking's
+    top share: at least ``valuable_from``) when the reference was set."""
     clv = float(new["clv"])  # type: ignore[arg-type]
     fresh = (
         old is None
         or old.get("model_version") != model_version
         or old.get("ref_last_ms") != str(last_order_ms)
     )
-    if fresh:
-        ref, sent = clv, ""
-    else:
+    if not fresh:
         assert old is not None
         ref, sent = float(old["ref_clv"]), old.get("alert_id", "")
-        if clv > ref:  # recovered: a new reference, and a later drop is a new one
-            ref, sent = clv, ""
+        valuable = old.get("ref_valuable") == "1"
+    if fresh or clv > ref:  # (a recovery: a new reference, and a later drop is a new one)
+        # Valuable is judged against the ranking when the reference is set: judged later, as
+        # every value decays, any customer would pass the falling bar.
+        ref, sent = clv, ""
+        valuable = valuable_from is not None and ref >= valuable_from
     alert = None
     drop = (ref - clv) / ref * 100 if ref > 0 else 0.0
-    if not sent and valuable_from is not None and ref >= valuable_from and drop >= drop_pct:
+    if not sent and valuable and drop >= drop_pct:
         sent = alert_id(user_id, model_version, last_order_ms, ref)
         alert = Alert(
             user_id,
@@ -131,6 +134,7 @@ def next_score(
         "scored_at": _iso_now(),
         "ref_clv": f"{ref:.2f}",
         "ref_last_ms": str(last_order_ms),
+        "ref_valuable": "1" if valuable else "0",
         "alert_id": sent,
     }
     return fields, alert
@@ -229,7 +233,10 @@ class Scorer:
             return 0
         ids = list(features.index)
         old = await self.scores.read(ids)
-        valuable_from = await self.scores.value_at_share(self._settings.alert_top_share)
+        share = self._settings.alert_top_share
+        valuable_from = await self.scores.value_at_share(share)
+        if valuable_from is None:  # nobody ranked yet: the bar from this batch itself
+            valuable_from = float(np.quantile(scored["clv"].to_numpy(), 1 - share))
         rows, alerts = [], []
         last_ms = state.last_ts_ms
         for i, user in enumerate(ids):

@@ -25,7 +25,7 @@ PUBLIC_FIELDS = (
     "as_of",
     "scored_at",
 )
-STATE_FIELDS = ("ref_clv", "ref_last_ms", "alert_id")
+STATE_FIELDS = ("ref_clv", "ref_last_ms", "ref_valuable", "alert_id")
 
 
 def _text(v: Any) -> str:

@@ -1,0 +1,187 @@
+"""The scorer: stored scores and rankings, sweeps as time passes, churn-risk alerts once per
+drop. Pure rules first, then against a real Redis and broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from clv.local_stack import LocalProcess
+from clv.settings import Settings
+from consumers.kafka import ensure_topics, make_producer, read_topic
+from feature_store.redis_client import connect
+from feature_store.redis_store import FeatureStore
+from service.champion import Champion
+from service.scorer import Scorer, alert_id, next_score
+from tests.consumers.kafka_helpers import event_message, unique_settings
+from tests.feature_store.streams import MS_PER_DAY, _ev
+from tests.service.conftest import CUTOFF
+from tests.service.test_api import apply, purchases
+
+NEW = {"expected_orders": 1.0, "p_alive": 0.5, "churn_risk": 0.6, "segment": "at_risk"}
+
+
+def _next(old: dict[str, str] | None, clv: float, **kw: object) -> tuple[dict[str, str], object]:
+    args: dict[str, object] = {
+        "last_order_ms": 1000,
+        "model_version": "v1",
+        "as_of_day": CUTOFF,
+        "valuable_from": 100.0,
+        "drop_pct": 30.0,
+    }
+    args.update(kw)
+    return next_score("u", old, {**NEW, "clv": clv}, **args)  # type: ignore[arg-type]
+
+
+def test_a_first_score_is_its_own_reference_and_alerts_nothing() -> None:
+    fields, alert = _next(None, 300.0)
+    assert alert is None and fields["ref_clv"] == "300.00" and fields["alert_id"] == ""
+
+
+def test_a_valuable_customers_drop_alerts_once_with_a_stable_id() -> None:
+    first, _ = _next(None, 300.0)
+    small, alert = _next(first, 220.0)  # -26.7%: under 30
+    assert alert is None and small["ref_clv"] == "300.00"
+    dropped, alert = _next(small, 150.0)
+    assert alert is not None
+    value = alert.value  # type: ignore[attr-defined]
+    assert value["kind"] == "clv_drop" and value["previous_clv"] == 300.0
+    assert value["current_clv"] == 150.0 and value["drop_pct"] == 50.0
+    assert value["alert_id"] == alert_id("u", "v1", 1000, 300.0) == dropped["alert_id"]
+    assert set(value) == {
+        "alert_id",
+        "user_id",
+        "kind",
+        "previous_clv",
+        "current_clv",
+        "drop_pct",
+        "p_alive",
+        "segment",
+        "model_version",
+        "as_of",
+        "emitted_at",
+    }
+    # the same drop scored again (the next day, a re-sweep): no second alert
+    later, again = _next(dropped, 120.0)
+    assert again is None and later["alert_id"] == dropped["alert_id"]
+    # scored again from the state before the alert was recorded: the same id
+    _, repeat = _next(small, 150.0)
+    assert repeat.value["alert_id"] == value["alert_id"]  # type: ignore[attr-defined]
+
+
+def test_a_purchase_a_recovery_or_a_new_model_starts_a_new_reference() -> None:
+    first, _ = _next(None, 300.0)
+    dropped, alert = _next(first, 100.0)
+    assert alert is not None
+    bought, alert = _next(dropped, 150.0, last_order_ms=2000)
+    assert alert is None and bought["ref_clv"] == "150.00" and bought["alert_id"] == ""
+    recovered, alert = _next(dropped, 320.0)
+    assert alert is None and recovered["ref_clv"] == "320.00" and recovered["alert_id"] == ""
+    # a champion that values everyone lower is not a drop of any customer's
+    switched, alert = _next(first, 100.0, model_version="v2")
+    assert alert is None and switched["ref_clv"] == "100.00"
+
+
+def test_valuable_is_judged_when_the_reference_is_set_not_against_a_falling_bar() -> None:
+    first, _ = _next(None, 90.0)
+    assert first["ref_valuable"] == "0"
+    assert _next(first, 10.0)[1] is None  # 90 < 100: not among the valuable
+    # every value decayed, the bar with them: still not one of the valuable of its day
+    assert _next(first, 10.0, valuable_from=5.0)[1] is None
+    assert _next(None, 300.0, valuable_from=None)[0]["ref_valuable"] == "0"
+
+
+@pytest.fixture
+def scorer_settings(broker: LocalProcess, redis_server: LocalProcess, model_dir) -> Settings:  # type: ignore[no-untyped-def]
+    return unique_settings(
+        broker.address, redis_server.address, model_dir=model_dir, alert_top_share=0.5
+    )
+
+
+@pytest.mark.integration
+async def test_scores_rankings_and_one_alert_per_drop_as_time_passes(
+    scorer_settings: Settings,
+) -> None:
+    settings = scorer_settings
+    await ensure_topics(settings)
+    redis = connect(settings.redis_url)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        # a regular customer, a heavy one, and two one-time buyers
+        regular = purchases("regular", [CUTOFF - 200 + 30 * i for i in range(5)])
+        heavy = purchases("heavy", [CUTOFF - 150 + 10 * i for i in range(15)], cents=6000)
+        once = purchases("once-a", [CUTOFF - 100]) + purchases("once-b", [CUTOFF - 5])
+        await apply(store, regular + heavy + once)
+        await store.mark_changed(["regular", "heavy", "once-a", "once-b"])
+        champion = Champion(settings.model_dir)
+        await champion.refresh()
+        assert champion.loaded is not None
+        scorer = Scorer(settings, redis, champion, producer)
+
+        # the changed users, scored as of the cutoff: ranked by value
+        await scorer.score_users(
+            champion.loaded, await store.take_changed(100), CUTOFF, trigger="events"
+        )
+        assert await store.take_changed(100) == []
+        count, top = await scorer.scores.top(10)
+        assert count == 4 and [u["user_id"] for u in top][:2] == ["heavy", "regular"]
+        assert [u["clv"] for u in top] == sorted((u["clv"] for u in top), reverse=True)
+        _, new = await scorer.scores.top(10, "new")
+        assert [u["user_id"] for u in new] == ["once-b"]
+        assert await read_topic(settings, settings.alerts_topic) == []
+
+        # a year with no purchase: a sweep scores everyone; the valuable ones' drops alert
+        stop = asyncio.Event()
+        assert await scorer.sweep(champion.loaded, CUTOFF + 365, stop) == 4
+        alerts = [json.loads(r.value) for r in await read_topic(settings, settings.alerts_topic)]
+        assert sorted(a["user_id"] for a in alerts) == ["heavy", "regular"]
+        for a in alerts:
+            assert a["current_clv"] <= a["previous_clv"] * 0.7 and a["as_of"] == "1998-09-30"
+        records = await read_topic(settings, settings.alerts_topic)
+        assert {r.key for r in records} == {b"heavy", b"regular"}
+        # another day further: still the same drop, no second alert
+        await scorer.sweep(champion.loaded, CUTOFF + 400, stop)
+        assert len(await read_topic(settings, settings.alerts_topic)) == 2
+        _, lost = await scorer.scores.top(10, "lost")
+        assert {u["user_id"] for u in lost} >= {"heavy", "regular"}
+        _, active = await scorer.scores.top(10, "active")
+        assert not {u["user_id"] for u in active} & {"heavy", "regular"}
+
+        # the heavy customer buys again: scored from the change mark, a new reference
+        back = _ev("heavy-back", "purchase", "heavy", "o-back", 6000, (CUTOFF + 401) * MS_PER_DAY)
+        await apply(store, [back])
+        await store.mark_changed(["heavy"])
+        assert await scorer.score_changed(champion.loaded) == 1
+        stored = (await scorer.scores.read(["heavy"]))[0]
+        assert (
+            stored is not None
+            and stored["alert_id"] == ""
+            and stored["ref_last_ms"] == str((CUTOFF + 401) * MS_PER_DAY)
+        )
+    finally:
+        await producer.stop()
+        await redis.aclose()
+
+
+@pytest.mark.integration
+async def test_the_feature_consumers_mark_the_users_whose_events_they_applied(
+    scorer_settings: Settings,
+) -> None:
+    from clv.replay import publish
+    from tests.consumers.test_feature_consumer import _run_group
+
+    settings = scorer_settings
+    await ensure_topics(settings)
+    events = purchases("m1", [CUTOFF, CUTOFF + 1]) + purchases("m2", [CUTOFF])
+    await publish(settings, [event_message(e) for e in events])
+    await _run_group(settings, 1)
+    redis = connect(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        assert await store.take_changed(100) == ["m1", "m2"]
+    finally:
+        await redis.aclose()
