@@ -504,10 +504,11 @@ async def test_up_runs_as_many_feature_consumers_as_asked_each_with_partitions(
     [running] = seen
     assert len(running.consumers) == 3
     assert all(c.assignment() for c in running.consumers)  # healthy means every one has some
-    # the three consumers and the archiver, all ended by the stop
-    assert len(running.tasks) == 4 and all(t.done() for t in running.tasks)
+    # the three consumers, the archiver, the scorer and the API, all ended by the stop
+    assert len(running.tasks) == 6 and all(t.done() for t in running.tasks)
     [up] = [line for line in said if line.startswith("clv is up")]
     assert "consumers=3 " in up and f"redis={host}:{port}/0 " in up
+    assert up.endswith(f"API=http://127.0.0.1:{settings.api_port}")
     assert all("s3cret" not in line for line in said)
 
 

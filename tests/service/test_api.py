@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 
 import httpx
-import pandas as pd
 import pytest
 
 from clv.settings import Settings
