@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import signal
 import time
 from importlib.resources import files
 from pathlib import Path
 
+import httpx
 import pandas as pd
+from aiokafka.structs import ConsumerRecord
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -19,7 +23,7 @@ from clv.settings import Settings
 from clv.stack import Running, run_stack
 from consumers.dead_letters import describe
 from consumers.kafka import read_topic, wait_committed
-from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date
+from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date, day_number
 from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
 
@@ -85,27 +89,31 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
     return bool(finished)
 
 
+#: The demo replays CDNOW in two parts: the orders up to this day, then the rest. The champion
+#: is trained on the first part; the second part is time passing, which the scorer follows.
+SPLIT = dt.date(1997, 12, 31)
+
+
 async def _show(settings: Settings, running: Running) -> None:
     path = Path(str(files("clv").joinpath("data/CDNOW_master.txt.gz")))
     events = load_events(path, "cdnow")
-    messages = encode_rows(events) + BAD_MESSAGES
+    split = day_number(SPLIT)
+    first, rest = events[events["day"] <= split], events[events["day"] > split]
     console.rule(
-        f"replaying CDNOW: {len(events):,} orders of {events['user_id'].nunique():,} customers"
+        f"replaying CDNOW: {len(events):,} orders of {events['user_id'].nunique():,} customers; "
+        f"first the {len(first):,} up to {SPLIT}"
     )
+    messages = encode_rows(first) + BAD_MESSAGES
     t0 = time.monotonic()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("publishing", total=len(messages))
-        await publish(settings, messages, progress=lambda n: bar.advance(task, n))
-    await wait_committed(settings, settings.consumer_group, timeout=900)
+    await _publish(settings, messages)
     took = time.monotonic() - t0
     store = FeatureStore(running.redis, prefix=settings.key_prefix)
     console.print(f"published and applied {len(messages):,} messages in {took:.1f}s")
 
     # Online (Redis) against offline (the same feature code over the file), for the top spenders.
-    as_of = int(events["day"].max())
-    offline = features_at(events, as_of, late_after_days=RETENTION_DAYS)
+    offline = features_at(first, split, late_after_days=RETENTION_DAYS)
     top = offline.sort_values("revenue_total", ascending=False).head(5).index
-    title = f"features in Redis as of the event clock, {day_date(as_of)} (top spenders)"
+    title = f"features in Redis as of the event clock, {SPLIT} (top spenders)"
     table = Table(title=title)
     cols = [
         "orders_total",
@@ -122,7 +130,7 @@ async def _show(settings: Settings, running: Running) -> None:
         table.add_column(c, justify="right", min_width=len(c))  # feature names, not "revenue_t…"
     online_rows = []
     for uid in top:
-        frame = await store.features(uid, as_of)
+        frame = await store.features(uid, split)
         assert frame is not None
         online_rows.append(frame)
         row = frame.loc[uid]
@@ -143,10 +151,131 @@ async def _show(settings: Settings, running: Running) -> None:
             value[:60].decode("utf-8", "replace"),
         )
     console.print(table)
-    await _train_and_score(settings, online, events)
+    version = await _train_and_score(settings, online, events)
+    await _scored(settings, running, int(first["day"].max()), version)
+    async with httpx.AsyncClient(base_url=_api_url(settings), timeout=30) as api:
+        await _show_api(api, "GET /users/top?limit=5", "/users/top", {"limit": 5})
+        best = (await api.get("/users/top", params={"limit": 1})).json()["users"][0]["user_id"]
+        await _show_api(api, f"GET /users/{best}/clv", f"/users/{best}/clv", {})
+
+        # Time passes: the rest of the orders. Customers who stop buying lose value, and the
+        # valuable ones among them are alerted on.
+        console.rule(f"replaying the rest: {len(rest):,} orders after {SPLIT} (time passing)")
+        t0 = time.monotonic()
+        await _publish(settings, encode_rows(rest))
+        last = int(events["day"].max())
+        await _scored(settings, running, last, version)
+        console.print(f"published, applied and scored in {time.monotonic() - t0:.1f}s")
+        _show_alerts(settings, await read_topic(settings, settings.alerts_topic))
+        await _show_api(
+            api,
+            "GET /users/top?limit=5&segment=at_risk",
+            "/users/top",
+            {"limit": 5, "segment": "at_risk"},
+        )
 
 
-async def train_champion(settings: Settings) -> None:
+async def _publish(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
+    """Publish ``messages`` and wait until the feature consumers have applied them."""
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("publishing", total=len(messages))
+        await publish(settings, messages, progress=lambda n: bar.advance(task, n))
+    await wait_committed(settings, settings.consumer_group, timeout=900)
+
+
+def _api_url(settings: Settings) -> str:
+    host = settings.api_host if settings.api_host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{settings.api_port}"
+
+
+async def _scored(settings: Settings, running: Running, day: int, version: str) -> None:
+    """Wait until the scorer has scored everyone as of ``day`` with the model ``version``."""
+    want = f"{day}:{version}".encode()
+    key = f"{settings.key_prefix}:swept"
+    with console.status(f"the scorer is scoring every customer as of {day_date(day)}"):
+        for _ in range(1800):
+            if await running.redis.get(key) == want:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise ClvError(f"the scorer did not score the customers as of {day_date(day)}")
+    count = await running.redis.zcard(f"{settings.key_prefix}:top")
+    console.print(f"the scorer scored {count:,} customers as of {day_date(day)} with {version}")
+
+
+async def _show_api(
+    api: httpx.AsyncClient, title: str, path: str, params: dict[str, str | int]
+) -> None:
+    answer = await api.get(path, params=params)
+    if answer.status_code != 200:
+        raise ClvError(f"{title} answered {answer.status_code}: {answer.text}")
+    body = answer.json()
+    if "users" in body:
+        table = Table(title=f"{title} ({body['ranked_users']:,} ranked)")
+        for c in ("user_id", "clv", "expected_orders", "p_alive", "churn_risk", "segment"):
+            table.add_column(c, justify="right")
+        for u in body["users"]:
+            table.add_row(
+                *(
+                    f"{u[c]:g}" if isinstance(u[c], float) else str(u[c])
+                    for c in (
+                        "user_id",
+                        "clv",
+                        "expected_orders",
+                        "p_alive",
+                        "churn_risk",
+                        "segment",
+                    )
+                )
+            )
+        console.print(table)
+        return
+    shown = {
+        k: body[k]
+        for k in (
+            "user_id",
+            "as_of",
+            "horizon_days",
+            "clv",
+            "expected_orders",
+            "p_alive",
+            "churn_risk",
+            "segment",
+            "model_version",
+            "explanation",
+        )
+    }
+    console.print(f"[bold]{title}[/bold]")
+    console.print_json(data=shown)
+
+
+def _show_alerts(settings: Settings, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    alerts = [json.loads(r.value) for r in records if r.value is not None]
+    alerts.sort(key=lambda a: -a["previous_clv"])
+    table = Table(
+        title=f"churn-risk alerts on {settings.alerts_topic}: {len(alerts):,} (most valuable first)"
+    )
+    for c in ("user_id", "previous_clv", "current_clv", "drop_pct", "p_alive", "segment", "as_of"):
+        table.add_column(c, justify="right")
+    for a in alerts[:8]:
+        table.add_row(
+            *(
+                str(a[c])
+                for c in (
+                    "user_id",
+                    "previous_clv",
+                    "current_clv",
+                    "drop_pct",
+                    "p_alive",
+                    "segment",
+                    "as_of",
+                )
+            )
+        )
+    console.print(table)
+
+
+async def train_champion(settings: Settings, until: dt.date | None = None) -> None:
     """Train from the event log (as ``clv train`` does, on :data:`DEMO_CANDIDATES`), in a
     child process as ``clv up`` retrains: cancelled (a Ctrl-C), it ends at once, in a fit or
     while it waits for another run's turn on the log; a run in a thread went on after the demo
@@ -161,7 +290,9 @@ async def train_champion(settings: Settings) -> None:
 
     # The demo leaves out the two slowest candidates (random forest, exact gradient boosting)
     # and ridge, the weakest; `clv train` compares all of them.
-    code, _, _ = await run_training_child(settings, candidates=list(DEMO_CANDIDATES), relay=relay)
+    code, _, _ = await run_training_child(
+        settings, candidates=list(DEMO_CANDIDATES), relay=relay, until=until
+    )
     if code < 0:  # nothing said: the OOM killer, a kill -9
         try:
             name = signal.Signals(-code).name
@@ -185,9 +316,7 @@ def events_not_replayed(event_log_dir: Path, replayed: pd.DataFrame) -> int:
     return int((~pd.MultiIndex.from_frame(log[["user_id", "event_id"]]).isin(ours)).sum())
 
 
-async def _train_and_score(
-    settings: Settings, online: pd.DataFrame, replayed: pd.DataFrame
-) -> None:
+async def _train_and_score(settings: Settings, online: pd.DataFrame, replayed: pd.DataFrame) -> str:
     """Train from the event log the archiver wrote, then score the users whose online
     features (read from Redis above) are ``online``; ``replayed``: the events the demo sent."""
     from training.registry import load_champion
@@ -202,7 +331,7 @@ async def _train_and_score(
             "starts the demo afresh[/yellow]",
             soft_wrap=True,
         )
-    await train_champion(settings)
+    await train_champion(settings, until=SPLIT)
     champion = await asyncio.to_thread(load_champion, settings.model_dir)
     horizon = champion.horizon_days
     pred = champion.model.predict(online[list(FEATURE_NAMES)], horizon)
@@ -221,3 +350,4 @@ async def _train_and_score(
             f"{row['p_alive']:.2f}",
         )
     console.print(table)
+    return champion.version

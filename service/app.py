@@ -36,7 +36,7 @@ from feature_store.event_log import EventLogError
 from feature_store.events import valid_user_id
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
-from service.champion import Champion
+from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
 from service.scoring import SEGMENTS, score
 
@@ -135,8 +135,10 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
         champion = Champion(settings.model_dir)
         try:
             await champion.refresh()
-        except ModelError as exc:  # served as 503 until `clv train` promotes one
-            log.warning("no model to serve yet: %s", exc)
+        except NoChampion as exc:  # served as 503 until `clv train` promotes one
+            log.info("no model to serve yet: %s", exc)
+        except ModelError as exc:
+            log.warning("no model to serve: %s", exc)
         app.state.redis, app.state.champion = redis, champion
         app.state.store = FeatureStore(redis, prefix=settings.key_prefix)
         app.state.scores = ScoreStore(redis, prefix=settings.key_prefix)

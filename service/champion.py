@@ -22,6 +22,10 @@ RELOADS = Counter("clv_model_reloads", "champion models loaded by the API", ["ou
 MODEL_LOADED = Gauge("clv_model_loaded_timestamp_seconds", "when the API loaded its model")
 
 
+class NoChampion(ModelError):
+    """The registry has no champion yet: a state, before the first ``clv train``, not a fault."""
+
+
 class Champion:
     def __init__(self, model_dir: Path) -> None:
         self.registry = ModelRegistry(model_dir)
@@ -37,7 +41,7 @@ class Champion:
             try:
                 version = await asyncio.to_thread(self.registry.champion_version)
                 if version is None:
-                    raise ModelError(
+                    raise NoChampion(
                         f"no champion model in {self.registry.root}: run `clv train` first"
                     )
                 if not force and self.loaded is not None and self.loaded.version == version:
@@ -56,8 +60,9 @@ class Champion:
             return changed
 
     async def watch(self, every_s: float) -> None:
-        """Poll the pointer until cancelled; each distinct failure is logged once."""
-        said: str | None = None
+        """Poll the pointer until cancelled. Each distinct failure is logged once (a missing
+        champion at INFO: it is what a new deployment has until its first training)."""
+        said = self.problem
         while True:
             await asyncio.sleep(every_s)
             try:
@@ -65,5 +70,6 @@ class Champion:
                 said = None
             except Exception as exc:  # a model directory gone, unreadable: said, polled again
                 if str(exc) != said:
-                    log.warning("model not reloaded: %s", exc)
+                    level = logging.INFO if isinstance(exc, NoChampion) else logging.WARNING
+                    log.log(level, "model not (re)loaded: %s", exc)
                     said = str(exc)

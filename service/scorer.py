@@ -41,7 +41,7 @@ from clv.lookup import now_day
 from clv.settings import Settings
 from feature_store.features import compute_features, day_date
 from feature_store.redis_store import AnyRedis, FeatureStore
-from service.champion import Champion
+from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
 from service.scoring import score_many
 from training.registry import LoadedModel
@@ -294,8 +294,10 @@ async def run_scorer(
     champion = Champion(settings.model_dir)
     try:
         await champion.refresh()
-    except ClvError as exc:
+    except NoChampion as exc:
         log.info("no model to score with yet: %s", exc)
+    except ClvError as exc:
+        log.warning("no model to score with: %s", exc)
     watch = asyncio.create_task(champion.watch(poll_s))
     try:
         await Scorer(settings, redis, champion, producer).run(stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import io
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import clv.demo as demo
 from clv.demo import events_not_replayed
 from clv.local_stack import LocalProcess
 from clv.settings import Settings
+from consumers.kafka import read_topic
 from feature_store.event_log import write_events
 from feature_store.offline import events_from_orders
 from tests.processes import flocks_on
@@ -155,7 +157,9 @@ async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_train
     settings = _settings(broker, redis_server, tmp_path)
     assert await asyncio.wait_for(demo.run_demo(settings, asyncio.Event()), 600) is True
     said = out.getvalue()
-    assert "published and applied 6,922 messages" in said  # 6,919 orders + 3 broken ones
+    # the orders up to 1997-12-31 first (5,728 of the 6,919) + 3 broken ones, then the rest
+    assert "published and applied 5,731 messages" in said
+    assert "replaying the rest: 1,191 orders after 1997-12-31" in said
     assert "online features == offline features (same code over the file): True" in said
     assert f"dead-letter topic {settings.dlq_topic}: 3 message(s)" in said
     for reason in ("not_json", "invalid_value", "future_timestamp"):
@@ -168,6 +172,17 @@ async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_train
     assert "champion " in said
     # the training child's progress and its one line, printed by the demo as they came
     assert "[train " in said and "promoted to champion: first model" in said
+    assert "--until 1997-12-31: 0 later events left out" in said  # trained on the first part
+    # the scorer scored everyone as of each part's end; the API answered from its scores
+    [version] = ModelRegistry(settings.model_dir).versions()
+    for day in ("1997-12-31", "1998-06-30"):
+        assert f"the scorer scored 2,357 customers as of {day} with {version}" in said
+    assert "GET /users/top?limit=5 (2,357 ranked)" in said and '"segment"' in said
+    # time passing: valuable customers who stopped buying were alerted on, each once
+    alerts = [json.loads(r.value) for r in await read_topic(settings, settings.alerts_topic)]
+    assert f"churn-risk alerts on {settings.alerts_topic}: {len(alerts):,}" in said
+    assert alerts and len({a["alert_id"] for a in alerts}) == len(alerts)
+    assert all(a["drop_pct"] >= settings.alert_drop_pct for a in alerts)
 
 
 @pytest.mark.integration

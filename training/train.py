@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import fcntl
 import hashlib
 import logging
@@ -403,8 +404,12 @@ def train(
     max_users: int = DEFAULT_MAX_USERS,
     candidates: list[str] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    until_day: int | None = None,
 ) -> TrainResult:
     """Train from ``settings.event_log_dir``, register in ``settings.model_dir``, promote if better.
+
+    ``until_day``: train on the log's events dated on or before that day only (a model as it
+    would have been trained then; ``clv train --until``), the rest of the log left out.
 
     When a champion exists and a registered version was trained on the same events with the
     same :func:`training_inputs`, nothing is trained: the result describes that version, with
@@ -438,6 +443,7 @@ def train(
             again=again,
             max_users=max_users,
             candidates=candidates,
+            until_day=until_day,
         )
 
 
@@ -500,6 +506,7 @@ def _train(
     again: bool,
     max_users: int,
     candidates: list[str] | None,
+    until_day: int | None = None,
 ) -> TrainResult:
     """:func:`train`'s run, its turn on the event log taken."""
     from feature_store.event_log import read_events
@@ -513,6 +520,10 @@ def _train(
     say(f"reading the event log at {root}")
     with clock.phase("read event log"):
         raw = read_events(root, currency=settings.currency)
+        if until_day is not None:
+            later = int((raw["day"] > until_day).sum())
+            raw = raw[raw["day"] <= until_day].reset_index(drop=True)
+            say(f"--until {day_date(until_day)}: {later:,} later events left out")
         if raw.empty or not (raw["type"] == "purchase").any():
             raise TrainingError(
                 f"no purchase events in the event log at {root}: nothing to train on "
@@ -729,6 +740,7 @@ async def run_training_child(
     force: bool = False,
     candidates: list[str] | None = None,
     relay: Callable[[str], None] | None = None,
+    until: dt.date | None = None,
 ) -> tuple[int, str, str]:
     """One training run in a child process (its CPU and memory never touch the caller's event
     loop): its exit code (negative: the signal that killed it) and what it printed on stdout
@@ -751,6 +763,8 @@ async def run_training_child(
         args.append("--force")
     if candidates:
         args.append("--candidates=" + ",".join(candidates))
+    if until is not None:
+        args.append(f"--until={until.isoformat()}")
     proc = await asyncio.create_subprocess_exec(
         *args,
         env=_child_env(settings),
@@ -881,11 +895,14 @@ async def retrain_until(settings: Settings, interval_s: float, stop: asyncio.Eve
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training [--force] [--again] [--quiet] [--candidates=a,b]``: one run, one
+    """``python -m training [--force] [--again] [--quiet] [--candidates=a,b]
+    [--until=YYYY-MM-DD]``: one run, one
     line (``python -m training.train`` runs it too, without the guard of ``training/__main__``)."""
     args = sys.argv[1:] if argv is None else argv
     names = [a.split("=", 1)[1] for a in args if a.startswith("--candidates=")]
     candidates = names[0].split(",") if names else None
+    untils = [a.split("=", 1)[1] for a in args if a.startswith("--until=")]
+    until_day = (dt.date.fromisoformat(untils[0]) - dt.date(1970, 1, 1)).days if untils else None
     try:
         # The parent terminates a cancelled run: clean up on the way out (and a run terminated
         # while it imports the models exits 143, as any other, and as one terminated while
@@ -908,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
                 force="--force" in args,
                 again="--again" in args,
                 candidates=candidates,
+                until_day=until_day,
             )
     except (ClvError, OSError) as exc:  # OSError: a full disk, a registry it may not write
         print(f"error: {exc}", file=sys.stderr)

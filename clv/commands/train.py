@@ -26,6 +26,15 @@ def train(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress on stderr")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            metavar="YYYY-MM-DD",
+            help="train on the events dated on or before this day only (the model as it would "
+            "have been trained then)",
+        ),
+    ] = None,
     every: Annotated[
         float | None,
         typer.Option(
@@ -44,17 +53,27 @@ def train(
     When a model was already trained on this same event log with the same code, libraries and
     settings, nothing is trained (training is deterministic: it would register a copy)."""
     from clv import STARTED
-    from feature_store.features import day_date
+    from clv.commands import parse_date
+    from feature_store.features import day_date, day_number
     from training.progress import StderrProgress
     from training.train import train as run_training
 
     if every is not None:
+        if until is not None:
+            raise fail("--every takes no --until: each run trains on the whole event log")
         _train_every(every, force=force, again=again, as_json=as_json, quiet=quiet)
         return
+    until_date = parse_date(until, "--until")
     settings = load_settings()
     progress = False if quiet else StderrProgress("train", t0=STARTED)
     try:
-        result = run_training(settings, progress=progress, force=force, again=again)
+        result = run_training(
+            settings,
+            progress=progress,
+            force=force,
+            again=again,
+            until_day=None if until_date is None else day_number(until_date),
+        )
     except ClvError as exc:
         raise fail(str(exc), 1) from None
     except MemoryError:
