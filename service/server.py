@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import Iterator
 
@@ -33,7 +34,7 @@ def bind(settings: Settings) -> socket.socket:
     except OSError as exc:
         raise ClvError(
             f"cannot serve the API at {settings.api_host}:{settings.api_port} "
-            f"(CLV_API_HOST, CLV_API_PORT): {exc.strerror or exc}"
+            f"(CLV_API_HOST, CLV_API_PORT): {os.strerror(exc.errno) if exc.errno else exc}"
         ) from exc
 
 

@@ -1730,3 +1730,36 @@ async def test_retrain_until_waits_for_the_trainer_to_end_its_run(
     ended: list[bool] = []
     await asyncio.wait_for(_stopped_retraining(tmp_path, monkeypatch, asyncio.Event(), ended), 30)
     assert ended == [True]
+
+
+def test_until_trains_on_the_events_up_to_that_day_as_a_log_that_ended_then(
+    tmp_path: Path, events: pd.DataFrame
+) -> None:
+    # Fails if --until is ignored (the cutoff is the log's last day) or trains on events after
+    # it (the same model as a log that ended then would not be found: not skipped).
+    from feature_store.features import day_number
+
+    settings = settings_for(tmp_path)
+    until = day_number(dt.date(2023, 12, 31))
+    write_events(settings.event_log_dir, events[events["day"] <= until])
+    then = train(settings, progress=False, candidates=FAST)
+    write_events(settings.event_log_dir, events[events["day"] > until])  # the log goes on
+    said: list[str] = []
+    again = train(settings, progress=said.append, candidates=FAST, until_day=until)
+    assert then.cutoff_day == until == again.cutoff_day
+    assert again.skipped and again.version == then.version
+    later = int((events["day"] > until).sum())
+    assert f"--until 2023-12-31: {later:,} later events left out" in said
+    whole = train(settings, progress=False, candidates=FAST)
+    assert not whole.skipped and whole.cutoff_day == int(events["day"].max())
+
+
+def test_cli_until_must_be_a_date_and_not_with_every(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clv.cli import main
+
+    assert main(["train", "--until", "2023-13-01"]) == 2
+    assert "--until '2023-13-01' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
+    assert main(["train", "--every", "60", "--until", "2023-12-01"]) == 2
+    assert "--every takes no --until" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""``clv serve`` and ``clv score`` as processes: served until SIGTERM, bad settings in one line."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from clv.local_stack import LocalProcess, free_port
+from clv.settings import Settings
+from tests.test_cli import _env, clv
+
+pytestmark = pytest.mark.integration
+
+
+def test_serve_answers_until_sigterm_then_exits_0(api_settings: Settings) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clv", "serve"],
+        env=_env(api_settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{api_settings.api_port}"
+        for _ in range(300):  # a bound, not a timing
+            try:
+                ready = httpx.get(f"{url}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.1)
+        else:
+            raise AssertionError("clv serve did not answer")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert f"API at http://127.0.0.1:{api_settings.api_port}" in err
+
+
+def test_serve_on_an_address_in_use_is_one_line(api_settings: Settings) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = clv(api_settings.model_copy(update={"api_port": port}), "serve")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"clv: error: cannot serve the API at 127.0.0.1:{port} (CLV_API_HOST, CLV_API_PORT): "
+        "Address already in use"
+    ]
+
+
+def test_score_without_redis_is_one_line(broker: LocalProcess, api_settings: Settings) -> None:
+    settings = api_settings.model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+            "kafka_bootstrap": broker.address,
+        }
+    )
+    done = clv(settings, "score")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("clv: error: cannot reach a server:") and "CLV_REDIS_URL" in line
