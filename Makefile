@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-ingest bench-apply bench-train model-quality lint clean
+.PHONY: install test demo bench-ingest bench-apply bench-train bench-serving model-quality lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench-apply: install
 
 bench-train: install
 	$(BIN)/python -m benchmarks.bench_train
+
+bench-serving: install
+	$(BIN)/python -m benchmarks.bench_serving $(ARGS)
 
 model-quality: install
 	$(BIN)/python -m training.quality --out docs/model-quality.md

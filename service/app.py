@@ -38,7 +38,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
-from service.scoring import SEGMENTS, score
+from service.scoring import SEGMENTS, Batcher
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
         app.state.redis, app.state.champion = redis, champion
         app.state.store = FeatureStore(redis, prefix=settings.key_prefix)
         app.state.scores = ScoreStore(redis, prefix=settings.key_prefix)
+        app.state.batcher = Batcher(settings.horizon_days)
         watch = asyncio.create_task(champion.watch(poll_s))
         try:
             yield
@@ -149,6 +150,7 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
+            await app.state.batcher.close()
             await redis.aclose()
 
     app = FastAPI(
@@ -207,7 +209,7 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
             raise HTTPException(503, f"the feature store (Redis) does not answer: {exc}") from None
         if found is None:
             raise HTTPException(404, f"unknown user {user_id!r}: no events")
-        s = await asyncio.to_thread(score, loaded, found.frame, settings.horizon_days)
+        s = await request.app.state.batcher.score(loaded, found.frame)
         record = found.record()
         return ClvAnswer(
             user_id=user_id,

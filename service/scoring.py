@@ -21,6 +21,9 @@ share them.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,31 +104,107 @@ def _counterfactuals(row: pd.Series) -> dict[str, tuple[float, dict[str, int | f
     return out
 
 
+def score_each(
+    loaded: LoadedModel, users: Sequence[pd.DataFrame], horizon_days: int
+) -> list[Score]:
+    """Score each of ``users`` (one-row frames of ``compute_features``), with explanations, in
+    one predict call: a call's fixed cost (tens of milliseconds for a hybrid model, most of it
+    pandas) is far above a row's, so the API scores the requests in hand together."""
+    rows: list[pd.DataFrame] = []
+    plans = []
+    for features in users:
+        if len(features) != 1:
+            raise ValueError(f"one user's features per frame, not {len(features)} rows")
+        cfs = _counterfactuals(features.iloc[0])
+        block = pd.concat([features] * (1 + len(cfs)), ignore_index=True)
+        for i, (_, changes) in enumerate(cfs.values(), start=1):
+            for name, value in changes.items():
+                block.loc[i, name] = value
+        plans.append((sum(len(r) for r in rows), cfs))
+        rows.append(block)
+    frame = pd.concat(rows, ignore_index=True)
+    frame.index = pd.Index([f"#{i}" for i in range(len(frame))], name=users[0].index.name)
+    scored = score_many(loaded, frame, horizon_days)
+    value = scored["clv"].to_numpy(dtype=np.float64)
+    out = []
+    for start, cfs in plans:
+        explanation: list[dict[str, object]] = [
+            {"factor": name, "value": v, "effect": round(float(value[start] - value[start + i]), 2)}
+            for i, (name, (v, _)) in enumerate(cfs.items(), start=1)
+        ]
+        explanation.sort(key=lambda e: -abs(float(e["effect"])))  # type: ignore[arg-type]
+        first = scored.iloc[start]
+        out.append(
+            Score(
+                clv=float(first["clv"]),
+                expected_orders=float(first["expected_orders"]),
+                p_alive=float(first["p_alive"]),
+                churn_risk=float(first["churn_risk"]),
+                segment=str(first["segment"]),
+                explanation=explanation,
+            )
+        )
+    return out
+
+
 def score(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -> Score:
     """Score the one user of ``features`` (a one-row frame of ``compute_features``), with the
     explanation."""
-    if len(features) != 1:
-        raise ValueError(f"score takes one user's features, not {len(features)} rows")
-    cfs = _counterfactuals(features.iloc[0])
-    # one predict call for the user and every counterfactual (a call costs more than a row)
-    frame = pd.concat([features] * (1 + len(cfs)), ignore_index=True)
-    for i, (_, changes) in enumerate(cfs.values(), start=1):
-        for name, value in changes.items():
-            frame.loc[i, name] = value
-    frame.index = pd.Index([f"#{i}" for i in range(len(frame))], name=features.index.name)
-    scored = score_many(loaded, frame, horizon_days)
-    value = scored["clv"].to_numpy(dtype=np.float64)
-    explanation: list[dict[str, object]] = [
-        {"factor": name, "value": v, "effect": round(float(value[0] - value[i]), 2)}
-        for i, (name, (v, _)) in enumerate(cfs.items(), start=1)
-    ]
-    explanation.sort(key=lambda e: -abs(float(e["effect"])))  # type: ignore[arg-type]
-    first = scored.iloc[0]
-    return Score(
-        clv=float(first["clv"]),
-        expected_orders=float(first["expected_orders"]),
-        p_alive=float(first["p_alive"]),
-        churn_risk=float(first["churn_risk"]),
-        segment=str(first["segment"]),
-        explanation=explanation,
-    )
+    [one] = score_each(loaded, [features], horizon_days)
+    return one
+
+
+class Batcher:
+    """Scores the API's requests together: each waits in a queue, and one worker takes every
+    request in hand (up to :data:`MAX_BATCH`) into one :func:`score_each` call in a thread. A
+    lone request is scored at once (nothing waits for others to come); under load, requests
+    that arrive during a call are scored together by the next one."""
+
+    def __init__(self, horizon_days: int) -> None:
+        self._horizon = horizon_days
+        self._queue: asyncio.Queue[tuple[LoadedModel, pd.DataFrame, asyncio.Future[Score]]] = (
+            asyncio.Queue()
+        )
+        self._worker: asyncio.Task[None] | None = None
+
+    async def score(self, loaded: LoadedModel, features: pd.DataFrame) -> Score:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        done: asyncio.Future[Score] = asyncio.get_running_loop().create_future()
+        await self._queue.put((loaded, features, done))
+        return await done
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _work(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            by_model: dict[str, list[tuple[LoadedModel, pd.DataFrame, asyncio.Future[Score]]]] = {}
+            for item in batch:  # a reload in between: each request keeps the model it was given
+                by_model.setdefault(item[0].version, []).append(item)
+            for items in by_model.values():
+                waiting = [i for i in items if not i[2].done()]  # (a client that went away)
+                if not waiting:
+                    continue
+                try:
+                    scores = await asyncio.to_thread(
+                        score_each, waiting[0][0], [i[1] for i in waiting], self._horizon
+                    )
+                except Exception as exc:  # every request of the call hears it
+                    for _, _, fut in waiting:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, _, fut), result in zip(waiting, scores, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+
+
+#: The most requests scored in one call.
+MAX_BATCH = 64

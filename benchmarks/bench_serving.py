@@ -1,0 +1,235 @@
+"""``make bench-serving``: the scorer's sweep and the API's answers, each against a ceiling
+measured in the same run on the same servers.
+
+Data: the CDNOW orders up to 1997-12-31 (23,570 customers) applied to a redis-server of its own;
+the champion trained on them as ``clv train --until 1997-12-31`` would (``hybrid_btyd_residual``
+and BG/NBD + Gamma-Gamma as the only candidates, so it takes seconds).
+
+* **Sweep**: :meth:`Scorer.sweep` scores and stores every customer (reads their state, computes
+  the features, predicts, decides alerts, writes scores and rankings). Ceiling: reading the
+  same users' states in the same chunks and nothing else (``scan_users`` + ``read_states``),
+  the part no scorer can skip. Ratio: users/s of the sweep over users/s of the ceiling.
+* **API**: ``clv serve`` in a child process; this process sends ``--requests`` requests,
+  ``--concurrency`` at a time, over HTTP to ``GET /users/{id}/clv`` (random customers, each
+  scored at the request with its explanation), then as many to ``GET /healthz`` (the same
+  server, client and connections; what the HTTP stack alone allows). Ratio: requests/s of the
+  first over requests/s of the second. The client shares the machine's two cores with the
+  server, so both figures are lower than a separate client would see; the ratio is what counts.
+
+    python -m benchmarks.bench_serving [--requests N] [--concurrency C] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from clv.local_stack import free_port, start_broker, start_redis
+from clv.replay import load_events
+from clv.settings import Settings
+from feature_store.event_log import write_events
+from feature_store.events import ValidEvent
+from feature_store.features import day_number
+from feature_store.redis_client import connect
+from feature_store.redis_store import FeatureStore
+
+DATA = Path(__file__).resolve().parents[1] / "clv" / "data" / "CDNOW_master.txt.gz"
+UNTIL = dt.date(1997, 12, 31)
+
+
+def _valid_events(frame: object) -> list[ValidEvent]:
+    import pandas as pd
+
+    assert isinstance(frame, pd.DataFrame)
+    return [
+        ValidEvent(
+            event_id=r.event_id,
+            type=r.type,
+            user_id=r.user_id,
+            order_id=r.order_id,
+            amount=float(r.amount),
+            currency=None,
+            ts_ms=int(r.ts_ms),
+            day=int(r.day),
+            cents=int(r.cents),  # signed in the event table, as in a validated event
+        )
+        for r in frame.itertuples()
+    ]
+
+
+async def _load(settings: Settings, events: list[ValidEvent]) -> None:
+    redis = connect(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        for i in range(0, len(events), 5000):
+            await store.apply(
+                events[i : i + 5000], group="bench", progress={"orders:0": i}, now_ms=0
+            )
+    finally:
+        await redis.aclose()
+
+
+async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, float, int]]:
+    from consumers.kafka import ensure_topics, make_producer
+    from service.champion import Champion
+    from service.scorer import Scorer
+
+    await ensure_topics(settings)
+    redis = connect(settings.redis_url)
+    producer = make_producer(settings)
+    await producer.start()
+    out = []
+    try:
+        champion = Champion(settings.model_dir)
+        await champion.refresh()
+        assert champion.loaded is not None
+        scorer = Scorer(settings, redis, champion, producer)
+        store = scorer.features
+        day = day_number(UNTIL)
+        for r in range(rounds):
+            await redis.delete(f"{settings.key_prefix}:swept")
+            t0 = time.perf_counter()
+            n = 0
+            async for users in store.scan_users(settings.score_batch):
+                state, _ = await store.read_states(users)
+                n += len(state)
+            reads = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            swept = await scorer.sweep(champion.loaded, day + r, asyncio.Event())
+            sweep = time.perf_counter() - t0
+            assert swept == n, (swept, n)
+            out.append((reads, sweep, n))
+            print(f"  round {r + 1}: read {n:,} states in {reads:.2f}s, swept in {sweep:.2f}s")
+    finally:
+        await producer.stop()
+        await redis.aclose()
+    return out
+
+
+async def _load_test(url: str, paths: list[str], concurrency: int) -> float:
+    """Requests per second for ``paths`` (each must answer 200)."""
+    queue = list(paths)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
+
+        async def worker() -> None:
+            while queue:
+                path = queue.pop()
+                answer = await client.get(path)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{path}: {answer.status_code} {answer.text}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(paths) / (time.perf_counter() - t0)
+
+
+async def _api(url: str, users: list[str], args: argparse.Namespace) -> list[tuple[float, float]]:
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(600):
+            try:
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("clv serve did not get ready")
+    rng = random.Random(0)
+    out = []
+    for r in range(args.rounds):
+        picks = [rng.choice(users) for _ in range(args.requests)]
+        clv = await _load_test(
+            url, [f"/users/{u}/clv?as_of={UNTIL}" for u in picks], args.concurrency
+        )
+        health = await _load_test(url, ["/healthz"] * args.requests, args.concurrency)
+        out.append((clv, health))
+        print(f"  round {r + 1}: /users/{{id}}/clv {clv:,.0f} req/s, /healthz {health:,.0f} req/s")
+    return out
+
+
+def _serve(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+    env.update(settings.as_env())
+    return subprocess.Popen([sys.executable, "-m", "clv", "serve"], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    from training.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        redis = start_redis(free_port(), work / "redis")
+        broker = start_broker(free_port(), work / "broker")
+        try:
+            settings = Settings(
+                redis_url=redis.address,
+                kafka_bootstrap=broker.address,
+                model_dir=work / "models",
+                event_log_dir=work / "events",
+                api_port=free_port(),
+                clock="event",
+            )
+            events = load_events(DATA, "cdnow")
+            events = events[events["day"] <= day_number(UNTIL)]
+            write_events(settings.event_log_dir, events)
+            print(f"training on {len(events):,} CDNOW orders up to {UNTIL}")
+            result = train(
+                settings, progress=False, candidates=["bgnbd_gg", "hybrid_btyd_residual"]
+            )
+            print(f"champion {result.version} ({result.model_name})")
+            asyncio.run(_load(settings, _valid_events(events)))
+            users = sorted(events["user_id"].unique())
+            print(f"sweep of {len(users):,} customers against reading their states:")
+            sweeps = asyncio.run(_sweep_vs_reads(settings, args.rounds))
+            ratios = [reads / sweep for reads, sweep, _ in sweeps]
+            print(
+                f"sweep: {statistics.median(n / s for _, s, n in sweeps):,.0f} users/s, "
+                f"reads alone {statistics.median(n / r for r, _, n in sweeps):,.0f} users/s, "
+                f"ratio {statistics.median(ratios):.3f} (rounds: "
+                + ", ".join(f"{x:.3f}" for x in ratios)
+                + ")"
+            )
+            print(
+                f"API: {args.requests:,} requests a round, {args.concurrency} at a time "
+                "(clv serve in a child process; this process the client):"
+            )
+            server = _serve(settings)
+            try:
+                rates = asyncio.run(_api(f"http://127.0.0.1:{settings.api_port}", users, args))
+            finally:
+                server.terminate()
+                server.wait(60)
+            ratios = [c / h for c, h in rates]
+            print(
+                f"API: /users/{{id}}/clv {statistics.median(c for c, _ in rates):,.0f} req/s, "
+                f"/healthz {statistics.median(h for _, h in rates):,.0f} req/s, ratio "
+                f"{statistics.median(ratios):.3f} (rounds: "
+                + ", ".join(f"{x:.3f}" for x in ratios)
+                + ")"
+            )
+        finally:
+            broker.stop()
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

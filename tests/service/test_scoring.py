@@ -1,0 +1,88 @@
+"""One user's score and its explanation; requests scored together give what each alone gives."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import service.scoring as scoring
+from feature_store.features import day_number
+from feature_store.offline import features_at
+from service.scoring import Batcher, churn_risk, score, score_each, segments
+from tests.service.conftest import DATA
+from training.datasets import load_orders
+from training.registry import LoadedModel, load_champion
+
+
+@pytest.fixture(scope="module")
+def features() -> pd.DataFrame:
+    events = load_orders(DATA / "CDNOW_sample.txt.gz", "cdnow")
+    return features_at(events, day_number(dt.date(1997, 12, 31)))
+
+
+@pytest.fixture
+def champion(fitted_registry: tuple[Path, str]) -> LoadedModel:
+    return load_champion(fitted_registry[0])
+
+
+def test_churn_risk_is_the_chance_of_no_purchase_in_the_horizon() -> None:
+    risk = churn_risk(np.array([0.0, 2.0, 0.5, 3.0]), np.array([0.0, 1.0, 0.5, 1e-9]))
+    # no p_alive: certain; alive with 2 expected: e^-2; half alive: 0.5 + 0.5 e^-1
+    assert risk == pytest.approx([1.0, np.exp(-2), 0.5 + 0.5 * np.exp(-1), 1.0], abs=1e-9)
+
+
+def test_segments_follow_purchases_age_and_risk() -> None:
+    f = pd.DataFrame(
+        {
+            "purchase_days": [0, 1, 1, 3, 3, 3],
+            "frequency": [0, 0, 0, 2, 2, 2],
+            "age_days": [5, 10, 40, 100, 100, 100],
+        }
+    )
+    risk = np.array([1.0, 0.95, 0.95, 0.95, 0.7, 0.2])
+    assert list(segments(f, risk)) == ["prospect", "new", "lost", "lost", "at_risk", "active"]
+
+
+def test_requests_scored_together_get_what_each_gets_alone(
+    champion: LoadedModel, features: pd.DataFrame
+) -> None:
+    users = [features.iloc[[i]] for i in (0, 3, 17, 40, 41)]
+    together = score_each(champion, users, 365)
+    alone = [score(champion, u, 365) for u in users]
+    assert together == alone
+    assert any(s.explanation for s in alone)
+
+
+async def test_the_batcher_scores_concurrent_requests_in_fewer_calls_and_passes_failures_on(
+    champion: LoadedModel, features: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = [features.iloc[[i]] for i in range(20)]
+    alone = [score(champion, u, 365) for u in users]
+    calls: list[int] = []
+    real = scoring.score_each
+
+    def counted(loaded: LoadedModel, users: list[pd.DataFrame], horizon: int) -> object:
+        calls.append(len(users))
+        if any(u.index[0] == "boom" for u in users):
+            raise ValueError("boom")
+        return real(loaded, users, horizon)
+
+    monkeypatch.setattr(scoring, "score_each", counted)
+    batcher = Batcher(365)
+    try:
+        got = await asyncio.gather(*(batcher.score(champion, u) for u in users))
+        assert got == alone
+        assert len(calls) < 20 and sum(calls) == 20  # scored together, each once
+        bad = features.iloc[[0]].rename(index={features.index[0]: "boom"})
+        results = await asyncio.gather(
+            batcher.score(champion, bad), batcher.score(champion, users[1]), return_exceptions=True
+        )
+        assert isinstance(results[0], ValueError)  # the call's failure reaches its requests
+        assert await batcher.score(champion, users[2]) == got[2]  # and the worker goes on
+    finally:
+        await batcher.close()
