@@ -33,6 +33,9 @@ bench-train: install
 	$(BIN)/python -m benchmarks.bench_train
 
 bench-serving: install
+	@command -v wrk >/dev/null || { echo "installing wrk (apt-get)"; \
+	  (apt-get install -y wrk >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y wrk >/dev/null)) \
+	  || { echo "wrk is required: install it (apt-get install wrk)"; exit 1; }; }
 	$(BIN)/python -m benchmarks.bench_serving $(ARGS)
 
 model-quality: install

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     alert_drop_pct: float = Field(30.0, gt=0, lt=100)
     alert_top_share: float = Field(0.2, gt=0, le=1)
     score_batch: int = Field(2000, ge=1)
+    # Seconds the API keeps serving after SIGTERM with /readyz at 503, so a load balancer takes
+    # it out before it stops listening (0: stop at once).
+    api_drain_seconds: float = Field(0.0, ge=0, le=300)
     model_keep: int = Field(20, ge=1)  # the newest model versions kept, and the champion
 
     @field_validator("model_dir", "event_log_dir", mode="before")

@@ -316,6 +316,14 @@ class FeatureStore:
             gone, _ = await pipe.execute()
         return bool(gone)
 
+    async def missing(self, user_ids: Sequence[str]) -> list[str]:
+        """Those of ``user_ids`` with no state (erased, or never seen)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.exists(self.user_key(u))
+            found = await pipe.execute()
+        return [u for u, n in zip(user_ids, found, strict=True) if not n]
+
     async def read_states(self, user_ids: Sequence[str]) -> tuple[UserState, list[int]]:
         """The stored state of those of ``user_ids`` Redis knows (one pipelined read), and
         their positions in ``user_ids``."""

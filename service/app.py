@@ -20,7 +20,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
@@ -28,8 +28,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisClusterException, RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clv.errors import ModelError
+from clv.errors import ClvError, ModelError
 from clv.lookup import UnknownThen, find_features
 from clv.settings import Settings
 from feature_store.event_log import EventLogError
@@ -108,9 +109,18 @@ def _now_iso() -> str:
 
 
 def _user_id(user_id: str) -> str:
-    if not valid_user_id(user_id):
+    # U+FFFD and lone surrogates: bytes of the path that were no UTF-8 (%FF)
+    if not valid_user_id(user_id) or "\ufffd" in user_id or _surrogates(user_id):
         raise HTTPException(422, "user id must be 1 to 128 printable characters, no white space")
     return user_id
+
+
+def _surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _as_of(
@@ -126,8 +136,40 @@ def _as_of(
         raise HTTPException(422, f"as_of {as_of!r} is not a date (YYYY-MM-DD)") from None
 
 
-def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
-    """The API for ``settings``; its lifespan opens the Redis client and loads the champion."""
+class _Counted:
+    """Counts requests by route template and status, and times them (pure ASGI: Starlette's
+    ``BaseHTTPMiddleware`` cost a third of a bare ``/healthz``'s rate)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]  # what an app that raised answers
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path_format", "unmatched")  # the template: a series a route
+            REQUESTS.labels(name, str(status[0])).inc()
+            LATENCY.labels(name).observe(time.perf_counter() - start)
+
+
+def create_app(
+    settings: Settings, *, poll_s: float = RELOAD_POLL_S, stopping: asyncio.Event | None = None
+) -> FastAPI:
+    """The API for ``settings``; its lifespan opens the Redis client and loads the champion.
+    Once ``stopping`` is set, ``/readyz`` answers 503 (a load balancer stops sending)."""
+    stopping = stopping or asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -143,6 +185,7 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
         app.state.store = FeatureStore(redis, prefix=settings.key_prefix)
         app.state.scores = ScoreStore(redis, prefix=settings.key_prefix)
         app.state.batcher = Batcher(settings.horizon_days)
+        app.state.stopping = stopping
         watch = asyncio.create_task(champion.watch(poll_s))
         try:
             yield
@@ -160,15 +203,12 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
         responses={422: {"model": Detail}},
     )
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")  # the template: one series per route
-        REQUESTS.labels(name, str(response.status_code)).inc()
-        LATENCY.labels(name).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Counted)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     def admin(authorization: Annotated[str | None, Header()] = None) -> None:
         if settings.api_key is None:
@@ -184,7 +224,7 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
             )
 
     @app.get(
-        "/users/{user_id}/clv",
+        "/users/{user_id:path}/clv",  # (:path: an id may hold a "/", as "%2F")
         response_model=ClvAnswer,
         responses={404: {"model": Detail}, 503: {"model": Detail}},
     )
@@ -209,7 +249,10 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
             raise HTTPException(503, f"the feature store (Redis) does not answer: {exc}") from None
         if found is None:
             raise HTTPException(404, f"unknown user {user_id!r}: no events")
-        s = await request.app.state.batcher.score(loaded, found.frame)
+        try:
+            s = await request.app.state.batcher.score(loaded, found.frame)
+        except ClvError as exc:  # a forecast that is not a number: the model's, not the input's
+            raise HTTPException(503, f"the model could not score this user: {exc}") from None
         record = found.record()
         return ClvAnswer(
             user_id=user_id,
@@ -251,7 +294,7 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
         return TopAnswer(segment=segment, limit=limit, ranked_users=count, users=users)
 
     @app.delete(
-        "/users/{user_id}",
+        "/users/{user_id:path}",
         status_code=204,
         dependencies=[Depends(admin)],
         responses={401: {"model": Detail}, 404: {"model": Detail}, 503: {"model": Detail}},
@@ -285,6 +328,8 @@ def create_app(settings: Settings, *, poll_s: float = RELOAD_POLL_S) -> FastAPI:
         champion = request.app.state.champion
         if champion.loaded is None:
             problems["model"] = str(champion.problem)
+        if request.app.state.stopping.is_set():
+            problems["stopping"] = "the process is shutting down"
         version = None if champion.loaded is None else champion.loaded.version
         body = {"status": "not ready" if problems else "ready", "model_version": version}
         return JSONResponse({**body, **problems}, status_code=503 if problems else 200)

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from prometheus_client import Counter
+from redis.exceptions import RedisClusterException, RedisError
 
 from clv.errors import ClvError
 from clv.lookup import now_day
@@ -51,8 +53,22 @@ log = logging.getLogger(__name__)
 SCORED = Counter("clv_scores", "users scored by the scorer", ["trigger"])
 ALERTS = Counter("clv_alerts", "churn-risk alerts published")
 
-#: How long the scorer rests when nothing changed.
+#: How long the scorer rests when nothing changed; the most it waits between retries when
+#: Redis or the broker is away.
 IDLE_S = 0.5
+MAX_PAUSE_S = 30.0
+#: What the scorer waits out (Redis or the broker away).
+AWAY = (KafkaError, RedisError, RedisClusterException, ConnectionError, TimeoutError)
+#: A ranking this small (or a batch, before there is one) judges no customer valuable.
+MIN_RANKED = 100
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('EXPIRE', KEYS[1], ARGV[2]) else return 0 end"
+)
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+    "else return 0 end"
+)
 #: A sweep's lock outlives a scorer that died holding it by at most this.
 SWEEP_LOCK_S = 600
 
@@ -165,8 +181,12 @@ class Scorer:
         return f"{self._settings.key_prefix}:sweep-lock"
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Score changed users, and sweep each new day and model, until ``stop``."""
+        """Score changed users, and sweep each new day and model, until ``stop``. Redis or the
+        broker away is waited out (said once, retried with a growing pause): the marks taken
+        are put back, and an alert published again keeps its id."""
         said_waiting = False
+        said_error: str | None = None
+        pause = IDLE_S
         while not stop.is_set():
             loaded = self._champion.loaded
             if loaded is None:
@@ -175,31 +195,56 @@ class Scorer:
                     said_waiting = True
                 await _rest(stop, 1.0)
                 continue
-            took = await self.score_changed(loaded)
-            day = await now_day(self._settings, self.features)
-            if await self._sweep_due(day, loaded.version):
-                await self.sweep(loaded, day, stop)
-            elif not took:
+            try:
+                busy = await self._step(loaded, stop)
+            except AWAY as exc:
+                if str(exc) != said_error:
+                    log.warning("scorer: %s; retrying", exc)
+                    said_error = str(exc)
+                await _rest(stop, pause)
+                pause = min(pause * 2, MAX_PAUSE_S)
+                continue
+            if said_error is not None:
+                log.info("scorer: going on")
+                said_error, pause = None, IDLE_S
+            if not busy:
                 await _rest(stop, IDLE_S)
 
+    async def _step(self, loaded: LoadedModel, stop: asyncio.Event) -> bool:
+        """One round: the changed users, then a sweep when one is due and no other replica
+        runs it. Whether there was work (else the caller rests)."""
+        took = await self.score_changed(loaded)
+        day = await now_day(self._settings, self.features)
+        if await self._sweep_due(day, loaded.version):
+            swept = await self.sweep(loaded, day, stop)
+            return swept is not None  # another replica's sweep: rest, not spin
+        return took > 0
+
     async def score_changed(self, loaded: LoadedModel) -> int:
-        """Score the users marked changed (one batch); how many were taken."""
+        """Score the users marked changed (one batch); how many were taken. A failure puts
+        the marks back, where it still can."""
         users = await self.features.take_changed(self._settings.score_batch)
         if users:
-            day = await now_day(self._settings, self.features)
-            await self.score_users(loaded, users, day, trigger="events")
+            try:
+                day = await now_day(self._settings, self.features)
+                await self.score_users(loaded, users, day, trigger="events")
+            except BaseException:
+                with contextlib.suppress(*AWAY):
+                    await self.features.mark_changed(users)
+                raise
         return len(users)
 
     async def _sweep_due(self, day: int, version: str) -> bool:
         swept = await self._redis.get(self._swept_key)
         return swept is None or _text(swept) != f"{day}:{version}"
 
-    async def sweep(self, loaded: LoadedModel, day: int, stop: asyncio.Event) -> int:
-        """Score every user as of ``day`` (changed users in between); how many were scored.
-        Another replica's sweep in progress makes this one a no-op."""
+    async def sweep(self, loaded: LoadedModel, day: int, stop: asyncio.Event) -> int | None:
+        """Score every user as of ``day`` (changed users in between); how many were scored, or
+        ``None`` when another replica holds the sweep (its lock is renewed with each batch, so
+        it outlives :data:`SWEEP_LOCK_S` only by dying)."""
         got = await self._redis.set(self._lock_key, self._owner, nx=True, ex=SWEEP_LOCK_S)
         if not got:
-            return 0
+            return None
         n = 0
         try:
             async for users in self.features.scan_users(self._settings.score_batch):
@@ -207,13 +252,20 @@ class Scorer:
                     return n  # not recorded as swept: the next run sweeps again
                 n += await self.score_users(loaded, users, day, trigger="sweep")
                 await self.score_changed(loaded)
+                if not await self._lock_op("renew"):
+                    log.warning("scorer: the sweep lock was lost; another replica sweeps")
+                    return n
             await self._redis.set(self._swept_key, f"{day}:{loaded.version}")
             log.info("scored %d users as of %s with model %s", n, day_date(day), loaded.version)
         finally:
-            held = await self._redis.get(self._lock_key)
-            if held is not None and _text(held) == self._owner:
-                await self._redis.delete(self._lock_key)
+            with contextlib.suppress(*AWAY):  # a Redis gone: the lock expires by itself
+                await self._lock_op("release")
         return n
+
+    async def _lock_op(self, op: str) -> bool:
+        """Renew or release the sweep lock, only if this scorer still holds it (one step)."""
+        script = _RENEW if op == "renew" else _RELEASE
+        return bool(await self._redis.eval(script, 1, self._lock_key, self._owner, SWEEP_LOCK_S))
 
     async def score_users(
         self, loaded: LoadedModel, users: Sequence[str], day: int, *, trigger: str
@@ -234,9 +286,13 @@ class Scorer:
         ids = list(features.index)
         old = await self.scores.read(ids)
         share = self._settings.alert_top_share
-        valuable_from = await self.scores.value_at_share(share)
-        if valuable_from is None:  # nobody ranked yet: the bar from this batch itself
-            valuable_from = float(np.quantile(scored["clv"].to_numpy(), 1 - share))
+        ranked, valuable_from = await self.scores.value_at_share(share)
+        if ranked < MIN_RANKED:  # too few ranked to judge by: this batch, if it is enough
+            valuable_from = (
+                float(np.quantile(scored["clv"].to_numpy(), 1 - share))
+                if len(scored) >= MIN_RANKED
+                else None
+            )
         rows, alerts = [], []
         last_ms = state.last_ts_ms
         for i, user in enumerate(ids):
@@ -256,6 +312,10 @@ class Scorer:
                 alerts.append(alert)
         await self._publish(alerts)  # before the scores: a failure in between sends them again
         await self.scores.write(rows)
+        # An erasure between the read above and the write would leave a score of nobody: the
+        # erasure removes the features first, so a score written after it finds them gone.
+        for user in await self.features.missing([u for u, _, _ in rows]):
+            await self.scores.forget(user)
         SCORED.labels(trigger).inc(len(rows))
         return len(rows)
 

@@ -63,14 +63,15 @@ class ScoreStore:
                     pipe.zrem(self.top_key(before), user)
             await pipe.execute()
 
-    async def value_at_share(self, share: float) -> float | None:
-        """The value a user needs to be in the top ``share`` of scored users (None: no scores)."""
+    async def value_at_share(self, share: float) -> tuple[int, float | None]:
+        """How many users are ranked, and the value a user needs to be in the top ``share``
+        of them (None: nobody ranked)."""
         n = await self._redis.zcard(self.top_key())
         if not n:
-            return None
+            return 0, None
         rank = max(0, min(n - 1, int(n * share) - 1))
         got = await self._redis.zrevrange(self.top_key(), rank, rank, withscores=True)
-        return float(got[0][1]) if got else None
+        return int(n), float(got[0][1]) if got else None
 
     async def top(self, limit: int, segment: str | None = None) -> tuple[int, list[dict[str, Any]]]:
         """How many users the ranking holds, and its first ``limit`` with their scores."""

@@ -43,8 +43,9 @@ async def serve_api(
 ) -> None:
     """Serve until ``stop`` is set; requests in flight are finished first."""
     sock = sock or bind(settings)
+    stopping = asyncio.Event()
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, stopping=stopping),
         log_level="warning",
         access_log=False,
         lifespan="on",
@@ -61,6 +62,10 @@ async def serve_api(
             waiting.cancel()
             task.result()
             raise ClvError(f"the API at {host}:{port} stopped: it could not start")
+        stopping.set()  # /readyz answers 503 from now: a load balancer takes it out
+        if settings.api_drain_seconds:
+            log.info("API draining for %gs (CLV_API_DRAIN_SECONDS)", settings.api_drain_seconds)
+            await asyncio.sleep(settings.api_drain_seconds)
         log.info("API stopping")
     finally:
         server.should_exit = True

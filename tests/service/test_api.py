@@ -258,3 +258,56 @@ async def test_metrics_count_requests_by_route_and_the_schema_describes_the_api(
     ):
         assert path in schema["paths"], path
     assert "churn_risk" in schema["components"]["schemas"]["ClvAnswer"]["properties"]
+
+
+async def test_an_id_with_a_slash_is_read_and_erased_and_bad_utf8_is_a_422(
+    api: httpx.AsyncClient, store: FeatureStore
+) -> None:
+    # Fails if {user_id} stops at the "/": the contract's ids may hold one, sent as %2F.
+    await apply(store, purchases("a/b", REGULAR))
+    answer = await api.get("/users/a%2Fb/clv", params={"as_of": "1997-09-30"})
+    assert answer.status_code == 200 and answer.json()["user_id"] == "a/b"
+    assert (await api.delete("/users/a%2Fb")).status_code == 204
+    assert await store.read_state("a/b") is None
+    for path in ("/users/%FF/clv", "/users/%ED%A0%80/clv"):
+        bad = await api.get(path)
+        assert bad.status_code == 422 and "user id must be" in bad.json()["detail"]
+
+
+async def test_a_model_that_fails_on_a_user_is_a_503_with_json(
+    api: httpx.AsyncClient, store: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clv.errors import ModelError
+    from training.models.btyd import BGNBDGammaGamma
+
+    def broken(self: object, features: object, horizon_days: int) -> object:
+        raise ModelError("predicted_value is not finite for 1 of 1 customers")
+
+    await apply(store, purchases("u1", REGULAR))
+    monkeypatch.setattr(BGNBDGammaGamma, "predict", broken)
+    answer = await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})
+    assert answer.status_code == 503
+    assert answer.json()["detail"].startswith("the model could not score this user:")
+
+
+async def test_readyz_says_not_ready_while_the_api_drains_after_a_stop(
+    api_settings: Settings,
+) -> None:
+    settings = api_settings.model_copy(update={"api_drain_seconds": 30})
+    stop = asyncio.Event()
+    task = await start_api(settings, stop)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}") as api:
+            assert (await api.get("/readyz")).status_code == 200
+            stop.set()
+            for _ in range(100):  # a bound, not a timing
+                ready = await api.get("/readyz")
+                if ready.status_code == 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready.status_code == 503 and "shutting down" in ready.json()["stopping"]
+            assert (await api.get("/healthz")).status_code == 200  # still answering
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

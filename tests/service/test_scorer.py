@@ -102,8 +102,11 @@ def scorer_settings(broker: LocalProcess, redis_server: LocalProcess, model_dir)
 
 @pytest.mark.integration
 async def test_scores_rankings_and_one_alert_per_drop_as_time_passes(
-    scorer_settings: Settings,
+    scorer_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import service.scorer
+
+    monkeypatch.setattr(service.scorer, "MIN_RANKED", 2)  # four customers judge the valuable
     settings = scorer_settings
     await ensure_topics(settings)
     redis = connect(settings.redis_url)
@@ -185,3 +188,140 @@ async def test_the_feature_consumers_mark_the_users_whose_events_they_applied(
         assert await store.take_changed(100) == ["m1", "m2"]
     finally:
         await redis.aclose()
+
+
+@pytest.fixture
+async def scorer(scorer_settings: Settings):  # type: ignore[no-untyped-def]
+    """A scorer on real Redis and broker, with the fitted champion, and its feature store."""
+    await ensure_topics(scorer_settings)
+    redis = connect(scorer_settings.redis_url)
+    producer = make_producer(scorer_settings)
+    await producer.start()
+    champion = Champion(scorer_settings.model_dir)
+    await champion.refresh()
+    try:
+        yield Scorer(scorer_settings, redis, champion, producer), champion
+    finally:
+        await producer.stop()
+        await redis.aclose()
+
+
+@pytest.mark.integration
+async def test_a_scorer_rests_while_another_replica_sweeps(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Fails if it spins: with the lock held elsewhere, each round went straight to the next.
+    import service.scorer
+
+    s, _ = scorer
+    await apply(s.features, purchases("u1", [CUTOFF]))
+    await s._redis.set(s._lock_key, "another-replica")
+    rounds: list[str] = []
+    stop = asyncio.Event()
+    real_step = s._step
+
+    async def step(loaded, stop_):  # type: ignore[no-untyped-def]
+        rounds.append("step")
+        if rounds.count("step") >= 5:
+            stop.set()
+        return await real_step(loaded, stop_)
+
+    async def rest(stop_, seconds):  # type: ignore[no-untyped-def]
+        rounds.append("rest")
+
+    monkeypatch.setattr(s, "_step", step)
+    monkeypatch.setattr(service.scorer, "_rest", rest)
+    await asyncio.wait_for(s.run(stop), 60)
+    assert rounds[:8] == ["step", "rest"] * 4
+
+
+@pytest.mark.integration
+async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    import service.scorer
+
+    s, champion = scorer
+    await apply(s.features, purchases("u1", [CUTOFF]) + purchases("u2", [CUTOFF]))
+    await s.features.mark_changed(["u1", "u2"])
+    real_write = s.scores.write
+    failures = [RedisConnectionError("Redis blip")]
+
+    async def write(rows):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        await real_write(rows)
+
+    monkeypatch.setattr(s.scores, "write", write)
+    with pytest.raises(RedisConnectionError):
+        await s.score_changed(champion.loaded)
+    assert sorted(await s._redis.smembers(s.features.changed_key())) == [b"u1", b"u2"]
+    # the loop waits the failure out and scores them on the next round
+    failures.append(RedisConnectionError("Redis blip"))
+    stop = asyncio.Event()
+    pauses: list[float] = []
+
+    async def rest(stop_, seconds):  # type: ignore[no-untyped-def]
+        pauses.append(seconds)
+        if len(pauses) >= 2:
+            stop.set()
+
+    monkeypatch.setattr(service.scorer, "_rest", rest)
+    await asyncio.wait_for(s.run(stop), 60)
+    stored = await s.scores.read(["u1", "u2"])
+    assert all(x is not None for x in stored)
+    assert pauses[0] == service.scorer.IDLE_S  # the first retry after one pause
+
+
+@pytest.mark.integration
+async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    s, champion = scorer
+    await apply(s.features, purchases("gone", [CUTOFF]) + purchases("kept", [CUTOFF]))
+    real_read = s.scores.read
+
+    async def read(users):  # type: ignore[no-untyped-def]
+        old = await real_read(users)
+        await s.features.forget("gone")  # DELETE /users/gone, between the read and the write
+        await s.scores.forget("gone")
+        return old
+
+    monkeypatch.setattr(s.scores, "read", read)
+    await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
+    gone, kept = await real_read(["gone", "kept"])
+    assert gone is None and kept is not None
+    count, top = await s.scores.top(10)
+    assert count == 1 and [u["user_id"] for u in top] == ["kept"]
+
+
+@pytest.mark.integration
+async def test_a_small_first_batch_judges_nobody_valuable(scorer) -> None:  # type: ignore[no-untyped-def]
+    s, champion = scorer
+    await apply(s.features, purchases("first", [CUTOFF - 30 * i for i in range(4)]))
+    await s.score_users(champion.loaded, ["first"], CUTOFF, trigger="events")
+    [stored] = await s.scores.read(["first"])
+    assert stored is not None and stored["ref_valuable"] == "0"
+
+
+@pytest.mark.integration
+async def test_a_sweep_whose_lock_is_taken_over_stops_and_leaves_the_lock(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    s, champion = scorer
+    await apply(s.features, [e for u in range(5) for e in purchases(f"u{u}", [CUTOFF])])
+    real = s.score_users
+
+    async def taken_over(*args, **kw):  # type: ignore[no-untyped-def]
+        n = await real(*args, **kw)
+        await s._redis.set(s._lock_key, "another-replica")  # ours expired, another took it
+        return n
+
+    monkeypatch.setattr(s, "score_users", taken_over)
+    swept = await s.sweep(champion.loaded, CUTOFF, asyncio.Event())
+    assert swept == 5  # the batch in hand, then it stopped
+    assert await s._redis.get(s._lock_key) == b"another-replica"  # not deleted by us
+    assert await s._redis.get(s._swept_key) is None  # not recorded as swept
+    # with the lock free, a sweep takes it, scores everyone and releases it
+    monkeypatch.setattr(s, "score_users", real)
+    await s._redis.delete(s._lock_key)
+    assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 5
+    assert await s._redis.get(s._lock_key) is None
