@@ -122,7 +122,9 @@ def _wrk(url: str, seconds: float, concurrency: int, script: Path | None = None)
     args = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
     if script is not None:
         args += ["-s", str(script)]
-    done = subprocess.run([*args, url], capture_output=True, text=True, check=True)
+    done = subprocess.run([*args, url], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}{done.stderr}")
     if "Non-2xx" in done.stdout:
         raise RuntimeError(f"answers other than 200:\n{done.stdout}")
     for line in done.stdout.splitlines():

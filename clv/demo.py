@@ -72,8 +72,11 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
         finished.append(True)
         # CDNOW ended in 1998: by the wall clock every window is empty, so the event clock
         hint = (
-            "[bold]CLV_CLOCK=event .venv/bin/clv features 00001[/bold] (as of the data's last "
-            "day) or [bold].venv/bin/clv features 00001 --as-of 1997-06-30[/bold]"
+            f"[bold]export CLV_CLOCK=event[/bold] first (the data ends in 1998: every command "
+            "against this stack must read 'now' from the events, as the demo does; a scorer "
+            "with the wall clock is refused), then [bold].venv/bin/clv features 00001[/bold] "
+            "or [bold]curl "
+            f"{_api_url(settings)}/users/00001/clv[/bold]"
         )
         if keep_running:
             console.print(f"still running; in another terminal try {hint}", soft_wrap=True)
@@ -245,7 +248,7 @@ async def _show_api(
             "explanation",
         )
     }
-    console.print(f"[bold]{title}[/bold]")
+    console.print(f"[bold]{title}[/bold] (abridged: the features and times left out)")
     console.print_json(data=shown)
 
 
@@ -333,7 +336,7 @@ async def _train_and_score(settings: Settings, online: pd.DataFrame, replayed: p
         )
     await train_champion(settings, until=SPLIT)
     champion = await asyncio.to_thread(load_champion, settings.model_dir)
-    horizon = champion.horizon_days
+    horizon = settings.horizon_days  # as the API and the scorer forecast (CLV_HORIZON_DAYS)
     pred = champion.model.predict(online[list(FEATURE_NAMES)], horizon)
     title = (
         f"champion {champion.version} ({champion.metadata['model_name']}): "

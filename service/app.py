@@ -21,13 +21,15 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisClusterException, RedisError
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clv.errors import ClvError, ModelError
@@ -39,7 +41,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
-from service.scoring import SEGMENTS, Batcher
+from service.scoring import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,24 @@ class TopAnswer(BaseModel):
     users: list[RankedUser]
 
 
+class _UserIdConvertor(Convertor[str]):
+    """A user id in a path: any characters, "/" (sent as %2F) and line feeds too, so that
+    every id reaches the check that answers a malformed one with a 422, not a route's 404."""
+
+    regex = r"[\s\S]+?"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("user_id", _UserIdConvertor())
+
+Segment = Literal["prospect", "new", "active", "at_risk", "lost"]
+
+
 class Detail(BaseModel):
     detail: str
 
@@ -124,7 +144,10 @@ def _surrogates(text: str) -> bool:
 
 
 def _as_of(
-    as_of: Annotated[str | None, Query(description="YYYY-MM-DD (default: now)")] = None,
+    as_of: Annotated[
+        str | None,
+        Query(description="YYYY-MM-DD (default: now)", json_schema_extra={"format": "date"}),
+    ] = None,
 ) -> dt.date | None:
     if as_of is None:
         return None
@@ -182,6 +205,16 @@ def create_app(
         except ModelError as exc:
             log.warning("no model to serve: %s", exc)
         app.state.redis, app.state.champion = redis, champion
+        with contextlib.suppress(RedisError, RedisClusterException, ConnectionError, OSError):
+            raw = await redis.get(f"{settings.key_prefix}:clock")
+            recorded = raw.decode() if isinstance(raw, bytes) else raw
+            if recorded is not None and recorded != settings.clock:
+                log.warning(
+                    "the scores in this Redis follow CLV_CLOCK=%s, this API CLV_CLOCK=%s: a "
+                    "request without as_of is answered as of another day than /users/top's",
+                    recorded,
+                    settings.clock,
+                )
         app.state.store = FeatureStore(redis, prefix=settings.key_prefix)
         app.state.scores = ScoreStore(redis, prefix=settings.key_prefix)
         app.state.batcher = Batcher(settings.horizon_days)
@@ -200,10 +233,17 @@ def create_app(
         title="clv",
         summary="Customer lifetime value, scored from streaming order events.",
         lifespan=lifespan,
-        responses={422: {"model": Detail}},
     )
 
     app.add_middleware(_Counted)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """One line, as every other error here (FastAPI's own is a list of objects)."""
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or "request"
+        given = f" (got {first['input']!r})" if "input" in first else ""
+        return JSONResponse({"detail": f"{where}: {first.get('msg')}{given}"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -224,9 +264,9 @@ def create_app(
             )
 
     @app.get(
-        "/users/{user_id:path}/clv",  # (:path: an id may hold a "/", as "%2F")
+        "/users/{user_id:user_id}/clv",  # (an id may hold "/" as "%2F", even a line feed)
         response_model=ClvAnswer,
-        responses={404: {"model": Detail}, 503: {"model": Detail}},
+        responses={404: {"model": Detail}, 422: {"model": Detail}, 503: {"model": Detail}},
     )
     async def user_clv(
         request: Request,
@@ -274,19 +314,15 @@ def create_app(
 
     @app.get(
         "/users/top",
-        responses={422: {"model": Detail}},
+        responses={422: {"model": Detail}, 503: {"model": Detail}},
     )
     async def top_users(
         request: Request,
         limit: Annotated[int, Query(ge=1, le=MAX_TOP, description="how many")] = 10,
-        segment: Annotated[
-            str | None, Query(description=f"one of {', '.join(SEGMENTS)} (default: all)")
-        ] = None,
+        segment: Annotated[Segment | None, Query(description="the segment (default: all)")] = None,
     ) -> TopAnswer:
         """The highest-value users (or a segment's) by their latest stored score (the scorer
         keeps them current: README "Scores and alerts")."""
-        if segment is not None and segment not in SEGMENTS:
-            raise HTTPException(422, f"segment {segment!r} is none of {', '.join(SEGMENTS)}")
         try:
             count, users = await request.app.state.scores.top(limit, segment)
         except (RedisError, RedisClusterException, ConnectionError) as exc:
@@ -294,10 +330,15 @@ def create_app(
         return TopAnswer(segment=segment, limit=limit, ranked_users=count, users=users)
 
     @app.delete(
-        "/users/{user_id:path}",
+        "/users/{user_id:user_id}",
         status_code=204,
         dependencies=[Depends(admin)],
-        responses={401: {"model": Detail}, 404: {"model": Detail}, 503: {"model": Detail}},
+        responses={
+            401: {"model": Detail},
+            404: {"model": Detail},
+            422: {"model": Detail},
+            503: {"model": Detail},
+        },
     )
     async def erase_user(request: Request, user_id: Annotated[str, Depends(_user_id)]) -> Response:
         """Erase the user from the online store: features, seen event ids, scores, rankings and
@@ -312,11 +353,13 @@ def create_app(
             raise HTTPException(404, f"unknown user {user_id!r}: nothing to erase")
         return Response(status_code=204)
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is alive."""
         return {"status": "ok"}
 
+    @app.head("/readyz", include_in_schema=False)
     @app.get("/readyz", responses={503: {"description": "not ready, and why"}})
     async def readyz(request: Request) -> JSONResponse:
         """Redis answers and a model is loaded."""

@@ -49,7 +49,8 @@ class Champion:
                 loaded = await asyncio.to_thread(self.registry.load_champion)
             except ModelError as exc:
                 self.problem = str(exc)
-                RELOADS.labels("failed").inc()
+                if not isinstance(exc, NoChampion):  # (no champion yet is no failed load)
+                    RELOADS.labels("failed").inc()
                 raise
             changed = self.loaded is None or self.loaded.version != loaded.version
             self.loaded, self.problem = loaded, None

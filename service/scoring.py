@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,6 +167,9 @@ class Batcher:
             asyncio.Queue()
         )
         self._worker: asyncio.Task[None] | None = None
+        # A thread of its own: requests for past dates read the event log in the default
+        # pool (0.65 s each), and scoring behind them waited 13.8 s instead of 0.04 s.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clv-score")
 
     async def score(self, loaded: LoadedModel, features: pd.DataFrame) -> Score:
         if self._worker is None or self._worker.done():
@@ -179,6 +183,7 @@ class Batcher:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        self._thread.shutdown(wait=False)
 
     async def _work(self) -> None:
         while True:
@@ -193,8 +198,12 @@ class Batcher:
                 if not waiting:
                     continue
                 try:
-                    scores = await asyncio.to_thread(
-                        score_each, waiting[0][0], [i[1] for i in waiting], self._horizon
+                    scores = await asyncio.get_running_loop().run_in_executor(
+                        self._thread,
+                        score_each,
+                        waiting[0][0],
+                        [i[1] for i in waiting],
+                        self._horizon,
                     )
                 except Exception as exc:  # every request of the call hears it
                     for _, _, fut in waiting:

@@ -524,6 +524,11 @@ def _train(
             later = int((raw["day"] > until_day).sum())
             raw = raw[raw["day"] <= until_day].reset_index(drop=True)
             say(f"--until {day_date(until_day)}: {later:,} later events left out")
+        if until_day is not None and not (raw["type"] == "purchase").any():
+            raise TrainingError(
+                f"no purchase events dated on or before {day_date(until_day)} in the event log "
+                f"at {root} ({later:,} after it)"
+            )
         if raw.empty or not (raw["type"] == "purchase").any():
             raise TrainingError(
                 f"no purchase events in the event log at {root}: nothing to train on "

@@ -117,7 +117,9 @@ async def test_a_date_before_the_latest_event_is_read_from_the_event_log(
         ("/users/u1/clv?as_of=19970101", 422, "is not a date (YYYY-MM-DD)"),
         ("/users/top?limit=0", 422, None),
         ("/users/top?limit=abc", 422, None),
-        ("/users/top?segment=vip", 422, "segment 'vip' is none of"),
+        ("/users/top?segment=vip", 422, "segment: Input should be 'prospect', 'new'"),
+        ("/users/top?limit=abc", 422, "limit: Input should be a valid integer"),
+        ("/users/a%0Ab/clv", 422, "user id must be"),  # a line feed: the id's 422, no 404
         ("/no/such/path", 404, "Not Found"),
     ],
 )
@@ -128,6 +130,7 @@ async def test_bad_input_is_a_4xx_with_a_json_body(
     answer = await api.get(path)
     assert answer.status_code == status
     assert answer.headers["content-type"] == "application/json"
+    assert isinstance(answer.json()["detail"], str)  # one line, as the schema says
     if detail is not None:
         assert detail in answer.json()["detail"]
 
@@ -311,3 +314,18 @@ async def test_readyz_says_not_ready_while_the_api_drains_after_a_stop(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_the_schema_gives_the_segments_and_the_date_and_health_answers_head(
+    api: httpx.AsyncClient,
+) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    params = {p["name"]: p for p in schema["paths"]["/users/top"]["get"]["parameters"]}
+    segment = params["segment"]["schema"]["anyOf"][0]
+    from service.scoring import SEGMENTS
+
+    assert segment["enum"] == list(SEGMENTS)
+    clv = {p["name"]: p for p in schema["paths"]["/users/{user_id}/clv"]["get"]["parameters"]}
+    assert clv["as_of"]["schema"]["format"] == "date"
+    assert "422" not in schema["paths"]["/healthz"]["get"]["responses"]
+    assert (await api.head("/healthz")).status_code == 200

@@ -70,3 +70,20 @@ def test_score_without_redis_is_one_line(broker: LocalProcess, api_settings: Set
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("clv: error: cannot reach a server:") and "CLV_REDIS_URL" in line
+
+
+def test_serve_on_a_host_that_does_not_resolve_is_one_line(api_settings: Settings) -> None:
+    done = clv(api_settings.model_copy(update={"api_host": "no-such-host.invalid"}), "serve")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("clv: error: cannot serve the API at no-such-host.invalid:")
+    assert "Unknown error" not in line
+
+
+def test_the_api_socket_sends_answers_without_waiting_on_nagle(api_settings: Settings) -> None:
+    # Fails without TCP_NODELAY: asyncio sets it only on servers it binds itself, and each
+    # answer waited on the client's delayed ACK (/healthz at a sixth of its rate).
+    from service.server import bind
+
+    with bind(api_settings) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -325,3 +325,17 @@ async def test_a_sweep_whose_lock_is_taken_over_stops_and_leaves_the_lock(
     await s._redis.delete(s._lock_key)
     assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 5
     assert await s._redis.get(s._lock_key) is None
+
+
+@pytest.mark.integration
+async def test_a_scorer_on_another_clock_than_the_scores_is_refused(scorer) -> None:  # type: ignore[no-untyped-def]
+    from clv.errors import ClvError
+
+    s, _ = scorer
+    await s.check_clock()  # the first records its clock (wall)
+    await s.check_clock()  # and the same clock goes on
+    other = Scorer(
+        s._settings.model_copy(update={"clock": "event"}), s._redis, s._champion, s._producer
+    )
+    with pytest.raises(ClvError, match=r"follow CLV_CLOCK=wall .* this one has CLV_CLOCK=event"):
+        await other.check_clock()

@@ -86,3 +86,26 @@ async def test_the_batcher_scores_concurrent_requests_in_fewer_calls_and_passes_
         assert await batcher.score(champion, users[2]) == got[2]  # and the worker goes on
     finally:
         await batcher.close()
+
+
+async def test_scoring_does_not_wait_behind_reads_of_the_event_log(
+    champion: LoadedModel, features: pd.DataFrame
+) -> None:
+    # Fails if scoring shares the default thread pool: with every one of its threads busy
+    # (reads of the event log for past dates), a request waited for them all.
+    import threading
+
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    pool = loop._default_executor  # type: ignore[attr-defined]
+    workers = getattr(pool, "_max_workers", None) or 32
+    blocked = [asyncio.to_thread(release.wait) for _ in range(workers)]
+    tasks = [asyncio.ensure_future(b) for b in blocked]
+    batcher = Batcher(365)
+    try:
+        got = await asyncio.wait_for(batcher.score(champion, features.iloc[[0]]), 30)
+        assert got == score(champion, features.iloc[[0]], 365)
+    finally:
+        release.set()
+        await asyncio.gather(*tasks)
+        await batcher.close()

@@ -1763,3 +1763,16 @@ def test_cli_until_must_be_a_date_and_not_with_every(
     assert "--until '2023-13-01' is not a date (YYYY-MM-DD)" in capsys.readouterr().err
     assert main(["train", "--every", "60", "--until", "2023-12-01"]) == 2
     assert "--every takes no --until" in capsys.readouterr().err
+
+
+def test_until_before_the_first_purchase_says_so(tmp_path: Path, events: pd.DataFrame) -> None:
+    from feature_store.features import day_number
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, events)
+    with pytest.raises(TrainingError) as info:
+        train(settings, progress=False, candidates=FAST, until_day=day_number(dt.date(2020, 1, 1)))
+    assert str(info.value) == (
+        f"no purchase events dated on or before 2020-01-01 in the event log at "
+        f"{settings.event_log_dir} ({len(events):,} after it)"
+    )
