@@ -45,7 +45,7 @@ from feature_store.features import compute_features, day_date
 from feature_store.redis_store import AnyRedis, FeatureStore
 from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
-from service.scoring import score_many
+from service.scoring import score_many, scoring_thread
 from training.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,10 @@ class Scorer:
         self.scores = ScoreStore(redis, prefix=settings.key_prefix)
         self._owner = uuid.uuid4().hex
         self.alerts_sent = 0
+        self._thread = scoring_thread("clv-scorer")
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
 
     @property
     def _swept_key(self) -> str:
@@ -312,7 +316,9 @@ class Scorer:
         features = compute_features(state, as_of)
         horizon = self._settings.horizon_days
         try:
-            scored = await asyncio.to_thread(score_many, loaded, features, horizon)
+            scored = await asyncio.get_running_loop().run_in_executor(
+                self._thread, score_many, loaded, features, horizon
+            )
         except ClvError as exc:  # a model that fails on these users: said; the rest go on
             log.error("model %s could not score %d users: %s", loaded.version, len(users), exc)
             return 0
@@ -393,9 +399,11 @@ async def run_scorer(
     except ClvError as exc:
         log.warning("no model to score with: %s", exc)
     watch = asyncio.create_task(champion.watch(poll_s))
+    scorer = Scorer(settings, redis, champion, producer)
     try:
-        await Scorer(settings, redis, champion, producer).run(stop)
+        await scorer.run(stop)
     finally:
+        scorer.close()
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watch

@@ -26,10 +26,12 @@ import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from training import threads
 from training.registry import LoadedModel
 
 NEW_DAYS = 30
@@ -88,21 +90,26 @@ def score_many(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -
     )
 
 
-def _counterfactuals(row: pd.Series) -> dict[str, tuple[float, dict[str, int | float]]]:
-    """Each factor that applies to this customer: its value, and the features changed to
-    those of a customer who just bought (each of the column's own type)."""
-    out: dict[str, tuple[float, dict[str, int | float]]] = {}
-    if row["purchase_days"] <= 0:
-        return out
-    since_last = float(row["age_days"] - row["recency_days"])
-    if since_last > 0:
-        out["days_since_last_order"] = (since_last, {"age_days": int(row["recency_days"])})
-    if row["frequency"] > 0:
-        out["repeat_purchase_days"] = (
-            float(row["frequency"]),
-            {"frequency": 0, "purchase_days": 1, "recency_days": 0, "avg_repeat_value": 0.0},
-        )
-    return out
+def _since_last(f: pd.DataFrame) -> np.ndarray:
+    return (f["age_days"] - f["recency_days"]).to_numpy(dtype=np.float64)
+
+
+#: The explanation's factors: each one's value for a customer, whether it applies, and the
+#: features changed to those of a customer who just bought (each column keeps its type).
+FACTORS: tuple[tuple[str, Any, Any, Any], ...] = (
+    (
+        "days_since_last_order",
+        _since_last,
+        lambda f: (f["purchase_days"].to_numpy() > 0) & (_since_last(f) > 0),
+        lambda f: {"age_days": f["recency_days"].to_numpy()},  # as of the last purchase day
+    ),
+    (
+        "repeat_purchase_days",
+        lambda f: f["frequency"].to_numpy(dtype=np.float64),
+        lambda f: (f["purchase_days"].to_numpy() > 0) & (f["frequency"].to_numpy() > 0),
+        lambda f: {"frequency": 0, "purchase_days": 1, "recency_days": 0, "avg_repeat_value": 0.0},
+    ),
+)
 
 
 def score_each(
@@ -110,38 +117,46 @@ def score_each(
 ) -> list[Score]:
     """Score each of ``users`` (one-row frames of ``compute_features``), with explanations, in
     one predict call: a call's fixed cost (tens of milliseconds for a hybrid model, most of it
-    pandas) is far above a row's, so the API scores the requests in hand together."""
-    rows: list[pd.DataFrame] = []
-    plans = []
+    pandas) is far above a row's, so the API scores the requests in hand together. The frame
+    holds every user as they are, then every user once per factor with that factor changed
+    (built column-wise: per-user frame edits cost more than the scoring)."""
     for features in users:
         if len(features) != 1:
             raise ValueError(f"one user's features per frame, not {len(features)} rows")
-        cfs = _counterfactuals(features.iloc[0])
-        block = pd.concat([features] * (1 + len(cfs)), ignore_index=True)
-        for i, (_, changes) in enumerate(cfs.values(), start=1):
-            for name, value in changes.items():
-                block.loc[i, name] = value
-        plans.append((sum(len(r) for r in rows), cfs))
-        rows.append(block)
-    frame = pd.concat(rows, ignore_index=True)
+    base = pd.concat(users, ignore_index=True)
+    n = len(base)
+    blocks = [base]
+    for _, _, _, changes in FACTORS:
+        block = base.copy()
+        for name, value in changes(base).items():
+            block[name] = value
+        blocks.append(block)
+    frame = pd.concat(blocks, ignore_index=True)
     frame.index = pd.Index([f"#{i}" for i in range(len(frame))], name=users[0].index.name)
     scored = score_many(loaded, frame, horizon_days)
     value = scored["clv"].to_numpy(dtype=np.float64)
+    own = scored.iloc[:n]
+    values = [(name, of(base), applies(base)) for name, of, applies, _ in FACTORS]
     out = []
-    for start, cfs in plans:
+    for i in range(n):
         explanation: list[dict[str, object]] = [
-            {"factor": name, "value": v, "effect": round(float(value[start] - value[start + i]), 2)}
-            for i, (name, (v, _)) in enumerate(cfs.items(), start=1)
+            {
+                "factor": name,
+                "value": float(v[i]),
+                "effect": round(value[i] - value[(k + 1) * n + i], 2),
+            }
+            for k, (name, v, applies) in enumerate(values)
+            if applies[i]
         ]
         explanation.sort(key=lambda e: -abs(float(e["effect"])))  # type: ignore[arg-type]
-        first = scored.iloc[start]
+        row = own.iloc[i]
         out.append(
             Score(
-                clv=float(first["clv"]),
-                expected_orders=float(first["expected_orders"]),
-                p_alive=float(first["p_alive"]),
-                churn_risk=float(first["churn_risk"]),
-                segment=str(first["segment"]),
+                clv=float(row["clv"]),
+                expected_orders=float(row["expected_orders"]),
+                p_alive=float(row["p_alive"]),
+                churn_risk=float(row["churn_risk"]),
+                segment=str(row["segment"]),
                 explanation=explanation,
             )
         )
@@ -153,6 +168,15 @@ def score(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -> Sco
     explanation."""
     [one] = score_each(loaded, [features], horizon_days)
     return one
+
+
+def scoring_thread(name: str) -> ThreadPoolExecutor:
+    """One thread to score in, its numeric pools at one thread each unless the environment
+    says otherwise (:mod:`training.threads`: HistGradientBoosting's OpenMP workers spin while
+    they wait, at a great cost on cores busy with anything else)."""
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=name, initializer=threads.one_thread_unless_set
+    )
 
 
 class Batcher:
@@ -169,7 +193,7 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         # A thread of its own: requests for past dates read the event log in the default
         # pool (0.65 s each), and scoring behind them waited 13.8 s instead of 0.04 s.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clv-score")
+        self._thread = scoring_thread("clv-score")
 
     async def score(self, loaded: LoadedModel, features: pd.DataFrame) -> Score:
         if self._worker is None or self._worker.done():

@@ -199,9 +199,11 @@ async def scorer(scorer_settings: Settings):  # type: ignore[no-untyped-def]
     await producer.start()
     champion = Champion(scorer_settings.model_dir)
     await champion.refresh()
+    s = Scorer(scorer_settings, redis, champion, producer)
     try:
-        yield Scorer(scorer_settings, redis, champion, producer), champion
+        yield s, champion
     finally:
+        s.close()
         await producer.stop()
         await redis.aclose()
 

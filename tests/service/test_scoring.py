@@ -109,3 +109,35 @@ async def test_scoring_does_not_wait_behind_reads_of_the_event_log(
         release.set()
         await asyncio.gather(*tasks)
         await batcher.close()
+
+
+def test_each_effect_is_the_value_less_the_models_value_with_that_factor_changed(
+    champion: LoadedModel, features: pd.DataFrame
+) -> None:
+    # Computed here row by row with the model itself, against the column-wise batch.
+    repeat = features[
+        (features["frequency"] > 2) & (features["age_days"] > features["recency_days"])
+    ]
+    users = [repeat.iloc[[i]] for i in range(3)] + [features[features["frequency"] == 0].iloc[[0]]]
+    got = score_each(champion, users, 365)
+    for user, s in zip(users, got, strict=True):
+        value = champion.model.predict(user, 365)["predicted_value"].iloc[0]
+        as_of_last = user.copy()
+        as_of_last["age_days"] = user["recency_days"]
+        once = user.copy()
+        once[["frequency", "purchase_days", "recency_days"]] = [0, 1, 0]
+        once["avg_repeat_value"] = 0.0
+        expect = {
+            "days_since_last_order": value
+            - champion.model.predict(as_of_last, 365)["predicted_value"].iloc[0],
+            "repeat_purchase_days": value
+            - champion.model.predict(once, 365)["predicted_value"].iloc[0],
+        }
+        row = user.iloc[0]
+        if row["frequency"] == 0:
+            del expect["repeat_purchase_days"]
+        effects = {e["factor"]: e["effect"] for e in s.explanation}
+        assert effects.keys() == expect.keys()
+        for name, effect in effects.items():
+            assert effect == pytest.approx(expect[name], abs=0.011)  # both rounded to cents
+        assert abs(s.explanation[0]["effect"]) >= abs(s.explanation[-1]["effect"])
