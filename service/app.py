@@ -41,7 +41,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
-from service.scoring import Batcher
+from service.scoring import Batcher, Stopping
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,15 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _user_id(user_id: str) -> str:
-    # U+FFFD and lone surrogates: bytes of the path that were no UTF-8 (%FF)
-    if not valid_user_id(user_id) or "\ufffd" in user_id or _surrogates(user_id):
+def _user_id(request: Request, user_id: str) -> str:
+    # U+FFFD and lone surrogates: bytes of the path that were no UTF-8 (%FF). A path that ends
+    # in a line feed: a route's "$" matches before it, so the id (or "/clv") came without it.
+    if (
+        not valid_user_id(user_id)
+        or "\ufffd" in user_id
+        or _surrogates(user_id)
+        or request.scope["path"].endswith("\n")
+    ):
         raise HTTPException(422, "user id must be 1 to 128 printable characters, no white space")
     return user_id
 
@@ -291,6 +297,8 @@ def create_app(
             raise HTTPException(404, f"unknown user {user_id!r}: no events")
         try:
             s = await request.app.state.batcher.score(loaded, found.frame)
+        except Stopping as exc:
+            raise HTTPException(503, str(exc)) from None
         except ClvError as exc:  # a forecast that is not a number: the model's, not the input's
             raise HTTPException(503, f"the model could not score this user: {exc}") from None
         record = found.record()

@@ -205,7 +205,6 @@ class Scorer:
         """Score changed users, and sweep each new day and model, until ``stop``. Redis or the
         broker away is waited out (said once, retried with a growing pause): the marks taken
         are put back, and an alert published again keeps its id."""
-        await self.check_clock()
         log.info(
             "scorer started (CLV_CLOCK=%s; alerts to %s when a customer in the top %g%% "
             "drops %g%%)",
@@ -214,18 +213,22 @@ class Scorer:
             self._settings.alert_top_share * 100,
             self._settings.alert_drop_pct,
         )
+        clock_checked = False  # (checked in the loop: a Redis away is waited out there too)
         said_waiting = False
         said_error: str | None = None
         pause = IDLE_S
         while not stop.is_set():
             loaded = self._champion.loaded
-            if loaded is None:
-                if not said_waiting:
-                    log.info("scorer waiting for a champion model (`clv train`)")
-                    said_waiting = True
-                await _rest(stop, 1.0)
-                continue
             try:
+                if not clock_checked:
+                    await self.check_clock()  # another clock: a ClvError, which ends it
+                    clock_checked = True
+                if loaded is None:
+                    if not said_waiting:
+                        log.info("scorer waiting for a champion model (`clv train`)")
+                        said_waiting = True
+                    await _rest(stop, 1.0)
+                    continue
                 busy = await self._step(loaded, stop)
             except AWAY as exc:
                 if str(exc) != said_error:

@@ -47,7 +47,7 @@ def _reason(exc: OSError) -> str:
     """What went wrong, without the socket module's "(while attempting to bind ...)"; a host
     name that does not resolve has a negative errno, which ``os.strerror`` does not know."""
     if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
-        return exc.strerror or str(exc)
+        return (exc.strerror or str(exc)).split(" (while attempting", 1)[0]
     return os.strerror(exc.errno)
 
 

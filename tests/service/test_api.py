@@ -329,3 +329,14 @@ async def test_the_schema_gives_the_segments_and_the_date_and_health_answers_hea
     assert clv["as_of"]["schema"]["format"] == "date"
     assert "422" not in schema["paths"]["/healthz"]["get"]["responses"]
     assert (await api.head("/healthz")).status_code == 200
+
+
+async def test_a_path_ending_in_a_line_feed_is_a_422_and_erases_nobody(
+    api: httpx.AsyncClient, store: FeatureStore
+) -> None:
+    # Fails if the route's "$" drops the line feed: DELETE /users/x%0A erased user x.
+    await apply(store, purchases("x", REGULAR))
+    for method, path in (("DELETE", "/users/x%0A"), ("GET", "/users/x/clv%0A")):
+        answer = await api.request(method, path)
+        assert answer.status_code == 422, (method, path, answer.text)
+    assert await store.read_state("x") is not None

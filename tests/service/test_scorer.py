@@ -341,3 +341,32 @@ async def test_a_scorer_on_another_clock_than_the_scores_is_refused(scorer) -> N
     )
     with pytest.raises(ClvError, match=r"follow CLV_CLOCK=wall .* this one has CLV_CLOCK=event"):
         await other.check_clock()
+
+
+@pytest.mark.integration
+async def test_a_redis_away_at_the_clock_check_is_waited_out(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    import service.scorer
+
+    s, _ = scorer
+    real = s.check_clock
+    calls: list[str] = []
+
+    async def check() -> None:
+        calls.append("check")
+        if len(calls) == 1:
+            raise RedisConnectionError("Redis not there yet")
+        await real()
+
+    stop = asyncio.Event()
+
+    async def rest(stop_, seconds):  # type: ignore[no-untyped-def]
+        calls.append("rest")
+        if calls.count("rest") >= 2:
+            stop.set()
+
+    monkeypatch.setattr(s, "check_clock", check)
+    monkeypatch.setattr(service.scorer, "_rest", rest)
+    await asyncio.wait_for(s.run(stop), 60)  # not ended by the ConnectionError
+    assert calls[:3] == ["check", "rest", "check"]

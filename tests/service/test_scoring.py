@@ -82,7 +82,8 @@ async def test_the_batcher_scores_concurrent_requests_in_fewer_calls_and_passes_
         results = await asyncio.gather(
             batcher.score(champion, bad), batcher.score(champion, users[1]), return_exceptions=True
         )
-        assert isinstance(results[0], ValueError)  # the call's failure reaches its requests
+        assert isinstance(results[0], ValueError)  # the failure reaches its request
+        assert results[1] == alone[1]  # and only that one: the others are scored alone
         assert await batcher.score(champion, users[2]) == got[2]  # and the worker goes on
     finally:
         await batcher.close()
@@ -141,3 +142,32 @@ def test_each_effect_is_the_value_less_the_models_value_with_that_factor_changed
         for name, effect in effects.items():
             assert effect == pytest.approx(expect[name], abs=0.011)  # both rounded to cents
         assert abs(s.explanation[0]["effect"]) >= abs(s.explanation[-1]["effect"])
+
+
+async def test_a_closed_batcher_answers_every_waiting_request_and_refuses_new_ones(
+    champion: LoadedModel, features: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from service.scoring import Stopping
+
+    release = threading.Event()
+    real = scoring.score_each
+
+    def slow(loaded: LoadedModel, users: list[pd.DataFrame], horizon: int) -> object:
+        release.wait(30)
+        return real(loaded, users, horizon)
+
+    monkeypatch.setattr(scoring, "score_each", slow)
+    batcher = Batcher(365)
+    first = asyncio.ensure_future(batcher.score(champion, features.iloc[[0]]))
+    await asyncio.sleep(0.1)  # the first is in hand (its call blocked)
+    queued = asyncio.ensure_future(batcher.score(champion, features.iloc[[1]]))
+    await asyncio.sleep(0)
+    await batcher.close()
+    release.set()
+    for waiting in (first, queued):
+        with pytest.raises(Stopping):
+            await asyncio.wait_for(waiting, 10)
+    with pytest.raises(Stopping):
+        await batcher.score(champion, features.iloc[[2]])
