@@ -211,8 +211,12 @@ def create_app(
         except ModelError as exc:
             log.warning("no model to serve: %s", exc)
         app.state.redis, app.state.champion = redis, champion
-        with contextlib.suppress(RedisError, RedisClusterException, ConnectionError, OSError):
-            raw = await redis.get(f"{settings.key_prefix}:clock")
+        # (bounded: a Redis that accepts and never answers must not hold the start, which no
+        # stop can end before it is over)
+        with contextlib.suppress(
+            RedisError, RedisClusterException, ConnectionError, OSError, TimeoutError
+        ):
+            raw = await asyncio.wait_for(redis.get(f"{settings.key_prefix}:clock"), READY_TIMEOUT_S)
             recorded = raw.decode() if isinstance(raw, bytes) else raw
             if recorded is not None and recorded != settings.clock:
                 log.warning(

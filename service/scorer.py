@@ -41,6 +41,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from clv.errors import ClvError
 from clv.lookup import now_day
 from clv.settings import Settings
+from clv.stopping import RECANCEL_AFTER_S, cancel_and_wait, stop_or_first_done
 from feature_store.features import compute_features, day_date
 from feature_store.redis_store import AnyRedis, FeatureStore
 from service.champion import Champion, NoChampion
@@ -71,6 +72,11 @@ _RELEASE = (
 )
 #: A sweep's lock outlives a scorer that died holding it by at most this.
 SWEEP_LOCK_S = 600
+#: After a stop, how long the batch in hand may take before it is cancelled (a Redis that
+#: accepts and never answers would hold it for its whole socket timeout), and how long
+#: putting its marks back may take.
+STOP_GRACE_S = 5.0
+PUT_BACK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +269,8 @@ class Scorer:
                 day = await now_day(self._settings, self.features)
                 await self.score_users(loaded, users, day, trigger="events")
             except BaseException:
-                with contextlib.suppress(*AWAY):
-                    await self.features.mark_changed(users)
+                with contextlib.suppress(*AWAY):  # (bounded: a Redis that does not answer)
+                    await asyncio.wait_for(self.features.mark_changed(users), PUT_BACK_S)
                 raise
         return len(users)
 
@@ -403,9 +409,18 @@ async def run_scorer(
         log.warning("no model to score with: %s", exc)
     watch = asyncio.create_task(champion.watch(poll_s))
     scorer = Scorer(settings, redis, champion, producer)
+    running = asyncio.create_task(scorer.run(stop))
     try:
-        await scorer.run(stop)
+        await stop_or_first_done(stop, [running])
+        if not running.done():  # stopped: the batch in hand may end, for a while
+            done, _ = await asyncio.wait({running}, timeout=STOP_GRACE_S)
+            if not done:
+                await cancel_and_wait(running, again_after=RECANCEL_AFTER_S)
+        if not running.cancelled():
+            running.result()
     finally:
+        if not running.done():  # cancelled itself
+            await cancel_and_wait(running)
         scorer.close()
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
