@@ -33,38 +33,25 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 
 from clv.local_stack import free_port, start_broker, start_redis
-from clv.replay import load_events
+from clv.replay import encode_rows, load_events
 from clv.settings import Settings
 from feature_store.event_log import write_events
-from feature_store.events import ValidEvent
+from feature_store.events import ValidEvent, validate
 from feature_store.features import day_number
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 
 DATA = Path(__file__).resolve().parents[1] / "clv" / "data" / "CDNOW_master.txt.gz"
 UNTIL = dt.date(1997, 12, 31)
+NOW_MS = 2_000_000_000_000  # a clock after every order (validation refuses future ones)
 
 
-def _valid_events(frame: object) -> list[ValidEvent]:
-    import pandas as pd
-
-    assert isinstance(frame, pd.DataFrame)
-    return [
-        ValidEvent(
-            event_id=r.event_id,
-            type=r.type,
-            user_id=r.user_id,
-            order_id=r.order_id,
-            amount=float(r.amount),
-            currency=None,
-            ts_ms=int(r.ts_ms),
-            day=int(r.day),
-            cents=int(r.cents),  # signed in the event table, as in a validated event
-        )
-        for r in frame.itertuples()
-    ]
+def _valid_events(frame: pd.DataFrame) -> list[ValidEvent]:
+    """The orders as the feature consumers see them: encoded as messages, then validated."""
+    return [validate(value, now_ms=NOW_MS) for _, value in encode_rows(frame)]
 
 
 async def _load(settings: Settings, events: list[ValidEvent]) -> None:
@@ -97,7 +84,7 @@ async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, 
         store = scorer.features
         day = day_number(UNTIL)
         for r in range(rounds):
-            await redis.delete(f"{settings.key_prefix}:swept")
+            await redis.delete(scorer.scores.swept_key)
             t0 = time.perf_counter()
             n = 0
             async for users in store.scan_users(settings.score_batch):

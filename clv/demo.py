@@ -26,6 +26,7 @@ from consumers.kafka import read_topic, wait_committed
 from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date, day_number
 from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
+from service.scores import ScoreStore
 
 console = Console(width=132)  # the features table's names in full (132: a wide terminal)
 
@@ -193,16 +194,16 @@ def _api_url(settings: Settings) -> str:
 
 async def _scored(settings: Settings, running: Running, day: int, version: str) -> None:
     """Wait until the scorer has scored everyone as of ``day`` with the model ``version``."""
-    want = f"{day}:{version}".encode()
-    key = f"{settings.key_prefix}:swept"
+    want = f"{day}:{version}"
+    scores = ScoreStore(running.redis, prefix=settings.key_prefix)
     with console.status(f"the scorer is scoring every customer as of {day_date(day)}"):
         for _ in range(1800):
-            if await running.redis.get(key) == want:
+            if await scores.last_sweep() == want:
                 break
             await asyncio.sleep(0.5)
         else:
             raise ClvError(f"the scorer did not score the customers as of {day_date(day)}")
-    count = await running.redis.zcard(f"{settings.key_prefix}:top")
+    count = await running.redis.zcard(scores.top_key())
     console.print(f"the scorer scored {count:,} customers as of {day_date(day)} with {version}")
 
 

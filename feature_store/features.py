@@ -14,6 +14,8 @@ kept as UTC day numbers (days since 1970-01-01) and epoch milliseconds.
 from __future__ import annotations
 
 import datetime as dt
+import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +51,19 @@ def day_number(d: dt.date) -> int:
 
 def day_date(n: int) -> dt.date:
     return EPOCH + dt.timedelta(days=int(n))
+
+
+def iso_date(text: str) -> dt.date:
+    """``YYYY-MM-DD`` -> a date; anything else a ValueError. ``fromisoformat`` alone (Python
+    3.11+) also takes 19971231 and 1997-W01-1, which the contract and the orders files do not."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text, flags=re.ASCII):
+        raise ValueError(text)
+    return dt.date.fromisoformat(text)
+
+
+def now_iso() -> str:
+    """The wall clock as RFC 3339 UTC, as :func:`ms_to_iso` writes times."""
+    return ms_to_iso(time.time_ns() // 1_000_000) or ""
 
 
 def ms_to_iso(ms: int) -> str | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from clv.errors import ClvError
 from clv.lookup import now_day
 from clv.settings import Settings
 from clv.stopping import RECANCEL_AFTER_S, cancel_and_wait, stop_or_first_done
-from feature_store.features import compute_features, day_date
+from feature_store.features import compute_features, day_date, now_iso
 from feature_store.redis_store import AnyRedis, FeatureStore
 from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
@@ -83,10 +82,6 @@ PUT_BACK_S = 5.0
 class Alert:
     user_id: str
     value: dict[str, object]
-
-
-def _iso_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert_id(user_id: str, model_version: str, ref_last_ms: int, ref_clv: float) -> str:
@@ -142,7 +137,7 @@ def next_score(
                 "segment": str(new["segment"]),
                 "model_version": model_version,
                 "as_of": day_date(as_of_day).isoformat(),
-                "emitted_at": _iso_now(),
+                "emitted_at": now_iso(),
             },
         )
     fields = {
@@ -153,7 +148,7 @@ def next_score(
         "segment": str(new["segment"]),
         "model_version": model_version,
         "as_of": day_date(as_of_day).isoformat(),
-        "scored_at": _iso_now(),
+        "scored_at": now_iso(),
         "ref_clv": f"{ref:.2f}",
         "ref_last_ms": str(last_order_ms),
         "ref_valuable": "1" if valuable else "0",
@@ -183,28 +178,18 @@ class Scorer:
     def close(self) -> None:
         self._thread.shutdown(wait=False)
 
-    @property
-    def _swept_key(self) -> str:
-        return f"{self._settings.key_prefix}:swept"
-
-    @property
-    def _lock_key(self) -> str:
-        return f"{self._settings.key_prefix}:sweep-lock"
-
     async def check_clock(self) -> None:
         """The scores in one Redis follow one clock: the first scorer records its
         ``CLV_CLOCK``, and one with the other is refused. A wall-clock scorer beside a replay's
         event clock scored every customer as of today, and alerted on thousands of drops to
         zero (3,728 in 12 s, in a review), while the other scorer scored them back."""
-        key = f"{self._settings.key_prefix}:clock"
         mine = self._settings.clock
-        await self._redis.set(key, mine, nx=True)
-        theirs = _text(await self._redis.get(key) or mine.encode())
+        theirs = await self.scores.record_clock(mine)
         if theirs != mine:
             raise ClvError(
                 f"the scores in this Redis follow CLV_CLOCK={theirs} (another scorer's); this "
                 f"one has CLV_CLOCK={mine}: set CLV_CLOCK={theirs}, or use another "
-                f"CLV_KEY_PREFIX (deleting {key} lets this clock take over)"
+                f"CLV_KEY_PREFIX (deleting {self.scores.clock_key} lets this clock take over)"
             )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -253,20 +238,19 @@ class Scorer:
     async def _step(self, loaded: LoadedModel, stop: asyncio.Event) -> bool:
         """One round: the changed users, then a sweep when one is due and no other replica
         runs it. Whether there was work (else the caller rests)."""
-        took = await self.score_changed(loaded)
-        day = await now_day(self._settings, self.features)
+        day = await now_day(self._settings, self.features)  # (read once a round)
+        took = await self.score_changed(loaded, day)
         if await self._sweep_due(day, loaded.version):
             swept = await self.sweep(loaded, day, stop)
             return swept is not None  # another replica's sweep: rest, not spin
         return took > 0
 
-    async def score_changed(self, loaded: LoadedModel) -> int:
-        """Score the users marked changed (one batch); how many were taken. A failure puts
-        the marks back, where it still can."""
+    async def score_changed(self, loaded: LoadedModel, day: int) -> int:
+        """Score the users marked changed (one batch) as of ``day`` (or their latest event's,
+        when later); how many were taken. A failure puts the marks back, where it still can."""
         users = await self.features.take_changed(self._settings.score_batch)
         if users:
             try:
-                day = await now_day(self._settings, self.features)
                 await self.score_users(loaded, users, day, trigger="events")
             except BaseException:
                 with contextlib.suppress(*AWAY):  # (bounded: a Redis that does not answer)
@@ -275,14 +259,13 @@ class Scorer:
         return len(users)
 
     async def _sweep_due(self, day: int, version: str) -> bool:
-        swept = await self._redis.get(self._swept_key)
-        return swept is None or _text(swept) != f"{day}:{version}"
+        return await self.scores.last_sweep() != f"{day}:{version}"
 
     async def sweep(self, loaded: LoadedModel, day: int, stop: asyncio.Event) -> int | None:
         """Score every user as of ``day`` (changed users in between); how many were scored, or
         ``None`` when another replica holds the sweep (its lock is renewed with each batch, so
         it outlives :data:`SWEEP_LOCK_S` only by dying)."""
-        got = await self._redis.set(self._lock_key, self._owner, nx=True, ex=SWEEP_LOCK_S)
+        got = await self._redis.set(self.scores.lock_key, self._owner, nx=True, ex=SWEEP_LOCK_S)
         if not got:
             return None
         n, alerts_before = 0, self.alerts_sent
@@ -291,11 +274,11 @@ class Scorer:
                 if stop.is_set():
                     return n  # not recorded as swept: the next run sweeps again
                 n += await self.score_users(loaded, users, day, trigger="sweep")
-                await self.score_changed(loaded)
+                await self.score_changed(loaded, day)
                 if not await self._lock_op("renew"):
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                     return n
-            await self._redis.set(self._swept_key, f"{day}:{loaded.version}")
+            await self._redis.set(self.scores.swept_key, f"{day}:{loaded.version}")
             log.info(
                 "scored %d users as of %s with model %s: %d churn-risk alerts",
                 n,
@@ -311,7 +294,9 @@ class Scorer:
     async def _lock_op(self, op: str) -> bool:
         """Renew or release the sweep lock, only if this scorer still holds it (one step)."""
         script = _RENEW if op == "renew" else _RELEASE
-        return bool(await self._redis.eval(script, 1, self._lock_key, self._owner, SWEEP_LOCK_S))
+        return bool(
+            await self._redis.eval(script, 1, self.scores.lock_key, self._owner, SWEEP_LOCK_S)
+        )
 
     async def score_users(
         self, loaded: LoadedModel, users: Sequence[str], day: int, *, trigger: str
@@ -378,10 +363,6 @@ class Scorer:
         await asyncio.gather(*sent)
         ALERTS.inc(len(alerts))
         self.alerts_sent += len(alerts)
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 async def _rest(stop: asyncio.Event, seconds: float) -> None:

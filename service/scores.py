@@ -25,10 +25,10 @@ PUBLIC_FIELDS = (
     "as_of",
     "scored_at",
 )
-STATE_FIELDS = ("ref_clv", "ref_last_ms", "ref_valuable", "alert_id")
 
 
-def _text(v: Any) -> str:
+def text_of(v: Any) -> str:
+    """A Redis reply's bytes as text."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
@@ -43,13 +43,40 @@ class ScoreStore:
     def top_key(self, segment: str | None = None) -> str:
         return f"{self._prefix}:top" if segment is None else f"{self._prefix}:top:{segment}"
 
+    # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
+    # the lock of the sweep in progress.
+    @property
+    def clock_key(self) -> str:
+        return f"{self._prefix}:clock"
+
+    @property
+    def swept_key(self) -> str:
+        return f"{self._prefix}:swept"
+
+    @property
+    def lock_key(self) -> str:
+        return f"{self._prefix}:sweep-lock"
+
+    async def recorded_clock(self) -> str | None:
+        raw = await self._redis.get(self.clock_key)
+        return None if raw is None else text_of(raw)
+
+    async def record_clock(self, clock: str) -> str:
+        """Record ``clock`` unless one is recorded; the clock recorded."""
+        await self._redis.set(self.clock_key, clock, nx=True)
+        return await self.recorded_clock() or clock
+
+    async def last_sweep(self) -> str | None:
+        raw = await self._redis.get(self.swept_key)
+        return None if raw is None else text_of(raw)
+
     async def read(self, user_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Each user's stored score, ``None`` where there is none."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for u in user_ids:
                 pipe.hgetall(self.score_key(u))
             raws = await pipe.execute()
-        return [{_text(k): _text(v) for k, v in raw.items()} or None for raw in raws]
+        return [{text_of(k): text_of(v) for k, v in raw.items()} or None for raw in raws]
 
     async def write(self, rows: Sequence[tuple[str, Mapping[str, str], str | None]]) -> None:
         """``(user, fields, previous segment)`` each: the score, and the rankings."""
@@ -78,7 +105,7 @@ class ScoreStore:
         key = self.top_key(segment)
         count = await self._redis.zcard(key)
         ranked = await self._redis.zrevrange(key, 0, limit - 1)
-        users = [_text(u) for u in ranked]
+        users = [text_of(u) for u in ranked]
         async with self._redis.pipeline(transaction=False) as pipe:
             for u in users:
                 pipe.hmget(self.score_key(u), PUBLIC_FIELDS)
@@ -89,7 +116,7 @@ class ScoreStore:
                 continue
             row: dict[str, Any] = {"user_id": user}
             for name, v in zip(PUBLIC_FIELDS, vals, strict=True):
-                text = _text(v)
+                text = text_of(v)
                 row[name] = (
                     float(text)
                     if name in ("clv", "expected_orders", "p_alive", "churn_risk")

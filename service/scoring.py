@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 import pandas as pd
@@ -73,7 +73,8 @@ def segments(features: pd.DataFrame, risk: np.ndarray) -> np.ndarray:
     ).astype(object)
 
 
-SEGMENTS = ("prospect", "new", "active", "at_risk", "lost")
+Segment = Literal["prospect", "new", "active", "at_risk", "lost"]
+SEGMENTS: tuple[str, ...] = get_args(Segment)
 
 
 def score_many(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:

@@ -7,7 +7,6 @@ Bad input ends in one line on stderr and a non-zero exit, never a traceback:
 from __future__ import annotations
 
 import datetime as dt
-import re
 from pathlib import Path
 from typing import overload
 
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from clv.errors import ClvError
 from clv.files import loops, missing_dirs, replaceable
 from clv.settings import Settings, settings_error
+from feature_store.features import iso_date
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -42,11 +42,7 @@ def parse_date(text: str | None, what: str = "date") -> dt.date | None:
     if text is None:
         return None
     try:
-        # fromisoformat alone (Python 3.11+) also takes 19971231 and 1997-W01-1, which the
-        # orders files and the contract do not
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text, flags=re.ASCII):
-            raise ValueError(text)
-        return dt.date.fromisoformat(text)
+        return iso_date(text)
     except ValueError:
         raise fail(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
 

@@ -4,6 +4,7 @@ per test, and the API served on a free port in the test's event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import shutil
 from collections.abc import AsyncIterator
@@ -92,11 +93,20 @@ async def start_api(settings: Settings, stop: asyncio.Event) -> asyncio.Task[Non
     raise AssertionError("the API did not answer /healthz within 10 s")
 
 
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API for ``settings`` and a client of it; stopped (and awaited) on the way out."""
+    stop = asyncio.Event()
+    task = await start_api(settings, stop)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}") as client:
+            yield client
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
 @pytest.fixture
 async def api(api_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    stop = asyncio.Event()
-    task = await start_api(api_settings, stop)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_settings.api_port}") as client:
+    async with serving(api_settings) as client:
         yield client
-    stop.set()
-    await asyncio.wait_for(task, 30)

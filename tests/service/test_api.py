@@ -16,7 +16,7 @@ from feature_store.offline import features_at
 from feature_store.redis_store import FeatureStore
 from service.scores import ScoreStore
 from tests.feature_store.streams import MS_PER_DAY, _ev, as_frame
-from tests.service.conftest import CUTOFF, register, start_api
+from tests.service.conftest import CUTOFF, register, serving, start_api
 from training.models.naive import HistoricalRate
 from training.registry import load_champion
 
@@ -142,28 +142,22 @@ async def test_no_champion_is_a_503_until_one_is_promoted_then_served_without_a_
         update={"model_dir": api_settings.model_dir.parent / "empty"}
     )
     await apply(store, purchases("u1", REGULAR))
-    stop = asyncio.Event()
-    task = await start_api(settings, stop)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}") as api:
+    async with serving(settings) as api:
+        answer = await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})
+        assert answer.status_code == 503 and "no champion model" in answer.json()["detail"]
+        ready = await api.get("/readyz")
+        assert ready.status_code == 503 and "no champion model" in ready.json()["model"]
+        version = register(settings.model_dir, HistoricalRate())
+        for _ in range(150):  # the pointer is polled every 2 s
             answer = await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})
-            assert answer.status_code == 503 and "no champion model" in answer.json()["detail"]
-            ready = await api.get("/readyz")
-            assert ready.status_code == 503 and "no champion model" in ready.json()["model"]
-            version = register(settings.model_dir, HistoricalRate())
-            for _ in range(150):  # the pointer is polled every 2 s
-                answer = await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})
-                if answer.status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
-            assert answer.status_code == 200 and answer.json()["model_version"] == version
-            assert (await api.get("/readyz")).json() == {
-                "status": "ready",
-                "model_version": version,
-            }
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+            if answer.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert answer.status_code == 200 and answer.json()["model_version"] == version
+        assert (await api.get("/readyz")).json() == {
+            "status": "ready",
+            "model_version": version,
+        }
 
 
 async def test_a_new_champion_is_picked_up_and_admin_reload_needs_the_key(
@@ -171,27 +165,21 @@ async def test_a_new_champion_is_picked_up_and_admin_reload_needs_the_key(
 ) -> None:
     settings = api_settings.model_copy(update={"api_key": "s3cret"})
     await apply(store, purchases("u1", REGULAR))
-    stop = asyncio.Event()
-    task = await start_api(settings, stop)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}") as api:
-            before = (await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})).json()
-            version = register(settings.model_dir, HistoricalRate())
-            refused = await api.post("/admin/reload")
-            assert refused.status_code == 401 and "Bearer" in refused.json()["detail"]
-            wrong = await api.post("/admin/reload", headers={"Authorization": "Bearer nope"})
-            assert wrong.status_code == 401
-            ok = await api.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
-            assert ok.status_code == 200 and ok.json()["model_version"] == version
-            after = (await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})).json()
-            assert after["model_version"] == version != before["model_version"]
-            # the naive rate: revenue / age * horizon
-            assert after["clv"] == pytest.approx(
-                sum(2500 + 100 * i for i in range(5)) / 100 / 201 * 365, abs=0.01
-            )
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    async with serving(settings) as api:
+        before = (await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})).json()
+        version = register(settings.model_dir, HistoricalRate())
+        refused = await api.post("/admin/reload")
+        assert refused.status_code == 401 and "Bearer" in refused.json()["detail"]
+        wrong = await api.post("/admin/reload", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        ok = await api.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["model_version"] == version
+        after = (await api.get("/users/u1/clv", params={"as_of": "1997-09-30"})).json()
+        assert after["model_version"] == version != before["model_version"]
+        # the naive rate: revenue / age * horizon
+        assert after["clv"] == pytest.approx(
+            sum(2500 + 100 * i for i in range(5)) / 100 / 201 * 365, abs=0.01
+        )
 
 
 async def test_a_broken_champion_leaves_the_model_in_service(
@@ -210,18 +198,12 @@ async def test_redis_away_is_a_503_and_not_ready(api_settings: Settings) -> None
     from clv.local_stack import free_port
 
     settings = api_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    stop = asyncio.Event()
-    task = await start_api(settings, stop)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}") as api:
-            answer = await api.get("/users/u1/clv")
-            assert answer.status_code == 503 and "Redis" in answer.json()["detail"]
-            ready = await api.get("/readyz")
-            assert ready.status_code == 503 and "redis" in ready.json()
-            assert (await api.get("/healthz")).status_code == 200  # alive all the same
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    async with serving(settings) as api:
+        answer = await api.get("/users/u1/clv")
+        assert answer.status_code == 503 and "Redis" in answer.json()["detail"]
+        ready = await api.get("/readyz")
+        assert ready.status_code == 503 and "redis" in ready.json()
+        assert (await api.get("/healthz")).status_code == 200  # alive all the same
 
 
 async def test_erasure_removes_features_and_scores_and_the_user_is_then_unknown(

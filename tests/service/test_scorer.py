@@ -158,7 +158,7 @@ async def test_scores_rankings_and_one_alert_per_drop_as_time_passes(
         back = _ev("heavy-back", "purchase", "heavy", "o-back", 6000, (CUTOFF + 401) * MS_PER_DAY)
         await apply(store, [back])
         await store.mark_changed(["heavy"])
-        assert await scorer.score_changed(champion.loaded) == 1
+        assert await scorer.score_changed(champion.loaded, CUTOFF + 401) == 1
         stored = (await scorer.scores.read(["heavy"]))[0]
         assert (
             stored is not None
@@ -215,7 +215,7 @@ async def test_a_scorer_rests_while_another_replica_sweeps(scorer, monkeypatch) 
 
     s, _ = scorer
     await apply(s.features, purchases("u1", [CUTOFF]))
-    await s._redis.set(s._lock_key, "another-replica")
+    await s._redis.set(s.scores.lock_key, "another-replica")
     rounds: list[str] = []
     stop = asyncio.Event()
     real_step = s._step
@@ -256,7 +256,7 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
 
     monkeypatch.setattr(s.scores, "write", write)
     with pytest.raises(RedisConnectionError):
-        await s.score_changed(champion.loaded)
+        await s.score_changed(champion.loaded, CUTOFF)
     assert sorted(await s._redis.smembers(s.features.changed_key())) == [b"u1", b"u2"]
     # the loop waits the failure out and scores them on the next round
     failures.append(RedisConnectionError("Redis blip"))
@@ -314,19 +314,19 @@ async def test_a_sweep_whose_lock_is_taken_over_stops_and_leaves_the_lock(
 
     async def taken_over(*args, **kw):  # type: ignore[no-untyped-def]
         n = await real(*args, **kw)
-        await s._redis.set(s._lock_key, "another-replica")  # ours expired, another took it
+        await s._redis.set(s.scores.lock_key, "another-replica")  # ours expired, another took it
         return n
 
     monkeypatch.setattr(s, "score_users", taken_over)
     swept = await s.sweep(champion.loaded, CUTOFF, asyncio.Event())
     assert swept == 5  # the batch in hand, then it stopped
-    assert await s._redis.get(s._lock_key) == b"another-replica"  # not deleted by us
-    assert await s._redis.get(s._swept_key) is None  # not recorded as swept
+    assert await s._redis.get(s.scores.lock_key) == b"another-replica"  # not deleted by us
+    assert await s._redis.get(s.scores.swept_key) is None  # not recorded as swept
     # with the lock free, a sweep takes it, scores everyone and releases it
     monkeypatch.setattr(s, "score_users", real)
-    await s._redis.delete(s._lock_key)
+    await s._redis.delete(s.scores.lock_key)
     assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 5
-    assert await s._redis.get(s._lock_key) is None
+    assert await s._redis.get(s.scores.lock_key) is None
 
 
 @pytest.mark.integration
