@@ -11,10 +11,12 @@ and BG/NBD + Gamma-Gamma as the only candidates, so it takes seconds).
   the part no scorer can skip. Ratio: users/s of the sweep over users/s of the ceiling.
 * **API**: ``clv serve`` in a child process; ``wrk`` (Debian's package; a Python client was
   the bottleneck, at a tenth of wrk's rate on a bare FastAPI app) sends ``GET /users/{id}/clv``
-  for random customers (each scored at the request, with its explanation) for ``--seconds``
-  over ``--concurrency`` connections, then ``GET /healthz`` the same way (the same server:
-  what the HTTP stack alone allows). Ratio: requests/s of the first over the second. wrk
-  shares the machine's two cores with the server; the ratio is what counts.
+  for random customers for ``--seconds`` over ``--concurrency`` connections, twice: as of the
+  last sweep's day (the scorer's stored answers) and as of the day after (nothing stored: each
+  scored at the request, with its explanation's counterfactuals); then ``GET /healthz`` the
+  same way (the same server: what the HTTP stack alone allows). Ratios: requests/s of each
+  over the last. wrk shares the machine's two cores with the server; the ratio is what
+  counts.
 
     python -m benchmarks.bench_serving [--seconds S] [--concurrency C] [--rounds R]
 """
@@ -88,11 +90,11 @@ async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, 
             t0 = time.perf_counter()
             n = 0
             async for users in store.scan_users(settings.score_batch):
-                state, _ = await store.read_states(users)
-                n += len(state)
+                n += len((await store.read_states(users)).state)
             reads = time.perf_counter() - t0
             t0 = time.perf_counter()
-            swept = await scorer.sweep(champion.loaded, day + r, asyncio.Event())
+            # (the last round as of UNTIL: the API's stored answers are of that day)
+            swept = await scorer.sweep(champion.loaded, day - rounds + 1 + r, asyncio.Event())
             sweep = time.perf_counter() - t0
             assert swept == n, (swept, n)
             out.append((reads, sweep, n))
@@ -122,7 +124,7 @@ def _wrk(url: str, seconds: float, concurrency: int, script: Path | None = None)
 
 def _api(
     url: str, users: list[str], args: argparse.Namespace, work: Path
-) -> list[tuple[float, float]]:
+) -> list[tuple[float, float, float]]:
     for _ in range(600):
         try:
             if httpx.get(f"{url}/readyz").status_code == 200:
@@ -132,22 +134,34 @@ def _api(
         time.sleep(0.1)
     else:
         raise RuntimeError("clv serve did not get ready")
-    # random customers, the same sequence each round
-    script = work / "users.lua"
+    # random customers, the same sequence each round: as of UNTIL (the day of the last sweep:
+    # the scorer's stored answers) and as of the day after (nothing stored: scored at the
+    # request)
+    after = UNTIL + dt.timedelta(days=1)
+    scripts = {}
     ids = ",".join(f'"{u}"' for u in users)
-    script.write_text(
-        f"local users = {{{ids}}}\nmath.randomseed(0)\n"
-        "request = function()\n"
-        "  local user = users[math.random(#users)]\n"
-        f'  return wrk.format(nil, "/users/" .. user .. "/clv?as_of={UNTIL}")\n'
-        "end\n"
-    )
+    for name, day in (("stored", UNTIL), ("request", after)):
+        check = httpx.get(f"{url}/users/{users[0]}/clv", params={"as_of": str(day)}).json()
+        if check["score_source"] != name:
+            raise RuntimeError(f"as of {day}: answered from {check['score_source']}, not {name}")
+        scripts[name] = work / f"{name}.lua"
+        scripts[name].write_text(
+            f"local users = {{{ids}}}\nmath.randomseed(0)\n"
+            "request = function()\n"
+            "  local user = users[math.random(#users)]\n"
+            f'  return wrk.format(nil, "/users/" .. user .. "/clv?as_of={day}")\n'
+            "end\n"
+        )
     out = []
     for r in range(args.rounds):
-        clv = _wrk(url, args.seconds, args.concurrency, script)
+        stored = _wrk(url, args.seconds, args.concurrency, scripts["stored"])
+        request = _wrk(url, args.seconds, args.concurrency, scripts["request"])
         health = _wrk(f"{url}/healthz", args.seconds, args.concurrency)
-        out.append((clv, health))
-        print(f"  round {r + 1}: /users/{{id}}/clv {clv:,.0f} req/s, /healthz {health:,.0f} req/s")
+        out.append((stored, request, health))
+        print(
+            f"  round {r + 1}: /users/{{id}}/clv stored {stored:,.0f} req/s, "
+            f"scored at the request {request:,.0f} req/s, /healthz {health:,.0f} req/s"
+        )
     return out
 
 
@@ -208,14 +222,16 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.terminate()
                 server.wait(60)
-            ratios = [c / h for c, h in rates]
-            print(
-                f"API: /users/{{id}}/clv {statistics.median(c for c, _ in rates):,.0f} req/s, "
-                f"/healthz {statistics.median(h for _, h in rates):,.0f} req/s, ratio "
-                f"{statistics.median(ratios):.3f} (rounds: "
-                + ", ".join(f"{x:.3f}" for x in ratios)
-                + ")"
-            )
+            for k, what in ((0, "the scorer's stored answer"), (1, "scored at the request")):
+                ratios = [r[k] / r[2] for r in rates]
+                print(
+                    f"API, {what}: /users/{{id}}/clv "
+                    f"{statistics.median(r[k] for r in rates):,.0f} req/s, /healthz "
+                    f"{statistics.median(r[2] for r in rates):,.0f} req/s, ratio "
+                    f"{statistics.median(ratios):.3f} (rounds: "
+                    + ", ".join(f"{x:.3f}" for x in ratios)
+                    + ")"
+                )
         finally:
             broker.stop()
             redis.stop()

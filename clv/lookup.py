@@ -15,7 +15,7 @@ from feature_store.event_log import EventLogError, log_dir_problem, read_events
 from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
 from feature_store.offline import features_at
 from feature_store.redis_client import connect
-from feature_store.redis_store import FeatureStore, online_features
+from feature_store.redis_store import FeatureStore, StoredState, online_features
 
 
 class UnknownThen(ClvError):
@@ -52,22 +52,53 @@ async def now_day(settings: Settings, store: FeatureStore) -> int:
     return day_number(dt.datetime.now(dt.UTC).date())
 
 
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A user Redis knows, and the day asked for (or today's: now, or the latest event's day
+    when that is later)."""
+
+    user_id: str
+    stored: StoredState
+    day: int
+
+    @property
+    def online(self) -> bool:
+        """Whether Redis answers for the day (else the event log: a day before the latest)."""
+        return self.day >= int(self.stored.state.latest_day[0])
+
+
+async def locate(
+    settings: Settings, store: FeatureStore, user_id: str, as_of: dt.date | None
+) -> Located | None:
+    """The user's stored state and the day their features are asked for; ``None`` for a user
+    Redis does not know."""
+    stored = await store.read_state(user_id)
+    if stored is None:
+        return None
+    latest = int(stored.state.latest_day[0])
+    day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
+    return Located(user_id, stored, day)
+
+
 async def find_features(
     settings: Settings, store: FeatureStore, user_id: str, as_of: dt.date | None
 ) -> FoundFeatures | None:
     """The user's features as of ``as_of`` (default: now, or the latest event's day when that
     is later), or ``None`` for a user Redis does not know. Dates before the user's latest event
     are replayed from the event log; :class:`UnknownThen` when the user had no event by then."""
-    stored = await store.read_state(user_id)
-    if stored is None:
-        return None
-    latest = int(stored.state.latest_day[0])
-    day = day_number(as_of) if as_of else max(await now_day(settings, store), latest)
-    if day >= latest:
+    located = await locate(settings, store, user_id, as_of)
+    return None if located is None else await features_of(settings, located)
+
+
+async def features_of(settings: Settings, located: Located) -> FoundFeatures:
+    """The features of a located user on the located day (see :func:`find_features`)."""
+    user_id, stored, day = located.user_id, located.stored, located.day
+    if located.online:
         return FoundFeatures(
             user_id, day, online_features(stored.state, day), "redis", stored.updated_ms
         )
     # Point in time before the latest event: replay the user's log in arrival order.
+    latest = int(stored.state.latest_day[0])
     if problem := log_dir_problem(settings.event_log_dir):  # not "no events"
         raise EventLogError(
             f"{problem}; dates before the user's latest event ({day_date(latest)}) are read from it"

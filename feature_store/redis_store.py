@@ -115,6 +115,34 @@ def user_key(prefix: str, user_id: str) -> str:
 class StoredState:
     state: UserState  # one row
     updated_ms: int  # wall-clock ms of the last change
+    digest: str  # of the state (state_digest): equal digests, equal features on any day
+
+
+@dataclass(frozen=True, slots=True)
+class StoredStates:
+    """Many users' states as :meth:`FeatureStore.read_states` reads them: ``state`` has a row
+    for each user Redis knows, ``known`` their positions in the users asked for, and
+    ``updated_ms`` and ``digest`` one entry per row."""
+
+    state: UserState
+    known: list[int]
+    updated_ms: list[int]
+    digests: list[str]
+
+
+def state_digest(raw: dict[bytes, bytes]) -> str:
+    """A digest of what the features are computed from (the header and the day records, not
+    the seen event ids): a stored score computed from a state with this digest is the score
+    of this state."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(k for k in raw if k[:1] in (b"h", b"o", b"v")):
+        value = raw[name]
+        h.update(len(name).to_bytes(2, "little") + name + len(value).to_bytes(4, "little") + value)
+    return h.hexdigest()
+
+
+def _updated_ms(raw: dict[bytes, bytes]) -> int:
+    return int(_HEADER.unpack(raw[b"h"])[8])
 
 
 @dataclass(slots=True)
@@ -324,15 +352,19 @@ class FeatureStore:
             found = await pipe.execute()
         return [u for u, n in zip(user_ids, found, strict=True) if not n]
 
-    async def read_states(self, user_ids: Sequence[str]) -> tuple[UserState, list[int]]:
-        """The stored state of those of ``user_ids`` Redis knows (one pipelined read), and
-        their positions in ``user_ids``."""
+    async def read_states(self, user_ids: Sequence[str]) -> StoredStates:
+        """The stored state of those of ``user_ids`` Redis knows (one pipelined read)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for u in user_ids:
                 pipe.hgetall(self.user_key(u))
             raws = await pipe.execute()
         known = [i for i, raw in enumerate(raws) if b"h" in raw]
-        return states_from_hashes([(user_ids[i], raws[i]) for i in known]), known
+        return StoredStates(
+            states_from_hashes([(user_ids[i], raws[i]) for i in known]),
+            known,
+            [_updated_ms(raws[i]) for i in known],
+            [state_digest(raws[i]) for i in known],
+        )
 
     async def scan_users(self, count: int = 1000) -> AsyncIterator[list[str]]:
         """Every user with state, in chunks of about ``count`` (SCAN: no blocking of Redis)."""
@@ -513,7 +545,7 @@ class FeatureStore:
         raw: dict[bytes, bytes] = await self._redis.hgetall(self.user_key(user_id))  # type: ignore[assignment]
         if b"h" not in raw:
             return None
-        return StoredState(state_from_hash(user_id, raw), int(_HEADER.unpack(raw[b"h"])[8]))
+        return StoredState(state_from_hash(user_id, raw), _updated_ms(raw), state_digest(raw))
 
     async def features(self, user_id: str, as_of_day: int | None = None) -> pd.DataFrame | None:
         """One user's features; ``as_of_day`` defaults to the user's latest event day and must

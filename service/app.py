@@ -32,16 +32,16 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clv.errors import ClvError, ModelError
-from clv.lookup import UnknownThen, find_features
+from clv.lookup import UnknownThen, features_of, locate
 from clv.settings import Settings
 from feature_store.event_log import EventLogError
 from feature_store.events import valid_user_id
-from feature_store.features import iso_date, now_iso
+from feature_store.features import day_date, iso_date, ms_to_iso, now_iso
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion, NoChampion
-from service.scores import ScoreStore
-from service.scoring import Batcher, Segment, Stopping
+from service.scores import ScoreStore, StoredAnswer
+from service.scoring import Batcher, Score, Segment, Stopping
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ class ClvAnswer(BaseModel):
     segment: str = Field(description="prospect, new, active, at_risk or lost")
     model_version: str
     scored_at: str
+    score_source: str = Field(
+        description="stored: the scorer's score of exactly these features by this model, "
+        "answered from Redis; request: scored for this request (new events not scored yet, "
+        "a new day or model before the scorer's sweep, a date in the past)"
+    )
     features_updated_at: str | None = Field(description="when Redis last changed the features")
     features_source: str = Field(description="redis, or event_log for a date in the past")
     features: dict[str, Any]
@@ -281,16 +286,57 @@ def create_app(
             raise HTTPException(
                 503, f"no model to score with: {request.app.state.champion.problem}"
             )
+        store, scores = request.app.state.store, request.app.state.scores
         try:
-            found = await find_features(settings, request.app.state.store, user_id, as_of)
+            located = await locate(settings, store, user_id, as_of)
+            if located is None:
+                raise HTTPException(404, f"unknown user {user_id!r}: no events")
+            day = day_date(located.day)
+            stored = (
+                await scores.answer(
+                    user_id,
+                    model_version=loaded.version,
+                    as_of=day.isoformat(),
+                    state=located.stored.digest,
+                )
+                if located.online
+                else None
+            )
+            found = None if stored is not None else await features_of(settings, located)
         except UnknownThen as exc:
             raise HTTPException(404, str(exc)) from None
         except EventLogError as exc:
             raise HTTPException(503, str(exc)) from None
         except (RedisError, RedisClusterException, ConnectionError) as exc:
             raise HTTPException(503, f"the feature store (Redis) does not answer: {exc}") from None
-        if found is None:
-            raise HTTPException(404, f"unknown user {user_id!r}: no events")
+
+        def answer(s: Score | StoredAnswer, features: dict[str, Any], **how: Any) -> ClvAnswer:
+            return ClvAnswer(
+                user_id=user_id,
+                as_of=day,
+                horizon_days=settings.horizon_days,
+                currency=settings.currency,
+                clv=s.clv,
+                expected_orders=s.expected_orders,
+                p_alive=s.p_alive,
+                churn_risk=s.churn_risk,
+                segment=s.segment,
+                model_version=loaded.version,
+                features=features,
+                explanation=[Effect(**e) for e in s.explanation],
+                **how,
+            )
+
+        if stored is not None:  # the scorer's score of these features by this model
+            return answer(
+                stored,
+                stored.features,
+                scored_at=stored.scored_at,
+                score_source="stored",
+                features_updated_at=ms_to_iso(located.stored.updated_ms),
+                features_source="redis",
+            )
+        assert found is not None
         try:
             s = await request.app.state.batcher.score(loaded, found.frame)
         except Stopping as exc:
@@ -298,22 +344,13 @@ def create_app(
         except ClvError as exc:  # a forecast that is not a number: the model's, not the input's
             raise HTTPException(503, f"the model could not score this user: {exc}") from None
         record = found.record()
-        return ClvAnswer(
-            user_id=user_id,
-            as_of=dt.date.fromisoformat(str(record["as_of"])),
-            horizon_days=settings.horizon_days,
-            currency=settings.currency,
-            clv=s.clv,
-            expected_orders=s.expected_orders,
-            p_alive=s.p_alive,
-            churn_risk=s.churn_risk,
-            segment=s.segment,
-            model_version=loaded.version,
+        return answer(
+            s,
+            record["features"],  # type: ignore[arg-type]
             scored_at=now_iso(),
+            score_source="request",
             features_updated_at=record["features_updated_at"],
             features_source=found.source,
-            features=record["features"],
-            explanation=[Effect(**e) for e in s.explanation],
         )
 
     @app.get(

@@ -41,11 +41,11 @@ from clv.errors import ClvError
 from clv.lookup import now_day
 from clv.settings import Settings
 from clv.stopping import RECANCEL_AFTER_S, cancel_and_wait, stop_or_first_done
-from feature_store.features import compute_features, day_date, now_iso
+from feature_store.features import compute_features, day_date, features_records, now_iso
 from feature_store.redis_store import AnyRedis, FeatureStore
 from service.champion import Champion, NoChampion
 from service.scores import ScoreStore
-from service.scoring import score_many, scoring_thread
+from service.scoring import explain_many, scoring_thread
 from training.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -303,15 +303,16 @@ class Scorer:
     ) -> int:
         """Score ``users`` as of ``day`` (or their latest event's day, when later), store the
         scores and publish the alerts they call for; how many users Redis knew."""
-        state, _ = await self.features.read_states(users)
+        read = await self.features.read_states(users)
+        state = read.state
         if not len(state):
             return 0
         as_of = np.maximum(day, state.latest_day)
         features = compute_features(state, as_of)
         horizon = self._settings.horizon_days
         try:
-            scored = await asyncio.get_running_loop().run_in_executor(
-                self._thread, score_many, loaded, features, horizon
+            scored, explanations = await asyncio.get_running_loop().run_in_executor(
+                self._thread, explain_many, loaded, features, horizon
             )
         except ClvError as exc:  # a model that fails on these users: said; the rest go on
             log.error("model %s could not score %d users: %s", loaded.version, len(users), exc)
@@ -328,17 +329,24 @@ class Scorer:
             )
         rows, alerts = [], []
         last_ms = state.last_ts_ms
+        records = features_records(features)
+        new = scored.to_dict("records")
         for i, user in enumerate(ids):
             fields, alert = next_score(
                 user,
                 old[i],
-                scored.iloc[i].to_dict(),
+                new[i],
                 last_order_ms=int(last_ms[i]),
                 model_version=loaded.version,
                 as_of_day=int(as_of[i]),
                 valuable_from=valuable_from,
                 drop_pct=self._settings.alert_drop_pct,
             )
+            # What the API answers from (service.scores.StoredAnswer), while the state keeps
+            # this digest and the model this version.
+            fields["features"] = json.dumps(records[i])
+            fields["explanation"] = json.dumps(explanations[i])
+            fields["state"] = read.digests[i]
             before = old[i]
             rows.append((user, fields, None if before is None else before.get("segment")))
             if alert is not None:

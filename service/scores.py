@@ -1,14 +1,18 @@
 """Stored scores: one hash per user in the user's Redis Cluster slot, and the rankings.
 
 ``<prefix>:score:{<user>}`` holds the latest score (value, purchases expected, ``p_alive``,
-churn risk, segment, model version, as-of day, when) and the alert state: the reference value a
-drop is measured from and the id of the alert already sent for that drop.
+churn risk, segment, model version, as-of day, when), what the API answers with it (the
+features as JSON, the explanation, the digest of the state they were computed from) and the
+alert state: the reference value a drop is measured from and the id of the alert already sent
+for that drop.
 ``<prefix>:top`` ranks every scored user by value; ``<prefix>:top:<segment>`` each segment.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from feature_store.redis_store import AnyRedis, user_key
@@ -25,6 +29,24 @@ PUBLIC_FIELDS = (
     "as_of",
     "scored_at",
 )
+
+
+#: What the API answers from, after :data:`PUBLIC_FIELDS`.
+ANSWER_FIELDS = (*PUBLIC_FIELDS, "state", "features", "explanation")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """The scorer's score of one user, with the features and the explanation it stored."""
+
+    clv: float
+    expected_orders: float
+    p_alive: float
+    churn_risk: float
+    segment: str
+    scored_at: str
+    features: dict[str, Any]
+    explanation: list[dict[str, Any]]
 
 
 def text_of(v: Any) -> str:
@@ -89,6 +111,35 @@ class ScoreStore:
                 if before is not None and before != fields["segment"]:
                     pipe.zrem(self.top_key(before), user)
             await pipe.execute()
+
+    async def answer(
+        self, user_id: str, *, model_version: str, as_of: str, state: str
+    ) -> StoredAnswer | None:
+        """The stored score of ``user_id`` if it is the score of the state with digest
+        ``state`` (:func:`feature_store.redis_store.state_digest`) as of day ``as_of`` by
+        model ``model_version``, exactly what scoring them now would give; else ``None``."""
+        raw = await self._redis.hmget(self.score_key(user_id), ANSWER_FIELDS)
+        got = dict(
+            zip(ANSWER_FIELDS, (None if v is None else text_of(v) for v in raw), strict=True)
+        )
+        if (
+            got["model_version"] != model_version
+            or got["as_of"] != as_of
+            or got["state"] != state
+            or got["features"] is None
+            or got["explanation"] is None
+        ):
+            return None
+        return StoredAnswer(
+            clv=float(got["clv"]),  # type: ignore[arg-type]
+            expected_orders=float(got["expected_orders"]),  # type: ignore[arg-type]
+            p_alive=float(got["p_alive"]),  # type: ignore[arg-type]
+            churn_risk=float(got["churn_risk"]),  # type: ignore[arg-type]
+            segment=str(got["segment"]),
+            scored_at=str(got["scored_at"]),
+            features=json.loads(got["features"]),
+            explanation=json.loads(got["explanation"]),
+        )
 
     async def value_at_share(self, share: float) -> tuple[int, float | None]:
         """How many users are ranked, and the value a user needs to be in the top ``share``

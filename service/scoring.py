@@ -116,19 +116,14 @@ FACTORS: tuple[tuple[str, Any, Any, Any], ...] = (
 )
 
 
-def score_each(
-    loaded: LoadedModel, users: Sequence[pd.DataFrame], horizon_days: int
-) -> list[Score]:
-    """Score each of ``users`` (one-row frames of ``compute_features``), with explanations, in
-    one predict call: a call's fixed cost (tens of milliseconds for a hybrid model, most of it
-    pandas) is far above a row's, so the API scores the requests in hand together. The frame
-    holds every user as they are, then every user once per factor with that factor changed
-    (built column-wise: per-user frame edits cost more than the scoring)."""
-    for features in users:
-        if len(features) != 1:
-            raise ValueError(f"one user's features per frame, not {len(features)} rows")
-    base = pd.concat(users, ignore_index=True)
-    n = len(base)
+def explain_many(
+    loaded: LoadedModel, features: pd.DataFrame, horizon_days: int
+) -> tuple[pd.DataFrame, list[list[dict[str, object]]]]:
+    """Every user of ``features`` scored (:func:`score_many`) and explained, in one predict
+    call: the frame holds every user as they are, then every user once per factor with that
+    factor changed (built column-wise: per-user frame edits cost more than the scoring)."""
+    n = len(features)
+    base = features.reset_index(drop=True)
     blocks = [base]
     for _, _, _, changes in FACTORS:
         block = base.copy()
@@ -136,12 +131,15 @@ def score_each(
             block[name] = value
         blocks.append(block)
     frame = pd.concat(blocks, ignore_index=True)
-    frame.index = pd.Index([f"#{i}" for i in range(len(frame))], name=users[0].index.name)
+    frame.index = pd.Index([f"#{i}" for i in range(len(frame))], name=features.index.name)
     scored = score_many(loaded, frame, horizon_days)
     value = scored["clv"].to_numpy(dtype=np.float64)
-    own = scored.iloc[:n]
-    values = [(name, of(base), applies(base)) for name, of, applies, _ in FACTORS]
-    out = []
+    own = scored.iloc[:n].set_axis(features.index)
+    factors = [
+        (k, name, of(base).tolist(), applies(base))
+        for k, (name, of, applies, _) in enumerate(FACTORS)
+    ]
+    explanations = []
     for i in range(n):
         explanation: list[dict[str, object]] = [
             {
@@ -149,22 +147,44 @@ def score_each(
                 "value": float(v[i]),
                 "effect": round(value[i] - value[(k + 1) * n + i], 2),
             }
-            for k, (name, v, applies) in enumerate(values)
+            for k, name, v, applies in factors
             if applies[i]
         ]
         explanation.sort(key=lambda e: -abs(float(e["effect"])))  # type: ignore[arg-type]
-        row = own.iloc[i]
-        out.append(
-            Score(
-                clv=float(row["clv"]),
-                expected_orders=float(row["expected_orders"]),
-                p_alive=float(row["p_alive"]),
-                churn_risk=float(row["churn_risk"]),
-                segment=str(row["segment"]),
-                explanation=explanation,
-            )
+        explanations.append(explanation)
+    return own, explanations
+
+
+def score_each(
+    loaded: LoadedModel, users: Sequence[pd.DataFrame], horizon_days: int
+) -> list[Score]:
+    """Score each of ``users`` (one-row frames of ``compute_features``), with explanations, in
+    one predict call (:func:`explain_many`): a call's fixed cost (tens of milliseconds for a
+    hybrid model, most of it pandas) is far above a row's, so the API scores the requests in
+    hand together."""
+    for features in users:
+        if len(features) != 1:
+            raise ValueError(f"one user's features per frame, not {len(features)} rows")
+    scored, explanations = explain_many(loaded, pd.concat(users), horizon_days)
+    return [
+        Score(
+            clv=float(clv),
+            expected_orders=float(orders),
+            p_alive=float(p),
+            churn_risk=float(risk),
+            segment=str(segment),
+            explanation=explanation,
         )
-    return out
+        for clv, orders, p, risk, segment, explanation in zip(
+            scored["clv"].to_numpy(),
+            scored["expected_orders"].to_numpy(),
+            scored["p_alive"].to_numpy(),
+            scored["churn_risk"].to_numpy(),
+            scored["segment"].to_numpy(),
+            explanations,
+            strict=True,
+        )
+    ]
 
 
 def score(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -> Score:

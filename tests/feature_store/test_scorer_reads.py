@@ -38,13 +38,31 @@ async def test_scan_finds_every_user_whatever_their_id(redis: Redis) -> None:
 async def test_many_states_read_at_once_give_each_users_own_features(redis: Redis) -> None:
     store = await _store(redis)
     asked = [*USERS[::-1], "nobody"]
-    state, positions = await store.read_states(asked)
-    assert [asked[i] for i in positions] == USERS[::-1]  # the unknown one left out
-    together = compute_features(state, 9100)
-    for u in USERS:
+    read = await store.read_states(asked)
+    assert [asked[i] for i in read.known] == USERS[::-1]  # the unknown one left out
+    together = compute_features(read.state, 9100)
+    for k, u in enumerate(USERS[::-1]):
         alone = await store.read_state(u)
         assert alone is not None
         pd.testing.assert_frame_equal(together.loc[[u]], online_features(alone.state, 9100))
+        assert (read.digests[k], read.updated_ms[k]) == (alone.digest, alone.updated_ms)
+    assert len(set(read.digests)) == len(USERS)
+
+
+async def test_the_state_digest_changes_with_the_features_not_with_a_redelivery(
+    redis: Redis,
+) -> None:
+    store = await _store(redis)
+    before = await store.read_state("plain")
+    assert before is not None
+    again = _ev("plain-0", "purchase", "plain", "o0", 1000, 9000 * MS_PER_DAY)
+    await store.apply([again], group="g", progress={"orders:0": 2}, now_ms=5)  # a duplicate
+    same = await store.read_state("plain")
+    assert same is not None and same.digest == before.digest
+    late = _ev("plain-late", "refund", "plain", "o0", -300, 8990 * MS_PER_DAY)  # reordered
+    await store.apply([late], group="g", progress={"orders:0": 3}, now_ms=0)  # the same ms
+    after = await store.read_state("plain")
+    assert after is not None and after.digest != before.digest
 
 
 async def test_change_marks_are_taken_once_and_erasure_forgets_a_user(redis: Redis) -> None:

@@ -17,8 +17,9 @@ from service.champion import Champion
 from service.scorer import Scorer, alert_id, next_score
 from tests.consumers.kafka_helpers import event_message, unique_settings
 from tests.feature_store.streams import MS_PER_DAY, _ev
-from tests.service.conftest import CUTOFF
+from tests.service.conftest import CUTOFF, register, serving
 from tests.service.test_api import apply, purchases
+from training.models.naive import HistoricalRate
 
 NEW = {"expected_orders": 1.0, "p_alive": 0.5, "churn_risk": 0.6, "segment": "at_risk"}
 
@@ -370,3 +371,69 @@ async def test_a_redis_away_at_the_clock_check_is_waited_out(scorer, monkeypatch
     monkeypatch.setattr(service.scorer, "_rest", rest)
     await asyncio.wait_for(s.run(stop), 60)  # not ended by the ConnectionError
     assert calls[:3] == ["check", "rest", "check"]
+
+
+@pytest.mark.integration
+async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(scorer) -> None:  # type: ignore[no-untyped-def]
+    # The stored answer equals the one scored at the request, and a new event, another day or
+    # another champion is scored at the request until the scorer has caught up.
+    s, champion = scorer
+    store, scores = s.features, s.scores
+    users = ["regular", "heavy", "once"]
+    await apply(
+        store,
+        purchases("regular", [CUTOFF - 200 + 30 * i for i in range(5)])
+        + purchases("heavy", [CUTOFF - 150 + 10 * i for i in range(15)], cents=6000)
+        + purchases("once", [CUTOFF - 100]),
+    )
+    day = {"as_of": "1997-09-30"}
+
+    async def answers(api) -> dict[str, dict[str, object]]:  # type: ignore[no-untyped-def]
+        got = {u: await api.get(f"/users/{u}/clv", params=day) for u in users}
+        assert all(r.status_code == 200 for r in got.values()), [r.text for r in got.values()]
+        return {u: r.json() for u, r in got.items()}
+
+    def source(bodies: dict[str, dict[str, object]]) -> set[object]:
+        return {b["score_source"] for b in bodies.values()}
+
+    async with serving(s._settings) as api:
+        live = await answers(api)  # nothing stored yet
+        assert source(live) == {"request"}
+        assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 3
+        stored = await answers(api)
+        assert source(stored) == {"stored"}
+        for u in users:  # the same answer, but for when and how it was scored
+            for k in ("scored_at", "score_source"):
+                stored[u].pop(k), live[u].pop(k)
+            assert stored[u] == live[u]
+        assert stored["heavy"]["explanation"] and stored["heavy"]["clv"] > 0
+
+        # another day: not what was stored
+        later = await api.get("/users/heavy/clv", params={"as_of": "1997-10-01"})
+        assert later.json()["score_source"] == "request"
+
+        # a new event applied, not yet scored: the request scores the new features
+        back = _ev("regular-back", "purchase", "regular", "o-back", 9900, CUTOFF * MS_PER_DAY)
+        await apply(store, [back])
+        await store.mark_changed(["regular"])
+        fresh = (await api.get("/users/regular/clv", params=day)).json()
+        assert fresh["score_source"] == "request"
+        assert fresh["features"]["orders_total"] == 6 and fresh["clv"] != live["regular"]["clv"]
+        assert await s.score_changed(champion.loaded, CUTOFF) == 1
+        caught_up = (await api.get("/users/regular/clv", params=day)).json()
+        assert caught_up["score_source"] == "stored"
+        assert {k: v for k, v in caught_up.items() if k not in ("scored_at", "score_source")} == {
+            k: v for k, v in fresh.items() if k not in ("scored_at", "score_source")
+        }
+
+        # a new champion: scored at the request until the scorer has scored with it
+        version = register(s._settings.model_dir, HistoricalRate())
+        assert (await api.post("/admin/reload")).json()["model_version"] == version
+        renewed = await answers(api)
+        assert source(renewed) == {"request"}
+        assert {b["model_version"] for b in renewed.values()} == {version}
+
+        # erased: the stored score goes with the features
+        assert (await api.delete("/users/once")).status_code == 204
+        assert await scores.read(["once"]) == [None]
+        assert (await api.get("/users/once/clv", params=day)).status_code == 404
