@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import pandas as pd
 
 from feature_store.events import validate
@@ -13,6 +14,7 @@ from feature_store.features import (
     RETENTION_DAYS,
     day_number,
     features_record,
+    iso_times,
     ms_to_iso,
 )
 from feature_store.offline import events_from_orders, features_at, too_late_mask
@@ -142,6 +144,19 @@ def test_order_times_keep_their_milliseconds_and_whole_seconds_have_none() -> No
     f = features_at(ev, day_number(dt.date(2024, 1, 5))).loc["u"]
     assert f["first_order_at"] == "2024-01-01T10:00:00.250Z"
     assert f["last_order_at"] == "2024-01-05T10:00:00Z"
+
+
+# Fails if the one-value formatter (datetime) and the many-value one (numpy) differ anywhere.
+def test_one_time_is_written_as_many_are() -> None:
+    rng = np.random.default_rng(7)
+    ms = np.concatenate(
+        [
+            rng.integers(0, 4_102_444_800_000, 2000),  # to 2100
+            rng.integers(0, 4_102_444_800, 500) * 1000,  # whole seconds
+            [0, 1, 999, 1000, 86_399_999, 253_402_300_799_999, 253_402_300_800_000, -1],
+        ]
+    )
+    assert [ms_to_iso(int(m)) for m in ms] == list(iso_times(ms))
 
 
 # Fails if iso_times formats only ms > 0: a purchase at epoch millisecond 0 is a purchase.
