@@ -3,10 +3,11 @@
 ``GET /users/{user_id}/clv[?as_of=YYYY-MM-DD]`` reads the user's features (Redis; the event log
 for a date before the user's latest event), scores them with the champion over
 ``CLV_HORIZON_DAYS`` and answers with the value, expected purchases, ``p_alive``, churn risk,
-segment, model version, features and an explanation (:mod:`service.scoring`). When the scorer's stored
-score is exactly that answer (the champion in service, the day asked for, the same state), it is
-answered from Redis without a model call (:meth:`service.scores.ScoreStore.answer`). The process holds
-no user state: replicas behind a load balancer answer alike.
+segment, model version, features and an explanation (:mod:`service.scoring`). When the
+scorer's stored score is exactly that answer (the champion in service, the day asked for, the
+same state), it is answered from Redis without a model call
+(:meth:`service.scores.ScoreStore.answer`). The process holds no user state: replicas behind a
+load balancer answer alike.
 
 Bad input is a 4xx with a JSON body (``{"detail": ...}``): 422 for a malformed user id or date,
 404 for a user with no events (by ``as_of``). A server-side gap is a 503 that says which: no
