@@ -44,7 +44,7 @@ from clv.stopping import RECANCEL_AFTER_S, cancel_and_wait, stop_or_first_done
 from feature_store.features import compute_features, day_date, features_records, now_iso
 from feature_store.redis_store import AnyRedis, FeatureStore
 from service.champion import Champion, NoChampion
-from service.scores import ScoreStore
+from service.scores import ScoreStore, StoredAnswer
 from service.scoring import explain_many, scoring_thread
 from training.registry import LoadedModel
 
@@ -327,7 +327,7 @@ class Scorer:
                 if len(scored) >= MIN_RANKED
                 else None
             )
-        rows, alerts = [], []
+        rows, alerts, answers = [], [], {}
         last_ms = state.last_ts_ms
         records = features_records(features)
         new = scored.to_dict("records")
@@ -342,17 +342,16 @@ class Scorer:
                 valuable_from=valuable_from,
                 drop_pct=self._settings.alert_drop_pct,
             )
-            # What the API answers from (service.scores.StoredAnswer), while the state keeps
-            # this digest and the model this version.
-            fields["features"] = json.dumps(records[i])
-            fields["explanation"] = json.dumps(explanations[i])
-            fields["state"] = read.digests[i]
+            # what the API answers while the state keeps this digest and the model this version
+            answers[user] = StoredAnswer.of(
+                fields, state=read.digests[i], features=records[i], explanation=explanations[i]
+            )
             before = old[i]
             rows.append((user, fields, None if before is None else before.get("segment")))
             if alert is not None:
                 alerts.append(alert)
         await self._publish(alerts)  # before the scores: a failure in between sends them again
-        await self.scores.write(rows)
+        await self.scores.write(rows, answers)
         # An erasure between the read above and the write would leave a score of nobody: the
         # erasure removes the features first, so a score written after it finds them gone.
         for user in await self.features.missing([u for u, _, _ in rows]):

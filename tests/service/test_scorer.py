@@ -250,10 +250,10 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
     real_write = s.scores.write
     failures = [RedisConnectionError("Redis blip")]
 
-    async def write(rows):  # type: ignore[no-untyped-def]
+    async def write(rows, answers):  # type: ignore[no-untyped-def]
         if failures:
             raise failures.pop()
-        await real_write(rows)
+        await real_write(rows, answers)
 
     monkeypatch.setattr(s.scores, "write", write)
     with pytest.raises(RedisConnectionError):
@@ -411,6 +411,12 @@ async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(s
         # another day: not what was stored
         later = await api.get("/users/heavy/clv", params={"as_of": "1997-10-01"})
         assert later.json()["score_source"] == "request"
+        # a stored answer in another layout (another version's scorer): not answered from
+        good = await s._redis.get(scores.answer_key("heavy"))
+        await s._redis.set(scores.answer_key("heavy"), b'["other", 1]')
+        other = (await api.get("/users/heavy/clv", params=day)).json()
+        assert other["score_source"] == "request" and other["clv"] == stored["heavy"]["clv"]
+        await s._redis.set(scores.answer_key("heavy"), good)
 
         # a new event applied, not yet scored: the request scores the new features
         back = _ev("regular-back", "purchase", "regular", "o-back", 9900, CUTOFF * MS_PER_DAY)
@@ -436,4 +442,5 @@ async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(s
         # erased: the stored score goes with the features
         assert (await api.delete("/users/once")).status_code == 204
         assert await scores.read(["once"]) == [None]
+        assert not await s._redis.exists(scores.answer_key("once"))
         assert (await api.get("/users/once/clv", params=day)).status_code == 404
