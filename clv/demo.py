@@ -246,6 +246,7 @@ async def _show_api(
             "churn_risk",
             "segment",
             "model_version",
+            "score_source",
             "explanation",
         )
     }

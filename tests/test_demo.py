@@ -178,6 +178,7 @@ async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_train
     for day in ("1997-12-31", "1998-06-30"):
         assert f"the scorer scored 2,357 customers as of {day} with {version}" in said
     assert "GET /users/top?limit=5 (2,357 ranked)" in said and '"segment"' in said
+    assert '"score_source": "stored"' in said  # the top customer's answer, as the scorer stored it
     # time passing: valuable customers who stopped buying were alerted on, each once
     alerts = [json.loads(r.value) for r in await read_topic(settings, settings.alerts_topic)]
     assert f"churn-risk alerts on {settings.alerts_topic}: {len(alerts):,}" in said
