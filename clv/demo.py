@@ -194,8 +194,8 @@ def _api_url(settings: Settings) -> str:
 
 async def _scored(settings: Settings, running: Running, day: int, version: str) -> None:
     """Wait until the scorer has scored everyone as of ``day`` with the model ``version``."""
-    want = f"{day}:{version}"
     scores = ScoreStore(running.redis, prefix=settings.key_prefix)
+    want = scores.sweep_mark(day, version, settings.horizon_days)
     with console.status(f"the scorer is scoring every customer as of {day_date(day)}"):
         for _ in range(1800):
             if await scores.last_sweep() == want:

@@ -301,6 +301,7 @@ def create_app(
                 await scores.answer(
                     user_id,
                     model_version=loaded.version,
+                    horizon_days=settings.horizon_days,
                     as_of=day.isoformat(),
                     state=located.stored.digest,
                 )

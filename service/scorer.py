@@ -259,7 +259,8 @@ class Scorer:
         return len(users)
 
     async def _sweep_due(self, day: int, version: str) -> bool:
-        return await self.scores.last_sweep() != f"{day}:{version}"
+        mark = self.scores.sweep_mark(day, version, self._settings.horizon_days)
+        return await self.scores.last_sweep() != mark
 
     async def sweep(self, loaded: LoadedModel, day: int, stop: asyncio.Event) -> int | None:
         """Score every user as of ``day`` (changed users in between); how many were scored, or
@@ -278,7 +279,8 @@ class Scorer:
                 if not await self._lock_op("renew"):
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                     return n
-            await self._redis.set(self.scores.swept_key, f"{day}:{loaded.version}")
+            mark = self.scores.sweep_mark(day, loaded.version, self._settings.horizon_days)
+            await self._redis.set(self.scores.swept_key, mark)
             log.info(
                 "scored %d users as of %s with model %s: %d churn-risk alerts",
                 n,
@@ -344,7 +346,11 @@ class Scorer:
             )
             # what the API answers while the state keeps this digest and the model this version
             answers[user] = StoredAnswer.of(
-                fields, state=read.digests[i], features=records[i], explanation=explanations[i]
+                fields,
+                horizon_days=horizon,
+                state=read.digests[i],
+                features=records[i],
+                explanation=explanations[i],
             )
             before = old[i]
             rows.append((user, fields, None if before is None else before.get("segment")))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -39,16 +40,35 @@ PUBLIC_FIELDS = (
 
 #: The features a stored answer holds, in the order it holds them.
 ANSWER_FEATURES = (*FEATURE_NAMES, *TIMESTAMP_FEATURES)
-#: Stored answers written with other features (an older scorer) are not answered from.
-_FEATURES_TAG = hashlib.blake2b("\0".join(ANSWER_FEATURES).encode(), digest_size=4).hexdigest()
+
+
+def _code_tag() -> str:
+    """A digest of the code an answer comes from besides the model (the feature definition
+    and its online decoding, the scoring rules: segments, churn risk, the explanation, and this
+    layout) and of the feature names: answers and sweeps of other code are not current."""
+    import feature_store.features
+    import feature_store.redis_store
+    import service.scoring
+
+    h = hashlib.blake2b(digest_size=6)
+    h.update("\0".join(ANSWER_FEATURES).encode())
+    for module in (feature_store.features, feature_store.redis_store, service.scoring):
+        h.update(Path(module.__file__ or "").read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()
+
+
+#: Stored answers and sweeps by other code (an older scorer) are not current.
+CODE_TAG = _code_tag()
 
 
 class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
     """The scorer's score of one user with what the API answers beside it; stored as one JSON
     array (names are the code's, not repeated in every value)."""
 
-    features_tag: str
+    code_tag: str
     model_version: str
+    horizon_days: int
     as_of: str
     state: str  # feature_store.redis_store.state_digest of the state scored
     scored_at: str
@@ -65,14 +85,16 @@ class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
         cls,
         fields: Mapping[str, str],
         *,
+        horizon_days: int,
         state: str,
         features: Mapping[str, Any],
         explanation: Sequence[Mapping[str, Any]],
     ) -> StoredAnswer:
         """The answer for a score's stored ``fields`` (:func:`service.scorer.next_score`)."""
         return cls(
-            features_tag=_FEATURES_TAG,
+            code_tag=CODE_TAG,
             model_version=fields["model_version"],
+            horizon_days=horizon_days,
             as_of=fields["as_of"],
             state=state,
             scored_at=fields["scored_at"],
@@ -142,6 +164,12 @@ class ScoreStore:
         await self._redis.set(self.clock_key, clock, nx=True)
         return await self.recorded_clock() or clock
 
+    @staticmethod
+    def sweep_mark(day: int, model_version: str, horizon_days: int) -> str:
+        """What the last sweep records: a sweep is due when any of these, or the code
+        (:data:`CODE_TAG`), differs from the last one's."""
+        return f"{day}:{model_version}:{horizon_days}d:{CODE_TAG}"
+
     async def last_sweep(self) -> str | None:
         raw = await self._redis.get(self.swept_key)
         return None if raw is None else text_of(raw)
@@ -175,21 +203,23 @@ class ScoreStore:
             await pipe.execute()
 
     async def answer(
-        self, user_id: str, *, model_version: str, as_of: str, state: str
+        self, user_id: str, *, model_version: str, horizon_days: int, as_of: str, state: str
     ) -> StoredAnswer | None:
         """The stored answer for ``user_id`` if it is the score of the state with digest
         ``state`` (:func:`feature_store.redis_store.state_digest`) as of day ``as_of`` by
-        model ``model_version``, exactly what scoring them now would give; else ``None``."""
+        model ``model_version`` over ``horizon_days``, from this code: exactly what scoring
+        them now would give; else ``None``."""
         raw = await self._redis.get(self.answer_key(user_id))
         if raw is None:
             return None
         try:
             got = _decode(raw)
-        except msgspec.ValidationError:  # another layout (another version): not answered from
+        except msgspec.DecodeError:  # another layout (another version), or not JSON at all
             return None
-        if (got.features_tag, got.model_version, got.as_of, got.state) != (
-            _FEATURES_TAG,
+        if (got.code_tag, got.model_version, got.horizon_days, got.as_of, got.state) != (
+            CODE_TAG,
             model_version,
+            horizon_days,
             as_of,
             state,
         ):

@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from feature_store.features import compute_features
-from feature_store.redis_store import FeatureStore, online_features
+from feature_store.redis_store import _HEADER, FeatureStore, online_features
 from tests.feature_store.streams import MS_PER_DAY, _ev
 
 pytestmark = pytest.mark.integration
@@ -63,6 +63,39 @@ async def test_the_state_digest_changes_with_the_features_not_with_a_redelivery(
     await store.apply([late], group="g", progress={"orders:0": 3}, now_ms=0)  # the same ms
     after = await store.read_state("plain")
     assert after is not None and after.digest != before.digest
+
+
+async def test_the_state_digest_covers_the_header_and_each_day_record_not_the_seen_ids(
+    redis: Redis,
+) -> None:
+    # Each field written directly: the digest is of what compute_features reads, all of it.
+    store = await _store(redis)
+    key = store.user_key("b}c")  # purchases on two days
+    raw = await redis.hgetall(key)
+    days = sorted(k for k in raw if k[:1] in (b"o", b"v"))
+    assert len(days) == 4 and b"h" in raw
+
+    async def digest() -> str:
+        stored = await store.read_state("b}c")
+        assert stored is not None
+        return stored.digest
+
+    first = await digest()
+    await redis.hset(key, "#another-event-id", 1)  # seen ids: not features
+    assert await digest() == first
+    await redis.hdel(key, "#another-event-id")
+    changed = set()
+    for field in [b"h", *days]:
+        if field == b"h":  # the last change's time, a millisecond later
+            header = list(_HEADER.unpack(raw[b"h"]))
+            header[8] += 1
+            await redis.hset(key, field, _HEADER.pack(*header))
+        else:
+            await redis.hset(key, field, int(raw[field]) + 1)
+        changed.add(await digest())
+        await redis.hset(key, field, raw[field])
+        assert await digest() == first
+    assert len(changed) == 5 and first not in changed
 
 
 async def test_change_marks_are_taken_once_and_erasure_forgets_a_user(redis: Redis) -> None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from clv.local_stack import LocalProcess
+from clv.local_stack import LocalProcess, free_port
 from clv.settings import Settings
 from consumers.kafka import ensure_topics, make_producer, read_topic
 from feature_store.redis_client import connect
@@ -374,9 +374,13 @@ async def test_a_redis_away_at_the_clock_check_is_waited_out(scorer, monkeypatch
 
 
 @pytest.mark.integration
-async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(scorer) -> None:  # type: ignore[no-untyped-def]
+async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     # The stored answer equals the one scored at the request, and a new event, another day or
     # another champion is scored at the request until the scorer has caught up.
+    import service.scores
+
     s, champion = scorer
     store, scores = s.features, s.scores
     users = ["regular", "heavy", "once"]
@@ -411,12 +415,32 @@ async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(s
         # another day: not what was stored
         later = await api.get("/users/heavy/clv", params={"as_of": "1997-10-01"})
         assert later.json()["score_source"] == "request"
-        # a stored answer in another layout (another version's scorer): not answered from
+        # a stored answer in another layout (another version's scorer), or no JSON at all, or
+        # of other code (the same layout): not answered from
         good = await s._redis.get(scores.answer_key("heavy"))
-        await s._redis.set(scores.answer_key("heavy"), b'["other", 1]')
-        other = (await api.get("/users/heavy/clv", params=day)).json()
-        assert other["score_source"] == "request" and other["clv"] == stored["heavy"]["clv"]
+        for other in (b'["other", 1]', b"\x00\x01", b""):
+            await s._redis.set(scores.answer_key("heavy"), other)
+            got = await api.get("/users/heavy/clv", params=day)
+            assert got.status_code == 200 and got.json()["score_source"] == "request"
+            assert got.json()["clv"] == stored["heavy"]["clv"]
         await s._redis.set(scores.answer_key("heavy"), good)
+        monkeypatch.setattr(service.scores, "CODE_TAG", "other code")
+        assert (await api.get("/users/heavy/clv", params=day)).json()["score_source"] == "request"
+        assert await s._sweep_due(CUTOFF, champion.loaded.version)  # a deploy sweeps again
+        monkeypatch.undo()
+        assert (await api.get("/users/heavy/clv", params=day)).json()["score_source"] == "stored"
+        assert not await s._sweep_due(CUTOFF, champion.loaded.version)
+
+        # another horizon: an API over 30 days does not answer the scorer's 365-day scores,
+        # and a scorer over 30 days sweeps again
+        short = s._settings.model_copy(update={"horizon_days": 30, "api_port": free_port()})
+        async with serving(short) as short_api:
+            got = (await short_api.get("/users/heavy/clv", params=day)).json()
+        assert got["score_source"] == "request" and got["horizon_days"] == 30
+        assert got["clv"] < stored["heavy"]["clv"]
+        short_scorer = Scorer(short, s._redis, champion, s._producer)
+        assert await short_scorer._sweep_due(CUTOFF, champion.loaded.version)
+        short_scorer.close()
 
         # a new event applied, not yet scored: the request scores the new features
         back = _ev("regular-back", "purchase", "regular", "o-back", 9900, CUTOFF * MS_PER_DAY)
