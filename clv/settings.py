@@ -168,6 +168,15 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_braces(cls, v: str) -> str:
+        # A brace would take the hash tag from the prefix, not the user id: a user's keys
+        # would fall in different Redis Cluster slots (the scorer writes them in one step).
+        if "{" in v or "}" in v:
+            raise ValueError("must not hold { or } (the user id is the Redis Cluster hash tag)")
+        return v
+
     @model_validator(mode="after")
     def _distinct(self) -> Self:
         """No two of the orders, dead-letter and alerts topics are one topic (rejected events

@@ -119,6 +119,15 @@ class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
 
 
 _encode = msgspec.json.Encoder().encode
+#: A score and its answer, written only if the user's features exist: an erasure that lands
+#: while a batch is scored leaves nothing of the user behind, even if the scorer dies before
+#: its check after the write (which remains, for the rankings in other slots).
+_WRITE_IF_KNOWN = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+    "redis.call('HSET', KEYS[2], unpack(ARGV, 2)) "
+    "redis.call('SET', KEYS[3], ARGV[1]) "
+    "return 1"
+)
 _decode = msgspec.json.Decoder(StoredAnswer).decode
 
 
@@ -192,9 +201,18 @@ class ScoreStore:
         answers = answers or {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for user, fields, before in rows:
-                pipe.hset(self.score_key(user), mapping={k: v for k, v in fields.items()})
-                if user in answers:
-                    pipe.set(self.answer_key(user), _encode(answers[user]))
+                if user in answers:  # only while the user's features exist (one slot, one step)
+                    pipe.eval(
+                        _WRITE_IF_KNOWN,
+                        3,
+                        user_key(self._prefix, user),
+                        self.score_key(user),
+                        self.answer_key(user),
+                        _encode(answers[user]),
+                        *(x for kv in fields.items() for x in kv),
+                    )
+                else:
+                    pipe.hset(self.score_key(user), mapping={k: v for k, v in fields.items()})
                 value = float(fields["clv"])
                 pipe.zadd(self.top_key(), {user: value})
                 pipe.zadd(self.top_key(fields["segment"]), {user: value})

@@ -67,6 +67,8 @@ def test_what_a_deployment_writes_is_accepted(changes: dict[str, str]) -> None:
         ({"alerts_topic": "orders.dlq"}, "the same topic as CLV_DLQ_TOPIC"),
         ({"archiver_group": "clv-features"}, "CLV_CONSUMER_GROUP and CLV_ARCHIVER_GROUP are both"),
         ({"consumer_group": " "}, "must not be empty"),
+        ({"key_prefix": "shop{eu}"}, "must not hold { or }"),
+        ({"key_prefix": "x}"}, "the user id is the Redis Cluster hash tag"),
     ],
 )
 def test_what_no_client_could_use_is_refused(changes: dict[str, str], says: str) -> None:

@@ -111,6 +111,39 @@ async def test_online_equals_offline_on_redis_cluster(cluster_client: RedisClust
     assert again.applied == 0
 
 
+async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is_known(
+    cluster_client: RedisCluster,
+) -> None:
+    from service.scores import ANSWER_FEATURES, ScoreStore, StoredAnswer
+
+    store = FeatureStore(cluster_client, prefix="sc")
+    scores = ScoreStore(cluster_client, prefix="sc")
+    users = [f"u{i}" for i in range(20)] + ["a}b", "{x}"]
+    known = users[:-1]  # "{x}": no features, so nothing is written for it
+    events = [purchase(i, 9000, u) for i, u in enumerate(known)]
+    await store.apply(events, group="g", progress={"orders:0": 1}, now_ms=1)
+    fields = {
+        "clv": "1.00", "expected_orders": "0.1", "p_alive": "0.5", "churn_risk": "0.9",
+        "segment": "lost", "model_version": "v", "as_of": "1994-08-23", "scored_at": "t",
+    }  # fmt: skip
+    answer = StoredAnswer.of(
+        fields,
+        horizon_days=365,
+        state="s",
+        features=dict.fromkeys(ANSWER_FEATURES, 0),
+        explanation=[],
+    )
+    await scores.write([(u, fields, None) for u in users], dict.fromkeys(users, answer))
+    assert len({cluster_client.keyslot(scores.answer_key(u)) for u in users}) > 5
+    stored = await scores.read(users)
+    answers = [
+        await scores.answer(u, model_version="v", horizon_days=365, as_of="1994-08-23", state="s")
+        for u in users
+    ]
+    assert [u for u, x in zip(users, stored, strict=True) if x is not None] == known
+    assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
+
+
 async def test_too_late_positions_are_those_of_a_single_redis(
     cluster_client: RedisCluster, redis: Redis
 ) -> None:

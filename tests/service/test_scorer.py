@@ -297,6 +297,35 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
 
 
 @pytest.mark.integration
+async def test_an_erasure_during_a_batch_leaves_no_score_even_if_the_scorer_dies_after_it(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The score and answer are written only while the features exist; the check after the
+    # write (for the rankings) never runs here.
+    s, champion = scorer
+    await apply(s.features, purchases("gone", [CUTOFF]) + purchases("kept", [CUTOFF]))
+    real_read = s.scores.read
+
+    async def read(users):  # type: ignore[no-untyped-def]
+        old = await real_read(users)
+        await s.features.forget("gone")  # DELETE /users/gone, between the read and the write
+        await s.scores.forget("gone")
+        return old
+
+    async def dies(users):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the scorer died")
+
+    monkeypatch.setattr(s.scores, "read", read)
+    monkeypatch.setattr(s.features, "missing", dies)
+    with pytest.raises(RuntimeError):
+        await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
+    gone, kept = await real_read(["gone", "kept"])
+    assert gone is None and kept is not None
+    assert not await s._redis.exists(s.scores.answer_key("gone"))
+    assert await s._redis.exists(s.scores.answer_key("kept"))
+
+
+@pytest.mark.integration
 async def test_a_small_first_batch_judges_nobody_valuable(scorer) -> None:  # type: ignore[no-untyped-def]
     s, champion = scorer
     await apply(s.features, purchases("first", [CUTOFF - 30 * i for i in range(4)]))
