@@ -277,31 +277,10 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
 
 
 @pytest.mark.integration
-async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    s, champion = scorer
-    await apply(s.features, purchases("gone", [CUTOFF]) + purchases("kept", [CUTOFF]))
-    real_read = s.scores.read
-
-    async def read(users):  # type: ignore[no-untyped-def]
-        old = await real_read(users)
-        await s.features.forget("gone")  # DELETE /users/gone, between the read and the write
-        await s.scores.forget("gone")
-        return old
-
-    monkeypatch.setattr(s.scores, "read", read)
-    await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
-    gone, kept = await real_read(["gone", "kept"])
-    assert gone is None and kept is not None
-    count, top = await s.scores.top(10)
-    assert count == 1 and [u["user_id"] for u in top] == ["kept"]
-
-
-@pytest.mark.integration
-async def test_an_erasure_during_a_batch_leaves_no_score_even_if_the_scorer_dies_after_it(
-    scorer, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("dies", [False, True])
+async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypatch, dies) -> None:  # type: ignore[no-untyped-def]
     # The score and answer are written only while the features exist; the check after the
-    # write (for the rankings) never runs here.
+    # write removes the rankings. With ``dies`` the scorer dies before that check.
     s, champion = scorer
     await apply(s.features, purchases("gone", [CUTOFF]) + purchases("kept", [CUTOFF]))
     real_read = s.scores.read
@@ -312,13 +291,18 @@ async def test_an_erasure_during_a_batch_leaves_no_score_even_if_the_scorer_dies
         await s.scores.forget("gone")
         return old
 
-    async def dies(users):  # type: ignore[no-untyped-def]
+    async def died(users):  # type: ignore[no-untyped-def]
         raise RuntimeError("the scorer died")
 
     monkeypatch.setattr(s.scores, "read", read)
-    monkeypatch.setattr(s.features, "missing", dies)
-    with pytest.raises(RuntimeError):
+    if dies:
+        monkeypatch.setattr(s.features, "missing", died)
+        with pytest.raises(RuntimeError):
+            await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
+    else:
         await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
+        count, top = await s.scores.top(10)
+        assert count == 1 and [u["user_id"] for u in top] == ["kept"]
     gone, kept = await real_read(["gone", "kept"])
     assert gone is None and kept is not None
     assert not await s._redis.exists(s.scores.answer_key("gone"))
