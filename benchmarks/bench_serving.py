@@ -17,6 +17,8 @@ and BG/NBD + Gamma-Gamma as the only candidates, so it takes seconds).
   same way (the same server: what the HTTP stack alone allows). Ratios: requests/s of each
   over the last. wrk shares the machine's two cores with the server; the ratio is what
   counts.
+* **Memory**: what Redis holds per customer after the sweep (``MEMORY USAGE`` of the feature
+  state, the score hash and the stored answer).
 
     python -m benchmarks.bench_serving [--seconds S] [--concurrency C] [--rounds R]
 """
@@ -103,6 +105,25 @@ async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, 
         await producer.stop()
         await redis.aclose()
     return out
+
+
+async def _memory(settings: Settings, users: list[str]) -> dict[str, float]:
+    """Mean ``MEMORY USAGE`` per customer (bytes, over the first 2,000) of what Redis holds for
+    each: the feature state, the score hash and the stored answer."""
+    from service.scores import ScoreStore
+
+    redis = connect(settings.redis_url)
+    try:
+        store = FeatureStore(redis, prefix=settings.key_prefix)
+        scores = ScoreStore(redis, prefix=settings.key_prefix)
+        keys = {"state": store.user_key, "score": scores.score_key, "answer": scores.answer_key}
+        sample = users[:2000]
+        return {
+            name: statistics.mean([await redis.memory_usage(key(u)) or 0 for u in sample])
+            for name, key in keys.items()
+        }
+    finally:
+        await redis.aclose()
 
 
 def _wrk(url: str, seconds: float, concurrency: int, script: Path | None = None) -> float:
@@ -211,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"ratio {statistics.median(ratios):.3f} (rounds: "
                 + ", ".join(f"{x:.3f}" for x in ratios)
                 + ")"
+            )
+            memory = asyncio.run(_memory(settings, users))
+            print(
+                "Redis per customer (MEMORY USAGE, mean of 2,000): "
+                + ", ".join(f"{name} {size:,.0f} bytes" for name, size in memory.items())
             )
             print(
                 f"API: wrk, {args.seconds:g} s a round, {args.concurrency} connections "

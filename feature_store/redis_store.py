@@ -122,11 +122,10 @@ class StoredState:
 class StoredStates:
     """Many users' states as :meth:`FeatureStore.read_states` reads them: ``state`` has a row
     for each user Redis knows, ``known`` their positions in the users asked for, and
-    ``updated_ms`` and ``digest`` one entry per row."""
+    ``digests`` one :func:`state_digest` per row."""
 
     state: UserState
     known: list[int]
-    updated_ms: list[int]
     digests: list[str]
 
 
@@ -139,10 +138,6 @@ def state_digest(raw: dict[bytes, bytes]) -> str:
         value = raw[name]
         h.update(len(name).to_bytes(2, "little") + name + len(value).to_bytes(4, "little") + value)
     return h.hexdigest()
-
-
-def _updated_ms(raw: dict[bytes, bytes]) -> int:
-    return int(_HEADER.unpack(raw[b"h"])[8])
 
 
 @dataclass(slots=True)
@@ -362,7 +357,6 @@ class FeatureStore:
         return StoredStates(
             states_from_hashes([(user_ids[i], raws[i]) for i in known]),
             known,
-            [_updated_ms(raws[i]) for i in known],
             [state_digest(raws[i]) for i in known],
         )
 
@@ -545,7 +539,8 @@ class FeatureStore:
         raw: dict[bytes, bytes] = await self._redis.hgetall(self.user_key(user_id))  # type: ignore[assignment]
         if b"h" not in raw:
             return None
-        return StoredState(state_from_hash(user_id, raw), _updated_ms(raw), state_digest(raw))
+        updated_ms = int(_HEADER.unpack(raw[b"h"])[8])
+        return StoredState(state_from_hash(user_id, raw), updated_ms, state_digest(raw))
 
     async def features(self, user_id: str, as_of_day: int | None = None) -> pd.DataFrame | None:
         """One user's features; ``as_of_day`` defaults to the user's latest event day and must

@@ -358,8 +358,9 @@ class Scorer:
                 alerts.append(alert)
         await self._publish(alerts)  # before the scores: a failure in between sends them again
         await self.scores.write(rows, answers)
-        # An erasure between the read above and the write would leave a score of nobody: the
-        # erasure removes the features first, so a score written after it finds them gone.
+        # An erasure between the read above and the write: the score and answer were not
+        # written (ScoreStore.write), but the rankings, in other slots, were; the erasure
+        # removes the features first, so they are found gone here.
         for user in await self.features.missing([u for u, _, _ in rows]):
             await self.scores.forget(user)
         SCORED.labels(trigger).inc(len(rows))

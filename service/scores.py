@@ -119,6 +119,8 @@ class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
 
 
 _encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(StoredAnswer).decode
+
 #: A score and its answer, written only if the user's features exist: an erasure that lands
 #: while a batch is scored leaves nothing of the user behind, even if the scorer dies before
 #: its check after the write (which remains, for the rankings in other slots).
@@ -128,7 +130,6 @@ _WRITE_IF_KNOWN = (
     "redis.call('SET', KEYS[3], ARGV[1]) "
     "return 1"
 )
-_decode = msgspec.json.Decoder(StoredAnswer).decode
 
 
 def text_of(v: Any) -> str:
