@@ -7,8 +7,8 @@ drop is measured from and the id of the alert already sent for that drop.
 again, the features, the explanation and the digest of the state they were computed from, in
 one value, so that a reader never sees half of one write and half of another. A value of its
 own also keeps the score hash small: Redis keeps a hash of short fields as one compact list,
-and a field over 64 bytes turns it into a table (in a run on CDNOW, 2,452 bytes a user with
-the features in the hash).
+and a field over 64 bytes turns it into a table (on CDNOW, 2,452 bytes a user with the
+features in the hash against 386 without: docs/benchmarks.md, "Serving").
 ``<prefix>:top`` ranks every scored user by value; ``<prefix>:top:<segment>`` each segment.
 """
 
