@@ -279,8 +279,13 @@ class Scorer:
                 if not await self._lock_op("renew"):
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                     return n
+            pruned = await self.prune_rankings(stop)
+            if stop.is_set():
+                return n
             mark = self.scores.sweep_mark(day, loaded.version, self._settings.horizon_days)
             await self._redis.set(self.scores.swept_key, mark)
+            if pruned:
+                log.info("scorer: %d ranking entries of erased users removed", pruned)
             log.info(
                 "scored %d users as of %s with model %s: %d churn-risk alerts",
                 n,
@@ -291,6 +296,21 @@ class Scorer:
         finally:
             with contextlib.suppress(*AWAY):  # a Redis gone: the lock expires by itself
                 await self._lock_op("release")
+        return n
+
+    async def prune_rankings(self, stop: asyncio.Event) -> int:
+        """Take users with no features off the rankings; how many entries went.
+
+        An erasure removes a user's rankings, and a scorer that had the user's score in hand
+        removes them again after its write (:meth:`score_users`); one that dies in between
+        leaves them, as the rankings are in other slots than the user's keys. Each sweep ends
+        with this check. A user whose first event after an erasure is scored between the check
+        and the removal is off the rankings until scored again."""
+        n = 0
+        async for segment, users in self.scores.ranked(self._settings.score_batch):
+            if stop.is_set():
+                break
+            n += await self.scores.unrank(segment, await self.features.missing(users))
         return n
 
     async def _lock_op(self, op: str) -> bool:

@@ -15,7 +15,7 @@ features in the hash against 386 without: docs/benchmarks.md, "Serving").
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,23 @@ class ScoreStore:
                 )
             out.append(row)
         return int(count), out
+
+    async def ranked(self, count: int = 1000) -> AsyncIterator[tuple[str | None, list[str]]]:
+        """Every ranking's users in chunks of about ``count``, with the ranking's segment
+        (``None``: the ranking of everyone); ZSCAN, so Redis is not blocked."""
+        for segment in (None, *SEGMENTS):
+            chunk: list[str] = []
+            async for member, _ in self._redis.zscan_iter(self.top_key(segment), count=count):
+                chunk.append(text_of(member))
+                if len(chunk) >= count:
+                    yield segment, chunk
+                    chunk = []
+            if chunk:
+                yield segment, chunk
+
+    async def unrank(self, segment: str | None, user_ids: Sequence[str]) -> int:
+        """Take ``user_ids`` off one ranking; how many were on it."""
+        return int(await self._redis.zrem(self.top_key(segment), *user_ids)) if user_ids else 0
 
     async def forget(self, user_id: str) -> int:
         """Remove the user's score, stored answer and ranking entries; how many keys and

@@ -142,6 +142,14 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     ]
     assert [u for u, x in zip(users, stored, strict=True) if x is not None] == known
     assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
+    # the rankings, in other slots, took "{x}" too; a sweep's check takes it off them
+    # (Scorer.prune_rankings: ZSCAN of each ranking on the cluster, removal as it goes)
+    assert await cluster_client.zcard(scores.top_key()) == len(users)
+    async for segment, ranked in scores.ranked(5):
+        await scores.unrank(segment, await store.missing(ranked))
+    for segment in (None, "lost"):
+        assert await cluster_client.zcard(scores.top_key(segment)) == len(known)
+        assert await cluster_client.zscore(scores.top_key(segment), "{x}") is None
 
 
 async def test_too_late_positions_are_those_of_a_single_redis(

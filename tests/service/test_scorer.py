@@ -15,6 +15,7 @@ from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion
 from service.scorer import Scorer, alert_id, next_score
+from service.scoring import SEGMENTS
 from tests.consumers.kafka_helpers import event_message, unique_settings
 from tests.feature_store.streams import MS_PER_DAY, _ev
 from tests.service.conftest import CUTOFF, register, serving
@@ -280,10 +281,11 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
 @pytest.mark.parametrize("dies", [False, True])
 async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypatch, dies) -> None:  # type: ignore[no-untyped-def]
     # The score and answer are written only while the features exist; the check after the
-    # write removes the rankings. With ``dies`` the scorer dies before that check.
+    # write removes the rankings. With ``dies`` the scorer dies before that check, and the
+    # next sweep removes them.
     s, champion = scorer
     await apply(s.features, purchases("gone", [CUTOFF]) + purchases("kept", [CUTOFF]))
-    real_read = s.scores.read
+    real_read, real_missing = s.scores.read, s.features.missing
 
     async def read(users):  # type: ignore[no-untyped-def]
         old = await real_read(users)
@@ -299,10 +301,17 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
         monkeypatch.setattr(s.features, "missing", died)
         with pytest.raises(RuntimeError):
             await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
+        monkeypatch.setattr(s.features, "missing", real_missing)
+        monkeypatch.setattr(s.scores, "read", real_read)
+        count, top = await s.scores.top(10)
+        assert count == 2 and [u["user_id"] for u in top] == ["kept"]  # the ranking outlived it
+        assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 1
     else:
         await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
-        count, top = await s.scores.top(10)
-        assert count == 1 and [u["user_id"] for u in top] == ["kept"]
+    count, top = await s.scores.top(10)
+    assert count == 1 and [u["user_id"] for u in top] == ["kept"]
+    for segment in (None, *SEGMENTS):
+        assert await s._redis.zscore(s.scores.top_key(segment), "gone") is None
     gone, kept = await real_read(["gone", "kept"])
     assert gone is None and kept is not None
     assert not await s._redis.exists(s.scores.answer_key("gone"))
