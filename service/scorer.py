@@ -285,7 +285,7 @@ class Scorer:
             mark = self.scores.sweep_mark(day, loaded.version, self._settings.horizon_days)
             await self._redis.set(self.scores.swept_key, mark)
             if pruned:
-                log.info("scorer: %d ranking entries of erased users removed", pruned)
+                log.info("scorer: %d erased users taken off the rankings", pruned)
             log.info(
                 "scored %d users as of %s with model %s: %d churn-risk alerts",
                 n,
@@ -299,7 +299,7 @@ class Scorer:
         return n
 
     async def prune_rankings(self, stop: asyncio.Event) -> int:
-        """Take users with no features off the rankings; how many entries went.
+        """Forget the ranked users who have no features; how many.
 
         An erasure removes a user's rankings, and a scorer that had the user's score in hand
         removes them again after its write (:meth:`score_users`); one that dies in between
@@ -307,10 +307,12 @@ class Scorer:
         with this check. A user whose first event after an erasure is scored between the check
         and the removal is off the rankings until scored again."""
         n = 0
-        async for segment, users in self.scores.ranked(self._settings.score_batch):
+        async for users in self.scores.ranked(self._settings.score_batch):
             if stop.is_set():
                 break
-            n += await self.scores.unrank(segment, await self.features.missing(users))
+            for user in await self.features.missing(users):
+                await self.scores.forget(user)
+                n += 1
         return n
 
     async def _lock_op(self, op: str) -> bool:

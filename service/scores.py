@@ -280,22 +280,18 @@ class ScoreStore:
             out.append(row)
         return int(count), out
 
-    async def ranked(self, count: int = 1000) -> AsyncIterator[tuple[str | None, list[str]]]:
-        """Every ranking's users in chunks of about ``count``, with the ranking's segment
-        (``None``: the ranking of everyone); ZSCAN, so Redis is not blocked."""
-        for segment in (None, *SEGMENTS):
-            chunk: list[str] = []
-            async for member, _ in self._redis.zscan_iter(self.top_key(segment), count=count):
-                chunk.append(text_of(member))
-                if len(chunk) >= count:
-                    yield segment, chunk
-                    chunk = []
-            if chunk:
-                yield segment, chunk
-
-    async def unrank(self, segment: str | None, user_ids: Sequence[str]) -> int:
-        """Take ``user_ids`` off one ranking; how many were on it."""
-        return int(await self._redis.zrem(self.top_key(segment), *user_ids)) if user_ids else 0
+    async def ranked(self, count: int = 1000) -> AsyncIterator[list[str]]:
+        """The users on the ranking of everyone, in chunks of about ``count`` (ZSCAN: no
+        blocking of Redis). Every write ranks a user there and in the segment's ranking
+        together, and :meth:`forget` removes both."""
+        chunk: list[str] = []
+        async for member, _ in self._redis.zscan_iter(self.top_key(), count=count):
+            chunk.append(text_of(member))
+            if len(chunk) >= count:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     async def forget(self, user_id: str) -> int:
         """Remove the user's score, stored answer and ranking entries; how many keys and

@@ -143,10 +143,11 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     assert [u for u, x in zip(users, stored, strict=True) if x is not None] == known
     assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
     # the rankings, in other slots, took "{x}" too; a sweep's check takes it off them
-    # (Scorer.prune_rankings: ZSCAN of each ranking on the cluster, removal as it goes)
+    # (Scorer.prune_rankings: ZSCAN of the ranking on the cluster, removal as it goes)
     assert await cluster_client.zcard(scores.top_key()) == len(users)
-    async for segment, ranked in scores.ranked(5):
-        await scores.unrank(segment, await store.missing(ranked))
+    async for ranked in scores.ranked(5):
+        for user in await store.missing(ranked):
+            await scores.forget(user)
     for segment in (None, "lost"):
         assert await cluster_client.zcard(scores.top_key(segment)) == len(known)
         assert await cluster_client.zscore(scores.top_key(segment), "{x}") is None

@@ -98,6 +98,20 @@ async def test_redelivered_batch_changes_nothing(redis: Redis) -> None:
     assert after == before
 
 
+async def test_missing_names_the_users_without_state_repeated_or_not(redis: Redis) -> None:
+    store = FeatureStore(redis)
+    await store.apply(
+        [purchase(1, 9000, "a"), purchase(2, 9000, "b")], group="g", progress={}, now_ms=1
+    )
+    assert await store.missing([]) == []
+    assert await store.missing(["a", "b", "a"]) == []
+    # a repeated known user does not make up for an unknown one in the count
+    assert await store.missing(["a", "a", "x"]) == ["x"]
+    assert await store.missing(["x", "b", "y", "x"]) == ["x", "y", "x"]
+    await store.forget("a")
+    assert await store.missing(["a", "b"]) == ["a"]
+
+
 async def test_progress_only_moves_forward(redis: Redis) -> None:
     store = FeatureStore(redis)
     await store.apply([], group="g", progress={"orders:0": 10, "orders:1": 3}, now_ms=1)
