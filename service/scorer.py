@@ -299,19 +299,20 @@ class Scorer:
         return n
 
     async def prune_rankings(self, stop: asyncio.Event) -> int:
-        """Forget the ranked users who have no features; how many.
+        """Take the ranked users who have no features off the rankings; how many.
 
         An erasure removes a user's rankings, and a scorer that had the user's score in hand
         removes them again after its write (:meth:`score_users`); one that dies in between
-        leaves them, as the rankings are in other slots than the user's keys. Each sweep ends
-        with this check. A user whose first event after an erasure is scored between the check
-        and the removal is off the rankings until scored again."""
+        leaves them, as the rankings are in other slots than the user's keys (the score and
+        answer are not written without features). Each sweep ends with this check. A user
+        whose first event after an erasure is scored between the check and the removal is off
+        the rankings, score and answer kept, until scored again."""
         n = 0
         async for users in self.scores.ranked(self._settings.score_batch):
             if stop.is_set():
                 break
             for user in await self.features.missing(users):
-                await self.scores.forget(user)
+                await self.scores.unrank(user)
                 n += 1
         return n
 

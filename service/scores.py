@@ -298,7 +298,16 @@ class ScoreStore:
         entries went."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.delete(self.score_key(user_id), self.answer_key(user_id))
-            pipe.zrem(self.top_key(), user_id)
-            for s in SEGMENTS:
-                pipe.zrem(self.top_key(s), user_id)
+            self._unrank(pipe, user_id)
             return sum(int(n) for n in await pipe.execute())
+
+    async def unrank(self, user_id: str) -> int:
+        """Take the user off every ranking; how many entries went."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self._unrank(pipe, user_id)
+            return sum(int(n) for n in await pipe.execute())
+
+    def _unrank(self, pipe: Any, user_id: str) -> None:
+        pipe.zrem(self.top_key(), user_id)
+        for s in SEGMENTS:
+            pipe.zrem(self.top_key(s), user_id)

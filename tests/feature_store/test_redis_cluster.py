@@ -147,7 +147,7 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     assert await cluster_client.zcard(scores.top_key()) == len(users)
     async for ranked in scores.ranked(5):
         for user in await store.missing(ranked):
-            await scores.forget(user)
+            await scores.unrank(user)
     for segment in (None, "lost"):
         assert await cluster_client.zcard(scores.top_key(segment)) == len(known)
         assert await cluster_client.zscore(scores.top_key(segment), "{x}") is None

@@ -319,6 +319,28 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
 
 
 @pytest.mark.integration
+async def test_the_rankings_check_takes_rankings_only(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A user found without features by the check and scored again before its removal (a first
+    # event after an erasure) loses the ranking entry only: the score and answer stay.
+    s, champion = scorer
+    await apply(s.features, purchases("back", [CUTOFF]) + purchases("other", [CUTOFF]))
+    await s.score_users(champion.loaded, ["back", "other"], CUTOFF, trigger="events")
+
+    async def raced(users):  # type: ignore[no-untyped-def]
+        return [u for u in users if u == "back"]
+
+    monkeypatch.setattr(s.features, "missing", raced)
+    assert await s.prune_rankings(asyncio.Event()) == 1
+    count, top = await s.scores.top(10)
+    assert count == 1 and [u["user_id"] for u in top] == ["other"]
+    for segment in (None, *SEGMENTS):
+        assert await s._redis.zscore(s.scores.top_key(segment), "back") is None
+    back, _ = await s.scores.read(["back", "other"])
+    assert back is not None
+    assert await s._redis.exists(s.scores.answer_key("back"))
+
+
+@pytest.mark.integration
 async def test_a_small_first_batch_judges_nobody_valuable(scorer) -> None:  # type: ignore[no-untyped-def]
     s, champion = scorer
     await apply(s.features, purchases("first", [CUTOFF - 30 * i for i in range(4)]))
