@@ -75,7 +75,7 @@ async def _load(settings: Settings, events: list[ValidEvent]) -> None:
 async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, float, float, int]]:
     from consumers.kafka import ensure_topics, make_producer
     from service.champion import Champion
-    from service.scorer import Scorer
+    from service.scorer import Scorer, prune_rankings
 
     await ensure_topics(settings)
     redis = connect(settings.redis_url)
@@ -89,6 +89,7 @@ async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, 
         scorer = Scorer(settings, redis, champion, producer)
         store = scorer.features
         day = day_number(UNTIL)
+        stop = asyncio.Event()
         for r in range(rounds):
             await redis.delete(scorer.scores.swept_key)
             t0 = time.perf_counter()
@@ -102,7 +103,7 @@ async def _sweep_vs_reads(settings: Settings, rounds: int) -> list[tuple[float, 
             sweep = time.perf_counter() - t0
             assert swept == n, (swept, n)
             t0 = time.perf_counter()
-            assert await scorer.prune_rankings(asyncio.Event()) == 0
+            assert await prune_rankings(store, scorer.scores, settings.score_batch, stop) == 0
             prune = time.perf_counter() - t0
             out.append((reads, sweep, prune, n))
             print(

@@ -157,6 +157,43 @@ def next_score(
     return fields, alert
 
 
+async def unrank_missing(features: FeatureStore, scores: ScoreStore, users: Sequence[str]) -> int:
+    """Take those of ``users`` who have no features off the rankings; how many were on one.
+
+    Their score and answer need no removal: they are written only while the features exist,
+    and an erasure deletes those it finds. One found with features again at a second look (a
+    first event after an erasure, scored by another replica between the look and the removal)
+    is marked changed, so that it is scored, and ranked, again."""
+    gone = await features.missing(users)
+    n = 0
+    for user in gone:
+        n += await scores.unrank(user) > 0
+    if gone:
+        back = set(gone) - set(await features.missing(gone))
+        if back:
+            await features.mark_changed(sorted(back))
+    return n
+
+
+async def prune_rankings(
+    features: FeatureStore, scores: ScoreStore, count: int, stop: asyncio.Event
+) -> int | None:
+    """Take the ranked users who have no features off every ranking; how many, or ``None``
+    when ``stop`` cut the check short.
+
+    An erasure removes a user's rankings, and a scorer that had the user's score in hand
+    removes them again after its write (:meth:`Scorer.score_users`); one that dies in between
+    leaves them, as the rankings are in other slots than the user's keys, and on a cluster the
+    removal and the write's two rankings can interleave, leaving one. Each sweep ends with this
+    check of every ranking."""
+    n = 0
+    async for users in scores.ranked(count):
+        if stop.is_set():
+            return None
+        n += await unrank_missing(features, scores, users)
+    return n
+
+
 class Scorer:
     def __init__(
         self,
@@ -279,9 +316,11 @@ class Scorer:
                 if not await self._lock_op("renew"):
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                     return n
-            pruned = await self.prune_rankings(stop)
-            if stop.is_set():
-                return n
+            pruned = await prune_rankings(
+                self.features, self.scores, self._settings.score_batch, stop
+            )
+            if pruned is None:
+                return n  # the check was cut short: not recorded as swept
             mark = self.scores.sweep_mark(day, loaded.version, self._settings.horizon_days)
             await self._redis.set(self.scores.swept_key, mark)
             if pruned:
@@ -296,24 +335,6 @@ class Scorer:
         finally:
             with contextlib.suppress(*AWAY):  # a Redis gone: the lock expires by itself
                 await self._lock_op("release")
-        return n
-
-    async def prune_rankings(self, stop: asyncio.Event) -> int:
-        """Take the ranked users who have no features off the rankings; how many.
-
-        An erasure removes a user's rankings, and a scorer that had the user's score in hand
-        removes them again after its write (:meth:`score_users`); one that dies in between
-        leaves them, as the rankings are in other slots than the user's keys (the score and
-        answer are not written without features). Each sweep ends with this check. A user
-        whose first event after an erasure is scored between the check and the removal is off
-        the rankings, score and answer kept, until scored again."""
-        n = 0
-        async for users in self.scores.ranked(self._settings.score_batch):
-            if stop.is_set():
-                break
-            for user in await self.features.missing(users):
-                await self.scores.unrank(user)
-                n += 1
         return n
 
     async def _lock_op(self, op: str) -> bool:
@@ -384,8 +405,7 @@ class Scorer:
         # An erasure between the read above and the write: the score and answer were not
         # written (ScoreStore.write), but the rankings, in other slots, were; the erasure
         # removes the features first, so they are found gone here.
-        for user in await self.features.missing([u for u, _, _ in rows]):
-            await self.scores.forget(user)
+        await unrank_missing(self.features, self.scores, [u for u, _, _ in rows])
         SCORED.labels(trigger).inc(len(rows))
         return len(rows)
 

@@ -281,17 +281,17 @@ class ScoreStore:
         return int(count), out
 
     async def ranked(self, count: int = 1000) -> AsyncIterator[list[str]]:
-        """The users on the ranking of everyone, in chunks of about ``count`` (ZSCAN: no
-        blocking of Redis). Every write ranks a user there and in the segment's ranking
-        together, and :meth:`forget` removes both."""
-        chunk: list[str] = []
-        async for member, _ in self._redis.zscan_iter(self.top_key(), count=count):
-            chunk.append(text_of(member))
-            if len(chunk) >= count:
+        """The users on every ranking (everyone's, then each segment's), in chunks of about
+        ``count`` (ZSCAN: no blocking of Redis); a user comes once for each ranking."""
+        for segment in (None, *SEGMENTS):
+            chunk: list[str] = []
+            async for member, _ in self._redis.zscan_iter(self.top_key(segment), count=count):
+                chunk.append(text_of(member))
+                if len(chunk) >= count:
+                    yield chunk
+                    chunk = []
+            if chunk:
                 yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
 
     async def forget(self, user_id: str) -> int:
         """Remove the user's score, stored answer and ranking entries; how many keys and

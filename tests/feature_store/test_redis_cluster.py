@@ -142,15 +142,35 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     ]
     assert [u for u, x in zip(users, stored, strict=True) if x is not None] == known
     assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
-    # the rankings, in other slots, took "{x}" too; a sweep's check takes it off them
-    # (Scorer.prune_rankings: ZSCAN of the ranking on the cluster, removal as it goes)
-    assert await cluster_client.zcard(scores.top_key()) == len(users)
-    async for ranked in scores.ranked(5):
-        for user in await store.missing(ranked):
-            await scores.unrank(user)
-    for segment in (None, "lost"):
-        assert await cluster_client.zcard(scores.top_key(segment)) == len(known)
-        assert await cluster_client.zscore(scores.top_key(segment), "{x}") is None
+    assert await cluster_client.zcard(scores.top_key()) == len(users)  # "{x}" is ranked
+
+
+async def test_the_rankings_check_takes_users_without_features_off_every_ranking(
+    cluster_client: RedisCluster,
+) -> None:
+    # What a sweep's check leaves on a cluster: ZSCAN over pages (over 128 members, so not
+    # one reply), removals as it goes, a ranking of everyone and one of a segment that
+    # disagree (their writes interleaved with an erasure's removals on two nodes).
+    from service.scorer import prune_rankings
+    from service.scores import ScoreStore
+
+    store = FeatureStore(cluster_client, prefix="pr")
+    scores = ScoreStore(cluster_client, prefix="pr")
+    known = [f"k{i}" for i in range(150)]
+    await store.apply(
+        [purchase(i, 9000, u) for i, u in enumerate(known)], group="g", progress={}, now_ms=1
+    )
+    ghosts = [f"x{i}" for i in range(12)]
+    await cluster_client.zadd(scores.top_key(), dict.fromkeys(known + ghosts[:8], 1.0))
+    await cluster_client.zadd(scores.top_key("lost"), dict.fromkeys(known[:100] + ghosts[4:], 1.0))
+    assert await prune_rankings(store, scores, 7, asyncio.Event()) == len(ghosts)
+    assert {m.decode() for m in await cluster_client.zrange(scores.top_key(), 0, -1)} == set(known)
+    assert {m.decode() for m in await cluster_client.zrange(scores.top_key("lost"), 0, -1)} == set(
+        known[:100]
+    )
+    stop = asyncio.Event()
+    stop.set()
+    assert await prune_rankings(store, scores, 7, stop) is None  # cut short: said so
 
 
 async def test_too_late_positions_are_those_of_a_single_redis(

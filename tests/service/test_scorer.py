@@ -14,7 +14,7 @@ from consumers.kafka import ensure_topics, make_producer, read_topic
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion
-from service.scorer import Scorer, alert_id, next_score
+from service.scorer import Scorer, alert_id, next_score, prune_rankings
 from service.scoring import SEGMENTS
 from tests.consumers.kafka_helpers import event_message, unique_settings
 from tests.feature_store.streams import MS_PER_DAY, _ev
@@ -319,25 +319,35 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
 
 
 @pytest.mark.integration
-async def test_the_rankings_check_takes_rankings_only(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_the_rankings_check_takes_rankings_only_and_marks_a_user_back(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     # A user found without features by the check and scored again before its removal (a first
-    # event after an erasure) loses the ranking entry only: the score and answer stay.
+    # event after an erasure, another replica) loses the ranking entries only, and is marked
+    # changed so that it is scored and ranked again; an entry on a segment's ranking alone goes.
     s, champion = scorer
     await apply(s.features, purchases("back", [CUTOFF]) + purchases("other", [CUTOFF]))
     await s.score_users(champion.loaded, ["back", "other"], CUTOFF, trigger="events")
+    await s.features.take_changed(100)
+    await s._redis.zadd(s.scores.top_key("at_risk"), {"ghost": 5.0})
+    real_missing, looks = s.features.missing, []
 
     async def raced(users):  # type: ignore[no-untyped-def]
-        return [u for u in users if u == "back"]
+        looks.append(list(users))
+        gone = await real_missing(users)
+        return [*gone, "back"] if len(looks) == 1 else gone
 
     monkeypatch.setattr(s.features, "missing", raced)
-    assert await s.prune_rankings(asyncio.Event()) == 1
+    assert await prune_rankings(s.features, s.scores, 100, asyncio.Event()) == 2
     count, top = await s.scores.top(10)
     assert count == 1 and [u["user_id"] for u in top] == ["other"]
     for segment in (None, *SEGMENTS):
-        assert await s._redis.zscore(s.scores.top_key(segment), "back") is None
+        for user in ("back", "ghost"):
+            assert await s._redis.zscore(s.scores.top_key(segment), user) is None
     back, _ = await s.scores.read(["back", "other"])
     assert back is not None
     assert await s._redis.exists(s.scores.answer_key("back"))
+    assert await s.features.take_changed(100) == ["back"]
 
 
 @pytest.mark.integration
