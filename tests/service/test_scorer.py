@@ -351,6 +351,51 @@ async def test_the_rankings_check_takes_rankings_only_and_marks_a_user_back(
 
 
 @pytest.mark.integration
+async def test_the_check_after_a_write_takes_rankings_only_and_marks_a_user_back(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The same race at the check after each batch write: the user looked erased, then had
+    # features again (scored by another replica meanwhile); its score and answer stay.
+    s, champion = scorer
+    await apply(s.features, purchases("back", [CUTOFF]))
+    real_missing, looks = s.features.missing, []
+
+    async def raced(users):  # type: ignore[no-untyped-def]
+        looks.append(list(users))
+        gone = await real_missing(users)
+        return [*gone, "back"] if len(looks) == 1 else gone
+
+    monkeypatch.setattr(s.features, "missing", raced)
+    await s.score_users(champion.loaded, ["back"], CUTOFF, trigger="events")
+    [back] = await s.scores.read(["back"])
+    assert back is not None
+    assert await s._redis.exists(s.scores.answer_key("back"))
+    assert await s._redis.zscore(s.scores.top_key(), "back") is None
+    assert await s.features.take_changed(100) == ["back"]
+
+
+@pytest.mark.integration
+async def test_the_rankings_check_counts_removals_and_ends_the_chunk_it_began(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    s, _ = scorer
+    await s._redis.zadd(s.scores.top_key(), {"ghost": 5.0})
+    stop = asyncio.Event()
+
+    async def one_chunk(count):  # type: ignore[no-untyped-def]
+        yield ["ghost", "ghost"]  # a user twice in a chunk: one removal
+
+    async def missing(users):  # type: ignore[no-untyped-def]
+        stop.set()  # a stop during the last chunk: the check still ends it, and says so
+        return list(users)
+
+    monkeypatch.setattr(s.scores, "ranked", one_chunk)
+    monkeypatch.setattr(s.features, "missing", missing)
+    assert await prune_rankings(s.features, s.scores, 100, stop) == 1
+    assert await s._redis.zscore(s.scores.top_key(), "ghost") is None
+
+
+@pytest.mark.integration
 async def test_a_small_first_batch_judges_nobody_valuable(scorer) -> None:  # type: ignore[no-untyped-def]
     s, champion = scorer
     await apply(s.features, purchases("first", [CUTOFF - 30 * i for i in range(4)]))
