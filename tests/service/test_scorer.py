@@ -318,6 +318,19 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
     assert await s._redis.exists(s.scores.answer_key("kept"))
 
 
+def _back_at_the_second_look(features: FeatureStore, user: str):  # type: ignore[no-untyped-def]
+    """``features.missing`` as in the race: ``user`` looks erased at the first look, and has
+    features again at the next (its first event after an erasure, scored meanwhile)."""
+    real, looks = features.missing, []
+
+    async def missing(users):  # type: ignore[no-untyped-def]
+        looks.append(list(users))
+        gone = await real(users)
+        return [*gone, user] if len(looks) == 1 else gone
+
+    return missing
+
+
 @pytest.mark.integration
 async def test_the_rankings_check_takes_rankings_only_and_marks_a_user_back(
     scorer, monkeypatch
@@ -330,14 +343,7 @@ async def test_the_rankings_check_takes_rankings_only_and_marks_a_user_back(
     await s.score_users(champion.loaded, ["back", "other"], CUTOFF, trigger="events")
     await s.features.take_changed(100)
     await s._redis.zadd(s.scores.top_key("at_risk"), {"ghost": 5.0})
-    real_missing, looks = s.features.missing, []
-
-    async def raced(users):  # type: ignore[no-untyped-def]
-        looks.append(list(users))
-        gone = await real_missing(users)
-        return [*gone, "back"] if len(looks) == 1 else gone
-
-    monkeypatch.setattr(s.features, "missing", raced)
+    monkeypatch.setattr(s.features, "missing", _back_at_the_second_look(s.features, "back"))
     assert await prune_rankings(s.features, s.scores, 100, asyncio.Event()) == 2
     count, top = await s.scores.top(10)
     assert count == 1 and [u["user_id"] for u in top] == ["other"]
@@ -358,14 +364,7 @@ async def test_the_check_after_a_write_takes_rankings_only_and_marks_a_user_back
     # features again (scored by another replica meanwhile); its score and answer stay.
     s, champion = scorer
     await apply(s.features, purchases("back", [CUTOFF]))
-    real_missing, looks = s.features.missing, []
-
-    async def raced(users):  # type: ignore[no-untyped-def]
-        looks.append(list(users))
-        gone = await real_missing(users)
-        return [*gone, "back"] if len(looks) == 1 else gone
-
-    monkeypatch.setattr(s.features, "missing", raced)
+    monkeypatch.setattr(s.features, "missing", _back_at_the_second_look(s.features, "back"))
     await s.score_users(champion.loaded, ["back"], CUTOFF, trigger="events")
     [back] = await s.scores.read(["back"])
     assert back is not None
