@@ -122,11 +122,13 @@ class StoredState:
 class StoredStates:
     """Many users' states as :meth:`FeatureStore.read_states` reads them: ``state`` has a row
     for each user Redis knows, ``known`` their positions in the users asked for, and
-    ``digests`` one :func:`state_digest` per row."""
+    ``digests`` one :func:`state_digest` per row, ``headers`` the raw header each row was read
+    with (every change of a state rewrites its header)."""
 
     state: UserState
     known: list[int]
     digests: list[str]
+    headers: list[bytes]
 
 
 def state_digest(raw: dict[bytes, bytes]) -> str:
@@ -361,6 +363,7 @@ class FeatureStore:
             states_from_hashes([(user_ids[i], raws[i]) for i in known]),
             known,
             [state_digest(raws[i]) for i in known],
+            [raws[i][b"h"] for i in known],
         )
 
     async def scan_users(self, count: int = 1000) -> AsyncIterator[list[str]]:

@@ -401,7 +401,7 @@ class Scorer:
             if alert is not None:
                 alerts.append(alert)
         await self._publish(alerts)  # before the scores: a failure in between sends them again
-        await self.scores.write(rows, answers)
+        await self.scores.write(rows, answers, dict(zip(ids, read.headers, strict=True)))
         # An erasure between the read above and the write: the score and answer were not
         # written (ScoreStore.write), but the rankings, in other slots, were; the erasure
         # removes the features first, so they are found gone here.

@@ -125,8 +125,9 @@ _decode = msgspec.json.Decoder(StoredAnswer).decode
 #: while a batch is scored leaves nothing of the user behind, even if the scorer dies before
 #: its check after the write (which remains, for the rankings in other slots).
 _WRITE_IF_KNOWN = (
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
-    "redis.call('HSET', KEYS[2], unpack(ARGV, 2)) "
+    "local h = redis.call('HGET', KEYS[1], 'h') "
+    "if not h or (ARGV[2] ~= '' and h ~= ARGV[2]) then return 0 end "
+    "redis.call('HSET', KEYS[2], unpack(ARGV, 3)) "
     "redis.call('SET', KEYS[3], ARGV[1]) "
     "return 1"
 )
@@ -196,10 +197,14 @@ class ScoreStore:
         self,
         rows: Sequence[tuple[str, Mapping[str, str], str | None]],
         answers: Mapping[str, StoredAnswer] | None = None,
+        headers: Mapping[str, bytes] | None = None,
     ) -> None:
         """``(user, fields, previous segment)`` each: the score, and the rankings; and the
-        stored answers."""
-        answers = answers or {}
+        stored answers. A user's score and answer are written only while the user's features
+        exist and, when ``headers`` gives the state's header they were computed from, only
+        while the state still has it (erased and begun again, or changed, since: not written;
+        the change marks the user to be scored again)."""
+        answers, headers = answers or {}, headers or {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for user, fields, before in rows:
                 if user in answers:  # only while the user's features exist (one slot, one step)
@@ -210,6 +215,7 @@ class ScoreStore:
                         self.score_key(user),
                         self.answer_key(user),
                         _encode(answers[user]),
+                        headers.get(user, b""),
                         *(x for kv in fields.items() for x in kv),
                     )
                 else:

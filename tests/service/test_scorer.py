@@ -251,10 +251,10 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
     real_write = s.scores.write
     failures = [RedisConnectionError("Redis blip")]
 
-    async def write(rows, answers):  # type: ignore[no-untyped-def]
+    async def write(*args):  # type: ignore[no-untyped-def]
         if failures:
             raise failures.pop()
-        await real_write(rows, answers)
+        await real_write(*args)
 
     monkeypatch.setattr(s.scores, "write", write)
     with pytest.raises(RedisConnectionError):
@@ -316,6 +316,37 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
     assert gone is None and kept is not None
     assert not await s._redis.exists(s.scores.answer_key("gone"))
     assert await s._redis.exists(s.scores.answer_key("kept"))
+
+
+@pytest.mark.integration
+async def test_a_score_of_a_state_erased_and_begun_again_is_not_written(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Erased between the scorer's read and its write, and a new event begun a new state before
+    # the write: the score of the erased state is not written (nor its answer), as for a
+    # state changed meanwhile; the next scoring starts from the new state alone.
+    s, champion = scorer
+    await apply(
+        s.features, purchases("again", [CUTOFF - 40, CUTOFF - 20]) + purchases("kept", [CUTOFF])
+    )
+    real_read = s.scores.read
+
+    async def read(users):  # type: ignore[no-untyped-def]
+        old = await real_read(users)
+        await s.features.forget("again")  # DELETE /users/again
+        await s.scores.forget("again")
+        await apply(s.features, [_ev("n1", "purchase", "again", "n1", 500, CUTOFF * MS_PER_DAY)])
+        return old
+
+    monkeypatch.setattr(s.scores, "read", read)
+    await s.score_users(champion.loaded, ["again", "kept"], CUTOFF, trigger="events")
+    again, kept = await real_read(["again", "kept"])
+    assert again is None and kept is not None
+    assert not await s._redis.exists(s.scores.answer_key("again"))
+    monkeypatch.setattr(s.scores, "read", real_read)
+    await s.score_users(champion.loaded, ["again"], CUTOFF, trigger="events")
+    [again] = await real_read(["again"])
+    assert again is not None and again["ref_last_ms"] == str(CUTOFF * MS_PER_DAY)
 
 
 def _back_at_the_second_look(features: FeatureStore, user: str):  # type: ignore[no-untyped-def]
