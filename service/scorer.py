@@ -348,7 +348,8 @@ class Scorer:
         self, loaded: LoadedModel, users: Sequence[str], day: int, *, trigger: str
     ) -> int:
         """Score ``users`` as of ``day`` (or their latest event's day, when later), store the
-        scores and publish the alerts they call for; how many users Redis knew."""
+        scores and publish the alerts they call for; how many scores were written (none for
+        a user erased meanwhile, nor for one changed meanwhile, which its change marks)."""
         read = await self.features.read_states(users)
         state = read.state
         if not len(state):
@@ -401,13 +402,15 @@ class Scorer:
             if alert is not None:
                 alerts.append(alert)
         await self._publish(alerts)  # before the scores: a failure in between sends them again
-        await self.scores.write(rows, answers, dict(zip(ids, read.headers, strict=True)))
-        # An erasure between the read above and the write: the score and answer were not
-        # written (ScoreStore.write), but the rankings, in other slots, were; the erasure
-        # removes the features first, so they are found gone here.
+        written = await self.scores.write(rows, answers, dict(zip(ids, read.headers, strict=True)))
+        # An erasure between the read above and the write: nothing was written
+        # (ScoreStore.write); between the score's write and the rankings', in other slots:
+        # the rankings outlived it; the erasure removes the features first, so they are found
+        # gone here.
         await unrank_missing(self.features, self.scores, [u for u, _, _ in rows])
-        SCORED.labels(trigger).inc(len(rows))
-        return len(rows)
+        n = sum(written)
+        SCORED.labels(trigger).inc(n)
+        return n
 
     async def _publish(self, alerts: list[Alert]) -> None:
         if not alerts:

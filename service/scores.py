@@ -121,9 +121,11 @@ class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(StoredAnswer).decode
 
-#: A score and its answer, written only if the user's features exist: an erasure that lands
-#: while a batch is scored leaves nothing of the user behind, even if the scorer dies before
-#: its check after the write (which remains, for the rankings in other slots).
+#: A score and its answer, written only if the user's features exist and, given the header
+#: of the state they were computed from (ARGV[2]; empty: not checked), still have it: an
+#: erasure that lands while a batch is scored leaves nothing of the user behind, even if the
+#: scorer dies before its check after the write (which remains, for the rankings in other
+#: slots), and a state begun again or changed meanwhile gets no score of the one before.
 _WRITE_IF_KNOWN = (
     "local h = redis.call('HGET', KEYS[1], 'h') "
     "if not h or (ARGV[2] ~= '' and h ~= ARGV[2]) then return 0 end "
@@ -198,16 +200,17 @@ class ScoreStore:
         rows: Sequence[tuple[str, Mapping[str, str], str | None]],
         answers: Mapping[str, StoredAnswer] | None = None,
         headers: Mapping[str, bytes] | None = None,
-    ) -> None:
-        """``(user, fields, previous segment)`` each: the score, and the rankings; and the
-        stored answers. A user's score and answer are written only while the user's features
-        exist and, when ``headers`` gives the state's header they were computed from, only
-        while the state still has it (erased and begun again, or changed, since: not written;
-        the change marks the user to be scored again)."""
+    ) -> list[bool]:
+        """``(user, fields, previous segment)`` each: the score and, for those in ``answers``,
+        the stored answer; then the rankings of the rows written (:meth:`rank`). Which rows
+        were written. A score and answer are written only while the user's features exist
+        and, when ``headers`` gives the state's header they were computed from, only while the
+        state still has it (erased and begun again, or changed, since: nothing is written,
+        rankings included, and the change marks the user to be scored again)."""
         answers, headers = answers or {}, headers or {}
         async with self._redis.pipeline(transaction=False) as pipe:
-            for user, fields, before in rows:
-                if user in answers:  # only while the user's features exist (one slot, one step)
+            for user, fields, _ in rows:
+                if user in answers:  # only while the state is the one scored (one slot, one step)
                     pipe.eval(
                         _WRITE_IF_KNOWN,
                         3,
@@ -220,6 +223,20 @@ class ScoreStore:
                     )
                 else:
                     pipe.hset(self.score_key(user), mapping={k: v for k, v in fields.items()})
+            done = await pipe.execute()
+        written = [
+            user not in answers or bool(ok) for (user, _, _), ok in zip(rows, done, strict=True)
+        ]
+        await self.rank([row for row, w in zip(rows, written, strict=True) if w])
+        return written
+
+    async def rank(self, rows: Sequence[tuple[str, Mapping[str, str], str | None]]) -> None:
+        """Rank each ``(user, fields, previous segment)`` by its value, on the ranking of
+        everyone and its segment's, and off the previous segment's."""
+        if not rows:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user, fields, before in rows:
                 value = float(fields["clv"])
                 pipe.zadd(self.top_key(), {user: value})
                 pipe.zadd(self.top_key(fields["segment"]), {user: value})

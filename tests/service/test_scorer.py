@@ -254,7 +254,7 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
     async def write(*args):  # type: ignore[no-untyped-def]
         if failures:
             raise failures.pop()
-        await real_write(*args)
+        return await real_write(*args)
 
     monkeypatch.setattr(s.scores, "write", write)
     with pytest.raises(RedisConnectionError):
@@ -280,34 +280,42 @@ async def test_a_failure_puts_the_marks_back_and_the_scorer_waits_it_out(
 @pytest.mark.integration
 @pytest.mark.parametrize("dies", [False, True])
 async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypatch, dies) -> None:  # type: ignore[no-untyped-def]
-    # The score and answer are written only while the features exist; the check after the
-    # write removes the rankings. With ``dies`` the scorer dies before that check, and the
-    # next sweep removes them.
+    # Between the read and the write, the erasure wins: nothing of the user is written. Between
+    # the score's write and the rankings' (other slots), the check after the write takes the
+    # rankings off; with ``dies`` the scorer dies before that check, and the next sweep does.
     s, champion = scorer
     await apply(s.features, purchases("gone", [CUTOFF]) + purchases("kept", [CUTOFF]))
-    real_read, real_missing = s.scores.read, s.features.missing
+    real_read, real_rank, real_missing = s.scores.read, s.scores.rank, s.features.missing
+
+    async def erase() -> None:  # DELETE /users/gone
+        await s.features.forget("gone")
+        await s.scores.forget("gone")
 
     async def read(users):  # type: ignore[no-untyped-def]
         old = await real_read(users)
-        await s.features.forget("gone")  # DELETE /users/gone, between the read and the write
-        await s.scores.forget("gone")
+        await erase()
         return old
+
+    async def rank(rows):  # type: ignore[no-untyped-def]
+        await erase()
+        await real_rank(rows)
 
     async def died(users):  # type: ignore[no-untyped-def]
         raise RuntimeError("the scorer died")
 
-    monkeypatch.setattr(s.scores, "read", read)
     if dies:
+        monkeypatch.setattr(s.scores, "rank", rank)
         monkeypatch.setattr(s.features, "missing", died)
         with pytest.raises(RuntimeError):
             await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
         monkeypatch.setattr(s.features, "missing", real_missing)
-        monkeypatch.setattr(s.scores, "read", real_read)
+        monkeypatch.setattr(s.scores, "rank", real_rank)
         count, top = await s.scores.top(10)
         assert count == 2 and [u["user_id"] for u in top] == ["kept"]  # the ranking outlived it
         assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 1
     else:
-        await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events")
+        monkeypatch.setattr(s.scores, "read", read)
+        assert await s.score_users(champion.loaded, ["gone", "kept"], CUTOFF, trigger="events") == 1
     count, top = await s.scores.top(10)
     assert count == 1 and [u["user_id"] for u in top] == ["kept"]
     for segment in (None, *SEGMENTS):
@@ -316,6 +324,15 @@ async def test_an_erasure_during_a_batch_leaves_no_score_behind(scorer, monkeypa
     assert gone is None and kept is not None
     assert not await s._redis.exists(s.scores.answer_key("gone"))
     assert await s._redis.exists(s.scores.answer_key("kept"))
+
+
+async def _rankings_of(s: Scorer, user: str) -> dict[str | None, float]:  # type: ignore[no-untyped-def]
+    out = {}
+    for segment in (None, *SEGMENTS):
+        value = await s._redis.zscore(s.scores.top_key(segment), user)
+        if value is not None:
+            out[segment] = value
+    return out
 
 
 @pytest.mark.integration
@@ -339,14 +356,47 @@ async def test_a_score_of_a_state_erased_and_begun_again_is_not_written(
         return old
 
     monkeypatch.setattr(s.scores, "read", read)
-    await s.score_users(champion.loaded, ["again", "kept"], CUTOFF, trigger="events")
+    assert await s.score_users(champion.loaded, ["again", "kept"], CUTOFF, trigger="events") == 1
     again, kept = await real_read(["again", "kept"])
     assert again is None and kept is not None
     assert not await s._redis.exists(s.scores.answer_key("again"))
+    assert await _rankings_of(s, "again") == {}  # not ranked by the erased state's value
     monkeypatch.setattr(s.scores, "read", real_read)
     await s.score_users(champion.loaded, ["again"], CUTOFF, trigger="events")
     [again] = await real_read(["again"])
     assert again is not None and again["ref_last_ms"] == str(CUTOFF * MS_PER_DAY)
+    assert set(await _rankings_of(s, "again")) == {None, again["segment"]}
+
+
+@pytest.mark.integration
+async def test_a_score_of_a_state_changed_meanwhile_is_not_written_nor_ranked(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # A sweep a year on would move the user to another segment, but an event lands between its
+    # read and its write: the score, answer and rankings stay as they were, and the scoring
+    # of the new state leaves the user on its own segment's ranking only.
+    s, champion = scorer
+    await apply(s.features, purchases("u", [CUTOFF - 30, CUTOFF]))
+    await s.score_users(champion.loaded, ["u"], CUTOFF, trigger="events")
+    [before] = await s.scores.read(["u"])
+    ranked_before = await _rankings_of(s, "u")
+    later = CUTOFF + 400
+    real_read = s.scores.read
+
+    async def read(users):  # type: ignore[no-untyped-def]
+        old = await real_read(users)
+        await apply(s.features, [_ev("n1", "refund", "u", "r1", 100, later * MS_PER_DAY)])
+        return old
+
+    monkeypatch.setattr(s.scores, "read", read)
+    assert await s.score_users(champion.loaded, ["u"], later, trigger="sweep") == 0
+    assert await real_read(["u"]) == [before]
+    assert await _rankings_of(s, "u") == ranked_before
+    monkeypatch.setattr(s.scores, "read", real_read)
+    assert await s.score_users(champion.loaded, ["u"], later, trigger="events") == 1
+    [after] = await real_read(["u"])
+    assert after is not None and after["segment"] != before["segment"]  # type: ignore[index]
+    assert set(await _rankings_of(s, "u")) == {None, after["segment"]}
 
 
 def _back_at_the_second_look(features: FeatureStore, user: str):  # type: ignore[no-untyped-def]
