@@ -231,17 +231,19 @@ class ScoreStore:
         return written
 
     async def rank(self, rows: Sequence[tuple[str, Mapping[str, str], str | None]]) -> None:
-        """Rank each ``(user, fields, previous segment)`` by its value, on the ranking of
-        everyone and its segment's, and off the previous segment's."""
+        """Rank each ``(user, fields, _)`` by its value, on the ranking of everyone and its
+        segment's, and off every other segment's (the previous segment the rows carry is not
+        trusted: a failure between a score's write and its ranking leaves another)."""
         if not rows:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for user, fields, before in rows:
+            for user, fields, _ in rows:
                 value = float(fields["clv"])
                 pipe.zadd(self.top_key(), {user: value})
                 pipe.zadd(self.top_key(fields["segment"]), {user: value})
-                if before is not None and before != fields["segment"]:
-                    pipe.zrem(self.top_key(before), user)
+                for other in SEGMENTS:  # not only the previous one: a failure after the
+                    if other != fields["segment"]:  # score's write left that one behind
+                        pipe.zrem(self.top_key(other), user)
             await pipe.execute()
 
     async def answer(

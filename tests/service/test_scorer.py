@@ -399,6 +399,37 @@ async def test_a_score_of_a_state_changed_meanwhile_is_not_written_nor_ranked(
     assert set(await _rankings_of(s, "u")) == {None, after["segment"]}
 
 
+@pytest.mark.integration
+async def test_a_failure_between_the_scores_and_the_rankings_leaves_no_segment_behind(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The score moved the user to another segment, then the rankings' write failed (Redis
+    # away, a stop): the scoring again from the marks put back leaves the user on the new
+    # segment's ranking only, though the stored segment no longer names the old one.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    s, champion = scorer
+    await apply(s.features, purchases("u", [CUTOFF - 10, CUTOFF - 5]))
+    await s.score_users(champion.loaded, ["u"], CUTOFF, trigger="events")
+    [first] = await s.scores.read(["u"])
+    real_rank = s.scores.rank
+
+    async def rank(rows):  # type: ignore[no-untyped-def]
+        raise RedisConnectionError("Redis went away between the two writes")
+
+    monkeypatch.setattr(s.scores, "rank", rank)
+    await s.features.mark_changed(["u"])
+    with pytest.raises(RedisConnectionError):
+        await s.score_changed(champion.loaded, CUTOFF + 400)
+    monkeypatch.setattr(s.scores, "rank", real_rank)
+    [mid] = await s.scores.read(["u"])
+    assert mid is not None and first is not None and mid["segment"] != first["segment"]
+    assert await s.score_changed(champion.loaded, CUTOFF + 400) == 1  # the mark put back
+    [again] = await s.scores.read(["u"])
+    assert again is not None
+    assert set(await _rankings_of(s, "u")) == {None, again["segment"]}
+
+
 def _back_at_the_second_look(features: FeatureStore, user: str):  # type: ignore[no-untyped-def]
     """``features.missing`` as in the race: ``user`` looks erased at the first look, and has
     features again at the next (its first event after an erasure, scored meanwhile)."""
