@@ -397,8 +397,7 @@ class Scorer:
                 features=records[i],
                 explanation=explanations[i],
             )
-            before = old[i]
-            rows.append((user, fields, None if before is None else before.get("segment")))
+            rows.append((user, fields))
             if alert is not None:
                 alerts.append(alert)
         await self._publish(alerts)  # before the scores: a failure in between sends them again
@@ -407,7 +406,7 @@ class Scorer:
         # (ScoreStore.write); between the score's write and the rankings', in other slots:
         # the rankings outlived it; the erasure removes the features first, so they are found
         # gone here.
-        await unrank_missing(self.features, self.scores, [u for u, _, _ in rows])
+        await unrank_missing(self.features, self.scores, [u for u, _ in rows])
         n = sum(written)
         SCORED.labels(trigger).inc(n)
         return n

@@ -197,11 +197,11 @@ class ScoreStore:
 
     async def write(
         self,
-        rows: Sequence[tuple[str, Mapping[str, str], str | None]],
+        rows: Sequence[tuple[str, Mapping[str, str]]],
         answers: Mapping[str, StoredAnswer] | None = None,
         headers: Mapping[str, bytes] | None = None,
     ) -> list[bool]:
-        """``(user, fields, previous segment)`` each: the score and, for those in ``answers``,
+        """``(user, fields)`` each: the score and, for those in ``answers``,
         the stored answer; then the rankings of the rows written (:meth:`rank`). Which rows
         were written. A score and answer are written only while the user's features exist
         and, when ``headers`` gives the state's header they were computed from, only while the
@@ -209,7 +209,7 @@ class ScoreStore:
         rankings included, and the change marks the user to be scored again)."""
         answers, headers = answers or {}, headers or {}
         async with self._redis.pipeline(transaction=False) as pipe:
-            for user, fields, _ in rows:
+            for user, fields in rows:
                 if user in answers:  # only while the state is the one scored (one slot, one step)
                     pipe.eval(
                         _WRITE_IF_KNOWN,
@@ -225,19 +225,19 @@ class ScoreStore:
                     pipe.hset(self.score_key(user), mapping={k: v for k, v in fields.items()})
             done = await pipe.execute()
         written = [
-            user not in answers or bool(ok) for (user, _, _), ok in zip(rows, done, strict=True)
+            user not in answers or bool(ok) for (user, _), ok in zip(rows, done, strict=True)
         ]
         await self.rank([row for row, w in zip(rows, written, strict=True) if w])
         return written
 
-    async def rank(self, rows: Sequence[tuple[str, Mapping[str, str], str | None]]) -> None:
-        """Rank each ``(user, fields, _)`` by its value, on the ranking of everyone and its
-        segment's, and off every other segment's (the previous segment the rows carry is not
-        trusted: a failure between a score's write and its ranking leaves another)."""
+    async def rank(self, rows: Sequence[tuple[str, Mapping[str, str]]]) -> None:
+        """Rank each ``(user, fields)`` by its value, on the ranking of everyone and its
+        segment's, and off every other segment's (not only the stored score's previous one: a
+        failure between a score's write and its ranking leaves another)."""
         if not rows:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for user, fields, _ in rows:
+            for user, fields in rows:
                 value = float(fields["clv"])
                 pipe.zadd(self.top_key(), {user: value})
                 pipe.zadd(self.top_key(fields["segment"]), {user: value})

@@ -133,7 +133,7 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
         features=dict.fromkeys(ANSWER_FEATURES, 0),
         explanation=[],
     )
-    await scores.write([(u, fields, None) for u in users], dict.fromkeys(users, answer))
+    await scores.write([(u, fields) for u in users], dict.fromkeys(users, answer))
     assert len({cluster_client.keyslot(scores.answer_key(u)) for u in users}) > 5
     stored = await scores.read(users)
     answers = [

@@ -211,7 +211,7 @@ async def test_erasure_removes_features_and_scores_and_the_user_is_then_unknown(
 ) -> None:
     await apply(store, purchases("u1", REGULAR))
     scores = ScoreStore(store._redis, prefix=api_settings.key_prefix)
-    await scores.write([("u1", {"clv": "10.00", "segment": "active", "model_version": "v"}, None)])
+    await scores.write([("u1", {"clv": "10.00", "segment": "active", "model_version": "v"})])
     assert (await api.delete("/users/u1")).status_code == 204
     assert (await api.get("/users/u1/clv")).status_code == 404
     assert await store.read_state("u1") is None
