@@ -233,17 +233,24 @@ class ScoreStore:
     async def rank(self, rows: Sequence[tuple[str, Mapping[str, str]]]) -> None:
         """Rank each ``(user, fields)`` by its value, on the ranking of everyone and its
         segment's, and off every other segment's (not only the stored score's previous one: a
-        failure between a score's write and its ranking leaves another)."""
-        if not rows:
+        failure between a score's write and its ranking leaves another). A user given twice
+        is ranked by the last row. One ZADD a ranking and one ZREM a segment for the batch:
+        each ranking is one key, so this holds on a cluster too."""
+        latest = {user: fields for user, fields in rows}
+        if not latest:
             return
+        values = {user: float(fields["clv"]) for user, fields in latest.items()}
+        members: dict[str, dict[str, float]] = {s: {} for s in SEGMENTS}
+        for user, fields in latest.items():
+            members.setdefault(fields["segment"], {})[user] = values[user]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for user, fields in rows:
-                value = float(fields["clv"])
-                pipe.zadd(self.top_key(), {user: value})
-                pipe.zadd(self.top_key(fields["segment"]), {user: value})
-                for other in SEGMENTS:  # not only the previous one: a failure after the
-                    if other != fields["segment"]:  # score's write left that one behind
-                        pipe.zrem(self.top_key(other), user)
+            pipe.zadd(self.top_key(), values)
+            for segment, ranked in members.items():
+                if ranked:
+                    pipe.zadd(self.top_key(segment), ranked)
+                # off this segment's ranking: every user of the batch ranked on another
+                if others := [u for u in latest if u not in ranked]:
+                    pipe.zrem(self.top_key(segment), *others)
             await pipe.execute()
 
     async def answer(

@@ -143,6 +143,12 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     assert [u for u, x in zip(users, stored, strict=True) if x is not None] == known
     assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
     assert await cluster_client.zcard(scores.top_key()) == len(known)  # "{x}" is not ranked
+    # half of them move to another segment: one ZADD and one ZREM a ranking, on its one slot
+    moved = {**fields, "clv": "2.00", "segment": "at_risk"}
+    await scores.write([(u, moved) for u in known[::2]], dict.fromkeys(known[::2], answer))
+    assert await cluster_client.zcard(scores.top_key("at_risk")) == len(known[::2])
+    assert await cluster_client.zcard(scores.top_key("lost")) == len(known[1::2])
+    assert await cluster_client.zscore(scores.top_key(), known[0]) == 2.0
 
 
 async def test_the_rankings_check_takes_users_without_features_off_every_ranking(

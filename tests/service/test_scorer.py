@@ -430,6 +430,34 @@ async def test_a_failure_between_the_scores_and_the_rankings_leaves_no_segment_b
     assert set(await _rankings_of(s, "u")) == {None, again["segment"]}
 
 
+@pytest.mark.integration
+async def test_a_batch_ranks_each_user_on_its_own_segment_and_the_last_row_wins(scorer) -> None:  # type: ignore[no-untyped-def]
+    # The rankings of a batch go in one command a ranking: each user of it lands on everyone's
+    # ranking and its own segment's, and off every other (wherever an earlier failure left
+    # it); a user given twice is ranked by its last row; users outside the batch stay.
+    s, _ = scorer
+    a, b, c = SEGMENTS[0], SEGMENTS[1], SEGMENTS[-1]
+    for segment in SEGMENTS:  # "stray" left on every ranking, "other" on c's
+        await s._redis.zadd(s.scores.top_key(segment), {"stray": 1.0})
+    await s._redis.zadd(s.scores.top_key(c), {"other": 9.0})
+    await s.scores.rank(
+        [
+            ("stray", {"clv": "3.5", "segment": a}),
+            ("twice", {"clv": "1.0", "segment": a}),
+            ("moved", {"clv": "2.0", "segment": b}),
+            ("twice", {"clv": "4.0", "segment": b}),
+        ]
+    )
+    assert await _rankings_of(s, "stray") == {None: 3.5, a: 3.5}
+    assert await _rankings_of(s, "twice") == {None: 4.0, b: 4.0}
+    assert await _rankings_of(s, "moved") == {None: 2.0, b: 2.0}
+    assert await _rankings_of(s, "other") == {c: 9.0}
+    await s.scores.rank([("moved", {"clv": "0.5", "segment": c})])
+    assert await _rankings_of(s, "moved") == {None: 0.5, c: 0.5}
+    await s.scores.rank([])  # nothing to rank: no command
+    assert await s._redis.zcard(s.scores.top_key()) == 3
+
+
 def _back_at_the_second_look(features: FeatureStore, user: str):  # type: ignore[no-untyped-def]
     """``features.missing`` as in the race: ``user`` looks erased at the first look, and has
     features again at the next (its first event after an erasure, scored meanwhile)."""
