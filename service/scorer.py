@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,10 +176,15 @@ async def unrank_missing(features: FeatureStore, scores: ScoreStore, users: Sequ
 
 
 async def prune_rankings(
-    features: FeatureStore, scores: ScoreStore, count: int, stop: asyncio.Event
+    features: FeatureStore,
+    scores: ScoreStore,
+    count: int,
+    stop: asyncio.Event,
+    renew: Callable[[], Awaitable[bool]] | None = None,
 ) -> int | None:
     """Take the ranked users who have no features off every ranking; how many, or ``None``
-    when ``stop`` cut the check short.
+    when ``stop`` cut the check short or ``renew`` (the sweep lock's, after each chunk)
+    found the lock lost.
 
     An erasure removes a user's rankings, and a scorer that had the user's score in hand
     removes them again after its write (:meth:`Scorer.score_users`); one that dies in between
@@ -191,6 +196,8 @@ async def prune_rankings(
         if stop.is_set():
             return None
         n += await unrank_missing(features, scores, users)
+        if renew is not None and not await renew():
+            return None
     return n
 
 
@@ -301,8 +308,9 @@ class Scorer:
 
     async def sweep(self, loaded: LoadedModel, day: int, stop: asyncio.Event) -> int | None:
         """Score every user as of ``day`` (changed users in between); how many were scored, or
-        ``None`` when another replica holds the sweep (its lock is renewed with each batch, so
-        it outlives :data:`SWEEP_LOCK_S` only by dying)."""
+        ``None`` when another replica holds the sweep (its lock is renewed with each batch, and
+        each chunk of the closing rankings check, so it outlives :data:`SWEEP_LOCK_S` only by
+        dying)."""
         got = await self._redis.set(self.scores.lock_key, self._owner, nx=True, ex=SWEEP_LOCK_S)
         if not got:
             return None
@@ -317,10 +325,16 @@ class Scorer:
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                     return n
             pruned = await prune_rankings(
-                self.features, self.scores, self._settings.score_batch, stop
+                self.features,
+                self.scores,
+                self._settings.score_batch,
+                stop,
+                renew=lambda: self._lock_op("renew"),
             )
-            if pruned is None:
-                return n  # the check was cut short: not recorded as swept
+            if pruned is None:  # cut short, or the lock lost: not recorded as swept
+                if not stop.is_set():
+                    log.warning("scorer: the sweep lock was lost; another replica sweeps")
+                return n
             mark = self.scores.sweep_mark(day, loaded.version, self._settings.horizon_days)
             await self._redis.set(self.scores.swept_key, mark)
             if pruned:

@@ -569,6 +569,45 @@ async def test_a_sweep_whose_lock_is_taken_over_stops_and_leaves_the_lock(
 
 
 @pytest.mark.integration
+async def test_the_rankings_check_renews_the_sweep_lock_and_stops_when_it_is_lost(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The check after the batches can outlast the lock's expiry on many ranked users: it
+    # renews the lock after each chunk, and a lock taken over meanwhile ends it unrecorded.
+    s, champion = scorer
+    await apply(s.features, [e for u in range(5) for e in purchases(f"u{u}", [CUTOFF])])
+    ttls: list[int] = []
+
+    async def near_expiry(count):  # type: ignore[no-untyped-def]
+        for chunk in (["u0", "ghost1"], ["ghost2"]):
+            ttls.append(await s._redis.ttl(s.scores.lock_key))
+            await s._redis.expire(s.scores.lock_key, 5)  # the lock near its end
+            yield chunk
+
+    await s._redis.zadd(s.scores.top_key(), {"ghost1": 1.0, "ghost2": 2.0})
+    monkeypatch.setattr(s.scores, "ranked", near_expiry)
+    assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 5
+    assert ttls[1] > 5  # renewed after the first chunk
+    assert await s._redis.get(s.scores.swept_key) is not None
+    assert await s._redis.zcard(s.scores.top_key()) == 5  # the ghosts are gone
+
+    async def taken_over(count):  # type: ignore[no-untyped-def]
+        await s._redis.set(s.scores.lock_key, "another-replica")  # ours expired, another took it
+        yield ["ghost1"]
+        yield ["ghost2"]
+
+    await s._redis.zadd(s.scores.top_key(), {"ghost1": 1.0, "ghost2": 2.0})
+    monkeypatch.setattr(s.scores, "ranked", taken_over)
+    await s.sweep(champion.loaded, CUTOFF + 1, asyncio.Event())
+    assert await s._redis.zscore(s.scores.top_key(), "ghost1") is None  # the chunk in hand
+    assert await s._redis.zscore(s.scores.top_key(), "ghost2") == 2.0  # then it stopped
+    day_after = s.scores.sweep_mark(CUTOFF + 1, champion.loaded.version, 365)
+    assert s._settings.horizon_days == 365
+    assert await s._redis.get(s.scores.swept_key) != day_after.encode()  # not recorded as swept
+    assert await s._redis.get(s.scores.lock_key) == b"another-replica"  # not deleted by us
+
+
+@pytest.mark.integration
 async def test_a_scorer_on_another_clock_than_the_scores_is_refused(scorer) -> None:  # type: ignore[no-untyped-def]
     from clv.errors import ClvError
 
