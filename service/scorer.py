@@ -165,9 +165,7 @@ async def unrank_missing(features: FeatureStore, scores: ScoreStore, users: Sequ
     first event after an erasure, scored by another replica between the look and the removal)
     is marked changed, so that it is scored, and ranked, again."""
     gone = await features.missing(users)
-    n = 0
-    for user in gone:
-        n += await scores.unrank(user) > 0
+    n = await scores.unrank(gone)
     if gone:
         back = set(gone) - set(await features.missing(gone))
         if back:

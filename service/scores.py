@@ -333,11 +333,16 @@ class ScoreStore:
             self._unrank(pipe, user_id)
             return sum(int(n) for n in await pipe.execute())
 
-    async def unrank(self, user_id: str) -> int:
-        """Take the user off every ranking; how many entries went."""
+    async def unrank(self, user_ids: Sequence[str]) -> int:
+        """Take the users off every ranking (one round trip); how many were on one."""
+        if not user_ids:
+            return 0
         async with self._redis.pipeline(transaction=False) as pipe:
-            self._unrank(pipe, user_id)
-            return sum(int(n) for n in await pipe.execute())
+            for user in user_ids:
+                self._unrank(pipe, user)
+            removed = [int(n) for n in await pipe.execute()]
+        per_user = 1 + len(SEGMENTS)  # everyone's ranking, then each segment's
+        return sum(any(removed[i : i + per_user]) for i in range(0, len(removed), per_user))
 
     def _unrank(self, pipe: Any, user_id: str) -> None:
         pipe.zrem(self.top_key(), user_id)
