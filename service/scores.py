@@ -9,7 +9,10 @@ one value, so that a reader never sees half of one write and half of another. A 
 own also keeps the score hash small: Redis keeps a hash of short fields as one compact list,
 and a field over 64 bytes turns it into a table (on CDNOW, 2,452 bytes a user with the
 features in the hash against 386 without: docs/benchmarks.md, "Serving").
-``<prefix>:top`` ranks every scored user by value; ``<prefix>:top:<segment>`` each segment.
+``{<prefix>:top}`` ranks every scored user by value; ``{<prefix>:top}:<segment>`` each
+segment. The rankings share one hash slot, so that a batch's ranking is one MULTI/EXEC on a
+cluster too: two replicas ranking a user at once apply one after the other, never leaving it
+on two segments' rankings nor on none.
 """
 
 from __future__ import annotations
@@ -152,7 +155,8 @@ class ScoreStore:
         return user_key(f"{self._prefix}:answer", user_id)
 
     def top_key(self, segment: str | None = None) -> str:
-        return f"{self._prefix}:top" if segment is None else f"{self._prefix}:top:{segment}"
+        top = f"{{{self._prefix}:top}}"  # one slot for every ranking (a hash tag)
+        return top if segment is None else f"{top}:{segment}"
 
     # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
     # the lock of the sweep in progress.
@@ -234,8 +238,10 @@ class ScoreStore:
         """Rank each ``(user, fields)`` by its value, on the ranking of everyone and its
         segment's, and off every other segment's (not only the stored score's previous one: a
         failure between a score's write and its ranking leaves another). A user given twice
-        is ranked by the last row. One ZADD a ranking and one ZREM a segment for the batch:
-        each ranking is one key, so this holds on a cluster too."""
+        is ranked by the last row. One ZADD a ranking and one ZREM a segment for the batch, in
+        one MULTI/EXEC (the rankings share a slot): two replicas ranking a user at once, with
+        two segments, would otherwise interleave and leave the whole batch on both segments'
+        rankings or on neither."""
         latest = {user: fields for user, fields in rows}
         if not latest:
             return
@@ -243,7 +249,7 @@ class ScoreStore:
         members: dict[str, dict[str, float]] = {s: {} for s in SEGMENTS}
         for user, fields in latest.items():
             members.setdefault(fields["segment"], {})[user] = values[user]
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             pipe.zadd(self.top_key(), values)
             for segment, ranked in members.items():
                 if ranked:

@@ -115,6 +115,7 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     cluster_client: RedisCluster,
 ) -> None:
     from service.scores import ANSWER_FEATURES, ScoreStore, StoredAnswer
+    from service.scoring import SEGMENTS
 
     store = FeatureStore(cluster_client, prefix="sc")
     scores = ScoreStore(cluster_client, prefix="sc")
@@ -143,7 +144,10 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     assert [u for u, x in zip(users, stored, strict=True) if x is not None] == known
     assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
     assert await cluster_client.zcard(scores.top_key()) == len(known)  # "{x}" is not ranked
-    # half of them move to another segment: one ZADD and one ZREM a ranking, on its one slot
+    # half of them move to another segment: the rankings share one slot, so a batch's
+    # ranking is one MULTI/EXEC there too
+    tops = [scores.top_key(seg) for seg in (None, *SEGMENTS)]
+    assert len({cluster_client.keyslot(k) for k in tops}) == 1
     moved = {**fields, "clv": "2.00", "segment": "at_risk"}
     await scores.write([(u, moved) for u in known[::2]], dict.fromkeys(known[::2], answer))
     assert await cluster_client.zcard(scores.top_key("at_risk")) == len(known[::2])
