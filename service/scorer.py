@@ -255,6 +255,7 @@ class Scorer:
             try:
                 if not clock_checked:
                     await self.check_clock()  # another clock: a ClvError, which ends it
+                    await self.adopt_legacy_rankings()  # before any value is judged by them
                     clock_checked = True
                 if loaded is None:
                     if not said_waiting:
@@ -276,6 +277,14 @@ class Scorer:
             if not busy:
                 await _rest(stop, IDLE_S)
         log.info("scorer stopped")
+
+    async def adopt_legacy_rankings(self) -> None:
+        """Rank the users of rankings kept under their names before they shared a slot (an
+        upgrade: at the start, and after each sweep for a replica of the older code still
+        running) under the current names (:meth:`ScoreStore.adopt_legacy_rankings`)."""
+        n = await self.scores.adopt_legacy_rankings(self._settings.score_batch)
+        if n:
+            log.info("scorer: %d users ranked from the rankings' names before 4bfb183", n)
 
     async def _step(self, loaded: LoadedModel, stop: asyncio.Event) -> bool:
         """One round: the changed users, then a sweep when one is due and no other replica
@@ -322,6 +331,7 @@ class Scorer:
                 if not await self._lock_op("renew"):
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                     return n
+            await self.adopt_legacy_rankings()  # (erased users among them: pruned next)
             pruned = await prune_rankings(
                 self.features,
                 self.scores,

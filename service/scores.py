@@ -138,6 +138,24 @@ _WRITE_IF_KNOWN = (
 )
 
 
+#: A chunk of a ranking kept under the names before the rankings shared a slot (ARGV:
+#: member, score, ...; KEYS: everyone's ranking and the segment's, under the new names):
+#: each member not yet on everyone's ranking goes on it and on the segment's, so a user
+#: ranked since under the new names keeps that ranking and is never on two segments'.
+_ADOPT = (
+    "local n = 0 "
+    "for i = 1, #ARGV, 2 do "
+    "if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then "
+    "redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) "
+    "redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i]) "
+    "n = n + 1 end end "
+    "return n"
+)
+
+#: Users a batch's ranking moves in one MULTI/EXEC: Redis runs nothing else meanwhile.
+RANK_CHUNK = 500
+
+
 def text_of(v: Any) -> str:
     """A Redis reply's bytes as text."""
     return v.decode() if isinstance(v, bytes) else str(v)
@@ -157,6 +175,34 @@ class ScoreStore:
     def top_key(self, segment: str | None = None) -> str:
         top = f"{{{self._prefix}:top}}"  # one slot for every ranking (a hash tag)
         return top if segment is None else f"{top}:{segment}"
+
+    def legacy_top_key(self, segment: str | None = None) -> str:
+        """A ranking's name up to 1f1e89c (:meth:`adopt_legacy_rankings`)."""
+        return f"{self._prefix}:top" if segment is None else f"{self._prefix}:top:{segment}"
+
+    async def adopt_legacy_rankings(self, count: int = 1000) -> int:
+        """Move the rankings kept under the names before they shared a slot
+        (:meth:`legacy_top_key`: an upgrade, or a replica of the older code still running)
+        to the current names, then delete them; how many users were ranked from them. A user
+        ranked under the current names keeps that ranking; one erased meanwhile is taken off
+        by the sweep's rankings check (:func:`service.scorer.prune_rankings`)."""
+        n = 0
+        for segment in SEGMENTS:
+            old = self.legacy_top_key(segment)
+            chunk: list[str | float] = []
+            async for member, score in self._redis.zscan_iter(old, count=count):
+                chunk += [text_of(member), score]
+                if len(chunk) >= 2 * count:
+                    n += await self._adopt(segment, chunk)
+                    chunk = []
+            if chunk:
+                n += await self._adopt(segment, chunk)
+        for name in (None, *SEGMENTS):  # one at a time: each is in a slot of its own
+            await self._redis.unlink(self.legacy_top_key(name))
+        return n
+
+    async def _adopt(self, segment: str, chunk: list[str | float]) -> int:
+        return int(await self._redis.eval(_ADOPT, 2, self.top_key(), self.top_key(segment), *chunk))
 
     # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
     # the lock of the sweep in progress.
@@ -238,26 +284,29 @@ class ScoreStore:
         """Rank each ``(user, fields)`` by its value, on the ranking of everyone and its
         segment's, and off every other segment's (not only the stored score's previous one: a
         failure between a score's write and its ranking leaves another). A user given twice
-        is ranked by the last row. One ZADD a ranking and one ZREM a segment for the batch, in
-        one MULTI/EXEC (the rankings share a slot): two replicas ranking a user at once, with
-        two segments, would otherwise interleave and leave the whole batch on both segments'
-        rankings or on neither."""
+        is ranked by the last row. One ZADD a ranking and one ZREM a segment for each
+        :data:`RANK_CHUNK` users, in one MULTI/EXEC (the rankings share a slot): two
+        replicas ranking a user at once, with two segments, would otherwise interleave and
+        leave whole batches on both segments' rankings or on neither."""
         latest = {user: fields for user, fields in rows}
         if not latest:
             return
-        values = {user: float(fields["clv"]) for user, fields in latest.items()}
-        members: dict[str, dict[str, float]] = {s: {} for s in SEGMENTS}
-        for user, fields in latest.items():
-            members.setdefault(fields["segment"], {})[user] = values[user]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.top_key(), values)
-            for segment, ranked in members.items():
-                if ranked:
-                    pipe.zadd(self.top_key(segment), ranked)
-                # off this segment's ranking: every user of the batch ranked on another
-                if others := [u for u in latest if u not in ranked]:
-                    pipe.zrem(self.top_key(segment), *others)
-            await pipe.execute()
+        users = list(latest)
+        for start in range(0, len(users), RANK_CHUNK):  # a user's moves in one transaction
+            chunk = users[start : start + RANK_CHUNK]
+            values = {user: float(latest[user]["clv"]) for user in chunk}
+            members: dict[str, dict[str, float]] = {s: {} for s in SEGMENTS}
+            for user in chunk:
+                members.setdefault(latest[user]["segment"], {})[user] = values[user]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self.top_key(), values)
+                for segment, ranked in members.items():
+                    if ranked:
+                        pipe.zadd(self.top_key(segment), ranked)
+                    # off this segment's ranking: every user of the chunk ranked on another
+                    if others := [u for u in chunk if u not in ranked]:
+                        pipe.zrem(self.top_key(segment), *others)
+                await pipe.execute()
 
     async def answer(
         self, user_id: str, *, model_version: str, horizon_days: int, as_of: str, state: str

@@ -93,3 +93,32 @@ async def test_two_rankings_of_one_user_at_once_leave_it_on_one_segment(
         assert not bad, f"{len(bad)} interleavings leave u on {bad[0][1]}, e.g. {bad[0][0]}"
     finally:
         await redis.aclose()
+
+
+@pytest.mark.integration
+async def test_rankings_under_their_old_names_are_adopted_once_and_deleted(
+    redis_server: LocalProcess,
+) -> None:
+    # The rankings' names up to 1f1e89c, left by an upgrade (or an older replica still
+    # running): each user not ranked under the current names is ranked on its old segment;
+    # one ranked since keeps its current ranking (never two segments); the old keys go.
+    redis = connect(redis_server.address)
+    try:
+        store = ScoreStore(redis, prefix=f"adopt-{uuid.uuid4().hex[:8]}")
+        a, b, c = SEGMENTS[0], SEGMENTS[1], SEGMENTS[-1]
+        users = {f"u{i}": float(i) for i in range(7)}  # more than a ZSCAN chunk of 3
+        await redis.zadd(store.legacy_top_key(), {**users, "since": 1.0})
+        await redis.zadd(store.legacy_top_key(a), {u: v for u, v in users.items() if u != "u6"})
+        await redis.zadd(store.legacy_top_key(b), {"u6": 6.0, "since": 1.0})
+        await store.rank([("since", {"clv": "9.5", "segment": c})])
+        assert await store.adopt_legacy_rankings(count=3) == 7
+        assert await redis.zrange(store.top_key(a), 0, -1) == [f"u{i}".encode() for i in range(6)]
+        assert await redis.zrange(store.top_key(b), 0, -1, withscores=True) == [(b"u6", 6.0)]
+        assert await redis.zscore(store.top_key(c), "since") == 9.5
+        assert await redis.zcard(store.top_key()) == 8
+        assert await redis.zscore(store.top_key(), "since") == 9.5
+        for segment in (None, *SEGMENTS):
+            assert not await redis.exists(store.legacy_top_key(segment))
+        assert await store.adopt_legacy_rankings() == 0  # nothing left: nothing done
+    finally:
+        await redis.aclose()

@@ -431,10 +431,17 @@ async def test_a_failure_between_the_scores_and_the_rankings_leaves_no_segment_b
 
 
 @pytest.mark.integration
-async def test_a_batch_ranks_each_user_on_its_own_segment_and_the_last_row_wins(scorer) -> None:  # type: ignore[no-untyped-def]
-    # The rankings of a batch go in one command a ranking: each user of it lands on everyone's
-    # ranking and its own segment's, and off every other (wherever an earlier failure left
-    # it); a user given twice is ranked by its last row; users outside the batch stay.
+@pytest.mark.parametrize("chunk", [500, 2])
+async def test_a_batch_ranks_each_user_on_its_own_segment_and_the_last_row_wins(
+    scorer, monkeypatch, chunk
+) -> None:  # type: ignore[no-untyped-def]
+    # The rankings of a batch go in one command a ranking (a transaction for each chunk of
+    # users): each user of it lands on everyone's ranking and its own segment's, and off
+    # every other (wherever an earlier failure left it); a user given twice is ranked by its
+    # last row; users outside the batch stay.
+    import service.scores
+
+    monkeypatch.setattr(service.scores, "RANK_CHUNK", chunk)
     s, _ = scorer
     a, b, c = SEGMENTS[0], SEGMENTS[1], SEGMENTS[-1]
     for segment in SEGMENTS:  # "stray" left on every ranking, "other" on c's
@@ -605,6 +612,62 @@ async def test_the_rankings_check_renews_the_sweep_lock_and_stops_when_it_is_los
     assert s._settings.horizon_days == 365
     assert await s._redis.get(s.scores.swept_key) != day_after.encode()  # not recorded as swept
     assert await s._redis.get(s.scores.lock_key) == b"another-replica"  # not deleted by us
+
+
+@pytest.mark.integration
+async def test_a_scorer_ranks_from_the_rankings_old_names_before_it_judges_a_value(
+    scorer,
+) -> None:  # type: ignore[no-untyped-def]
+    # An upgrade from the code up to 1f1e89c, whose rankings had other names: the scorer's
+    # start ranks their users under the current names before it scores anyone (a buyer's new
+    # reference is judged against them, not against an empty ranking), deletes the old
+    # names, and its sweep takes a user erased meanwhile off again.
+    s, champion = scorer
+    s._settings = s._settings.model_copy(update={"clock": "event"})
+    crowd = [f"c{i:03d}" for i in range(150)]
+    star = purchases("star", [CUTOFF - 150 + 10 * i for i in range(15)], cents=6000)
+    await apply(s.features, [e for u in crowd for e in purchases(u, [CUTOFF - 100])] + star)
+    await s.score_users(champion.loaded, [*crowd, "star"], CUTOFF, trigger="sweep")
+    for segment in (None, *SEGMENTS):  # as the older code left them
+        if await s._redis.exists(s.scores.top_key(segment)):
+            await s._redis.rename(s.scores.top_key(segment), s.scores.legacy_top_key(segment))
+    await s.features.forget("c000")  # erased by the older code's API, say
+    back = _ev("star-back", "purchase", "star", "o-back", 6000, (CUTOFF + 1) * MS_PER_DAY)
+    group = s._settings.consumer_group  # whose latest event is the event clock's day
+    await s.features.apply([back], group=group, progress={"orders:0": 1}, now_ms=0)
+    await s.features.mark_changed(["star"])
+    stop = asyncio.Event()
+    running = asyncio.create_task(s.run(stop))
+    try:
+        async with asyncio.timeout(120):  # (a bound, not a measure: the first sweep's end)
+            while await s.scores.last_sweep() is None:
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
+    [stored] = await s.scores.read(["star"])
+    assert stored is not None and stored["ref_last_ms"] == str((CUTOFF + 1) * MS_PER_DAY)
+    assert stored["ref_valuable"] == "1"  # judged against the 150 others ranked
+    assert set(await _rankings_of(s, "star")) == {None, stored["segment"]}
+    assert await _rankings_of(s, "c000") == {}
+    assert await s._redis.zcard(s.scores.top_key()) == 150
+    for segment in (None, *SEGMENTS):
+        assert not await s._redis.exists(s.scores.legacy_top_key(segment))
+
+
+@pytest.mark.integration
+async def test_a_sweep_takes_in_what_an_older_replica_ranked_under_the_old_names(scorer) -> None:  # type: ignore[no-untyped-def]
+    # A replica of the code up to 1f1e89c still running during a rolling upgrade: each sweep
+    # moves what it ranked to the current names and deletes the old ones; a user erased
+    # since (no features) is taken off again by the sweep's rankings check.
+    s, champion = scorer
+    await apply(s.features, purchases("u", [CUTOFF]))
+    for segment in (None, SEGMENTS[0]):
+        await s._redis.zadd(s.scores.legacy_top_key(segment), {"u": 1.0, "gone": 2.0})
+    assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 1
+    assert await _rankings_of(s, "gone") == {}
+    for segment in (None, *SEGMENTS):
+        assert not await s._redis.exists(s.scores.legacy_top_key(segment))
 
 
 @pytest.mark.integration
