@@ -153,6 +153,17 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     assert await cluster_client.zcard(scores.top_key("at_risk")) == len(known[::2])
     assert await cluster_client.zcard(scores.top_key("lost")) == len(known[1::2])
     assert await cluster_client.zscore(scores.top_key(), known[0]) == 2.0
+    # rankings under their names up to 1f1e89c, each in a slot of its own: adopted, deleted
+    legacy = [scores.legacy_top_key(seg) for seg in (None, "lost", "new")]
+    assert len({cluster_client.keyslot(k) for k in legacy}) == 3
+    for key in legacy[:2]:
+        await cluster_client.zadd(key, {known[0]: 9.0, "old": 3.0})
+    await cluster_client.zadd(legacy[2], {"older": 4.0})
+    assert await scores.adopt_legacy_rankings() == 2  # known[0] keeps its current ranking
+    assert await cluster_client.zscore(scores.top_key("lost"), "old") == 3.0
+    assert await cluster_client.zscore(scores.top_key("new"), "older") == 4.0
+    assert await cluster_client.zscore(scores.top_key(), known[0]) == 2.0
+    assert not any([await cluster_client.exists(k) for k in legacy])
 
 
 async def test_the_rankings_check_takes_users_without_features_off_every_ranking(
