@@ -10,9 +10,9 @@ own also keeps the score hash small: Redis keeps a hash of short fields as one c
 and a field over 64 bytes turns it into a table (on CDNOW, 2,452 bytes a user with the
 features in the hash against 386 without: docs/benchmarks.md, "Serving").
 ``{<prefix>:top}`` ranks every scored user by value; ``{<prefix>:top}:<segment>`` each
-segment. The rankings share one hash slot, so that a batch's ranking is one MULTI/EXEC on a
-cluster too: two replicas ranking a user at once apply one after the other, never leaving it
-on two segments' rankings nor on none.
+segment. The rankings share one hash slot, so that a chunk of a batch's ranking is one
+script on a cluster too: two replicas ranking a user at once apply one after the other,
+never leaving it on two segments' rankings nor on none.
 """
 
 from __future__ import annotations
@@ -152,7 +152,23 @@ _ADOPT = (
     "return n"
 )
 
-#: Users a batch's ranking moves in one MULTI/EXEC: Redis runs nothing else meanwhile.
+#: A chunk of a batch's ranking, in one step (KEYS: everyone's ranking, then each segment's in
+#: :data:`SEGMENTS` order; ARGV: user, value, its segment's position from 1, ...): each user on
+#: everyone's ranking and its segment's, and off every other segment's. One step: two replicas
+#: ranking a user at once apply one after the other, never leaving it on two segments'
+#: rankings nor on none. A script, not a MULTI/EXEC: redis-py's cluster transactions run each
+#: queued command in a thread of its own, which the event loop waits for.
+_RANK = (
+    "for i = 1, #ARGV, 3 do "
+    "local user, value, own = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]) + 1 "
+    "redis.call('ZADD', KEYS[1], value, user) "
+    "for k = 2, #KEYS do "
+    "if k == own then redis.call('ZADD', KEYS[k], value, user) "
+    "else redis.call('ZREM', KEYS[k], user) end end end "
+    "return 0"
+)
+
+#: Users a batch's ranking moves in one step: Redis runs nothing else meanwhile.
 RANK_CHUNK = 500
 
 
@@ -284,29 +300,22 @@ class ScoreStore:
         """Rank each ``(user, fields)`` by its value, on the ranking of everyone and its
         segment's, and off every other segment's (not only the stored score's previous one: a
         failure between a score's write and its ranking leaves another). A user given twice
-        is ranked by the last row. One ZADD a ranking and one ZREM a segment for each
-        :data:`RANK_CHUNK` users, in one MULTI/EXEC (the rankings share a slot): two
-        replicas ranking a user at once, with two segments, would otherwise interleave and
-        leave whole batches on both segments' rankings or on neither."""
+        is ranked by the last row. One script (:data:`_RANK`) for each :data:`RANK_CHUNK`
+        users, the chunks in one pipeline: the rankings share a slot, so a user's moves are
+        one step on a cluster too."""
         latest = {user: fields for user, fields in rows}
         if not latest:
             return
+        keys = [self.top_key(), *(self.top_key(s) for s in SEGMENTS)]
         users = list(latest)
-        for start in range(0, len(users), RANK_CHUNK):  # a user's moves in one transaction
-            chunk = users[start : start + RANK_CHUNK]
-            values = {user: float(latest[user]["clv"]) for user in chunk}
-            members: dict[str, dict[str, float]] = {s: {} for s in SEGMENTS}
-            for user in chunk:
-                members.setdefault(latest[user]["segment"], {})[user] = values[user]
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(self.top_key(), values)
-                for segment, ranked in members.items():
-                    if ranked:
-                        pipe.zadd(self.top_key(segment), ranked)
-                    # off this segment's ranking: every user of the chunk ranked on another
-                    if others := [u for u in chunk if u not in ranked]:
-                        pipe.zrem(self.top_key(segment), *others)
-                await pipe.execute()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(users), RANK_CHUNK):
+                args: list[str | float | int] = []
+                for user in users[start : start + RANK_CHUNK]:
+                    fields = latest[user]
+                    args += [user, float(fields["clv"]), SEGMENTS.index(fields["segment"]) + 1]
+                pipe.eval(_RANK, len(keys), *keys, *args)
+            await pipe.execute()
 
     async def answer(
         self, user_id: str, *, model_version: str, horizon_days: int, as_of: str, state: str

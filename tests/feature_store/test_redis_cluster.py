@@ -145,7 +145,7 @@ async def test_scores_and_answers_are_written_in_the_users_slot_only_while_it_is
     assert [u for u, x in zip(users, answers, strict=True) if x is not None] == known
     assert await cluster_client.zcard(scores.top_key()) == len(known)  # "{x}" is not ranked
     # half of them move to another segment: the rankings share one slot, so a batch's
-    # ranking is one MULTI/EXEC there too
+    # ranking is one script for each chunk there too
     tops = [scores.top_key(seg) for seg in (None, *SEGMENTS)]
     assert len({cluster_client.keyslot(k) for k in tops}) == 1
     moved = {**fields, "clv": "2.00", "segment": "at_risk"}

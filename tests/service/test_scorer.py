@@ -435,10 +435,10 @@ async def test_a_failure_between_the_scores_and_the_rankings_leaves_no_segment_b
 async def test_a_batch_ranks_each_user_on_its_own_segment_and_the_last_row_wins(
     scorer, monkeypatch, chunk
 ) -> None:  # type: ignore[no-untyped-def]
-    # The rankings of a batch go in one command a ranking (a transaction for each chunk of
-    # users): each user of it lands on everyone's ranking and its own segment's, and off
-    # every other (wherever an earlier failure left it); a user given twice is ranked by its
-    # last row; users outside the batch stay.
+    # The rankings of a batch go in one script for each chunk of users: each user of it lands
+    # on everyone's ranking and its own segment's, and off every other (wherever an earlier
+    # failure left it); a user given twice is ranked by its last row; users outside the batch
+    # stay.
     import service.scores
 
     monkeypatch.setattr(service.scores, "RANK_CHUNK", chunk)
