@@ -280,9 +280,14 @@ class Scorer:
 
     async def adopt_legacy_rankings(self) -> None:
         """Rank the users of rankings kept under their names before they shared a slot (an
-        upgrade: at the start, and after each sweep for a replica of the older code still
-        running) under the current names (:meth:`ScoreStore.adopt_legacy_rankings`)."""
-        n = await self.scores.adopt_legacy_rankings(self._settings.score_batch)
+        upgrade: at the start, and after each sweep, for a scorer of the older code started
+        against the README's advice) under the current names
+        (:meth:`ScoreStore.adopt_legacy_rankings`), and take those erased since off again."""
+
+        async def off_if_erased(users: list[str]) -> None:
+            await unrank_missing(self.features, self.scores, users)
+
+        n = await self.scores.adopt_legacy_rankings(self._settings.score_batch, off_if_erased)
         if n:
             log.info("scorer: %d users ranked from the rankings' names before 4bfb183", n)
 

@@ -18,7 +18,7 @@ never leaving it on two segments' rankings nor on none.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,15 +141,17 @@ _WRITE_IF_KNOWN = (
 #: A chunk of a ranking kept under the names before the rankings shared a slot (ARGV:
 #: member, score, ...; KEYS: everyone's ranking and the segment's, under the new names):
 #: each member not yet on everyone's ranking goes on it and on the segment's, so a user
-#: ranked since under the new names keeps that ranking and is never on two segments'.
+#: ranked since under the new names keeps that ranking and is never on two segments'. Which
+#: members went on (1) or not (0).
 _ADOPT = (
-    "local n = 0 "
+    "local out = {} "
     "for i = 1, #ARGV, 2 do "
+    "out[#out + 1] = 0 "
     "if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then "
     "redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) "
     "redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i]) "
-    "n = n + 1 end end "
-    "return n"
+    "out[#out] = 1 end end "
+    "return out"
 )
 
 #: A chunk of a batch's ranking, in one step (KEYS: everyone's ranking, then each segment's in
@@ -196,12 +198,17 @@ class ScoreStore:
         """A ranking's name up to 1f1e89c (:meth:`adopt_legacy_rankings`)."""
         return f"{self._prefix}:top" if segment is None else f"{self._prefix}:top:{segment}"
 
-    async def adopt_legacy_rankings(self, count: int = 1000) -> int:
+    async def adopt_legacy_rankings(
+        self,
+        count: int = 1000,
+        after: Callable[[list[str]], Awaitable[object]] | None = None,
+    ) -> int:
         """Move the rankings kept under the names before they shared a slot
-        (:meth:`legacy_top_key`: an upgrade, or a replica of the older code still running)
-        to the current names, then delete them; how many users were ranked from them. A user
-        ranked under the current names keeps that ranking; one erased meanwhile is taken off
-        by the sweep's rankings check (:func:`service.scorer.prune_rankings`)."""
+        (:meth:`legacy_top_key`: an upgrade) to the current names, then delete them; how many
+        users were ranked from them. A user ranked under the current names keeps that
+        ranking. ``after`` is given each chunk's users ranked from them, once they are: the
+        scorer takes those erased meanwhile off again (an erasure by the current code takes
+        a user off the current names only)."""
         n = 0
         for segment in SEGMENTS:
             old = self.legacy_top_key(segment)
@@ -209,16 +216,25 @@ class ScoreStore:
             async for member, score in self._redis.zscan_iter(old, count=count):
                 chunk += [text_of(member), score]
                 if len(chunk) >= 2 * count:
-                    n += await self._adopt(segment, chunk)
+                    n += await self._adopt(segment, chunk, after)
                     chunk = []
             if chunk:
-                n += await self._adopt(segment, chunk)
+                n += await self._adopt(segment, chunk, after)
         for name in (None, *SEGMENTS):  # one at a time: each is in a slot of its own
             await self._redis.unlink(self.legacy_top_key(name))
         return n
 
-    async def _adopt(self, segment: str, chunk: list[str | float]) -> int:
-        return int(await self._redis.eval(_ADOPT, 2, self.top_key(), self.top_key(segment), *chunk))
+    async def _adopt(
+        self,
+        segment: str,
+        chunk: list[str | float],
+        after: Callable[[list[str]], Awaitable[object]] | None,
+    ) -> int:
+        went = await self._redis.eval(_ADOPT, 2, self.top_key(), self.top_key(segment), *chunk)
+        adopted = [str(u) for u, w in zip(chunk[::2], went, strict=True) if int(w)]
+        if after is not None and adopted:
+            await after(adopted)
+        return len(adopted)
 
     # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
     # the lock of the sweep in progress.

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from clv.local_stack import LocalProcess, free_port
+from clv.lookup import now_day
 from clv.settings import Settings
 from consumers.kafka import ensure_topics, make_producer, read_topic
 from feature_store.redis_client import connect
@@ -653,6 +654,34 @@ async def test_a_scorer_ranks_from_the_rankings_old_names_before_it_judges_a_val
     assert await s._redis.zcard(s.scores.top_key()) == 150
     for segment in (None, *SEGMENTS):
         assert not await s._redis.exists(s.scores.legacy_top_key(segment))
+
+
+@pytest.mark.integration
+async def test_a_scorer_restarted_with_no_sweep_due_adopts_no_erased_user(scorer) -> None:  # type: ignore[no-untyped-def]
+    # An erasure by the current code takes the user off the current names only; the old
+    # names still hold it. A scorer (re)started when no sweep is due (so no rankings check
+    # follows for up to a day) adopts the old names, and takes the erased user off again.
+    s, champion = scorer
+    await apply(s.features, purchases("u", [CUTOFF]) + purchases("gone", [CUTOFF]))
+    for segment in (None, SEGMENTS[0]):  # as the older code left them
+        await s._redis.zadd(s.scores.legacy_top_key(segment), {"u": 1.0, "gone": 2.0})
+    await s.features.forget("gone")  # DELETE /users/gone, by the current code
+    await s.scores.forget("gone")
+    day = await now_day(s._settings, s.features)
+    mark = s.scores.sweep_mark(day, champion.loaded.version, s._settings.horizon_days)
+    await s._redis.set(s.scores.swept_key, mark)  # today's sweep is done: a plain restart
+    stop = asyncio.Event()
+    running = asyncio.create_task(s.run(stop))
+    try:
+        async with asyncio.timeout(60):  # (a bound, not a measure: the adoption's end)
+            while await s._redis.exists(s.scores.legacy_top_key()):
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await running
+    assert await s.scores.last_sweep() == mark  # no sweep ran
+    assert await _rankings_of(s, "u") == {None: 1.0, SEGMENTS[0]: 1.0}
+    assert await _rankings_of(s, "gone") == {}
 
 
 @pytest.mark.integration
