@@ -206,9 +206,9 @@ class ScoreStore:
         """Move the rankings kept under the names before they shared a slot
         (:meth:`legacy_top_key`: an upgrade) to the current names, then delete them; how many
         users were ranked from them. A user ranked under the current names keeps that
-        ranking. ``after`` is given each chunk's users ranked from them, once they are: the
-        scorer takes those erased meanwhile off again (an erasure by the current code takes
-        a user off the current names only)."""
+        ranking. ``after`` is given each chunk's users once the chunk is adopted: the scorer
+        takes those erased meanwhile off again (an erasure by the current code takes a user
+        off the current names only)."""
         n = 0
         for segment in SEGMENTS:
             old = self.legacy_top_key(segment)
@@ -231,10 +231,12 @@ class ScoreStore:
         after: Callable[[list[str]], Awaitable[object]] | None,
     ) -> int:
         went = await self._redis.eval(_ADOPT, 2, self.top_key(), self.top_key(segment), *chunk)
-        adopted = [str(u) for u, w in zip(chunk[::2], went, strict=True) if int(w)]
-        if after is not None and adopted:
-            await after(adopted)
-        return len(adopted)
+        if after is not None:
+            # every member, not only those put on now: a run cut short after the script (a
+            # lost reply, Redis away in ``after``, a kill) left them on the current names,
+            # where the run after it finds them ranked already
+            await after([str(u) for u in chunk[::2]])
+        return sum(int(w) for w in went)
 
     # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
     # the lock of the sweep in progress.

@@ -685,6 +685,32 @@ async def test_a_scorer_restarted_with_no_sweep_due_adopts_no_erased_user(scorer
 
 
 @pytest.mark.integration
+async def test_an_adoption_cut_short_after_its_script_leaves_no_erased_user_ranked(scorer) -> None:  # type: ignore[no-untyped-def]
+    # Redis away (or the scorer killed) between a chunk's adoption and the check of its
+    # users: the old names stay, the next adoption finds the erased user ranked already under
+    # the current names, and still takes it off.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    s, _ = scorer
+    await apply(s.features, purchases("u", [CUTOFF]) + purchases("gone", [CUTOFF]))
+    for segment in (None, SEGMENTS[0]):
+        await s._redis.zadd(s.scores.legacy_top_key(segment), {"u": 1.0, "gone": 2.0})
+    await s.features.forget("gone")
+    await s.scores.forget("gone")
+
+    async def away(users: list[str]) -> None:
+        raise RedisConnectionError("Redis went away after the chunk's adoption")
+
+    with pytest.raises(RedisConnectionError):
+        await s.scores.adopt_legacy_rankings(s._settings.score_batch, away)
+    assert await s._redis.exists(s.scores.legacy_top_key(SEGMENTS[0]))  # left for the next
+    await s.adopt_legacy_rankings()
+    assert not await s._redis.exists(s.scores.legacy_top_key(SEGMENTS[0]))
+    assert await _rankings_of(s, "gone") == {}
+    assert await _rankings_of(s, "u") == {None: 1.0, SEGMENTS[0]: 1.0}
+
+
+@pytest.mark.integration
 async def test_a_sweep_takes_in_what_an_older_replica_ranked_under_the_old_names(scorer) -> None:  # type: ignore[no-untyped-def]
     # A replica of the code up to 1f1e89c still running during a rolling upgrade: each sweep
     # moves what it ranked to the current names and deletes the old ones; a user erased
