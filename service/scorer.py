@@ -186,9 +186,8 @@ async def prune_rankings(
 
     An erasure removes a user's rankings, and a scorer that had the user's score in hand
     removes them again after its write (:meth:`Scorer.score_users`); one that dies in between
-    leaves them, as the rankings are in another slot than the user's keys, and a write's
-    ranking that lands between an erasure's removals leaves one. Each sweep ends with this
-    check of every ranking."""
+    leaves them, as the rankings are in another slot than the user's keys. Each sweep ends
+    with this check of every ranking."""
     n = 0
     async for users in scores.ranked(count):
         if stop.is_set():

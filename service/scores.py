@@ -173,6 +173,17 @@ _RANK = (
 #: Users a batch's ranking moves in one step: Redis runs nothing else meanwhile.
 RANK_CHUNK = 500
 
+#: Users (ARGV) off every ranking (KEYS, as for :data:`_RANK`) in one step, so that no
+#: ranking of a score lands between two of the removals; how many were on one.
+_UNRANK = (
+    "local n = 0 "
+    "for i = 1, #ARGV do "
+    "local was = 0 "
+    "for k = 1, #KEYS do was = was + redis.call('ZREM', KEYS[k], ARGV[i]) end "
+    "if was > 0 then n = n + 1 end end "
+    "return n"
+)
+
 
 def text_of(v: Any) -> str:
     """A Redis reply's bytes as text."""
@@ -211,14 +222,7 @@ class ScoreStore:
         off the current names only)."""
         n = 0
         for segment in SEGMENTS:
-            old = self.legacy_top_key(segment)
-            chunk: list[str | float] = []
-            async for member, score in self._redis.zscan_iter(old, count=count):
-                chunk += [text_of(member), score]
-                if len(chunk) >= 2 * count:
-                    n += await self._adopt(segment, chunk, after)
-                    chunk = []
-            if chunk:
+            async for chunk in self._scan(self.legacy_top_key(segment), count):
                 n += await self._adopt(segment, chunk, after)
         for name in (None, *SEGMENTS):  # one at a time: each is in a slot of its own
             await self._redis.unlink(self.legacy_top_key(name))
@@ -227,16 +231,34 @@ class ScoreStore:
     async def _adopt(
         self,
         segment: str,
-        chunk: list[str | float],
+        chunk: list[tuple[str, float]],
         after: Callable[[list[str]], Awaitable[object]] | None,
     ) -> int:
-        went = await self._redis.eval(_ADOPT, 2, self.top_key(), self.top_key(segment), *chunk)
+        args = [x for member in chunk for x in member]
+        went = await self._redis.eval(_ADOPT, 2, self.top_key(), self.top_key(segment), *args)
         if after is not None:
             # every member, not only those put on now: a run cut short after the script (a
             # lost reply, Redis away in ``after``, a kill) left them on the current names,
             # where the run after it finds them ranked already
-            await after([str(u) for u in chunk[::2]])
+            await after([user for user, _ in chunk])
         return sum(int(w) for w in went)
+
+    @property
+    def _rankings(self) -> list[str]:
+        """Everyone's ranking, then each segment's (in :data:`SEGMENTS` order)."""
+        return [self.top_key(), *(self.top_key(s) for s in SEGMENTS)]
+
+    async def _scan(self, key: str, count: int) -> AsyncIterator[list[tuple[str, float]]]:
+        """A sorted set's members and scores in chunks of about ``count`` (ZSCAN: Redis is
+        not blocked)."""
+        chunk: list[tuple[str, float]] = []
+        async for member, score in self._redis.zscan_iter(key, count=count):
+            chunk.append((text_of(member), score))
+            if len(chunk) >= count:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
     # the lock of the sweep in progress.
@@ -324,7 +346,7 @@ class ScoreStore:
         latest = {user: fields for user, fields in rows}
         if not latest:
             return
-        keys = [self.top_key(), *(self.top_key(s) for s in SEGMENTS)]
+        keys = self._rankings
         users = list(latest)
         async with self._redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(users), RANK_CHUNK):
@@ -397,36 +419,22 @@ class ScoreStore:
     async def ranked(self, count: int = 1000) -> AsyncIterator[list[str]]:
         """The users on every ranking (everyone's, then each segment's), in chunks of about
         ``count`` (ZSCAN: no blocking of Redis); a user comes once for each ranking."""
-        for segment in (None, *SEGMENTS):
-            chunk: list[str] = []
-            async for member, _ in self._redis.zscan_iter(self.top_key(segment), count=count):
-                chunk.append(text_of(member))
-                if len(chunk) >= count:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+        for key in self._rankings:
+            async for chunk in self._scan(key, count):
+                yield [user for user, _ in chunk]
 
     async def forget(self, user_id: str) -> int:
-        """Remove the user's score, stored answer and ranking entries; how many keys and
-        entries went."""
+        """Remove the user's score, stored answer and ranking entries; how many of its keys
+        went, plus one if it was ranked."""
+        keys = self._rankings
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.delete(self.score_key(user_id), self.answer_key(user_id))
-            self._unrank(pipe, user_id)
+            pipe.eval(_UNRANK, len(keys), *keys, user_id)
             return sum(int(n) for n in await pipe.execute())
 
     async def unrank(self, user_ids: Sequence[str]) -> int:
-        """Take the users off every ranking (one round trip); how many were on one."""
+        """Take the users off every ranking (one step); how many were on one."""
         if not user_ids:
             return 0
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for user in user_ids:
-                self._unrank(pipe, user)
-            removed = [int(n) for n in await pipe.execute()]
-        per_user = 1 + len(SEGMENTS)  # everyone's ranking, then each segment's
-        return sum(any(removed[i : i + per_user]) for i in range(0, len(removed), per_user))
-
-    def _unrank(self, pipe: Any, user_id: str) -> None:
-        pipe.zrem(self.top_key(), user_id)
-        for s in SEGMENTS:
-            pipe.zrem(self.top_key(s), user_id)
+        keys = self._rankings
+        return int(await self._redis.eval(_UNRANK, len(keys), *keys, *user_ids))
