@@ -25,9 +25,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisClusterException, RedisError
@@ -114,7 +115,7 @@ class _UserIdConvertor(Convertor[str]):
     """A user id in a path: any characters, "/" (sent as %2F) and line feeds too, so that
     every id reaches the check that answers a malformed one with a 422, not a route's 404."""
 
-    regex = r"[\s\S]+?"
+    regex = r"[\s\S]*?"  # (empty too: "/users//clv" is an empty id, a 422)
 
     def convert(self, value: str) -> str:
         return value
@@ -124,6 +125,10 @@ class _UserIdConvertor(Convertor[str]):
 
 
 register_url_convertor("user_id", _UserIdConvertor())
+
+
+#: The admin endpoints' key (a dependency, so the schema names it as a security scheme).
+_BEARER = HTTPBearer(auto_error=False, description="CLV_API_KEY, when it is set")
 
 
 class Detail(BaseModel):
@@ -262,12 +267,13 @@ def create_app(
         log.exception("unexpected error answering %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def admin(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
         if settings.api_key is None:
             return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), settings.api_key.encode()
+        if credentials is None or not hmac.compare_digest(
+            credentials.credentials.strip().encode(), settings.api_key.encode()
         ):
             raise HTTPException(
                 401,

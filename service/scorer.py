@@ -17,7 +17,9 @@ value) when it was set falls ``CLV_ALERT_DROP_PCT`` percent below it, a ``clv_dr
 reference, so a scorer that fails between publishing and recording the alert sends the same id
 again, and the topic's consumers drop the repeat. A purchase, a new champion or a recovery
 above the reference starts a new reference. A new champion moves every value at once; that is
-no customer's doing, so it resets the references instead of alerting.
+no customer's doing, so it resets the references instead of alerting; so does a new horizon
+(``CLV_HORIZON_DAYS``) or new scoring code (:data:`~service.scores.CODE_TAG`): a reference is
+kept only for scores of its model, horizon and code (:func:`reference_basis`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 from redis.exceptions import RedisClusterException, RedisError
 
+import service.scores
 from clv.errors import ClvError
 from clv.lookup import now_day
 from clv.settings import Settings
@@ -84,9 +88,15 @@ class Alert:
     value: dict[str, object]
 
 
-def alert_id(user_id: str, model_version: str, ref_last_ms: int, ref_clv: float) -> str:
+def reference_basis(model_version: str, horizon_days: int) -> str:
+    """What a reference value is a value of: the model, the horizon and the scoring code. A
+    score on another basis starts a new reference (each moves every value at once)."""
+    return f"{model_version}:{horizon_days}d:{service.scores.CODE_TAG}"
+
+
+def alert_id(user_id: str, basis: str, ref_last_ms: int, ref_clv: float) -> str:
     """The same for one drop however often it is computed (see the module docstring)."""
-    key = f"{user_id}\0{model_version}\0{ref_last_ms}\0{ref_clv:.2f}"
+    key = f"{user_id}\0{basis}\0{ref_last_ms}\0{ref_clv:.2f}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
@@ -97,6 +107,7 @@ def next_score(
     *,
     last_order_ms: int,
     model_version: str,
+    horizon_days: int,
     as_of_day: int,
     valuable_from: float | None,
     drop_pct: float,
@@ -106,9 +117,10 @@ def next_score(
     if this score is a drop not alerted yet of a customer who was valuable (in the ranking's
     top share: at least ``valuable_from``) when the reference was set."""
     clv = float(new["clv"])  # type: ignore[arg-type]
+    basis = reference_basis(model_version, horizon_days)
     fresh = (
         old is None
-        or old.get("model_version") != model_version
+        or old.get("ref_basis") != basis  # (a score stored before the basis was: fresh too)
         or old.get("ref_last_ms") != str(last_order_ms)
     )
     if not fresh:
@@ -123,7 +135,7 @@ def next_score(
     alert = None
     drop = (ref - clv) / ref * 100 if ref > 0 else 0.0
     if not sent and valuable and drop >= drop_pct:
-        sent = alert_id(user_id, model_version, last_order_ms, ref)
+        sent = alert_id(user_id, basis, last_order_ms, ref)
         alert = Alert(
             user_id,
             {
@@ -151,6 +163,7 @@ def next_score(
         "scored_at": now_iso(),
         "ref_clv": f"{ref:.2f}",
         "ref_last_ms": str(last_order_ms),
+        "ref_basis": basis,
         "ref_valuable": "1" if valuable else "0",
         "alert_id": sent,
     }
@@ -383,13 +396,24 @@ class Scorer:
         as_of = np.maximum(day, state.latest_day)
         features = compute_features(state, as_of)
         horizon = self._settings.horizon_days
-        try:
-            scored, explanations = await asyncio.get_running_loop().run_in_executor(
-                self._thread, explain_many, loaded, features, horizon
+        parts, failed = await self._explain(loaded, features, horizon)
+        pos = np.arange(len(features))  # the rows scored, as positions in ``read``
+        if failed:  # said, and left as they are: the next event or sweep tries them again
+            user, exc = failed[0]
+            log.error(
+                "model %s could not score %d of %d users (%r: %s)",
+                loaded.version,
+                len(failed),
+                len(features),
+                user,
+                exc,
             )
-        except ClvError as exc:  # a model that fails on these users: said; the rest go on
-            log.error("model %s could not score %d users: %s", loaded.version, len(users), exc)
-            return 0
+            pos = np.flatnonzero(~features.index.isin([u for u, _ in failed]))
+            if not len(pos):
+                return 0
+            features = features.iloc[pos]
+        scored = pd.concat([p[0] for p in parts])
+        explanations = [e for p in parts for e in p[1]]
         ids = list(features.index)
         old = await self.scores.read(ids)
         share = self._settings.alert_top_share
@@ -404,14 +428,15 @@ class Scorer:
         last_ms = state.last_ts_ms
         records = features_records(features)
         new = scored.to_dict("records")
-        for i, user in enumerate(ids):
+        for i, (user, at) in enumerate(zip(ids, pos.tolist(), strict=True)):
             fields, alert = next_score(
                 user,
                 old[i],
                 new[i],
-                last_order_ms=int(last_ms[i]),
+                last_order_ms=int(last_ms[at]),
                 model_version=loaded.version,
-                as_of_day=int(as_of[i]),
+                horizon_days=horizon,
+                as_of_day=int(as_of[at]),
                 valuable_from=valuable_from,
                 drop_pct=self._settings.alert_drop_pct,
             )
@@ -419,15 +444,19 @@ class Scorer:
             answers[user] = StoredAnswer.of(
                 fields,
                 horizon_days=horizon,
-                state=read.digests[i],
+                state=read.digests[at],
                 features=records[i],
                 explanation=explanations[i],
             )
             rows.append((user, fields))
             if alert is not None:
                 alerts.append(alert)
+        if alerts:  # not of users erased since the read (an erasure wins: README "Alerts")
+            gone = set(await self.features.missing([a.user_id for a in alerts]))
+            alerts = [a for a in alerts if a.user_id not in gone]
         await self._publish(alerts)  # before the scores: a failure in between sends them again
-        written = await self.scores.write(rows, answers, dict(zip(ids, read.headers, strict=True)))
+        headers = {user: read.headers[at] for user, at in zip(ids, pos.tolist(), strict=True)}
+        written = await self.scores.write(rows, answers, headers)
         # An erasure between the read above and the write: nothing was written
         # (ScoreStore.write); between the score's write and the rankings', in other slots:
         # the rankings outlived it; the erasure removes the features first, so they are found
@@ -436,6 +465,28 @@ class Scorer:
         n = sum(written)
         SCORED.labels(trigger).inc(n)
         return n
+
+    async def _explain(
+        self, loaded: LoadedModel, features: pd.DataFrame, horizon: int
+    ) -> tuple[
+        list[tuple[pd.DataFrame, list[list[dict[str, object]]]]], list[tuple[str, Exception]]
+    ]:
+        """``features`` scored and explained (:func:`explain_many`) in as few calls as the
+        model allows: a call that fails is split in halves until the failure is one user's, so
+        that a user the model cannot score (a forecast that is not a number) costs only that
+        user's score, as in the API. The parts scored, in order, and the users that failed."""
+        try:
+            part = await asyncio.get_running_loop().run_in_executor(
+                self._thread, explain_many, loaded, features, horizon
+            )
+        except Exception as exc:  # the model's failure, whatever it raised
+            if len(features) == 1:
+                return [], [(str(features.index[0]), exc)]
+            half = len(features) // 2
+            first, failed = await self._explain(loaded, features.iloc[:half], horizon)
+            second, more = await self._explain(loaded, features.iloc[half:], horizon)
+            return first + second, failed + more
+        return [part], []
 
     async def _publish(self, alerts: list[Alert]) -> None:
         if not alerts:

@@ -15,7 +15,7 @@ from consumers.kafka import ensure_topics, make_producer, read_topic
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion
-from service.scorer import Scorer, alert_id, next_score, prune_rankings
+from service.scorer import Scorer, alert_id, next_score, prune_rankings, reference_basis
 from service.scoring import SEGMENTS
 from tests.consumers.kafka_helpers import event_message, unique_settings
 from tests.feature_store.streams import MS_PER_DAY, _ev
@@ -30,6 +30,7 @@ def _next(old: dict[str, str] | None, clv: float, **kw: object) -> tuple[dict[st
     args: dict[str, object] = {
         "last_order_ms": 1000,
         "model_version": "v1",
+        "horizon_days": 365,
         "as_of_day": CUTOFF,
         "valuable_from": 100.0,
         "drop_pct": 30.0,
@@ -52,7 +53,8 @@ def test_a_valuable_customers_drop_alerts_once_with_a_stable_id() -> None:
     value = alert.value  # type: ignore[attr-defined]
     assert value["kind"] == "clv_drop" and value["previous_clv"] == 300.0
     assert value["current_clv"] == 150.0 and value["drop_pct"] == 50.0
-    assert value["alert_id"] == alert_id("u", "v1", 1000, 300.0) == dropped["alert_id"]
+    basis = reference_basis("v1", 365)
+    assert value["alert_id"] == alert_id("u", basis, 1000, 300.0) == dropped["alert_id"]
     assert set(value) == {
         "alert_id",
         "user_id",
@@ -85,6 +87,21 @@ def test_a_purchase_a_recovery_or_a_new_model_starts_a_new_reference() -> None:
     # a champion that values everyone lower is not a drop of any customer's
     switched, alert = _next(first, 100.0, model_version="v2")
     assert alert is None and switched["ref_clv"] == "100.00"
+    # nor is a shorter horizon (CLV_HORIZON_DAYS), nor other scoring code (a deploy)
+    shorter, alert = _next(first, 100.0, horizon_days=90)
+    assert alert is None and shorter["ref_clv"] == "100.00"
+    assert shorter["ref_basis"] == reference_basis("v1", 90) != first["ref_basis"]
+    assert _next(shorter, 95.0, horizon_days=90)[0]["ref_clv"] == "100.00"  # kept on its basis
+    import service.scores
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service.scores, "CODE_TAG", "other code")
+        deployed, alert = _next(first, 100.0)
+    assert alert is None and deployed["ref_clv"] == "100.00"
+    # a score stored before references recorded their basis: a new reference, no alert
+    older = {k: v for k, v in first.items() if k != "ref_basis"}
+    upgraded, alert = _next(older, 100.0)
+    assert alert is None and upgraded["ref_clv"] == "100.00"
 
 
 def test_valuable_is_judged_when_the_reference_is_set_not_against_a_falling_bar() -> None:
@@ -863,3 +880,143 @@ async def test_the_api_answers_with_the_scorers_score_only_while_it_is_current(
         assert await scores.read(["once"]) == [None]
         assert not await s._redis.exists(scores.answer_key("once"))
         assert (await api.get("/users/once/clv", params=day)).status_code == 404
+
+
+def _failing_on(*bad: str):  # type: ignore[no-untyped-def]
+    """explain_many as the model would run it, failing every call that holds one of ``bad``
+    (a forecast that is not a number), and the calls it was asked for."""
+    import service.scorer
+    from clv.errors import ModelError
+
+    real, calls = service.scorer.explain_many, []
+
+    def explain(loaded, features, horizon):  # type: ignore[no-untyped-def]
+        calls.append(len(features))
+        if set(bad) & set(features.index):
+            raise ModelError(f"predicted_value is not finite for 1 of {len(features)} customers")
+        return real(loaded, features, horizon)
+
+    return explain, calls
+
+
+SIX = ("a", "b", "c", "d", "e", "f")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("trigger", ["events", "sweep"])
+async def test_a_user_the_model_cannot_score_costs_only_that_users_score(
+    scorer, monkeypatch, trigger
+) -> None:  # type: ignore[no-untyped-def]
+    # Fails if one failing user drops its batch: every batch-mate went unscored, their change
+    # marks were lost, and the sweep was recorded done all the same.
+    import service.scorer
+
+    s, champion = scorer
+    await apply(s.features, [e for u in SIX for e in purchases(u, [CUTOFF - 30, CUTOFF])])
+    explain, calls = _failing_on("c")
+    monkeypatch.setattr(service.scorer, "explain_many", explain)
+    if trigger == "events":
+        await s.features.mark_changed(list(SIX))
+        assert await s.score_changed(champion.loaded, CUTOFF) == 6
+    else:
+        assert await s.sweep(champion.loaded, CUTOFF, asyncio.Event()) == 5
+        assert not await s._sweep_due(CUTOFF, champion.loaded.version)
+    stored = dict(zip(SIX, await s.scores.read(list(SIX)), strict=True))
+    assert {u for u, v in stored.items() if v is not None} == set(SIX) - {"c"}
+    count, top = await s.scores.top(10)
+    assert count == 5 and {u["user_id"] for u in top} == set(SIX) - {"c"}
+    # split in halves until the failure was one user's: 6, 3 + 3, and at most two more levels
+    # down the failing half (sorted ids, as the changed users come: [6, 3, 1, 2, 1, 1, 3]);
+    # not one call per user (11)
+    assert calls[0] == 6 and len(calls) <= 7 and calls.count(1) <= 3
+    if trigger == "events":
+        assert calls == [6, 3, 1, 2, 1, 1, 3]
+    # the failing user is not marked again (it would fail every round); a new event or the
+    # next sweep tries it again
+    assert await s.features.take_changed(100) == []
+    monkeypatch.undo()
+    await s.features.mark_changed(["c"])
+    assert await s.score_changed(champion.loaded, CUTOFF) == 1
+    assert (await s.scores.read(["c"]))[0] is not None
+
+
+@pytest.mark.integration
+async def test_a_batch_the_model_cannot_score_at_all_stores_nothing(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import service.scorer
+
+    s, champion = scorer
+    await apply(s.features, [e for u in SIX[:2] for e in purchases(u, [CUTOFF])])
+    explain, calls = _failing_on(*SIX[:2])
+    monkeypatch.setattr(service.scorer, "explain_many", explain)
+    assert await s.score_users(champion.loaded, list(SIX[:2]), CUTOFF, trigger="events") == 0
+    assert calls == [2, 1, 1]
+    assert await s.scores.read(list(SIX[:2])) == [None, None]
+    assert await s.scores.top(10) == (0, [])
+
+
+async def _four_scored(s, champion, monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The four customers of the alert tests, scored as of the cutoff (no alert yet)."""
+    import service.scorer
+
+    monkeypatch.setattr(service.scorer, "MIN_RANKED", 2)  # four customers judge the valuable
+    await apply(
+        s.features,
+        purchases("regular", [CUTOFF - 200 + 30 * i for i in range(5)])
+        + purchases("heavy", [CUTOFF - 150 + 10 * i for i in range(15)], cents=6000)
+        + purchases("once-a", [CUTOFF - 100])
+        + purchases("once-b", [CUTOFF - 5]),
+    )
+    users = ["regular", "heavy", "once-a", "once-b"]
+    await s.score_users(champion.loaded, users, CUTOFF, trigger="events")
+    assert await read_topic(s._settings, s._settings.alerts_topic) == []
+    return users
+
+
+@pytest.mark.integration
+async def test_a_new_horizon_starts_new_references_and_alerts_nobody(scorer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Fails if the references outlive a change of CLV_HORIZON_DAYS: a shorter horizon lowers
+    # every value at once, and every valuable customer was alerted of a drop.
+    s, champion = scorer
+    users = await _four_scored(s, champion, monkeypatch)
+    before = dict(zip(users, await s.scores.read(users), strict=True))
+    short = Scorer(
+        s._settings.model_copy(update={"horizon_days": 90}), s._redis, champion, s._producer
+    )
+    try:
+        assert await short._sweep_due(CUTOFF, champion.loaded.version)
+        await short.score_users(champion.loaded, users, CUTOFF, trigger="sweep")
+        after = dict(zip(users, await s.scores.read(users), strict=True))
+        assert float(after["heavy"]["clv"]) < 0.7 * float(before["heavy"]["clv"])  # a "drop"
+        assert await read_topic(s._settings, s._settings.alerts_topic) == []
+        for u in users:
+            assert after[u]["ref_clv"] == after[u]["clv"]
+            assert after[u]["ref_basis"] == reference_basis(champion.loaded.version, 90)
+        # on the new basis a drop alerts as before: a year without an order
+        await short.score_users(champion.loaded, users, CUTOFF + 365, trigger="sweep")
+    finally:
+        short.close()
+    alerts = [json.loads(r.value) for r in await read_topic(s._settings, s._settings.alerts_topic)]
+    assert "heavy" in {a["user_id"] for a in alerts}
+
+
+@pytest.mark.integration
+async def test_no_alert_is_published_for_a_user_erased_while_the_batch_is_in_hand(
+    scorer, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # Fails if the alerts go out as decided: DELETE /users/heavy had answered 204 before the
+    # scorer published a clv_drop naming the user.
+    s, champion = scorer
+    users = await _four_scored(s, champion, monkeypatch)
+    real_read = s.scores.read
+
+    async def read(ids):  # type: ignore[no-untyped-def]
+        old = await real_read(ids)
+        await s.features.forget("heavy")  # what DELETE /users/heavy does, done here
+        await s.scores.forget("heavy")
+        return old
+
+    monkeypatch.setattr(s.scores, "read", read)
+    await s.score_users(champion.loaded, users, CUTOFF + 365, trigger="sweep")
+    alerts = [json.loads(r.value) for r in await read_topic(s._settings, s._settings.alerts_topic)]
+    assert alerts and "heavy" not in {a["user_id"] for a in alerts}  # the others' still go
+    assert await real_read(["heavy"]) == [None]
