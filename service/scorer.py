@@ -475,10 +475,12 @@ class Scorer:
         model allows: a call that fails is split in halves until the failure is one user's, so
         that a user the model cannot score (a forecast that is not a number) costs only that
         user's score, as in the API. The parts scored, in order, and the users that failed."""
+        # (submitted outside the try: a scorer closed meanwhile is no failure of the model's)
+        call = asyncio.get_running_loop().run_in_executor(
+            self._thread, explain_many, loaded, features, horizon
+        )
         try:
-            part = await asyncio.get_running_loop().run_in_executor(
-                self._thread, explain_many, loaded, features, horizon
-            )
+            part = await call
         except Exception as exc:  # the model's failure, whatever it raised
             if len(features) == 1:
                 return [], [(str(features.index[0]), exc)]
