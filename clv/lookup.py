@@ -103,15 +103,22 @@ async def features_of(settings: Settings, located: Located) -> FoundFeatures:
         raise EventLogError(
             f"{problem}; dates before the user's latest event ({day_date(latest)}) are read from it"
         )
+    # Every copy: the too-late rule comes before the first-copy-wins dedup, as online, where
+    # a copy refused as too late leaves no dedup entry and a corrected re-send of the same id
+    # is applied (features_at deduplicates after the rule).
     events = await asyncio.to_thread(
-        read_events, settings.event_log_dir, user_id=user_id, arrival_order=True
+        read_events,
+        settings.event_log_dir,
+        user_id=user_id,
+        arrival_order=True,
+        dedupe=False,
     )
     frame = features_at(events, day, late_after_days=RETENTION_DAYS)
     if user_id not in frame.index:  # unknown on that day, as an unknown user: an error
         first = f", the first on {day_date(int(events['day'].min()))}" if len(events) else ""
         raise UnknownThen(
             f"user {user_id!r} has no events on or before {day_date(day)} in the event log "
-            f"({len(events):,} after it{first})"
+            f"({events['event_id'].nunique():,} after it{first})"
         )
     return FoundFeatures(user_id, day, frame.loc[[user_id]], "event_log", None)
 

@@ -155,3 +155,38 @@ async def test_a_free_purchase_is_an_order_online_as_offline(redis: Redis) -> No
     assert f["first_order_at"] == "1972-09-27T00:00:00Z"
     offline = features_at(as_frame(events), 1000, late_after_days=RETENTION_DAYS)
     pd.testing.assert_frame_equal(online, offline.loc[["u"]], check_dtype=False)
+
+
+# Fails if the lookup of an earlier date reads the log deduplicated before the too-late rule:
+# it kept the copy refused as too late, dropped it as late, and lost the corrected re-send of
+# the same id that Redis applied (the script keeps no dedup entry for a refused copy).
+async def test_an_earlier_date_counts_a_corrected_resend_of_a_too_late_event(
+    redis: Redis, tmp_path: Path
+) -> None:
+    from clv.lookup import find_features
+    from clv.settings import Settings
+    from feature_store.event_log import write_events
+
+    events = [  # arrival order, one partition
+        _ev("a", "purchase", "u", "o1", 1000, 1000 * MS_PER_DAY),
+        _ev("x", "purchase", "u", "o2", 500, 600 * MS_PER_DAY),  # too late: 600 <= 1000 - 365
+        _ev("x", "purchase", "u", "o2", 500, 900 * MS_PER_DAY),  # the same id, date corrected
+        _ev("b", "purchase", "u", "o3", 700, 1010 * MS_PER_DAY),
+    ]
+    then, store = FeatureStore(redis, prefix="then"), FeatureStore(redis, prefix="now")
+    for offset, e in enumerate(events):
+        got = await store.apply([e], group="g", progress={"orders:0": offset}, now_ms=1)
+        if offset < 3:  # what Redis held before b came
+            await then.apply([e], group="g", progress={"orders:0": offset}, now_ms=1)
+        assert got.too_late == ([0] if offset == 1 else [])
+    frame = as_frame(events)
+    frame["partition"], frame["offset"] = 0, range(len(frame))
+    for _ in range(2):  # twice, as an archiver restarted before its commit writes its buffer
+        write_events(tmp_path, frame, durable=False)
+    settings = Settings(event_log_dir=tmp_path)
+    for day in (1000, 1005, 1009):
+        found = await find_features(settings, store, "u", dt.date(1970, 1, 1) + dt.timedelta(day))
+        assert found is not None and found.source == "event_log"
+        held = await then.features("u", day)
+        assert held is not None and held.loc["u", "orders_total"] == 2
+        pd.testing.assert_frame_equal(found.frame, held, check_dtype=False)
