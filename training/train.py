@@ -334,6 +334,30 @@ def _label_free_fallback(
     raise exc
 
 
+def _check_times(raw: pd.DataFrame, root: Path, tolerance: int) -> None:
+    """Refuse a log holding a time the consumers refuse, so one they did not write."""
+    from training.datasets import DatasetError, check_times
+
+    try:
+        check_times(raw, tolerance * 1000)
+    except DatasetError as exc:
+        raise TrainingError(
+            f"the event log {root}: {exc}; the consumers refuse such times (none before "
+            f"1970, none over CLV_FUTURE_TOLERANCE_SECONDS={tolerance} ahead of the clock), "
+            "so they did not write it"
+        ) from exc
+
+
+def _champion_model_name(model_dir: Path) -> str | None:
+    """The stored champion's model (``model_name`` in its metadata), or ``None``."""
+    registry = ModelRegistry(model_dir)
+    try:
+        version = registry.champion_version()
+        return None if version is None else registry.metadata(version).get("model_name")
+    except (ClvError, OSError, ValueError):  # none, or broken: replaced by this run anyway
+        return None
+
+
 def _champion_evaluator(events: pd.DataFrame, selection: Any) -> Evaluate:
     """Scores a stored champion on the challenger's validation window, with the same metric."""
     from training.datasets import purchasers_at
@@ -511,7 +535,7 @@ def _train(
     """:func:`train`'s run, its turn on the event log taken."""
     from feature_store.event_log import read_events
     from feature_store.features import day_date
-    from training.datasets import DatasetError, check_times, history_days
+    from training.datasets import history_days
     from training.models.candidates import CANDIDATES, UNSUPERVISED, make_candidates
     from training.progress import heartbeat
     from training.selection import final_training_set, recorded_warnings, select_champion
@@ -520,6 +544,8 @@ def _train(
     say(f"reading the event log at {root}")
     with clock.phase("read event log"):
         raw = read_events(root, currency=settings.currency)
+        if not raw.empty:  # (the whole log, --until or not: it is refused, not a part of it)
+            _check_times(raw, root, settings.future_tolerance_seconds)
         if until_day is not None:
             later = int((raw["day"] > until_day).sum())
             raw = raw[raw["day"] <= until_day].reset_index(drop=True)
@@ -534,15 +560,6 @@ def _train(
                 f"no purchase events in the event log at {root}: nothing to train on "
                 "(run the archiver, or write one with `clv synth --out DIR`)"
             )
-        tolerance = settings.future_tolerance_seconds
-        try:  # the consumers refuse such events, so a log holding one was not theirs
-            check_times(raw, tolerance * 1000)
-        except DatasetError as exc:
-            raise TrainingError(
-                f"the event log {root}: {exc}; the consumers refuse such times (none before "
-                f"1970, none over CLV_FUTURE_TOLERANCE_SECONDS={tolerance} ahead of the clock), "
-                "so they did not write it"
-            ) from exc
         say(f"read {len(raw):,} events")
     with clock.phase("prepare"):
         events, user_ids = compact_events(raw)
@@ -571,8 +588,15 @@ def _train(
     with clock.phase("select"):
         names = candidates
         if names is None and n_sampled > SLOW_CANDIDATES_MAX_USERS:
-            names = [n for n in CANDIDATES if n not in SLOW_CANDIDATES]
-            say(f"{n_sampled:,} users: leaving out {', '.join(SLOW_CANDIDATES)} at this scale")
+            # The champion's own model stays: a stored champion whose fit saw the validation
+            # window is judged by its recipe refitted before it (_champion_evaluator), never
+            # by its own fit's score on outcomes it was trained on.
+            kept = _champion_model_name(settings.model_dir)
+            left_out = [n for n in SLOW_CANDIDATES if n != kept]
+            names = [n for n in CANDIDATES if n not in left_out]
+            say(f"{n_sampled:,} users: leaving out {', '.join(left_out)} at this scale")
+            if kept in SLOW_CANDIDATES:
+                say(f"keeping {kept}: the champion's model, to judge it on this window")
         selection = select_champion(work, cutoff, horizon, names=names, progress=say)
         say(f"challenger: {selection.champion} ({selection.reason})")
         if note := selection.plan.label_note():

@@ -330,6 +330,63 @@ def test_new_data_rescores_the_champion_on_the_new_window(tmp_path: Path) -> Non
     assert second.promoted and "the newer fit wins" in second.decision.reason
 
 
+def test_at_scale_a_champion_of_a_slow_model_is_judged_by_its_recipe_not_its_own_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if the slow candidates are left out at scale even when the champion is one: its
+    # recipe is then missing and its own fit is scored on outcomes it was trained on, which
+    # kept back a challenger that beat the recipe (review).
+    import training.selection
+    import training.train
+
+    settings = settings_for(tmp_path)
+    full = synth_events(days=560, seed=6)
+    write_events(settings.event_log_dir, full[full["day"] <= full["day"].min() + 555])
+    real = training.selection.select_champion
+
+    def chosen(*args, **kwargs):  # type: ignore[no-untyped-def]
+        picked = real(*args, **kwargs)
+        picked.champion = "gradient_boosting"  # a run in which it won, at a smaller scale
+        return picked
+
+    monkeypatch.setattr(training.selection, "select_champion", chosen)
+    slow = ["naive_rate", "bgnbd_gg", "gradient_boosting"]
+    first = train(settings, progress=False, candidates=slow)
+    assert first.promoted and first.model_name == "gradient_boosting"
+    monkeypatch.setattr(training.selection, "select_champion", real)
+    write_events(settings.event_log_dir, full[full["day"] > full["day"].min() + 555])
+    monkeypatch.setattr(training.train, "SLOW_CANDIDATES_MAX_USERS", 10)  # 600 users: "scale"
+    said: list[str] = []
+    second = train(settings, progress=said.append)
+    assert "gradient_boosting" in second.candidates and "random_forest" not in second.candidates
+    assert "600 users: leaving out random_forest at this scale" in said
+    assert "keeping gradient_boosting: the champion's model, to judge it on this window" in said
+    assert second.validation.train_end_day < first.cutoff_day  # its fit saw the window
+    assert "its recipe gradient_boosting refitted before this window" in second.decision.reason
+    # no champion of a slow model: both left out
+    monkeypatch.setattr(training.train, "_champion_model_name", lambda model_dir: None)
+    said.clear()
+    third = train(settings, progress=said.append, again=True)
+    assert not {"random_forest", "gradient_boosting"} & set(third.candidates)
+    assert "600 users: leaving out random_forest, gradient_boosting at this scale" in said
+
+
+def test_until_does_not_let_a_log_with_future_times_train(tmp_path: Path) -> None:
+    # Fails if --until filters the log before its times are checked: the log the consumers
+    # could not have written trained once its future part was cut off.
+    from feature_store.features import day_number
+    from training.train import TrainingError
+
+    settings = settings_for(tmp_path)
+    today = dt.datetime.now(dt.UTC).date()
+    future = today + dt.timedelta(days=3)
+    write_events(settings.event_log_dir, synth_events(days=200, start=future - dt.timedelta(199)))
+    for until in (None, day_number(today - dt.timedelta(days=1))):
+        with pytest.raises(TrainingError, match="ahead of the clock"):
+            train(settings, progress=False, candidates=FAST, until_day=until)
+    assert ModelRegistry(settings.model_dir).champion_version() is None
+
+
 def test_short_history_shortens_the_horizon(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, horizon_days=365)
     write_events(settings.event_log_dir, synth_events(days=90, seed=5))
