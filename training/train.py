@@ -331,7 +331,12 @@ def _label_free_fallback(
         say(f"final fit of {failed} failed ({why}): {name} takes its place")
         selection.fall_back(name, why)
         return model, warned
-    raise exc
+    if isinstance(exc, ClvError):
+        raise exc
+    # (one line, as every other refusal: a ValueError of the model's is no traceback)
+    raise TrainingError(
+        f"the final fit of {failed} failed ({why}) and no label-free candidate could take its place"
+    ) from exc
 
 
 def _check_times(raw: pd.DataFrame, root: Path, tolerance: int) -> None:

@@ -371,6 +371,25 @@ def test_at_scale_a_champion_of_a_slow_model_is_judged_by_its_recipe_not_its_own
     assert "600 users: leaving out random_forest, gradient_boosting at this scale" in said
 
 
+def test_a_final_fit_that_fails_with_no_label_free_stand_in_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if the model's own ValueError is raised as it is: `clv train` printed a traceback.
+    import training.train
+    from training.train import TrainingError
+
+    settings = settings_for(tmp_path)
+    write_events(settings.event_log_dir, synth_events(days=400, seed=3))
+
+    def refuses(model, ds):  # type: ignore[no-untyped-def]
+        raise ValueError("Input contains NaN")
+
+    monkeypatch.setattr(training.train, "_check_forecasts", refuses)
+    with pytest.raises(TrainingError, match=r"^the final fit of \w+ failed \(Input contains NaN\)"):
+        train(settings, progress=False, candidates=FAST)
+    assert ModelRegistry(settings.model_dir).champion_version() is None
+
+
 def test_until_does_not_let_a_log_with_future_times_train(tmp_path: Path) -> None:
     # Fails if --until filters the log before its times are checked: the log the consumers
     # could not have written trained once its future part was cut off.
