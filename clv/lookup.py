@@ -115,10 +115,12 @@ async def features_of(settings: Settings, located: Located) -> FoundFeatures:
     )
     frame = features_at(events, day, late_after_days=RETENTION_DAYS)
     if user_id not in frame.index:  # unknown on that day, as an unknown user: an error
-        first = f", the first on {day_date(int(events['day'].min()))}" if len(events) else ""
+        # (of the first copies: a re-send online dedup ignored, dated otherwise, is no event)
+        firsts = events.drop_duplicates("event_id")
+        first = f", the first on {day_date(int(firsts['day'].min()))}" if len(events) else ""
         raise UnknownThen(
             f"user {user_id!r} has no events on or before {day_date(day)} in the event log "
-            f"({events['event_id'].nunique():,} after it{first})"
+            f"({len(firsts):,} after it{first})"
         )
     return FoundFeatures(user_id, day, frame.loc[[user_id]], "event_log", None)
 

@@ -352,6 +352,14 @@ class FeatureStore:
             found = await pipe.execute()
         return [u for u, n in zip(user_ids, found, strict=True) if not n]
 
+    async def headers(self, user_ids: Sequence[str]) -> list[bytes | None]:
+        """Each user's state header as it is now (``None``: no state): every change of a
+        state rewrites it, so an equal header is the state read before."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for u in user_ids:
+                pipe.hget(self.user_key(u), "h")
+            return list(await pipe.execute())
+
     async def read_states(self, user_ids: Sequence[str]) -> StoredStates:
         """The stored state of those of ``user_ids`` Redis knows (one pipelined read)."""
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -61,6 +61,9 @@ ALERTS = Counter("clv_alerts", "churn-risk alerts published")
 #: Redis or the broker is away.
 IDLE_S = 0.5
 MAX_PAUSE_S = 30.0
+#: The most model calls one batch may take when calls fail and are split (:meth:`Scorer._explain`):
+#: one failing user of 2,000 costs 23, a few of them a few times that.
+MAX_SPLIT_CALLS = 64
 #: What the scorer waits out (Redis or the broker away).
 AWAY = (KafkaError, RedisError, RedisClusterException, ConnectionError, TimeoutError)
 #: A ranking this small (or a batch, before there is one) judges no customer valuable.
@@ -118,11 +121,12 @@ def next_score(
     top share: at least ``valuable_from``) when the reference was set."""
     clv = float(new["clv"])  # type: ignore[arg-type]
     basis = reference_basis(model_version, horizon_days)
-    fresh = (
-        old is None
-        or old.get("ref_basis") != basis  # (a score stored before the basis was: fresh too)
-        or old.get("ref_last_ms") != str(last_order_ms)
-    )
+    # The reference's last order and basis in the one field every version of the scorer
+    # rewrites and compares: a score stored by an older scorer (one without the basis, in a
+    # rolling deploy or after a rollback) and one stored by this one each look fresh to the
+    # other, never as a reference of their own values.
+    ref_of = f"{last_order_ms}@{basis}"
+    fresh = old is None or old.get("ref_last_ms") != ref_of
     if not fresh:
         assert old is not None
         ref, sent = float(old["ref_clv"]), old.get("alert_id", "")
@@ -162,8 +166,7 @@ def next_score(
         "as_of": day_date(as_of_day).isoformat(),
         "scored_at": now_iso(),
         "ref_clv": f"{ref:.2f}",
-        "ref_last_ms": str(last_order_ms),
-        "ref_basis": basis,
+        "ref_last_ms": ref_of,
         "ref_valuable": "1" if valuable else "0",
         "alert_id": sent,
     }
@@ -451,11 +454,12 @@ class Scorer:
             rows.append((user, fields))
             if alert is not None:
                 alerts.append(alert)
-        if alerts:  # not of users erased since the read (an erasure wins: README "Alerts")
-            gone = set(await self.features.missing([a.user_id for a in alerts]))
-            alerts = [a for a in alerts if a.user_id not in gone]
-        await self._publish(alerts)  # before the scores: a failure in between sends them again
         headers = {user: read.headers[at] for user, at in zip(ids, pos.tolist(), strict=True)}
+        if alerts:  # only of states still as read: not of a user erased since (and perhaps
+            # begun again by a new event), nor changed (scored again from its mark): README
+            now = await self.features.headers([a.user_id for a in alerts])
+            alerts = [a for a, h in zip(alerts, now, strict=True) if h == headers[a.user_id]]
+        await self._publish(alerts)  # before the scores: a failure in between sends them again
         written = await self.scores.write(rows, answers, headers)
         # An erasure between the read above and the write: nothing was written
         # (ScoreStore.write); between the score's write and the rankings', in other slots:
@@ -467,14 +471,23 @@ class Scorer:
         return n
 
     async def _explain(
-        self, loaded: LoadedModel, features: pd.DataFrame, horizon: int
+        self,
+        loaded: LoadedModel,
+        features: pd.DataFrame,
+        horizon: int,
+        calls: list[int] | None = None,
     ) -> tuple[
         list[tuple[pd.DataFrame, list[list[dict[str, object]]]]], list[tuple[str, Exception]]
     ]:
         """``features`` scored and explained (:func:`explain_many`) in as few calls as the
         model allows: a call that fails is split in halves until the failure is one user's, so
         that a user the model cannot score (a forecast that is not a number) costs only that
-        user's score, as in the API. The parts scored, in order, and the users that failed."""
+        user's score, as in the API. At most :data:`MAX_SPLIT_CALLS` calls a batch: a model
+        that fails on everyone would otherwise be called once a user (twice, less one); what
+        is left when they are spent fails as a whole. The parts scored, in order, and the
+        users that failed."""
+        calls = [MAX_SPLIT_CALLS] if calls is None else calls
+        calls[0] -= 1
         # (submitted outside the try: a scorer closed meanwhile is no failure of the model's)
         call = asyncio.get_running_loop().run_in_executor(
             self._thread, explain_many, loaded, features, horizon
@@ -482,11 +495,11 @@ class Scorer:
         try:
             part = await call
         except Exception as exc:  # the model's failure, whatever it raised
-            if len(features) == 1:
-                return [], [(str(features.index[0]), exc)]
+            if len(features) == 1 or calls[0] < 2:
+                return [], [(str(u), exc) for u in features.index]
             half = len(features) // 2
-            first, failed = await self._explain(loaded, features.iloc[:half], horizon)
-            second, more = await self._explain(loaded, features.iloc[half:], horizon)
+            first, failed = await self._explain(loaded, features.iloc[:half], horizon, calls)
+            second, more = await self._explain(loaded, features.iloc[half:], horizon, calls)
             return first + second, failed + more
         return [part], []
 

@@ -190,3 +190,31 @@ async def test_an_earlier_date_counts_a_corrected_resend_of_a_too_late_event(
         held = await then.features("u", day)
         assert held is not None and held.loc["u", "orders_total"] == 2
         pd.testing.assert_frame_equal(found.frame, held, check_dtype=False)
+
+
+# Fails if the error for a date before the user's first event counts every copy in the log: a
+# re-send online dedup ignored, dated earlier, named a "first" day before the day asked.
+async def test_a_date_before_the_first_event_names_the_first_copies_day(
+    redis: Redis, tmp_path: Path
+) -> None:
+    import pytest
+
+    from clv.lookup import UnknownThen, find_features
+    from clv.settings import Settings
+    from feature_store.event_log import write_events
+
+    events = [
+        _ev("x", "purchase", "u", "o1", 100, 900 * MS_PER_DAY),
+        _ev("x", "purchase", "u", "o1", 100, 500 * MS_PER_DAY),  # a duplicate online
+        _ev("y", "purchase", "u", "o2", 100, 950 * MS_PER_DAY),
+    ]
+    store = FeatureStore(redis, prefix="firstcopy")
+    for offset, e in enumerate(events):
+        await store.apply([e], group="g", progress={"orders:0": offset}, now_ms=1)
+    frame = as_frame(events)
+    frame["partition"], frame["offset"] = 0, range(len(frame))
+    write_events(tmp_path, frame, durable=False)
+    with pytest.raises(UnknownThen, match=r"\(2 after it, the first on 1972-06-19\)"):
+        await find_features(
+            Settings(event_log_dir=tmp_path), store, "u", dt.date(1970, 1, 1) + dt.timedelta(600)
+        )
