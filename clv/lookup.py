@@ -13,7 +13,7 @@ from clv.errors import ClvError
 from clv.settings import Settings
 from feature_store.event_log import EventLogError, log_dir_problem, read_events
 from feature_store.features import RETENTION_DAYS, day_date, day_number, features_record, ms_to_iso
-from feature_store.offline import features_at
+from feature_store.offline import features_at, too_late_mask
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore, StoredState, online_features
 
@@ -115,9 +115,9 @@ async def features_of(settings: Settings, located: Located) -> FoundFeatures:
     )
     frame = features_at(events, day, late_after_days=RETENTION_DAYS)
     if user_id not in frame.index:  # unknown on that day, as an unknown user: an error
-        # (of the first copies: a re-send online dedup ignored, dated otherwise, is no event)
-        firsts = events.drop_duplicates("event_id")
-        first = f", the first on {day_date(int(firsts['day'].min()))}" if len(events) else ""
+        # (the events Redis took: no copy refused as too late, nor a re-send its dedup ignored)
+        firsts = events[~too_late_mask(events, RETENTION_DAYS)].drop_duplicates("event_id")
+        first = f", the first on {day_date(int(firsts['day'].min()))}" if len(firsts) else ""
         raise UnknownThen(
             f"user {user_id!r} has no events on or before {day_date(day)} in the event log "
             f"({len(firsts):,} after it{first})"

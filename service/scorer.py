@@ -498,7 +498,9 @@ class Scorer:
             if len(features) == 1 or calls[0] < 2:
                 return [], [(str(u), exc) for u in features.index]
             half = len(features) // 2
+            calls[0] -= 1  # one kept for the second half, so the first cannot spend it
             first, failed = await self._explain(loaded, features.iloc[:half], horizon, calls)
+            calls[0] += 1
             second, more = await self._explain(loaded, features.iloc[half:], horizon, calls)
             return first + second, failed + more
         return [part], []

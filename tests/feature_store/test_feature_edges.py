@@ -218,3 +218,19 @@ async def test_a_date_before_the_first_event_names_the_first_copies_day(
         await find_features(
             Settings(event_log_dir=tmp_path), store, "u", dt.date(1970, 1, 1) + dt.timedelta(600)
         )
+    # nor a copy Redis refused as too late (review)
+    late = [
+        _ev("x", "purchase", "v", "o1", 100, 1500 * MS_PER_DAY),
+        _ev("x", "purchase", "v", "o1", 100, 900 * MS_PER_DAY),  # a duplicate online
+        _ev("y", "purchase", "v", "o2", 100, 400 * MS_PER_DAY),  # too late: 400 <= 1500 - 365
+    ]
+    for offset, e in enumerate(late):
+        got = await store.apply([e], group="g", progress={"orders:1": offset}, now_ms=1)
+        assert got.too_late == ([0] if offset == 2 else [])
+    frame = as_frame(late)
+    frame["partition"], frame["offset"] = 1, range(len(frame))
+    write_events(tmp_path, frame, durable=False)
+    with pytest.raises(UnknownThen, match=r"\(1 after it, the first on 1974-02-09\)"):
+        await find_features(
+            Settings(event_log_dir=tmp_path), store, "v", dt.date(1970, 1, 1) + dt.timedelta(1000)
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pandas as pd
 import pytest
 
 from clv.local_stack import LocalProcess, free_port
@@ -965,8 +966,37 @@ async def test_a_batch_the_model_cannot_score_at_all_stores_nothing_in_few_calls
     monkeypatch.setattr(service.scorer, "explain_many", explain)
     monkeypatch.setattr(service.scorer, "MAX_SPLIT_CALLS", 4)
     assert await s.score_users(champion.loaded, list(SIX), CUTOFF, trigger="events") == 0
-    # 6 fails; 3 + 1 + 2 while calls are left, then the rest (2, 3) as a whole
-    assert calls == [6, 3, 1, 2, 3]
+    # 6 fails, leaving 3 calls: one each for the halves, each then failing as a whole
+    assert calls == [6, 3, 3]
+
+    # never more calls than allowed (review: 71 for 2,000 users the model fails on); one
+    # failing user of 2,000 costs 1 + 2 x 11 levels
+    def stand_in(bad: set[str]):  # type: ignore[no-untyped-def]
+        def explain(loaded, features, horizon):  # type: ignore[no-untyped-def]
+            calls.append(len(features))
+            if bad & set(features.index):
+                raise ValueError("not finite")
+            return pd.DataFrame(index=features.index), [[] for _ in features.index]
+
+        return explain
+
+    users = [f"u{i}" for i in range(2000)]
+    frame = pd.DataFrame(index=pd.Index(users))
+    for allowed, bad, n_calls, n_failed in (
+        (64, set(users), None, 2000),
+        (64, set(users[::50]), None, None),
+        (64, {"u1234"}, 23, 1),
+        (8, {"u1234"}, None, None),
+    ):
+        calls.clear()
+        monkeypatch.setattr(service.scorer, "MAX_SPLIT_CALLS", allowed)
+        monkeypatch.setattr(service.scorer, "explain_many", stand_in(bad))
+        parts, failed = await s._explain(champion.loaded, frame, 365)
+        assert 1 < len(calls) <= allowed, (allowed, len(bad), len(calls))
+        assert n_calls is None or len(calls) == n_calls
+        assert bad <= {u for u, _ in failed}
+        assert n_failed is None or len(failed) == n_failed
+        assert sum(len(p[0]) for p in parts) + len(failed) == 2000  # every user accounted for
     assert await s.scores.read(list(SIX)) == [None] * 6
     assert await s.scores.top(10) == (0, [])
 
