@@ -192,8 +192,26 @@ async def test_an_earlier_date_counts_a_corrected_resend_of_a_too_late_event(
         pd.testing.assert_frame_equal(found.frame, held, check_dtype=False)
 
 
+async def _applied_and_logged(
+    store: FeatureStore, root: Path, events: list, partition: int
+) -> list:
+    """Apply ``events`` one by one from ``partition`` as a consumer would and write them to the
+    event log at ``root`` as the archiver would; each apply's too-late positions."""
+    from feature_store.event_log import write_events
+
+    late = []
+    for offset, e in enumerate(events):
+        got = await store.apply([e], group="g", progress={f"orders:{partition}": offset}, now_ms=1)
+        late.append(got.too_late)
+    frame = as_frame(events)
+    frame["partition"], frame["offset"] = partition, range(len(frame))
+    write_events(root, frame, durable=False)
+    return late
+
+
 # Fails if the error for a date before the user's first event counts every copy in the log: a
-# re-send online dedup ignored, dated earlier, named a "first" day before the day asked.
+# re-send online dedup ignored, dated earlier, named a "first" day before the day asked; or a
+# copy Redis refused as too late (review).
 async def test_a_date_before_the_first_event_names_the_first_copies_day(
     redis: Redis, tmp_path: Path
 ) -> None:
@@ -201,36 +219,21 @@ async def test_a_date_before_the_first_event_names_the_first_copies_day(
 
     from clv.lookup import UnknownThen, find_features
     from clv.settings import Settings
-    from feature_store.event_log import write_events
 
-    events = [
+    store, settings = FeatureStore(redis, prefix="firstcopy"), Settings(event_log_dir=tmp_path)
+    resent = [
         _ev("x", "purchase", "u", "o1", 100, 900 * MS_PER_DAY),
         _ev("x", "purchase", "u", "o1", 100, 500 * MS_PER_DAY),  # a duplicate online
         _ev("y", "purchase", "u", "o2", 100, 950 * MS_PER_DAY),
     ]
-    store = FeatureStore(redis, prefix="firstcopy")
-    for offset, e in enumerate(events):
-        await store.apply([e], group="g", progress={"orders:0": offset}, now_ms=1)
-    frame = as_frame(events)
-    frame["partition"], frame["offset"] = 0, range(len(frame))
-    write_events(tmp_path, frame, durable=False)
+    assert await _applied_and_logged(store, tmp_path, resent, 0) == [[], [], []]
     with pytest.raises(UnknownThen, match=r"\(2 after it, the first on 1972-06-19\)"):
-        await find_features(
-            Settings(event_log_dir=tmp_path), store, "u", dt.date(1970, 1, 1) + dt.timedelta(600)
-        )
-    # nor a copy Redis refused as too late (review)
+        await find_features(settings, store, "u", dt.date(1970, 1, 1) + dt.timedelta(600))
     late = [
         _ev("x", "purchase", "v", "o1", 100, 1500 * MS_PER_DAY),
         _ev("x", "purchase", "v", "o1", 100, 900 * MS_PER_DAY),  # a duplicate online
         _ev("y", "purchase", "v", "o2", 100, 400 * MS_PER_DAY),  # too late: 400 <= 1500 - 365
     ]
-    for offset, e in enumerate(late):
-        got = await store.apply([e], group="g", progress={"orders:1": offset}, now_ms=1)
-        assert got.too_late == ([0] if offset == 2 else [])
-    frame = as_frame(late)
-    frame["partition"], frame["offset"] = 1, range(len(frame))
-    write_events(tmp_path, frame, durable=False)
+    assert await _applied_and_logged(store, tmp_path, late, 1) == [[], [], [0]]
     with pytest.raises(UnknownThen, match=r"\(1 after it, the first on 1974-02-09\)"):
-        await find_features(
-            Settings(event_log_dir=tmp_path), store, "v", dt.date(1970, 1, 1) + dt.timedelta(1000)
-        )
+        await find_features(settings, store, "v", dt.date(1970, 1, 1) + dt.timedelta(1000))
