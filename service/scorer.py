@@ -19,7 +19,8 @@ again, and the topic's consumers drop the repeat. A purchase, a new champion or 
 above the reference starts a new reference. A new champion moves every value at once; that is
 no customer's doing, so it resets the references instead of alerting; so does a new horizon
 (``CLV_HORIZON_DAYS``) or new scoring code (:data:`~service.scores.CODE_TAG`): a reference is
-kept only for scores of its model, horizon and code (:func:`reference_basis`).
+kept only for scores of its model, horizon and code
+(:func:`~service.scores.reference_basis`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter
 from redis.exceptions import RedisClusterException, RedisError
 
-import service.scores
 from clv.errors import ClvError
 from clv.lookup import now_day
 from clv.settings import Settings
@@ -48,7 +48,7 @@ from clv.stopping import RECANCEL_AFTER_S, cancel_and_wait, stop_or_first_done
 from feature_store.features import compute_features, day_date, features_records, now_iso
 from feature_store.redis_store import AnyRedis, FeatureStore
 from service.champion import Champion, NoChampion
-from service.scores import ScoreStore, StoredAnswer
+from service.scores import ScoreStore, StoredAnswer, reference_basis
 from service.scoring import explain_many, scoring_thread
 from training.registry import LoadedModel
 
@@ -89,12 +89,6 @@ PUT_BACK_S = 5.0
 class Alert:
     user_id: str
     value: dict[str, object]
-
-
-def reference_basis(model_version: str, horizon_days: int) -> str:
-    """What a reference value is a value of: the model, the horizon and the scoring code. A
-    score on another basis starts a new reference (each moves every value at once)."""
-    return f"{model_version}:{horizon_days}d:{service.scores.CODE_TAG}"
 
 
 def alert_id(user_id: str, basis: str, ref_last_ms: int, ref_clv: float) -> str:
@@ -399,7 +393,7 @@ class Scorer:
         as_of = np.maximum(day, state.latest_day)
         features = compute_features(state, as_of)
         horizon = self._settings.horizon_days
-        parts, failed = await self._explain(loaded, features, horizon)
+        parts, explanations, failed = await self._explain(loaded, features, horizon)
         pos = np.arange(len(features))  # the rows scored, as positions in ``read``
         if failed:  # said, and left as they are: the next event or sweep tries them again
             user, exc = failed[0]
@@ -415,8 +409,7 @@ class Scorer:
             if not len(pos):
                 return 0
             features = features.iloc[pos]
-        scored = pd.concat([p[0] for p in parts])
-        explanations = [e for p in parts for e in p[1]]
+        scored = pd.concat(parts)
         ids = list(features.index)
         old = await self.scores.read(ids)
         share = self._settings.alert_top_share
@@ -471,39 +464,36 @@ class Scorer:
         return n
 
     async def _explain(
-        self,
-        loaded: LoadedModel,
-        features: pd.DataFrame,
-        horizon: int,
-        calls: list[int] | None = None,
-    ) -> tuple[
-        list[tuple[pd.DataFrame, list[list[dict[str, object]]]]], list[tuple[str, Exception]]
-    ]:
+        self, loaded: LoadedModel, features: pd.DataFrame, horizon: int
+    ) -> tuple[list[pd.DataFrame], list[list[dict[str, object]]], list[tuple[str, Exception]]]:
         """``features`` scored and explained (:func:`explain_many`) in as few calls as the
         model allows: a call that fails is split in halves until the failure is one user's, so
         that a user the model cannot score (a forecast that is not a number) costs only that
-        user's score, as in the API. At most :data:`MAX_SPLIT_CALLS` calls a batch: a model
-        that fails on everyone would otherwise be called once a user (twice, less one); what
-        is left when they are spent fails as a whole. The parts scored, in order, and the
-        users that failed."""
-        calls = [MAX_SPLIT_CALLS] if calls is None else calls
-        calls[0] -= 1
-        # (submitted outside the try: a scorer closed meanwhile is no failure of the model's)
-        call = asyncio.get_running_loop().run_in_executor(
-            self._thread, explain_many, loaded, features, horizon
-        )
-        try:
-            part = await call
-        except Exception as exc:  # the model's failure, whatever it raised
-            if len(features) == 1 or calls[0] < 2:
-                return [], [(str(u), exc) for u in features.index]
-            half = len(features) // 2
-            calls[0] -= 1  # one kept for the second half, so the first cannot spend it
-            first, failed = await self._explain(loaded, features.iloc[:half], horizon, calls)
-            calls[0] += 1
-            second, more = await self._explain(loaded, features.iloc[half:], horizon, calls)
-            return first + second, failed + more
-        return [part], []
+        user's score, as in the API. At most :data:`MAX_SPLIT_CALLS` calls a batch (a model
+        that fails on everyone would otherwise take two a user): a chunk is split only while
+        both halves and every chunk still waiting can have a call, else it fails as a whole.
+        The scores and explanations of the chunks scored, in order, and the users that failed."""
+        scored, explanations, failed = [], [], []
+        todo, left = [features], MAX_SPLIT_CALLS  # the chunks in order, the first last
+        while todo:
+            chunk = todo.pop()
+            left -= 1
+            # (submitted outside the try: a scorer closed meanwhile is no failure of the model's)
+            call = asyncio.get_running_loop().run_in_executor(
+                self._thread, explain_many, loaded, chunk, horizon
+            )
+            try:
+                part, explained = await call
+            except Exception as exc:  # the model's failure, whatever it raised
+                if len(chunk) > 1 and left - len(todo) >= 2:
+                    half = len(chunk) // 2
+                    todo += [chunk.iloc[half:], chunk.iloc[:half]]
+                else:
+                    failed += [(str(u), exc) for u in chunk.index]
+                continue
+            scored.append(part)
+            explanations += explained
+        return scored, explanations, failed
 
     async def _publish(self, alerts: list[Alert]) -> None:
         if not alerts:

@@ -65,6 +65,13 @@ def _code_tag() -> str:
 CODE_TAG = _code_tag()
 
 
+def reference_basis(model_version: str, horizon_days: int) -> str:
+    """What a score is a value of: the model, the horizon and the code (:data:`CODE_TAG`).
+    Each moves every value at once, so a change of it makes a sweep due and starts new alert
+    references (``service.scorer.next_score``)."""
+    return f"{model_version}:{horizon_days}d:{CODE_TAG}"
+
+
 class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
     """The scorer's score of one user with what the API answers beside it; stored as one JSON
     array (names are the code's, not repeated in every value)."""
@@ -285,9 +292,9 @@ class ScoreStore:
 
     @staticmethod
     def sweep_mark(day: int, model_version: str, horizon_days: int) -> str:
-        """What the last sweep records: a sweep is due when any of these, or the code
-        (:data:`CODE_TAG`), differs from the last one's."""
-        return f"{day}:{model_version}:{horizon_days}d:{CODE_TAG}"
+        """What the last sweep records: a sweep is due when the day or the basis
+        (:func:`reference_basis`) differs from the last one's."""
+        return f"{day}:{reference_basis(model_version, horizon_days)}"
 
     async def last_sweep(self) -> str | None:
         raw = await self._redis.get(self.swept_key)

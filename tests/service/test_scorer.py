@@ -16,7 +16,8 @@ from consumers.kafka import ensure_topics, make_producer, read_topic
 from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.champion import Champion
-from service.scorer import Scorer, alert_id, next_score, prune_rankings, reference_basis
+from service.scorer import Scorer, alert_id, next_score, prune_rankings
+from service.scores import reference_basis
 from service.scoring import SEGMENTS
 from tests.consumers.kafka_helpers import event_message, unique_settings
 from tests.feature_store.streams import MS_PER_DAY, _ev
@@ -991,12 +992,12 @@ async def test_a_batch_the_model_cannot_score_at_all_stores_nothing_in_few_calls
         calls.clear()
         monkeypatch.setattr(service.scorer, "MAX_SPLIT_CALLS", allowed)
         monkeypatch.setattr(service.scorer, "explain_many", stand_in(bad))
-        parts, failed = await s._explain(champion.loaded, frame, 365)
+        parts, _, failed = await s._explain(champion.loaded, frame, 365)
         assert 1 < len(calls) <= allowed, (allowed, len(bad), len(calls))
         assert n_calls is None or len(calls) == n_calls
         assert bad <= {u for u, _ in failed}
         assert n_failed is None or len(failed) == n_failed
-        assert sum(len(p[0]) for p in parts) + len(failed) == 2000  # every user accounted for
+        assert sum(len(p) for p in parts) + len(failed) == 2000  # every user accounted for
     assert await s.scores.read(list(SIX)) == [None] * 6
     assert await s.scores.top(10) == (0, [])
 
