@@ -48,12 +48,17 @@ BATCHES = Counter("clv_consumer_batches", "Batches applied by the feature consum
 REDIS_RETRIES = Counter(
     "clv_consumer_redis_retries", "Times a feature consumer went back to its commits, Redis away"
 )
+MISKEYED = Counter(
+    "clv_consumer_miskeyed_events",
+    "Valid events whose message key is not their user id (their user's order is not kept)",
+)
 
 
 _YIELD_EVERY = 256  # messages validated between yields to the event loop (~0.7 ms)
 _UNSETTLED = 3  # batches between submission to the store and their commit, at most
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0  # waits before going on after Redis went away
 _QUIET_S = 60.0  # a try that ran this long before failing starts a new outage
+_MISKEYED_WARN_S = 60.0  # at most one warning of miskeyed events a consumer in this time
 
 
 @dataclass
@@ -65,6 +70,7 @@ class ConsumerStats:
     batches: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     redis_retries: int = 0  # times it went back to its commits, Redis away
+    miskeyed: int = 0  # valid events whose message key is not their user id
 
 
 @dataclass
@@ -77,6 +83,7 @@ class _Batch:
     progress: dict[str, int] = field(default_factory=dict)
     commits: dict[TopicPartition, int] = field(default_factory=dict)
     now_ms: int = 0
+    miskeyed: list[int] = field(default_factory=list)  # indexes into ``good``
 
 
 class FeatureConsumer:
@@ -101,6 +108,7 @@ class FeatureConsumer:
         self._lettered: dict[TopicPartition, set[int]] = {}
         # Held, and checked against Redis's progress since assigned or since the last outage.
         self._checked: set[TopicPartition] = set()
+        self._miskeyed_warned = -math.inf  # monotonic time of the last such warning
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, riding out a Redis that is away for a while.
@@ -316,10 +324,16 @@ class FeatureConsumer:
                 if n % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
                 try:
-                    good.append(validate_record(rec, s, now_ms))
-                    sources.append(rec)
+                    ev = validate_record(rec, s, now_ms)
                 except InvalidEvent as exc:
                     bad.append(Rejected(rec, exc.reason, exc.detail))
+                    continue
+                if rec.key != ev.user_id.encode():
+                    # Valid, so applied (the store's updates are atomic and take any order),
+                    # but the producer breaks the contract's per-user partitioning.
+                    out.miskeyed.append(len(good))
+                good.append(ev)
+                sources.append(rec)
             last = records[-1].offset
             out.progress[f"{tp.topic}:{tp.partition}"] = last
             out.commits[tp] = last + 1
@@ -366,6 +380,7 @@ class FeatureConsumer:
         st.duplicates += result.duplicates
         st.too_late += len(result.too_late)
         st.rejected += len(b.bad)
+        st.miskeyed += len(b.miskeyed)
         st.batches += 1
         for r in b.bad:
             st.reasons[r.reason] = st.reasons.get(r.reason, 0) + 1
@@ -374,6 +389,30 @@ class FeatureConsumer:
         EVENTS.labels("too_late").inc(len(result.too_late))
         EVENTS.labels("rejected").inc(len(b.bad))
         BATCHES.inc()
+        if b.miskeyed:
+            MISKEYED.inc(len(b.miskeyed))
+            self._warn_miskeyed(b)
+
+    def _warn_miskeyed(self, b: _Batch) -> None:
+        """One warning a minute at most: a producer that keys by something else does it to
+        every message."""
+        now = time.monotonic()
+        if now - self._miskeyed_warned < _MISKEYED_WARN_S:
+            return
+        self._miskeyed_warned = now
+        rec, ev = b.sources[b.miskeyed[0]], b.good[b.miskeyed[0]]
+        log.warning(
+            "%d events in a batch have a message key other than their user_id (the first: "
+            "%s:%s@%s, key %r, user %r): a user's events may then be spread over partitions "
+            "and consumers, and the order they arrive in (which decides what is too late) is "
+            "not the order they were sent in; the producer should key by user_id",
+            len(b.miskeyed),
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            rec.key[:64] if rec.key is not None else None,
+            ev.user_id,
+        )
 
     async def _commit(self, commits: dict[TopicPartition, int]) -> None:
         """Commit ``commits``. The client retries retriable errors itself (for as long as it
