@@ -17,6 +17,7 @@ never leaving it on two segments' rankings nor on none.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,28 @@ PUBLIC_FIELDS = (
 ANSWER_FEATURES = (*FEATURE_NAMES, *TIMESTAMP_FEATURES)
 
 
+def code_digest(sources: Sequence[str]) -> str:
+    """A digest of Python sources as code, not text: their syntax trees without docstrings,
+    so an edit of a comment, a docstring or the layout leaves it as it is (a new digest makes
+    every answer stale and starts new alert references)."""
+    h = hashlib.blake2b(digest_size=6)
+    for source in sources:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(ast.dump(tree).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _code_tag() -> str:
     """A digest of the code an answer comes from besides the model (the feature definition
     and its online decoding, the scoring rules: segments, churn risk, the explanation, and this
@@ -53,12 +76,14 @@ def _code_tag() -> str:
     import feature_store.redis_store
     import service.scoring
 
-    h = hashlib.blake2b(digest_size=6)
-    h.update("\0".join(ANSWER_FEATURES).encode())
-    for module in (feature_store.features, feature_store.redis_store, service.scoring):
-        h.update(Path(module.__file__ or "").read_bytes())
-    h.update(Path(__file__).read_bytes())
-    return h.hexdigest()
+    files = [
+        Path(m.__file__ or "")
+        for m in (feature_store.features, feature_store.redis_store, service.scoring)
+    ]
+    sources = [repr(ANSWER_FEATURES)] + [
+        p.read_text(encoding="utf-8") for p in (*files, Path(__file__))
+    ]
+    return code_digest(sources)
 
 
 #: Stored answers and sweeps by other code (an older scorer) are not current.

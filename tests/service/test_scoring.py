@@ -171,3 +171,36 @@ async def test_a_closed_batcher_answers_every_waiting_request_and_refuses_new_on
             await asyncio.wait_for(waiting, 10)
     with pytest.raises(Stopping):
         await batcher.score(champion, features.iloc[[2]])
+
+
+def test_the_code_tag_moves_with_the_code_not_with_its_comments_or_layout() -> None:
+    # Fails if (service/scores.py) the code tag hashes the files' text (a comment edit would
+    # make every stored answer stale and start new alert references) or misses a value.
+    from service.scores import code_digest
+
+    code = '''"""Rules."""
+CAP = 0.5  # the cap
+
+
+def risk(p):
+    """Churn risk."""
+    return min(CAP, 1 - p)
+'''
+    same = '''"""Rules, reworded."""
+
+# a new comment
+CAP = 0.5
+
+
+def risk(p):
+    return min(CAP,
+               1 - p)
+'''
+    other_value = code.replace("0.5", "0.6")
+    other_rule = code.replace("min(", "max(")
+    base = code_digest(["('a', 'b')", code])
+    assert code_digest(["('a', 'b')", same]) == base
+    assert code_digest(["('a', 'b')", other_value]) != base
+    assert code_digest(["('a', 'b')", other_rule]) != base
+    assert code_digest(["('a', 'c')", code]) != base  # the feature names count too
+    assert code_digest([code, "('a', 'b')"]) != base  # as does which file is which
