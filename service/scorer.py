@@ -12,7 +12,8 @@ A user is scored again
 **Alerts.** Each stored score keeps a reference value: the value when the user last bought (or
 when they were first scored, or the champion changed), raised whenever the value rises above
 it. When a customer whose reference was in the top ``CLV_ALERT_TOP_SHARE`` of scored users (by
-value) when it was set falls ``CLV_ALERT_DROP_PCT`` percent below it, a ``clv_drop`` alert goes to
+value, among values of the reference's own model: see :func:`next_score`) when it was set
+falls ``CLV_ALERT_DROP_PCT`` percent below it, a ``clv_drop`` alert goes to
 ``CLV_ALERTS_TOPIC``, once per drop: its ``alert_id`` is a hash of the user, the model and the
 reference, so a scorer that fails between publishing and recording the alert sends the same id
 again, and the topic's consumers drop the repeat. A purchase, a new champion or a recovery
@@ -108,11 +109,18 @@ def next_score(
     as_of_day: int,
     valuable_from: float | None,
     drop_pct: float,
+    ranking_current: bool = True,
 ) -> tuple[dict[str, str], Alert | None]:
     """The fields to store for ``user_id``'s new score ``new`` (``clv``, ``expected_orders``,
     ``p_alive``, ``churn_risk``, ``segment``), given the stored ``old``; and the alert to send,
     if this score is a drop not alerted yet of a customer who was valuable (in the ranking's
-    top share: at least ``valuable_from``) when the reference was set."""
+    top share: at least ``valuable_from``) when the reference was set.
+
+    Without ``ranking_current`` (the ranking still holds another basis' values: a new
+    champion's first sweep is under way) a new reference is not judged against it, which would
+    compare the new model's values with the old one's, but left to the first score once the
+    ranking is of the reference's own basis (``ref_valuable`` ``"?"``); its value is the
+    reference's then, one sweep's decay of values aside."""
     clv = float(new["clv"])  # type: ignore[arg-type]
     basis = reference_basis(model_version, horizon_days)
     # The reference's last order and basis in the one field every version of the scorer
@@ -121,14 +129,18 @@ def next_score(
     # other, never as a reference of their own values.
     ref_of = f"{last_order_ms}@{basis}"
     fresh = old is None or old.get("ref_last_ms") != ref_of
+    pending = False  # valuable or not, not judged yet
     if not fresh:
         assert old is not None
         ref, sent = float(old["ref_clv"]), old.get("alert_id", "")
-        valuable = old.get("ref_valuable") == "1"
+        valuable, pending = old.get("ref_valuable") == "1", old.get("ref_valuable") == "?"
     if fresh or clv > ref:  # (a recovery: a new reference, and a later drop is a new one)
         # Valuable is judged against the ranking when the reference is set: judged later, as
         # every value decays, any customer would pass the falling bar.
-        ref, sent = clv, ""
+        ref, sent, pending = clv, "", not ranking_current
+        valuable = not pending and valuable_from is not None and ref >= valuable_from
+    elif pending and ranking_current:
+        pending = False
         valuable = valuable_from is not None and ref >= valuable_from
     alert = None
     drop = (ref - clv) / ref * 100 if ref > 0 else 0.0
@@ -161,7 +173,7 @@ def next_score(
         "scored_at": now_iso(),
         "ref_clv": f"{ref:.2f}",
         "ref_last_ms": ref_of,
-        "ref_valuable": "1" if valuable else "0",
+        "ref_valuable": "?" if pending else "1" if valuable else "0",
         "alert_id": sent,
     }
     return fields, alert
@@ -414,7 +426,12 @@ class Scorer:
         old = await self.scores.read(ids)
         share = self._settings.alert_top_share
         ranked, valuable_from = await self.scores.value_at_share(share)
+        # The ranking is of this basis once a sweep of it is done (or when none was ever done:
+        # it has had one basis' values only, a champion replaced before the first sweep aside).
+        swept = await self.scores.swept_basis()
+        ranking_current = swept in (None, reference_basis(loaded.version, horizon))
         if ranked < MIN_RANKED:  # too few ranked to judge by: this batch, if it is enough
+            ranking_current = True
             valuable_from = (
                 float(np.quantile(scored["clv"].to_numpy(), 1 - share))
                 if len(scored) >= MIN_RANKED
@@ -435,6 +452,7 @@ class Scorer:
                 as_of_day=int(as_of[at]),
                 valuable_from=valuable_from,
                 drop_pct=self._settings.alert_drop_pct,
+                ranking_current=ranking_current,
             )
             # what the API answers while the state keeps this digest and the model this version
             answers[user] = StoredAnswer.of(

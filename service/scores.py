@@ -325,6 +325,11 @@ class ScoreStore:
         raw = await self._redis.get(self.swept_key)
         return None if raw is None else text_of(raw)
 
+    async def swept_basis(self) -> str | None:
+        """The basis (:func:`reference_basis`) of the last sweep done, ``None`` before any."""
+        mark = await self.last_sweep()
+        return None if mark is None else mark.partition(":")[2]
+
     async def read(self, user_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Each user's stored score, ``None`` where there is none."""
         async with self._redis.pipeline(transaction=False) as pipe:

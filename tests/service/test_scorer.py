@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -24,6 +25,7 @@ from tests.feature_store.streams import MS_PER_DAY, _ev
 from tests.service.conftest import CUTOFF, register, serving
 from tests.service.test_api import apply, purchases
 from training.models.naive import HistoricalRate
+from training.registry import LoadedModel
 
 NEW = {"expected_orders": 1.0, "p_alive": 0.5, "churn_risk": 0.6, "segment": "at_risk"}
 
@@ -117,6 +119,20 @@ def test_valuable_is_judged_when_the_reference_is_set_not_against_a_falling_bar(
     # every value decayed, the bar with them: still not one of the valuable of its day
     assert _next(first, 10.0, valuable_from=5.0)[1] is None
     assert _next(None, 300.0, valuable_from=None)[0]["ref_valuable"] == "0"
+
+
+def test_a_reference_set_while_the_ranking_is_another_models_is_judged_later() -> None:
+    # Fails if (scorer.py) a reference set during a new champion's first sweep is judged
+    # against the ranking, which then holds the old champion's values.
+    first, alert = _next(None, 300.0, valuable_from=1000.0, ranking_current=False)
+    assert alert is None and first["ref_valuable"] == "?"
+    # still the old ranking: still not judged, and no alert for a customer not judged
+    later, alert = _next(first, 100.0, valuable_from=1000.0, ranking_current=False)
+    assert alert is None and later["ref_valuable"] == "?"
+    # the ranking is the model's own: the reference (300) is judged, and its drop alerts
+    judged, alert = _next(later, 100.0, valuable_from=250.0)
+    assert alert is not None and judged["ref_valuable"] == "1" and judged["ref_clv"] == "300.00"
+    assert _next(first, 100.0, valuable_from=350.0)[0]["ref_valuable"] == "0"
 
 
 @pytest.fixture
@@ -1075,3 +1091,51 @@ async def test_no_alert_is_published_for_a_user_erased_while_the_batch_is_in_han
     alerts = [json.loads(r.value) for r in await read_topic(s._settings, s._settings.alerts_topic)]
     assert alerts and "heavy" not in {a["user_id"] for a in alerts}  # the others' still go
     assert await real_read(["heavy"]) == [None]
+
+
+class _Scaled:
+    """A model whose values are another's times ``k``: a new champion on another scale."""
+
+    def __init__(self, inner, k: float) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.k = inner, k
+
+    def predict(self, features: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
+        out = self.inner.predict(features, horizon_days).copy()
+        out["predicted_value"] *= self.k
+        return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("k", [3.0, 1 / 3])
+async def test_after_a_new_champion_valuable_is_judged_among_its_own_values(scorer, k) -> None:  # type: ignore[no-untyped-def]
+    # Fails if (scorer.py) the references a new champion's first sweep sets are judged against
+    # the ranking it is replacing: the old model's values. A champion valuing everyone three
+    # times higher then made nearly every customer "valuable" (alerts for all who lapse); one
+    # valuing them at a third, nobody (no alert at all).
+    s, champion = scorer
+    rng = np.random.default_rng(11)
+    users = [f"u{i:03d}" for i in range(300)]
+    events = []
+    for u in users:
+        days = sorted(rng.choice(np.arange(CUTOFF - 250, CUTOFF), rng.integers(1, 9), False))
+        events += purchases(u, [int(d) for d in days], cents=int(rng.integers(1000, 20000)))
+    await apply(s.features, events)
+    stop = asyncio.Event()
+    await s.sweep(champion.loaded, CUTOFF, stop)  # the old champion's ranking
+    old = champion.loaded
+    new = LoadedModel(old.version + "-x" + str(k), _Scaled(old.model, k), old.metadata)
+    await s.sweep(new, CUTOFF, stop)  # the new champion's first sweep
+    stored = await s.scores.read(users)
+    assert {r["ref_valuable"] for r in stored if r} == {"?"}
+    at_change = {u: float(r["clv"]) for u, r in zip(users, stored, strict=True) if r}
+    # the bar among the new model's own values, as the ranking reads it
+    ranked = sorted(at_change.values(), reverse=True)
+    bar = ranked[int(len(ranked) * s._settings.alert_top_share) - 1]
+    await s.sweep(new, CUTOFF + 365, stop)  # a year without a purchase
+    now = {u: float(r["clv"]) for u, r in zip(users, await s.scores.read(users), strict=True) if r}
+    expected = {
+        u for u, v in at_change.items() if v >= bar and v > 0 and (v - now[u]) / v * 100 >= 30
+    }
+    alerts = [json.loads(r.value) for r in await read_topic(s._settings, s._settings.alerts_topic)]
+    assert {a["user_id"] for a in alerts} == expected
+    assert len(users) * s._settings.alert_top_share / 2 <= len(expected) < len(users) * 0.6
