@@ -432,8 +432,11 @@ class ModelRegistry:
     def metadata(self, version: str, *, expect_sha256: str | None = None) -> dict[str, Any]:
         """The verified metadata of ``version`` (raises :class:`ModelError` on any mismatch)."""
         folder = self._version_dir(version)
-        if folder.is_symlink() or not folder.is_dir():
-            raise ModelError(f"model version {version} is not in the registry at {self.root}")
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                raise ModelError(f"model version {version} is not in the registry at {self.root}")
+        except OSError as exc:
+            raise ModelError(f"model version {version}: {folder} is unreadable: {exc}") from exc
         raw = _read_regular(folder / METADATA_FILE, MAX_METADATA_BYTES)
         if expect_sha256 is not None and _sha256(raw) != expect_sha256:
             raise ModelError(
@@ -442,7 +445,7 @@ class ModelRegistry:
             )
         try:
             meta = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ModelError(f"model {version}: metadata.json is not valid JSON ({exc})") from exc
         if not isinstance(meta, dict):
             raise ModelError(f"model {version}: metadata.json is not a JSON object")
@@ -511,7 +514,7 @@ class ModelRegistry:
             for line in path.read_text(errors="replace").splitlines():
                 try:
                     decision = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(decision, dict) and isinstance(decision.get("version"), str):
                     found.append(decision)
@@ -599,10 +602,13 @@ class ModelRegistry:
     # the champion
     def _pointer(self) -> dict[str, Any] | None:
         path = self.pointer_path
-        if self.root.exists() and not self.root.is_dir():
-            raise ModelError(f"the model directory {self.root} is not a directory")
-        if not path.exists() and not path.is_symlink():
-            return None
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise ModelError(f"the model directory {self.root} is not a directory")
+            if not path.exists() and not path.is_symlink():
+                return None
+        except OSError as exc:  # (a folder this process may not enter, say)
+            raise ModelError(f"the model directory {self.root} is unreadable: {exc}") from exc
         try:
             raw = _read_regular(path, MAX_METADATA_BYTES)
         except ModelError as exc:
@@ -611,7 +617,7 @@ class ModelRegistry:
             pointer = json.loads(raw)
             if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
                 raise ValueError("no version")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # (nested deeper than a parser goes)
             raise ModelError(f"champion pointer {self.pointer_path} is unreadable: {exc}") from exc
         return pointer
 

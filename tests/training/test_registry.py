@@ -480,6 +480,54 @@ def test_a_new_model_replaces_an_unreadable_pointer(reg: ModelRegistry) -> None:
     assert reg.champion_version() == v
 
 
+DEEP = b"[" * 200_000  # nested deeper than the JSON parser goes: a RecursionError
+
+
+def test_json_nested_too_deep_is_a_broken_file_not_a_crash(reg: ModelRegistry) -> None:
+    # Fails if (registry.py) the pointer's, a metadata.json's or a history line's parse lets
+    # its RecursionError out: every load and every offer (forced too) then died on it.
+    v = register(reg, 100.0, min_age=1)
+    reg.offer(v)
+    (reg.root / POINTER_FILE).write_bytes(DEEP)
+    with pytest.raises(ModelError, match="champion pointer"):
+        reg.champion_version()
+    with (reg.root / HISTORY_FILE).open("ab") as f:
+        f.write(DEEP + b"\n")
+    newer = register(reg, 100.0, min_age=2)
+    assert reg.offer(newer).promoted and reg.champion_version() == newer  # pointer replaced
+    (reg.root / v / "metadata.json").write_bytes(DEEP)
+    with pytest.raises(ModelError, match="not valid JSON"):
+        reg.metadata(v)
+
+
+def test_a_model_directory_it_may_not_enter_is_a_model_error(
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if (registry.py) a folder this process may not search (another user's 0700 model
+    # directory; as root, who may enter any, it is played by refusing every look inside it)
+    # raises PermissionError where callers expect a ModelError: /admin/reload answered 500,
+    # the API did not start, `clv score` crashed.
+    v = register(reg, 100.0)
+    reg.offer(v)
+    stat, lstat = Path.stat, Path.lstat
+
+    def refused(real):  # type: ignore[no-untyped-def]
+        def look(self: Path, **kw: object):  # type: ignore[no-untyped-def]
+            if self.parent == reg.root:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, **kw)
+
+        return look
+
+    monkeypatch.setattr(Path, "stat", refused(stat))
+    monkeypatch.setattr(Path, "lstat", refused(lstat))
+    for call in (reg.champion_version, reg.load_champion):
+        with pytest.raises(ModelError, match=r"unreadable: .*Permission denied"):
+            call()
+    with pytest.raises(ModelError, match=r"unreadable: .*Permission denied"):
+        reg.metadata(v)
+
+
 @pytest.mark.parametrize("name", [LOCK_FILE, HISTORY_FILE])
 def test_the_registry_never_writes_through_a_link_in_place_of_its_files(
     reg: ModelRegistry, tmp_path: Path, name: str
