@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 from aiokafka.structs import ConsumerRecord
+from redis.exceptions import RedisClusterException, RedisError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -20,11 +21,12 @@ from rich.table import Table
 from clv.errors import ClvError
 from clv.replay import encode_rows, load_events, publish
 from clv.settings import Settings
-from clv.stack import Running, run_stack
+from clv.stack import Running, run_stack, server_where
 from consumers.dead_letters import describe
 from consumers.kafka import read_topic, wait_committed
 from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date, day_number
 from feature_store.offline import features_at
+from feature_store.redis_client import connect
 from feature_store.redis_store import FeatureStore
 from service.scores import ScoreStore
 
@@ -62,6 +64,18 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
     # CDNOW is history: "now" is the latest event time, not today's date.
     settings = settings.model_copy(update={"clock": "event"})
     ModelRegistry(settings.model_dir).check_writable()  # it trains at the end: know it now
+    prefix = await _unused_prefix(settings)
+    if prefix != settings.key_prefix:
+        console.print(
+            f"[yellow]the Redis at {server_where(settings.redis_url)} already holds clv state "
+            f"under '{settings.key_prefix}' (an earlier demo's, if clv did not start that Redis): "
+            f"the demo replays CDNOW from its start, so it keeps its state under '{prefix}' "
+            f"(CLV_KEY_PREFIX={prefix} for commands against this stack); "
+            f"`redis-cli --scan --pattern '{settings.key_prefix}*'` lists the older "
+            "keys[/yellow]",
+            soft_wrap=True,
+        )
+        settings = settings.model_copy(update={"key_prefix": prefix})
     finished: list[bool] = []  # one element once the show has run to its end
 
     async def show(running: Running) -> None:
@@ -91,6 +105,29 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
 
     await run_stack(settings, stop, on_ready=show, retrain_every_s=None, say=console.print)
     return bool(finished)
+
+
+async def _unused_prefix(settings: Settings) -> str:
+    """``CLV_KEY_PREFIX``, or when a running Redis already holds users under it (a Redis
+    that outlives the stack: a system service, compose's), the first of ``<prefix>-demo2``,
+    ``-demo3``, ... under which it holds none. Replayed over an earlier run's state, every
+    user's features would be as of its latest event, and the demo's look back at 1997-12-31
+    could not be answered online. A Redis that does not answer yet (the stack starts one)
+    holds nothing."""
+    redis = connect(settings.redis_url)
+    try:
+        for n in range(1, 1000):
+            prefix = settings.key_prefix if n == 1 else f"{settings.key_prefix}-demo{n}"
+            async for _ in redis.scan_iter(match=f"{prefix}:{{*", count=1000):
+                break
+            else:
+                return prefix
+        where = server_where(settings.redis_url)
+        raise ClvError(f"the Redis at {where} holds 999 demos' state: delete some")
+    except (RedisError, RedisClusterException, OSError):
+        return settings.key_prefix
+    finally:
+        await redis.aclose()
 
 
 #: The demo replays CDNOW in two parts: the orders up to this day, then the rest. The champion

@@ -102,7 +102,7 @@ async def wait_healthy(
         try:
             await running.redis.ping()
         except Exception as exc:  # not up yet; said if it never comes up
-            waiting = f"Redis at {_where(running.settings.redis_url)} does not answer: {exc}"
+            waiting = f"Redis at {server_where(running.settings.redis_url)} does not answer: {exc}"
         else:
             idle = sum(1 for c in running.consumers if not c.assignment())
             if not idle:
@@ -121,7 +121,7 @@ async def wait_healthy(
     raise StackError(f"the stack was not healthy within {timeout:.0f}s: {waiting}")
 
 
-def _where(url: str) -> str:
+def server_where(url: str) -> str:
     """Where a server URL points, for messages: no scheme, credentials or query (a password
     may sit in the user part or in ``?password=``)."""
     parsed = urlparse(url)
@@ -214,7 +214,7 @@ async def run_stack(
                 host, port = api_socket.getsockname()[:2]
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
-                    f"redis={_where(settings.redis_url)} "
+                    f"redis={server_where(settings.redis_url)} "
                     f"event log={settings.event_log_dir} API=http://{host}:{port}"
                 )
                 if on_ready is not None:

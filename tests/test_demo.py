@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import fcntl
 import io
 import json
@@ -22,6 +23,7 @@ from clv.local_stack import LocalProcess
 from clv.settings import Settings
 from consumers.kafka import read_topic
 from feature_store.event_log import write_events
+from feature_store.features import day_number
 from feature_store.offline import events_from_orders
 from tests.processes import flocks_on
 
@@ -226,3 +228,41 @@ async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_
     said = out.getvalue()
     assert "online features == offline features (same code over the file): False" in said
     assert "also holds 1 event the demo did not replay" in said
+
+
+@pytest.mark.integration
+async def test_a_demo_on_a_redis_holding_an_earlier_runs_state_keeps_its_own_under_a_new_prefix(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fails if (demo.py) the demo replays over the state a Redis that outlived an earlier
+    # demo holds (a system service): its look back at 1997-12-31 then failed with "as_of day
+    # ... is before the user's latest event day" (exit 1) on every run after the first.
+    from clv.replay import load_events
+    from feature_store.redis_client import connect
+    from feature_store.redis_store import FeatureStore
+    from tests.feature_store.streams import MS_PER_DAY, _ev
+
+    out = _on_the_sample(monkeypatch, data_dir, tmp_path)
+    settings = _settings(broker, redis_server, tmp_path)
+    events = load_events(data_dir / "CDNOW_sample.txt.gz", "cdnow")
+    top = str(events.groupby("user_id")["amount"].sum().idxmax())
+    redis = connect(settings.redis_url)
+    try:
+        earlier = FeatureStore(redis, prefix=settings.key_prefix)  # the earlier run's, 1998
+        late = _ev("e1", "purchase", top, "o1", 1000, day_number(dt.date(1998, 6, 1)) * MS_PER_DAY)
+        await earlier.apply([late], group="g", progress={"orders:0": 0}, now_ms=0)
+        before = await earlier.read_state(top)
+        assert await asyncio.wait_for(demo.run_demo(settings, asyncio.Event()), 600) is True
+        said = out.getvalue()
+        new = f"{settings.key_prefix}-demo2"
+        assert f"already holds clv state under '{settings.key_prefix}'" in said
+        assert f"keeps its state under '{new}'" in said
+        assert "online features == offline features (same code over the file): True" in said
+        assert await earlier.read_state(top) == before  # the earlier state is left as it was
+        assert await FeatureStore(redis, prefix=new).read_state(top) is not None
+    finally:
+        await redis.aclose()
