@@ -130,6 +130,13 @@ def _on_the_sample(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Pa
     return out
 
 
+def _top_spender(data_dir: Path) -> str:
+    from clv.replay import load_events
+
+    events = load_events(data_dir / "CDNOW_sample.txt.gz", "cdnow")
+    return str(events.groupby("user_id")["amount"].sum().idxmax())
+
+
 def _settings(broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path) -> Settings:
     from tests.consumers.kafka_helpers import unique_settings
 
@@ -196,7 +203,7 @@ async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_
     data_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from clv.replay import load_events, publish
+    from clv.replay import publish
     from consumers.kafka import ensure_topics
     from feature_store.events import encode_event
 
@@ -204,8 +211,7 @@ async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_
     settings = _settings(broker, redis_server, tmp_path)
     # An earlier `clv replay` left one more order of the biggest spender on the topic: the
     # online features then differ from the file's, and the demo must not say they are equal.
-    events = load_events(data_dir / "CDNOW_sample.txt.gz", "cdnow")
-    top = str(events.groupby("user_id")["amount"].sum().idxmax())
+    top = _top_spender(data_dir)
     extra = encode_event(
         event_id="extra-1", user_id=top, order_id="extra-1", amount=99.0, ts="1997-06-01T00:00:00Z"
     )
@@ -241,15 +247,13 @@ async def test_a_demo_on_a_redis_holding_an_earlier_runs_state_keeps_its_own_und
     # Fails if (demo.py) the demo replays over the state a Redis that outlived an earlier
     # demo holds (a system service): its look back at 1997-12-31 then failed with "as_of day
     # ... is before the user's latest event day" (exit 1) on every run after the first.
-    from clv.replay import load_events
     from feature_store.redis_client import connect
     from feature_store.redis_store import FeatureStore
     from tests.feature_store.streams import MS_PER_DAY, _ev
 
     out = _on_the_sample(monkeypatch, data_dir, tmp_path)
     settings = _settings(broker, redis_server, tmp_path)
-    events = load_events(data_dir / "CDNOW_sample.txt.gz", "cdnow")
-    top = str(events.groupby("user_id")["amount"].sum().idxmax())
+    top = _top_spender(data_dir)
     redis = connect(settings.redis_url)
     try:
         earlier = FeatureStore(redis, prefix=settings.key_prefix)  # the earlier run's, 1998
