@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -139,10 +140,13 @@ async def run_stack(
     consumers: int = 1,
     retrain_every_s: float | None = 3600.0,
     on_ready: Callable[[Running], Awaitable[None]] | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> None:
     """Run consumers, archiver, scorer, API and retraining until ``stop``; servers started
-    here are stopped."""
+    here are stopped. ``say`` hears the stack's own lines (by default they are printed, each
+    at once: stdout piped to a file or a supervisor is not left holding them)."""
+    if say is None:
+        say = functools.partial(print, flush=True)
     from consumers.archiver import Archiver
     from consumers.dead_letters import DeadLetters
     from consumers.feature_consumer import FeatureConsumer, open_clients

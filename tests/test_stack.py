@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -38,12 +39,17 @@ from tests.processes import children
 pytestmark = pytest.mark.integration
 
 
-def _clv_on_free_ports(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int, int, int]:
+def _clv_on_free_ports(
+    tmp_path: Path, *args: str, buffered: bool = False
+) -> tuple[subprocess.Popen[str], int, int, int]:
     """``clv ARGS`` in a session of its own (like a terminal's foreground job), with Redis, the
     broker and the metrics on free local ports (so it starts its own servers), its folders
-    under ``tmp_path``, its stdout and stderr one pipe; and the three ports."""
+    under ``tmp_path``, its stdout and stderr one pipe; and the three ports. ``buffered``:
+    without PYTHONUNBUFFERED, as a pipe usually is."""
     redis_port, kafka_port, metrics_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
+    if buffered:
+        env.pop("PYTHONUNBUFFERED", None)
     env.update(
         CLV_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         CLV_KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka_port}",
@@ -62,6 +68,27 @@ def _clv_on_free_ports(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str
         start_new_session=True,
     )
     return proc, redis_port, kafka_port, metrics_port
+
+
+def test_up_says_it_is_up_at_once_into_a_pipe(tmp_path: Path) -> None:
+    # Fails if (stack.py) clv up's own lines are printed without a flush: into a pipe or a
+    # file (`nohup`, `| tee`, a supervisor's log) they stayed in the buffer until it ended.
+    proc, _, _, _ = _clv_on_free_ports(tmp_path, "up", "--retrain-every", "0", buffered=True)
+    watchdog = threading.Timer(120, proc.kill)  # a bound, not a timing: a held line ends it
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("clv is up"):
+                break
+        assert proc.poll() is None, "".join(lines)  # said while running, not at its exit
+        assert any("started redis-server" in line for line in lines)
+    finally:
+        watchdog.cancel()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
 
 
 @pytest.mark.parametrize(
