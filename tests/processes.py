@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -32,3 +33,15 @@ def flocks_on(path: Path) -> list[tuple[int, bool]]:
         if kind == "FLOCK" and file == where:
             found.append((int(pid), waiting))
     return found
+
+
+def lines_until(proc: subprocess.Popen[str], start: str) -> list[str]:
+    """``proc``'s output lines up to the first that starts with ``start`` (all of them, when
+    none does and it ends)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(start):
+            break
+    return lines

@@ -24,6 +24,7 @@ from clv.settings import Settings
 from tests.consumers.kafka_helpers import unique_settings
 from tests.consumers.test_archiver import _archive_all
 from tests.consumers.test_feature_consumer import _run_group
+from tests.processes import lines_until
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -525,11 +526,7 @@ def test_up_runs_the_number_of_consumers_asked_for_on_servers_already_running(
     )
     lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("clv is up"):
-                break
+        lines = lines_until(proc, "clv is up")
         up = [line for line in lines if line.startswith("clv is up")]
         assert up and up[0].startswith("clv is up: consumers=2 "), "".join(lines)
         assert not any(line.startswith("started") for line in lines)  # both servers ran

@@ -34,7 +34,7 @@ from clv.stack import Running, ensure_servers, run_stack, wait_healthy
 from consumers.kafka import ensure_topics
 from feature_store.redis_client import connect
 from tests.consumers.kafka_helpers import unique_settings
-from tests.processes import children
+from tests.processes import children, lines_until
 
 pytestmark = pytest.mark.integration
 
@@ -76,13 +76,8 @@ def test_up_says_it_is_up_at_once_into_a_pipe(tmp_path: Path) -> None:
     proc, _, _, _ = _clv_on_free_ports(tmp_path, "up", "--retrain-every", "0", buffered=True)
     watchdog = threading.Timer(120, proc.kill)  # a bound, not a timing: a held line ends it
     watchdog.start()
-    lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("clv is up"):
-                break
+        lines = lines_until(proc, "clv is up")
         assert proc.poll() is None, "".join(lines)  # said while running, not at its exit
         assert any("started redis-server" in line for line in lines)
     finally:
