@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get)"; \
 	  (apt-get install -y redis-server >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y redis-server >/dev/null)) \
 	  || { echo "redis-server is required: install it (apt-get install redis-server)"; exit 1; }; }
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { echo "installing python3-venv (apt-get)"; \
+	  (apt-get install -y python3-venv >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y python3-venv >/dev/null)) \
+	  || { echo "python3-venv is required: install it (apt-get install python3-venv)"; exit 1; }; }
+	test -x $(BIN)/pip || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
