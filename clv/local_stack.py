@@ -86,8 +86,36 @@ class LocalProcess:
             self.proc.wait()
 
 
-def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
-    """A redis-server on 127.0.0.1:``port`` without persistence; ``extra`` adds options."""
+def _redis_config(workdir: Path, username: str | None, password: str) -> Path:
+    """A config file (readable by its owner only: no password on a command line, which
+    ``ps`` shows) making ``password`` (``username``'s, when not the default user's) required."""
+
+    def quoted(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    if username in (None, "", "default"):
+        text = f"requirepass {quoted(password)}\n"
+    else:
+        text = (
+            f"user {quoted(username)} on {quoted('>' + password)} ~* &* +@all\nuser default off\n"
+        )
+    path = workdir / "redis.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # (one left by an earlier run keeps its mode otherwise)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def start_redis(
+    port: int,
+    workdir: Path,
+    *extra: str,
+    username: str | None = None,
+    password: str | None = None,
+) -> LocalProcess:
+    """A redis-server on 127.0.0.1:``port`` without persistence; ``extra`` adds options;
+    with ``password``, clients must give it (as ``username``, when given)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise StackError("redis-server is not installed (apt-get install -y redis-server)")
@@ -95,9 +123,11 @@ def start_redis(port: int, workdir: Path, *extra: str) -> LocalProcess:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
+    config = [] if password is None else [str(_redis_config(workdir, username, password))]
     proc = subprocess.Popen(
         [
             exe,
+            *config,  # (a config file comes first)
             "--port",
             str(port),
             "--bind",

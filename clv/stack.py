@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.connection import parse_url
 
 from clv.errors import StackError
 from clv.files import check_usable_dir
@@ -53,7 +54,16 @@ def ensure_servers(settings: Settings, stack: LocalStack, workdir: Path) -> list
         and not port_open(host, port)
         and host in ("localhost", "127.0.0.1")
     ):
-        stack.processes.append(start_redis(port, workdir / "redis"))
+        # with the URL's credentials: a server started for a URL with a password requires it
+        auth = parse_url(settings.redis_url)
+        stack.processes.append(
+            start_redis(
+                port,
+                workdir / "redis",
+                username=auth.get("username"),
+                password=auth.get("password"),
+            )
+        )
         started.append(f"redis-server on {host}:{port}")
     host, port = kafka_host_port(settings.kafka_bootstrap)
     # tansu speaks plaintext only: a TLS or SASL client could not use one started here

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from redis.asyncio import Redis
@@ -382,6 +383,30 @@ def test_servers_are_started_only_for_local_addresses(tmp_path: Path) -> None:
     finally:
         stack.stop()
     assert not (tmp_path / "redis").exists() and not (tmp_path / "kafka").exists()
+
+
+@pytest.mark.parametrize("user", ["", "clv"], ids=["password", "user-and-password"])
+def test_a_redis_started_for_a_url_with_a_password_requires_it(tmp_path: Path, user: str) -> None:
+    # Fails if (stack.py) the local redis-server is started without the URL's credentials:
+    # the stack came up "healthy" on a server anyone on the machine could read and write.
+    import redis
+
+    port, password = free_port(), 's3 "cr\\et'
+    url = f"redis://{user}:{quote(password, safe='')}@127.0.0.1:{port}/0"
+    stack = LocalStack()
+    try:
+        settings = Settings(redis_url=url, kafka_bootstrap=f"kafka.invalid:{free_port()}")
+        assert ensure_servers(settings, stack, tmp_path) == [f"redis-server on 127.0.0.1:{port}"]
+        with redis.Redis(port=port) as anyone:
+            with pytest.raises(redis.AuthenticationError):
+                anyone.ping()
+        with redis.Redis.from_url(url) as client:
+            assert client.ping()
+        config = tmp_path / "redis" / "redis.conf"
+        assert config.stat().st_mode & 0o777 == 0o600  # the password in no command line
+        assert password not in " ".join(stack.processes[0].proc.args)  # type: ignore[arg-type]
+    finally:
+        stack.stop()
 
 
 def test_a_server_that_exits_while_starting_is_said_to_have_exited(tmp_path: Path) -> None:
