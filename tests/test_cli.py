@@ -938,6 +938,42 @@ async def test_a_replay_stopped_while_it_publishes_ends_and_says_how_far_it_got(
     assert out.strip() == ""  # no "published ..." line
 
 
+@pytest.mark.integration
+async def test_a_replay_stopped_while_the_broker_hangs_ends_with_what_was_acknowledged(
+    redis_server: LocalProcess, tmp_path: Path
+) -> None:
+    # Fails if (replay.py) the wait for the chunk's acknowledgements is not raced with the
+    # stop: with the broker hung, a Ctrl-C (and every signal after it) did nothing until the
+    # client gave up (40 s), which ended it as an error, saying nothing of how far it got.
+    import asyncio
+
+    from clv.local_stack import free_port, start_broker
+    from clv.replay import publish
+    from consumers.kafka import ensure_topics
+
+    broker = start_broker(free_port(), tmp_path / "kafka")
+    try:
+        settings = unique_settings(broker.address, redis_server.address)
+        await ensure_topics(settings)
+        messages = [(b"u", f'{{"n": {i}}}'.encode()) for i in range(3000)]
+        acked: list[int] = []
+        stop = asyncio.Event()
+        run = asyncio.create_task(
+            publish(settings, messages, rate=100, progress=acked.append, stop=stop)
+        )
+        while not acked:  # (bounded by the wait_for below failing the test otherwise)
+            await asyncio.sleep(0.05)
+            assert not run.done()
+        broker.proc.send_signal(signal.SIGSTOP)  # hung: it accepts, and answers nothing
+        await asyncio.sleep(0.5)
+        stop.set()
+        sent = await asyncio.wait_for(run, 30)  # a bound, not a timing (the client's is 40 s)
+        assert 0 < sent == sum(acked) < len(messages)
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
 @pytest.mark.parametrize(
     ("sig", "code", "line"),
     [
