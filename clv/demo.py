@@ -225,8 +225,9 @@ async def _publish(settings: Settings, messages: list[tuple[bytes, bytes]]) -> N
 
 
 def _api_url(settings: Settings) -> str:
-    host = settings.api_host if settings.api_host not in ("0.0.0.0", "::") else "127.0.0.1"
-    return f"http://{host}:{settings.api_port}"
+    from service.server import api_url
+
+    return api_url(settings.api_host, settings.api_port)
 
 
 async def _scored(settings: Settings, running: Running, day: int, version: str) -> None:

@@ -164,7 +164,7 @@ async def run_stack(
     from consumers.metrics import metrics_served
     from feature_store.redis_store import FeatureStore
     from service.scorer import run_scorer
-    from service.server import bind, serve_api
+    from service.server import api_url, bind, serve_api
     from training.registry import ModelRegistry
     from training.train import retrain_forever
 
@@ -229,7 +229,7 @@ async def run_stack(
                 say(
                     f"clv is up: consumers={consumers} kafka={settings.kafka_bootstrap} "
                     f"redis={server_where(settings.redis_url)} "
-                    f"event log={settings.event_log_dir} API=http://{host}:{port}"
+                    f"event log={settings.event_log_dir} API={api_url(host, port)}"
                 )
                 if on_ready is not None:
                     await _ready_unless_stopped(stop, on_ready(running), running.tasks)

@@ -28,9 +28,16 @@ class _Server(uvicorn.Server):
 
 
 def bind(settings: Settings) -> socket.socket:
-    """The listening socket, bound now, so an address in use is one line before any work."""
+    """The listening socket, bound now, so an address in use is one line before any work.
+    The address family is the host's (IPv4 where it has an IPv4 address; ``::`` listens on
+    both where the system can)."""
+    host, port = settings.api_host, settings.api_port
     try:
-        sock = socket.create_server((settings.api_host, settings.api_port), backlog=2048)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        families = [info[0] for info in found]
+        family = socket.AF_INET if socket.AF_INET in families else families[0]
+        dual = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+        sock = socket.create_server((host, port), family=family, backlog=2048, dualstack_ipv6=dual)
     except OSError as exc:
         raise ClvError(
             f"cannot serve the API at {settings.api_host}:{settings.api_port} "
@@ -41,6 +48,13 @@ def bind(settings: Settings) -> socket.socket:
     # the client's delayed ACK, and /healthz ran at a sixth of its rate (bench-serving).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def api_url(host: str, port: int) -> str:
+    """The URL a client on this machine reaches an API listening on ``host``:``port`` at (a
+    wildcard address is reached at the loopback; an IPv6 address in brackets)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _reason(exc: OSError) -> str:
@@ -67,7 +81,7 @@ async def serve_api(
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     host, port = sock.getsockname()[:2]
-    log.info("API at http://%s:%d (OpenAPI: /docs)", host, port)
+    log.info("API at %s (OpenAPI: /docs)", api_url(host, port))
     try:
         waiting = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)

@@ -18,7 +18,15 @@ from tests.test_cli import _env, clv
 pytestmark = pytest.mark.integration
 
 
-def test_serve_answers_until_sigterm_then_exits_0(api_settings: Settings) -> None:
+@pytest.mark.parametrize(
+    ("host", "url_host"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("::", "[::1]")]
+)
+def test_serve_answers_until_sigterm_then_exits_0(
+    api_settings: Settings, host: str, url_host: str
+) -> None:
+    # Fails if (server.py) an IPv6 CLV_API_HOST is bound as IPv4 ("Address family for hostname
+    # not supported"), or its URL is written without the brackets.
+    api_settings = api_settings.model_copy(update={"api_host": host})
     proc = subprocess.Popen(
         [sys.executable, "-m", "clv", "serve"],
         env=_env(api_settings),
@@ -27,7 +35,7 @@ def test_serve_answers_until_sigterm_then_exits_0(api_settings: Settings) -> Non
         text=True,
     )
     try:
-        url = f"http://127.0.0.1:{api_settings.api_port}"
+        url = f"http://{url_host}:{api_settings.api_port}"
         for _ in range(300):  # a bound, not a timing
             try:
                 ready = httpx.get(f"{url}/readyz", timeout=5)
@@ -38,6 +46,8 @@ def test_serve_answers_until_sigterm_then_exits_0(api_settings: Settings) -> Non
         else:
             raise AssertionError("clv serve did not answer")
         assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        if host == "::":  # every address, IPv4's too
+            assert httpx.get(f"http://127.0.0.1:{api_settings.api_port}/healthz").is_success
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -45,7 +55,7 @@ def test_serve_answers_until_sigterm_then_exits_0(api_settings: Settings) -> Non
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    assert f"API at http://127.0.0.1:{api_settings.api_port}" in err
+    assert f"API at {url} (OpenAPI" in err
 
 
 def test_serve_on_an_address_in_use_is_one_line(api_settings: Settings) -> None:
