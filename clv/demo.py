@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
@@ -118,10 +119,9 @@ async def _unused_prefix(settings: Settings) -> str:
     try:
         for n in range(1, 1000):
             prefix = settings.key_prefix if n == 1 else f"{settings.key_prefix}-demo{n}"
-            async for _ in redis.scan_iter(match=f"{prefix}:{{*", count=1000):
-                break
-            else:
-                return prefix
+            async with contextlib.aclosing(FeatureStore(redis, prefix=prefix).scan_users()) as held:
+                if await anext(held, None) is None:
+                    return prefix
         where = server_where(settings.redis_url)
         raise ClvError(f"the Redis at {where} holds 999 demos' state: delete some")
     except (RedisError, RedisClusterException, OSError):

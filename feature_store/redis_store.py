@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -374,7 +374,7 @@ class FeatureStore:
             [raws[i][b"h"] for i in known],
         )
 
-    async def scan_users(self, count: int = 1000) -> AsyncIterator[list[str]]:
+    async def scan_users(self, count: int = 1000) -> AsyncGenerator[list[str], None]:
         """Every user with state, in chunks of about ``count`` (SCAN: no blocking of Redis)."""
         pattern = _glob_escape(f"{self._prefix}:{{") + "*"
         chunk: list[str] = []

@@ -270,3 +270,20 @@ async def test_a_demo_on_a_redis_holding_an_earlier_runs_state_keeps_its_own_und
         assert await FeatureStore(redis, prefix=new).read_state(top) is not None
     finally:
         await redis.aclose()
+
+
+@pytest.mark.integration
+async def test_the_demo_judges_a_prefix_by_its_own_keys_only(redis_server: LocalProcess) -> None:
+    # Fails if (demo.py) the prefix is matched as a glob: "clv*" took another's keys for its own
+    from feature_store.redis_client import connect
+
+    settings = Settings(redis_url=redis_server.address, key_prefix="t[1]*")
+    redis = connect(settings.redis_url)
+    try:
+        await redis.hset("t1x:{u1}", "h", "1")  # matched by the glob t[1]*, not the prefix
+        assert await demo._unused_prefix(settings) == "t[1]*"
+        await redis.hset("t[1]*:{u1}", "h", "1")
+        assert await demo._unused_prefix(settings) == "t[1]*-demo2"
+    finally:
+        await redis.delete("t1x:{u1}", "t[1]*:{u1}")
+        await redis.aclose()
