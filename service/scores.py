@@ -48,8 +48,9 @@ ANSWER_FEATURES = (*FEATURE_NAMES, *TIMESTAMP_FEATURES)
 
 def code_digest(sources: Sequence[str]) -> str:
     """A digest of Python sources as code, not text: their syntax trees without docstrings,
-    so an edit of a comment, a docstring or the layout leaves it as it is (a new digest makes
-    every answer stale and starts new alert references)."""
+    written back as source, so an edit of a comment, a docstring or the layout leaves it as
+    it is, as does the Python version (a new digest makes every answer stale and starts new
+    alert references)."""
     h = hashlib.blake2b(digest_size=6)
     for source in sources:
         tree = ast.parse(source)
@@ -63,7 +64,9 @@ def code_digest(sources: Sequence[str]) -> str:
                 and isinstance(body[0].value.value, str)
             ):
                 node.body = body[1:] or [ast.Pass()]
-        h.update(ast.dump(tree).encode())
+        # unparsed, not dumped: a dump lists the node fields of the running Python (3.12 added
+        # type_params, 3.13 leaves out empty ones), and one code must have one tag on all
+        h.update(ast.unparse(tree).encode())
         h.update(b"\0")
     return h.hexdigest()
 

@@ -204,3 +204,20 @@ def risk(p):
     assert code_digest(["('a', 'b')", other_rule]) != base
     assert code_digest(["('a', 'c')", code]) != base  # the feature names count too
     assert code_digest([code, "('a', 'b')"]) != base  # as does which file is which
+
+
+def test_the_code_tag_is_the_codes_on_every_python() -> None:
+    # Fails if (service/scores.py) the digest is of a dump of the syntax tree: its fields are
+    # the running Python's (3.12 adds type_params, 3.13 leaves out empty ones), so an upgrade,
+    # or an API and a scorer on two versions, made every answer stale. This value is what
+    # 3.11.7, 3.12.1 and 3.13.0 give (each run by hand on this code).
+    from service.scores import code_digest
+
+    code = '''class A:
+    """doc"""
+    def f(self, x: int = 1, *a, **k) -> int:
+        return [y for y in range(x)][0]
+async def g():
+    pass
+'''
+    assert code_digest(["('a', 'b')", code]) == "0d1661c0745e"
