@@ -23,6 +23,7 @@ from clv.errors import ClvError
 from clv.replay import encode_rows, load_events, publish
 from clv.settings import Settings
 from clv.stack import Running, run_stack, server_where
+from clv.stopping import StoppedWhileStarting, unless_stopped
 from consumers.dead_letters import describe
 from consumers.kafka import read_topic, wait_committed
 from feature_store.features import FEATURE_NAMES, RETENTION_DAYS, day_date, day_number
@@ -65,7 +66,10 @@ async def run_demo(settings: Settings, stop: asyncio.Event, *, keep_running: boo
     # CDNOW is history: "now" is the latest event time, not today's date.
     settings = settings.model_copy(update={"clock": "event"})
     ModelRegistry(settings.model_dir).check_writable()  # it trains at the end: know it now
-    prefix = await _unused_prefix(settings)
+    try:  # (a Redis that accepts and never answers would hold a Ctrl-C for its timeout)
+        prefix = await unless_stopped(stop, _unused_prefix(settings))
+    except StoppedWhileStarting:
+        return False
     if prefix != settings.key_prefix:
         console.print(
             f"[yellow]the Redis at {server_where(settings.redis_url)} already holds clv state "

@@ -90,8 +90,16 @@ def _redis_config(workdir: Path, username: str | None, password: str) -> Path:
     """A config file (readable by its owner only: no password on a command line, which
     ``ps`` shows) making ``password`` (``username``'s, when not the default user's) required."""
 
-    def quoted(text: str) -> str:
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    def quoted(text: str) -> str:  # as redis-server reads a quoted argument
+        out = []
+        for byte in text.encode():
+            if byte in b'\\"':
+                out.append("\\" + chr(byte))
+            elif not 0x20 <= byte < 0x7F:  # a new line would end the directive; UTF-8 bytes
+                out.append(f"\\x{byte:02x}")
+            else:
+                out.append(chr(byte))
+        return '"' + "".join(out) + '"'
 
     if username in (None, "", "default"):
         text = f"requirepass {quoted(password)}\n"

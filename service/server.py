@@ -33,7 +33,9 @@ def bind(settings: Settings) -> socket.socket:
     both where the system can)."""
     host, port = settings.api_host, settings.api_port
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        found = socket.getaddrinfo(  # ("": every address, as None)
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         families = [info[0] for info in found]
         family = socket.AF_INET if socket.AF_INET in families else families[0]
         dual = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()

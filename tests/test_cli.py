@@ -989,6 +989,15 @@ def test_features_stopped_while_redis_does_not_answer_ends(
     # client's timeout (10 s; longer when the URL sets one) and said it could not reach Redis.
     # Also if the stop cancels the look-up only once: Python 3.11's wait_for, which redis-py
     # sends through, lost that cancellation under load (clv.stopping.RECANCEL_AFTER_S).
+    code_said, err = signalled_while_redis_is_mute(tmp_path, sig, "features", "u1")
+    assert (code_said, err.strip()) == (code, line)
+
+
+def signalled_while_redis_is_mute(
+    tmp_path: Path, sig: int, *args: str, **env_set: str
+) -> tuple[int, str]:
+    """``clv ARGS`` against a Redis that accepts and never answers (socket timeout 300 s),
+    sent ``sig`` once it has connected: its exit code and stderr."""
     import socket
 
     with socket.socket() as mute:
@@ -997,10 +1006,12 @@ def test_features_stopped_while_redis_does_not_answer_ends(
         mute.settimeout(60)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLV_")}
         env["CLV_REDIS_URL"] = f"redis://127.0.0.1:{mute.getsockname()[1]}/0?socket_timeout=300"
+        env.update(env_set)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "clv", "features", "u1"],
+            [sys.executable, "-m", "clv", *args],
             env=env,
             cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -1008,15 +1019,15 @@ def test_features_stopped_while_redis_does_not_answer_ends(
             conn, _ = mute.accept()  # clv has connected and waits for an answer
             with conn:
                 proc.send_signal(sig)
-                try:
+                try:  # a bound, not a timing: the socket timeout is 300 s
                     _, err = proc.communicate(timeout=60)
                 except subprocess.TimeoutExpired:
-                    pytest.fail("clv features still waited 60 s after the signal")
+                    pytest.fail(f"clv {args[0]} still waited 60 s after the signal")
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert (proc.returncode, err.strip()) == (code, line)
+    return proc.returncode, err
 
 
 @pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT], ids=["hangup", "interrupt"])

@@ -287,3 +287,23 @@ async def test_the_demo_judges_a_prefix_by_its_own_keys_only(redis_server: Local
     finally:
         await redis.delete("t1x:{u1}", "t[1]*:{u1}")
         await redis.aclose()
+
+
+def test_a_ctrl_c_while_the_demo_looks_at_a_redis_that_does_not_answer_ends_it(
+    tmp_path: Path,
+) -> None:
+    # Fails if (demo.py) the look for state under the key prefix is not raced with the stop:
+    # a Redis that accepts and never answers held a Ctrl-C for the URL's socket timeout.
+    import signal
+
+    from tests.test_cli import signalled_while_redis_is_mute
+
+    code, err = signalled_while_redis_is_mute(
+        tmp_path,
+        signal.SIGINT,
+        "demo",
+        CLV_KAFKA_BOOTSTRAP="127.0.0.1:1",
+        CLV_MODEL_DIR=str(tmp_path / "models"),
+    )
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == "clv: interrupted", err

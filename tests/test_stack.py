@@ -391,7 +391,7 @@ def test_a_redis_started_for_a_url_with_a_password_requires_it(tmp_path: Path, u
     # the stack came up "healthy" on a server anyone on the machine could read and write.
     import redis
 
-    port, password = free_port(), 's3 "cr\\et'
+    port, password = free_port(), 's3 "cr\\et\nsé\r#'
     url = f"redis://{user}:{quote(password, safe='')}@127.0.0.1:{port}/0"
     stack = LocalStack()
     try:

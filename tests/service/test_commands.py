@@ -97,3 +97,12 @@ def test_the_api_socket_sends_answers_without_waiting_on_nagle(api_settings: Set
 
     with bind(api_settings) as sock:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_an_empty_api_host_listens_on_every_address(api_settings: Settings) -> None:
+    # Fails if (server.py) "" is looked up as a host name ("Name or service not known")
+    # instead of meaning every address, as it did when the socket module resolved it.
+    from service.server import bind
+
+    with bind(api_settings.model_copy(update={"api_host": ""})) as sock:
+        assert sock.getsockname()[0] == "0.0.0.0"
