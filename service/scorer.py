@@ -426,10 +426,6 @@ class Scorer:
         old = await self.scores.read(ids)
         share = self._settings.alert_top_share
         ranked, valuable_from = await self.scores.value_at_share(share)
-        # The ranking is of this basis once a sweep of it is done (or when none was ever done:
-        # it has had one basis' values only, a champion replaced before the first sweep aside).
-        swept = await self.scores.swept_basis()
-        ranking_current = swept in (None, reference_basis(loaded.version, horizon))
         if ranked < MIN_RANKED:  # too few ranked to judge by: this batch, if it is enough
             ranking_current = True
             valuable_from = (
@@ -437,6 +433,10 @@ class Scorer:
                 if len(scored) >= MIN_RANKED
                 else None
             )
+        else:  # of this basis once a sweep of it is done (or when none was ever done: it has
+            # had one basis' values only, a champion replaced before the first sweep aside)
+            swept = await self.scores.swept_basis()
+            ranking_current = swept in (None, reference_basis(loaded.version, horizon))
         rows, alerts, answers = [], [], {}
         last_ms = state.last_ts_ms
         records = features_records(features)

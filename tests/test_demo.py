@@ -130,11 +130,22 @@ def _on_the_sample(monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Pa
     return out
 
 
-def _top_spender(data_dir: Path) -> str:
+@pytest.fixture
+def sample_demo(
+    broker: LocalProcess,
+    redis_server: LocalProcess,
+    tmp_path: Path,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[io.StringIO, Settings, str]:
+    """The demo on the sample (:func:`_on_the_sample`): what it prints, its settings, and the
+    sample's biggest spender."""
     from clv.replay import load_events
 
     events = load_events(data_dir / "CDNOW_sample.txt.gz", "cdnow")
-    return str(events.groupby("user_id")["amount"].sum().idxmax())
+    top = str(events.groupby("user_id")["amount"].sum().idxmax())
+    out = _on_the_sample(monkeypatch, data_dir, tmp_path)
+    return out, _settings(broker, redis_server, tmp_path), top
 
 
 def _settings(broker: LocalProcess, redis_server: LocalProcess, tmp_path: Path) -> Settings:
@@ -197,21 +208,15 @@ async def test_the_demo_replays_the_data_finds_online_equal_to_offline_and_train
 
 @pytest.mark.integration
 async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_running(
-    broker: LocalProcess,
-    redis_server: LocalProcess,
-    tmp_path: Path,
-    data_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    sample_demo: tuple[io.StringIO, Settings, str],
 ) -> None:
     from clv.replay import publish
     from consumers.kafka import ensure_topics
     from feature_store.events import encode_event
 
-    out = _on_the_sample(monkeypatch, data_dir, tmp_path)
-    settings = _settings(broker, redis_server, tmp_path)
     # An earlier `clv replay` left one more order of the biggest spender on the topic: the
     # online features then differ from the file's, and the demo must not say they are equal.
-    top = _top_spender(data_dir)
+    out, settings, top = sample_demo
     extra = encode_event(
         event_id="extra-1", user_id=top, order_id="extra-1", amount=99.0, ts="1997-06-01T00:00:00Z"
     )
@@ -238,11 +243,7 @@ async def test_the_demo_says_when_redis_holds_orders_the_file_has_not_and_keeps_
 
 @pytest.mark.integration
 async def test_a_demo_on_a_redis_holding_an_earlier_runs_state_keeps_its_own_under_a_new_prefix(
-    broker: LocalProcess,
-    redis_server: LocalProcess,
-    tmp_path: Path,
-    data_dir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    sample_demo: tuple[io.StringIO, Settings, str],
 ) -> None:
     # Fails if (demo.py) the demo replays over the state a Redis that outlived an earlier
     # demo holds (a system service): its look back at 1997-12-31 then failed with "as_of day
@@ -251,9 +252,7 @@ async def test_a_demo_on_a_redis_holding_an_earlier_runs_state_keeps_its_own_und
     from feature_store.redis_store import FeatureStore
     from tests.feature_store.streams import MS_PER_DAY, _ev
 
-    out = _on_the_sample(monkeypatch, data_dir, tmp_path)
-    settings = _settings(broker, redis_server, tmp_path)
-    top = _top_spender(data_dir)
+    out, settings, top = sample_demo
     redis = connect(settings.redis_url)
     try:
         earlier = FeatureStore(redis, prefix=settings.key_prefix)  # the earlier run's, 1998

@@ -275,6 +275,15 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _json(text: str | bytes) -> Any:
+    """``text`` parsed as JSON; anything else, nesting deeper than the parser goes included
+    (a file the registry did not write), a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deep") from exc
+
+
 def _read_regular(path: Path, limit: int | None = None) -> bytes:
     """A regular file's bytes, refusing symlinks (an artifact must live in the registry)."""
     try:
@@ -444,8 +453,8 @@ class ModelRegistry:
                 "(its sha256 differs from the champion pointer's); refusing to load"
             )
         try:
-            meta = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            meta = _json(raw)
+        except ValueError as exc:  # (not UTF-8, not JSON, nested too deep)
             raise ModelError(f"model {version}: metadata.json is not valid JSON ({exc})") from exc
         if not isinstance(meta, dict):
             raise ModelError(f"model {version}: metadata.json is not a JSON object")
@@ -513,8 +522,8 @@ class ModelRegistry:
         if path.is_file():
             for line in path.read_text(errors="replace").splitlines():
                 try:
-                    decision = json.loads(line)
-                except (ValueError, RecursionError):
+                    decision = _json(line)
+                except ValueError:
                     continue
                 if isinstance(decision, dict) and isinstance(decision.get("version"), str):
                     found.append(decision)
@@ -614,10 +623,10 @@ class ModelRegistry:
         except ModelError as exc:
             raise ModelError(f"champion pointer unreadable: {exc}") from exc
         try:
-            pointer = json.loads(raw)
+            pointer = _json(raw)
             if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
                 raise ValueError("no version")
-        except (ValueError, RecursionError) as exc:  # (nested deeper than a parser goes)
+        except ValueError as exc:
             raise ModelError(f"champion pointer {self.pointer_path} is unreadable: {exc}") from exc
         return pointer
 
