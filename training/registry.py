@@ -578,7 +578,11 @@ class ModelRegistry:
         artifact = meta.get("artifact")
         if not isinstance(artifact, dict) or artifact.get("file") != MODEL_FILE:
             raise ModelError(f"model {version}: metadata names no {MODEL_FILE} artifact")
-        blob = _read_regular(self.root / version / MODEL_FILE)
+        size = artifact.get("bytes")
+        # the verified metadata's size bounds the read: a larger file in its place (a foreign
+        # one, say) is refused after size + 1 bytes, not read whole into memory first
+        limit = size if isinstance(size, int) and not isinstance(size, bool) else None
+        blob = _read_regular(self.root / version / MODEL_FILE, limit)
         if _sha256(blob) != artifact.get("sha256"):
             raise ModelError(
                 f"model {version}: {MODEL_FILE} does not match the sha256 in its metadata "
@@ -635,8 +639,8 @@ class ModelRegistry:
         pointer = self._pointer()
         return None if pointer is None else str(pointer["version"])
 
-    def load_champion(self) -> LoadedModel:
-        """The verified champion (raises :class:`ModelError` when there is none or it fails)."""
+    def _champion_pointer(self) -> tuple[dict[str, Any], str]:
+        """The champion pointer and the hash it vouches for of the champion's metadata."""
         pointer = self._pointer()
         if pointer is None:
             raise ModelError(f"no champion model in {self.root}: run `clv train` first")
@@ -647,12 +651,32 @@ class ModelRegistry:
                 f"champion pointer {self.pointer_path} holds no hash of the champion's "
                 "metadata: promote a model again (`clv train --force`)"
             )
+        return pointer, file_sha
+
+    def load_champion(self) -> LoadedModel:
+        """The verified champion (raises :class:`ModelError` when there is none or it fails)."""
+        pointer, file_sha = self._champion_pointer()
         try:
             return self.load(str(pointer["version"]), expect_metadata_sha256=file_sha)
         except ModelError:
             if self._pointer() == pointer:  # still the champion: it is what is broken
                 raise
             return self.load_champion()  # replaced, its version maybe pruned, while we read it
+
+    def verify_champion(self) -> str:
+        """The champion's version once its pointer, metadata and model file check out, as
+        :meth:`load_champion` checks them but with nothing unpickled (raises
+        :class:`ModelError` otherwise). It reads the model file: for a periodic check, not a
+        request's."""
+        pointer, file_sha = self._champion_pointer()
+        version = str(pointer["version"])
+        try:
+            self._verified(version, file_sha)
+        except ModelError:
+            if self._pointer() == pointer:
+                raise
+            return self.verify_champion()
+        return version
 
     def _write_pointer(self, version: str, decision: Decision) -> None:
         meta_raw = _read_regular(self.root / version / METADATA_FILE, MAX_METADATA_BYTES)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from clv.errors import ClvError, Terminated
+from clv.errors import ClvError, ModelError, Terminated
 from clv.files import interruptions_deferred, sigterm_unwinds
 from clv.orphans import die_with_parent
 from clv.settings import Settings, settings_error
@@ -288,8 +288,6 @@ def _validation(selection: Any, fingerprint: str) -> Validation:
 
 def _check_model_dir(root: Path) -> None:
     """:meth:`ModelRegistry.check_writable`, as a training error."""
-    from clv.errors import ModelError
-
     try:
         ModelRegistry(root).check_writable()
     except ModelError as exc:
@@ -299,8 +297,6 @@ def _check_model_dir(root: Path) -> None:
 def _check_forecasts(model: Any, ds: Any) -> None:
     """The final fit forecasts every customer of its snapshot (it is fitted
     on more users than the validated fits, so it is checked before it can be registered)."""
-    from clv.errors import ModelError
-
     try:  # predict refuses non-finite forecasts (prediction_frame)
         model.predict(ds.current, ds.horizon_days)
     except ModelError as exc:
@@ -853,6 +849,16 @@ def log_signature(root: Path) -> str:
     return digest.hexdigest()
 
 
+async def _champion_fault(registry: ModelRegistry) -> str | None:
+    """Why the champion cannot be served (missing, unreadable, or its files no longer match
+    their hashes), or ``None`` when it checks out. Nothing is unpickled."""
+    try:
+        await asyncio.to_thread(registry.verify_champion)
+    except (ClvError, OSError) as exc:
+        return str(exc)
+    return None
+
+
 async def retrain_forever(
     settings: Settings, interval_s: float, *, candidates: list[str] | None = None
 ) -> None:
@@ -860,8 +866,10 @@ async def retrain_forever(
     run in a child process.
 
     A run is skipped when the event log's files have not changed since the last successful one
-    (no stream of identical versions); after a restart, the child itself trains nothing when
-    the events and inputs are a registered version's (:func:`train`). Until a champion exists,
+    (no stream of identical versions) and the champion still checks out (a champion deleted or
+    corrupted since is replaced by a run on the same log); after a restart, the child itself
+    trains nothing when the events and inputs are a registered version's (:func:`train`).
+    Until a champion exists,
     a failed run (say, an event log still empty) is retried after at most a minute. Failures
     are logged, never raised.
     """
@@ -885,7 +893,11 @@ async def retrain_forever(
                 if settings.event_log_dir.is_dir()
                 else "does not exist yet (CLV_EVENT_LOG_DIR; the archiver makes it)",
             )
-        elif signature != trained_on:
+        elif signature == trained_on and (fault := await _champion_fault(registry)) is None:
+            log.info("retraining skipped: no new events since the last run")
+        else:
+            if signature == trained_on:  # the log is as trained on, but its champion is gone
+                log.warning("retraining runs again on an unchanged event log: %s", fault)
             if turn_taken(settings.event_log_dir):  # its child (quiet) will wait: say so here
                 log.info(
                     "retraining waits its turn: another training run is on the event log %s",
@@ -896,8 +908,6 @@ async def retrain_forever(
                     trained_on = signature
             except OSError as exc:  # could not start the child at all
                 log.warning("retraining could not start: %s", exc)
-        else:
-            log.info("retraining skipped: no new events since the last run")
         try:
             has_champion = registry.champion_version() is not None
         except (ClvError, OSError):

@@ -59,6 +59,12 @@ def register(reg: ModelRegistry, score: float, *, min_age: int = 30, **kw: objec
     )
 
 
+def flip_a_byte(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    path.write_bytes(bytes(blob))
+
+
 @pytest.fixture
 def reg(tmp_path: Path) -> ModelRegistry:
     return ModelRegistry(tmp_path / "models")
@@ -229,12 +235,47 @@ def test_nan_challenger_never_wins(reg: ModelRegistry) -> None:
 def test_flipped_byte_in_model_file_is_refused(reg: ModelRegistry) -> None:
     v = register(reg, 1.0)
     reg.offer(v)
-    path = reg.root / v / MODEL_FILE
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0x01
-    path.write_bytes(bytes(blob))
+    flip_a_byte(reg.root / v / MODEL_FILE)
     with pytest.raises(ModelError, match="does not match the sha256"):
         reg.load_champion()
+
+
+def test_a_model_file_larger_than_its_metadata_says_is_refused_before_it_is_read_whole(
+    reg: ModelRegistry,
+) -> None:
+    # The verified metadata's size bounds the read: a file grown in place of the artifact (a
+    # foreign one, say) is refused after size + 1 bytes, not hashed after being read whole.
+    v = register(reg, 1.0)
+    reg.offer(v)
+    path = reg.root / v / MODEL_FILE
+    size = path.stat().st_size
+    with path.open("ab") as f:
+        f.write(b"\0" * (1 << 20))
+    with pytest.raises(ModelError, match=f"larger than {size} bytes"):
+        reg.load_champion()
+    with pytest.raises(ModelError, match=f"larger than {size} bytes"):
+        reg.verify_champion()
+
+
+def test_verify_champion_checks_the_files_without_unpickling(
+    reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ModelError, match="no champion"):
+        reg.verify_champion()
+    v = register(reg, 1.0)
+    reg.offer(v)
+
+    def no_unpickling(_data: bytes) -> object:
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    assert reg.verify_champion() == v
+    flip_a_byte(reg.root / v / MODEL_FILE)
+    with pytest.raises(ModelError, match="does not match the sha256"):
+        reg.verify_champion()
+    (reg.root / v / METADATA_FILE).unlink()
+    with pytest.raises(ModelError, match="missing"):
+        reg.verify_champion()
 
 
 def test_edited_metadata_is_refused(reg: ModelRegistry) -> None:

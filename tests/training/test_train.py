@@ -658,6 +658,11 @@ async def test_retrain_forever_trains_in_a_child_without_blocking_the_loop(
     assert ticks > 1  # the loop kept running while the child trained
 
 
+async def _sound_champion(_registry: ModelRegistry) -> None:
+    """retrain_forever's champion check, for a stub run whose success leaves no model."""
+    return None
+
+
 async def test_retraining_waits_for_events_then_runs_once_per_change(
     tmp_path: Path, events: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -672,6 +677,7 @@ async def test_retraining_waits_for_events_then_runs_once_per_change(
         return 0
 
     monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    monkeypatch.setattr(train_module, "_champion_fault", _sound_champion)
     settings = settings_for(tmp_path)
     task = asyncio.create_task(retrain_forever(settings, 0.01))
 
@@ -1028,6 +1034,17 @@ class _StoppedClock:
         return self.now
 
 
+def _scheduled(monkeypatch: pytest.MonkeyPatch, child: object) -> _Sleeps:
+    """retrain_forever's clock stopped, its sleeps recorded, and ``child`` its training run."""
+    import training.train as train_module
+
+    sleeps = _Sleeps()
+    monkeypatch.setattr(train_module, "asyncio", sleeps)
+    monkeypatch.setattr(train_module, "time", _StoppedClock())
+    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    return sleeps
+
+
 async def _loop_until(task: asyncio.Task[None], done: object) -> None:
     for _ in range(3000):  # a bound, not a timing: each turn is one yield to the loop
         if done() or task.done():  # type: ignore[operator]
@@ -1053,10 +1070,8 @@ async def test_retraining_retries_a_failed_run_and_keeps_its_schedule(
             raise outcome
         return outcome
 
-    sleeps = _Sleeps()
-    monkeypatch.setattr(train_module, "asyncio", sleeps)
-    monkeypatch.setattr(train_module, "time", _StoppedClock())  # runs take no time here
-    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    sleeps = _scheduled(monkeypatch, child)  # runs take no time here
+    monkeypatch.setattr(train_module, "_champion_fault", _sound_champion)
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
     task = asyncio.create_task(retrain_forever(settings, 3600, candidates=FAST))
@@ -1107,6 +1122,61 @@ async def test_retraining_runs_start_on_a_fixed_grid_whatever_a_run_lasts(
         # 100 s run: 3500 s to the next start; 3700 s run: past one start, 3500 s to the
         # next point of the grid; an instant run: the whole interval
         assert sleeps.asked[:3] == [3500.0, 3500.0, 3600.0]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_retraining_replaces_a_champion_broken_since_the_last_run_on_the_same_log(
+    tmp_path: Path,
+    events: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no new events a periodic run is skipped, but not when the champion has since been
+    deleted or corrupted: the stack would otherwise serve no model until the next event.
+    Fails if an unchanged log alone skips the run: the third run never starts."""
+    from training.models.naive import HistoricalRate
+    from training.registry import DataWindow, Validation
+
+    settings = settings_for(tmp_path)
+    registry = ModelRegistry(settings.model_dir)
+    runs: list[str | None] = []
+
+    async def child(_settings: Settings, **_: object) -> int:  # a run that leaves a champion
+        runs.append(registry.champion_version())
+        version = registry.register(
+            HistoricalRate(min_age_days=len(runs)),
+            data_window=DataWindow(9000, 9700, 9700, 180),
+            validation=Validation("mae", False, float(len(runs)), 9500, 180, 100),
+            candidates={"naive_rate": {"mae": float(len(runs))}},
+            data_fingerprint="f" * 64,
+        )
+        registry.offer(version)
+        return 0
+
+    sleeps = _scheduled(monkeypatch, child)
+    write_events(settings.event_log_dir, events)
+    caplog.set_level(logging.INFO, logger="training.train")
+    task = asyncio.create_task(retrain_forever(settings, 3600))
+    try:
+        await _loop_until(task, lambda: len(sleeps.asked) >= 3)
+        assert runs == [None]  # trained once; then the same log and a sound champion: skipped
+        assert "no new events since the last run" in caplog.text
+        champion = registry.champion_version()
+        assert champion is not None
+        path = settings.model_dir / champion / "model.pkl"
+        path.write_bytes(path.read_bytes()[:-1] + b"!")  # corrupted on disk
+        await _loop_until(task, lambda: len(runs) >= 2)
+        assert runs == [None, champion]
+        assert "runs again on an unchanged event log" in caplog.text
+        assert "does not match the sha256" in caplog.text
+        healthy = registry.load_champion().version
+        assert healthy != champion  # the broken one was replaced
+        sleeps.asked.clear()
+        await _loop_until(task, lambda: len(sleeps.asked) >= 2)
+        assert len(runs) == 2  # and the loop is back to skipping
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -1206,18 +1276,13 @@ async def test_periodic_retraining_says_when_its_run_waits_for_another(
     stack's log must say why nothing happens. Fails if it stays silent until the outcome."""
     import fcntl
 
-    import training.train as train_module
-
     runs: list[object] = []
 
     async def child(settings: Settings, **kwargs: object) -> int:
         runs.append(kwargs)
         return 0
 
-    sleeps = _Sleeps()
-    monkeypatch.setattr(train_module, "asyncio", sleeps)
-    monkeypatch.setattr(train_module, "time", _StoppedClock())
-    monkeypatch.setattr(train_module, "train_in_subprocess", child)
+    _scheduled(monkeypatch, child)
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
     holder = os.open(settings.event_log_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -1288,11 +1353,8 @@ async def test_retraining_outlives_an_event_log_it_cannot_read(
         runs.append(kwargs)
         return 0
 
-    sleeps = _Sleeps()
-    monkeypatch.setattr(train_module, "asyncio", sleeps)
-    monkeypatch.setattr(train_module, "time", _StoppedClock())  # runs take no time here
+    sleeps = _scheduled(monkeypatch, child)  # runs take no time here
     monkeypatch.setattr(train_module, "log_signature", signature)
-    monkeypatch.setattr(train_module, "train_in_subprocess", child)
     monkeypatch.setattr(ModelRegistry, "champion_version", unreadable_registry)
     settings = settings_for(tmp_path)
     write_events(settings.event_log_dir, events)
