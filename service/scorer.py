@@ -433,10 +433,14 @@ class Scorer:
                 if len(scored) >= MIN_RANKED
                 else None
             )
-        else:  # of this basis once a sweep of it is done (or when none was ever done: it has
-            # had one basis' values only, a champion replaced before the first sweep aside)
-            swept = await self.scores.swept_basis()
-            ranking_current = swept in (None, reference_basis(loaded.version, horizon))
+        else:  # of this basis once a sweep of it is done and nothing else was ranked since
+            # (or when none was ever done: it has had one basis' values only, a champion
+            # replaced before the first sweep aside)
+            mine = reference_basis(loaded.version, horizon)
+            swept, mixed = await self.scores.swept_basis()
+            if swept not in (None, mine) and not mixed:  # the first of another basis
+                await self.scores.mark_ranking_mixed()  # (before they are ranked)
+            ranking_current = swept in (None, mine) and not mixed
         rows, alerts, answers = [], [], {}
         last_ms = state.last_ts_ms
         records = features_records(features)

@@ -91,6 +91,9 @@ def _code_tag() -> str:
 
 #: Stored answers and sweeps by other code (an older scorer) are not current.
 CODE_TAG = _code_tag()
+#: Appended to the last sweep's mark once scores of another basis were ranked after it (no
+#: basis ends with it: a hex tag ends each).
+MIXED = "~"
 
 
 def reference_basis(model_version: str, horizon_days: int) -> str:
@@ -295,8 +298,8 @@ class ScoreStore:
         if chunk:
             yield chunk
 
-    # The scorers' shared records: which clock the scores follow, the last sweep ("day:model"),
-    # the lock of the sweep in progress.
+    # The scorers' shared records: which clock the scores follow, the last sweep ("day:model",
+    # then MIXED once scores of another model were ranked), the lock of the sweep in progress.
     @property
     def clock_key(self) -> str:
         return f"{self._prefix}:clock"
@@ -328,10 +331,22 @@ class ScoreStore:
         raw = await self._redis.get(self.swept_key)
         return None if raw is None else text_of(raw)
 
-    async def swept_basis(self) -> str | None:
-        """The basis (:func:`reference_basis`) of the last sweep done, ``None`` before any."""
+    async def swept_basis(self) -> tuple[str | None, bool]:
+        """The basis (:func:`reference_basis`) of the last sweep done (``None`` before any),
+        and whether the ranking has held values of another basis since
+        (:meth:`mark_ranking_mixed`)."""
         mark = await self.last_sweep()
-        return None if mark is None else mark.partition(":")[2]
+        if mark is None:
+            return None, False
+        return mark.partition(":")[2].rstrip(MIXED), mark.endswith(MIXED)
+
+    async def mark_ranking_mixed(self) -> None:
+        """Record that scores of another basis than the last sweep's are being ranked: the
+        ranking no longer holds one model's values, even after a return to the swept one (a
+        rollback the same day), until a sweep rewrites every value. The mark then differs from
+        every sweep's (:meth:`sweep_mark`), which makes one due. One ``APPEND``: atomic, and a
+        sweep recorded since (a ``SET``) clears it."""
+        await self._redis.append(self.swept_key, MIXED)
 
     async def read(self, user_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Each user's stored score, ``None`` where there is none."""

@@ -1105,6 +1105,36 @@ class _Scaled:
         return out
 
 
+async def _customers(s) -> list[str]:  # type: ignore[no-untyped-def]
+    """300 customers with 1-8 purchases in the 250 days before the cutoff."""
+    rng = np.random.default_rng(11)
+    users = [f"u{i:03d}" for i in range(300)]
+    events = []
+    for u in users:
+        days = sorted(rng.choice(np.arange(CUTOFF - 250, CUTOFF), rng.integers(1, 9), False))
+        events += purchases(u, [int(d) for d in days], cents=int(rng.integers(1000, 20000)))
+    await apply(s.features, events)
+    return users
+
+
+async def _lapse_a_year(s, users: list[str], model: LoadedModel) -> tuple[set[str], set[str]]:  # type: ignore[no-untyped-def]
+    """Sweep with ``model`` a year after the cutoff, with no purchase meanwhile: the users
+    alerted, and those who should be (valuable at the cutoff among ``model``'s own values, as
+    the ranking reads them, then down by the drop percentage)."""
+    stored = await s.scores.read(users)
+    at_cutoff = {u: float(r["clv"]) for u, r in zip(users, stored, strict=True) if r}
+    ranked = sorted(at_cutoff.values(), reverse=True)
+    bar = ranked[int(len(ranked) * s._settings.alert_top_share) - 1]
+    await s.sweep(model, CUTOFF + 365, asyncio.Event())
+    now = {u: float(r["clv"]) for u, r in zip(users, await s.scores.read(users), strict=True) if r}
+    expected = {
+        u for u, v in at_cutoff.items() if v >= bar and v > 0 and (v - now[u]) / v * 100 >= 30
+    }
+    alerts = [json.loads(r.value) for r in await read_topic(s._settings, s._settings.alerts_topic)]
+    assert len(users) * s._settings.alert_top_share / 2 <= len(expected) < len(users) * 0.6
+    return {a["user_id"] for a in alerts}, expected
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("k", [3.0, 1 / 3])
 async def test_after_a_new_champion_valuable_is_judged_among_its_own_values(scorer, k) -> None:  # type: ignore[no-untyped-def]
@@ -1113,13 +1143,7 @@ async def test_after_a_new_champion_valuable_is_judged_among_its_own_values(scor
     # times higher then made nearly every customer "valuable" (alerts for all who lapse); one
     # valuing them at a third, nobody (no alert at all).
     s, champion = scorer
-    rng = np.random.default_rng(11)
-    users = [f"u{i:03d}" for i in range(300)]
-    events = []
-    for u in users:
-        days = sorted(rng.choice(np.arange(CUTOFF - 250, CUTOFF), rng.integers(1, 9), False))
-        events += purchases(u, [int(d) for d in days], cents=int(rng.integers(1000, 20000)))
-    await apply(s.features, events)
+    users = await _customers(s)
     stop = asyncio.Event()
     await s.sweep(champion.loaded, CUTOFF, stop)  # the old champion's ranking
     old = champion.loaded
@@ -1127,15 +1151,35 @@ async def test_after_a_new_champion_valuable_is_judged_among_its_own_values(scor
     await s.sweep(new, CUTOFF, stop)  # the new champion's first sweep
     stored = await s.scores.read(users)
     assert {r["ref_valuable"] for r in stored if r} == {"?"}
-    at_change = {u: float(r["clv"]) for u, r in zip(users, stored, strict=True) if r}
-    # the bar among the new model's own values, as the ranking reads it
-    ranked = sorted(at_change.values(), reverse=True)
-    bar = ranked[int(len(ranked) * s._settings.alert_top_share) - 1]
-    await s.sweep(new, CUTOFF + 365, stop)  # a year without a purchase
-    now = {u: float(r["clv"]) for u, r in zip(users, await s.scores.read(users), strict=True) if r}
-    expected = {
-        u for u, v in at_change.items() if v >= bar and v > 0 and (v - now[u]) / v * 100 >= 30
-    }
-    alerts = [json.loads(r.value) for r in await read_topic(s._settings, s._settings.alerts_topic)]
-    assert {a["user_id"] for a in alerts} == expected
-    assert len(users) * s._settings.alert_top_share / 2 <= len(expected) < len(users) * 0.6
+    alerted, expected = await _lapse_a_year(s, users, new)
+    assert alerted == expected
+
+
+@pytest.mark.integration
+async def test_a_rollback_the_same_day_sweeps_again_and_judges_among_one_models_values(
+    scorer,  # type: ignore[no-untyped-def]
+) -> None:
+    # A new champion scores some customers (their events, or the start of its sweep) and is
+    # rolled back the same day: the ranking then holds values of both models, although the
+    # last sweep was the restored model's. Fails if (scorer.py, scores.py) that day's sweep
+    # mark alone says whether a sweep is due and the ranking is current: no sweep runs
+    # again, the references the other model set are replaced only a year later at the lapsed
+    # values (no alert for any of them), and those set meanwhile are judged against a ranking
+    # inflated by the other model's values.
+    s, champion = scorer
+    users = await _customers(s)
+    stop = asyncio.Event()
+    restored = champion.loaded
+    await s.sweep(restored, CUTOFF, stop)
+    other = LoadedModel(restored.version + "-x3", _Scaled(restored.model, 3.0), restored.metadata)
+    await s.score_users(other, users[::2], CUTOFF, trigger="events")  # then rolled back
+    assert await s._sweep_due(CUTOFF, restored.version)
+    await s.score_users(restored, users[::4], CUTOFF, trigger="events")  # before the sweep
+    stored = await s.scores.read(users[::4])
+    assert {r["ref_valuable"] for r in stored if r} == {"?"}  # new references, not judged yet
+    await s.sweep(restored, CUTOFF, stop)
+    assert not await s._sweep_due(CUTOFF, restored.version)
+    stored = await s.scores.read(users[::2])
+    assert {r["ref_valuable"] for r in stored if r} == {"?"}  # judged after the sweep
+    alerted, expected = await _lapse_a_year(s, users, restored)
+    assert alerted == expected
