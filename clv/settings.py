@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
-from feature_store.redis_client import check_url, cluster_mode
+from feature_store.redis_client import check_url, cluster_mode, redacted
 
 #: The longest horizon a forecast may ask for (ten years).
 MAX_HORIZON_DAYS = 3650
@@ -128,28 +128,30 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        """A URL redis-py can use (``redis+cluster://`` is parsed as ``redis://``)."""
+        """A URL redis-py can use (``redis+cluster://`` is parsed as ``redis://``). Its
+        messages quote it with any password masked (the contract: no secret in a log)."""
+        shown = repr(redacted(v))
         try:
             _, plain = cluster_mode(v)  # as the clients read it
         except ValueError as exc:
-            raise ValueError(f"{v!r}: {exc}") from None
+            raise ValueError(f"{shown}: {exc}") from None
         try:
             parse_url(plain)
         except ValueError as exc:
-            raise ValueError(f"{v!r}: {exc} (or redis+cluster://)") from None
+            raise ValueError(f"{shown}: {exc} (or redis+cluster://)") from None
         parsed = urlparse(plain)
         if parsed.scheme in ("redis", "rediss"):
             if not parsed.hostname:
-                raise ValueError(f"{v!r} names no host")
+                raise ValueError(f"{shown} names no host")
             if parsed.port == 0:  # redis-py would take it for no port and use 6379
-                raise ValueError(f"{v!r}: port 0 is not a port (1 to 65535)")
+                raise ValueError(f"{shown}: port 0 is not a port (1 to 65535)")
             db = parsed.path.strip("/")
             if db and not db.isdigit():
-                raise ValueError(f"{v!r}: the database {db!r} is not a number")
+                raise ValueError(f"{shown}: the database {db!r} is not a number")
         try:
             check_url(v)  # its options, as redis-py reads them: an unknown one failed late
         except ValueError as exc:
-            raise ValueError(f"{v!r}: {exc}") from None
+            raise ValueError(f"{shown}: {exc}") from None
         return v
 
     @field_validator("orders_topic", "alerts_topic", "dlq_topic")

@@ -61,6 +61,21 @@ def cluster_mode(url: str) -> tuple[bool, str]:
     return parsed.scheme == "redis+cluster" or flags[0] in _YES, f"{base}?{rest}" if rest else base
 
 
+def redacted(url: str) -> str:
+    """``url`` for a message: a password, in its user part (``user:password@``) or its query
+    (``?password=``), written ``***``. Any text is taken, a URL too broken to parse included:
+    the user part is everything before the last ``@`` ahead of the query."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    authority, q, query = rest.partition("?")
+    userinfo, at, where = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.partition(':')[0]}:***@{where}"
+    query = re.sub(r"(?i)((?:^|&)password=)[^&#]*", r"\1***", query)
+    return f"{head}{sep}{authority}{q}{query}"
+
+
 def connect(url: str) -> Redis | RedisCluster:
     """A client for ``url``; nothing is connected until the first command."""
     cluster, plain = cluster_mode(url)
