@@ -21,10 +21,13 @@ MAX_ID = 128
 MAX_AMOUNT = 1e9
 
 # RFC 3339 date-time with a zone, or a bare date (read as midnight UTC). Any number of
-# fraction digits, as RFC 3339 allows; every reader keeps the whole milliseconds.
+# fraction digits, as RFC 3339 allows; every reader keeps the whole milliseconds. The offset's
+# hour is 00-23 and its minute 00-59 (RFC 3339's time-numoffset): Python's parser takes
+# "+05:60" for +06:00, and the file readers refuse it.
 RFC3339 = re.compile(  # ASCII digits only (and a little faster than \d)
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    r"(?:[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2}))?"
+    r"(?:[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9]))?"
 )
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
