@@ -86,7 +86,10 @@ class ClvAnswer(BaseModel):
         "answered from Redis; request: scored for this request (new events not scored yet, "
         "a new day or model before the scorer's sweep, a date in the past)"
     )
-    features_updated_at: str | None = Field(description="when Redis last changed the features")
+    features_updated_at: str | None = Field(
+        description="when Redis last changed the features; null when they were read from the "
+        "event log (an as_of before the user's latest event)"
+    )
     features_source: str = Field(description="redis, or event_log for a date in the past")
     features: dict[str, Any]
     explanation: list[Effect]

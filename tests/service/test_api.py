@@ -98,6 +98,7 @@ async def test_a_date_before_the_latest_event_is_read_from_the_event_log(
     write_events(api_settings.event_log_dir, as_frame(events))
     body = (await api.get("/users/u1/clv", params={"as_of": "1997-05-01"})).json()
     assert body["features_source"] == "event_log"
+    assert body["features_updated_at"] is None  # no Redis write made them (README)
     assert body["features"]["orders_total"] == sum(
         d <= day_number(dt.date(1997, 5, 1)) for d in REGULAR
     )
