@@ -293,11 +293,15 @@ def _read_regular(path: Path, limit: int | None = None) -> bytes:
         raise ModelError(f"{path} is missing") from exc
     except OSError as exc:
         raise ModelError(f"{path} cannot be opened safely: {exc.strerror}") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise ModelError(f"{path} is not a regular file")
+    if limit is not None and st.st_size > limit:  # refused unread (a read of limit + 1
+        os.close(fd)  # bytes would first reserve that much memory, whatever the file holds)
+        raise ModelError(f"{path} is larger than {limit} bytes")
     with os.fdopen(fd, "rb") as f:
-        data = f.read() if limit is None else f.read(limit + 1)
+        data = f.read(st.st_size + 1)  # (a file grown since the fstat: seen, not read whole)
     if limit is not None and len(data) > limit:
         raise ModelError(f"{path} is larger than {limit} bytes")
     return data
@@ -582,6 +586,8 @@ class ModelRegistry:
         # the verified metadata's size bounds the read: a larger file in its place (a foreign
         # one, say) is refused after size + 1 bytes, not read whole into memory first
         limit = size if isinstance(size, int) and not isinstance(size, bool) else None
+        if limit is not None and limit < 0:
+            raise ModelError(f"model {version}: metadata gives {MODEL_FILE} {limit} bytes")
         blob = _read_regular(self.root / version / MODEL_FILE, limit)
         if _sha256(blob) != artifact.get("sha256"):
             raise ModelError(

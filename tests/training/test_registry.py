@@ -257,6 +257,33 @@ def test_a_model_file_larger_than_its_metadata_says_is_refused_before_it_is_read
         reg.verify_champion()
 
 
+@pytest.mark.parametrize("claimed", [1 << 40, 1 << 63, -4])
+def test_a_size_in_the_metadata_never_sizes_the_read(reg: ModelRegistry, claimed: int) -> None:
+    # Fails if (registry.py) the recorded size is the read's length: a self-consistent
+    # metadata claiming 2**40 bytes made it reserve that much (MemoryError; 2**63:
+    # OverflowError), neither a ModelError, so retraining's check died of it; a negative one
+    # read the whole file. The file as registered still loads; a negative size is refused.
+    from training.registry import _canonical, _sha256
+
+    v = register(reg, 1.0)
+    reg.offer(v)
+    path = reg.root / v / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta.pop("metadata_sha256")
+    meta["artifact"]["bytes"] = claimed
+    meta["metadata_sha256"] = _sha256(_canonical(meta))
+    raw = json.dumps(meta, indent=2).encode() + b"\n"
+    path.write_bytes(raw)
+    pointer = json.loads(reg.pointer_path.read_text())
+    pointer["metadata_file_sha256"] = _sha256(raw)
+    reg.pointer_path.write_text(json.dumps(pointer))
+    if claimed < 0:
+        with pytest.raises(ModelError, match=r"metadata gives model\.pkl -4 bytes"):
+            reg.verify_champion()
+    else:
+        assert reg.verify_champion() == v and reg.load_champion().version == v
+
+
 def test_verify_champion_checks_the_files_without_unpickling(
     reg: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
