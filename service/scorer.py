@@ -348,7 +348,9 @@ class Scorer:
         if not got:
             return None
         n, alerts_before = 0, self.alerts_sent
+        basis = reference_basis(loaded.version, self._settings.horizon_days)
         try:
+            start = await self.scores.start_sweep(basis)
             async for users in self.features.scan_users(self._settings.score_batch):
                 if stop.is_set():
                     return n  # not recorded as swept: the next run sweeps again
@@ -370,7 +372,11 @@ class Scorer:
                     log.warning("scorer: the sweep lock was lost; another replica sweeps")
                 return n
             mark = self.scores.sweep_mark(day, loaded.version, self._settings.horizon_days)
-            await self._redis.set(self.scores.swept_key, mark)
+            if not await self.scores.finish_sweep(start, mark, basis):
+                log.info(
+                    "scorer: another model's values were ranked during the sweep; it will "
+                    "sweep again"
+                )
             if pruned:
                 log.info("scorer: %d erased users taken off the rankings", pruned)
             log.info(
@@ -425,6 +431,14 @@ class Scorer:
         ids = list(features.index)
         old = await self.scores.read(ids)
         share = self._settings.alert_top_share
+        # The ranking is of this basis once a sweep of it is done and nothing else was ranked
+        # since (SweepRecord); values ranked where it does not vouch for them leave a trace
+        # first, however few are ranked, so that a return to the swept model (a rollback the
+        # same day) sweeps again rather than judge by a ranking holding both models' values.
+        mine = reference_basis(loaded.version, horizon)
+        record = await self.scores.sweep_record()
+        if record.needs_trace(mine):
+            await self.scores.leave_trace(mine)
         ranked, valuable_from = await self.scores.value_at_share(share)
         if ranked < MIN_RANKED:  # too few ranked to judge by: this batch, if it is enough
             ranking_current = True
@@ -433,14 +447,8 @@ class Scorer:
                 if len(scored) >= MIN_RANKED
                 else None
             )
-        else:  # of this basis once a sweep of it is done and nothing else was ranked since
-            # (or when none was ever done: it has had one basis' values only, a champion
-            # replaced before the first sweep aside)
-            mine = reference_basis(loaded.version, horizon)
-            swept, mixed = await self.scores.swept_basis()
-            if swept not in (None, mine) and not mixed:  # the first of another basis
-                await self.scores.mark_ranking_mixed()  # (before they are ranked)
-            ranking_current = swept in (None, mine) and not mixed
+        else:
+            ranking_current = record.vouches_for(mine)
         rows, alerts, answers = [], [], {}
         last_ms = state.last_ts_ms
         records = features_records(features)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,8 @@ def _code_tag() -> str:
 
 #: Stored answers and sweeps by other code (an older scorer) are not current.
 CODE_TAG = _code_tag()
-#: Appended to the last sweep's mark once scores of another basis were ranked after it (no
-#: basis ends with it: a hex tag ends each).
-MIXED = "~"
+#: Starts each trace in the last sweep's record (:class:`SweepRecord`); no basis holds it.
+TRACE = "~"
 
 
 def reference_basis(model_version: str, horizon_days: int) -> str:
@@ -101,6 +101,42 @@ def reference_basis(model_version: str, horizon_days: int) -> str:
     Each moves every value at once, so a change of it makes a sweep due and starts new alert
     references (``service.scorer.next_score``)."""
     return f"{model_version}:{horizon_days}d:{CODE_TAG}"
+
+
+def basis_tag(basis: str) -> str:
+    """A short name of a basis for the traces in the sweep record."""
+    return hashlib.sha256(basis.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What the scorers share about the ranking: the last sweep's ``day:basis``, then a trace
+    (``~`` and :func:`basis_tag`) of each basis whose values were ranked while the record did
+    not vouch for them. A clean record (no trace) says every ranked value is of the swept
+    basis: a sweep rewrote them all and nothing else was ranked since. Traces are left
+    before the values are ranked, with ``APPEND`` (atomic, a single key: Redis Cluster too),
+    and are cleared only by a sweep that saw none added while it ran
+    (:meth:`ScoreStore.finish_sweep`)."""
+
+    raw: str | None  # as stored; None before the first sweep
+    basis: str | None
+    traces: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, raw: str | None) -> SweepRecord:
+        if raw is None:
+            return cls(None, None, ())
+        mark, *traces = raw.split(TRACE)
+        return cls(raw, mark.partition(":")[2], tuple(traces))
+
+    def vouches_for(self, basis: str) -> bool:
+        """Every ranked value is of ``basis`` (before the first sweep: taken as so, the
+        ranking having had one basis' values only, a champion replaced before it aside)."""
+        return self.raw is None or (self.basis == basis and not self.traces)
+
+    def needs_trace(self, basis: str) -> bool:
+        """Values of ``basis`` ranked now must first leave their trace."""
+        return not self.vouches_for(basis) and basis_tag(basis) not in self.traces
 
 
 class StoredAnswer(msgspec.Struct, frozen=True, array_like=True):
@@ -176,6 +212,13 @@ _WRITE_IF_KNOWN = (
 )
 
 
+#: The sweep record set to ARGV[2] if it is ARGV[1] (missing: ""), else to ARGV[3] unless
+#: that is "" (then left). Whether it was ARGV[1].
+_SWAP = (
+    "local cur = redis.call('GET', KEYS[1]) or '' "
+    "if cur == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end "
+    "if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3]) end return 0"
+)
 #: A chunk of a ranking kept under the names before the rankings shared a slot (ARGV:
 #: member, score, ...; KEYS: everyone's ranking and the segment's, under the new names):
 #: each member not yet on everyone's ranking goes on it and on the segment's, so a user
@@ -298,8 +341,8 @@ class ScoreStore:
         if chunk:
             yield chunk
 
-    # The scorers' shared records: which clock the scores follow, the last sweep ("day:model",
-    # then MIXED once scores of another model were ranked), the lock of the sweep in progress.
+    # The scorers' shared records: which clock the scores follow, the last sweep (a
+    # SweepRecord: "day:basis" and traces), the lock of the sweep in progress.
     @property
     def clock_key(self) -> str:
         return f"{self._prefix}:clock"
@@ -331,22 +374,35 @@ class ScoreStore:
         raw = await self._redis.get(self.swept_key)
         return None if raw is None else text_of(raw)
 
-    async def swept_basis(self) -> tuple[str | None, bool]:
-        """The basis (:func:`reference_basis`) of the last sweep done (``None`` before any),
-        and whether the ranking has held values of another basis since
-        (:meth:`mark_ranking_mixed`)."""
-        mark = await self.last_sweep()
-        if mark is None:
-            return None, False
-        return mark.partition(":")[2].rstrip(MIXED), mark.endswith(MIXED)
+    async def sweep_record(self) -> SweepRecord:
+        return SweepRecord.parse(await self.last_sweep())
 
-    async def mark_ranking_mixed(self) -> None:
-        """Record that scores of another basis than the last sweep's are being ranked: the
-        ranking no longer holds one model's values, even after a return to the swept one (a
-        rollback the same day), until a sweep rewrites every value. The mark then differs from
-        every sweep's (:meth:`sweep_mark`), which makes one due. One ``APPEND``: atomic, and a
-        sweep recorded since (a ``SET``) clears it."""
-        await self._redis.append(self.swept_key, MIXED)
+    async def leave_trace(self, basis: str) -> None:
+        """Record, before they are ranked, that values of ``basis`` join a ranking the record
+        does not vouch for them in (:class:`SweepRecord`)."""
+        await self._redis.append(self.swept_key, TRACE + basis_tag(basis))
+
+    async def start_sweep(self, basis: str) -> str:
+        """The record a sweep of ``basis`` starts from, to hand to :meth:`finish_sweep`. When
+        it does not vouch for ``basis``, the record keeps only this sweep's own trace, so that
+        any trace left while the sweep runs is one it can see at its end."""
+        for _ in range(8):  # (each miss is a trace just left: rare, and never for long)
+            record = await self.sweep_record()
+            if record.raw is None or record.vouches_for(basis):
+                return record.raw or ""
+            start = record.raw.split(TRACE)[0] + TRACE + basis_tag(basis)
+            if record.raw == start or await self._swap(record.raw, start, None):
+                return start
+        return record.raw or ""  # the end will see a change: the record stays mixed
+
+    async def finish_sweep(self, start: str, mark: str, basis: str) -> bool:
+        """Record the sweep done (``mark``, :meth:`sweep_mark`) if the record is still what it
+        started from; else values of another basis were ranked while it ran, and the record
+        keeps a trace (a sweep stays due). Whether it was recorded clean."""
+        return await self._swap(start, mark, mark + TRACE + basis_tag(basis))
+
+    async def _swap(self, expect: str, new: str, otherwise: str | None) -> bool:
+        return bool(await self._redis.eval(_SWAP, 1, self.swept_key, expect, new, otherwise or ""))
 
     async def read(self, user_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Each user's stored score, ``None`` where there is none."""

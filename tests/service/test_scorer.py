@@ -1105,10 +1105,10 @@ class _Scaled:
         return out
 
 
-async def _customers(s) -> list[str]:  # type: ignore[no-untyped-def]
-    """300 customers with 1-8 purchases in the 250 days before the cutoff."""
-    rng = np.random.default_rng(11)
-    users = [f"u{i:03d}" for i in range(300)]
+async def _customers(s, n: int = 300, prefix: str = "u", seed: int = 11) -> list[str]:  # type: ignore[no-untyped-def]
+    """``n`` customers with 1-8 purchases in the 250 days before the cutoff."""
+    rng = np.random.default_rng(seed)
+    users = [f"{prefix}{i:03d}" for i in range(n)]
     events = []
     for u in users:
         days = sorted(rng.choice(np.arange(CUTOFF - 250, CUTOFF), rng.integers(1, 9), False))
@@ -1155,9 +1155,87 @@ async def test_after_a_new_champion_valuable_is_judged_among_its_own_values(scor
     assert alerted == expected
 
 
+def _and_thrice(model: LoadedModel) -> tuple[LoadedModel, LoadedModel]:
+    """``model``, and another valuing everyone three times as high."""
+    return model, LoadedModel(model.version + "-x3", _Scaled(model.model, 3.0), model.metadata)
+
+
+@pytest.fixture
+async def swept(scorer):  # type: ignore[no-untyped-def]
+    """The scorer, 300 customers swept as of the cutoff by the champion, it, and a model
+    valuing everyone three times as high."""
+    s, champion = scorer
+    users = await _customers(s)
+    restored, other = _and_thrice(champion.loaded)
+    await s.sweep(restored, CUTOFF, asyncio.Event())
+    return s, users, restored, other
+
+
+async def _ranked_versions(s) -> set[str]:  # type: ignore[no-untyped-def]
+    _, top = await s.scores.top(100_000)
+    return {u["model_version"] for u in top}
+
+
+@pytest.mark.integration
+async def test_another_models_values_ranked_during_a_sweep_keep_the_sweep_due(
+    swept,  # type: ignore[no-untyped-def]
+) -> None:
+    # Two replicas: one (model R) runs the day's sweep; the other, on O for a while (promoted,
+    # then rolled back), ranks O's values of users the sweep has passed. Fails if (scorer.py,
+    # scores.py) the sweep's end records it clean whatever was ranked meanwhile: R then finds
+    # no sweep due and judges new references at once against a ranking holding O's values.
+    # Also with the record already mixed when the sweep starts (O's trace left before it).
+    s, users, restored, other = swept
+    stop = asyncio.Event()
+    for day, before in ((CUTOFF + 1, False), (CUTOFF + 2, True)):
+        if before:  # the other replica's trace is left before the sweep starts
+            await s.score_users(other, users[1::2], day, trigger="events")
+        real_changed, done = s.score_changed, []
+
+        async def and_the_other_replica(loaded, d, real=real_changed, done=done, day=day):  # type: ignore[no-untyped-def]
+            if not done:  # (after the sweep's first batch: the users it has passed)
+                done.append(1)
+                await s.score_users(other, users[::2], day, trigger="events")
+            return await real(loaded, d)
+
+        s.score_changed = and_the_other_replica  # type: ignore[method-assign]
+        await s.sweep(restored, day, stop)
+        s.score_changed = real_changed  # type: ignore[method-assign]
+        assert done and other.version in await _ranked_versions(s)
+        assert not (await s.scores.sweep_record()).vouches_for(
+            reference_basis(restored.version, s._settings.horizon_days)
+        )
+        assert await s._sweep_due(day, restored.version)
+        await s.score_users(restored, users[::2], day, trigger="events")
+        assert {r["ref_valuable"] for r in await s.scores.read(users[::2]) if r} == {"?"}
+        await s.sweep(restored, day, stop)  # nothing else ranked meanwhile: recorded clean
+        assert await _ranked_versions(s) == {restored.version}
+        assert not await s._sweep_due(day, restored.version)
+
+
+@pytest.mark.integration
+async def test_another_models_values_leave_a_trace_however_few_are_ranked(
+    scorer,  # type: ignore[no-untyped-def]
+) -> None:
+    # 80 customers swept by R (fewer than MIN_RANKED), then O scores 30 more: 110 ranked, 30
+    # of them O's. Fails if (scorer.py) only a ranking large enough to judge by is checked:
+    # after O is rolled back the same day, R finds no sweep due.
+    s, champion = scorer
+    stop = asyncio.Event()
+    restored, other = _and_thrice(champion.loaded)
+    await _customers(s, 80, "a")
+    await s.sweep(restored, CUTOFF, stop)
+    late = await _customers(s, 30, "b", seed=5)
+    await s.score_users(other, late, CUTOFF, trigger="events")  # then rolled back
+    assert (await s.scores.top(1))[0] == 110
+    assert await s._sweep_due(CUTOFF, restored.version)
+    await s.sweep(restored, CUTOFF, stop)
+    assert not await s._sweep_due(CUTOFF, restored.version)
+
+
 @pytest.mark.integration
 async def test_a_rollback_the_same_day_sweeps_again_and_judges_among_one_models_values(
-    scorer,  # type: ignore[no-untyped-def]
+    swept,  # type: ignore[no-untyped-def]
 ) -> None:
     # A new champion scores some customers (their events, or the start of its sweep) and is
     # rolled back the same day: the ranking then holds values of both models, although the
@@ -1166,12 +1244,8 @@ async def test_a_rollback_the_same_day_sweeps_again_and_judges_among_one_models_
     # again, the references the other model set are replaced only a year later at the lapsed
     # values (no alert for any of them), and those set meanwhile are judged against a ranking
     # inflated by the other model's values.
-    s, champion = scorer
-    users = await _customers(s)
+    s, users, restored, other = swept
     stop = asyncio.Event()
-    restored = champion.loaded
-    await s.sweep(restored, CUTOFF, stop)
-    other = LoadedModel(restored.version + "-x3", _Scaled(restored.model, 3.0), restored.metadata)
     await s.score_users(other, users[::2], CUTOFF, trigger="events")  # then rolled back
     assert await s._sweep_due(CUTOFF, restored.version)
     await s.score_users(restored, users[::4], CUTOFF, trigger="events")  # before the sweep
