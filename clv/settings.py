@@ -128,30 +128,13 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        """A URL redis-py can use (``redis+cluster://`` is parsed as ``redis://``). Its
-        messages quote it with any password masked (the contract: no secret in a log)."""
-        shown = repr(redacted(v))
+        """A URL redis-py can use (``redis+cluster://`` is parsed as ``redis://``). A refusal
+        quotes it, and the parsers' words, with whatever may be a password masked (the
+        contract: no secret in a log)."""
         try:
-            _, plain = cluster_mode(v)  # as the clients read it
+            _check_redis_url(v)
         except ValueError as exc:
-            raise ValueError(f"{shown}: {exc}") from None
-        try:
-            parse_url(plain)
-        except ValueError as exc:
-            raise ValueError(f"{shown}: {exc} (or redis+cluster://)") from None
-        parsed = urlparse(plain)
-        if parsed.scheme in ("redis", "rediss"):
-            if not parsed.hostname:
-                raise ValueError(f"{shown} names no host")
-            if parsed.port == 0:  # redis-py would take it for no port and use 6379
-                raise ValueError(f"{shown}: port 0 is not a port (1 to 65535)")
-            db = parsed.path.strip("/")
-            if db and not db.isdigit():
-                raise ValueError(f"{shown}: the database {db!r} is not a number")
-        try:
-            check_url(v)  # its options, as redis-py reads them: an unknown one failed late
-        except ValueError as exc:
-            raise ValueError(f"{shown}: {exc}") from None
+            raise ValueError(f"{redacted(v)!r}{redacted(v, str(exc))}") from None
         return v
 
     @field_validator("orders_topic", "alerts_topic", "dlq_topic")
@@ -243,6 +226,31 @@ class Settings(BaseSettings):
     def as_env(self) -> dict[str, str]:
         """These settings as the ``CLV_`` variables that rebuild them in a child process."""
         return {f"CLV_{k.upper()}": str(v) for k, v in self.model_dump().items() if v is not None}
+
+
+def _check_redis_url(v: str) -> None:
+    """:meth:`Settings._redis_url`'s checks; each refusal says what follows the URL."""
+    try:
+        _, plain = cluster_mode(v)  # as the clients read it
+    except ValueError as exc:
+        raise ValueError(f": {exc}") from None
+    try:
+        parse_url(plain)
+    except ValueError as exc:
+        raise ValueError(f": {exc} (or redis+cluster://)") from None
+    parsed = urlparse(plain)
+    if parsed.scheme in ("redis", "rediss"):
+        if not parsed.hostname:
+            raise ValueError(" names no host")
+        if parsed.port == 0:  # redis-py would take it for no port and use 6379
+            raise ValueError(": port 0 is not a port (1 to 65535)")
+        db = parsed.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f": the database {db!r} is not a number")
+    try:
+        check_url(v)  # its options, as redis-py reads them: an unknown one failed late
+    except ValueError as exc:
+        raise ValueError(f": {exc}") from None
 
 
 def settings_error(exc: ValidationError) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
 import hiredis
 from redis.asyncio import Connection, Redis
@@ -61,19 +61,28 @@ def cluster_mode(url: str) -> tuple[bool, str]:
     return parsed.scheme == "redis+cluster" or flags[0] in _YES, f"{base}?{rest}" if rest else base
 
 
-def redacted(url: str) -> str:
-    """``url`` for a message: a password, in its user part (``user:password@``) or its query
-    (``?password=``), written ``***``. Any text is taken, a URL too broken to parse included:
-    the user part is everything before the last ``@`` ahead of the query."""
-    head, sep, rest = url.partition("://")
-    if not sep:
-        head, rest = "", url
-    authority, q, query = rest.partition("?")
-    userinfo, at, where = authority.rpartition("@")
-    if at and ":" in userinfo:
-        authority = f"{userinfo.partition(':')[0]}:***@{where}"
-    query = re.sub(r"(?i)((?:^|&)password=)[^&#]*", r"\1***", query)
-    return f"{head}{sep}{authority}{q}{query}"
+def _secrets(url: str) -> list[str]:
+    """What in ``url`` may be (part of) a password: the pieces of everything before its last
+    ``@`` (a password may hold ``:``, ``/``, ``?`` or ``#`` unencoded, and a parser's error
+    may quote any piece), and each ``password`` value of its query, as written and decoded."""
+    rest = url.partition("://")[2] or url
+    userinfo = rest.rpartition("@")[0]
+    found = [userinfo, *re.split(r"[:/?#]", userinfo)]
+    for key, value in re.findall(r"(?:^|[?&])([^=&#?]*)=([^&#]*)", rest):
+        if unquote(key).lower() == "password":
+            found += [value, unquote(value)]
+    found += [repr(f)[1:-1] for f in found]  # as an error's !r quotes it
+    return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def redacted(url: str, text: str | None = None) -> str:
+    """``text`` (by default ``url`` itself) for a message about ``url``: every part of ``url``
+    that may be a password written ``***``. Any text is taken, a URL too broken to parse
+    included."""
+    shown = url if text is None else text
+    for secret in _secrets(url):
+        shown = shown.replace(secret, "***")
+    return shown
 
 
 def connect(url: str) -> Redis | RedisCluster:

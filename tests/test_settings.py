@@ -161,13 +161,20 @@ def test_just_past_the_bounds_is_refused(changes: dict[str, object], says: str) 
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("redis://:hunter2@localhost:6380/abc", "'redis://:***@localhost:6380/abc'"),
-        ("redis://user:hunter2@localhost:0/0", "'redis://user:***@localhost:0/0'"),
-        ("redis://:hunter2@localhost/0?bogus_opt=1", "'redis://:***@localhost/0?bogus_opt=1'"),
-        ("redis://:hunter2@localhost/0?cluster=maybe", "'redis://:***@localhost/0?cluster=maybe'"),
-        ("redis://:hunter2@/0", "'redis://:***@/0'"),
-        ("redis://u:p@hunter2@[::1/0", "'redis://u:***@[::1/0'"),  # @ in it, and no parse
+        ("redis://:hunter2@localhost:6380/abc", "'redis://***@localhost:6380/abc'"),
+        ("redis://user:hunter2@localhost:0/0", "'redis://***@localhost:0/0'"),
+        ("redis://:hunter2@localhost/0?bogus_opt=1", "'redis://***@localhost/0?bogus_opt=1'"),
+        ("redis://:hunter2@localhost/0?cluster=maybe", "'redis://***@localhost/0?cluster=maybe'"),
+        ("redis://:hunter2@/0", "'redis://***@/0'"),
+        ("redis://u:p@hunter2@[::1/0", "'redis://***@[::1/0'"),  # @ in it, and no parse
         ("redis://h/x?db=1&PASSWORD=hunter2#f", "'redis://h/x?db=1&PASSWORD=***#f'"),
+        # a password with / # ? unencoded: a parser takes part of it for the port and says so
+        ("redis://user:hunter2/x@localhost:6390/0", "'redis://***@localhost:6390/0'"),
+        ("redis://user:hunter2#x@localhost:6390/0", "'redis://***@localhost:6390/0'"),
+        ("redis://user:hunter2?x@localhost:6390/0", "'redis://***@localhost:6390/0'"),
+        ("redis://hunter2@localhost:6390/x", "'redis://***@localhost:6390/x'"),  # no colon
+        ("redis://h/0?pass%77ord=hunter2&db=x", "'redis://h/0?pass%77ord=***&db=x'"),
+        ("redis://h/0?password=hun%74er2&db=x", "'redis://h/0?password=***&db=x'"),
     ],
 )
 def test_a_bad_redis_url_is_quoted_without_its_password(url: str, shown: str) -> None:
