@@ -484,6 +484,8 @@ class Scorer:
             alerts = [a for a, h in zip(alerts, now, strict=True) if h == headers[a.user_id]]
         await self._publish(alerts)  # before the scores: a failure in between sends them again
         written = await self.scores.write(rows, answers, headers)
+        if (await self.scores.sweep_record()).needs_trace(mine):  # a sweep started since the
+            await self.scores.leave_trace(mine)  # check above keeps only its own trace
         # An erasure between the read above and the write: nothing was written
         # (ScoreStore.write); between the score's write and the rankings', in other slots:
         # the rankings outlived it; the erasure removes the features first, so they are found

@@ -385,13 +385,16 @@ class ScoreStore:
     async def start_sweep(self, basis: str) -> str:
         """The record a sweep of ``basis`` starts from, to hand to :meth:`finish_sweep`. When
         it does not vouch for ``basis``, the record keeps only this sweep's own trace, so that
-        any trace left while the sweep runs is one it can see at its end."""
+        any trace left while the sweep runs is one it can see at its end. Before the first
+        sweep (no record) it makes one that vouches for no basis, so another model's values
+        ranked during that sweep leave their trace too."""
         for _ in range(8):  # (each miss is a trace just left: rare, and never for long)
             record = await self.sweep_record()
-            if record.raw is None or record.vouches_for(basis):
-                return record.raw or ""
-            start = record.raw.split(TRACE)[0] + TRACE + basis_tag(basis)
-            if record.raw == start or await self._swap(record.raw, start, None):
+            if record.raw is not None and record.vouches_for(basis):
+                return record.raw
+            raw = record.raw or ""
+            start = raw.split(TRACE)[0] + TRACE + basis_tag(basis)
+            if raw == start or await self._swap(raw, start, None):
                 return start
         return record.raw or ""  # the end will see a change: the record stays mixed
 

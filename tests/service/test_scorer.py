@@ -607,7 +607,7 @@ async def test_a_sweep_whose_lock_is_taken_over_stops_and_leaves_the_lock(
     swept = await s.sweep(champion.loaded, CUTOFF, asyncio.Event())
     assert swept == 5  # the batch in hand, then it stopped
     assert await s._redis.get(s.scores.lock_key) == b"another-replica"  # not deleted by us
-    assert await s._redis.get(s.scores.swept_key) is None  # not recorded as swept
+    assert await s._sweep_due(CUTOFF, champion.loaded.version)  # not recorded as swept
     # with the lock free, a sweep takes it, scores everyone and releases it
     monkeypatch.setattr(s, "score_users", real)
     await s._redis.delete(s.scores.lock_key)
@@ -1171,6 +1171,30 @@ async def swept(scorer):  # type: ignore[no-untyped-def]
     return s, users, restored, other
 
 
+async def _sweep_with(s, model: LoadedModel, day: int, meanwhile) -> None:  # type: ignore[no-untyped-def]
+    """Sweep with ``model`` as of ``day``, running ``meanwhile()`` once after its first
+    batch (the users it has passed), as another replica would; then check that values of a
+    model other than ``model`` are ranked and a sweep is due."""
+    real_changed, done = s.score_changed, []
+
+    async def changed(loaded, d):  # type: ignore[no-untyped-def]
+        if not done:
+            done.append(1)
+            await meanwhile()
+        return await real_changed(loaded, d)
+
+    s.score_changed = changed
+    try:
+        await s.sweep(model, day, asyncio.Event())
+    finally:
+        s.score_changed = real_changed
+    assert done and await _ranked_versions(s) - {model.version}
+    assert not (await s.scores.sweep_record()).vouches_for(
+        reference_basis(model.version, s._settings.horizon_days)
+    )
+    assert await s._sweep_due(day, model.version)
+
+
 async def _ranked_versions(s) -> set[str]:  # type: ignore[no-untyped-def]
     _, top = await s.scores.top(100_000)
     return {u["model_version"] for u in top}
@@ -1190,27 +1214,65 @@ async def test_another_models_values_ranked_during_a_sweep_keep_the_sweep_due(
     for day, before in ((CUTOFF + 1, False), (CUTOFF + 2, True)):
         if before:  # the other replica's trace is left before the sweep starts
             await s.score_users(other, users[1::2], day, trigger="events")
-        real_changed, done = s.score_changed, []
-
-        async def and_the_other_replica(loaded, d, real=real_changed, done=done, day=day):  # type: ignore[no-untyped-def]
-            if not done:  # (after the sweep's first batch: the users it has passed)
-                done.append(1)
-                await s.score_users(other, users[::2], day, trigger="events")
-            return await real(loaded, d)
-
-        s.score_changed = and_the_other_replica  # type: ignore[method-assign]
-        await s.sweep(restored, day, stop)
-        s.score_changed = real_changed  # type: ignore[method-assign]
-        assert done and other.version in await _ranked_versions(s)
-        assert not (await s.scores.sweep_record()).vouches_for(
-            reference_basis(restored.version, s._settings.horizon_days)
+        await _sweep_with(
+            s, restored, day, lambda d=day: s.score_users(other, users[::2], d, trigger="events")
         )
-        assert await s._sweep_due(day, restored.version)
         await s.score_users(restored, users[::2], day, trigger="events")
         assert {r["ref_valuable"] for r in await s.scores.read(users[::2]) if r} == {"?"}
         await s.sweep(restored, day, stop)  # nothing else ranked meanwhile: recorded clean
         assert await _ranked_versions(s) == {restored.version}
         assert not await s._sweep_due(day, restored.version)
+
+
+@pytest.mark.integration
+async def test_a_batch_of_another_model_in_flight_when_a_sweep_starts_keeps_it_due(
+    swept,  # type: ignore[no-untyped-def]
+) -> None:
+    # A replica on the other model has checked the record (its trace left, or found there)
+    # and stalls before its write; the sweep starts, keeping only its own trace, passes the
+    # users, and then the batch writes the other model's values over them. Fails if
+    # (scorer.py) the trace is checked before the write only: the sweep is recorded clean.
+    s, users, restored, other = swept
+    day = CUTOFF + 1
+    lagging = Scorer(s._settings, s._redis, s._champion, s._producer)
+    real_write = lagging.scores.write
+    go, at_write = asyncio.Event(), asyncio.Event()
+
+    async def stalled_write(*a, **kw):  # type: ignore[no-untyped-def]
+        at_write.set()
+        await go.wait()
+        return await real_write(*a, **kw)
+
+    lagging.scores.write = stalled_write  # type: ignore[method-assign]
+    batch = asyncio.create_task(lagging.score_users(other, users[::2], day, trigger="events"))
+    await at_write.wait()
+
+    async def it_writes() -> None:
+        go.set()
+        await batch
+
+    await _sweep_with(s, restored, day, it_writes)
+    lagging.close()
+    await s.sweep(restored, day, asyncio.Event())
+    assert not await s._sweep_due(day, restored.version)
+
+
+@pytest.mark.integration
+async def test_another_models_values_ranked_during_the_first_sweep_ever_keep_a_sweep_due(
+    scorer,  # type: ignore[no-untyped-def]
+) -> None:
+    # No record yet (a new deployment, or the key deleted). Fails if (scores.py) a missing
+    # record vouches for every model during the first sweep too: another model's values
+    # ranked during it leave no trace and the sweep is recorded clean.
+    s, champion = scorer
+    users = await _customers(s)
+    restored, other = _and_thrice(champion.loaded)
+    assert await s.scores.last_sweep() is None
+    await _sweep_with(
+        s, restored, CUTOFF, lambda: s.score_users(other, users[::2], CUTOFF, trigger="events")
+    )
+    await s.sweep(restored, CUTOFF, asyncio.Event())
+    assert not await s._sweep_due(CUTOFF, restored.version)
 
 
 @pytest.mark.integration
