@@ -61,28 +61,55 @@ def cluster_mode(url: str) -> tuple[bool, str]:
     return parsed.scheme == "redis+cluster" or flags[0] in _YES, f"{base}?{rest}" if rest else base
 
 
-def _secrets(url: str) -> list[str]:
-    """What in ``url`` may be (part of) a password: the pieces of everything before its last
-    ``@`` (a password may hold ``:``, ``/``, ``?`` or ``#`` unencoded, and a parser's error
-    may quote any piece), and each ``password`` value of its query, as written and decoded."""
-    rest = url.partition("://")[2] or url
-    userinfo = rest.rpartition("@")[0]
-    found = [userinfo, *re.split(r"[:/?#]", userinfo)]
-    for key, value in re.findall(r"(?:^|[?&])([^=&#?]*)=([^&#]*)", rest):
-        if unquote(key).lower() == "password":
-            found += [value, unquote(value)]
-    found += [repr(f)[1:-1] for f in found]  # as an error's !r quotes it
-    return sorted({f for f in found if f}, key=len, reverse=True)
+#: A query parameter, as the text has it: its name and its value.
+_PARAM = re.compile(r"(?:^|(?<=[&;]))([^=&;#]*)=([^&;#]*)")
+
+
+def _is_password(name: str) -> bool:
+    return unquote(name).lower() == "password"
+
+
+def _masked(param: re.Match[str]) -> str:
+    return f"{param[1]}=***" if _is_password(param[1]) else param[0]
 
 
 def redacted(url: str, text: str | None = None) -> str:
-    """``text`` (by default ``url`` itself) for a message about ``url``: every part of ``url``
-    that may be a password written ``***``. Any text is taken, a URL too broken to parse
-    included."""
-    shown = url if text is None else text
-    for secret in _secrets(url):
-        shown = shown.replace(secret, "***")
-    return shown
+    """``text`` (by default ``url`` itself) for a message about ``url``, with nothing of a
+    password in it. The URL is parsed as redis-py parses it: its user part (``user:password@``)
+    and each ``password`` query value are ``***``, and so are they (as written, decoded, or
+    quoted with ``!r``) wherever ``text`` holds them. A URL that may hold credentials (an ``@``
+    or a ``password``) but whose server part does not parse (a password with an unencoded
+    ``/``, ``?`` or ``#`` turns its tail into a port) is shown as its scheme alone, and a
+    parser's words about it not at all: they may quote any piece of it."""
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018  (its check: a port that is no number raises)
+        # an @ past the server part: a password's tail, its first / taken for the path's
+        stray = "@" in _PARAM.sub(_masked, parsed.query) + parsed.path + parsed.fragment
+    except ValueError:
+        stray = True
+    if stray:
+        if "@" not in url and "password" not in unquote(url).lower():
+            return url if text is None else text  # nothing of a password to hide
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if text is None:
+            return f"{scheme}://***" if scheme else "***"
+        return ": it does not parse (the reason is not shown: it may quote the password)"
+    userinfo, _, hostport = parsed.netloc.rpartition("@")
+    secrets = [userinfo, parsed.password or ""]
+    for name, value in _PARAM.findall(parsed.query):
+        if _is_password(name):
+            secrets += [value, unquote(value)]
+    secrets += [repr(x)[1:-1] for x in secrets]  # as an error's !r quotes it
+    if text is None:
+        head = f"{parsed.scheme}://" if url.startswith(f"{parsed.scheme}://") else ""
+        tail = url[len(head) + len(parsed.netloc) :]
+        path, q, query = tail.partition("?")
+        query = _PARAM.sub(_masked, query)
+        return f"{head}{'***@' if userinfo else ''}{hostport}{path}{q}{query}"
+    for secret in sorted({x for x in secrets if x}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def connect(url: str) -> Redis | RedisCluster:
