@@ -447,8 +447,11 @@ class Scorer:
                 if len(scored) >= MIN_RANKED
                 else None
             )
-        else:
-            ranking_current = record.vouches_for(mine)
+        else:  # and still so after the ranking's read: another model's values ranked in
+            # between left their trace first
+            ranking_current = record.vouches_for(mine) and (
+                await self.scores.sweep_record()
+            ).vouches_for(mine)
         rows, alerts, answers = [], [], {}
         last_ms = state.last_ts_ms
         records = features_records(features)

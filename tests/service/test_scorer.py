@@ -1276,6 +1276,34 @@ async def test_another_models_values_ranked_during_the_first_sweep_ever_keep_a_s
 
 
 @pytest.mark.integration
+async def test_another_models_values_ranked_while_a_batch_reads_the_ranking_are_seen(
+    swept,  # type: ignore[no-untyped-def]
+) -> None:
+    # Another replica (a new champion) ranks its values between this batch's read of the
+    # sweep record and its read of the ranking. Fails if (scorer.py) the record is read only
+    # before the ranking: the batch's new references are judged at once against a ranking
+    # holding the other model's values.
+    s, users, restored, other = swept
+    fresh = await _customers(s, 40, "n", seed=3)
+    replica = Scorer(s._settings, s._redis, s._champion, s._producer)
+    real_read, done = s.scores.value_at_share, []
+
+    async def value_at_share(share):  # type: ignore[no-untyped-def]
+        if not done:
+            done.append(1)
+            await replica.score_users(other, users[::2], CUTOFF, trigger="events")
+        return await real_read(share)
+
+    s.scores.value_at_share = value_at_share
+    try:
+        await s.score_users(restored, fresh, CUTOFF, trigger="events")
+    finally:
+        s.scores.value_at_share = real_read
+        replica.close()
+    assert done and {r["ref_valuable"] for r in await s.scores.read(fresh) if r} == {"?"}
+
+
+@pytest.mark.integration
 async def test_another_models_values_leave_a_trace_however_few_are_ranked(
     scorer,  # type: ignore[no-untyped-def]
 ) -> None:
