@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -378,19 +379,37 @@ def test_a_terminated_backtest_leaves_nothing_behind(tmp_path: Path, stage: str)
     assert list(tmp_path.iterdir()) == []
 
 
-def _terminated_synth(out: Path, orders: int, staged: Callable[[], bool]) -> None:
-    """Run ``clv synth --out out``, SIGTERM it once ``staged()`` sees its staged output being
-    written, and check it ends as a terminated run: exit 143, one line."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", str(orders),
-         "--start", "2020-01-01", "--out", str(out), "-q"],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )  # fmt: skip
-    while proc.poll() is None and not staged():
-        time.sleep(0.005)
+def _terminated_synth(
+    root: Path, out: Path, staged: Callable[[], bool], placed: Callable[[], bool]
+) -> None:
+    """Run ``clv synth --out out`` (under the empty folder ``root``), SIGTERM it while it
+    writes (``staged()`` sees its staged output, ``placed()`` nothing moved into place yet),
+    and check it ends as a terminated run: exit 143, one line. It is frozen (SIGSTOP) to
+    check that it still writes before the SIGTERM goes (it lands when the run goes on); a run
+    that got past its staging between the poll and the freeze (a loaded machine) is let
+    finish and run again, at most ten times, so the signal always lands mid-write."""
+    for _ in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clv", "synth", "--users", "200000", "--orders", "2000000",
+             "--start", "2020-01-01", "--out", str(out), "-q"],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        while proc.poll() is None and not staged():
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
+        if proc.poll() is None and staged() and not placed():
+            break  # frozen mid-write
+        proc.send_signal(signal.SIGCONT)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        for made in root.iterdir():  # its output, and the folders it made
+            shutil.rmtree(made) if made.is_dir() else made.unlink()
+    else:
+        pytest.fail("clv synth was never caught while writing")
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert err.strip() == "clv: terminated"
@@ -398,8 +417,12 @@ def _terminated_synth(out: Path, orders: int, staged: Callable[[], bool]) -> Non
 
 def test_a_terminated_synth_leaves_no_partial_log(tmp_path: Path) -> None:
     out = tmp_path / "log"
-    # big enough that writing lasts seconds: the signal lands mid-write on a loaded machine too
-    _terminated_synth(out, 2_000_000, lambda: any(out.glob(".synth.*/date=*/*.parquet")))
+    _terminated_synth(  # (big enough that writing lasts seconds)
+        tmp_path,
+        out,
+        lambda: any(out.glob(".synth.*/date=*/*.parquet")),
+        lambda: any(out.glob("date=*")),
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -407,7 +430,7 @@ def test_a_terminated_synth_csv_leaves_neither_file_nor_the_folders_it_made(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "new" / "deeper" / "orders.csv"
-    _terminated_synth(out, 2_000_000, lambda: any(out.parent.glob(".orders.csv.*.tmp")))
+    _terminated_synth(tmp_path, out, lambda: any(out.parent.glob(".orders.csv.*.tmp")), out.exists)
     assert list(tmp_path.iterdir()) == []
 
 
