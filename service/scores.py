@@ -394,7 +394,7 @@ class ScoreStore:
                 return record.raw
             raw = record.raw or ""
             start = raw.split(TRACE)[0] + TRACE + basis_tag(basis)
-            if raw == start or await self._swap(raw, start, None):
+            if raw == start or await self._swap(raw, start):
                 return start
         return record.raw or ""  # the end will see a change: the record stays mixed
 
@@ -404,8 +404,8 @@ class ScoreStore:
         keeps a trace (a sweep stays due). Whether it was recorded clean."""
         return await self._swap(start, mark, mark + TRACE + basis_tag(basis))
 
-    async def _swap(self, expect: str, new: str, otherwise: str | None) -> bool:
-        return bool(await self._redis.eval(_SWAP, 1, self.swept_key, expect, new, otherwise or ""))
+    async def _swap(self, expect: str, new: str, otherwise: str = "") -> bool:
+        return bool(await self._redis.eval(_SWAP, 1, self.swept_key, expect, new, otherwise))
 
     async def read(self, user_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Each user's stored score, ``None`` where there is none."""

@@ -58,7 +58,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from clv.errors import ClvError, ModelError, one_line
 from clv.files import (
@@ -85,6 +85,8 @@ REMOVING_PREFIX = ".removing-"  # a version being removed: renamed out of the ve
 UNOFFERED_GRACE = dt.timedelta(days=1)  # a version not offered yet may be another run's
 MAX_METADATA_BYTES = 4 << 20
 VERSION_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6,16}")
+
+T = TypeVar("T")
 
 
 def units(currency: str) -> dict[str, str]:
@@ -584,7 +586,7 @@ class ModelRegistry:
             raise ModelError(f"model {version}: metadata names no {MODEL_FILE} artifact")
         size = artifact.get("bytes")
         # the verified metadata's size bounds the read: a larger file in its place (a foreign
-        # one, say) is refused after size + 1 bytes, not read whole into memory first
+        # one, say) is refused unread, not hashed after being read whole
         limit = size if isinstance(size, int) and not isinstance(size, bool) else None
         if limit is not None and limit < 0:
             raise ModelError(f"model {version}: metadata gives {MODEL_FILE} {limit} bytes")
@@ -645,8 +647,9 @@ class ModelRegistry:
         pointer = self._pointer()
         return None if pointer is None else str(pointer["version"])
 
-    def _champion_pointer(self) -> tuple[dict[str, Any], str]:
-        """The champion pointer and the hash it vouches for of the champion's metadata."""
+    def _of_champion(self, use: Callable[[str, str], T]) -> T:
+        """``use(version, metadata_file_sha256)`` on the champion the pointer names; when it
+        fails (ModelError) and the pointer has changed meanwhile, on the new champion."""
         pointer = self._pointer()
         if pointer is None:
             raise ModelError(f"no champion model in {self.root}: run `clv train` first")
@@ -657,32 +660,28 @@ class ModelRegistry:
                 f"champion pointer {self.pointer_path} holds no hash of the champion's "
                 "metadata: promote a model again (`clv train --force`)"
             )
-        return pointer, file_sha
-
-    def load_champion(self) -> LoadedModel:
-        """The verified champion (raises :class:`ModelError` when there is none or it fails)."""
-        pointer, file_sha = self._champion_pointer()
         try:
-            return self.load(str(pointer["version"]), expect_metadata_sha256=file_sha)
+            return use(str(pointer["version"]), file_sha)
         except ModelError:
             if self._pointer() == pointer:  # still the champion: it is what is broken
                 raise
-            return self.load_champion()  # replaced, its version maybe pruned, while we read it
+            return self._of_champion(use)  # replaced, its version maybe pruned, while we read
+
+    def load_champion(self) -> LoadedModel:
+        """The verified champion (raises :class:`ModelError` when there is none or it fails)."""
+        return self._of_champion(lambda v, sha: self.load(v, expect_metadata_sha256=sha))
 
     def verify_champion(self) -> str:
         """The champion's version once its pointer, metadata and model file check out, as
         :meth:`load_champion` checks them but with nothing unpickled (raises
         :class:`ModelError` otherwise). It reads the model file: for a periodic check, not a
         request's."""
-        pointer, file_sha = self._champion_pointer()
-        version = str(pointer["version"])
-        try:
-            self._verified(version, file_sha)
-        except ModelError:
-            if self._pointer() == pointer:
-                raise
-            return self.verify_champion()
-        return version
+
+        def verified(version: str, sha: str) -> str:
+            self._verified(version, sha)
+            return version
+
+        return self._of_champion(verified)
 
     def _write_pointer(self, version: str, decision: Decision) -> None:
         meta_raw = _read_regular(self.root / version / METADATA_FILE, MAX_METADATA_BYTES)

@@ -869,9 +869,8 @@ async def retrain_forever(
     (no stream of identical versions) and the champion still checks out (a champion deleted or
     corrupted since is replaced by a run on the same log); after a restart, the child itself
     trains nothing when the events and inputs are a registered version's (:func:`train`).
-    Until a champion exists,
-    a failed run (say, an event log still empty) is retried after at most a minute. Failures
-    are logged, never raised.
+    Until a champion exists, a failed run (say, an event log still empty) is retried after at
+    most a minute. Failures are logged, never raised.
     """
     registry = ModelRegistry(settings.model_dir)
     trained_on: str | None = None

@@ -11,7 +11,9 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,6 +65,21 @@ def flip_a_byte(path: Path) -> None:
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0x01
     path.write_bytes(bytes(blob))
+
+
+def edited_metadata(reg: ModelRegistry, v: str, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """``v``'s metadata.json changed by ``edit`` with its self-hash recomputed: consistent on
+    its own, not with a pointer's hash of the file. The bytes written."""
+    from training.registry import _canonical, _sha256
+
+    path = reg.root / v / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta.pop("metadata_sha256")
+    edit(meta)
+    meta["metadata_sha256"] = _sha256(_canonical(meta))
+    raw = json.dumps(meta, indent=2).encode() + b"\n"
+    path.write_bytes(raw)
+    return raw
 
 
 @pytest.fixture
@@ -263,17 +280,11 @@ def test_a_size_in_the_metadata_never_sizes_the_read(reg: ModelRegistry, claimed
     # metadata claiming 2**40 bytes made it reserve that much (MemoryError; 2**63:
     # OverflowError), neither a ModelError, so retraining's check died of it; a negative one
     # read the whole file. The file as registered still loads; a negative size is refused.
-    from training.registry import _canonical, _sha256
+    from training.registry import _sha256
 
     v = register(reg, 1.0)
     reg.offer(v)
-    path = reg.root / v / METADATA_FILE
-    meta = json.loads(path.read_text())
-    meta.pop("metadata_sha256")
-    meta["artifact"]["bytes"] = claimed
-    meta["metadata_sha256"] = _sha256(_canonical(meta))
-    raw = json.dumps(meta, indent=2).encode() + b"\n"
-    path.write_bytes(raw)
+    raw = edited_metadata(reg, v, lambda meta: meta["artifact"].update(bytes=claimed))
     pointer = json.loads(reg.pointer_path.read_text())
     pointer["metadata_file_sha256"] = _sha256(raw)
     reg.pointer_path.write_text(json.dumps(pointer))
@@ -319,19 +330,13 @@ def test_edited_metadata_is_refused(reg: ModelRegistry) -> None:
 def test_metadata_edited_with_recomputed_self_hash_is_refused_via_pointer(
     reg: ModelRegistry,
 ) -> None:
-    from training.registry import _canonical, _sha256
-
     v = register(reg, 1.0)
     reg.offer(v)
     path = reg.root / v / METADATA_FILE
-    meta = json.loads(path.read_text())
-    meta.pop("metadata_sha256")
-    meta["model_name"] = "something_else"
-    meta["metadata_sha256"] = _sha256(_canonical(meta))
     pointer = json.loads((reg.root / POINTER_FILE).read_text())
     # the pointer holds the file's hash, as sha256sum prints it
     assert pointer["metadata_file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    path.write_text(json.dumps(meta))
+    edited_metadata(reg, v, lambda meta: meta.update(model_name="something_else"))
     reg.load(v)  # self-consistent on its own ...
     with pytest.raises(ModelError, match="changed since it was promoted"):
         reg.load_champion()  # ... but not what was promoted
@@ -823,15 +828,8 @@ def test_a_version_folder_copied_under_another_name_is_refused(reg: ModelRegistr
 
 
 def test_an_unknown_metadata_format_is_refused(reg: ModelRegistry) -> None:
-    from training.registry import _canonical, _sha256
-
     v = register(reg, 1.0)
-    path = reg.root / v / METADATA_FILE
-    meta = json.loads(path.read_text())
-    meta.pop("metadata_sha256")
-    meta["format"] = 2  # written by a newer trainer
-    meta["metadata_sha256"] = _sha256(_canonical(meta))
-    path.write_text(json.dumps(meta))
+    edited_metadata(reg, v, lambda meta: meta.update(format=2))  # written by a newer trainer
     with pytest.raises(ModelError, match="unknown metadata format 2"):
         reg.load(v)
 
