@@ -92,62 +92,80 @@ def loops(path: Path) -> bool:
     return False
 
 
+#: How often a SIGTERM that has not yet unwound its block is raised in it again.
+_AGAIN_S = 0.02
+
+
+def _unwinding() -> bool:
+    """Whether the main thread (where a signal handler runs) is handling a
+    :class:`~clv.errors.Terminated`, or an error raised while it was being handled: the cleanup
+    on the way out, which a SIGTERM must not cut short."""
+    exc = sys.exc_info()[1]
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Terminated):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__
+    return False
+
+
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
-    below runs; the previous handler is restored after. A second SIGTERM is ignored, so that it
-    cannot cut the cleanup short, and one that arrives inside :func:`interruptions_deferred` is
-    raised when that step ends. Outside the main thread, a no-op.
+    below runs; the previous handler is restored after. A SIGTERM that arrives during that
+    cleanup (a :class:`~clv.errors.Terminated` is being handled) is ignored, so that it cannot
+    cut the cleanup short, and one that arrives inside :func:`interruptions_deferred` is raised
+    when that step ends. Outside the main thread, a no-op.
 
-    Python runs the handler wherever the main thread is, a finalizer (``__del__``, a weakref
-    callback, a generator closed by the collector) included, and drops an exception raised
-    there ("Exception ignored in ..."): the run would go on to the end with SIGTERM ignored. So
-    a dropped :class:`~clv.errors.Terminated`, or a SIGTERM that arrives while such a report is
-    being made, is signalled again from another thread once the finalizer has returned. And
-    whenever a SIGTERM arrived but no Terminated reached the end of the block (dropped where
-    this cannot see, such as a library's ``except BaseException``, or signalled again into a
-    flood of such reports), one is raised where the block ends: a run asked to stop never ends
-    as if it had not been."""
+    Python runs the handler wherever the main thread is, and some places drop what it raises:
+    a finalizer (``__del__``, a weakref callback: "Exception ignored in ..."), and C code that
+    asks whether an object has an attribute and clears any error (Cython's ``hasattr``, as
+    pyarrow's ``pa.array`` does on a pandas column, whose ``__getattr__`` runs Python). The run
+    would go on to the end. So from the first SIGTERM on, it is raised again every
+    :data:`_AGAIN_S` from another thread until the block is left, each time ignored while the
+    cleanup runs. And whenever a SIGTERM arrived but no Terminated reached the end of the block
+    (dropped where this cannot see, such as a library's ``except BaseException``, just before
+    the end), one is raised where the block ends: a run asked to stop never ends as if it had
+    not been."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    live = True  # the block runs: a SIGTERM signalled again is still this block's
+    live = True  # the block runs: a SIGTERM raised again is still this block's
     asked = arrived = False  # a SIGTERM arrived; a Terminated reached the end of the block
-    reporting = held = False  # inside the hook below; a SIGTERM arrived there
+    reporting = False  # inside the hook below
 
     def _raise(_signum: int, _frame: object) -> None:
         global _pending
-        nonlocal asked, held
-        asked = True
+        nonlocal asked
+        if not asked:
+            asked = True
+            _thread.start_new_thread(_again, ())  # Thread.start would wait, handling signals
+        if _unwinding():
+            return
         if _deferring:
             _pending = True
             return
-        if reporting:  # raised here, it would be dropped like the one being reported
-            held = True
+        if reporting:  # raised here, it would be dropped like the error being reported
             return
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now: no second interruption
         raise Terminated()
 
-    def _signal_again() -> None:  # in a thread of its own, while the main thread goes on
-        time.sleep(0.01)
-        if live:  # simulated, not sent: once SIGTERM is no longer Python's, this does nothing
-            _thread.interrupt_main(signal.SIGTERM)
+    def _again() -> None:  # in a thread of its own, while the main thread goes on
+        while live:
+            time.sleep(_AGAIN_S)
+            if live:  # simulated, not sent: once SIGTERM is no longer Python's, this does nothing
+                _thread.interrupt_main(signal.SIGTERM)
 
     def _dropped(unraisable: sys.UnraisableHookArgs) -> None:
-        nonlocal reporting, held
+        nonlocal reporting
+        if isinstance(unraisable.exc_value, Terminated):
+            return  # not reported: raised again in the block by the next round
         reporting = True
         try:
-            if isinstance(unraisable.exc_value, Terminated):
-                held = True
-                signal.signal(signal.SIGTERM, _raise)  # the handler set it to be ignored
-            else:
-                previous_hook(unraisable)
+            previous_hook(unraisable)
         finally:
             reporting = False
-        if held:
-            held = False
-            _thread.start_new_thread(_signal_again, ())  # Thread.start would wait, handling signals
 
     previous = signal.signal(signal.SIGTERM, _raise)
     previous_hook, sys.unraisablehook = sys.unraisablehook, _dropped
@@ -192,7 +210,6 @@ def interruptions_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous_int)
         if not _deferring and _pending:
             _pending = False
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # unwinding now, as the handler does
             raise Terminated()
         if interrupted:
             raise KeyboardInterrupt
