@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -80,6 +81,7 @@ def remove_empty(folders: list[Path]) -> None:
 
 _deferring = 0  # > 0 while a commit step must not be cut in two (main thread only)
 _pending = False  # SIGTERM arrived while deferring: raised when the step ends
+_raised: weakref.ref[Terminated] | None = None  # the Terminated raised last, while it lives
 
 
 def loops(path: Path) -> bool:
@@ -96,10 +98,22 @@ def loops(path: Path) -> bool:
 _AGAIN_S = 0.02
 
 
+def _terminated() -> Terminated:
+    """A new :class:`~clv.errors.Terminated` to raise, remembered while it lives."""
+    global _raised
+    raised = Terminated()
+    _raised = weakref.ref(raised)
+    return raised
+
+
 def _unwinding() -> bool:
-    """Whether the main thread (where a signal handler runs) is handling a
-    :class:`~clv.errors.Terminated`, or an error raised while it was being handled: the cleanup
-    on the way out, which a SIGTERM must not cut short."""
+    """Whether the main thread (where a signal handler runs) is on its way out: a
+    :class:`~clv.errors.Terminated` raised here is alive (it propagates, and Python may run
+    cleanup meanwhile that does not see it: a generator closed, a ``__del__``), or one is being
+    handled, or an error raised while it was (the cleanup), which a SIGTERM must not cut short.
+    One that C code cleared, or a library swallowed, is gone."""
+    if _raised is not None and _raised() is not None:
+        return True
     exc = sys.exc_info()[1]
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -121,14 +135,17 @@ def sigterm_unwinds() -> Iterator[None]:
 
     Python runs the handler wherever the main thread is, and some places drop what it raises:
     a finalizer (``__del__``, a weakref callback: "Exception ignored in ..."), and C code that
-    asks whether an object has an attribute and clears any error (Cython's ``hasattr``, as
-    pyarrow's ``pa.array`` does on a pandas column, whose ``__getattr__`` runs Python). The run
-    would go on to the end. So from the first SIGTERM on, it is raised again every
-    :data:`_AGAIN_S` from another thread until the block is left, each time ignored while the
-    cleanup runs. And whenever a SIGTERM arrived but no Terminated reached the end of the block
-    (dropped where this cannot see, such as a library's ``except BaseException``, just before
-    the end), one is raised where the block ends: a run asked to stop never ends as if it had
-    not been."""
+    clears any error raised while it runs Python (numpy's ``dtype == x``, which pandas does all
+    the time, inside pyarrow's ``Table.from_pandas`` too). The run would go on to the end. So
+    from the first SIGTERM on, it is raised again every :data:`_AGAIN_S` from another thread
+    until the block is left, each time ignored while the run is on its way out
+    (:func:`_unwinding`). The repeats are simulated (``_thread.interrupt_main``), so a blocking
+    call (a sleep, a wait) entered after a SIGTERM was cleared is not cut short; the repeat
+    lands when it returns. And whenever a SIGTERM arrived but no Terminated reached the end of
+    the block (dropped where this cannot see, such as a library's ``except BaseException``
+    that keeps it, just before the end), one is raised where the block ends: a run asked to
+    stop never ends as if it had not been."""
+    global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -142,20 +159,21 @@ def sigterm_unwinds() -> Iterator[None]:
         if not asked:
             asked = True
             _thread.start_new_thread(_again, ())  # Thread.start would wait, handling signals
-        if _unwinding():
+        if not live or _unwinding():  # (not live: the block's end raises it)
             return
         if _deferring:
             _pending = True
             return
         if reporting:  # raised here, it would be dropped like the error being reported
             return
-        raise Terminated()
+        raise _terminated()
 
     def _again() -> None:  # in a thread of its own, while the main thread goes on
         while live:
             time.sleep(_AGAIN_S)
-            if live:  # simulated, not sent: once SIGTERM is no longer Python's, this does nothing
-                _thread.interrupt_main(signal.SIGTERM)
+            with again:  # the block's end waits for it: never after the handler is restored
+                if live:
+                    _thread.interrupt_main(signal.SIGTERM)
 
     def _dropped(unraisable: sys.UnraisableHookArgs) -> None:
         nonlocal reporting
@@ -167,6 +185,7 @@ def sigterm_unwinds() -> Iterator[None]:
         finally:
             reporting = False
 
+    again = _thread.allocate_lock()
     previous = signal.signal(signal.SIGTERM, _raise)
     previous_hook, sys.unraisablehook = sys.unraisablehook, _dropped
     try:
@@ -176,11 +195,14 @@ def sigterm_unwinds() -> Iterator[None]:
         raise
     finally:
         live = False
+        with again:  # a repeat in flight has landed (in _raise, which ignores it now)
+            pass
         if sys.unraisablehook is _dropped:  # not when something in the block replaced it
             sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
+        _pending = False  # (noted by a repeat as a deferred step ended: this block's)
         if asked and not arrived:  # dropped on the way, and not raised again before the end
-            raise Terminated()
+            raise _terminated()
 
 
 @contextmanager
@@ -206,11 +228,11 @@ def interruptions_deferred() -> Iterator[None]:
     try:
         yield
     finally:
+        signal.signal(signal.SIGINT, previous_int)  # (a SIGTERM here is still only noted)
         _deferring -= 1
-        signal.signal(signal.SIGINT, previous_int)
         if not _deferring and _pending:
             _pending = False
-            raise Terminated()
+            raise _terminated()
         if interrupted:
             raise KeyboardInterrupt
 
