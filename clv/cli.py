@@ -24,7 +24,7 @@ from clv.commands.backtest import backtest
 from clv.commands.synth import synth
 from clv.commands.train import train
 from clv.errors import ClvError, Terminated
-from clv.files import sigterm_unwinds
+from clv.files import stops_unwind
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, hung_up: list[bool]) -> int:
     try:
-        with sigterm_unwinds():  # a terminated run cleans up as an interrupted one does
+        with stops_unwind():  # a terminated run cleans up as an interrupted one does
             code = app(args=argv, prog_name="clv", standalone_mode=False)
     except Terminated:
         if hung_up:
@@ -346,6 +346,9 @@ def _main(argv: list[str] | None, hung_up: list[bool]) -> int:
             return 129
         typer.echo("clv: terminated", err=True)
         return 143
+    except KeyboardInterrupt:  # raised again where the block ends (see stops_unwind)
+        typer.echo("clv: interrupted", err=True)
+        return 130
     except typer.Abort:
         typer.echo("clv: aborted", err=True)
         return 130

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from clv.errors import ClvError, Terminated
+from clv.errors import ClvError, Interrupted, Terminated
 
 
 def fsync_dir(path: Path) -> None:
@@ -81,7 +81,7 @@ def remove_empty(folders: list[Path]) -> None:
 
 _deferring = 0  # > 0 while a commit step must not be cut in two (main thread only)
 _pending = False  # SIGTERM arrived while deferring: raised when the step ends
-_raised: weakref.ref[Terminated] | None = None  # the Terminated raised last, while it lives
+_raised: weakref.ref[BaseException] | None = None  # the stop raised last, while it lives
 
 
 def loops(path: Path) -> bool:
@@ -98,26 +98,31 @@ def loops(path: Path) -> bool:
 _AGAIN_S = 0.02
 
 
-def _terminated() -> Terminated:
-    """A new :class:`~clv.errors.Terminated` to raise, remembered while it lives."""
+#: What a stop signal raises in :func:`stops_unwind`.
+_RAISES: dict[int, type[BaseException]] = {signal.SIGTERM: Terminated, signal.SIGINT: Interrupted}
+
+
+def _stop(signum: int) -> BaseException:
+    """A new exception for stop signal ``signum`` to raise, remembered while it lives."""
     global _raised
-    raised = Terminated()
+    raised = _RAISES[signum]()
     _raised = weakref.ref(raised)
     return raised
 
 
 def _unwinding() -> bool:
-    """Whether the main thread (where a signal handler runs) is on its way out: a
-    :class:`~clv.errors.Terminated` raised here is alive (it propagates, and Python may run
-    cleanup meanwhile that does not see it: a generator closed, a ``__del__``), or one is being
-    handled, or an error raised while it was (the cleanup), which a SIGTERM must not cut short.
-    One that C code cleared, or a library swallowed, is gone."""
+    """Whether the main thread (where a signal handler runs) is on its way out: a stop
+    exception raised here (:func:`_stop`) is alive (it propagates, and Python may run cleanup
+    meanwhile that does not see it: a generator closed, a ``__del__``), or a
+    :class:`~clv.errors.Terminated` or ``KeyboardInterrupt`` is being handled, or an error
+    raised while one was (the cleanup), which a stop signal must not cut short. One that C code
+    cleared, or a library swallowed, is gone."""
     if _raised is not None and _raised() is not None:
         return True
     exc = sys.exc_info()[1]
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, Terminated):
+        if isinstance(exc, (Terminated, KeyboardInterrupt)):
             return True
         seen.add(id(exc))
         exc = exc.__context__
@@ -125,59 +130,64 @@ def _unwinding() -> bool:
 
 
 @contextmanager
-def sigterm_unwinds() -> Iterator[None]:
+def stops_unwind() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
-    below runs; the previous handler is restored after. A SIGTERM that arrives during that
-    cleanup (a :class:`~clv.errors.Terminated` is being handled) is ignored, so that it cannot
-    cut the cleanup short, and one that arrives inside :func:`interruptions_deferred` is raised
-    when that step ends. Outside the main thread, a no-op.
+    below runs, and Ctrl-C raises :class:`~clv.errors.Interrupted` (a ``KeyboardInterrupt``)
+    as it would anyway (unless it was set to be ignored, or handled otherwise); the previous
+    handlers are restored after. A stop signal that arrives during the cleanup (one of those is
+    on its way out) is ignored, so that it cannot cut the cleanup short, and a SIGTERM that
+    arrives inside :func:`interruptions_deferred` is raised when that step ends (a Ctrl-C
+    too, by the step's own handler). Outside the main thread, a no-op.
 
     Python runs the handler wherever the main thread is, and some places drop what it raises:
     a finalizer (``__del__``, a weakref callback: "Exception ignored in ..."), and C code that
     clears any error raised while it runs Python (numpy's ``dtype == x``, which pandas does all
     the time, inside pyarrow's ``Table.from_pandas`` too). The run would go on to the end. So
-    from the first SIGTERM on, it is raised again every :data:`_AGAIN_S` from another thread
-    until the block is left, each time ignored while the run is on its way out
+    from the first stop signal on, it is raised again every :data:`_AGAIN_S` from another
+    thread until the block is left, each time ignored while the run is on its way out
     (:func:`_unwinding`). The repeats are simulated (``_thread.interrupt_main``), so a blocking
-    call (a sleep, a wait) entered after a SIGTERM was cleared is not cut short; the repeat
-    lands when it returns. And whenever a SIGTERM arrived but no Terminated reached the end of
-    the block (dropped where this cannot see, such as a library's ``except BaseException``
-    that keeps it, just before the end), one is raised where the block ends: a run asked to
-    stop never ends as if it had not been."""
+    call (a sleep, a wait) entered after a stop was cleared is not cut short; the repeat lands
+    when it returns. And whenever a stop signal arrived but no stop reached the end of the
+    block (dropped where this cannot see, such as a library's ``except BaseException`` that
+    keeps it, or handled inside it: typer turns a ``KeyboardInterrupt`` into exit code 130),
+    one is raised where the block ends: a run asked to stop never ends as if it had not been.
+    The first signal decides which."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    live = True  # the block runs: a SIGTERM raised again is still this block's
-    asked = arrived = False  # a SIGTERM arrived; a Terminated reached the end of the block
+    live = True  # the block runs: a signal raised again is still this block's
+    first: int | None = None  # the first stop signal that arrived
+    arrived = False  # a stop reached the end of the block
     reporting = False  # inside the hook below
 
-    def _raise(_signum: int, _frame: object) -> None:
+    def _raise(signum: int, _frame: object) -> None:
         global _pending
-        nonlocal asked
-        if not asked:
-            asked = True
-            _thread.start_new_thread(_again, ())  # Thread.start would wait, handling signals
+        nonlocal first
+        if first is None:
+            first = signum
+            # (Thread.start would wait, handling signals)
+            _thread.start_new_thread(_again, (signal.Signals(signum),))
         if not live or _unwinding():  # (not live: the block's end raises it)
             return
-        if _deferring:
+        if _deferring and signum == signal.SIGTERM:  # (Ctrl-C there has the step's handler)
             _pending = True
             return
         if reporting:  # raised here, it would be dropped like the error being reported
             return
-        raise _terminated()
+        raise _stop(first)
 
-    def _again() -> None:  # in a thread of its own, while the main thread goes on
+    def _again(signum: signal.Signals) -> None:  # in a thread of its own, beside the main one
         while live:
             time.sleep(_AGAIN_S)
             with again:  # the block's end waits for it: never after the handler is restored
                 if live:
-                    _thread.interrupt_main(signal.SIGTERM)
+                    _thread.interrupt_main(signum)
 
     def _dropped(unraisable: sys.UnraisableHookArgs) -> None:
         nonlocal reporting
-        if isinstance(unraisable.exc_value, Terminated):
+        if isinstance(unraisable.exc_value, tuple(_RAISES.values())):
             return  # not reported: raised again in the block by the next round
         reporting = True
         try:
@@ -186,11 +196,13 @@ def sigterm_unwinds() -> Iterator[None]:
             reporting = False
 
     again = _thread.allocate_lock()
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored, not taken
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise)
     previous_hook, sys.unraisablehook = sys.unraisablehook, _dropped
     try:
         yield
-    except Terminated:
+    except (Terminated, KeyboardInterrupt):
         arrived = True
         raise
     finally:
@@ -199,10 +211,11 @@ def sigterm_unwinds() -> Iterator[None]:
             pass
         if sys.unraisablehook is _dropped:  # not when something in the block replaced it
             sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _pending = False  # (noted by a repeat as a deferred step ended: this block's)
-        if asked and not arrived:  # dropped on the way, and not raised again before the end
-            raise _terminated()
+        if first is not None and not arrived:  # dropped, or handled, before the end
+            raise _stop(first)
 
 
 @contextmanager
@@ -211,7 +224,7 @@ def interruptions_deferred() -> Iterator[None]:
     that no mix of an earlier run's files and this one's is left): a SIGTERM or Ctrl-C arriving
     inside it is raised (:class:`~clv.errors.Terminated`, ``KeyboardInterrupt``) when it ends,
     in place of the step's own error if it fails: the process was asked to stop. The SIGTERM
-    part works with :func:`sigterm_unwinds`; without it, SIGTERM ends the process as usual.
+    part works with :func:`stops_unwind`; without it, SIGTERM ends the process as usual.
     Outside the main thread, a no-op."""
     global _deferring, _pending
     if threading.current_thread() is not threading.main_thread():
@@ -232,9 +245,9 @@ def interruptions_deferred() -> Iterator[None]:
         _deferring -= 1
         if not _deferring and _pending:
             _pending = False
-            raise _terminated()
+            raise _stop(signal.SIGTERM)
         if interrupted:
-            raise KeyboardInterrupt
+            raise _stop(signal.SIGINT)
 
 
 def orders_file_problem(path: Path) -> str | None:

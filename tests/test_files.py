@@ -118,10 +118,10 @@ def test_sigterm_inside_a_deferred_step_waits_for_its_end_and_a_second_is_ignore
     code = """
 import os, signal
 from clv.errors import Terminated
-from clv.files import interruptions_deferred, sigterm_unwinds
+from clv.files import interruptions_deferred, stops_unwind
 steps = []
 try:
-    with sigterm_unwinds():
+    with stops_unwind():
         try:
             with interruptions_deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -133,7 +133,7 @@ try:
 except Terminated:
     steps.append("terminated")
 try:
-    with sigterm_unwinds():
+    with stops_unwind():
         with interruptions_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             raise ValueError("the step's own error")
@@ -162,11 +162,14 @@ import os, signal, sys, threading, time
 import numpy as np
 import clv.files
 from clv.errors import Terminated
-from clv.files import sigterm_unwinds
+from clv.files import stops_unwind
 
 case, rounds = sys.argv[1], int(sys.argv[2])
-if case in ("block ends", "swallowed"):
+sig = signal.SIGINT if case.startswith("Ctrl-C") else signal.SIGTERM
+if case in ("block ends", "swallowed", "Ctrl-C handled inside"):
     clv.files._AGAIN_S = 3600.0  # not raised again in time: the block's end must raise it
+if case == "Ctrl-C ignored":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 class SignalledInFinalizer:
     def __del__(self):
@@ -180,7 +183,7 @@ class FailingFinalizer:
 class DtypeOf:  # numpy asks it for its dtype, and clears whatever error that raises
     @property
     def dtype(self):
-        os.kill(os.getpid(), signal.SIGTERM)  # handled here, inside numpy's C code: dropped
+        os.kill(os.getpid(), sig)  # handled here, inside numpy's C code: dropped
         sum(range(10))
         return None
 
@@ -214,14 +217,21 @@ if case == "while reporting":
 late = []  # SIGTERMs that came after their block ended (simulated ones, too)
 signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
 before = signal.getsignal(signal.SIGTERM)
+before_int = signal.getsignal(signal.SIGINT)
 hook = sys.unraisablehook
 for _ in range(rounds):
     steps = []
     try:
-        with sigterm_unwinds():
+        with stops_unwind():
             if case == "while reporting":
                 FailingFinalizer()
-            elif case == "cleared by C code":
+            elif case == "Ctrl-C handled inside":  # as typer does (exit code 130)
+                try:
+                    os.kill(os.getpid(), sig)
+                    sum(range(10))
+                except KeyboardInterrupt:
+                    steps.append("handled")
+            elif case in ("cleared by C code", "Ctrl-C cleared by C code", "Ctrl-C ignored"):
                 assert not np.dtype("int64") == DtypeOf()
             elif case == "generator closed":
                 in_chunks()
@@ -235,7 +245,8 @@ for _ in range(rounds):
                     steps.append("cleaned up")
             else:
                 SignalledInFinalizer()
-            steps.append("dropped")
+            if not case.endswith("inside"):
+                steps.append("dropped")
             if case == "swallowed":
                 try:
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -243,14 +254,18 @@ for _ in range(rounds):
                 except BaseException:  # a library swallowing everything
                     steps.append("swallowed")
             deadline = time.monotonic() + 60  # a guard against hanging, not a measurement
-            while case not in ("block ends", "swallowed") and time.monotonic() < deadline:
+            ends = ("block ends", "swallowed", "Ctrl-C handled inside", "Ctrl-C ignored")
+            while case not in ends and time.monotonic() < deadline:
                 pass
             steps.append("ran on to the end")
     except Terminated:
         steps.append("terminated")
+    except KeyboardInterrupt:
+        steps.append("interrupted")
     print(",".join(steps))
     assert sys.unraisablehook is hook, "the hook was not restored"
     assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGINT) is before_int
 time.sleep(0.1)  # (ten times the repeats' interval)
 print("exit", len(late))
 """
@@ -265,11 +280,14 @@ print("exit", len(late))
         ("cleared by C code", 3, "dropped,terminated"),  # numpy's dtype == x: PyErr_Clear
         ("long cleanup", 1, "cleaned up,terminated"),  # its cleanup is not cut short
         ("generator closed", 1, "generator cleaned up,terminated"),  # nor one before handling
+        ("Ctrl-C cleared by C code", 3, "dropped,interrupted"),  # a Ctrl-C is raised again too
+        ("Ctrl-C handled inside", 1, "handled,ran on to the end,interrupted"),  # by typer: 130
+        ("Ctrl-C ignored", 1, "dropped,ran on to the end"),  # (`clv up &` in a script) stays so
         ("block ends", 1, "dropped,ran on to the end,terminated"),  # the end came first
         ("swallowed", 1, "dropped,swallowed,ran on to the end,terminated"),  # raised at the end
     ],
 )
-def test_a_sigterm_dropped_by_python_still_terminates(
+def test_a_stop_dropped_by_python_still_stops(
     case: str, rounds: int, expected: str
 ) -> None:
     """Python drops an exception raised in a ``__del__``, a weakref callback or the hook that

@@ -35,7 +35,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from clv.errors import ClvError, ModelError, Terminated
-from clv.files import interruptions_deferred, sigterm_unwinds
+from clv.files import interruptions_deferred, stops_unwind
 from clv.orphans import die_with_parent
 from clv.settings import Settings, settings_error
 from training import threads
@@ -950,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         # The parent terminates a cancelled run: clean up on the way out (and a run terminated
         # while it imports the models exits 143, as any other, and as one terminated while
         # Python imports this module does under ``training/__main__``).
-        with sigterm_unwinds():
+        with stops_unwind():
             from training.models.candidates import make_candidates
 
             try:
@@ -979,6 +979,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("error: terminated", file=sys.stderr)
         return 143
+    except KeyboardInterrupt:  # (run by hand: as a child, it has a process group of its own)
+        print("error: interrupted", file=sys.stderr)
+        return 130
     print(result.summary())
     return 0
 

@@ -660,7 +660,7 @@ def test_a_failed_run_removes_the_directories_it_made(tmp_path: Path) -> None:
 _TERMINATED_AT_FIRST_RENAME = """
 import datetime as dt, os, pathlib, signal, sys
 from clv.errors import Terminated
-from clv.files import sigterm_unwinds
+from clv.files import stops_unwind
 from training.backtest import run_backtest
 
 real_replace = pathlib.Path.replace
@@ -675,7 +675,7 @@ def replace(self, target):
 pathlib.Path.replace = replace
 orders, out, report = sys.argv[1:4]
 try:
-    with sigterm_unwinds():
+    with stops_unwind():
         run_backtest(orders, "csv", dt.date(1997, 9, 30), 30, out, report, progress=False,
                      candidates=["naive_rate", "bgnbd_gg"])
     print("finished")
