@@ -47,9 +47,3 @@ class Terminated(BaseException):
     :func:`clv.files.stops_unwind` so that every ``finally`` and ``with`` on the way out
     removes what the run had half written, as Ctrl-C does; a ``BaseException`` so that no
     ``except Exception`` swallows it."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT), raised by :func:`clv.files.stops_unwind` as Python's own handler
-    raises ``KeyboardInterrupt``, of which it is one (so whatever handles a Ctrl-C handles it);
-    a class of its own so that the one raised last can be followed (a weak reference)."""

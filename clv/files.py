@@ -15,12 +15,11 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from clv.errors import ClvError, Interrupted, Terminated
+from clv.errors import ClvError, Terminated
 
 
 def fsync_dir(path: Path) -> None:
@@ -80,8 +79,8 @@ def remove_empty(folders: list[Path]) -> None:
 
 
 _deferring = 0  # > 0 while a commit step must not be cut in two (main thread only)
-_pending = False  # SIGTERM arrived while deferring: raised when the step ends
-_raised: weakref.ref[BaseException] | None = None  # the stop raised last, while it lives
+_pending: int | None = None  # a stop signal came while deferring: raised when the step ends
+_raised: BaseException | None = None  # the stop raised last (:func:`_in_flight`)
 
 
 def loops(path: Path) -> bool:
@@ -99,25 +98,40 @@ _AGAIN_S = 0.02
 
 
 #: What a stop signal raises in :func:`stops_unwind`.
-_RAISES: dict[int, type[BaseException]] = {signal.SIGTERM: Terminated, signal.SIGINT: Interrupted}
+_RAISES: dict[int, type[BaseException]] = {
+    signal.SIGTERM: Terminated,
+    signal.SIGINT: KeyboardInterrupt,  # (itself, not a subclass: the standard library tests
+}  # for `exc_type == KeyboardInterrupt`, subprocess.Popen's exit for one)
 
 
 def _stop(signum: int) -> BaseException:
-    """A new exception for stop signal ``signum`` to raise, remembered while it lives."""
+    """A new exception for stop signal ``signum`` to raise, remembered (:func:`_in_flight`)."""
     global _raised
-    raised = _RAISES[signum]()
-    _raised = weakref.ref(raised)
-    return raised
+    _raised = _RAISES[signum]()
+    return _raised
+
+
+def _in_flight() -> bool:
+    """Whether the stop exception raised last is still referenced from elsewhere: it
+    propagates, or is being handled. One that C code cleared, or a library swallowed, is
+    referenced by nothing else, and is let go (with its traceback's frames). (A weak reference
+    would say the same, but ``KeyboardInterrupt`` takes none.)"""
+    global _raised
+    if _raised is None:
+        return False
+    if sys.getrefcount(_raised) > 2:  # (this module's reference, and the argument's)
+        return True
+    _raised = None
+    return False
 
 
 def _unwinding() -> bool:
     """Whether the main thread (where a signal handler runs) is on its way out: a stop
-    exception raised here (:func:`_stop`) is alive (it propagates, and Python may run cleanup
-    meanwhile that does not see it: a generator closed, a ``__del__``), or a
+    exception raised here (:func:`_stop`) is in flight (it propagates, and Python may run
+    cleanup meanwhile that does not see it: a generator closed, a ``__del__``), or a
     :class:`~clv.errors.Terminated` or ``KeyboardInterrupt`` is being handled, or an error
-    raised while one was (the cleanup), which a stop signal must not cut short. One that C code
-    cleared, or a library swallowed, is gone."""
-    if _raised is not None and _raised() is not None:
+    raised while one was (the cleanup), which a stop signal must not cut short."""
+    if _in_flight():
         return True
     exc = sys.exc_info()[1]
     seen: set[int] = set()
@@ -133,12 +147,13 @@ def _unwinding() -> bool:
 def stops_unwind() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
-    below runs, and Ctrl-C raises :class:`~clv.errors.Interrupted` (a ``KeyboardInterrupt``)
-    as it would anyway (unless it was set to be ignored, or handled otherwise); the previous
+    below runs, and Ctrl-C raises ``KeyboardInterrupt`` as it would anyway (unless it was set
+    to be ignored, or is handled otherwise); the previous
     handlers are restored after. A stop signal that arrives during the cleanup (one of those is
     on its way out) is ignored, so that it cannot cut the cleanup short, and a SIGTERM that
     arrives inside :func:`interruptions_deferred` is raised when that step ends (a Ctrl-C
-    too, by the step's own handler). Outside the main thread, a no-op.
+    too, by the step's own handler). The handlers are set inside the block's ``try``: a signal
+    that lands while they are set still has them restored. Outside the main thread, a no-op.
 
     Python runs the handler wherever the main thread is, and some places drop what it raises:
     a finalizer (``__del__``, a weakref callback: "Exception ignored in ..."), and C code that
@@ -171,8 +186,8 @@ def stops_unwind() -> Iterator[None]:
             _thread.start_new_thread(_again, (signal.Signals(signum),))
         if not live or _unwinding():  # (not live: the block's end raises it)
             return
-        if _deferring and signum == signal.SIGTERM:  # (Ctrl-C there has the step's handler)
-            _pending = True
+        if _deferring:  # (a Ctrl-C there goes to the step's own handler)
+            _pending = first
             return
         if reporting:  # raised here, it would be dropped like the error being reported
             return
@@ -196,11 +211,14 @@ def stops_unwind() -> Iterator[None]:
             reporting = False
 
     again = _thread.allocate_lock()
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored, not taken
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise)
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _dropped
+    previous: dict[int, signal._HANDLER] = {}
+    previous_hook = sys.unraisablehook
     try:
+        for sig in _RAISES:  # Ctrl-C only where Python's own handler has it (not ignored)
+            if sig == signal.SIGTERM or signal.getsignal(sig) is signal.default_int_handler:
+                previous[sig] = signal.getsignal(sig)  # (known before a signal can land)
+                signal.signal(sig, _raise)
+        sys.unraisablehook = _dropped
         yield
     except (Terminated, KeyboardInterrupt):
         arrived = True
@@ -213,7 +231,7 @@ def stops_unwind() -> Iterator[None]:
             sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _pending = False  # (noted by a repeat as a deferred step ended: this block's)
+        _pending = None  # (noted by a repeat as a deferred step ended: this block's)
         if first is not None and not arrived:  # dropped, or handled, before the end
             raise _stop(first)
 
@@ -236,16 +254,20 @@ def interruptions_deferred() -> Iterator[None]:
         nonlocal interrupted
         interrupted = True
 
-    previous_int = signal.signal(signal.SIGINT, _note_interrupt)
-    _deferring += 1
+    taken = signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # (ignored: `clv up &`, stays so)
+    previous_int = signal.getsignal(signal.SIGINT)
+    _deferring += 1  # first: a SIGTERM from here on is only noted
     try:
+        if taken:
+            signal.signal(signal.SIGINT, _note_interrupt)
         yield
     finally:
-        signal.signal(signal.SIGINT, previous_int)  # (a SIGTERM here is still only noted)
+        if taken:
+            signal.signal(signal.SIGINT, previous_int)
         _deferring -= 1
-        if not _deferring and _pending:
-            _pending = False
-            raise _stop(signal.SIGTERM)
+        if not _deferring and _pending is not None:
+            signum, _pending = _pending, None
+            raise _stop(signum)
         if interrupted:
             raise _stop(signal.SIGINT)
 

@@ -162,14 +162,22 @@ import os, signal, sys, threading, time
 import numpy as np
 import clv.files
 from clv.errors import Terminated
-from clv.files import stops_unwind
+from clv.files import interruptions_deferred, stops_unwind
 
 case, rounds = sys.argv[1], int(sys.argv[2])
 sig = signal.SIGINT if case.startswith("Ctrl-C") else signal.SIGTERM
-if case in ("block ends", "swallowed", "Ctrl-C handled inside"):
-    clv.files._AGAIN_S = 3600.0  # not raised again in time: the block's end must raise it
+if case in ("block ends", "swallowed", "Ctrl-C handled inside", "Ctrl-C, then SIGTERM deferred"):
+    clv.files._AGAIN_S = 3600.0  # not raised again in time: what comes next must raise it
 if case == "Ctrl-C ignored":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+if case == "while setting up":  # a SIGTERM lands as soon as its handler is set
+    setting = signal.signal
+    def signal_as_set(signum, handler):
+        previous = setting(signum, handler)
+        if signum == signal.SIGTERM and getattr(handler, "__name__", "") == "_raise":
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10))
+        return previous
 
 class SignalledInFinalizer:
     def __del__(self):
@@ -219,6 +227,8 @@ signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
 before = signal.getsignal(signal.SIGTERM)
 before_int = signal.getsignal(signal.SIGINT)
 hook = sys.unraisablehook
+if case == "while setting up":
+    signal.signal = signal_as_set
 for _ in range(rounds):
     steps = []
     try:
@@ -233,6 +243,15 @@ for _ in range(rounds):
                     steps.append("handled")
             elif case in ("cleared by C code", "Ctrl-C cleared by C code", "Ctrl-C ignored"):
                 assert not np.dtype("int64") == DtypeOf()
+                if case == "Ctrl-C ignored":
+                    with interruptions_deferred():  # a step does not take it either
+                        os.kill(os.getpid(), signal.SIGINT)
+                        sum(range(10))
+            elif case == "Ctrl-C, then SIGTERM deferred":  # the first one decides
+                assert not np.dtype("int64") == DtypeOf()
+                with interruptions_deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    sum(range(10))
             elif case == "generator closed":
                 in_chunks()
             elif case == "long cleanup":
@@ -264,6 +283,7 @@ for _ in range(rounds):
         steps.append("interrupted")
     print(",".join(steps))
     assert sys.unraisablehook is hook, "the hook was not restored"
+    signal.signal = setting if case == "while setting up" else signal.signal
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.getsignal(signal.SIGINT) is before_int
 time.sleep(0.1)  # (ten times the repeats' interval)
@@ -283,13 +303,13 @@ print("exit", len(late))
         ("Ctrl-C cleared by C code", 3, "dropped,interrupted"),  # a Ctrl-C is raised again too
         ("Ctrl-C handled inside", 1, "handled,ran on to the end,interrupted"),  # by typer: 130
         ("Ctrl-C ignored", 1, "dropped,ran on to the end"),  # (`clv up &` in a script) stays so
+        ("Ctrl-C, then SIGTERM deferred", 1, "interrupted"),  # exit 130, not 143
+        ("while setting up", 1, "terminated"),  # its handlers are still restored
         ("block ends", 1, "dropped,ran on to the end,terminated"),  # the end came first
         ("swallowed", 1, "dropped,swallowed,ran on to the end,terminated"),  # raised at the end
     ],
 )
-def test_a_stop_dropped_by_python_still_stops(
-    case: str, rounds: int, expected: str
-) -> None:
+def test_a_stop_dropped_by_python_still_stops(case: str, rounds: int, expected: str) -> None:
     """Python drops an exception raised in a ``__del__``, a weakref callback or the hook that
     reports such errors ("Exception ignored in ..."), and C code may clear it (numpy's dtype
     comparison, which pandas makes all the time: a terminated ``clv synth`` wrote its whole
