@@ -113,9 +113,10 @@ def _stop(signum: int) -> BaseException:
 
 def _in_flight() -> bool:
     """Whether the stop exception raised last is still referenced from elsewhere: it
-    propagates, or is being handled. One that C code cleared, or a library swallowed, is
-    referenced by nothing else, and is let go (with its traceback's frames). (A weak reference
-    would say the same, but ``KeyboardInterrupt`` takes none.)"""
+    propagates, or is being handled, or something keeps it (a reference cycle, a log record:
+    then the block's end raises it again). One that C code cleared, or that was handled and let
+    go, is referenced by nothing else, and is let go here too (with its traceback's frames).
+    (A weak reference would say the same, but ``KeyboardInterrupt`` takes none.)"""
     global _raised
     if _raised is None:
         return False
@@ -167,11 +168,14 @@ def stops_unwind() -> Iterator[None]:
     block (dropped where this cannot see, such as a library's ``except BaseException`` that
     keeps it, or handled inside it: typer turns a ``KeyboardInterrupt`` into exit code 130),
     one is raised where the block ends: a run asked to stop never ends as if it had not been.
-    The first signal decides which."""
-    global _pending
+    The first signal decides which. So code inside the block that handles a stop and goes on
+    (``except KeyboardInterrupt: return``, then a ``finally``) gets it again within
+    :data:`_AGAIN_S`: nothing in clv does; typer's exit 130 is its last step."""
+    global _pending, _raised
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _raised = None  # (an earlier block's, still referenced somewhere, is not this block's)
     live = True  # the block runs: a signal raised again is still this block's
     first: int | None = None  # the first stop signal that arrived
     arrived = False  # a stop reached the end of the block
@@ -232,8 +236,9 @@ def stops_unwind() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _pending = None  # (noted by a repeat as a deferred step ended: this block's)
+        _raised = None  # (nor kept after it, with its traceback's frames)
         if first is not None and not arrived:  # dropped, or handled, before the end
-            raise _stop(first)
+            raise _RAISES[first]()
 
 
 @contextmanager
@@ -254,8 +259,10 @@ def interruptions_deferred() -> Iterator[None]:
         nonlocal interrupted
         interrupted = True
 
-    taken = signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # (ignored: `clv up &`, stays so)
+    # Ctrl-C where Python's own handler has it: not where it is ignored (`clv up &` in a
+    # script), nor inside stops_unwind, whose handler notes it in a step as it does a SIGTERM
     previous_int = signal.getsignal(signal.SIGINT)
+    taken = previous_int is signal.default_int_handler
     _deferring += 1  # first: a SIGTERM from here on is only noted
     try:
         if taken:
@@ -268,8 +275,8 @@ def interruptions_deferred() -> Iterator[None]:
         if not _deferring and _pending is not None:
             signum, _pending = _pending, None
             raise _stop(signum)
-        if interrupted:
-            raise _stop(signal.SIGINT)
+        if interrupted:  # (outside stops_unwind: nothing to follow)
+            raise KeyboardInterrupt
 
 
 def orders_file_problem(path: Path) -> str | None:

@@ -166,7 +166,13 @@ from clv.files import interruptions_deferred, stops_unwind
 
 case, rounds = sys.argv[1], int(sys.argv[2])
 sig = signal.SIGINT if case.startswith("Ctrl-C") else signal.SIGTERM
-if case in ("block ends", "swallowed", "Ctrl-C handled inside", "Ctrl-C, then SIGTERM deferred"):
+if case in (
+    "block ends",
+    "swallowed",
+    "Ctrl-C handled inside",
+    "Ctrl-C, then SIGTERM deferred",
+    "Ctrl-C deferred, swallowed",
+):
     clv.files._AGAIN_S = 3600.0  # not raised again in time: what comes next must raise it
 if case == "Ctrl-C ignored":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -229,6 +235,14 @@ before_int = signal.getsignal(signal.SIGINT)
 hook = sys.unraisablehook
 if case == "while setting up":
     signal.signal = signal_as_set
+kept = []
+if case == "earlier stop kept":  # by a log record, a list of errors, pytest.raises
+    try:
+        with stops_unwind():
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10))
+    except Terminated as exc:
+        kept.append(exc)
 for _ in range(rounds):
     steps = []
     try:
@@ -247,6 +261,17 @@ for _ in range(rounds):
                     with interruptions_deferred():  # a step does not take it either
                         os.kill(os.getpid(), signal.SIGINT)
                         sum(range(10))
+            elif case == "earlier stop kept":  # not taken for this block's, on its way out
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(10))
+            elif case == "Ctrl-C deferred, swallowed":  # the block knows of it: raised at its end
+                try:
+                    with interruptions_deferred():
+                        os.kill(os.getpid(), signal.SIGINT)
+                        sum(range(10))
+                        steps.append("step done")
+                except BaseException:
+                    steps.append("swallowed")
             elif case == "Ctrl-C, then SIGTERM deferred":  # the first one decides
                 assert not np.dtype("int64") == DtypeOf()
                 with interruptions_deferred():
@@ -273,7 +298,13 @@ for _ in range(rounds):
                 except BaseException:  # a library swallowing everything
                     steps.append("swallowed")
             deadline = time.monotonic() + 60  # a guard against hanging, not a measurement
-            ends = ("block ends", "swallowed", "Ctrl-C handled inside", "Ctrl-C ignored")
+            ends = (
+                "block ends",
+                "swallowed",
+                "Ctrl-C handled inside",
+                "Ctrl-C ignored",
+                "Ctrl-C deferred, swallowed",
+            )
             while case not in ends and time.monotonic() < deadline:
                 pass
             steps.append("ran on to the end")
@@ -284,6 +315,7 @@ for _ in range(rounds):
     print(",".join(steps))
     assert sys.unraisablehook is hook, "the hook was not restored"
     signal.signal = setting if case == "while setting up" else signal.signal
+    assert clv.files._raised is None, "kept after its block, with its traceback's frames"
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.getsignal(signal.SIGINT) is before_int
 time.sleep(0.1)  # (ten times the repeats' interval)
@@ -305,6 +337,12 @@ print("exit", len(late))
         ("Ctrl-C ignored", 1, "dropped,ran on to the end"),  # (`clv up &` in a script) stays so
         ("Ctrl-C, then SIGTERM deferred", 1, "interrupted"),  # exit 130, not 143
         ("while setting up", 1, "terminated"),  # its handlers are still restored
+        ("earlier stop kept", 1, "terminated"),  # another block's does not hide this one's
+        (
+            "Ctrl-C deferred, swallowed",
+            1,
+            "step done,swallowed,dropped,ran on to the end,interrupted",
+        ),
         ("block ends", 1, "dropped,ran on to the end,terminated"),  # the end came first
         ("swallowed", 1, "dropped,swallowed,ran on to the end,terminated"),  # raised at the end
     ],
