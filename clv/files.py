@@ -93,7 +93,7 @@ def loops(path: Path) -> bool:
     return False
 
 
-#: How often a SIGTERM that has not yet unwound its block is raised in it again.
+#: How often a stop signal that has not yet unwound its block is raised in it again.
 _AGAIN_S = 0.02
 
 
@@ -149,11 +149,10 @@ def stops_unwind() -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`~clv.errors.Terminated` in the main thread
     instead of ending the process on the spot, so the cleanup of the staging files and folders
     below runs, and Ctrl-C raises ``KeyboardInterrupt`` as it would anyway (unless it was set
-    to be ignored, or is handled otherwise); the previous
-    handlers are restored after. A stop signal that arrives during the cleanup (one of those is
-    on its way out) is ignored, so that it cannot cut the cleanup short, and a SIGTERM that
-    arrives inside :func:`interruptions_deferred` is raised when that step ends (a Ctrl-C
-    too, by the step's own handler). The handlers are set inside the block's ``try``: a signal
+    to be ignored, or is handled otherwise); the previous handlers are restored after. A stop
+    signal that arrives during the cleanup (one of those is on its way out) is ignored, so that
+    it cannot cut the cleanup short, and one that arrives inside :func:`interruptions_deferred`
+    is raised when that step ends. The handlers are set inside the block's ``try``: a signal
     that lands while they are set still has them restored. Outside the main thread, a no-op.
 
     Python runs the handler wherever the main thread is, and some places drop what it raises:
@@ -190,7 +189,7 @@ def stops_unwind() -> Iterator[None]:
             _thread.start_new_thread(_again, (signal.Signals(signum),))
         if not live or _unwinding():  # (not live: the block's end raises it)
             return
-        if _deferring:  # (a Ctrl-C there goes to the step's own handler)
+        if _deferring:  # (a step inside the block leaves Ctrl-C to this handler too)
             _pending = first
             return
         if reporting:  # raised here, it would be dropped like the error being reported
