@@ -23,7 +23,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -132,6 +132,16 @@ register_url_convertor("user_id", _UserIdConvertor())
 
 #: The admin endpoints' key (a dependency, so the schema names it as a security scheme).
 _BEARER = HTTPBearer(auto_error=False, description="CLV_API_KEY, when it is set")
+
+
+class Readiness(BaseModel):
+    """``/readyz``'s answer: ready, or not and why (the fields of what is wrong)."""
+
+    status: Literal["ready", "not ready"]
+    model_version: str | None = Field(description="the champion loaded, if any")
+    redis: str | None = Field(None, description="present when Redis does not answer")
+    model: str | None = Field(None, description="present when no model is loaded, and why")
+    stopping: str | None = Field(None, description="present while the process shuts down")
 
 
 class Detail(BaseModel):
@@ -276,7 +286,8 @@ def create_app(
         if settings.api_key is None:
             return
         if credentials is None or not hmac.compare_digest(
-            credentials.credentials.strip().encode(), settings.api_key.encode()
+            # (a header comes decoded as latin-1: its bytes again, against the key's UTF-8)
+            credentials.credentials.strip().encode("latin-1"), settings.api_key.encode()
         ):
             raise HTTPException(
                 401,
@@ -416,7 +427,11 @@ def create_app(
         return {"status": "ok"}
 
     @app.head("/readyz", include_in_schema=False)
-    @app.get("/readyz", responses={503: {"description": "not ready, and why"}})
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready, and why"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         """Redis answers and a model is loaded."""
         problems = {}
@@ -433,7 +448,16 @@ def create_app(
         body = {"status": "not ready" if problems else "ready", "model_version": version}
         return JSONResponse({**body, **problems}, status_code=503 if problems else 200)
 
-    @app.get("/metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                "description": "the Prometheus text exposition format",
+            }
+        },
+    )
     async def metrics() -> Response:
         """Prometheus text format: requests, latency, model reloads (and, under ``clv up``, the
         consumers' metrics: one registry per process)."""

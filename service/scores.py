@@ -73,20 +73,28 @@ def code_digest(sources: Sequence[str]) -> str:
 
 
 def _code_tag() -> str:
-    """A digest of the code an answer comes from besides the model (the feature definition
-    and its online decoding, the scoring rules: segments, churn risk, the explanation, and this
-    layout) and of the feature names: answers and sweeps of other code are not current."""
-    import feature_store.features
-    import feature_store.redis_store
-    import service.scoring
+    """A digest of the code an answer comes from besides the model's parameters (the feature
+    definition and its online decoding, the model classes the pickled champion runs, the
+    scoring rules: segments, churn risk, the explanation, the scorer's rules for a new score,
+    and this layout) and of the feature names: answers and sweeps of other code are not
+    current. The sources are read, not imported (the API does not import the scorer)."""
+    import importlib.util
 
+    def source(module: str) -> Path:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        return Path(spec.origin)
+
+    models = source("training.models").parent
     files = [
-        Path(m.__file__ or "")
-        for m in (feature_store.features, feature_store.redis_store, service.scoring)
+        source("feature_store.features"),
+        source("feature_store.redis_store"),
+        *sorted(models.glob("*.py")),
+        source("service.scoring"),
+        source("service.scorer"),
+        Path(__file__),
     ]
-    sources = [repr(ANSWER_FEATURES)] + [
-        p.read_text(encoding="utf-8") for p in (*files, Path(__file__))
-    ]
+    sources = [repr(ANSWER_FEATURES)] + [p.read_text(encoding="utf-8") for p in files]
     return code_digest(sources)
 
 

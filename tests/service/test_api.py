@@ -184,6 +184,28 @@ async def test_a_new_champion_is_picked_up_and_admin_reload_needs_the_key(
         )
 
 
+async def test_a_key_beyond_ascii_is_the_one_a_client_sends_in_utf8(
+    api_settings: Settings,
+) -> None:
+    # Fails if (service/app.py) the header, which comes decoded as latin-1, is compared as UTF-8:
+    # a key "clé" sent as UTF-8 bytes (curl, browsers) was refused, and no client could send
+    # a key beyond latin-1 at all.
+    settings = api_settings.model_copy(
+        update={"api_key": "clé-\u03ba\u03bb\u03b5\u03b9\u03b4\u03af"}
+    )
+
+    async def status(credentials: bytes) -> int:
+        answer = await api.post(
+            "/admin/reload", headers={b"Authorization": b"Bearer " + credentials}
+        )
+        return answer.status_code
+
+    async with serving(settings) as api:
+        assert await status(settings.api_key.encode()) != 401  # type: ignore[union-attr]
+        assert await status("clé-\u03ba\u03bb\u03b5\u03b9\u03b4".encode()) == 401
+        assert await status("clé".encode("latin-1")) == 401  # not the key's bytes
+
+
 async def test_a_broken_champion_leaves_the_model_in_service(
     api: httpx.AsyncClient, api_settings: Settings, store: FeatureStore
 ) -> None:
@@ -253,6 +275,16 @@ async def test_metrics_count_requests_by_route_and_the_schema_describes_the_api(
     reload = schema["paths"]["/admin/reload"]["post"]
     assert "422" not in reload["responses"] and reload["security"] == [{"HTTPBearer": []}]
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    # what /readyz and /metrics answer is described too
+    ready = schema["paths"]["/readyz"]["get"]["responses"]
+    for status in ("200", "503"):
+        assert ready[status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Readiness"
+        }
+    assert {"status", "model_version", "redis", "model", "stopping"} <= set(
+        schema["components"]["schemas"]["Readiness"]["properties"]
+    )
+    assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
 
 
 async def test_an_id_with_a_slash_is_read_and_erased_and_bad_utf8_is_a_422(

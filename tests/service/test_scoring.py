@@ -221,3 +221,54 @@ async def g():
     pass
 '''
     assert code_digest(["('a', 'b')", code]) == "0d1661c0745e"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "training/models/btyd.py",  # a model's code
+        "training/models/base.py",  # the prediction frame
+        "service/scorer.py",  # when a score is new
+        "feature_store/features.py",
+        "service/scoring.py",
+    ],
+)
+def test_the_code_tag_covers_the_model_classes_and_the_scorer(tmp_path: Path, path: str) -> None:
+    # Fails if (service/scores.py) the tag leaves out the code the pickled champion runs (its
+    # classes in training/models) or the scorer's rules: a deploy of new model code under the
+    # same champion served the old code's stored answers as current and, on the next sweep,
+    # took the new values for drops (an alert for every valuable customer).
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+
+    def tag(tree: Path) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", "import service.scores as s; print(s.CODE_TAG)"],
+            cwd=tree,
+            env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    trees = []
+    for name in ("before", "after"):
+        tree = tmp_path / name
+        for package in ("clv", "feature_store", "service", "training"):
+            shutil.copytree(
+                root / package, tree / package, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        trees.append(tree)
+    with (trees[1] / path).open("a", encoding="utf-8") as f:
+        f.write("\n\ndef _added():\n    return 2\n")
+    comment_only = tmp_path / "comment"
+    shutil.copytree(trees[0], comment_only)
+    with (comment_only / path).open("a", encoding="utf-8") as f:
+        f.write("\n# a comment\n")
+    before = tag(trees[0])
+    assert tag(comment_only) == before
+    assert tag(trees[1]) != before
