@@ -143,6 +143,10 @@ def validate(
     if len(raw) > max_bytes:
         raise InvalidEvent("too_large", f"{len(raw)} bytes > limit {max_bytes}")
     try:
+        if not raw.isascii():
+            # msgspec checks UTF-8 only in the strings it decodes: bytes that are no UTF-8 in
+            # an unknown field or a member name would pass (JSON text is UTF-8, RFC 8259 8.1)
+            raw.decode()
         ev = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(_reason_of(exc), str(exc)) from None

@@ -80,15 +80,17 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def too_late_mask(events: pd.DataFrame, late_after_days: int) -> np.ndarray:
-    """Rows (in arrival order) the online state rejects as too late: dated at or before their
-    user's latest applied event day minus ``late_after_days``. Decided as the apply script
-    does, one row at a time: a copy of an applied event whose dedup entry is still kept is a
-    duplicate (not late, and its day moves nothing, even when it differs); an entry dated at
-    or before the cut is gone, so such a copy is judged afresh (the script drops entries at the
-    end of a batch, so a copy in the same batch is a duplicate there: not counted either way);
-    a late row is not applied; an applied row moves its user's latest day."""
+def online_decisions(events: pd.DataFrame, late_after_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (in arrival order) the online state rejects as too late, and the rows it applies,
+    decided as the apply script does, one row at a time (its decisions do not depend on where
+    the batches end). A row is too late when dated at or before its user's latest applied
+    event day minus ``late_after_days``. A copy of an applied event whose dedup entry is still
+    kept is a duplicate (neither, and its day moves nothing, even when it differs); an entry
+    dated at or before the cut is gone, so such a copy is judged afresh: too late, or applied
+    as a new event when it is dated inside the window. An applied row moves its user's latest
+    day."""
     late = np.zeros(len(events), dtype=bool)
+    applied = np.zeros(len(events), dtype=bool)
     latest: dict[str, int] = {}
     kept: dict[tuple[str, str], int] = {}  # the dedup entries: applied copy's day
     rows = zip(
@@ -106,10 +108,16 @@ def too_late_mask(events: pd.DataFrame, late_after_days: int) -> np.ndarray:
         if cut is not None and day <= cut:
             late[i] = True
             continue
+        applied[i] = True
         kept[(user, event_id)] = day
         if last is None or day > last:
             latest[user] = day
-    return late
+    return late, applied
+
+
+def too_late_mask(events: pd.DataFrame, late_after_days: int) -> np.ndarray:
+    """Rows (in arrival order) the online state rejects as too late (:func:`online_decisions`)."""
+    return online_decisions(events, late_after_days)[0]
 
 
 def build_state(
@@ -120,23 +128,30 @@ def build_state(
     ``as_of_day`` into the state the feature definition reads.
 
     With ``late_after_days`` (the online path's retention), rows are taken in arrival order and
-    the ones the online state rejects as too late are left out, so the result equals Redis for
-    any ``as_of_day`` on or after the user's latest event; only the events dated by
-    ``as_of_day`` decide what is late. By default every event counts (event-time truth, what
-    training wants).
+    only the ones the online state applies count (:func:`online_decisions`), so the result
+    equals Redis for any ``as_of_day`` on or after the user's latest event; only the events
+    dated by ``as_of_day`` decide what is late. By default every event counts (event-time
+    truth, what training wants).
     """
     ev = events
     by_then = ev["day"].to_numpy() <= as_of_day
     if late_after_days is not None and len(ev):
         # Only what is dated by ``as_of_day`` decides what is late: an event dated later must
-        # not make an earlier one late (training, at that cutoff, counts it).
-        late = np.zeros(len(ev), dtype=bool)
-        late[by_then] = too_late_mask(ev[by_then], late_after_days)
-        ev, by_then = ev[~late], by_then[~late]
-    # First copy wins before the cut: a copy dated after ``as_of_day`` that came first makes
-    # the event a later one (a label at this cutoff, not a feature).
-    first = ~ev.duplicated(["user_id", "event_id"], keep="first").to_numpy()
-    ev = ev[first & by_then]
+        # not make an earlier one late (training, at that cutoff, counts it). The copies the
+        # online state applies count, a copy dated inside the window after its original's
+        # dedup entry was dropped as well (online it is a new event).
+        applied = np.zeros(len(ev), dtype=bool)
+        applied[by_then] = online_decisions(ev[by_then], late_after_days)[1]
+        # A copy dated after ``as_of_day`` that came first makes the event a later one.
+        after = pd.Series((~by_then).astype(np.int64))
+        ids = [ev["user_id"].to_numpy(), ev["event_id"].to_numpy()]
+        later_first = after.groupby(ids, sort=False).cumsum().to_numpy() > 0
+        ev = ev[applied & ~later_first]
+    else:
+        # First copy wins before the cut: a copy dated after ``as_of_day`` that came first
+        # makes the event a later one (a label at this cutoff, not a feature).
+        first = ~ev.duplicated(["user_id", "event_id"], keep="first").to_numpy()
+        ev = ev[first & by_then]
     codes, uniques = pd.factorize(ev["user_id"], sort=True)
     n = len(uniques)
     codes = codes.astype(np.int64)

@@ -287,7 +287,8 @@ def create_app(
             return
         if credentials is None or not hmac.compare_digest(
             # (a header comes decoded as latin-1: its bytes again, against the key's UTF-8)
-            credentials.credentials.strip().encode("latin-1"), settings.api_key.encode()
+            credentials.credentials.strip().encode("latin-1"),
+            settings.api_key.encode(),
         ):
             raise HTTPException(
                 401,

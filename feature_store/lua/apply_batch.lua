@@ -27,7 +27,9 @@
 -- Days (buckets and dedup entries) at or before latest day - retention are dropped: no window
 -- can see them any more. An event dated that far back (relative to the user's latest event
 -- when it arrives) is "too late" and rejected, so a dropped dedup entry can never let an event
--- count twice. Returns {applied, duplicates, too_late_indexes (0-based)}.
+-- count twice; a copy that comes after its entry is dropped is judged as a new event (too
+-- late, or applied when dated inside the window). Returns {applied, duplicates,
+-- too_late_indexes (0-based)}.
 
 if ARGV[6] then
   local expected = cmsgpack.unpack(ARGV[6])
@@ -67,10 +69,19 @@ for i = 1, #events do
   end
   local day = e[3]
   -- Dedup first: a redelivered event that was applied is a duplicate, not "too late".
-  if redis.call('HSETNX', key, '#' .. e[2], day) == 0 then
+  local id = '#' .. e[2]
+  local fresh = redis.call('HSETNX', key, id, day) == 1
+  if not fresh and u.ld >= 0 and tonumber(redis.call('HGET', key, id)) <= u.ld - retention then
+    -- An entry an earlier event of this batch moved out of the window is gone as of this row
+    -- (it is dropped at the batch's end): the copy is judged afresh, as in a batch of its
+    -- own, so no decision depends on where the batches end.
+    redis.call('HSET', key, id, day)
+    fresh = true
+  end
+  if not fresh then
     dups = dups + 1
   elseif u.ld >= 0 and day <= u.ld - retention then
-    redis.call('HDEL', key, '#' .. e[2])
+    redis.call('HDEL', key, id)
     late[#late + 1] = i - 1
   else
     applied = applied + 1

@@ -21,9 +21,12 @@ def messy_events(
     per_user: int = 30,
     start: dt.date = dt.date(2024, 1, 1),
     span_days: int = 900,
+    redated: float = 0.0,
 ) -> list[ValidEvent]:
     """Purchases spread over ``span_days`` (longer than the longest window, so state folds),
-    refunds of earlier orders, ~10% exact duplicates, shuffled locally and a few very late."""
+    refunds of earlier orders, ~10% exact duplicates, shuffled locally and a few very late;
+    with ``redated``, that share of the events has a copy dated 300 to 420 days later (some
+    arriving after the original's dedup entry is dropped, where they are new events)."""
     rng = random.Random(seed)
     base = int(dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC).timestamp() * 1000)
     events: list[ValidEvent] = []
@@ -50,6 +53,11 @@ def messy_events(
     dups = [e for e in events if rng.random() < 0.1]
     for d in dups:
         events.insert(rng.randrange(len(events) + 1), d)
+    for e in [e for e in events if rng.random() < redated]:
+        later = e.ts_ms + rng.randint(300, 420) * MS_PER_DAY
+        copy = _ev(e.event_id, e.type, e.user_id, e.order_id, e.cents, later)
+        i = events.index(e)
+        events.insert(rng.randrange(i + 1, len(events) + 1), copy)
     return events
 
 
@@ -156,6 +164,10 @@ BAD: list[tuple[bytes | None, str]] = [
         "not_json",
     ),
     (_with(ts="1969-12-31T23:59:59.9999Z"), "bad_timestamp"),
+    # no UTF-8 where msgspec decodes no string: an unknown field, a member name, a surrogate
+    (_with(note="x")[:-1] + b', "n": "\xff\xfe"}', "not_json"),
+    (_with(note="x")[:-1] + b', "\xc3\x28": 1}', "not_json"),
+    (_with(note="x")[:-1] + b', "n": "\xed\xa0\x80"}', "not_json"),
 ]
 
 
