@@ -290,6 +290,11 @@ def orders_file_problem(path: Path) -> str | None:
     return None
 
 
+def _in_real_folder(path: Path) -> Path:
+    """``path`` in its folder as the folder resolves (the name itself not followed)."""
+    return Path(os.path.realpath(path.absolute().parent)) / path.name
+
+
 def _link_chain(path: Path, hops: int = 40) -> list[Path]:
     """``path`` and every path its symbolic links lead through, absolute, to the last one
     (``/dev/stdout`` -> ``/proc/self/fd/1`` -> the file or pipe behind it)."""
@@ -312,7 +317,10 @@ def replaceable(path: Path, *, follow_links: bool = True) -> Path:
     directory), which is never replaced, or where a link on the way loops."""
     if loops(path.parent) or (follow_links and loops(path)):
         raise ClvError(f"{path} is (or lies under) a symbolic link that loops; give a file path")
-    for seen in _link_chain(path):
+    # (the link itself is not followed where it is what is replaced: one that loops or leads
+    # to a device is replaced like any other)
+    chain = _link_chain(path) if follow_links else [_in_real_folder(path)]
+    for seen in chain:
         top = seen.parts[1:3]  # /dev/stdout, /proc/self/fd/1, ... (but /dev/shm holds files)
         if top[:1] == ("proc",) or (top[:1] == ("dev",) and top != ("dev", "shm")):
             raise ClvError(

@@ -227,17 +227,24 @@ REPORT_FILES: tuple[str, ...] = (
 )
 
 
-def _predictions_csv(predictions: pd.DataFrame, path: Path) -> None:
+#: Compressions of ``--out`` by its name (as ``--orders`` reads them).
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
+
+
+def _predictions_csv(predictions: pd.DataFrame, path: Path, target: Path) -> None:
+    """Write the predictions to ``path``, compressed as the name of ``target`` (where the
+    staging file ``path`` goes) says: pandas would read the staging name's."""
     out = predictions[list(PREDICTION_COLUMNS)].copy()
     out.index.name = "user_id"
-    out.to_csv(path, float_format="%.6f")
+    compression = _COMPRESSIONS.get(target.suffix.lower())
+    out.to_csv(path, float_format="%.6f", compression=compression)
 
 
 def write_predictions(predictions: pd.DataFrame, path: Path) -> Path:
     """``user_id,predicted_value,expected_orders,p_alive``, one row per user; written to a
     staging file renamed into place, so a failure leaves the previous file as it was."""
     with replaced_atomically(path) as staged:
-        _predictions_csv(predictions, staged)
+        _predictions_csv(predictions, staged, path)
     return path
 
 
@@ -454,7 +461,7 @@ def _write_outputs(
         commit = stack.enter_context(contextlib.ExitStack())  # closed last: after the CSV rename
         staging = stack.enter_context(staging_dir(report_dir, ".staging."))
         staged_csv = stack.enter_context(replaced_atomically(out))  # renamed last
-        _predictions_csv(result.predictions, staged_csv)
+        _predictions_csv(result.predictions, staged_csv, out)
         staged = write_report(events, result, staging, currency=currency)
         check_report_targets(report_dir)
         # From the first removal to the CSV's rename, SIGTERM waits: cut short, it would leave

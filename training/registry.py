@@ -487,6 +487,25 @@ class ModelRegistry:
                 f"model {version} was trained on features {names!r}, but this code computes "
                 f"{list(FEATURE_NAMES)!r}; retrain it (clv train) before serving it"
             )
+        # What the registry and the trainer read of it: a version without them cannot be
+        # served or compared with, even if its hashes match (metadata written by other code)
+        try:
+            window = meta["data_window"]
+            for key in ("first_event_day", "last_event_day", "cutoff_day", "horizon_days"):
+                int(window[key])
+            if not isinstance(meta["model_name"], str) or not isinstance(meta["extra"], dict):
+                raise TypeError("model_name or extra is not what it should be")
+            if not isinstance(meta["candidates"], dict):
+                raise TypeError("candidates is not an object")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"model {version}: metadata.json lacks or garbles what it must hold "
+                f"({type(exc).__name__}: {exc}); refusing to load"
+            ) from exc
+        try:
+            Validation.from_json(meta["validation"])
+        except (KeyError, TypeError, ModelError) as exc:
+            raise ModelError(f"model {version}: metadata.json: {exc}; refusing to load") from exc
         return meta
 
     def trained_on(self, data_fingerprint: str, inputs: Mapping[str, Any]) -> dict[str, Any] | None:

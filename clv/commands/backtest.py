@@ -18,7 +18,7 @@ import typer
 
 from clv.commands import fail, output_path, parse_date
 from clv.errors import ClvError, ModelError
-from clv.files import missing_dirs, orders_file_problem, remove_empty
+from clv.files import missing_dirs, orders_file_problem, remove_empty, replaceable
 from clv.settings import MAX_HORIZON_DAYS
 from feature_store.events import valid_currency
 
@@ -124,6 +124,10 @@ def backtest(
                 raise fail(f"{flag}: cannot make directory {folder}: {why}") from None
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise fail(f"{flag}: cannot write in directory {folder}")
+        # a link is written through: its target's folder takes the staging file and the rename
+        target = replaceable(out).parent
+        if target != out.parent and not os.access(target, os.W_OK | os.X_OK):
+            raise fail(f"--out: cannot write in directory {target} (where {out} leads)")
         # imported here: the modelling stack is heavy and other commands do not need it
         from clv import STARTED
         from training.backtest import run_backtest
@@ -147,6 +151,9 @@ def backtest(
         # no model that fits or a full disk fails the run (1); anything else is bad input (2)
         code = 1 if isinstance(exc, ModelError | OSError) else 2
         raise fail(str(exc) or type(exc).__name__, code) from None
+    except MemoryError:
+        remove_empty(made)
+        raise fail(f"not enough memory for a backtest of {orders}", 1) from None
     except BaseException:  # a refusal above, Ctrl-C, SIGTERM: the folders this run made go too
         remove_empty(made)
         raise

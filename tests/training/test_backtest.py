@@ -616,7 +616,34 @@ def test_cli_refuses_an_output_directory_it_cannot_write_before_any_work(
         result = CliRunner().invoke(_app(), [*args, "--horizon-days", "30", *extra])
         assert result.exit_code == 2, result.output
         assert f"{flag}: cannot write in directory {locked}" in result.stderr
+    # a link to a file in it: written through, so refused as well (it failed after the work)
+    link = tmp_path / "link.csv"
+    link.symlink_to(locked / "p.csv")
+    result = CliRunner().invoke(_app(), [*args, "--horizon-days", "30", "--out", str(link)])
+    assert result.exit_code == 2, result.output
+    assert f"--out: cannot write in directory {locked} (where {link} leads)" in result.stderr
+    link.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
+
+
+def test_cli_says_it_ran_out_of_memory_in_one_line(
+    small_orders_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails if a MemoryError escapes clv backtest as a traceback (train and synth say it).
+    import training.backtest as bt
+
+    def short(*a: object, **kw: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(bt, "run_backtest", short)
+    out = tmp_path / "new" / "p.csv"
+    args = ["backtest", "--orders", str(small_orders_csv), "--cutoff", "1997-12-31"]
+    result = CliRunner().invoke(_app(), [*args, "--horizon-days", "30", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        f"clv: error: not enough memory for a backtest of {small_orders_csv}"
+    )
+    assert list(tmp_path.iterdir()) == []  # the folder it made is gone
 
 
 def test_a_rerun_into_a_report_directory_leaves_no_stale_figures(
@@ -978,3 +1005,29 @@ def test_cli_tells_a_failure_while_running_from_bad_input(
     assert err.startswith("clv: error: ") and len(err.splitlines()) == 1
     assert str(error.args[-1]) in err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "magic"),
+    [("pred.csv.gz", b"\x1f\x8b"), ("pred.csv.bz2", b"BZh"), ("pred.csv.xz", b"\xfd7zXZ")],
+)
+@pytest.mark.parametrize("report", [False, True])
+def test_predictions_named_compressed_are_compressed(
+    small_orders_csv: Path, tmp_path: Path, name: str, magic: bytes, report: bool
+) -> None:
+    # Fails if (training/backtest.py) pandas takes the compression from the staging file's
+    # name (.pred.csv.gz.<hex>.tmp): --out pred.csv.gz was plain text under a .gz name,
+    # which no reader of the name could open.
+    out, cutoff = tmp_path / name, dt.date(1997, 12, 31)
+    run_backtest(
+        small_orders_csv,
+        "csv",
+        cutoff,
+        91,
+        out,
+        tmp_path / "report" if report else None,
+        progress=False,
+        candidates=["bgnbd_gg"],
+    )
+    assert out.read_bytes().startswith(magic)
+    _check_predictions(out, load_orders(small_orders_csv, "csv"), cutoff)

@@ -615,16 +615,20 @@ def test_the_registry_never_writes_through_a_link_in_place_of_its_files(
     assert outside.read_text() == "not the registry's"
 
 
+@pytest.mark.parametrize("target", ["outside.json", "CHAMPION", "/dev/null", "/proc/self/fd/1"])
 def test_a_symlinked_pointer_is_replaced_not_written_through(
-    reg: ModelRegistry, tmp_path: Path
+    reg: ModelRegistry, tmp_path: Path, target: str
 ) -> None:
     """The pointer is the registry's own file: a link in its place is replaced by a regular
-    file, and whatever the link pointed at is left alone."""
+    file, and whatever the link pointed at is left alone. Fails (the last three) if the link
+    is followed on the way to replacing it: a link that loops or leads to a device failed every
+    run after its training, leaving a version no decision names."""
     reg.offer(register(reg, 1.0))
     outside = tmp_path / "outside.json"
     outside.write_text("not the registry's")
     (reg.root / POINTER_FILE).unlink()
-    (reg.root / POINTER_FILE).symlink_to(outside)
+    (reg.root / POINTER_FILE).symlink_to(outside if target == "outside.json" else target)
+    reg.check_writable()
     v = register(reg, 5.0, min_age=2)
     assert reg.offer(v).promoted
     assert not (reg.root / POINTER_FILE).is_symlink()
@@ -1036,3 +1040,33 @@ def test_a_champion_whose_run_was_killed_before_recording_it_is_recorded_by_the_
     # Fails if a pointer file left half-written by a killed run is never removed.
     reg.prune(10)
     assert not list(reg.root.glob(f".{POINTER_FILE}.*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.pop("validation"),
+        lambda m: m.update(validation=[1, 2]),
+        lambda m: m["data_window"].pop("cutoff_day"),
+        lambda m: m.update(data_window="1997"),
+        lambda m: m.pop("model_name"),
+        lambda m: m.update(candidates=None),
+    ],
+)
+def test_metadata_without_what_the_registry_reads_is_refused_and_replaced(
+    reg: ModelRegistry, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    # Fails if metadata() checks only its hashes, format, version and feature names: a
+    # champion whose metadata (hashes made to match) lacks its validation record loaded, and
+    # every training run then died on a KeyError after registering (a version, no decision).
+    v = register(reg, 1.0)
+    reg.offer(v)
+    raw = edited_metadata(reg, v, edit)
+    pointer = json.loads((reg.root / POINTER_FILE).read_text())
+    pointer["metadata_file_sha256"] = hashlib.sha256(raw).hexdigest()
+    (reg.root / POINTER_FILE).write_text(json.dumps(pointer))
+    with pytest.raises(ModelError, match=f"model {v}: metadata.json.*refusing to load"):
+        load_champion(reg.root)
+    challenger = register(reg, 5.0, min_age=2)
+    decision = reg.offer(challenger)
+    assert decision.promoted and reg.champion_version() == challenger
