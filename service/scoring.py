@@ -81,13 +81,14 @@ def score_many(loaded: LoadedModel, features: pd.DataFrame, horizon_days: int) -
     """Every user of ``features``: ``clv``, ``expected_orders``, ``p_alive``, ``churn_risk``
     and ``segment`` (the scorer's batch; no explanation)."""
     pred = loaded.model.predict(features, horizon_days)
-    risk = churn_risk(pred["expected_orders"].to_numpy(), pred["p_alive"].to_numpy())
+    # the segment is the shown risk's: a risk shown as 0.6 is at risk by the rule it is read by
+    risk = churn_risk(pred["expected_orders"].to_numpy(), pred["p_alive"].to_numpy()).round(4)
     return pd.DataFrame(
         {
             "clv": pred["predicted_value"].to_numpy().round(2),
             "expected_orders": pred["expected_orders"].to_numpy().round(4),
             "p_alive": pred["p_alive"].to_numpy().round(4),
-            "churn_risk": risk.round(4),
+            "churn_risk": risk,
             "segment": segments(features, risk),
         },
         index=features.index,

@@ -48,6 +48,29 @@ def test_segments_follow_purchases_age_and_risk() -> None:
     assert list(segments(f, risk)) == ["prospect", "new", "lost", "lost", "at_risk", "active"]
 
 
+def test_the_segment_is_the_one_of_the_risk_shown() -> None:
+    # Fails if (service/scoring.py) the segment is taken from the unrounded risk: a risk just
+    # under 0.6 (0.9) was shown as 0.6 (0.9) with the segment "active" ("at_risk"), which the
+    # rule applied to the number served contradicts.
+    from types import SimpleNamespace
+
+    from service.scoring import AT_RISK, LOST_RISK, score_many
+
+    under = np.array([AT_RISK, LOST_RISK]) - 4e-5
+    model = SimpleNamespace(
+        predict=lambda f, h: pd.DataFrame(  # alive, so the risk is exp(-expected orders)
+            {"predicted_value": [10.0, 5.0], "expected_orders": -np.log(under), "p_alive": 1.0},
+            index=f.index,
+        )
+    )
+    f = pd.DataFrame(
+        {"purchase_days": [3, 3], "frequency": [2, 2], "age_days": [100, 100]}, index=["a", "b"]
+    )
+    out = score_many(SimpleNamespace(model=model), f, 365)  # type: ignore[arg-type]
+    assert list(out["churn_risk"]) == [AT_RISK, LOST_RISK]
+    assert list(out["segment"]) == ["at_risk", "lost"]
+
+
 def test_requests_scored_together_get_what_each_gets_alone(
     champion: LoadedModel, features: pd.DataFrame
 ) -> None:
