@@ -240,7 +240,7 @@ def replay(
     if fmt not in ("csv", "cdnow", "auto"):  # auto: by the content, as the reader reads it
         raise fail(f"unknown --format {fmt!r} (csv, cdnow or auto)")
     try:
-        messages = encode_rows(load_events(file, fmt, settings.currency))
+        messages = encode_rows(load_events(file, fmt, settings), settings.max_event_bytes)
     except ClvError as exc:
         raise fail(str(exc)) from None
     except OSError as exc:  # a file it may not read, an I/O error: as `clv backtest` says them

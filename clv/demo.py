@@ -141,14 +141,14 @@ SPLIT = dt.date(1997, 12, 31)
 
 async def _show(settings: Settings, running: Running) -> None:
     path = Path(str(files("clv").joinpath("data/CDNOW_master.txt.gz")))
-    events = load_events(path, "cdnow")
+    events = load_events(path, "cdnow", settings)
     split = day_number(SPLIT)
     first, rest = events[events["day"] <= split], events[events["day"] > split]
     console.rule(
         f"replaying CDNOW: {len(events):,} orders of {events['user_id'].nunique():,} customers; "
         f"first the {len(first):,} up to {SPLIT}"
     )
-    messages = encode_rows(first) + BAD_MESSAGES
+    messages = encode_rows(first, settings.max_event_bytes) + BAD_MESSAGES
     t0 = time.monotonic()
     await _publish(settings, messages)
     took = time.monotonic() - t0
@@ -207,7 +207,7 @@ async def _show(settings: Settings, running: Running) -> None:
         # valuable ones among them are alerted on.
         console.rule(f"replaying the rest: {len(rest):,} orders after {SPLIT} (time passing)")
         t0 = time.monotonic()
-        await _publish(settings, encode_rows(rest))
+        await _publish(settings, encode_rows(rest, settings.max_event_bytes))
         last = int(events["day"].max())
         await _scored(settings, running, last, version)
         console.print(f"published, applied and scored in {time.monotonic() - t0:.1f}s")

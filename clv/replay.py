@@ -16,22 +16,33 @@ from aiokafka.errors import KafkaError
 from clv.errors import ClvError
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
-from feature_store.events import encode_event
+from feature_store.events import FUTURE_TOLERANCE_MS, encode_event
 from feature_store.features import iso_times
 
 
-def load_events(path: Path, fmt: str, currency: str = "USD") -> pd.DataFrame:
+def load_events(path: Path, fmt: str, settings: Settings | None = None) -> pd.DataFrame:
     """The file's orders as the event table, in time order (a replay is history played live);
-    a CSV row in another currency than ``currency`` is refused before anything is sent."""
+    what the consumers would dead-letter under ``settings`` (a CSV row in another currency
+    than ``CLV_CURRENCY``, a time more than ``CLV_FUTURE_TOLERANCE_SECONDS`` ahead) is refused
+    before anything is sent."""
     from training.datasets import load_orders
 
-    events = load_orders(path, fmt, currency=currency)  # type: ignore[arg-type]
+    events = load_orders(
+        path,
+        fmt,  # type: ignore[arg-type]
+        currency="USD" if settings is None else settings.currency,
+        future_tolerance_ms=(
+            FUTURE_TOLERANCE_MS if settings is None else settings.future_tolerance_seconds * 1000
+        ),
+    )
     order = np.argsort(events["ts_ms"].to_numpy(), kind="stable")
     return events.iloc[order].reset_index(drop=True)
 
 
-def encode_rows(events: pd.DataFrame) -> list[tuple[bytes, bytes]]:
-    """(key, value) of every event: the key is the user id, so a user's events share a partition."""
+def encode_rows(events: pd.DataFrame, max_bytes: int | None = None) -> list[tuple[bytes, bytes]]:
+    """(key, value) of every event: the key is the user id, so a user's events share a
+    partition. A value over ``max_bytes`` (``CLV_MAX_EVENT_BYTES``, which the consumers
+    dead-letter) is a :class:`ClvError` before any is sent."""
     out = []
     times = iso_times(events["ts_ms"].to_numpy())
     for r, ts in zip(events.itertuples(index=False), times, strict=True):
@@ -44,6 +55,11 @@ def encode_rows(events: pd.DataFrame) -> list[tuple[bytes, bytes]]:
             ts=ts,
             currency=r.currency if isinstance(r.currency, str) else None,
         )
+        if max_bytes is not None and len(value) > max_bytes:
+            raise ClvError(
+                f"order {r.order_id!r} of user {r.user_id!r} makes an event of {len(value):,} "
+                f"bytes, over CLV_MAX_EVENT_BYTES ({max_bytes:,}), which the consumers refuse"
+            )
         out.append((r.user_id.encode(), value))
     return out
 
@@ -102,7 +118,7 @@ async def publish(
             sent += len(futures)
             if progress:
                 progress(len(futures))
-            if rate:
+            if rate and sent < len(messages):  # (none after the last: nothing is left to pace)
                 ahead = sent / rate - (time.monotonic() - start)
                 if ahead > 0:  # a wait that a stop ends
                     with contextlib.suppress(TimeoutError):

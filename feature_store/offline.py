@@ -8,9 +8,12 @@ Point-in-time: only events dated on or before the as-of day are used.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
+from feature_store.events import valid_event_id
 from feature_store.features import UserState, compute_features
 
 MS_PER_DAY = 86_400_000
@@ -37,7 +40,9 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
     """Normalise an orders table (``user_id, order_id, ts, amount`` and optional ``type,
     event_id, currency``) into the event table. ``ts`` may be strings or datetimes; naive
     times are read as UTC. Without ``event_id`` a purchase's id is ``purchase:<order_id>`` and
-    a refund's ``refund:<order_id>:<epoch ms>:<cents>``."""
+    a refund's ``refund:<order_id>:<epoch ms>:<cents>``; where that would not be a valid
+    ``event_id`` (too long, or not printable), ``purchase:~`` or ``refund:~`` and a digest of
+    it."""
     n = len(orders)
     ts = pd.to_datetime(orders["ts"], utc=True, format="mixed")
     ts_ms = (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy()
@@ -64,6 +69,12 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
             + pd.Series(cents).abs().astype(str)
         )
         event_id = np.where(kind == "refund", refund_id, purchase_id).astype(object)
+        for i in np.flatnonzero(~pd.Series(event_id).map(valid_event_id).to_numpy()):
+            # (an order id near the length limit, or with a tab: the made id would not pass
+            # the schema, and the consumers would dead-letter it) a digest of it instead
+            made = str(event_id[i])
+            digest = hashlib.blake2b(made.encode(), digest_size=20).hexdigest()
+            event_id[i] = f"{made.split(':', 1)[0]}:~{digest}"
     currency = orders["currency"].to_numpy() if "currency" in orders else np.full(n, None)
     return pd.DataFrame(
         {
