@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     )
 
     kafka_bootstrap: str = "localhost:9092"
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = Field("redis://localhost:6379/0", repr=False)  # may hold a password
     orders_topic: str = "orders"
     alerts_topic: str = "churn-alerts"
     dlq_topic: str = "orders.dlq"

@@ -212,3 +212,9 @@ def test_the_api_key_empty_is_unset_padded_is_refused_and_never_shown(
     monkeypatch.setenv("CLV_API_KEY", "s3cr3t-key")
     s = Settings()
     assert s.api_key == "s3cr3t-key" and "s3cr3t-key" not in repr(s)
+
+
+def test_a_redis_password_never_shows_in_the_settings_repr() -> None:
+    # Fails if redis_url is in the repr: a log of the settings would carry the password.
+    s = Settings(redis_url="redis://user:pa55w0rd@redis:6379/0")
+    assert "pa55w0rd" not in repr(s) and s.redis_url.endswith("@redis:6379/0")
