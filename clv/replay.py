@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 from clv.errors import ClvError
 from clv.settings import Settings
 from clv.stopping import StoppedWhileStarting, stop_or_first_done, unless_stopped
-from feature_store.events import FUTURE_TOLERANCE_MS, encode_event
+from feature_store.events import encode_event
 from feature_store.features import iso_times
 
 
@@ -27,13 +27,12 @@ def load_events(path: Path, fmt: str, settings: Settings | None = None) -> pd.Da
     before anything is sent."""
     from training.datasets import load_orders
 
+    settings = settings or Settings.model_construct()  # (the defaults, not the environment)
     events = load_orders(
         path,
         fmt,  # type: ignore[arg-type]
-        currency="USD" if settings is None else settings.currency,
-        future_tolerance_ms=(
-            FUTURE_TOLERANCE_MS if settings is None else settings.future_tolerance_seconds * 1000
-        ),
+        currency=settings.currency,
+        future_tolerance_ms=settings.future_tolerance_seconds * 1000,
     )
     order = np.argsort(events["ts_ms"].to_numpy(), kind="stable")
     return events.iloc[order].reset_index(drop=True)

@@ -7,6 +7,7 @@ path) followed by the checks a schema cannot express (RFC 3339 time, clock skew,
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import time
 from typing import Annotated, Literal
@@ -35,6 +36,12 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 def valid_event_id(text: str) -> bool:
     """An ``event_id`` the schema accepts: 1 to :data:`MAX_ID` printable characters."""
     return 0 < len(text) <= MAX_ID and text.isprintable()
+
+
+def id_digest(text: str) -> str:
+    """``~`` and a 40-digit digest of ``text``: an id made from ``text`` where ``text`` itself
+    would be no valid id (over :data:`MAX_ID` characters, or not printable)."""
+    return "~" + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
 
 def amounts_in_range(amount: np.ndarray) -> np.ndarray:

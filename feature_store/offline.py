@@ -8,12 +8,10 @@ Point-in-time: only events dated on or before the as-of day are used.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pandas as pd
 
-from feature_store.events import valid_event_id
+from feature_store.events import id_digest, valid_event_id
 from feature_store.features import UserState, compute_features
 
 MS_PER_DAY = 86_400_000
@@ -68,13 +66,12 @@ def events_from_orders(orders: pd.DataFrame) -> pd.DataFrame:
             + ":"
             + pd.Series(cents).abs().astype(str)
         )
-        event_id = np.where(kind == "refund", refund_id, purchase_id).astype(object)
-        for i in np.flatnonzero(~pd.Series(event_id).map(valid_event_id).to_numpy()):
-            # (an order id near the length limit, or with a tab: the made id would not pass
-            # the schema, and the consumers would dead-letter it) a digest of it instead
-            made = str(event_id[i])
-            digest = hashlib.blake2b(made.encode(), digest_size=20).hexdigest()
-            event_id[i] = f"{made.split(':', 1)[0]}:~{digest}"
+        made = pd.Series(np.where(kind == "refund", refund_id, purchase_id))
+        # (an order id near the length limit, or with a tab: the made id would not pass the
+        # schema, and the consumers would dead-letter it) a digest of it instead
+        bad = ~made.map(valid_event_id).astype(bool)
+        made[bad] = made[bad].map(lambda m: f"{m.split(':', 1)[0]}:{id_digest(m)}")
+        event_id = made.to_numpy(dtype=object)
     currency = orders["currency"].to_numpy() if "currency" in orders else np.full(n, None)
     return pd.DataFrame(
         {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import gzip
-import hashlib
 import io
 import time
 import warnings
@@ -30,6 +29,7 @@ from feature_store.events import (
     MAX_ID,
     RFC3339,
     amounts_in_range,
+    id_digest,
     valid_event_id,
     valid_user_id,
 )
@@ -141,9 +141,7 @@ def _cdnow_orders(text: str) -> pd.DataFrame:
     n = table.groupby(["user_id", "date"]).cumcount().astype(str)
     order_id = table["user_id"] + ":" + table["date"] + ":" + n
     long = order_id.str.len() > MAX_ID  # (a user id near the limit) a digest: the schema's
-    order_id[long] = order_id[long].map(
-        lambda made: "~" + hashlib.blake2b(made.encode(), digest_size=20).hexdigest()
-    )
+    order_id[long] = order_id[long].map(id_digest)
     return pd.DataFrame(
         {
             "user_id": table["user_id"],
